@@ -1,0 +1,102 @@
+"""Console entry points: `neox-train` and `neox-data`. Parse, hand over to package code, map errors to one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from .config import PRECISIONS, ConfigError, load_run_config
+from .data import DataError
+
+
+def _run_guarded(prog: str, fn: Callable[[], int]) -> int:
+    """Bad input -> `prog: error: <one line>` on stderr and exit 2, before any expensive work."""
+    try:
+        return fn()
+    except (ConfigError, DataError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="neox-train",
+        description="Train a GPT-NeoX model with the DeepSpeed engine. Run under `deepspeed` for several processes.",
+    )
+    p.add_argument("--config", default="production", help="run preset (test, production, demo) or a JSON file")
+    p.add_argument("--ds-config", help="DeepSpeed JSON: a name in ds_configs/ (zero0..zero3) or a path")
+    p.add_argument("--data-dir", help="folder of token shards (.npy/.npz, nested folders)")
+    p.add_argument("--save-dir", help="checkpoint folder")
+    p.add_argument("--log-dir", help="folder for training.log, metrics.jsonl and TensorBoard events")
+    p.add_argument("--max-steps", type=int, help="optimizer steps to train")
+    p.add_argument("--micro-batch", type=int, help="sequences per GPU per micro-step (overrides the DeepSpeed JSON)")
+    p.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (overrides the DeepSpeed JSON)")
+    p.add_argument("--mixed-precision", choices=PRECISIONS, help="bf16, fp16 or no (overrides the DeepSpeed JSON)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence")
+    p.add_argument("--save-steps", type=int, help="checkpoint every N steps")
+    p.add_argument("--log-steps", type=int, help="log every N steps")
+    p.add_argument("--eval-steps", type=int, help="evaluate every N steps (0: never)")
+    p.add_argument("--seed", type=int, help="seed for model init and data order")
+    p.add_argument("--resume", metavar="latest|TAG", help="continue from a checkpoint in --save-dir")
+    p.add_argument("--describe", action="store_true", help="print the effective configuration as JSON and exit")
+    # The deepspeed launcher appends --local_rank=N; the rank itself comes from the environment.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+_OVERRIDES = {
+    "ds_config": "ds_config", "data_dir": "data_dir", "save_dir": "save_dir", "log_dir": "log_dir",
+    "max_steps": "max_steps", "micro_batch": "micro_batch", "grad_accum": "grad_accum",
+    "mixed_precision": "mixed_precision", "seq_len": "seq_len", "save_steps": "save_steps",
+    "log_steps": "log_steps", "eval_steps": "eval_steps", "seed": "seed",
+}
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    args = train_parser().parse_args(argv)
+
+    def go() -> int:
+        run = load_run_config(args.config)
+        overrides = {field: getattr(args, arg) for arg, field in _OVERRIDES.items() if getattr(args, arg) is not None}
+        if overrides:
+            run = run.replace(**overrides)
+        # Heavy imports (torch, transformers, deepspeed) only after the cheap checks above passed.
+        import torch
+
+        from .trainer import prepare_run, run_training, world_size_from_env
+
+        if args.describe:
+            plan = prepare_run(run, dp_size=world_size_from_env(), on_gpu=torch.cuda.is_available())
+            print(json.dumps(plan.describe(), indent=2))
+            return 0
+        run_training(run, resume=args.resume)
+        return 0
+
+    return _run_guarded("neox-train", go)
+
+
+def data_parser() -> argparse.ArgumentParser:
+    from .prepare import add_prepare_arguments
+
+    p = argparse.ArgumentParser(prog="neox-data", description="Prepare token shards for neox-train.")
+    sub = p.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="text/jsonl (or builtin:pydoc) -> token shards + tokenizer")
+    add_prepare_arguments(prep)
+    return p
+
+
+def data_main(argv: list[str] | None = None) -> int:
+    args = data_parser().parse_args(argv)
+
+    def go() -> int:
+        from .prepare import main_prepare
+
+        return main_prepare(args)
+
+    return _run_guarded("neox-data", go)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(train_main())

@@ -1,0 +1,184 @@
+"""The run config: what to train, on what data, for how long, where to write. Frozen once loaded.
+
+DeepSpeed's own settings (ZeRO stage, precision, optimizer, schedule, batch) live in the DeepSpeed JSON named
+by `ds_config`; the few run fields that overlap it (`micro_batch`, `grad_accum`, `mixed_precision`) are
+optional overrides applied by `ds_config.effective_ds_config`, so there is exactly one place each value comes
+from and the effective result is printed and saved with the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .model import MODEL_PRESETS
+
+PRECISIONS = ("bf16", "fp16", "no")
+
+
+class ConfigError(ValueError):
+    """A bad run or DeepSpeed config. str(err) is one line naming every bad field and what is valid."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = field(default="custom", metadata={"doc": "Label of this run config (preset name or file stem)."})
+    model: str = field(default="neox-1.2b", metadata={"doc": "Model preset, one of neox_train.model.MODEL_PRESETS."})
+    seq_len: int = field(default=2048, metadata={"doc": "Tokens per training sequence (<= the preset's max_seq_len)."})
+    vocab_size: int | None = field(
+        default=None,
+        metadata={"doc": "Tokenizer vocabulary before padding to a multiple of 128; null = the data's meta.json, "
+                         "else GPT-2's 50257."},
+    )
+    ds_config: str = field(
+        default="zero2",
+        metadata={"doc": "DeepSpeed JSON: a name in ds_configs/ (zero0..zero3, zero2_offload) or a path."},
+    )
+    micro_batch: int | None = field(default=None, metadata={"doc": "Sequences per GPU per micro-step; null = DeepSpeed JSON."})
+    grad_accum: int | None = field(default=None, metadata={"doc": "Micro-steps per optimizer step; null = DeepSpeed JSON."})
+    mixed_precision: str | None = field(default=None, metadata={"doc": "bf16, fp16 or no; null = DeepSpeed JSON."})
+    max_steps: int = field(default=10000, metadata={"doc": "Optimizer steps to train (also the cosine schedule length)."})
+    warmup_steps: int | None = field(default=None, metadata={"doc": "LR warmup steps; null = DeepSpeed JSON."})
+    save_steps: int = field(default=500, metadata={"doc": "Save a checkpoint every this many optimizer steps (and at the end)."})
+    log_steps: int = field(default=100, metadata={"doc": "Log loss, lr, grad norm and throughput every this many steps."})
+    eval_steps: int = field(default=500, metadata={"doc": "Evaluate on the held-out split every this many steps; 0 = never."})
+    eval_batches: int = field(default=20, metadata={"doc": "Micro-batches per rank in one evaluation."})
+    keep_last_n: int = field(default=3, metadata={"doc": "Local checkpoints kept; older ones are deleted; 0 = keep all."})
+    val_fraction: float = field(default=0.01, metadata={"doc": "Fraction of windows held out for validation, in [0, 0.5]."})
+    max_shards: int | None = field(default=None, metadata={"doc": "Use only the first N shards (sorted); null = all."})
+    activation_checkpointing: bool = field(
+        default=False, metadata={"doc": "Recompute activations in backward: less memory, ~33% more compute."}
+    )
+    seed: int = field(default=1234, metadata={"doc": "Seeds model init and the data order."})
+    data_dir: str = field(default="data/training", metadata={"doc": "Folder of token shards (.npy/.npz, nested)."})
+    save_dir: str = field(default="checkpoints", metadata={"doc": "Folder for DeepSpeed checkpoints (tags global_stepN)."})
+    log_dir: str = field(default="logs", metadata={"doc": "Folder for training.log, metrics.jsonl and TensorBoard events."})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A validated copy with `changes` (command-line overrides); the original is never mutated."""
+        return from_dict({**self.to_dict(), **changes})
+
+
+# The seed system's config names, kept so users' habits carry over.
+RUN_PRESETS: dict[str, dict[str, Any]] = {
+    # Quick validation of the real pipeline on a GPU: small model, few shards, frequent saves.
+    "test": dict(
+        name="test", model="neox-160m", seq_len=512, ds_config="zero2", micro_batch=2, grad_accum=2,
+        mixed_precision="bf16", max_steps=1000, save_steps=200, log_steps=25, eval_steps=200, max_shards=5,
+    ),
+    # The flagship run: neox-1.2b, effective batch 16 sequences per GPU (4 x 4).
+    "production": dict(
+        name="production", model="neox-1.2b", seq_len=2048, ds_config="zero2", micro_batch=4, grad_accum=4,
+        mixed_precision="bf16", max_steps=10000, save_steps=500, log_steps=100, eval_steps=500,
+    ),
+    # The README demo: trains on 2 CPU cores in a few minutes on the Python docs corpus.
+    "demo": dict(
+        name="demo", model="neox-demo", seq_len=128, ds_config="zero0", micro_batch=8, grad_accum=2,
+        mixed_precision="no", max_steps=200, warmup_steps=20, save_steps=100, log_steps=10, eval_steps=50,
+        eval_batches=8, keep_last_n=2, val_fraction=0.05, data_dir="data/demo", save_dir="checkpoints/demo",
+        log_dir="logs/demo",
+    ),
+}
+
+_FIELD_NAMES = [f.name for f in fields(RunConfig)]
+
+
+def field_docs() -> dict[str, str]:
+    return {f.name: f.metadata.get("doc", "") for f in fields(RunConfig)}
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def validate(values: dict[str, Any]) -> list[str]:
+    """Every problem with `values`, each naming the field, the value and what is valid (empty list: fine)."""
+    problems: list[str] = []
+    unknown = sorted(set(values) - set(_FIELD_NAMES))
+    for key in unknown:
+        problems.append(f"unknown field '{key}' (valid fields: {', '.join(_FIELD_NAMES)})")
+
+    def check_int(name: str, lo: int, optional: bool = False) -> None:
+        v = values.get(name)
+        if v is None and optional:
+            return
+        if isinstance(v, bool) or not isinstance(v, int):
+            problems.append(f"{name}={v!r} must be an integer >= {lo}" + (" or null" if optional else ""))
+        elif v < lo:
+            problems.append(f"{name}={v} is out of range: must be >= {lo}")
+
+    for name in ("seq_len", "max_steps", "save_steps", "log_steps", "eval_batches"):
+        check_int(name, 1)
+    for name in ("eval_steps", "keep_last_n", "seed"):
+        check_int(name, 0)
+    for name in ("micro_batch", "grad_accum", "max_shards"):
+        check_int(name, 1, optional=True)
+    check_int("warmup_steps", 1, optional=True)  # DeepSpeed requires a positive warmup
+    check_int("vocab_size", 2, optional=True)
+
+    model = values.get("model")
+    if model not in MODEL_PRESETS:
+        problems.append(f"model={model!r} is not a preset (valid: {', '.join(MODEL_PRESETS)})")
+    else:
+        seq = values.get("seq_len")
+        max_seq = MODEL_PRESETS[model].max_seq_len
+        if isinstance(seq, int) and not isinstance(seq, bool) and seq > max_seq:
+            problems.append(f"seq_len={seq} exceeds {model}'s max_seq_len {max_seq}")
+    mp = values.get("mixed_precision")
+    if mp is not None and mp not in PRECISIONS:
+        problems.append(f"mixed_precision={mp!r} is not valid (valid: {', '.join(PRECISIONS)} or null)")
+    vf = values.get("val_fraction")
+    if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0.0 <= vf <= 0.5:
+        problems.append(f"val_fraction={vf!r} is out of range: must be a number in [0, 0.5]")
+    if not isinstance(values.get("activation_checkpointing"), bool):
+        problems.append(f"activation_checkpointing={values.get('activation_checkpointing')!r} must be true or false")
+    for name in ("name", "ds_config", "data_dir", "save_dir", "log_dir"):
+        v = values.get(name)
+        if not isinstance(v, str) or not v:
+            problems.append(f"{name}={v!r} must be a non-empty string (got {_type_name(v)})")
+    return problems
+
+
+def from_dict(values: dict[str, Any], *, source: str = "run config") -> RunConfig:
+    """Build a RunConfig, raising ConfigError listing every bad field at once."""
+    merged = {**RunConfig().to_dict(), **values}
+    problems = validate(merged)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    if isinstance(merged["val_fraction"], int):
+        merged["val_fraction"] = float(merged["val_fraction"])
+    return RunConfig(**merged)
+
+
+def load_run_config(name_or_file: str) -> RunConfig:
+    """A preset name (test, production, demo) or a JSON file of RunConfig fields.
+
+    A file may start from a preset with "base": "production"; its other keys override that preset.
+    """
+    if name_or_file in RUN_PRESETS:
+        return from_dict(RUN_PRESETS[name_or_file], source=f"preset '{name_or_file}'")
+    path = Path(name_or_file)
+    if not path.suffix == ".json" and not path.exists():
+        raise ConfigError(
+            f"--config {name_or_file!r} is neither a preset ({', '.join(RUN_PRESETS)}) nor an existing JSON file"
+        )
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist (presets: {', '.join(RUN_PRESETS)})") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object of run-config fields, got {_type_name(values)}")
+    base = values.pop("base", None)
+    if base is not None and base not in RUN_PRESETS:
+        raise ConfigError(f"config file {path}: base={base!r} is not a preset (valid: {', '.join(RUN_PRESETS)})")
+    start = dict(RUN_PRESETS[base]) if base else {}
+    start["name"] = path.stem
+    return from_dict({**start, **values}, source=f"config file {path}")

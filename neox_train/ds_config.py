@@ -1,0 +1,190 @@
+"""DeepSpeed JSON: load as written, apply the run's few overrides, check the batch arithmetic before DeepSpeed does.
+
+The JSON stays in DeepSpeed's own schema. We check what DeepSpeed checks late or not at all (a batch mismatch
+is an AssertionError deep inside `deepspeed.initialize`; "auto" is silently dropped inside sections), so a bad
+config fails in a second with one line instead of after the model is built.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+ADAM_TYPES = ("adam", "adamw")
+# DeepSpeed 0.19 raises on these sections; say so before it does.
+REJECTED_SECTIONS = ("nebula", "elasticity")
+
+
+def resolve_ds_config_path(name_or_path: str) -> Path:
+    """`zero2` -> ds_configs/zero2.json; anything with a slash or .json suffix is a path."""
+    path = Path(name_or_path)
+    if path.suffix != ".json" and "/" not in name_or_path:
+        path = DS_CONFIG_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")))
+        raise ConfigError(f"DeepSpeed config {name_or_path!r}: no file {path} (shipped: {shipped}, or give a path)")
+    return path
+
+
+def _find_auto(node: Any, where: str = "") -> list[str]:
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _find_auto(v, f"{where}.{k}" if where else k)]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _find_auto(v, f"{where}[{i}]")]
+    return [where] if node == "auto" else []
+
+
+def load_ds_config(name_or_path: str) -> tuple[Path, dict[str, Any]]:
+    """Read and sanity-check a DeepSpeed JSON; returns (path, dict)."""
+    path = resolve_ds_config_path(name_or_path)
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"DeepSpeed config {path} must be a JSON object")
+    problems = []
+    autos = _find_auto(cfg)
+    if autos:
+        problems.append(
+            f"'auto' at {', '.join(autos)} is a HuggingFace Trainer feature DeepSpeed does not resolve: give a number"
+        )
+    for section in REJECTED_SECTIONS:
+        if section in cfg:
+            problems.append(f"section '{section}' is not supported by DeepSpeed 0.19 (remove it)")
+    zero = cfg.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if stage not in (0, 1, 2, 3):
+        problems.append(f"zero_optimization.stage={stage!r} must be 0, 1, 2 or 3")
+    if _enabled(cfg, "bf16") and _enabled(cfg, "fp16"):
+        problems.append("bf16.enabled and fp16.enabled are both true: choose one")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            problems.append(f"{key}={v!r} must be a positive integer")
+    if problems:
+        raise ConfigError(f"DeepSpeed config {path}: " + "; ".join(problems))
+    return path, cfg
+
+
+def _enabled(cfg: dict[str, Any], section: str) -> bool:
+    sec = cfg.get(section)
+    return isinstance(sec, dict) and bool(sec.get("enabled", False))
+
+
+def check_batch(
+    *, dp_size: int, train_batch: int | None, micro_batch: int | None, grad_accum: int | None
+) -> tuple[int, int, int]:
+    """train_batch = micro_batch x grad_accum x dp_size: any two give the third; all three must agree.
+
+    Pure, so the arithmetic is testable at world size 64 without processes. Returns (train, micro, accum).
+    """
+    if dp_size < 1:
+        raise ConfigError(f"data-parallel size {dp_size} must be >= 1")
+    if micro_batch is not None and grad_accum is not None:
+        expected = micro_batch * grad_accum * dp_size
+        if train_batch is not None and train_batch != expected:
+            raise ConfigError(
+                f"batch mismatch: train_batch_size={train_batch} but micro_batch {micro_batch} x grad_accum "
+                f"{grad_accum} x data-parallel size {dp_size} = {expected}; fix one of them"
+            )
+        return expected, micro_batch, grad_accum
+    if train_batch is None:
+        raise ConfigError(
+            "batch under-specified: give two of train_batch_size, train_micro_batch_size_per_gpu, "
+            "gradient_accumulation_steps"
+        )
+    if micro_batch is not None:
+        accum, rem = divmod(train_batch, micro_batch * dp_size)
+        if rem or accum < 1:
+            raise ConfigError(
+                f"batch mismatch: train_batch_size={train_batch} is not a multiple of micro_batch {micro_batch} x "
+                f"data-parallel size {dp_size} = {micro_batch * dp_size}"
+            )
+        return train_batch, micro_batch, accum
+    if grad_accum is not None:
+        micro, rem = divmod(train_batch, grad_accum * dp_size)
+        if rem or micro < 1:
+            raise ConfigError(
+                f"batch mismatch: train_batch_size={train_batch} is not a multiple of grad_accum {grad_accum} x "
+                f"data-parallel size {dp_size} = {grad_accum * dp_size}"
+            )
+        return train_batch, micro, grad_accum
+    # Only train_batch_size: DeepSpeed assumes accumulation 1.
+    return check_batch(dp_size=dp_size, train_batch=train_batch, micro_batch=None, grad_accum=1)
+
+
+def effective_ds_config(
+    base: dict[str, Any], run: RunConfig, *, dp_size: int, on_gpu: bool
+) -> tuple[dict[str, Any], list[str]]:
+    """The DeepSpeed dict this run hands to `deepspeed.initialize`, plus a human note per change made to `base`.
+
+    Precedence: run config (already merged with the command line) over the JSON. The schedule length always
+    follows the run's max_steps so the cosine reaches its floor at the last step.
+    """
+    cfg = copy.deepcopy(base)
+    notes: list[str] = []
+
+    micro = run.micro_batch if run.micro_batch is not None else cfg.get("train_micro_batch_size_per_gpu")
+    accum = run.grad_accum if run.grad_accum is not None else cfg.get("gradient_accumulation_steps")
+    train_batch = cfg.get("train_batch_size")
+    if (run.micro_batch is not None or run.grad_accum is not None) and train_batch is not None:
+        # An explicit override wins: recompute the global batch instead of failing on the JSON's stale value.
+        notes.append(f"train_batch_size {train_batch} recomputed from the micro-batch/accumulation overrides")
+        train_batch = None
+    train_batch, micro, accum = check_batch(
+        dp_size=dp_size, train_batch=train_batch, micro_batch=micro, grad_accum=accum
+    )
+    cfg["train_batch_size"] = train_batch
+    cfg["train_micro_batch_size_per_gpu"] = micro
+    cfg["gradient_accumulation_steps"] = accum
+
+    if run.mixed_precision is not None:
+        want_bf16 = run.mixed_precision == "bf16"
+        want_fp16 = run.mixed_precision == "fp16"
+        if want_bf16 != _enabled(cfg, "bf16") or want_fp16 != _enabled(cfg, "fp16"):
+            notes.append(f"mixed precision set to {run.mixed_precision}")
+        cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": want_bf16}
+        fp16 = {**cfg.get("fp16", {}), "enabled": want_fp16}
+        if not want_fp16 and set(fp16) == {"enabled"}:
+            cfg.pop("fp16", None)
+        else:
+            cfg["fp16"] = fp16
+    if _enabled(cfg, "fp16") and not on_gpu:
+        raise ConfigError("mixed precision fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16): use bf16 or no")
+
+    sched = cfg.get("scheduler")
+    if isinstance(sched, dict) and isinstance(sched.get("params"), dict):
+        params = sched["params"]
+        if "total_num_steps" in params and params["total_num_steps"] != run.max_steps:
+            notes.append(f"scheduler total_num_steps {params['total_num_steps']} -> max_steps {run.max_steps}")
+            params["total_num_steps"] = run.max_steps
+        if run.warmup_steps is not None and "warmup_num_steps" in params:
+            if params["warmup_num_steps"] != run.warmup_steps:
+                notes.append(f"scheduler warmup_num_steps {params['warmup_num_steps']} -> {run.warmup_steps}")
+            params["warmup_num_steps"] = run.warmup_steps
+
+    opt = cfg.get("optimizer")
+    offload = isinstance(cfg.get("zero_optimization"), dict) and "offload_optimizer" in cfg["zero_optimization"]
+    if not on_gpu and isinstance(opt, dict) and str(opt.get("type", "")).lower() in ADAM_TYPES and not offload:
+        # FusedAdam is a CUDA kernel; on CPU DeepSpeed would JIT-build a CPU port (~50 s). torch's AdamW is the
+        # same algorithm with no build.
+        params = opt.setdefault("params", {})
+        if not params.get("torch_adam"):
+            params["torch_adam"] = True
+            notes.append("optimizer uses torch AdamW (torch_adam) on CPU")
+    return cfg, notes
+
+
+def zero_stage(cfg: dict[str, Any]) -> int:
+    zero = cfg.get("zero_optimization")
+    return int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
+
+
+def precision(cfg: dict[str, Any]) -> str:
+    return "bf16" if _enabled(cfg, "bf16") else "fp16" if _enabled(cfg, "fp16") else "fp32"

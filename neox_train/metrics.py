@@ -1,0 +1,91 @@
+"""Where numbers go: logs/training.log, metrics.jsonl (one record per log/eval step), TensorBoard events.
+
+Only rank 0 writes; other ranks get a Metrics whose methods do nothing, so the loop never branches on rank.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+LOGGER_NAME = "neox_train"
+log = logging.getLogger(LOGGER_NAME)
+
+
+def setup_logging(log_dir: Path | None, *, rank: int) -> None:
+    """Rank 0: INFO to stderr and (when log_dir is given) to log_dir/training.log. Other ranks: warnings only."""
+    log.handlers.clear()
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt if rank == 0 else logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
+    log.addHandler(stream)
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if rank == 0 and log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(log_dir / "training.log")
+        file.setFormatter(fmt)
+        log.addHandler(file)
+
+
+class Metrics:
+    """TensorBoard scalars + a JSON-lines record per call; a no-op on ranks other than 0."""
+
+    def __init__(self, log_dir: Path, *, enabled: bool):
+        self.enabled = enabled
+        self._writer = None
+        self._jsonl = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(log_dir=str(log_dir / "tensorboard"))
+            self._jsonl = open(log_dir / "metrics.jsonl", "a", buffering=1)
+
+    def record(self, step: int, kind: str, values: dict[str, Any]) -> None:
+        """Write `values` as TensorBoard scalars `kind/name` and one metrics.jsonl line."""
+        if not self.enabled:
+            return
+        for name, value in values.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self._writer.add_scalar(f"{kind}/{name}", value, step)
+        self._jsonl.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
+
+    def flush(self) -> None:
+        if self.enabled:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._writer.close()
+            self._jsonl.close()
+            self.enabled = False
+
+
+class Throughput:
+    """Tokens/s and seconds per step between two log points (wall clock, all ranks' tokens)."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self._t0 = time.perf_counter()
+        self._steps = 0
+
+    def step(self) -> None:
+        self._steps += 1
+
+    def read_and_reset(self) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed = max(now - self._t0, 1e-9)
+        steps = max(self._steps, 1)
+        out = {"tokens_per_s": self._steps * self.tokens_per_step / elapsed, "step_time_s": elapsed / steps}
+        self._t0, self._steps = now, 0
+        return out
+
+    def restart(self) -> None:
+        """Exclude time spent outside training steps (evaluation, checkpointing) from the next reading."""
+        self._t0 = time.perf_counter()

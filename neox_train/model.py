@@ -1,0 +1,119 @@
+"""Model presets: named GPT-NeoX shapes -> transformers `GPTNeoXConfig`, parameter counts, FLOPs per token.
+
+The model itself is transformers' `GPTNeoXForCausalLM` (SDPA attention); nothing here re-implements it.
+Checkpoints therefore hold plain HF parameter names, which keeps conversion to HF a copy, not a mapping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+GPT2_VOCAB_SIZE = 50257
+# Padding the embedding to a multiple of 128 keeps the logits matmul on tensor-core friendly shapes;
+# 50257 -> 50304 is what Pythia ships.
+VOCAB_PAD_MULTIPLE = 128
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """The architecture of one named model. Vocabulary size is not part of it: it comes from the data."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_seq_len: int
+    rotary_pct: float = 0.25
+    parallel_residual: bool = True
+
+
+MODEL_PRESETS: dict[str, ModelPreset] = {
+    # The flagship: the Pythia-1.4B shape (1.2B parameters without the two embedding matrices).
+    "neox-1.2b": ModelPreset(hidden_size=2048, num_layers=24, num_heads=16, intermediate_size=8192, max_seq_len=2048),
+    # The Pythia-160M shape, for quick GPU experiments.
+    "neox-160m": ModelPreset(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, max_seq_len=2048),
+    # Small enough to learn something on 2 CPU cores in a few minutes (the README demo).
+    "neox-demo": ModelPreset(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024, max_seq_len=512),
+    # For tests: a forward+backward in milliseconds.
+    "neox-tiny": ModelPreset(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, max_seq_len=256),
+}
+
+
+def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
+    """Round the tokenizer's vocabulary up to `multiple` (50257 -> 50304)."""
+    return -(-vocab_size // multiple) * multiple
+
+
+def hf_config(preset_name: str, vocab_size: int, *, eos_token_id: int | None = None) -> GPTNeoXConfig:
+    """The transformers config for a preset; `vocab_size` is the (already padded) embedding size."""
+    p = MODEL_PRESETS[preset_name]
+    return GPTNeoXConfig(
+        vocab_size=vocab_size,
+        hidden_size=p.hidden_size,
+        num_hidden_layers=p.num_layers,
+        num_attention_heads=p.num_heads,
+        intermediate_size=p.intermediate_size,
+        max_position_embeddings=p.max_seq_len,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": p.rotary_pct},
+        use_parallel_residual=p.parallel_residual,
+        tie_word_embeddings=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cache=False,  # training never reuses a KV cache; keeping it would hold memory
+        bos_token_id=eos_token_id if eos_token_id is not None else 0,
+        eos_token_id=eos_token_id if eos_token_id is not None else 0,
+        attn_implementation="sdpa",
+    )
+
+
+def build_model(config: GPTNeoXConfig, *, device: str | torch.device | None = None) -> GPTNeoXForCausalLM:
+    """Instantiate the model (on `device`; "meta" gives a shape-only model for counting)."""
+    if device is None:
+        return GPTNeoXForCausalLM(config)
+    with torch.device(device):
+        return GPTNeoXForCausalLM(config)
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int
+    non_embedding: int
+
+
+def count_parameters(model: torch.nn.Module) -> ParamCounts:
+    """Total and non-embedding counts; non-embedding excludes the input embedding and the (untied) output head,
+    the convention of the Pythia and Chinchilla papers."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight.numel()
+    out = model.get_output_embeddings()
+    if out is not None and out.weight is not model.get_input_embeddings().weight:
+        embedding += out.weight.numel()
+    return ParamCounts(total=total, non_embedding=total - embedding)
+
+
+def parameter_counts(config: GPTNeoXConfig) -> ParamCounts:
+    """Count parameters without allocating them (meta device), so the 1.2B model costs nothing to describe."""
+    return count_parameters(build_model(config, device="meta"))
+
+
+def flops_per_token(config: GPTNeoXConfig, seq_len: int, *, activation_checkpointing: bool = False) -> int:
+    """Training FLOPs per token with the Megatron-LM accounting (Narayanan et al. 2021, appendix).
+
+    Forward per layer per token: 2*4h^2 for the QKV and output projections, 2*2*h*f for the MLP and
+    2*2*s*h for the attention scores and the weighted sum (counted over the full s x s matrix, as Megatron
+    does); the logits add 2*h*V. Backward costs twice the forward, so training is 3x forward: with
+    f = 4h this is Megatron's 72*l*h^2*(1 + s/(6h) + V/(12*l*h)). With activation checkpointing the
+    forward runs twice (4x): the hardware FLOPs, not the model FLOPs that MFU uses.
+    """
+    h = config.hidden_size
+    f = config.intermediate_size
+    layer = 8 * h * h + 4 * h * f + 4 * seq_len * h
+    forward = config.num_hidden_layers * layer + 2 * h * config.vocab_size
+    return (4 if activation_checkpointing else 3) * forward
+
+
+def preset_summary(preset_name: str) -> dict:
+    return asdict(MODEL_PRESETS[preset_name])

@@ -1,0 +1,334 @@
+"""The training loop on the DeepSpeed engine.
+
+`prepare_run` does every check that can fail (config, DeepSpeed JSON, data) before anything expensive;
+`Trainer` builds the engine and runs the loop. DeepSpeed owns gradient accumulation, clipping, the LR
+schedule, mixed precision and ZeRO; the loop only feeds micro-batches and decides when to log, evaluate
+and save.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint
+from .config import ConfigError, RunConfig
+from .data import PackedWindows, SampleStream, Split, eval_batches, open_shard, read_meta, split_windows, validate_shards, discover_shards
+from .ds_config import effective_ds_config, load_ds_config, precision, zero_stage
+from .metrics import Metrics, Throughput, log, setup_logging
+from .model import GPT2_VOCAB_SIZE, build_model, flops_per_token, hf_config, padded_vocab_size, parameter_counts
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything resolved before the engine exists: validated configs and the model shape."""
+
+    run: RunConfig
+    ds_config_path: Path
+    ds_config: dict[str, Any]
+    ds_notes: list[str]
+    dp_size: int
+    tokenizer_vocab_size: int
+    model_config: Any  # transformers GPTNeoXConfig
+
+    def describe(self) -> dict[str, Any]:
+        """The `--describe` object: effective configs, parameter counts and FLOPs per token."""
+        counts = parameter_counts(self.model_config)
+        return {
+            "run_config": self.run.to_dict(),
+            "ds_config_file": str(self.ds_config_path),
+            "ds_config": self.ds_config,
+            "ds_config_changes": self.ds_notes,
+            "data_parallel_size": self.dp_size,
+            "zero_stage": zero_stage(self.ds_config),
+            "precision": precision(self.ds_config),
+            "model": {
+                "preset": self.run.model,
+                "vocab_size": self.model_config.vocab_size,
+                "tokenizer_vocab_size": self.tokenizer_vocab_size,
+                "hidden_size": self.model_config.hidden_size,
+                "num_layers": self.model_config.num_hidden_layers,
+                "num_heads": self.model_config.num_attention_heads,
+                "intermediate_size": self.model_config.intermediate_size,
+                "seq_len": self.run.seq_len,
+            },
+            "params": {"total": counts.total, "non_embedding": counts.non_embedding},
+            "flops_per_token": flops_per_token(self.model_config, self.run.seq_len),
+            "tokens_per_step": self.ds_config["train_batch_size"] * self.run.seq_len,
+        }
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def prepare_run(run: RunConfig, *, dp_size: int, on_gpu: bool) -> RunPlan:
+    """Resolve and validate the run without touching data contents or building the model."""
+    ds_path, ds_base = load_ds_config(run.ds_config)
+    ds_cfg, notes = effective_ds_config(ds_base, run, dp_size=dp_size, on_gpu=on_gpu)
+    meta = read_meta(run.data_dir) if Path(run.data_dir).is_dir() else None
+    vocab = run.vocab_size or (int(meta["vocab_size"]) if meta and "vocab_size" in meta else GPT2_VOCAB_SIZE)
+    eos = meta.get("eos_token_id") if meta else None
+    model_cfg = hf_config(run.model, padded_vocab_size(vocab), eos_token_id=eos)
+    return RunPlan(run, ds_path, ds_cfg, notes, dp_size, vocab, model_cfg)
+
+
+def load_data(plan: RunPlan) -> tuple[PackedWindows, Split]:
+    """Discover, validate (dtype, emptiness, token ids < vocab) and pack the shards: fails before the engine exists."""
+    run = plan.run
+    paths = discover_shards(run.data_dir)
+    if run.max_shards is not None:
+        paths = paths[: run.max_shards]
+    validate_shards(paths, plan.tokenizer_vocab_size)
+    windows = PackedWindows([open_shard(p) for p in paths], run.seq_len)
+    split = split_windows(len(windows), run.val_fraction)
+    log.info(
+        "data: %d shards in %s, %d windows of %d tokens (%d train, %d validation)",
+        len(paths), run.data_dir, len(windows), run.seq_len, len(split.train), len(split.val),
+    )
+    return windows, split
+
+
+def init_distributed() -> None:
+    """Single-process runs get the env vars the launcher would set, so DeepSpeed skips MPI discovery."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import deepspeed
+
+    deepspeed.init_distributed()
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and LayerNorm weights (1-D tensors), the GPT-NeoX/Megatron convention."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    def __init__(self, plan: RunPlan, *, resume: str | None):
+        import deepspeed
+
+        self.plan = plan
+        run = plan.run
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.is_rank0 = self.rank == 0
+        self.save_dir = Path(run.save_dir)
+        self.windows, self.split = load_data(plan)
+
+        torch.manual_seed(run.seed)  # same init on every rank; DeepSpeed also broadcasts from rank 0
+        weight_decay = float(plan.ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0))
+        if zero_stage(plan.ds_config) == 3:
+            # Partition parameters as they are created: a 1.2B fp32 model per rank would not fit in host RAM x8.
+            with deepspeed.zero.Init(config_dict_or_path=plan.ds_config):
+                model = build_model(plan.model_config)
+        else:
+            model = build_model(plan.model_config)
+        if run.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, weight_decay), config=plan.ds_config
+        )
+        self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
+        self.grad_accum = self.engine.gradient_accumulation_steps()
+
+        state = checkpoint.TrainState(step=0, consumed_samples=0)
+        if resume:
+            tag = checkpoint.resolve_resume_tag(self.save_dir, resume)
+            state = checkpoint.load(
+                self.engine, self.save_dir, tag,
+                model_config=plan.model_config.to_dict(), ds_config=plan.ds_config, dp_size=plan.dp_size,
+            )
+            log.info("resumed from %s: step %d, %d samples consumed", self.save_dir / tag, state.step, state.consumed_samples)
+        self.step = state.step
+        self.stream = SampleStream(
+            self.split.train, seed=run.seed, micro_batch=self.micro_batch,
+            dp_rank=self.rank, dp_size=plan.dp_size, consumed_samples=state.consumed_samples,
+        )
+        self.metrics = Metrics(Path(run.log_dir), enabled=self.is_rank0)
+        self.tokens_per_step = plan.ds_config["train_batch_size"] * run.seq_len
+        self.last_saved_step = state.step if resume else -1
+
+    # -- one optimizer step -------------------------------------------------------------------------------------
+    def _tensor(self, indices: list[int]) -> torch.Tensor:
+        return torch.from_numpy(self.windows.batch(indices)).to(self.engine.device, non_blocking=True)
+
+    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        logits = self.engine(input_ids=batch[:, :-1]).logits
+        # fp32 cross-entropy: bf16 log-softmax over 50k classes loses the small differences that make the loss.
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+
+    def train_step(self) -> torch.Tensor:
+        """grad_accum micro-steps; DeepSpeed steps the optimizer on the last. Returns the mean loss (on device)."""
+        total = torch.zeros((), device=self.engine.device)
+        for _ in range(self.grad_accum):
+            loss = self._loss(self._tensor(self.stream.next_micro_batch()))
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach()
+        return total / self.grad_accum
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        import deepspeed.comm as dist
+
+        self.engine.eval()
+        batches = eval_batches(
+            self.split.val, micro_batch=self.micro_batch, dp_rank=self.rank, dp_size=self.plan.dp_size,
+            max_batches=self.plan.run.eval_batches,
+        )
+        sums = torch.zeros(2, device=self.engine.device, dtype=torch.float64)
+        for indices in batches:
+            if indices:
+                sums[0] += self._loss(self._tensor(indices)).double() * len(indices)
+                sums[1] += len(indices)
+        dist.all_reduce(sums)
+        self.engine.train()
+        if sums[1] == 0:
+            return {}
+        loss = (sums[0] / sums[1]).item()
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "sequences": int(sums[1].item())}
+
+    def _global_mean(self, value: torch.Tensor) -> float:
+        import deepspeed.comm as dist
+
+        value = value.clone().float()
+        dist.all_reduce(value)
+        return (value / self.plan.dp_size).item()
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        extra = checkpoint.client_state(
+            state=checkpoint.TrainState(self.step, self.stream.consumed_samples),
+            run_config=self.plan.run.to_dict(), ds_config=self.plan.ds_config,
+            model_config=self.plan.model_config.to_dict(), dp_size=self.plan.dp_size,
+        )
+        tag = checkpoint.save(
+            self.engine, self.save_dir, checkpoint.TrainState(self.step, self.stream.consumed_samples), extra,
+            is_rank0=self.is_rank0,
+        )
+        self.last_saved_step = self.step
+        if self.is_rank0:
+            deleted = checkpoint.apply_retention(self.save_dir, self.plan.run.keep_last_n)
+            log.info("saved checkpoint %s%s", self.save_dir / tag, f" (removed {', '.join(deleted)})" if deleted else "")
+
+    def train(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        run = self.plan.run
+        log.info(
+            "training %s: %d steps from step %d, micro-batch %d x accumulation %d x %d ranks = %d sequences "
+            "(%d tokens) per step, ZeRO-%d, %s",
+            run.model, run.max_steps, self.step, self.micro_batch, self.grad_accum, self.plan.dp_size,
+            self.plan.ds_config["train_batch_size"], self.tokens_per_step, zero_stage(self.plan.ds_config),
+            precision(self.plan.ds_config),
+        )
+        bar = tqdm(total=run.max_steps, initial=self.step, disable=not self.is_rank0, desc="train", unit="step",
+                   dynamic_ncols=True, mininterval=1.0)
+        throughput = Throughput(self.tokens_per_step)
+        loss_sum = torch.zeros((), device=self.engine.device)
+        loss_count = 0
+        summary: dict[str, Any] = {"start_step": self.step}
+        try:
+            while self.step < run.max_steps:
+                loss_sum += self.train_step()
+                loss_count += 1
+                self.step += 1
+                throughput.step()
+                bar.update(1)
+                if self.step % run.log_steps == 0 or self.step == run.max_steps:
+                    values = {
+                        "loss": self._global_mean(loss_sum / loss_count),
+                        "lr": float(self.engine.get_lr()[0]),
+                        "grad_norm": _as_float(self.engine.get_global_grad_norm()),
+                        "consumed_samples": self.stream.consumed_samples,
+                        **throughput.read_and_reset(),
+                    }
+                    loss_sum.zero_()
+                    loss_count = 0
+                    self.metrics.record(self.step, "train", values)
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
+                    log.info(
+                        "step %d: loss=%.4f lr=%.3e grad_norm=%.3f | %.0f tokens/s, %.3f s/step",
+                        self.step, values["loss"], values["lr"], values["grad_norm"], values["tokens_per_s"],
+                        values["step_time_s"],
+                    )
+                    summary.setdefault("first_loss", values["loss"])
+                    summary["last_loss"] = values["loss"]
+                    summary["tokens_per_s"] = values["tokens_per_s"]
+                if run.eval_steps and self.step % run.eval_steps == 0 and len(self.split.val):
+                    ev = self.evaluate()
+                    if ev:
+                        self.metrics.record(self.step, "eval", ev)
+                        log.info("step %d: validation loss=%.4f perplexity=%.2f", self.step, ev["loss"], ev["perplexity"])
+                        summary["val_loss"] = ev["loss"]
+                    throughput.restart()
+                if self.step % run.save_steps == 0:
+                    self.save()
+                    throughput.restart()
+            if self.last_saved_step != self.step:
+                self.save()
+        finally:
+            bar.close()
+            self.metrics.close()
+        summary["end_step"] = self.step
+        return summary
+
+
+def _as_float(value: Any) -> float:
+    if value is None:
+        return float("nan")
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def write_run_files(plan: RunPlan) -> None:
+    """The effective configs next to the checkpoints, so a run folder says how it was trained."""
+    save_dir = Path(plan.run.save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    (save_dir / "run_config.json").write_text(json.dumps(plan.run.to_dict(), indent=2) + "\n")
+    (save_dir / "ds_config.json").write_text(json.dumps(plan.ds_config, indent=2) + "\n")
+
+
+def run_training(run: RunConfig, *, resume: str | None) -> dict[str, Any]:
+    """Entry for `neox-train` after argument parsing: validate, init, train, report."""
+    on_gpu = torch.cuda.is_available()
+    plan = prepare_run(run, dp_size=world_size_from_env(), on_gpu=on_gpu)
+    rank = int(os.environ.get("RANK", "0"))
+    setup_logging(Path(run.log_dir), rank=rank)
+    _quiet_deepspeed()
+    init_distributed()
+    if rank == 0:
+        write_run_files(plan)
+        log.info("effective run config: %s", json.dumps(plan.run.to_dict()))
+        log.info("effective DeepSpeed config (%s): %s", plan.ds_config_path, json.dumps(plan.ds_config))
+        for note in plan.ds_notes:
+            log.info("DeepSpeed config change: %s", note)
+    trainer = Trainer(plan, resume=resume)
+    summary = trainer.train()
+    if rank == 0:
+        log.info("done: %s", json.dumps(summary))
+    return summary
+
+
+def _quiet_deepspeed() -> None:
+    """DeepSpeed logs its whole config and every op build at INFO; ours says what matters."""
+    import logging
+
+    level = os.environ.get("NEOX_DEEPSPEED_LOG_LEVEL", "WARNING").upper()
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(getattr(logging, level, logging.WARNING))

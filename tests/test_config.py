@@ -1,0 +1,81 @@
+"""Run config: presets, JSON files, and one clear error per bad input naming the field."""
+
+import json
+
+import pytest
+
+from neox_train.config import RUN_PRESETS, ConfigError, RunConfig, field_docs, load_run_config
+
+
+def test_seed_presets():
+    prod = load_run_config("production")
+    assert (prod.model, prod.micro_batch, prod.grad_accum, prod.save_steps, prod.log_steps) == ("neox-1.2b", 4, 4, 500, 100)
+    test = load_run_config("test")
+    assert test.max_steps == 1000 and test.save_steps == 200 and test.log_steps == 25
+    demo = load_run_config("demo")
+    assert demo.model == "neox-demo"
+    assert set(RUN_PRESETS) == {"test", "production", "demo"}
+
+
+def test_every_field_documented():
+    assert all(field_docs().values())
+
+
+def test_frozen_and_replace_validates():
+    run = load_run_config("demo")
+    with pytest.raises(Exception):
+        run.max_steps = 5  # type: ignore[misc]
+    assert run.replace(max_steps=5).max_steps == 5 and run.max_steps == 200
+    with pytest.raises(ConfigError, match="max_steps=0 is out of range"):
+        run.replace(max_steps=0)
+
+
+def test_json_file_with_base(tmp_path):
+    p = tmp_path / "mine.json"
+    p.write_text(json.dumps({"base": "demo", "max_steps": 7, "seq_len": 64}))
+    run = load_run_config(str(p))
+    assert (run.name, run.model, run.max_steps, run.seq_len) == ("mine", "neox-demo", 7, 64)
+
+
+@pytest.mark.parametrize(
+    "values,needles",
+    [
+        ({"max_stepz": 3}, ["unknown field 'max_stepz'", "valid fields:"]),
+        ({"max_steps": -1}, ["max_steps=-1 is out of range: must be >= 1"]),
+        ({"max_steps": "10"}, ["max_steps='10' must be an integer"]),
+        ({"model": "neox-7b"}, ["model='neox-7b' is not a preset", "neox-1.2b"]),
+        ({"seq_len": 4096}, ["seq_len=4096 exceeds neox-1.2b's max_seq_len 2048"]),
+        ({"mixed_precision": "fp8"}, ["mixed_precision='fp8' is not valid"]),
+        ({"val_fraction": 0.9}, ["val_fraction=0.9 is out of range"]),
+        ({"micro_batch": 0, "grad_accum": 0}, ["micro_batch=0", "grad_accum=0"]),  # all problems at once
+        ({"warmup_steps": 0}, ["warmup_steps=0 is out of range: must be >= 1"]),
+        ({"activation_checkpointing": "yes"}, ["activation_checkpointing='yes' must be true or false"]),
+    ],
+)
+def test_bad_values_name_the_field(tmp_path, values, needles):
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(values))
+    with pytest.raises(ConfigError) as e:
+        load_run_config(str(p))
+    msg = str(e.value)
+    assert "\n" not in msg and "bad.json" in msg
+    for needle in needles:
+        assert needle in msg
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="neither a preset"):
+        load_run_config("prodution")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_run_config(str(tmp_path / "nope.json"))
+    p = tmp_path / "x.json"
+    p.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="must hold a JSON object"):
+        load_run_config(str(p))
+    p.write_text('{"base": "huge"}')
+    with pytest.raises(ConfigError, match="base='huge' is not a preset"):
+        load_run_config(str(p))
+
+
+def test_defaults_are_valid():
+    RunConfig()

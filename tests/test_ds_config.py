@@ -1,0 +1,128 @@
+"""DeepSpeed JSON: every shipped file loads and survives the overrides; batch arithmetic; bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from neox_train.config import ConfigError, RUN_PRESETS, load_run_config
+from neox_train.ds_config import DS_CONFIG_DIR, check_batch, effective_ds_config, load_ds_config, zero_stage
+
+SHIPPED = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
+
+
+def test_expected_files_are_shipped():
+    assert {"zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_ds_config(name):
+    path, cfg = load_ds_config(name)
+    assert path.name == f"{name}.json"
+    assert cfg["bf16"]["enabled"] is True
+    assert cfg["gradient_clipping"] > 0
+    assert cfg["optimizer"]["type"] == "AdamW"
+    assert cfg["scheduler"]["type"] == "WarmupCosineLR"
+    expected_stage = int(name[4])
+    assert zero_stage(cfg) == expected_stage
+    assert ("offload_optimizer" in cfg["zero_optimization"]) == name.endswith("offload")
+    # DeepSpeed's own parser accepts it (catches unknown zero_optimization keys, bad types).
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    DeepSpeedZeroConfig(**cfg["zero_optimization"])
+    for preset in RUN_PRESETS:
+        run = load_run_config(preset).replace(ds_config=name)
+        eff, _ = effective_ds_config(cfg, run, dp_size=8, on_gpu=True)
+        assert eff["train_batch_size"] == eff["train_micro_batch_size_per_gpu"] * eff["gradient_accumulation_steps"] * 8
+        assert eff["scheduler"]["params"]["total_num_steps"] == run.max_steps
+
+
+@pytest.mark.parametrize(
+    "dp,tb,mb,ga,expected",
+    [
+        (64, None, 4, 4, (1024, 4, 4)),
+        (64, 1024, 4, None, (1024, 4, 4)),
+        (64, 1024, None, 2, (1024, 8, 2)),
+        (1, 16, None, None, (16, 16, 1)),
+        (8, 128, 4, 4, (128, 4, 4)),
+    ],
+)
+def test_check_batch(dp, tb, mb, ga, expected):
+    assert check_batch(dp_size=dp, train_batch=tb, micro_batch=mb, grad_accum=ga) == expected
+
+
+@pytest.mark.parametrize(
+    "dp,tb,mb,ga,needle",
+    [
+        (64, 1000, 4, 4, "train_batch_size=1000 but micro_batch 4 x grad_accum 4 x data-parallel size 64 = 1024"),
+        (3, 32, 4, None, "not a multiple of micro_batch 4 x data-parallel size 3 = 12"),
+        (3, 32, None, 4, "not a multiple of grad_accum 4"),
+        (2, None, 4, None, "batch under-specified"),
+    ],
+)
+def test_check_batch_errors_name_the_numbers(dp, tb, mb, ga, needle):
+    with pytest.raises(ConfigError, match="batch") as e:
+        check_batch(dp_size=dp, train_batch=tb, micro_batch=mb, grad_accum=ga)
+    assert needle in str(e.value)
+
+
+def _write(tmp_path: Path, cfg: dict) -> str:
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps(cfg))
+    return str(p)
+
+
+def test_overrides_win_and_are_reported(tmp_path):
+    _, base = load_ds_config("zero2")
+    run = load_run_config("production").replace(micro_batch=2, grad_accum=8, mixed_precision="no", max_steps=77)
+    eff, notes = effective_ds_config({**base, "train_batch_size": 16}, run, dp_size=2, on_gpu=False)
+    assert (eff["train_batch_size"], eff["train_micro_batch_size_per_gpu"], eff["gradient_accumulation_steps"]) == (32, 2, 8)
+    assert eff["bf16"]["enabled"] is False and "fp16" not in eff
+    assert eff["scheduler"]["params"]["total_num_steps"] == 77
+    assert eff["optimizer"]["params"]["torch_adam"] is True  # CPU: no FusedAdam build
+    assert any("recomputed" in n for n in notes) and any("mixed precision" in n for n in notes)
+    assert base["bf16"]["enabled"] is True, "the loaded JSON must not be mutated"
+
+
+def test_json_batch_mismatch_is_caught_before_deepspeed(tmp_path):
+    cfg = {"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 4}
+    path = _write(tmp_path, cfg)
+    _, loaded = load_ds_config(path)
+    run = load_run_config("production").replace(ds_config=path, micro_batch=None, grad_accum=None)
+    with pytest.raises(ConfigError, match="train_batch_size=10 but micro_batch 4 x grad_accum 4 x data-parallel size 1 = 16"):
+        effective_ds_config(loaded, run, dp_size=1, on_gpu=True)
+
+
+@pytest.mark.parametrize(
+    "cfg,needle",
+    [
+        ({"train_micro_batch_size_per_gpu": "auto"}, "'auto' at train_micro_batch_size_per_gpu"),
+        ({"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}, "'auto' at optimizer.params.lr"),
+        ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage=4 must be 0, 1, 2 or 3"),
+        ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "both true"),
+        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps=0 must be a positive integer"),
+        ({"elasticity": {}}, "section 'elasticity'"),
+    ],
+)
+def test_bad_ds_config(tmp_path, cfg, needle):
+    with pytest.raises(ConfigError) as e:
+        load_ds_config(_write(tmp_path, cfg))
+    assert needle in str(e.value) and "ds.json" in str(e.value)
+
+
+def test_bad_ds_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="no file .*shipped: .*zero2"):
+        load_ds_config("zero9")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="bad.json is not valid JSON"):
+        load_ds_config(str(bad))
+
+
+def test_fp16_on_cpu_is_refused():
+    _, base = load_ds_config("zero0")
+    run = load_run_config("production").replace(mixed_precision="fp16")
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        effective_ds_config(base, run, dp_size=1, on_gpu=False)
+    eff, _ = effective_ds_config(base, run, dp_size=1, on_gpu=True)
+    assert eff["fp16"]["enabled"] and not eff["bf16"]["enabled"]

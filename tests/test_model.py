@@ -1,0 +1,61 @@
+"""Model presets: the flagship's parameter count (built on the meta device) and the FLOPs formula."""
+
+import pytest
+import torch
+
+from neox_train.model import (
+    MODEL_PRESETS,
+    build_model,
+    count_parameters,
+    flops_per_token,
+    hf_config,
+    padded_vocab_size,
+    parameter_counts,
+)
+
+
+def test_vocab_padding():
+    assert padded_vocab_size(50257) == 50304
+    assert padded_vocab_size(50304) == 50304
+    assert padded_vocab_size(1) == 128
+
+
+def test_neox_1_2b_parameter_count_matches_pythia_1_4b():
+    cfg = hf_config("neox-1.2b", padded_vocab_size(50257))
+    counts = parameter_counts(cfg)
+    assert counts.total == 1_414_647_808
+    assert counts.non_embedding == 1_208_602_624
+
+
+def test_flagship_shape():
+    cfg = hf_config("neox-1.2b", 50304)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size) == (2048, 24, 16, 8192)
+    assert cfg.rope_parameters["partial_rotary_factor"] == 0.25
+    assert cfg.use_parallel_residual and not cfg.tie_word_embeddings
+    assert cfg.max_position_embeddings == 2048
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
+def test_every_preset_builds_on_meta(name):
+    counts = parameter_counts(hf_config(name, 50304))
+    assert 0 < counts.non_embedding < counts.total
+
+
+def test_tiny_model_uses_sdpa_and_runs():
+    model = build_model(hf_config("neox-tiny", 256))
+    assert model.config._attn_implementation == "sdpa"
+    out = model(torch.randint(0, 256, (2, 16))).logits
+    assert out.shape == (2, 16, 256)
+    counts = count_parameters(model)
+    assert counts.total - counts.non_embedding == 2 * 256 * 64
+
+
+def test_flops_per_token_is_megatron_formula():
+    cfg = hf_config("neox-1.2b", 50304)
+    l, h, s, v = 24, 2048, 2048, 50304
+    megatron = 72 * l * h * h * (1 + s / (6 * h) + v / (12 * l * h))
+    assert flops_per_token(cfg, s) == pytest.approx(megatron, rel=1e-12)
+    assert flops_per_token(cfg, s, activation_checkpointing=True) == pytest.approx(megatron * 4 / 3, rel=1e-12)
+    # 6N is the usual shorthand; the exact count exceeds it by the attention-score term.
+    n = parameter_counts(cfg).non_embedding
+    assert 6 * n < flops_per_token(cfg, s) < 8 * n
