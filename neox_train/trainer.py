@@ -22,7 +22,17 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from .config import ConfigError, RunConfig
-from .data import PackedWindows, SampleStream, Split, eval_batches, open_shard, read_meta, split_windows, validate_shards, discover_shards
+from .data import (
+    PackedWindows,
+    SampleStream,
+    Split,
+    discover_shards,
+    eval_batches,
+    open_shard,
+    read_meta,
+    split_windows,
+    validate_shards,
+)
 from .ds_config import effective_ds_config, load_ds_config, precision, zero_stage
 from .metrics import Metrics, Throughput, log, setup_logging
 from .model import GPT2_VOCAB_SIZE, build_model, flops_per_token, hf_config, padded_vocab_size, parameter_counts
@@ -120,7 +130,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 class Trainer:
-    def __init__(self, plan: RunPlan, *, resume: str | None):
+    def __init__(self, plan: RunPlan, data: tuple[PackedWindows, Split], *, resume_tag: str | None):
         import deepspeed
 
         self.plan = plan
@@ -128,7 +138,7 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", "0"))
         self.is_rank0 = self.rank == 0
         self.save_dir = Path(run.save_dir)
-        self.windows, self.split = load_data(plan)
+        self.windows, self.split = data
 
         torch.manual_seed(run.seed)  # same init on every rank; DeepSpeed also broadcasts from rank 0
         weight_decay = float(plan.ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0))
@@ -147,8 +157,8 @@ class Trainer:
         self.grad_accum = self.engine.gradient_accumulation_steps()
 
         state = checkpoint.TrainState(step=0, consumed_samples=0)
-        if resume:
-            tag = checkpoint.resolve_resume_tag(self.save_dir, resume)
+        if resume_tag:
+            tag = resume_tag
             state = checkpoint.load(
                 self.engine, self.save_dir, tag,
                 model_config=plan.model_config.to_dict(), ds_config=plan.ds_config, dp_size=plan.dp_size,
@@ -161,7 +171,7 @@ class Trainer:
         )
         self.metrics = Metrics(Path(run.log_dir), enabled=self.is_rank0)
         self.tokens_per_step = plan.ds_config["train_batch_size"] * run.seq_len
-        self.last_saved_step = state.step if resume else -1
+        self.last_saved_step = state.step if resume_tag else -1
 
     # -- one optimizer step -------------------------------------------------------------------------------------
     def _tensor(self, indices: list[int]) -> torch.Tensor:
@@ -172,15 +182,33 @@ class Trainer:
         # fp32 cross-entropy: bf16 log-softmax over 50k classes loses the small differences that make the loss.
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
 
-    def train_step(self) -> torch.Tensor:
-        """grad_accum micro-steps; DeepSpeed steps the optimizer on the last. Returns the mean loss (on device)."""
+    def train_step(self, *, want_grad_norm: bool = False) -> tuple[torch.Tensor, float | None]:
+        """grad_accum micro-steps; DeepSpeed steps the optimizer on the last.
+
+        Returns the mean loss (a device tensor: no host sync here) and, when asked, the pre-clipping gradient norm.
+        """
         total = torch.zeros((), device=self.engine.device)
-        for _ in range(self.grad_accum):
+        grad_norm = None
+        for micro in range(self.grad_accum):
             loss = self._loss(self._tensor(self.stream.next_micro_batch()))
             self.engine.backward(loss)
+            if want_grad_norm and micro == self.grad_accum - 1 and self._own_grad_norm:
+                grad_norm = self._full_grad_norm()
             self.engine.step()
             total += loss.detach()
-        return total / self.grad_accum
+        if want_grad_norm and grad_norm is None:
+            grad_norm = _as_float(self.engine.get_global_grad_norm())
+        return total / self.grad_accum, grad_norm
+
+    @property
+    def _own_grad_norm(self) -> bool:
+        # DeepSpeed reports the global norm from its ZeRO and bf16/fp16 optimizers; plain fp32 ZeRO-0 clips with
+        # torch and keeps no norm. There the gradients are whole and already all-reduced after the last backward.
+        return zero_stage(self.plan.ds_config) == 0 and precision(self.plan.ds_config) == "fp32"
+
+    def _full_grad_norm(self) -> float:
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads).item()) if grads else float("nan")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -245,16 +273,19 @@ class Trainer:
         summary: dict[str, Any] = {"start_step": self.step}
         try:
             while self.step < run.max_steps:
-                loss_sum += self.train_step()
+                log_now = (self.step + 1) % run.log_steps == 0 or self.step + 1 == run.max_steps
+                lr = float(self.engine.get_lr()[0])  # the rate this step uses (the scheduler moves in step())
+                loss, grad_norm = self.train_step(want_grad_norm=log_now)
+                loss_sum += loss
                 loss_count += 1
                 self.step += 1
                 throughput.step()
                 bar.update(1)
-                if self.step % run.log_steps == 0 or self.step == run.max_steps:
+                if log_now:
                     values = {
                         "loss": self._global_mean(loss_sum / loss_count),
-                        "lr": float(self.engine.get_lr()[0]),
-                        "grad_norm": _as_float(self.engine.get_global_grad_norm()),
+                        "lr": lr,
+                        "grad_norm": grad_norm,
                         "consumed_samples": self.stream.consumed_samples,
                         **throughput.read_and_reset(),
                     }
@@ -310,6 +341,9 @@ def run_training(run: RunConfig, *, resume: str | None) -> dict[str, Any]:
     rank = int(os.environ.get("RANK", "0"))
     setup_logging(Path(run.log_dir), rank=rank)
     _quiet_deepspeed()
+    # Everything that can reject the input runs before process groups, model and engine exist.
+    resume_tag = checkpoint.resolve_resume_tag(Path(run.save_dir), resume) if resume else None
+    data = load_data(plan)
     init_distributed()
     if rank == 0:
         write_run_files(plan)
@@ -317,7 +351,7 @@ def run_training(run: RunConfig, *, resume: str | None) -> dict[str, Any]:
         log.info("effective DeepSpeed config (%s): %s", plan.ds_config_path, json.dumps(plan.ds_config))
         for note in plan.ds_notes:
             log.info("DeepSpeed config change: %s", note)
-    trainer = Trainer(plan, resume=resume)
+    trainer = Trainer(plan, data, resume_tag=resume_tag)
     summary = trainer.train()
     if rank == 0:
         log.info("done: %s", json.dumps(summary))

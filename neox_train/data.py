@@ -1,0 +1,405 @@
+"""Training data: token shards on disk -> packed fixed-length windows -> a seeded, rank-sharded, resumable stream.
+
+Shards are `.npy` / `.npz` files of uint16/uint32 token ids (what `neox-data prepare` writes), opened as
+memory maps so a multi-gigabyte dataset costs page cache, not process memory. The shards are concatenated in
+sorted path order and cut into windows of `seq_len + 1` tokens that start every `seq_len` tokens (adjacent
+windows share one token, so every token is a target exactly once). There are no document boundaries to
+respect: documents are separated by the end-of-text token written by prepare, as in GPT-NeoX.
+
+The order in which windows are visited is a pure function of (seed, consumed_samples), so resuming from a
+checkpoint needs nothing but the global sample count, even when the number of data-parallel ranks changed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import sys
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+SHARD_SUFFIXES = (".npy", ".npz")
+VALID_DTYPES = ("uint16", "uint32")
+NPZ_KEY = "input_ids"
+META_FILE = "meta.json"
+
+# Tokens scanned at once when computing a shard's max id: bounds memory to ~512 MB of int64 work space even for
+# a shard far larger than RAM.
+_MAX_CHUNK_TOKENS = 64 * 1024 * 1024
+# Below these sizes validation takes about a second, so a progress bar would only be noise.
+_PROGRESS_MIN_SHARDS = 20
+_PROGRESS_MIN_TOKENS = 100_000_000
+_ZIP_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # the 30-byte local file header of a zip member
+_ZIP_LOCAL_MAGIC = b"PK\x03\x04"
+
+
+class DataError(ValueError):
+    """Bad data input. str(err) is one line naming the file and what is wrong and what is valid."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: Path
+    num_tokens: int
+    dtype: str
+    max_token: int
+
+
+def _one_line(err: BaseException) -> str:
+    """An underlying exception as `Type: message` on one line, so DataError messages stay one line."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def discover_shards(data_dir: str | Path) -> list[Path]:
+    """Every .npy/.npz under data_dir, nested folders included, sorted by relative path.
+
+    Sorting by the relative path string (not by filesystem order) makes the token order, and so the windows,
+    identical on every machine and every rank.
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data dir {root} does not exist or is not a directory (expected a folder of .npy/.npz shards)")
+    shards = [p for p in root.rglob("*") if p.suffix.lower() in SHARD_SUFFIXES and p.is_file()]
+    if not shards:
+        raise DataError(f"no token shards (.npy/.npz) found under {root}")
+    return sorted(shards, key=lambda p: p.relative_to(root).as_posix())
+
+
+def open_shard(path: Path) -> np.ndarray:
+    """The shard's tokens as a 1-D uint16/uint32 array, memory-mapped whenever the file layout allows it.
+
+    `.npy` files are always memory-mapped. In a `.npz` the array must be stored under the key "input_ids"; it
+    is memory-mapped when that member is stored uncompressed (`np.savez`) and read into memory when it is
+    compressed (`np.savez_compressed`), since a deflated stream cannot be addressed by offset. A 2-D array
+    (rows of tokens) is flattened row-major, i.e. its rows are concatenated in order; a C-ordered array
+    stays a memory map, a Fortran-ordered one is copied.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in SHARD_SUFFIXES:
+        valid = ", ".join(SHARD_SUFFIXES)
+        raise DataError(f"{path}: not a token shard (suffix {suffix or '(none)'!r}; valid: {valid})")
+    try:
+        array = _open_npy(path) if suffix == ".npy" else _open_npz(path)
+    except DataError:
+        raise
+    except Exception as err:  # numpy and zipfile raise many types for a damaged file; all mean "unreadable"
+        raise DataError(f"{path}: cannot read token shard ({_one_line(err)})") from err
+    return _checked_tokens(path, array)
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    with open(path, "rb") as f:
+        magic = f.read(len(np.lib.format.MAGIC_PREFIX))
+    if magic != np.lib.format.MAGIC_PREFIX:
+        raise DataError(f"{path}: not a .npy file (no NumPy magic header); write shards with np.save")
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _open_npz(path: Path) -> np.ndarray:
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        member = f"{NPZ_KEY}.npy" if f"{NPZ_KEY}.npy" in names else NPZ_KEY if NPZ_KEY in names else None
+        if member is None:
+            keys = sorted(n.removesuffix(".npy") for n in names)
+            raise DataError(
+                f"{path}: no {NPZ_KEY!r} array in the .npz (keys present: {keys}); "
+                f"save it as np.savez(file, {NPZ_KEY}=tokens)"
+            )
+        info = archive.getinfo(member)
+        encrypted = info.flag_bits & 0x1
+        if info.compress_type == zipfile.ZIP_STORED and not encrypted:
+            mapped = _memmap_stored_member(path, info)
+            if mapped is not None:
+                return mapped
+        with archive.open(member) as f:
+            return np.lib.format.read_array(f, allow_pickle=False)
+
+
+def _memmap_stored_member(path: Path, info: zipfile.ZipInfo) -> np.ndarray | None:
+    """Memory-map an uncompressed .npy member of a zip in place; None if its header version is not 1.0/2.0."""
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        raw = f.read(_ZIP_LOCAL_HEADER.size)
+        if len(raw) != _ZIP_LOCAL_HEADER.size or raw[:4] != _ZIP_LOCAL_MAGIC:
+            raise DataError(f"{path}: corrupt .npz (bad local header for member {info.filename!r})")
+        *_, name_len, extra_len = _ZIP_LOCAL_HEADER.unpack(raw)
+        # The local header's extra field can differ from the central directory's, so it is the one to trust.
+        member_start = info.header_offset + _ZIP_LOCAL_HEADER.size + name_len + extra_len
+        f.seek(member_start)
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            return None
+        data_offset = f.tell()
+    _check_dtype(path, dtype)
+    count = math.prod(shape)
+    if data_offset - member_start + count * dtype.itemsize > info.file_size:
+        raise DataError(f"{path}: corrupt .npz (member {info.filename!r} is shorter than its header's shape {shape})")
+    if count == 0:
+        return np.empty(shape, dtype=dtype)  # mmap cannot map zero bytes; the emptiness check reports it
+    return np.memmap(path, dtype=dtype, mode="r", offset=data_offset, shape=shape, order="F" if fortran_order else "C")
+
+
+def _check_dtype(path: Path, dtype: np.dtype) -> None:
+    if dtype.name not in VALID_DTYPES:
+        raise DataError(f"{path}: token dtype is {dtype.name}; valid: {', '.join(VALID_DTYPES)}")
+
+
+def _checked_tokens(path: Path, array: np.ndarray) -> np.ndarray:
+    if array.ndim not in (1, 2):
+        raise DataError(f"{path}: token array has shape {array.shape}; valid: 1-D tokens or 2-D rows of tokens")
+    _check_dtype(path, array.dtype)
+    if array.size == 0:
+        raise DataError(f"{path}: token array is empty (shape {array.shape}); a shard needs at least one token")
+    return array.reshape(-1) if array.ndim == 2 else array
+
+
+def validate_shards(paths: list[Path], vocab_size: int) -> list[ShardInfo]:
+    """Open every shard and check it before training starts, so a bad file fails in seconds, not hours in.
+
+    An out-of-range id would otherwise surface as a CUDA device-side assert in the embedding lookup, with no
+    hint of which file holds it.
+    """
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    arrays = [open_shard(Path(p)) for p in paths]
+    total = sum(a.size for a in arrays)
+    show = len(arrays) > _PROGRESS_MIN_SHARDS or total > _PROGRESS_MIN_TOKENS
+    infos = []
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="validate shards", file=sys.stderr, disable=not show)
+    with bar:
+        for path, array in zip(paths, arrays):
+            max_token = 0
+            for start in range(0, array.size, _MAX_CHUNK_TOKENS):
+                chunk = array[start:start + _MAX_CHUNK_TOKENS]
+                chunk_max = int(chunk.max())
+                if chunk_max >= vocab_size:
+                    at = start + int(np.argmax(chunk >= vocab_size))
+                    raise DataError(
+                        f"shard {path}: token id {int(array[at])} >= vocab size {vocab_size} at position {at} "
+                        f"(valid ids are 0..{vocab_size - 1})"
+                    )
+                max_token = max(max_token, chunk_max)
+                bar.update(chunk.size)
+            infos.append(ShardInfo(Path(path), num_tokens=int(array.size), dtype=array.dtype.name, max_token=max_token))
+    return infos
+
+
+def read_meta(data_dir: str | Path) -> dict[str, Any] | None:
+    """DATA_DIR/meta.json as written by `neox-data prepare`, or None when the folder has none.
+
+    Keys: vocab_size, tokenizer, eos_token_id, num_tokens, num_documents, dtype, shards, inputs. Only
+    vocab_size and eos_token_id are checked here, because they are the ones training depends on.
+    """
+    path = Path(data_dir) / META_FILE
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({_one_line(err)}); re-run `neox-data prepare` or delete it") from err
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    for key in ("vocab_size", "eos_token_id"):
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise DataError(f"{path}: {key} is {value!r}; valid: a non-negative integer")
+    return meta
+
+
+class PackedWindows:
+    """Fixed-length training windows of seq_len + 1 tokens packed across the concatenation of all shards
+    (a window may span a shard boundary), window i starting at global token i * seq_len. Inputs are
+    window[:-1], targets window[1:].
+
+    The trailing tokens that do not fill a window are never used; with many shards that is under one window
+    in total, not one per shard, which is why windows are packed across boundaries.
+    """
+
+    def __init__(self, arrays: list[np.ndarray], seq_len: int):
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        self.seq_len = seq_len
+        self._arrays = list(arrays)
+        lengths = np.array([a.size for a in self._arrays], dtype=np.int64)
+        self._ends = np.cumsum(lengths)
+        self._starts = self._ends - lengths
+        self.num_tokens = int(self._ends[-1]) if len(self._ends) else 0
+        if self.num_tokens < seq_len + 1:
+            raise DataError(
+                f"data has {self.num_tokens} tokens, fewer than one window of seq_len+1 = {seq_len + 1}; "
+                f"add data or lower seq_len"
+            )
+        self._len = (self.num_tokens - 1) // seq_len
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError(f"window {i} out of range for {self._len} windows")
+        width = self.seq_len + 1
+        out = np.empty(width, dtype=np.int64)
+        pos = i * self.seq_len
+        k = int(np.searchsorted(self._ends, pos, side="right"))
+        filled = 0
+        while filled < width:
+            local = pos - int(self._starts[k])
+            take = min(self._arrays[k].size - local, width - filled)
+            out[filled:filled + take] = self._arrays[k][local:local + take]
+            filled += take
+            pos += take
+            k += 1
+        return out
+
+    def batch(self, indices: Sequence[int]) -> np.ndarray:
+        """Windows `indices` stacked as int64 (len(indices), seq_len + 1); inputs [:, :-1], targets [:, 1:]."""
+        out = np.empty((len(indices), self.seq_len + 1), dtype=np.int64)
+        for row, i in enumerate(indices):
+            out[row] = self[int(i)]
+        return out
+
+
+@dataclass(frozen=True)
+class Split:
+    train: range  # window indices used for training
+    val: range  # held-out window indices
+
+
+def split_windows(num_windows: int, val_fraction: float) -> Split:
+    """Hold out the LAST ceil(val_fraction * n) windows for validation.
+
+    A contiguous tail (rather than a random subset) keeps validation text out of every training window except
+    the one window that straddles the cut. val gets at least one window when val_fraction > 0 and n >= 2, and
+    never all of them; with a single window, it all goes to training and val is empty.
+    """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if num_windows < 1:
+        raise DataError(f"data has {num_windows} windows; need at least one (add data or lower seq_len)")
+    n_val = 0
+    if val_fraction > 0:
+        n_val = math.ceil(round(val_fraction * num_windows, 9))  # round: 0.07 * 100 must be 7, not 7.000000000000001
+        n_val = min(max(n_val, 1), num_windows - 1)
+    n_train = num_windows - n_val
+    return Split(train=range(0, n_train), val=range(n_train, num_windows))
+
+
+def _check_ranks(micro_batch: int, dp_rank: int, dp_size: int) -> None:
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+    if dp_size < 1 or not 0 <= dp_rank < dp_size:
+        raise ValueError(f"need dp_size >= 1 and 0 <= dp_rank < dp_size, got dp_rank={dp_rank} dp_size={dp_size}")
+
+
+class SampleStream:
+    """Deterministic, seeded, rank-sharded stream of window indices with a resumable position.
+
+    The position is `consumed_samples`, counted GLOBALLY (all data-parallel ranks together), so it stays valid
+    when the number of ranks changes on resume. Epoch e uses permutation np.random.default_rng([seed, e]).permutation(n)
+    of the train indices (cache the current epoch's permutation). Each call to next_micro_batch() consumes a global
+    micro-batch of micro_batch * dp_size consecutive positions p = consumed .. consumed + micro_batch*dp_size - 1
+    (position p maps to epoch p // n and permuted index (p % n)); rank r takes positions
+    [consumed + r*micro_batch, consumed + (r+1)*micro_batch); then consumed advances by micro_batch*dp_size.
+    So ranks are disjoint within a global micro-batch, and every rank agrees on consumed_samples.
+
+    The stream never ends: epochs roll over mid-micro-batch if needed, and each epoch visits every train index
+    exactly once. Resume with SampleStream(..., consumed_samples=saved) and the continuation is identical.
+    """
+
+    def __init__(
+        self,
+        indices: range,
+        *,
+        seed: int,
+        micro_batch: int,
+        dp_rank: int,
+        dp_size: int,
+        consumed_samples: int = 0,
+    ):
+        if len(indices) < 1:
+            raise DataError("no training windows to sample from (the train split is empty)")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0 (numpy SeedSequence), got {seed}")
+        _check_ranks(micro_batch, dp_rank, dp_size)
+        if consumed_samples < 0:
+            raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}")
+        self.indices = indices
+        self.seed = seed
+        self.micro_batch = micro_batch
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self._consumed = consumed_samples
+        self._perms: dict[int, np.ndarray] = {}
+
+    @property
+    def consumed_samples(self) -> int:
+        """Samples taken by all ranks together; save this in the checkpoint to resume."""
+        return self._consumed
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next position (0-based)."""
+        return self._consumed // len(self.indices)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))
+            self._perms[epoch] = perm
+        return perm
+
+    def next_micro_batch(self) -> list[int]:
+        """This rank's micro_batch window indices; advances consumed_samples by micro_batch * dp_size."""
+        n = len(self.indices)
+        first = self._consumed + self.dp_rank * self.micro_batch
+        positions = np.arange(first, first + self.micro_batch, dtype=np.int64)
+        epochs = positions // n
+        offsets = np.empty_like(positions)
+        for epoch in np.unique(epochs):
+            mask = epochs == epoch
+            offsets[mask] = self._permutation(int(epoch))[positions[mask] % n]
+        # Only the epochs still ahead of this rank are kept, so at most two permutations are ever held.
+        for old in [e for e in self._perms if e < int(epochs[0])]:
+            del self._perms[old]
+        self._consumed += self.micro_batch * self.dp_size
+        return [self.indices[int(j)] for j in offsets]
+
+
+def eval_batches(indices: range, *, micro_batch: int, dp_rank: int, dp_size: int, max_batches: int) -> list[list[int]]:
+    """Fixed (unshuffled) validation micro-batches for this rank, the same at every evaluation.
+
+    Global micro-batch b covers val windows [b*G, (b+1)*G) with G = micro_batch * dp_size, and rank r takes
+    [b*G + r*micro_batch, b*G + (r+1)*micro_batch) of it, as in SampleStream. Up to max_batches full global
+    micro-batches are used and an incomplete one at the end is dropped, so every rank gets the same number of
+    full batches. Exception: when val holds fewer than G windows, that single partial global micro-batch is
+    used, so ranks get what falls in their slice: a short batch, or NO batch at all for high ranks. Ranks
+    may then run different numbers of eval steps, so reduce loss sums and counts across ranks once after the
+    loop (never per batch), and expect some ranks to contribute zero.
+    """
+    _check_ranks(micro_batch, dp_rank, dp_size)
+    if max_batches < 0:
+        raise ValueError(f"max_batches must be >= 0, got {max_batches}")
+    global_batch = micro_batch * dp_size
+    n_full = min(max_batches, len(indices) // global_batch)
+    if n_full == 0 and max_batches > 0 and len(indices) > 0:
+        mine = list(indices[dp_rank * micro_batch:(dp_rank + 1) * micro_batch])
+        return [mine] if mine else []
+    return [
+        list(indices[b * global_batch + dp_rank * micro_batch:b * global_batch + (dp_rank + 1) * micro_batch])
+        for b in range(n_full)
+    ]
