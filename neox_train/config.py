@@ -80,7 +80,7 @@ RUN_PRESETS: dict[str, dict[str, Any]] = {
     # The README demo: trains on 2 CPU cores in a few minutes on the Python docs corpus.
     "demo": dict(
         name="demo", model="neox-demo", seq_len=128, ds_config="zero0", micro_batch=8, grad_accum=2,
-        mixed_precision="no", max_steps=200, warmup_steps=20, save_steps=100, log_steps=10, eval_steps=50,
+        mixed_precision="no", max_steps=300, warmup_steps=30, save_steps=100, log_steps=10, eval_steps=50,
         eval_batches=8, keep_last_n=2, val_fraction=0.05, data_dir="data/demo", save_dir="checkpoints/demo",
         log_dir="logs/demo",
     ),

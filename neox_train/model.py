@@ -7,9 +7,11 @@ Checkpoints therefore hold plain HF parameter names, which keeps conversion to H
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+if TYPE_CHECKING:  # torch and transformers load only when a model is built: `neox-data` and config checks stay fast
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 GPT2_VOCAB_SIZE = 50257
 # Padding the embedding to a multiple of 128 keeps the logits matmul on tensor-core friendly shapes;
@@ -49,6 +51,8 @@ def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_PAD_MULTIPLE) -> in
 
 def hf_config(preset_name: str, vocab_size: int, *, eos_token_id: int | None = None) -> GPTNeoXConfig:
     """The transformers config for a preset; `vocab_size` is the (already padded) embedding size."""
+    from transformers import GPTNeoXConfig
+
     p = MODEL_PRESETS[preset_name]
     return GPTNeoXConfig(
         vocab_size=vocab_size,
@@ -71,6 +75,9 @@ def hf_config(preset_name: str, vocab_size: int, *, eos_token_id: int | None = N
 
 def build_model(config: GPTNeoXConfig, *, device: str | torch.device | None = None) -> GPTNeoXForCausalLM:
     """Instantiate the model (on `device`; "meta" gives a shape-only model for counting)."""
+    import torch
+    from transformers import GPTNeoXForCausalLM
+
     if device is None:
         return GPTNeoXForCausalLM(config)
     with torch.device(device):

@@ -20,6 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# Imported here, not lazily inside build_model: zero.Init patches tensor constructors, and importing transformers'
+# model code (which imports torch._dynamo) under that patch fails.
+import transformers.models.gpt_neox.modeling_gpt_neox  # noqa: F401
+
 from . import checkpoint
 from .config import ConfigError, RunConfig
 from .data import (
@@ -117,6 +121,13 @@ def init_distributed() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import deepspeed
 
+    if not torch.cuda.is_available() and os.environ.get("NEOX_CPU_SHM_COMM", "0") != "1":
+        # On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce (~40 s on 2 cores, and again
+        # whenever ninja decides the command changed). gloo does the same job for CPU runs, which are for
+        # development and tests; NEOX_CPU_SHM_COMM=1 restores the op.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed()
 
 

@@ -25,7 +25,7 @@ def test_frozen_and_replace_validates():
     run = load_run_config("demo")
     with pytest.raises(Exception):
         run.max_steps = 5  # type: ignore[misc]
-    assert run.replace(max_steps=5).max_steps == 5 and run.max_steps == 200
+    assert run.replace(max_steps=5).max_steps == 5 and run.max_steps == 300
     with pytest.raises(ConfigError, match="max_steps=0 is out of range"):
         run.replace(max_steps=0)
 

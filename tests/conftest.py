@@ -1,0 +1,110 @@
+"""Shared test kit: a learnable token corpus, DeepSpeed JSONs derived from the shipped ones, and a runner that
+starts `neox-train` for real (one process, or several through the real `deepspeed` launcher on gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+VOCAB = 256
+
+
+def markov_tokens(n: int, seed: int = 0) -> np.ndarray:
+    """Tokens from a sparse random Markov chain (2 successors per token): a tiny model learns it in a few steps,
+    so "the loss falls" is a real signal, not noise."""
+    rng = np.random.default_rng(seed)
+    successors = rng.integers(0, VOCAB, size=(VOCAB, 2))
+    out = np.empty(n, dtype=np.uint16)
+    tok = 0
+    choices = rng.integers(0, 2, size=n)
+    for i in range(n):
+        out[i] = tok
+        tok = successors[tok, choices[i]]
+    return out
+
+
+@pytest.fixture(scope="session")
+def token_dir(tmp_path_factory) -> Path:
+    """Nested shards, one of them .npz, ~40k tokens."""
+    root = tmp_path_factory.mktemp("tokens")
+    toks = markov_tokens(40_000)
+    (root / "part1" / "deep").mkdir(parents=True)
+    np.save(root / "part1" / "a.npy", toks[:15_000])
+    np.savez(root / "part1" / "deep" / "b.npz", input_ids=toks[15_000:30_000].astype(np.uint32))
+    np.save(root / "c.npy", toks[30_000:])
+    return root
+
+
+def test_ds_config(tmp_path: Path, stage: int, *, lr: float = 3e-3) -> Path:
+    """The shipped zero<stage>.json with a learning rate a 2-layer model moves on in a few steps."""
+    cfg = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
+    cfg["optimizer"]["params"]["lr"] = lr
+    path = tmp_path / f"zero{stage}_test.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+test_ds_config.__test__ = False  # a helper, not a test
+
+
+def tiny_run_config(tmp_path: Path, data_dir: Path, **overrides) -> Path:
+    values = dict(
+        model="neox-tiny", seq_len=32, vocab_size=VOCAB, micro_batch=4, grad_accum=2, mixed_precision="no",
+        max_steps=6, warmup_steps=1, save_steps=3, log_steps=1, eval_steps=3, eval_batches=2, keep_last_n=0,
+        val_fraction=0.05, data_dir=str(data_dir), save_dir=str(tmp_path / "ckpt"), log_dir=str(tmp_path / "logs"),
+    )
+    values.update(overrides)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(values))
+    return path
+
+
+def train_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    env.setdefault("OMP_NUM_THREADS", "1")  # 2 ranks on 2 cores: no oversubscription
+    return env
+
+
+def run_train(args: list[str], *, nprocs: int = 1, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """`neox-train ARGS`, or `deepspeed --num_gpus N neox-train ARGS` for several CPU ranks on localhost."""
+    exe = str(BIN / "neox-train")
+    if nprocs == 1:
+        cmd = [exe, *args]
+    else:
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(_free_port()), exe, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=train_env())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(log_dir: Path, kind: str = "train") -> dict[int, dict]:
+    records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in records if r["kind"] == kind}
+
+
+def copy_checkpoint(src: Path, dst: Path, tag: str) -> None:
+    """A save dir holding only `tag` (what a fresh machine resuming from it would see)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src / tag, dst / tag)
+    (dst / "latest").write_text(tag)
