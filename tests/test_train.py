@@ -66,6 +66,15 @@ def test_stage_trains_and_checkpoints(tmp_path_factory, token_dir, stage, nprocs
     if stage > 0:
         shards = sorted(p.name for p in (ckpt / f"global_step{MAX_STEPS}").glob("*optim_states.pt"))
         assert len(shards) == nprocs, shards
+    # TensorBoard events are real files that TensorBoard itself reads back.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp / "logs" / "tensorboard"))
+    events.Reload()
+    for name in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/step_time_s"):
+        assert [e.step for e in events.Scalars(name)] == list(range(1, MAX_STEPS + 1)), name
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses, rel=1e-6)
+    assert [e.step for e in events.Scalars("eval/loss")] == [SAVE_AT, MAX_STEPS]
     effective = json.loads((ckpt / "ds_config.json").read_text())
     assert effective["train_batch_size"] == 8 * nprocs
     assert (tmp / "logs" / "training.log").read_text().count("saved checkpoint") == 2

@@ -1,0 +1,57 @@
+"""Checkpoint bookkeeping that needs no engine: tags, resume resolution, retention, compatibility checks."""
+
+import pytest
+
+from neox_train.checkpoint import apply_retention, check_compatible, local_tags, resolve_resume_tag
+from neox_train.config import ConfigError
+
+
+def make_tags(save_dir, steps, latest):
+    for s in steps:
+        (save_dir / f"global_step{s}").mkdir(parents=True)
+        (save_dir / f"global_step{s}" / "file").write_text("x")
+    (save_dir / "latest").write_text(f"global_step{latest}")
+
+
+def test_tags_sorted_numerically(tmp_path):
+    make_tags(tmp_path, [100, 20, 3], latest=100)
+    (tmp_path / "not_a_tag").mkdir()
+    assert local_tags(tmp_path) == ["global_step3", "global_step20", "global_step100"]
+    assert resolve_resume_tag(tmp_path, "latest") == "global_step100"
+    assert resolve_resume_tag(tmp_path, "global_step20") == "global_step20"
+
+
+def test_retention_keeps_newest_and_latest(tmp_path):
+    make_tags(tmp_path, [1, 2, 3, 4, 5], latest=5)
+    assert apply_retention(tmp_path, 2) == ["global_step1", "global_step2", "global_step3"]
+    assert local_tags(tmp_path) == ["global_step4", "global_step5"]
+    assert apply_retention(tmp_path, 0) == []
+
+
+def test_retention_never_deletes_the_latest_pointer_target(tmp_path):
+    make_tags(tmp_path, [1, 2, 3], latest=1)
+    assert apply_retention(tmp_path, 1) == ["global_step2"]
+    assert local_tags(tmp_path) == ["global_step1", "global_step3"]
+
+
+MODEL = {"vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256}
+
+
+def saved(dp, stage, **model):
+    return {"model_config": {**MODEL, **model}, "ds_config": {"zero_optimization": {"stage": stage}}, "dp_size": dp}
+
+
+def test_compatible_resume_passes():
+    check_compatible(saved(2, 2), model_config=MODEL, ds_config={"zero_optimization": {"stage": 2}}, dp_size=2, tag="t")
+    # ZeRO-0 holds whole optimizer state on every rank: the rank count may change.
+    check_compatible(saved(2, 0), model_config=MODEL, ds_config={"zero_optimization": {"stage": 0}}, dp_size=1, tag="t")
+
+
+def test_different_model_refused():
+    with pytest.raises(ConfigError, match="different model .*hidden_size 128 -> 64"):
+        check_compatible(saved(1, 0, hidden_size=128), model_config=MODEL, ds_config={}, dp_size=1, tag="t")
+
+
+def test_partitioned_state_at_other_world_size_refused():
+    with pytest.raises(ConfigError, match="data-parallel size 2 with ZeRO-2; this run is 1 with ZeRO-2.*universal"):
+        check_compatible(saved(2, 2), model_config=MODEL, ds_config={"zero_optimization": {"stage": 2}}, dp_size=1, tag="t")
