@@ -250,8 +250,38 @@ def prepare(
     started = time.perf_counter()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    out_tokenizer = output_dir / TOKENIZER_FILE
+    # Everything is written to a staging folder first and moved in only when the whole input was tokenized, so
+    # a bad document halfway through leaves the previous shards, tokenizer and meta.json untouched.
+    staging = output_dir / ".prepare-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        result = _prepare_into(inputs, staging, tokenizer_path, vocab_size, shard_tokens, progress)
+        _remove_previous_output(output_dir)
+        shards = []
+        for shard in result["shards"]:
+            os.replace(staging / shard, output_dir / shard)
+            shards.append(output_dir / shard)
+        os.replace(staging / TOKENIZER_FILE, output_dir / TOKENIZER_FILE)
+        os.replace(staging / META_FILE, output_dir / META_FILE)  # last: meta.json present == prepare finished
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return PrepareResult(
+        output_dir=output_dir,
+        tokenizer_path=output_dir / TOKENIZER_FILE,
+        vocab_size=result["vocab_size"],
+        num_documents=result["num_documents"],
+        num_tokens=result["num_tokens"],
+        shards=shards,
+        seconds=time.perf_counter() - started,
+    )
 
+
+def _prepare_into(
+    inputs: list[str], staging: Path, tokenizer_path: Path | None, vocab_size: int, shard_tokens: int, progress: bool
+) -> dict:
+    """Tokenizer, shards and meta.json into `staging`; returns the meta dict."""
+    out_tokenizer = staging / TOKENIZER_FILE
     if tokenizer_path is None:
         tokenizer = train_tokenizer(_progress(iter_documents(inputs), "train tokenizer", progress), vocab_size)
         tokenizer.save(str(out_tokenizer))
@@ -259,14 +289,12 @@ def prepare(
     else:
         source = Path(tokenizer_path)
         tokenizer = _load_tokenizer(source)
-        if source.resolve() != out_tokenizer.resolve():
-            shutil.copyfile(source, out_tokenizer)
+        shutil.copyfile(source, out_tokenizer)
     eos_id = _eos_id(tokenizer, source)
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
 
-    _remove_previous_output(output_dir)
-    writer = _ShardWriter(output_dir, shard_tokens, dtype)
+    writer = _ShardWriter(staging, shard_tokens, dtype)
     num_documents = num_tokens = 0
     eos = np.array([eos_id], dtype=np.int64)
     for batch in _batched(_progress(iter_documents(inputs), "tokenize", progress), _ENCODE_BATCH_DOCS):
@@ -289,18 +317,8 @@ def prepare(
         "shards": [p.name for p in writer.shards],
         "inputs": list(inputs),
     }
-    tmp = output_dir / f".{META_FILE}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, output_dir / META_FILE)  # atomic: a crash never leaves a half-written meta.json
-    return PrepareResult(
-        output_dir=output_dir,
-        tokenizer_path=out_tokenizer,
-        vocab_size=vocab,
-        num_documents=num_documents,
-        num_tokens=num_tokens,
-        shards=writer.shards,
-        seconds=time.perf_counter() - started,
-    )
+    (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return meta
 
 
 def _vocab_size_arg(text: str) -> int:

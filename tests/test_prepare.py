@@ -261,3 +261,16 @@ def test_cli_rejects_bad_arguments(argv: list[str], capsys: pytest.CaptureFixtur
         _parser().parse_args(argv)
     assert exit_info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_failed_rerun_keeps_previous_output(tmp_path: Path) -> None:
+    """Bad input halfway through a re-run (given tokenizer: no first pass to catch it) loses nothing saved."""
+    docs = _write_jsonl(tmp_path / "docs.jsonl", [{"text": f"document number {i} " * 20} for i in range(40)])
+    out = tmp_path / "out"
+    first = prepare([str(docs)], out, vocab_size=300, shard_tokens=500, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(f'{{"text": "doc {i}"}}\n' for i in range(300)) + "not json\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.jsonl:301"):
+        prepare([str(bad)], out, tokenizer_path=first.tokenizer_path, shard_tokens=50, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
