@@ -66,7 +66,10 @@ def discover_shards(data_dir: str | Path) -> list[Path]:
     """
     root = Path(data_dir)
     if not root.is_dir():
-        raise DataError(f"data dir {root} does not exist or is not a directory (expected a folder of .npy/.npz shards)")
+        raise DataError(
+            f"data dir {root} does not exist or is not a directory (expected a folder of .npy/.npz shards; "
+            f"make one with: neox-data prepare --input TEXT_OR_JSONL... --output {root})"
+        )
     shards = [p for p in root.rglob("*") if p.suffix.lower() in SHARD_SUFFIXES and p.is_file()]
     if not shards:
         raise DataError(f"no token shards (.npy/.npz) found under {root}")

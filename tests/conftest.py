@@ -108,3 +108,14 @@ def copy_checkpoint(src: Path, dst: Path, tag: str) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     shutil.copytree(src / tag, dst / tag)
     (dst / "latest").write_text(tag)
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import copy_checkpoint, read_metrics, run_train, test_ds_config, tiny_run_config
 
+pytestmark = pytest.mark.slow  # each case starts real processes (~5-15 s on 2 cores); kept in the default run
+
 MAX_STEPS = 8
 SAVE_AT = 4
 
