@@ -226,14 +226,17 @@ class Trainer:
         import deepspeed.comm as dist
 
         self.engine.eval()
-        batches = eval_batches(
-            self.split.val, micro_batch=self.micro_batch, dp_rank=self.rank, dp_size=self.plan.dp_size,
-            max_batches=self.plan.run.eval_batches,
-        )
+        kw = dict(micro_batch=self.micro_batch, dp_size=self.plan.dp_size, max_batches=self.plan.run.eval_batches)
+        mine = eval_batches(self.split.val, dp_rank=self.rank, **kw)
+        # Every rank must run the same number of forwards (ZeRO-3 gathers parameters collectively inside
+        # forward). With a tiny validation split high ranks can get no batch: they run a weight-0 forward.
+        n_forwards = len(eval_batches(self.split.val, dp_rank=0, **kw))
         sums = torch.zeros(2, device=self.engine.device, dtype=torch.float64)
-        for indices in batches:
+        for i in range(n_forwards):
+            indices = mine[i] if i < len(mine) else []
+            loss = self._loss(self._tensor(indices or [self.split.val[0]]))
             if indices:
-                sums[0] += self._loss(self._tensor(indices)).double() * len(indices)
+                sums[0] += loss.double() * len(indices)
                 sums[1] += len(indices)
         dist.all_reduce(sums)
         self.engine.train()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,10 +45,11 @@ def token_dir(tmp_path_factory) -> Path:
     return root
 
 
-def test_ds_config(tmp_path: Path, stage: int, *, lr: float = 3e-3) -> Path:
+def test_ds_config(tmp_path: Path, stage: int, *, lr: float = 3e-3, **zero_overrides) -> Path:
     """The shipped zero<stage>.json with a learning rate a 2-layer model moves on in a few steps."""
     cfg = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
     cfg["optimizer"]["params"]["lr"] = lr
+    cfg["zero_optimization"].update(zero_overrides)
     path = tmp_path / f"zero{stage}_test.json"
     path.write_text(json.dumps(cfg))
     return path
@@ -84,7 +86,16 @@ def run_train(args: list[str], *, nprocs: int = 1, timeout: int = 300, check: bo
         cmd = [exe, *args]
     else:
         cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(_free_port()), exe, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=train_env())
+    # Own process group, so a hung run's ranks die with the launcher instead of outliving the test.
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=train_env(),
+                          start_new_session=True) as p:
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            stdout, stderr = p.communicate()
+            raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s\n{stderr[-6000:]}") from None
+    proc = subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

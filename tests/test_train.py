@@ -107,3 +107,16 @@ def test_resume_is_exact(tmp_path_factory, token_dir, tmp_path, stage, nprocs, p
         assert resumed[step]["loss"] == pytest.approx(straight[step]["loss"], abs=tol), step
     eval_straight = read_metrics(tmp / "logs", "eval")[MAX_STEPS]["loss"]
     assert read_metrics(tmp_path / "logs", "eval")[MAX_STEPS]["loss"] == pytest.approx(eval_straight, abs=tol)
+
+
+def test_zero3_eval_with_tiny_validation_split_does_not_hang(tmp_path, token_dir):
+    """3 validation windows for 2 ranks x micro-batch 4: rank 1 has nothing to evaluate but must still take part
+    in ZeRO-3's collective parameter gathers."""
+    run = tiny_run_config(
+        # Threshold 0: every parameter is partitioned (the tiny model's would otherwise all stay whole).
+        tmp_path, token_dir, ds_config=str(test_ds_config(tmp_path, 3, stage3_param_persistence_threshold=0)),
+        mixed_precision="bf16", max_steps=2, save_steps=2, eval_steps=1, val_fraction=0.002,
+    )
+    run_train(["--config", str(run)], nprocs=2, timeout=180)
+    evals = read_metrics(tmp_path / "logs", "eval")
+    assert sorted(evals) == [1, 2] and all(e["sequences"] == 3 for e in evals.values())
