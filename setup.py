@@ -4,7 +4,10 @@ setup(
     name="neox-train",
     version="0.1.0",
     description="GPT-NeoX training on the DeepSpeed engine, with checkpoints and exact resume",
-    packages=find_packages(include=["neox_train", "neox_train.*"]),
+    packages=find_packages(include=["neox_train", "neox_train.*"]) + ["neox_train.ds_configs"],
+    # The DeepSpeed JSONs live at the top level (the product layout) and ship inside the package in a wheel.
+    package_dir={"neox_train.ds_configs": "ds_configs"},
+    package_data={"neox_train.ds_configs": ["*.json"]},
     python_requires=">=3.10",
     install_requires=[
         # Pinned: on a CPU machine pip takes the local CPU wheel; on a GPU machine the same pin is the CUDA build.
@@ -12,17 +15,21 @@ setup(
         "torch==2.13.0",
         "deepspeed==0.19.8",
         "transformers==5.23.0",
+        # transformers' ZeRO-3 model construction (HfDeepSpeedConfig) requires it.
+        "accelerate>=1.1.0",
+        "google-crc32c>=1.5",
         "tokenizers>=0.22,<0.24",
         "numpy>=1.26",
         "tensorboard>=2.16",
-        "google-cloud-storage>=3.0,<4",
+        "google-cloud-storage>=3.13,<4",  # crc32c_checksum_value appeared in 3.13
         "tqdm>=4.66",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "gcp-storage-emulator>=2024.8"]},
     entry_points={
         "console_scripts": [
             "neox-train=neox_train.cli:train_main",
             "neox-data=neox_train.cli:data_main",
+            "neox-sync=neox_train.sync_cli:main",
         ]
     },
 )

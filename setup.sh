@@ -9,7 +9,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.neox-setup-stamp
 want=$(cat setup.py | sha256sum | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "import neox_train, deepspeed" 2>/dev/null; then
+# The probe runs from / so it sees the installed package, not this folder.
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && (cd / && "$OLDPWD/.venv/bin/python" -c "import neox_train, deepspeed, tokenizers, google.cloud.storage") 2>/dev/null; then
   echo "setup.sh: .venv is up to date" >&2
   exit 0
 fi

@@ -14,7 +14,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -81,13 +81,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def client_state(
-    *, state: TrainState, run_config: dict, ds_config: dict, model_config: dict, dp_size: int
+    *, state: TrainState, run_config: dict, ds_config: dict, model_config: dict, dp_size: int, data_tokens: int
 ) -> dict[str, Any]:
     return {
         "neox_train_version": CLIENT_STATE_VERSION,
         "step": state.step,
         "consumed_samples": state.consumed_samples,
         "dp_size": dp_size,
+        "data_tokens": data_tokens,
         "run_config": run_config,
         "ds_config": ds_config,
         "model_config": model_config,
@@ -106,18 +107,38 @@ def save(engine, save_dir: Path, state: TrainState, extra: dict[str, Any], *, is
     if is_rank0:
         tag_dir = save_dir / tag
         (tag_dir / "config.json").write_text(json.dumps(extra["model_config"], indent=2, sort_keys=True) + "\n")
-        run = {k: extra[k] for k in ("step", "consumed_samples", "dp_size", "run_config", "ds_config")}
+        run = {k: extra[k] for k in ("step", "consumed_samples", "dp_size", "data_tokens", "run_config", "ds_config")}
         (tag_dir / "run.json").write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
     return tag
 
 
-def check_compatible(saved: dict[str, Any], *, model_config: dict, ds_config: dict, dp_size: int, tag: str) -> None:
-    """Refuse a resume that would silently train a different model or fail deep inside DeepSpeed."""
+# Run-config fields that decide which windows `consumed_samples` points at: changing one on resume would
+# silently continue on different data.
+DATA_ORDER_FIELDS = ("seq_len", "seed", "val_fraction", "max_shards")
+
+
+def check_compatible(
+    saved: dict[str, Any], *, model_config: dict, ds_config: dict, dp_size: int, tag: str,
+    run_config: dict | None = None, data_tokens: int | None = None,
+) -> None:
+    """Refuse a resume that would silently train a different model, on different data, or fail deep inside
+    DeepSpeed. `saved` is the tag's run.json plus its config.json under "model_config"."""
     keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     old_model = saved.get("model_config", {})
     diffs = [f"{k} {old_model.get(k)} -> {model_config.get(k)}" for k in keys if old_model.get(k) != model_config.get(k)]
     if diffs:
         raise ConfigError(f"checkpoint {tag} holds a different model ({'; '.join(diffs)}): resume with the same model preset and vocab")
+    if run_config is not None:
+        old_run = saved.get("run_config", {})
+        diffs = [f"{k} {old_run.get(k)!r} -> {run_config.get(k)!r}" for k in DATA_ORDER_FIELDS
+                 if k in old_run and old_run.get(k) != run_config.get(k)]
+        if data_tokens is not None and saved.get("data_tokens") not in (None, data_tokens):
+            diffs.append(f"data tokens {saved['data_tokens']} -> {data_tokens}")
+        if diffs:
+            raise ConfigError(
+                f"checkpoint {tag} was trained on a different data order ({'; '.join(diffs)}): its data position would "
+                f"point at other samples; resume with the same data and settings"
+            )
     old_stage = saved.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)
     new_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     old_dp = saved.get("dp_size")
@@ -129,13 +150,19 @@ def check_compatible(saved: dict[str, Any], *, model_config: dict, ds_config: di
         )
 
 
-def load(engine, save_dir: Path, tag: str, *, model_config: dict, ds_config: dict, dp_size: int) -> TrainState:
-    """Load weights, optimizer, scheduler (DeepSpeed) and restore the RNG and data position (ours)."""
+def read_saved_meta(save_dir: Path, tag: str) -> dict[str, Any] | None:
+    """run.json + config.json of a tag (None for a checkpoint without them, e.g. not written by neox-train)."""
     meta_path = save_dir / tag / "run.json"
-    if meta_path.is_file():
-        saved_meta = json.loads(meta_path.read_text())
-        saved_meta["model_config"] = json.loads((save_dir / tag / "config.json").read_text())
-        check_compatible(saved_meta, model_config=model_config, ds_config=ds_config, dp_size=dp_size, tag=tag)
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    meta["model_config"] = json.loads((save_dir / tag / "config.json").read_text())
+    return meta
+
+
+def load(engine, save_dir: Path, tag: str) -> TrainState:
+    """Load weights, optimizer, scheduler (DeepSpeed) and restore the RNG and data position (ours).
+    Compatibility was checked before the engine was built (check_compatible)."""
     path, saved = engine.load_checkpoint(str(save_dir), tag=tag)
     if path is None:
         raise ConfigError(f"checkpoint {save_dir / tag} could not be loaded by DeepSpeed (missing model states)")
@@ -145,14 +172,15 @@ def load(engine, save_dir: Path, tag: str, *, model_config: dict, ds_config: dic
     return TrainState(step=int(saved["step"]), consumed_samples=int(saved["consumed_samples"]))
 
 
-def apply_retention(save_dir: Path, keep_last_n: int) -> list[str]:
-    """Delete all but the newest `keep_last_n` tags (0 keeps all). Never deletes the tag `latest` names."""
+def apply_retention(save_dir: Path, keep_last_n: int, *, may_delete: Callable[[str], bool] | None = None) -> list[str]:
+    """Delete all but the newest `keep_last_n` tags (0 keeps all). Never deletes the tag `latest` names, nor a tag
+    `may_delete` refuses (one not yet verified in the bucket)."""
     if keep_last_n <= 0:
         return []
     tags = local_tags(save_dir)
     pointer = save_dir / "latest"
     latest = pointer.read_text().strip() if pointer.is_file() else None
-    doomed = [t for t in tags[:-keep_last_n] if t != latest]
+    doomed = [t for t in tags[:-keep_last_n] if t != latest and (may_delete is None or may_delete(t))]
     for tag in doomed:
         shutil.rmtree(save_dir / tag, ignore_errors=True)
     return doomed

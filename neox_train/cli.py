@@ -13,11 +13,18 @@ from .data import DataError
 
 def _run_guarded(prog: str, fn: Callable[[], int]) -> int:
     """Bad input -> `prog: error: <one line>` on stderr and exit 2, before any expensive work."""
+    from .storage import StorageError
+
     try:
         return fn()
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, StorageError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "UnpublishedCheckpoints":
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -39,7 +46,13 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-steps", type=int, help="log every N steps")
     p.add_argument("--eval-steps", type=int, help="evaluate every N steps (0: never)")
     p.add_argument("--seed", type=int, help="seed for model init and data order")
-    p.add_argument("--resume", metavar="latest|TAG", help="continue from a checkpoint in --save-dir")
+    p.add_argument("--resume", metavar="latest|TAG|URL",
+                   help="continue from a checkpoint: latest or a tag in --save-dir, or the newest COMPLETE one at a "
+                        "gs:// or file:// URL (latest also falls back to --sync-to when --save-dir has none)")
+    p.add_argument("--sync-to", metavar="URL", help="publish checkpoints to gs://bucket/prefix, file:///path or a folder")
+    p.add_argument("--credentials", metavar="FILE", help="service-account JSON for gs:// (default: GOOGLE_APPLICATION_CREDENTIALS)")
+    p.add_argument("--no-background-upload", action="store_true",
+                   help="upload inside save, blocking training (debugging); default: a background process")
     p.add_argument("--describe", action="store_true", help="print the effective configuration as JSON and exit")
     # The deepspeed launcher appends --local_rank=N; the rank itself comes from the environment.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -50,7 +63,8 @@ _OVERRIDES = {
     "ds_config": "ds_config", "data_dir": "data_dir", "save_dir": "save_dir", "log_dir": "log_dir",
     "max_steps": "max_steps", "micro_batch": "micro_batch", "grad_accum": "grad_accum",
     "mixed_precision": "mixed_precision", "seq_len": "seq_len", "save_steps": "save_steps",
-    "log_steps": "log_steps", "eval_steps": "eval_steps", "seed": "seed",
+    "log_steps": "log_steps", "eval_steps": "eval_steps", "seed": "seed", "sync_to": "sync_to",
+    "credentials": "credentials",
 }
 
 
@@ -60,6 +74,8 @@ def train_main(argv: list[str] | None = None) -> int:
     def go() -> int:
         run = load_run_config(args.config)
         overrides = {field: getattr(args, arg) for arg, field in _OVERRIDES.items() if getattr(args, arg) is not None}
+        if args.no_background_upload:
+            overrides["background_upload"] = False
         if overrides:
             run = run.replace(**overrides)
         # Heavy imports (torch, transformers, deepspeed) only after the cheap checks above passed.
@@ -71,8 +87,10 @@ def train_main(argv: list[str] | None = None) -> int:
             plan = prepare_run(run, dp_size=world_size_from_env(), on_gpu=torch.cuda.is_available())
             print(json.dumps(plan.describe(), indent=2))
             return 0
-        run_training(run, resume=args.resume)
-        return 0
+        summary = run_training(run, resume=args.resume)
+        # Stopped by SIGTERM (checkpoint saved and flushed): 128+15, so a scheduler sees a preempted job, not a
+        # finished one.
+        return 143 if summary.get("stopped_by_signal") else 0
 
     return _run_guarded("neox-train", go)
 
@@ -84,6 +102,10 @@ def data_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="text/jsonl (or builtin:pydoc) -> token shards + tokenizer")
     add_prepare_arguments(prep)
+    from .sync_cli import add_download_arguments
+
+    download = sub.add_parser("download", help="bucket (gs://...) -> local folder: skip existing, keep nested folders")
+    add_download_arguments(download)
     return p
 
 
@@ -91,6 +113,10 @@ def data_main(argv: list[str] | None = None) -> int:
     args = data_parser().parse_args(argv)
 
     def go() -> int:
+        if args.command == "download":
+            from .sync_cli import main_download
+
+            return main_download(args)
         from .prepare import main_prepare
 
         return main_prepare(args)

@@ -56,6 +56,25 @@ class RunConfig:
     data_dir: str = field(default="data/training", metadata={"doc": "Folder of token shards (.npy/.npz, nested)."})
     save_dir: str = field(default="checkpoints", metadata={"doc": "Folder for DeepSpeed checkpoints (tags global_stepN)."})
     log_dir: str = field(default="logs", metadata={"doc": "Folder for training.log, metrics.jsonl and TensorBoard events."})
+    sync_to: str | None = field(
+        default=None,
+        metadata={"doc": "Where checkpoints are published: gs://bucket/prefix, file:///path or a local folder; null = nowhere."},
+    )
+    credentials: str | None = field(
+        default=None,
+        metadata={"doc": "Service-account JSON for gs://; null = GOOGLE_APPLICATION_CREDENTIALS or application default."},
+    )
+    background_upload: bool = field(
+        default=True,
+        metadata={"doc": "Upload in a background process (true) or inside save, blocking the loop (false: debugging)."},
+    )
+    upload_timeout_s: float = field(
+        default=1800.0, metadata={"doc": "At exit, wait at most this long for pending uploads before giving up (non-zero exit)."}
+    )
+    max_pending_uploads: int = field(
+        default=0,
+        metadata={"doc": "If more checkpoints than this wait for upload, skip the superseded ones (kept locally); 0 = never skip."},
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,7 +101,7 @@ RUN_PRESETS: dict[str, dict[str, Any]] = {
         name="demo", model="neox-demo", seq_len=128, ds_config="zero0", micro_batch=8, grad_accum=2,
         mixed_precision="no", max_steps=300, warmup_steps=30, save_steps=100, log_steps=10, eval_steps=50,
         eval_batches=8, keep_last_n=2, val_fraction=0.05, data_dir="data/demo", save_dir="checkpoints/demo",
-        log_dir="logs/demo",
+        log_dir="logs/demo", sync_to="bucket/demo",
     ),
 }
 
@@ -115,7 +134,7 @@ def validate(values: dict[str, Any]) -> list[str]:
 
     for name in ("seq_len", "max_steps", "save_steps", "log_steps", "eval_batches"):
         check_int(name, 1)
-    for name in ("eval_steps", "keep_last_n", "seed"):
+    for name in ("eval_steps", "keep_last_n", "seed", "max_pending_uploads"):
         check_int(name, 0)
     for name in ("micro_batch", "grad_accum", "max_shards"):
         check_int(name, 1, optional=True)
@@ -136,8 +155,16 @@ def validate(values: dict[str, Any]) -> list[str]:
     vf = values.get("val_fraction")
     if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0.0 <= vf <= 0.5:
         problems.append(f"val_fraction={vf!r} is out of range: must be a number in [0, 0.5]")
-    if not isinstance(values.get("activation_checkpointing"), bool):
-        problems.append(f"activation_checkpointing={values.get('activation_checkpointing')!r} must be true or false")
+    for name in ("activation_checkpointing", "background_upload"):
+        if not isinstance(values.get(name), bool):
+            problems.append(f"{name}={values.get(name)!r} must be true or false")
+    ut = values.get("upload_timeout_s")
+    if isinstance(ut, bool) or not isinstance(ut, (int, float)) or ut < 0:
+        problems.append(f"upload_timeout_s={ut!r} must be a number of seconds >= 0")
+    for name in ("sync_to", "credentials"):
+        v = values.get(name)
+        if v is not None and (not isinstance(v, str) or not v):
+            problems.append(f"{name}={v!r} must be a non-empty string or null")
     for name in ("name", "ds_config", "data_dir", "save_dir", "log_dir"):
         v = values.get(name)
         if not isinstance(v, str) or not v:
@@ -151,8 +178,9 @@ def from_dict(values: dict[str, Any], *, source: str = "run config") -> RunConfi
     problems = validate(merged)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
-    if isinstance(merged["val_fraction"], int):
-        merged["val_fraction"] = float(merged["val_fraction"])
+    for name in ("val_fraction", "upload_timeout_s"):
+        if isinstance(merged[name], int):
+            merged[name] = float(merged[name])
     return RunConfig(**merged)
 
 
@@ -172,8 +200,8 @@ def load_run_config(name_or_file: str) -> RunConfig:
         values = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist (presets: {', '.join(RUN_PRESETS)})") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {' '.join(str(e).split())}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a JSON object of run-config fields, got {_type_name(values)}")
     base = values.pop("base", None)

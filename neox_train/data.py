@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import sys
 import zipfile
@@ -70,7 +71,12 @@ def discover_shards(data_dir: str | Path) -> list[Path]:
             f"data dir {root} does not exist or is not a directory (expected a folder of .npy/.npz shards; "
             f"make one with: neox-data prepare --input TEXT_OR_JSONL... --output {root})"
         )
-    shards = [p for p in root.rglob("*") if p.suffix.lower() in SHARD_SUFFIXES and p.is_file()]
+    # Hidden folders are never data: `.prepare-staging/` left by a killed prepare must not be trained on.
+    shards = [
+        p for p in root.rglob("*")
+        if p.suffix.lower() in SHARD_SUFFIXES and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ]
     if not shards:
         raise DataError(f"no token shards (.npy/.npz) found under {root}")
     return sorted(shards, key=lambda p: p.relative_to(root).as_posix())
@@ -169,35 +175,78 @@ def _checked_tokens(path: Path, array: np.ndarray) -> np.ndarray:
     return array.reshape(-1) if array.ndim == 2 else array
 
 
-def validate_shards(paths: list[Path], vocab_size: int) -> list[ShardInfo]:
+VALIDATION_CACHE = ".neox-validated.json"
+
+
+def _cache_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _load_validation_cache(cache_path: Path | None) -> dict[str, int]:
+    if cache_path is None or not cache_path.is_file():
+        return {}
+    try:
+        data = json.loads(cache_path.read_text())
+        return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # a damaged cache only costs a rescan
+
+
+def _save_validation_cache(cache_path: Path | None, cache: dict[str, int]) -> None:
+    if cache_path is None:
+        return
+    tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_path)  # several ranks may write the same content; each write is atomic
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a read-only dataset folder: validate again next time
+
+
+def validate_shards(paths: list[Path], vocab_size: int, *, cache_path: Path | None = None) -> list[ShardInfo]:
     """Open every shard and check it before training starts, so a bad file fails in seconds, not hours in.
 
     An out-of-range id would otherwise surface as a CUDA device-side assert in the embedding lookup, with no
-    hint of which file holds it.
+    hint of which file holds it. The max id of each shard is cached in `cache_path` by (path, size, mtime), so
+    a restart (and every rank of a node) rescans only shards that changed instead of the whole dataset.
     """
     if vocab_size < 1:
         raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
     arrays = [open_shard(Path(p)) for p in paths]
-    total = sum(a.size for a in arrays)
+    cache = _load_validation_cache(cache_path)
+    keys = [_cache_key(Path(p)) for p in paths]
+    total = sum(a.size for a, k in zip(arrays, keys) if k not in cache)
     show = len(arrays) > _PROGRESS_MIN_SHARDS or total > _PROGRESS_MIN_TOKENS
     infos = []
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="validate shards", file=sys.stderr, disable=not show)
     with bar:
-        for path, array in zip(paths, arrays):
-            max_token = 0
-            for start in range(0, array.size, _MAX_CHUNK_TOKENS):
-                chunk = array[start:start + _MAX_CHUNK_TOKENS]
-                chunk_max = int(chunk.max())
-                if chunk_max >= vocab_size:
-                    at = start + int(np.argmax(chunk >= vocab_size))
-                    raise DataError(
-                        f"shard {path}: token id {int(array[at])} >= vocab size {vocab_size} at position {at} "
-                        f"(valid ids are 0..{vocab_size - 1})"
-                    )
-                max_token = max(max_token, chunk_max)
-                bar.update(chunk.size)
+        for path, array, key in zip(paths, arrays, keys):
+            max_token = cache.get(key)
+            if max_token is None:
+                max_token = 0
+                for start in range(0, array.size, _MAX_CHUNK_TOKENS):
+                    chunk = array[start:start + _MAX_CHUNK_TOKENS]
+                    max_token = max(max_token, int(chunk.max()))
+                    bar.update(chunk.size)
+                cache[key] = max_token
+            if max_token >= vocab_size:
+                at = _first_at_least(array, vocab_size)
+                raise DataError(
+                    f"shard {path}: token id {int(array[at])} >= vocab size {vocab_size} at position {at} "
+                    f"(valid ids are 0..{vocab_size - 1})"
+                )
             infos.append(ShardInfo(Path(path), num_tokens=int(array.size), dtype=array.dtype.name, max_token=max_token))
+    _save_validation_cache(cache_path, cache)
     return infos
+
+
+def _first_at_least(array: np.ndarray, bound: int) -> int:
+    for start in range(0, array.size, _MAX_CHUNK_TOKENS):
+        hits = np.flatnonzero(array[start:start + _MAX_CHUNK_TOKENS] >= bound)
+        if hits.size:
+            return start + int(hits[0])
+    raise AssertionError("no token at or above the bound")
 
 
 def read_meta(data_dir: str | Path) -> dict[str, Any] | None:

@@ -14,7 +14,13 @@ from typing import Any
 
 from .config import ConfigError, RunConfig
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+def _shipped_config_dir() -> Path:
+    """ds_configs/ of a source checkout (and editable install); inside the package for a wheel install."""
+    repo = Path(__file__).resolve().parent.parent / "ds_configs"
+    return repo if repo.is_dir() else Path(__file__).resolve().parent / "ds_configs"
+
+
+DS_CONFIG_DIR = _shipped_config_dir()
 ADAM_TYPES = ("adam", "adamw")
 # DeepSpeed 0.19 raises on these sections; say so before it does.
 REJECTED_SECTIONS = ("nebula", "elasticity")
@@ -44,8 +50,8 @@ def load_ds_config(name_or_path: str) -> tuple[Path, dict[str, Any]]:
     path = resolve_ds_config_path(name_or_path)
     try:
         cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {' '.join(str(e).split())}") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"DeepSpeed config {path} must be a JSON object")
     problems = []
@@ -171,13 +177,16 @@ def effective_ds_config(
 
     opt = cfg.get("optimizer")
     offload = isinstance(cfg.get("zero_optimization"), dict) and "offload_optimizer" in cfg["zero_optimization"]
-    if not on_gpu and isinstance(opt, dict) and str(opt.get("type", "")).lower() in ADAM_TYPES and not offload:
-        # FusedAdam is a CUDA kernel; on CPU DeepSpeed would JIT-build a CPU port (~50 s). torch's AdamW is the
-        # same algorithm with no build.
+    if isinstance(opt, dict) and str(opt.get("type", "")).lower() in ADAM_TYPES and not offload:
         params = opt.setdefault("params", {})
-        if not params.get("torch_adam"):
+        if "torch_adam" not in params:
+            # DeepSpeed's FusedAdam is JIT-compiled at start: on a GPU that needs nvcc (absent from most pip-only
+            # machines), on CPU a ~50 s build. torch's AdamW is the same algorithm with no build, and its fused
+            # CUDA kernel is as fast. `"torch_adam": false` in the JSON asks for DeepSpeed's FusedAdam instead.
             params["torch_adam"] = True
-            notes.append("optimizer uses torch AdamW (torch_adam) on CPU")
+            if on_gpu:
+                params["fused"] = True
+            notes.append(f"optimizer uses torch AdamW{' (fused CUDA kernel)' if on_gpu else ''} (torch_adam)")
     return cfg, notes
 
 

@@ -36,7 +36,7 @@ def setup_logging(log_dir: Path | None, *, rank: int) -> None:
 class Metrics:
     """TensorBoard scalars + a JSON-lines record per call; a no-op on ranks other than 0."""
 
-    def __init__(self, log_dir: Path, *, enabled: bool):
+    def __init__(self, log_dir: Path, *, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self._writer = None
         self._jsonl = None
@@ -44,7 +44,9 @@ class Metrics:
             from torch.utils.tensorboard import SummaryWriter
 
             log_dir.mkdir(parents=True, exist_ok=True)
-            self._writer = SummaryWriter(log_dir=str(log_dir / "tensorboard"))
+            # purge_step: after a resume, TensorBoard drops the events a crashed run wrote past the checkpoint,
+            # so the curve has no doubled steps.
+            self._writer = SummaryWriter(log_dir=str(log_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
             self._jsonl = open(log_dir / "metrics.jsonl", "a", buffering=1)
 
     def record(self, step: int, kind: str, values: dict[str, Any]) -> None:
@@ -87,5 +89,9 @@ class Throughput:
         return out
 
     def restart(self) -> None:
-        """Exclude time spent outside training steps (evaluation, checkpointing) from the next reading."""
+        """Exclude time spent outside training steps (evaluation, checkpointing) from the next reading.
+
+        Steps already counted are dropped with the time they took, so the next reading stays a true rate even
+        when saves and evaluations fall between two log points."""
         self._t0 = time.perf_counter()
+        self._steps = 0

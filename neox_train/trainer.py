@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from .config import ConfigError, RunConfig
 from .data import (
     PackedWindows,
     SampleStream,
+    VALIDATION_CACHE,
     Split,
     discover_shards,
     eval_batches,
@@ -39,6 +42,7 @@ from .data import (
 )
 from .ds_config import effective_ds_config, load_ds_config, precision, zero_stage
 from .metrics import Metrics, Throughput, log, setup_logging
+from .publish import Publisher, Topology, check_storage_access, is_uploader, node_local_storage
 from .model import GPT2_VOCAB_SIZE, build_model, flops_per_token, hf_config, padded_vocab_size, parameter_counts
 
 
@@ -81,6 +85,11 @@ class RunPlan:
         }
 
 
+# How often ranks agree on a pending SIGTERM (one tiny all-reduce): rare enough to cost nothing, soon enough to
+# save well inside a scheduler's grace period.
+STOP_CHECK_STEPS = 10
+
+
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -102,7 +111,7 @@ def load_data(plan: RunPlan) -> tuple[PackedWindows, Split]:
     paths = discover_shards(run.data_dir)
     if run.max_shards is not None:
         paths = paths[: run.max_shards]
-    validate_shards(paths, plan.tokenizer_vocab_size)
+    validate_shards(paths, plan.tokenizer_vocab_size, cache_path=Path(run.data_dir) / VALIDATION_CACHE)
     windows = PackedWindows([open_shard(p) for p in paths], run.seq_len)
     split = split_windows(len(windows), run.val_fraction)
     log.info(
@@ -132,16 +141,21 @@ def init_distributed() -> None:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases and LayerNorm weights (1-D tensors), the GPT-NeoX/Megatron convention."""
+    """No weight decay on biases and LayerNorm weights (1-D tensors), the GPT-NeoX/Megatron convention.
+
+    Under ZeRO-3 every parameter is an empty 1-D placeholder; its real shape is `ds_shape`."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class Trainer:
-    def __init__(self, plan: RunPlan, data: tuple[PackedWindows, Split], *, resume_tag: str | None):
+    def __init__(
+        self, plan: RunPlan, data: tuple[PackedWindows, Split], *, resume_tag: str | None, topo: Topology,
+        publisher: Publisher,
+    ):
         import deepspeed
 
         self.plan = plan
@@ -154,9 +168,14 @@ class Trainer:
         torch.manual_seed(run.seed)  # same init on every rank; DeepSpeed also broadcasts from rank 0
         weight_decay = float(plan.ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0))
         if zero_stage(plan.ds_config) == 3:
-            # Partition parameters as they are created: a 1.2B fp32 model per rank would not fit in host RAM x8.
-            with deepspeed.zero.Init(config_dict_or_path=plan.ds_config):
-                model = build_model(plan.model_config)
+            # Partition parameters as they are created (a 1.2B fp32 model per rank would not fit in host RAM x8),
+            # the way transformers does it: under a bare zero.Init the HF weight init would run on empty partitions
+            # and RoPE buffers would be cast to bf16. HfDeepSpeedConfig must stay alive (transformers keeps a weakref).
+            from transformers import GPTNeoXForCausalLM
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(plan.ds_config)
+            model = GPTNeoXForCausalLM._from_config(plan.model_config)
         else:
             model = build_model(plan.model_config)
         if run.activation_checkpointing:
@@ -164,25 +183,33 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, weight_decay), config=plan.ds_config
         )
+        if not resume_tag and self.engine.lr_scheduler is not None:
+            # DeepSpeed creates the scheduler at iteration -1 and steps it after each optimizer step, so step 1 and
+            # step 2 would both run at the warmup start and the last step would miss the floor. One step now aligns
+            # optimizer step s with scheduler iteration s-1. A resume restores the iteration from the checkpoint.
+            self.engine.lr_scheduler.step()
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
         self.grad_accum = self.engine.gradient_accumulation_steps()
 
         state = checkpoint.TrainState(step=0, consumed_samples=0)
         if resume_tag:
             tag = resume_tag
-            state = checkpoint.load(
-                self.engine, self.save_dir, tag,
-                model_config=plan.model_config.to_dict(), ds_config=plan.ds_config, dp_size=plan.dp_size,
-            )
+            state = checkpoint.load(self.engine, self.save_dir, tag)
             log.info("resumed from %s: step %d, %d samples consumed", self.save_dir / tag, state.step, state.consumed_samples)
         self.step = state.step
         self.stream = SampleStream(
             self.split.train, seed=run.seed, micro_batch=self.micro_batch,
             dp_rank=self.rank, dp_size=plan.dp_size, consumed_samples=state.consumed_samples,
         )
-        self.metrics = Metrics(Path(run.log_dir), enabled=self.is_rank0)
+        self.metrics = Metrics(Path(run.log_dir), enabled=self.is_rank0, start_step=state.step)
         self.tokens_per_step = plan.ds_config["train_batch_size"] * run.seq_len
         self.last_saved_step = state.step if resume_tag else -1
+        self.topo = topo
+        self.publisher = publisher
+        # The rank that deletes old local tags: the one that uploads them (each node's own files with node-local
+        # storage), so deletion can wait until that rank has seen them verified remote.
+        self.retention_rank = is_uploader(topo, node_local_storage(plan.ds_config))
+        self.stop_requested = False
 
     # -- one optimizer step -------------------------------------------------------------------------------------
     def _tensor(self, indices: list[int]) -> torch.Tensor:
@@ -254,19 +281,47 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def save(self) -> None:
+        started = time.perf_counter()
         extra = checkpoint.client_state(
             state=checkpoint.TrainState(self.step, self.stream.consumed_samples),
             run_config=self.plan.run.to_dict(), ds_config=self.plan.ds_config,
             model_config=self.plan.model_config.to_dict(), dp_size=self.plan.dp_size,
+            data_tokens=self.windows.num_tokens,
         )
         tag = checkpoint.save(
             self.engine, self.save_dir, checkpoint.TrainState(self.step, self.stream.consumed_samples), extra,
             is_rank0=self.is_rank0,
         )
         self.last_saved_step = self.step
-        if self.is_rank0:
-            deleted = checkpoint.apply_retention(self.save_dir, self.plan.run.keep_last_n)
-            log.info("saved checkpoint %s%s", self.save_dir / tag, f" (removed {', '.join(deleted)})" if deleted else "")
+        # save_checkpoint has returned on every rank (its final barrier): every rank's files are on disk.
+        self.publisher.committed(tag)
+        stall = time.perf_counter() - started
+        self.metrics.record(self.step, "checkpoint", {"stall_s": stall})
+        log.info("saved checkpoint %s in %.2f s", self.save_dir / tag, stall)
+        self.apply_retention()
+
+    def apply_retention(self) -> None:
+        if not self.retention_rank:
+            return
+        deleted = checkpoint.apply_retention(self.save_dir, self.plan.run.keep_last_n, may_delete=self.publisher.may_delete)
+        if deleted:
+            log.info("removed local checkpoint(s) %s (keep_last_n=%d)", ", ".join(deleted), self.plan.run.keep_last_n)
+
+    def log_sync_status(self) -> None:
+        if not self.publisher.enabled:
+            return
+        status = self.publisher.poll()
+        self.metrics.record(self.step, "sync", status.metrics())
+
+    def _stop_agreed(self) -> bool:
+        """A SIGTERM seen by any rank stops all of them at the same step (each must call save_checkpoint)."""
+        if self.plan.dp_size == 1:
+            return self.stop_requested
+        import deepspeed.comm as dist
+
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.engine.device)
+        dist.all_reduce(flag)
+        return flag.item() > 0
 
     def train(self) -> dict[str, Any]:
         from tqdm import tqdm
@@ -285,6 +340,10 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.engine.device)
         loss_count = 0
         summary: dict[str, Any] = {"start_step": self.step}
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        redirect = logging_redirect_tqdm(loggers=[log])  # log lines above the bar, not glued onto it
+        redirect.__enter__()
         try:
             while self.step < run.max_steps:
                 log_now = (self.step + 1) % run.log_steps == 0 or self.step + 1 == run.max_steps
@@ -322,16 +381,34 @@ class Trainer:
                         log.info("step %d: validation loss=%.4f perplexity=%.2f", self.step, ev["loss"], ev["perplexity"])
                         summary["val_loss"] = ev["loss"]
                     throughput.restart()
+                if log_now:
+                    self.log_sync_status()
                 if self.step % run.save_steps == 0:
                     self.save()
                     throughput.restart()
+                if self.step % STOP_CHECK_STEPS == 0 and self._stop_agreed():
+                    log.warning("stop requested (SIGTERM) at step %d: saving and flushing uploads", self.step)
+                    summary["stopped_by_signal"] = True
+                    break
             if self.last_saved_step != self.step:
                 self.save()
+            summary["sync"] = self.finish_uploads()
         finally:
             bar.close()
+            redirect.__exit__(None, None, None)
             self.metrics.close()
         summary["end_step"] = self.step
         return summary
+
+    def finish_uploads(self) -> dict[str, Any] | None:
+        """Flush pending uploads (bounded), then retention for what became verified remote; report what is left."""
+        if not self.publisher.enabled:
+            return None
+        status = self.publisher.close()
+        self.metrics.record(self.step, "sync", status.metrics())
+        self.apply_retention()
+        return {"published": status.published, "unpublished": status.pending, "skipped": status.skipped,
+                "failures": status.failures, "last_error": status.last_error}
 
 
 def _as_float(value: Any) -> float:
@@ -348,27 +425,110 @@ def write_run_files(plan: RunPlan) -> None:
     (save_dir / "ds_config.json").write_text(json.dumps(plan.ds_config, indent=2) + "\n")
 
 
+def shared_run_id() -> str:
+    """A random id drawn by rank 0 and broadcast, the same on every rank of this run (tags the uploaded parts)."""
+    import deepspeed.comm as dist
+
+    value = torch.tensor([int.from_bytes(os.urandom(6), "little")], dtype=torch.int64)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        value = value.to(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
+        dist.broadcast(value, src=0)
+    return f"{int(value.item()):012x}"
+
+
+def check_resume(plan: RunPlan, tag: str, data_tokens: int) -> None:
+    """Before the model is built: is the checkpoint this run's model, data order and partitioning?"""
+    saved = checkpoint.read_saved_meta(Path(plan.run.save_dir), tag)
+    if saved is not None:
+        checkpoint.check_compatible(
+            saved, model_config=plan.model_config.to_dict(), ds_config=plan.ds_config, dp_size=plan.dp_size,
+            tag=tag, run_config=plan.run.to_dict(), data_tokens=data_tokens,
+        )
+
+
+class UnpublishedCheckpoints(RuntimeError):
+    """Training finished but some checkpoints never reached the bucket: the run must not look green."""
+
+
+def remote_resume_source(run: RunConfig, resume: str | None) -> str | None:
+    """The bucket URL to resume from, or None for a local resume (or none at all).
+
+    `--resume gs://...` (or file://) names it; `--resume latest` with sync_to set and no local checkpoint falls
+    back to the bucket, so a fresh machine continues where the last one published."""
+    if not resume:
+        return None
+    if "://" in resume:
+        return resume
+    if resume == "latest" and run.sync_to and not (Path(run.save_dir) / "latest").is_file():
+        return run.sync_to
+    return None
+
+
+def fetch_remote_checkpoint(url: str, run: RunConfig) -> str:
+    """Download the newest COMPLETE checkpoint at `url` into save_dir (verified against its manifest)."""
+    from .storage import StorageError, open_backend
+    from .sync import fetch_checkpoint, remote_latest
+
+    backend = open_backend(url, credentials=run.credentials)
+    tag = remote_latest(backend)
+    if tag is None:
+        raise StorageError(f"--resume: no COMPLETE checkpoint under {url} (a checkpoint counts once its COMPLETE marker exists)")
+    log.info("resume: downloading %s from %s", tag, url)
+    fetch_checkpoint(backend, tag, Path(run.save_dir), progress=True)
+    return tag
+
+
 def run_training(run: RunConfig, *, resume: str | None) -> dict[str, Any]:
     """Entry for `neox-train` after argument parsing: validate, init, train, report."""
     on_gpu = torch.cuda.is_available()
     plan = prepare_run(run, dp_size=world_size_from_env(), on_gpu=on_gpu)
-    rank = int(os.environ.get("RANK", "0"))
-    setup_logging(Path(run.log_dir), rank=rank)
+    topo = Topology.from_env()
+    node_local = node_local_storage(plan.ds_config)
+    setup_logging(Path(run.log_dir), rank=topo.rank)
     _quiet_deepspeed()
     # Everything that can reject the input runs before process groups, model and engine exist.
-    resume_tag = checkpoint.resolve_resume_tag(Path(run.save_dir), resume) if resume else None
+    remote = remote_resume_source(run, resume)
+    resume_tag = checkpoint.resolve_resume_tag(Path(run.save_dir), resume) if resume and not remote else None
+    check_storage_access(run, topo, node_local)
     data = load_data(plan)
+    if resume_tag:
+        check_resume(plan, resume_tag, data[0].num_tokens)
     init_distributed()
-    if rank == 0:
+    if remote:
+        # Downloading needs every rank to wait for it, so it runs after the process group exists.
+        import deepspeed.comm as dist
+
+        if is_uploader(topo, node_local):
+            fetch_remote_checkpoint(remote, run)
+        dist.barrier()
+        resume_tag = checkpoint.resolve_resume_tag(Path(run.save_dir), "latest")
+        check_resume(plan, resume_tag, data[0].num_tokens)
+    if topo.rank == 0:
         write_run_files(plan)
         log.info("effective run config: %s", json.dumps(plan.run.to_dict()))
         log.info("effective DeepSpeed config (%s): %s", plan.ds_config_path, json.dumps(plan.ds_config))
         for note in plan.ds_notes:
             log.info("DeepSpeed config change: %s", note)
-    trainer = Trainer(plan, data, resume_tag=resume_tag)
-    summary = trainer.train()
-    if rank == 0:
+    publisher = Publisher(run, topo, node_local=node_local, run_id=shared_run_id())
+    try:
+        trainer = Trainer(plan, data, resume_tag=resume_tag, topo=topo, publisher=publisher)
+        previous = signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
+        try:
+            summary = trainer.train()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    except BaseException:
+        publisher.abort()
+        raise
+    if topo.rank == 0:
         log.info("done: %s", json.dumps(summary))
+    sync = summary.get("sync")
+    if sync and sync["unpublished"]:
+        raise UnpublishedCheckpoints(
+            f"{len(sync['unpublished'])} checkpoint(s) not published to {run.sync_to}: {', '.join(sync['unpublished'])}"
+            f" (kept in {run.save_dir}; last error: {sync['last_error'] or 'timeout'}; `neox-sync --checkpoints {run.save_dir} "
+            f"{run.sync_to}` or the next run with --sync-to finishes them)"
+        )
     return summary
 
 

@@ -357,3 +357,22 @@ def test_eval_batches_small_val() -> None:
     per_rank = [eval_batches(val, micro_batch=2, dp_rank=r, dp_size=4, max_batches=5) for r in range(4)]
     assert per_rank == [[[20, 21]], [[22, 23]], [[24]], []]
     assert eval_batches(range(0), micro_batch=2, dp_rank=0, dp_size=1, max_batches=5) == []
+
+
+def test_validation_cache_skips_unchanged_shards_and_still_checks_vocab(tmp_path):
+    from neox_train.data import validate_shards
+
+    shard = tmp_path / "a.npy"
+    np.save(shard, np.arange(100, dtype=np.uint16))
+    cache = tmp_path / ".neox-validated.json"
+    first = validate_shards([shard], 200, cache_path=cache)
+    assert first[0].max_token == 99 and cache.is_file()
+    # A cached max is trusted only for the same size and mtime: poison it and see it used, then invalidated.
+    entry = json.loads(cache.read_text())
+    cache.write_text(json.dumps({k: 7 for k in entry}))
+    assert validate_shards([shard], 200, cache_path=cache)[0].max_token == 7
+    with pytest.raises(DataError, match="token id 50 >= vocab size 50 at position 50"):
+        validate_shards([shard], 50)
+    np.save(shard, np.arange(300, dtype=np.uint16))
+    with pytest.raises(DataError, match="token id 200 >= vocab size 200 at position 200"):
+        validate_shards([shard], 200, cache_path=cache)

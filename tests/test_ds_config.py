@@ -119,6 +119,20 @@ def test_bad_ds_config_files(tmp_path):
         load_ds_config(str(bad))
 
 
+def test_optimizer_choice_needs_no_kernel_build():
+    _, base = load_ds_config("zero1")
+    run = load_run_config("production")
+    cpu, _ = effective_ds_config(base, run, dp_size=1, on_gpu=False)
+    gpu, _ = effective_ds_config(base, run, dp_size=1, on_gpu=True)
+    assert cpu["optimizer"]["params"]["torch_adam"] is True and "fused" not in cpu["optimizer"]["params"]
+    assert gpu["optimizer"]["params"]["torch_adam"] is True and gpu["optimizer"]["params"]["fused"] is True
+    explicit = {**base, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": False}}}
+    kept, _ = effective_ds_config(explicit, run, dp_size=1, on_gpu=True)
+    assert kept["optimizer"]["params"] == {"lr": 1e-4, "torch_adam": False}
+    offload, _ = effective_ds_config(load_ds_config("zero2_offload")[1], run, dp_size=1, on_gpu=True)
+    assert "torch_adam" not in offload["optimizer"]["params"]  # offload uses DeepSpeedCPUAdam
+
+
 def test_fp16_on_cpu_is_refused():
     _, base = load_ds_config("zero0")
     run = load_run_config("production").replace(mixed_precision="fp16")

@@ -59,3 +59,18 @@ def test_flops_per_token_is_megatron_formula():
     # 6N is the usual shorthand; the exact count exceeds it by the attention-score term.
     n = parameter_counts(cfg).non_embedding
     assert 6 * n < flops_per_token(cfg, s) < 8 * n
+
+
+def test_weight_decay_groups_use_real_shapes_under_zero3():
+    from neox_train.trainer import param_groups
+
+    model = build_model(hf_config("neox-tiny", 256))
+    groups = param_groups(model, 0.1)
+    assert all(p.ndim >= 2 for p in groups[0]["params"]) and all(p.ndim == 1 for p in groups[1]["params"])
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    # ZeRO-3 placeholders are empty 1-D tensors carrying the real shape in ds_shape.
+    placeholder = torch.nn.Parameter(torch.empty(0))
+    placeholder.ds_shape = torch.Size([64, 64])
+    holder = torch.nn.Module()
+    holder.w = placeholder
+    assert param_groups(holder, 0.1)[0]["params"] == [placeholder]

@@ -1,0 +1,648 @@
+"""Where checkpoints and data live remotely: one small Backend interface over a gs:// bucket prefix or a local folder.
+
+Both backends speak the same language: names relative to the backend root, '/'-separated, and an object's identity
+is (size, crc32c) in the base64 big-endian form GCS reports, so a local folder can stand in for a bucket in tests,
+on a shared filesystem, and for `neox-sync` between two folders. Transfers, retries and checksums are the
+google-cloud-storage client's own (resumable uploads, `google.api_core.retry`, crc32c validation); this module only
+chooses their settings and turns their many exception types into one-line StorageErrors.
+
+Thread safety: a backend may be shared by the threads of one process (google-cloud-storage's own transfer_manager
+does the same with one client). It must not cross a fork: open a new backend in the child.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlparse
+
+import google_crc32c
+
+# Files over 8 MiB (the client's multipart limit) go as resumable uploads in chunks of this size (a multiple of
+# 256 KiB, as GCS requires); each chunk is retried on its own, so a failure late in a multi-GB file resends one
+# chunk, not the file. Memory cost: one chunk per upload thread.
+CHUNK_SIZE = 8 * 1024 * 1024
+RETRY_DEADLINE_S = 600.0  # an operation keeps retrying transient errors (503, reset, timeout) this long
+PROBE_DEADLINE_S = 30.0  # the start-up probe gives up sooner: a wrong host should fail fast, not after 10 min
+REQUEST_TIMEOUT_S = (30.0, 120.0)  # (connect, read) per HTTP request, before the retry policy decides
+PROBE_PREFIX = ".neox-probe-"
+_TMP_MARK = ".neox-tmp-"  # temporary files of the local backend; never listed
+_READ_CHUNK = 1024 * 1024
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+_URL_FORMS = "gs://BUCKET[/PREFIX], file:///ABS/PATH or a local path"
+
+
+class StorageError(RuntimeError):
+    """A storage problem. str(err) is one line naming the URL/object/file, what is wrong and what would be valid."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str  # relative to the backend root, '/'-separated
+    size: int
+    crc32c: str  # base64 of the big-endian CRC32C, exactly as GCS reports blob.crc32c
+
+
+class Backend(Protocol):
+    """A folder of objects. Every name is relative to the root in `url` and '/'-separated, with no leading '/'."""
+
+    url: str
+    retries: int  # transient errors retried so far (for SyncResult); 0 for backends that never retry
+
+    def list(self, prefix: str = "") -> dict[str, RemoteFile]:
+        """Every object whose name starts with `prefix` (a string prefix, as in GCS: "a/" for a folder)."""
+        ...
+
+    def upload_file(self, local: Path, name: str, *, crc32c: str, if_absent: bool = True) -> None:
+        """Copy a local file to `name`. `crc32c` is the file's checksum: the upload is refused unless the stored
+        object ends up with exactly it. if_absent: create only; an existing object with the same size and crc32c
+        is success (an earlier attempt landed), a different one is a StorageError."""
+        ...
+
+    def download_file(self, name: str, local: Path) -> None:
+        """Copy `name` to `local` atomically (temporary file + os.replace), creating parent folders."""
+        ...
+
+    def read_bytes(self, name: str) -> bytes | None:
+        """The object's content, or None when it does not exist."""
+        ...
+
+    def write_bytes(self, name: str, data: bytes, *, if_absent: bool = False) -> None:
+        """Store a small object. if_absent as in upload_file (same content: success; different: StorageError)."""
+        ...
+
+    def delete(self, name: str) -> None:
+        """Remove an object; an absent one is fine."""
+        ...
+
+    def probe(self) -> None:
+        """Prove credentials, bucket and write permission by writing and deleting `.neox-probe-<uuid>`."""
+        ...
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def parse_url(url: str) -> tuple[str, str, str]:
+    """("gs", bucket, prefix) for gs://bucket/prefix, ("file", absolute path, "") for file:///path or a plain path.
+
+    The prefix loses surrounding '/'; a prefix with empty parts ("a//b") is refused, since GCS would keep the
+    double slash in every name while the local layout cannot.
+    """
+    if not url:
+        raise StorageError(f"empty storage URL (valid: {_URL_FORMS})")
+    if url.startswith("gs://"):
+        bucket, _, prefix = url[len("gs://"):].partition("/")
+        if not _BUCKET_RE.match(bucket):
+            raise StorageError(
+                f"{url}: {bucket!r} is not a valid bucket name (3-222 characters of a-z, 0-9, '.', '-', '_', "
+                f"starting and ending with a letter or digit)"
+            )
+        prefix = prefix.strip("/")
+        if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
+            raise StorageError(f"{url}: the prefix {prefix!r} has empty, '.' or '..' parts (valid: gs://{bucket}/a/b)")
+        return "gs", bucket, prefix
+    if url.startswith("file://"):
+        parsed = urlparse(url)
+        if parsed.netloc not in ("", "localhost"):
+            raise StorageError(
+                f"{url}: file URLs name a local path, not host {parsed.netloc!r} (valid: file:///abs/path)")
+        return "file", str(Path(unquote(parsed.path)).resolve()), ""
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", url)
+    if scheme:
+        raise StorageError(f"{url}: unsupported URL scheme {scheme.group(1)!r} (valid: {_URL_FORMS})")
+    return "file", str(Path(url).expanduser().resolve()), ""
+
+
+def open_backend(url: str, *, credentials: str | None = None) -> Backend:
+    """The backend for `url`. For gs:// this creates the client (credentials are checked now, the network is not
+    touched: call probe() for that)."""
+    kind, where, prefix = parse_url(url)
+    if kind == "gs":
+        return GcsBackend(where, prefix, credentials=credentials)
+    return LocalBackend(Path(where))
+
+
+def crc32c_of_file(path: Path) -> str:
+    """The file's CRC32C as GCS reports it (base64 of the 4 big-endian bytes), read in 1 MiB chunks."""
+    checksum = google_crc32c.Checksum()
+    with open(path, "rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            checksum.update(chunk)
+    return base64.b64encode(checksum.digest()).decode("ascii")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}{_TMP_MARK}{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class Crc32cCache:
+    """CRC32C per file, keyed by (absolute path, size, mtime_ns) and persisted as JSON, so that re-syncing an
+    unchanged multi-GB checkpoint reads no file content (the rsync quick check; a rewrite changes mtime_ns).
+
+    Thread-safe: the sync threads share one cache. `hits` / `misses` count lookups since construction.
+    """
+
+    def __init__(self, path: Path | str | None = None):
+        self.path = Path(path) if path is not None else None
+        self.hits = 0
+        self.misses = 0
+        self._lock = threading.Lock()
+        self._dirty = False
+        self._entries: dict[str, tuple[int, int, str]] = {}
+        if self.path is not None and self.path.is_file():
+            try:
+                raw = json.loads(self.path.read_text())
+                self._entries = {k: (int(v[0]), int(v[1]), str(v[2])) for k, v in raw["files"].items()}
+            except (OSError, ValueError, KeyError, TypeError, IndexError):
+                self._entries = {}  # a damaged cache only costs re-reading the files
+
+    def get(self, path: Path | str) -> str:
+        path = Path(path).absolute()
+        st = os.stat(path)
+        key = str(path)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
+                self.hits += 1
+                return entry[2]
+            self.misses += 1
+        crc = crc32c_of_file(path)
+        with self._lock:
+            self._entries[key] = (st.st_size, st.st_mtime_ns, crc)
+            self._dirty = True
+        return crc
+
+    def save(self) -> None:
+        """Write the cache (atomically), dropping entries of files that no longer exist (deleted checkpoints)."""
+        if self.path is None:
+            return
+        with self._lock:
+            live = {k: v for k, v in self._entries.items() if os.path.exists(k)}
+            if not self._dirty and len(live) == len(self._entries):
+                return
+            self._entries = live
+            payload = json.dumps({"files": {k: list(v) for k, v in live.items()}})
+            self._dirty = False
+        _atomic_write(self.path, payload.encode())
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# gs://
+
+
+def _load_credentials(path: str):
+    """Credentials from a JSON key file, checked now so that a typo fails before training starts, not at the first
+    upload. Service-account keys, and gcloud's authorized-user files. Returns (credentials, project or None)."""
+    from google.cloud import storage
+    from google.oauth2 import credentials as user_credentials
+    from google.oauth2 import service_account
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise StorageError(f"credentials file {path} does not exist (expected a service-account JSON key)")
+    try:
+        info = json.loads(file.read_text())
+    except OSError as e:
+        raise StorageError(f"credentials file {path} cannot be read ({_one_line(e)})") from e
+    except ValueError as e:
+        raise StorageError(
+            f"credentials file {path} is not JSON (expected a service-account JSON key): {_one_line(e)}") from e
+    kind = info.get("type") if isinstance(info, dict) else None
+    try:
+        if kind == "service_account":
+            creds = service_account.Credentials.from_service_account_info(info, scopes=storage.Client.SCOPE)
+            return creds, info.get("project_id")
+        if kind == "authorized_user":
+            return user_credentials.Credentials.from_authorized_user_info(info, scopes=storage.Client.SCOPE), None
+    except (ValueError, KeyError) as e:
+        raise StorageError(f"credentials file {path} is not a usable {kind} key: {_one_line(e)}") from e
+    raise StorageError(
+        f"credentials file {path} has type {kind!r} (valid: service_account, or authorized_user from gcloud; "
+        f"other kinds work through GOOGLE_APPLICATION_CREDENTIALS)"
+    )
+
+
+def _make_client(url: str, credentials: str | None):
+    from google.auth.credentials import AnonymousCredentials
+    from google.auth.exceptions import DefaultCredentialsError
+    from google.cloud import storage
+
+    if credentials:
+        creds, project = _load_credentials(credentials)
+    else:
+        creds = project = None
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        # The emulator wants no token; real credentials would try to reach oauth2.googleapis.com.
+        return storage.Client(project=project or os.environ.get("GOOGLE_CLOUD_PROJECT", "neox-emulator"),
+                              credentials=AnonymousCredentials())
+    if creds is None:
+        import google.auth
+
+        env = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+        if env and not Path(env).expanduser().is_file():
+            raise StorageError(f"credentials file {env} (from GOOGLE_APPLICATION_CREDENTIALS) does not exist")
+        try:
+            creds, project = google.auth.default(scopes=storage.Client.SCOPE)
+        except DefaultCredentialsError as e:
+            if env:
+                raise StorageError(f"credentials file {env} (from GOOGLE_APPLICATION_CREDENTIALS) is not usable: "
+                                   f"{_one_line(e)}") from e
+            raise StorageError(
+                f"no Google Cloud credentials for {url}: pass --credentials FILE (a service-account JSON key), "
+                f"set GOOGLE_APPLICATION_CREDENTIALS=FILE, or run `gcloud auth application-default login`"
+            ) from e
+    # project=None: object operations need none, and the client then skips looking one up.
+    return storage.Client(project=project, credentials=creds)
+
+
+class GcsBackend:
+    """A gs://bucket/prefix through google-cloud-storage. Retries are the library's (DEFAULT_RETRY's predicate:
+    429/5xx, resets, timeouts) with an explicit deadline, passed to every call, uploads included: the library only
+    retries an upload by itself when it carries a generation precondition, and an overwrite carries none (it is
+    still safe to repeat: same bytes, same result)."""
+
+    def __init__(self, bucket: str, prefix: str = "", *, credentials: str | None = None, client=None):
+        self.bucket_name = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"gs://{bucket}/{self.prefix}" if self.prefix else f"gs://{bucket}"
+        self.client = client if client is not None else _make_client(self.url, credentials)
+        self.bucket = self.client.bucket(bucket)
+        self.chunk_size = CHUNK_SIZE
+        self.timeout = REQUEST_TIMEOUT_S
+        self.retries = 0
+        self._retries_lock = threading.Lock()
+        self.configure_retry()
+
+    def configure_retry(self, *, deadline_s: float = RETRY_DEADLINE_S, probe_deadline_s: float = PROBE_DEADLINE_S,
+                        initial_s: float = 1.0, maximum_s: float = 60.0) -> None:
+        """The retry policy: DEFAULT_RETRY's predicate (429, 5xx, resets, timeouts) with exponential backoff from
+        initial_s to maximum_s, until deadline_s. Tests shorten it; production keeps the library's backoff."""
+        from google.api_core.retry import Retry
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        def policy(deadline: float) -> Retry:
+            return Retry(predicate=DEFAULT_RETRY._predicate, initial=initial_s, maximum=maximum_s, multiplier=2.0,
+                         timeout=deadline, on_error=self._count_retry)
+
+        self.deadline_s, self.probe_deadline_s = deadline_s, probe_deadline_s
+        self.retry = policy(deadline_s)
+        self.probe_retry = policy(probe_deadline_s)
+
+    def _count_retry(self, _exc: BaseException) -> None:
+        with self._retries_lock:
+            self.retries += 1
+
+    @property
+    def host(self) -> str:
+        return urlparse(self.client.api_endpoint).netloc or "storage.googleapis.com"
+
+    def _name(self, name: str) -> str:
+        full = _join(self.prefix, name)
+        if not full or name.startswith("/"):
+            raise StorageError(
+                f"{self.url}: object name {name!r} is empty or absolute (valid: a/b relative to the root)")
+        return full
+
+    def _where(self, name: str | None) -> str:
+        return f"{self.url}/{name}" if name else self.url
+
+    @contextmanager
+    def _errors(self, action: str, name: str | None = None, *, missing: str = "bucket",
+                deadline_s: float | None = None) -> Iterator[None]:
+        """Map the client's exceptions to one-line StorageErrors. `missing`: what a 404 means for this call."""
+        from google.api_core import exceptions as api
+        from google.auth import exceptions as auth
+        from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
+        import requests
+
+        where = self._where(name)
+        try:
+            yield
+        except (StorageError, api.PreconditionFailed):
+            raise  # 412 is an answer for the caller of a create-only write, not an error
+        except api.RetryError as e:
+            cause = e.cause if e.cause is not None else e
+            seconds = f"{deadline_s or self.deadline_s:.0f} s"
+            if isinstance(cause, (requests.ConnectionError, requests.Timeout, ConnectionError)):
+                raise StorageError(
+                    f"cannot reach {self.host} to {action} {where} (gave up after {seconds}): {_one_line(cause)}"
+                ) from e
+            raise StorageError(
+                f"cannot {action} {where}: still failing after retrying for {seconds}: {_one_line(cause)}"
+            ) from e
+        except api.NotFound as e:
+            if missing == "bucket":
+                raise StorageError(
+                    f"cannot {action} {where}: bucket {self.bucket_name} does not exist (create it, or fix the URL)"
+                ) from e
+            raise StorageError(f"cannot {action} {where}: the object does not exist") from e
+        except api.Forbidden as e:
+            raise StorageError(
+                f"no permission to {action} {where} ({' '.join(str(e.message).split())}): the credentials need "
+                f"e.g. roles/storage.objectAdmin on bucket {self.bucket_name}"
+            ) from e
+        except (api.Unauthorized, auth.RefreshError, auth.DefaultCredentialsError) as e:
+            raise StorageError(f"credentials rejected while trying to {action} {where}: {_one_line(e)}") from e
+        except DataCorruption as e:
+            raise StorageError(f"checksum mismatch while trying to {action} {where}: {_one_line(e)}") from e
+        except (requests.ConnectionError, requests.Timeout, ConnectionError, auth.TransportError) as e:
+            raise StorageError(f"cannot reach {self.host} to {action} {where}: {_one_line(e)}") from e
+        except api.GoogleAPICallError as e:
+            raise StorageError(f"cannot {action} {where}: HTTP {e.code} {' '.join(str(e.message).split())}") from e
+        except InvalidResponse as e:
+            raise StorageError(f"cannot {action} {where}: {_one_line(e)}") from e
+
+    def list(self, prefix: str = "") -> dict[str, RemoteFile]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        out: dict[str, RemoteFile] = {}
+        with self._errors("list", prefix or None):
+            for blob in self.client.list_blobs(self.bucket_name, prefix=root + prefix, retry=self.retry,
+                                               timeout=self.timeout,
+                                               fields="items(name,size,crc32c),nextPageToken"):
+                rel = blob.name[len(root):]
+                out[rel] = RemoteFile(rel, int(blob.size or 0), blob.crc32c or "")
+        return out
+
+    def _stat(self, name: str) -> RemoteFile | None:
+        blob = self.bucket.get_blob(self._name(name), retry=self.retry, timeout=self.timeout)
+        return None if blob is None else RemoteFile(name, int(blob.size or 0), blob.crc32c or "")
+
+    def upload_file(self, local: Path, name: str, *, crc32c: str, if_absent: bool = True) -> None:
+        from google.api_core.exceptions import PreconditionFailed
+
+        local = Path(local)
+        try:
+            size = local.stat().st_size
+        except OSError as e:
+            raise StorageError(f"cannot upload {local} to {self._where(name)}: {_one_line(e)}") from e
+        blob = self.bucket.blob(self._name(name))
+        # Above 8 MiB the library switches to a resumable upload, sent in chunks of this size.
+        blob.chunk_size = self.chunk_size
+        try:
+            with self._errors("write", name):
+                blob.upload_from_filename(
+                    str(local), checksum="crc32c", if_generation_match=0 if if_absent else None,
+                    retry=self.retry, timeout=self.timeout,
+                    # A resumable upload declares it up front, so GCS itself refuses an object with other content.
+                    crc32c_checksum_value=crc32c,
+                )
+        except PreconditionFailed:
+            self._check_existing(name, size, crc32c, f"{local}")
+            return
+        except OSError as e:  # the local file vanished or is unreadable
+            raise StorageError(f"cannot upload {local} to {self._where(name)}: {_one_line(e)}") from e
+        if blob.crc32c != crc32c or int(blob.size or 0) != size:
+            raise StorageError(
+                f"{self._where(name)} was stored with size {blob.size} crc32c {blob.crc32c}, but {local} was "
+                f"hashed as size {size} crc32c {crc32c}: the local file changed during the upload"
+            )
+
+    def _check_existing(self, name: str, size: int, crc32c: str, what: str) -> None:
+        """412 on a create-only write: the object exists. Success only if it is ours (an earlier attempt landed)."""
+        with self._errors("read", name):
+            existing = self._stat(name)
+        if existing is None:
+            raise StorageError(f"{self._where(name)}: create-only write refused (412) but the object is gone; retry")
+        if existing.size != size or existing.crc32c != crc32c:
+            raise StorageError(
+                f"{self._where(name)} already exists with different content (size {existing.size}, crc32c "
+                f"{existing.crc32c}; {what}: size {size}, crc32c {crc32c}); refusing to overwrite it"
+            )
+
+    def download_file(self, name: str, local: Path) -> None:
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f"{local.name}{_TMP_MARK}{uuid.uuid4().hex}")
+        try:
+            with self._errors("read", name, missing="object"):
+                self.bucket.blob(self._name(name)).download_to_filename(
+                    str(tmp), checksum="crc32c", retry=self.retry, timeout=self.timeout)
+            os.replace(tmp, local)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def read_bytes(self, name: str) -> bytes | None:
+        from google.api_core.exceptions import NotFound
+
+        try:
+            with self._errors("read", name):
+                return self.bucket.blob(self._name(name)).download_as_bytes(
+                    checksum="crc32c", retry=self.retry, timeout=self.timeout)
+        except StorageError as e:
+            if isinstance(e.__cause__, NotFound):
+                return None
+            raise
+
+    def write_bytes(self, name: str, data: bytes, *, if_absent: bool = False) -> None:
+        from google.api_core.exceptions import PreconditionFailed
+
+        blob = self.bucket.blob(self._name(name))
+        try:
+            with self._errors("write", name):
+                blob.upload_from_string(data, checksum="crc32c", if_generation_match=0 if if_absent else None,
+                                        retry=self.retry, timeout=self.timeout)
+        except PreconditionFailed:
+            self._check_existing(name, len(data), _crc32c_of_bytes(data), "new content")
+
+    def delete(self, name: str) -> None:
+        from google.api_core.exceptions import NotFound
+
+        try:
+            with self._errors("delete", name):
+                self.bucket.blob(self._name(name)).delete(retry=self.retry, timeout=self.timeout)
+        except StorageError as e:
+            if not isinstance(e.__cause__, NotFound):
+                raise
+
+    def probe(self) -> None:
+        name = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+        blob = self.bucket.blob(self._name(name))
+        with self._errors("write", None, deadline_s=self.probe_deadline_s):
+            blob.upload_from_string(b"probe", if_generation_match=0, retry=self.probe_retry, timeout=self.timeout)
+            blob.delete(retry=self.probe_retry, timeout=self.timeout)
+
+
+def _crc32c_of_bytes(data: bytes) -> str:
+    return base64.b64encode(google_crc32c.Checksum(data).digest()).decode("ascii")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# file://
+
+
+class LocalBackend:
+    """A local folder with the bucket's semantics (a missing folder is an empty bucket): atomic writes (temporary
+    file + os.replace), create-only writes through os.link (atomic even between processes on one filesystem),
+    crc32c computed on listing (cached by size and mtime)."""
+
+    def __init__(self, root: Path, *, cache: Crc32cCache | None = None):
+        self.root = Path(root).absolute()
+        self.url = self.root.as_uri()
+        self.retries = 0
+        self._cache = cache if cache is not None else Crc32cCache()
+
+    def _path(self, name: str) -> Path:
+        parts = name.split("/")
+        if not name or name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
+            raise StorageError(
+                f"{self.url}: object name {name!r} would escape the folder or is not a plain relative name")
+        return self.root.joinpath(*parts)
+
+    def list(self, prefix: str = "") -> dict[str, RemoteFile]:
+        if self.root.exists() and not self.root.is_dir():
+            raise StorageError(f"{self.url} is not a folder")
+        start = self.root.joinpath(*prefix.split("/")[:-1]) if "/" in prefix else self.root
+        out: dict[str, RemoteFile] = {}
+        if not start.is_dir():
+            return out
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames.sort()
+            for fn in sorted(filenames):
+                if _TMP_MARK in fn:
+                    continue
+                path = Path(dirpath, fn)
+                rel = path.relative_to(self.root).as_posix()
+                if rel.startswith(prefix):
+                    try:
+                        out[rel] = RemoteFile(rel, path.stat().st_size, self._cache.get(path))
+                    except FileNotFoundError:
+                        continue  # deleted while listing
+        return out
+
+    def _copy_in(self, src: Path, dest: Path, expect_crc32c: str | None) -> Path:
+        """Copy src to a temporary file next to dest, hashing on the way; returns the temporary file."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f"{dest.name}{_TMP_MARK}{uuid.uuid4().hex}")
+        checksum = google_crc32c.Checksum()
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            while chunk := fin.read(_READ_CHUNK):
+                checksum.update(chunk)
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+        got = base64.b64encode(checksum.digest()).decode("ascii")
+        if expect_crc32c is not None and got != expect_crc32c:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(
+                f"{src} has crc32c {got}, not {expect_crc32c} as hashed before: it changed during the copy")
+        return tmp
+
+    def _place(self, tmp: Path, dest: Path, name: str, if_absent: bool, what: str) -> None:
+        try:
+            if not if_absent:
+                os.replace(tmp, dest)
+                return
+            try:
+                os.link(tmp, dest)  # fails if dest exists: the local equivalent of ifGenerationMatch=0
+            except FileExistsError:
+                self._check_same(tmp, dest, name, what)
+            except OSError:  # no hard links on this filesystem: check, then rename (not atomic between processes)
+                if dest.exists():
+                    self._check_same(tmp, dest, name, what)
+                else:
+                    os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _check_same(self, mine: Path, theirs: Path, name: str, what: str) -> None:
+        a = (mine.stat().st_size, crc32c_of_file(mine))
+        b = (theirs.stat().st_size, crc32c_of_file(theirs))
+        if a != b:
+            raise StorageError(
+                f"{self.url}/{name} already exists with different content (size {b[0]}, crc32c {b[1]}; {what}: "
+                f"size {a[0]}, crc32c {a[1]}); refusing to overwrite it"
+            )
+
+    def upload_file(self, local: Path, name: str, *, crc32c: str, if_absent: bool = True) -> None:
+        dest = self._path(name)
+        try:
+            tmp = self._copy_in(Path(local), dest, crc32c)
+            self._place(tmp, dest, name, if_absent, str(local))
+        except OSError as e:
+            raise StorageError(f"cannot copy {local} to {self.url}/{name}: {_one_line(e)}") from e
+
+    def download_file(self, name: str, local: Path) -> None:
+        src = self._path(name)
+        local = Path(local)
+        try:
+            tmp = self._copy_in(src, local, None)
+            try:
+                os.replace(tmp, local)
+            finally:
+                tmp.unlink(missing_ok=True)
+        except FileNotFoundError as e:
+            if not src.is_file():
+                raise StorageError(f"cannot read {self.url}/{name}: the object does not exist") from e
+            raise StorageError(f"cannot copy {self.url}/{name} to {local}: {_one_line(e)}") from e
+        except OSError as e:
+            raise StorageError(f"cannot copy {self.url}/{name} to {local}: {_one_line(e)}") from e
+
+    def read_bytes(self, name: str) -> bytes | None:
+        try:
+            return self._path(name).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise StorageError(f"cannot read {self.url}/{name}: {_one_line(e)}") from e
+
+    def write_bytes(self, name: str, data: bytes, *, if_absent: bool = False) -> None:
+        dest = self._path(name)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f"{dest.name}{_TMP_MARK}{uuid.uuid4().hex}")
+            tmp.write_bytes(data)
+            self._place(tmp, dest, name, if_absent, "new content")
+        except OSError as e:
+            raise StorageError(f"cannot write {self.url}/{name}: {_one_line(e)}") from e
+
+    def delete(self, name: str) -> None:
+        path = self._path(name)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            raise StorageError(f"cannot delete {self.url}/{name}: {_one_line(e)}") from e
+        # A bucket has no folders: drop the ones this left empty, so listings and `ls` agree.
+        parent = path.parent
+        while parent != self.root and self.root in parent.parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+    def probe(self) -> None:
+        name = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            path = self.root / name
+            path.write_bytes(b"probe")
+            path.unlink()
+        except PermissionError as e:
+            raise StorageError(f"no permission to write {self.url}: {_one_line(e)}") from e
+        except OSError as e:
+            raise StorageError(f"cannot write {self.url} (must be a writable folder): {_one_line(e)}") from e

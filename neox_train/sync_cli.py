@@ -1,0 +1,105 @@
+"""`neox-sync SRC DST` and `neox-data download URL DIR`: parse, run package code, one summary, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .storage import StorageError, open_backend
+from .sync import SyncResult, publish_checkpoints, sync, sync_down
+
+
+def _workers_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 256:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a worker count (valid: an integer from 1 to 256)")
+    return value
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _summary(result: SyncResult) -> str:
+    parts = []
+    if result.files_uploaded or not result.files_downloaded:
+        parts.append(f"{result.files_uploaded} uploaded ({_mb(result.bytes_uploaded)})")
+    if result.files_downloaded:
+        parts.append(f"{result.files_downloaded} downloaded ({_mb(result.bytes_downloaded)})")
+    parts.append(f"{result.files_skipped} unchanged")
+    if result.retries:
+        parts.append(f"{result.retries} retried request(s)")
+    return ", ".join(parts) + f" in {result.seconds:.1f}s"
+
+
+def _report(prog: str, result: SyncResult, as_json: bool) -> int:
+    print(f"{prog}: {_summary(result)}", file=sys.stderr)
+    if as_json:
+        print(json.dumps(result.to_dict()))
+    return 0
+
+
+def sync_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="neox-sync",
+        description="Copy between a local folder and gs://bucket/prefix (or another folder), either direction, "
+                    "gsutil-rsync style: unchanged files (same size and crc32c) are skipped, nothing is deleted, "
+                    "uploads are verified by listing.",
+    )
+    p.add_argument("src", metavar="SRC", help="local folder, file:///path or gs://bucket/prefix")
+    p.add_argument("dst", metavar="DST", help="local folder, file:///path or gs://bucket/prefix")
+    p.add_argument("--credentials", metavar="FILE",
+                   help="service-account JSON key for gs:// (default: GOOGLE_APPLICATION_CREDENTIALS, then gcloud's "
+                        "application-default login)")
+    p.add_argument("--workers", type=_workers_arg, default=8, metavar="N", help="parallel transfers (default 8)")
+    p.add_argument("--checkpoints", action="store_true",
+                   help="SRC is a checkpoint save dir: publish each global_step* folder (files, manifest, COMPLETE, "
+                        "latest) instead of copying files; finishes uploads a training run left unpublished")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sync_parser().parse_args(argv)
+    progress = sys.stderr.isatty()
+    try:
+        if args.checkpoints:
+            result = publish_checkpoints(Path(args.src), open_backend(args.dst, credentials=args.credentials),
+                                         workers=args.workers, progress=progress)
+        else:
+            result = sync(args.src, args.dst, credentials=args.credentials, workers=args.workers, progress=progress)
+    except StorageError as e:
+        print(f"neox-sync: error: {e}", file=sys.stderr)
+        return 2
+    return _report("neox-sync", result, args.json)
+
+
+def add_download_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `neox-data download` options, kept next to the code they drive."""
+    parser.add_argument("url", metavar="URL", help="gs://bucket/prefix (or a folder) holding token shards")
+    parser.add_argument("dir", metavar="DIR", help="local folder; nested folders are preserved")
+    parser.add_argument("--credentials", metavar="FILE",
+                        help="service-account JSON key (default: GOOGLE_APPLICATION_CREDENTIALS, then gcloud's "
+                             "application-default login)")
+    parser.add_argument("--workers", type=_workers_arg, default=8, metavar="N", help="parallel downloads (default 8)")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+
+
+def main_download(args: argparse.Namespace) -> int:
+    """Bucket -> DIR; files already there with the remote size are skipped, so a rerun resumes."""
+    try:
+        result = sync_down(open_backend(args.url, credentials=args.credentials), "", Path(args.dir),
+                           workers=args.workers, skip_existing=True, verify=True, progress=sys.stderr.isatty())
+    except StorageError as e:
+        print(f"neox-data: error: {e}", file=sys.stderr)
+        return 2
+    return _report("neox-data download", result, args.json)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
