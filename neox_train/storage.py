@@ -30,7 +30,7 @@ import google_crc32c
 # Files over 8 MiB (the client's multipart limit) go as resumable uploads in chunks of this size (a multiple of
 # 256 KiB, as GCS requires); each chunk is retried on its own, so a failure late in a multi-GB file resends one
 # chunk, not the file. Memory cost: one chunk per upload thread.
-CHUNK_SIZE = 8 * 1024 * 1024
+CHUNK_SIZE = 100 * 1024 * 1024  # the client library's own default: fewer round trips per file
 RETRY_DEADLINE_S = 600.0  # an operation keeps retrying transient errors (503, reset, timeout) this long
 PROBE_DEADLINE_S = 30.0  # the start-up probe gives up sooner: a wrong host should fail fast, not after 10 min
 REQUEST_TIMEOUT_S = (30.0, 120.0)  # (connect, read) per HTTP request, before the retry policy decides

@@ -87,11 +87,12 @@ def journal_path(save_dir: Path, node_rank: int) -> Path:
 def _journal_append(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record) + "\n"
-    # One small O_APPEND write: atomic with respect to the other process appending to the same file.
+    # One small O_APPEND write: atomic with respect to the other process appending to the same file. No fsync:
+    # the page cache survives a killed process, which is what the journal is for, and on ext4 an fsync right
+    # after a checkpoint write waits for that checkpoint's writeback (measured: ~15 ms added to every save).
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())
-        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -246,6 +247,11 @@ def _worker_main(settings: SyncSettings, tasks, status_q) -> None:  # tasks: rec
     # tqdm's default lock is a multiprocessing RLock (a named semaphore); if this process is SIGKILLed, the
     # resource tracker then warns about it leaking at the trainer's exit. A thread lock is all we need here.
     tqdm.set_lock(threading.RLock())
+    try:
+        # Uploads are background work: when CPU is short, the training process (feeding the GPU) goes first.
+        os.nice(10)
+    except OSError:
+        pass
     try:
         # If the trainer is killed (-9, OOM killer), die with it instead of retrying uploads as an orphan that
         # would race the next run's worker; the journal hands the unfinished tags to that run. Linux only.

@@ -294,9 +294,11 @@ class Trainer:
         )
         self.last_saved_step = self.step
         # save_checkpoint has returned on every rank (its final barrier): every rank's files are on disk.
+        saved = time.perf_counter()
         self.publisher.committed(tag)
         stall = time.perf_counter() - started
-        self.metrics.record(self.step, "checkpoint", {"stall_s": stall})
+        # stall_s: all the loop lost to this save; submit_s: the part the sync hand-off (or inline upload) took.
+        self.metrics.record(self.step, "checkpoint", {"stall_s": stall, "submit_s": time.perf_counter() - saved})
         log.info("saved checkpoint %s in %.2f s", self.save_dir / tag, stall)
         self.apply_retention()
 
