@@ -110,6 +110,7 @@ class Publisher:
         st.last_lag_s = time.time() - started
         st.bytes_uploaded += result.bytes_uploaded
         st.files_uploaded += result.files_uploaded
+        st.retries += result.retries
         log.info("sync: published %s to %s inline (%d bytes, %.1f s)", tag, self.settings.url,
                  result.bytes_uploaded, st.last_lag_s)
 

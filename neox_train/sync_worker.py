@@ -66,7 +66,8 @@ class SyncStatus:
     bytes_uploaded: int = 0
     files_uploaded: int = 0
     files_skipped: int = 0
-    failures: int = 0
+    retries: int = 0  # request-level retries inside the storage client (503s, resets, timeouts)
+    failures: int = 0  # whole-checkpoint attempts that failed and were retried by the worker
     last_error: str = ""
     alive: bool = True
 
@@ -76,6 +77,7 @@ class SyncStatus:
             "last_published_step": float(self.last_published_step),
             "lag_s": self.last_lag_s,
             "bytes_uploaded": float(self.bytes_uploaded),
+            "retries": float(self.retries),
             "failures": float(self.failures),
         }
 
@@ -180,6 +182,7 @@ class SyncWorker:
             st.bytes_uploaded += msg["bytes_uploaded"]
             st.files_uploaded += msg["files_uploaded"]
             st.files_skipped += msg["files_skipped"]
+            st.retries += msg.get("retries", 0)
             log.info("sync: published %s to %s (%d files, %d bytes uploaded, lag %.1f s)", tag, self.settings.url,
                      msg["files_uploaded"], msg["bytes_uploaded"], msg["lag_s"])
         elif kind == "skipped":
@@ -330,7 +333,7 @@ def _worker_main(settings: SyncSettings, tasks, status_q) -> None:  # tasks: rec
         status_q.send({
             "kind": "published", "tag": tag, "lag_s": time.time() - task["committed_at"],
             "bytes_uploaded": result.bytes_uploaded, "files_uploaded": result.files_uploaded,
-            "files_skipped": result.files_skipped,
+            "files_skipped": result.files_skipped, "retries": result.retries,
         })
 
 

@@ -36,6 +36,7 @@ def test_background_sync_to_folder_publishes_and_retention_waits(tmp_path, token
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("global_step*")) == ["global_step6"]
     sync = read_metrics(tmp_path / "logs", "sync")
     assert sync[max(sync)]["last_published_step"] == 6 and sync[max(sync)]["pending"] == 0
+    assert sync[max(sync)]["retries"] == 0 and sync[max(sync)]["bytes_uploaded"] > 0 and sync[max(sync)]["lag_s"] > 0
     stalls = read_metrics(tmp_path / "logs", "checkpoint")
     assert sorted(stalls) == [2, 4, 6] and all(r["stall_s"] > 0 for r in stalls.values())
     assert "sync: published global_step6" in proc.stderr
