@@ -26,8 +26,11 @@ BIN = Path(sys.executable).parent
 
 def run(config: str, nprocs: int, steps: int, log_steps: int, workdir: Path) -> dict:
     save, logs = workdir / f"ckpt{nprocs}", workdir / f"logs{nprocs}"
+    # Training throughput only: no checkpoint publication (the demo preset syncs to ./bucket by default).
+    run_config = workdir / f"run{nprocs}.json"
+    run_config.write_text(json.dumps({"base": config, "sync_to": None}))
     args = [
-        "--config", config, "--max-steps", str(steps), "--log-steps", str(log_steps), "--eval-steps", "0",
+        "--config", str(run_config), "--max-steps", str(steps), "--log-steps", str(log_steps), "--eval-steps", "0",
         "--save-steps", str(steps * 10), "--save-dir", str(save), "--log-dir", str(logs),
     ]
     exe = str(BIN / "neox-train")
