@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from .storage import Backend, Crc32cCache, StorageError, crc32c_of_file, open_backend, parse_url
+from .storage import Backend, Crc32cCache, RemoteFile, StorageError, crc32c_of_file, open_backend, parse_url
 
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"
@@ -350,6 +350,17 @@ def _check_already_published(folder: Path, files: list[tuple[str, Path]], backen
     return SyncResult(files_skipped=len(local))
 
 
+def _first_mismatch(listing: dict[str, RemoteFile], tag: str, files: dict[str, tuple[int, str]]
+                    ) -> tuple[str, str, int, str] | None:
+    """The first file (sorted) whose remote object is missing or differs in size or crc32c:
+    (relative path, what was found, expected size, expected crc32c); None when all match."""
+    for rel, (size, crc) in sorted(files.items()):
+        got = listing.get(f"{tag}/{rel}")
+        if got is None or got.size != size or got.crc32c != crc:
+            return rel, "missing" if got is None else f"size {got.size} crc32c {got.crc32c}", size, crc
+    return None
+
+
 def finalize_checkpoint(backend: Backend, tag: str, *, num_nodes: int = 1) -> bool:
     """Publish <tag> once every node's part is there: manifest, then COMPLETE, then `latest` (forward only).
 
@@ -383,14 +394,13 @@ def finalize_checkpoint(backend: Backend, tag: str, *, num_nodes: int = 1) -> bo
     if len(run_ids) > 1:
         return False  # a part from an earlier run of the same tag: wait for its node to upload this run's
 
-    for rel, (size, crc) in sorted(files.items()):
-        got = listing.get(f"{tag}/{rel}")
-        if got is None or got.size != size or got.crc32c != crc:
-            found = "missing" if got is None else f"size {got.size} crc32c {got.crc32c}"
-            raise StorageError(
-                f"cannot finalize {backend.url}/{tag}: {rel} is {found} remotely, its node uploaded size {size} "
-                f"crc32c {crc}"
-            )
+    mismatch = _first_mismatch(listing, tag, files)
+    if mismatch:
+        rel, found, size, crc = mismatch
+        raise StorageError(
+            f"cannot finalize {backend.url}/{tag}: {rel} is {found} remotely, its node uploaded size {size} "
+            f"crc32c {crc}"
+        )
     manifest = {
         "tag": tag,
         "step": step_of(tag),
@@ -459,14 +469,13 @@ def fetch_checkpoint(backend: Backend, tag: str, save_dir: Path, *, workers: int
         _check_relative(rel, f"{where}/{MANIFEST} entry {rel!r}")
     # Fail before downloading gigabytes if the bucket no longer matches the manifest.
     listing = backend.list(f"{tag}/")
-    for rel, (size, crc) in sorted(files.items()):
-        got = listing.get(f"{tag}/{rel}")
-        if got is None or got.size != size or got.crc32c != crc:
-            found = "missing" if got is None else f"size {got.size} crc32c {got.crc32c}"
-            raise StorageError(
-                f"{where}/{rel} is {found}, but the manifest says size {size} crc32c {crc}: the remote checkpoint "
-                f"is damaged (fetch another tag)"
-            )
+    mismatch = _first_mismatch(listing, tag, files)
+    if mismatch:
+        rel, found, size, crc = mismatch
+        raise StorageError(
+            f"{where}/{rel} is {found}, but the manifest says size {size} crc32c {crc}: the remote checkpoint "
+            f"is damaged (fetch another tag)"
+        )
 
     save_dir = Path(save_dir)
     final = save_dir / tag
