@@ -16,7 +16,7 @@ from typing import Any
 
 from .config import RunConfig
 from .metrics import log
-from .sync_worker import SyncSettings, SyncStatus, SyncWorker, journal_path, _journal_append, _wait_published
+from .sync_worker import SyncSettings, SyncStatus, SyncWorker, append_journal, journal_path, publish_tag
 
 
 @dataclass(frozen=True)
@@ -94,25 +94,14 @@ class Publisher:
         if self.worker is not None:
             self.worker.submit(tag)
             return
-        from .sync import upload_checkpoint_part
-
         started = time.time()
-        jpath = journal_path(Path(self.run.save_dir), self.settings.node_rank)
-        _journal_append(jpath, {"queued": tag, "time": started})
-        result = upload_checkpoint_part(Path(self.run.save_dir), tag, self._backend, node_rank=self.settings.node_rank,
-                                        cache=self._cache, run_id=self.settings.run_id)
-        self._cache.save()
-        _wait_published(self._backend, tag, self.settings)
-        _journal_append(jpath, {"published": tag, "time": time.time()})
-        st = self.status
-        st.published.append(tag)
-        st.last_published_step = int(tag.removeprefix("global_step"))
-        st.last_lag_s = time.time() - started
-        st.bytes_uploaded += result.bytes_uploaded
-        st.files_uploaded += result.files_uploaded
-        st.retries += result.retries
+        append_journal(journal_path(Path(self.run.save_dir), self.settings.node_rank), {"queued": tag, "time": started})
+        result = publish_tag(self._backend, self.settings, tag, self._cache)
+        self.status.record_published(tag, lag_s=time.time() - started, bytes_uploaded=result.bytes_uploaded,
+                                     files_uploaded=result.files_uploaded, files_skipped=result.files_skipped,
+                                     retries=result.retries)
         log.info("sync: published %s to %s inline (%d bytes, %.1f s)", tag, self.settings.url,
-                 result.bytes_uploaded, st.last_lag_s)
+                 result.bytes_uploaded, self.status.last_lag_s)
 
     def poll(self) -> SyncStatus:
         if self.worker is not None:

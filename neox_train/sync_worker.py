@@ -27,7 +27,7 @@ import os
 import time
 import traceback
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,18 @@ class SyncStatus:
     last_error: str = ""
     alive: bool = True
 
+    def record_published(self, tag: str, *, lag_s: float, bytes_uploaded: int, files_uploaded: int,
+                         files_skipped: int, retries: int) -> None:
+        if tag in self.pending:
+            self.pending.remove(tag)
+        self.published.append(tag)
+        self.last_published_step = max(self.last_published_step, step_of_tag(tag) or -1)
+        self.last_lag_s = lag_s
+        self.bytes_uploaded += bytes_uploaded
+        self.files_uploaded += files_uploaded
+        self.files_skipped += files_skipped
+        self.retries += retries
+
     def metrics(self) -> dict[str, float]:
         return {
             "pending": float(len(self.pending)),
@@ -86,7 +98,7 @@ def journal_path(save_dir: Path, node_rank: int) -> Path:
     return Path(save_dir) / JOURNAL_DIR / f"journal-node{node_rank}.jsonl"
 
 
-def _journal_append(path: Path, record: dict[str, Any]) -> None:
+def append_journal(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record) + "\n"
     # One small O_APPEND write: atomic with respect to the other process appending to the same file. No fsync:
@@ -150,7 +162,7 @@ class SyncWorker:
         if tag in self._submitted:
             return
         if journal:
-            _journal_append(journal_path(Path(self.settings.save_dir), self.settings.node_rank),
+            append_journal(journal_path(Path(self.settings.save_dir), self.settings.node_rank),
                             {"queued": tag, "time": committed_at})
         self._submitted.add(tag)
         self.status.pending.append(tag)
@@ -174,15 +186,9 @@ class SyncWorker:
         kind = msg["kind"]
         if kind == "published":
             tag = msg["tag"]
-            if tag in st.pending:
-                st.pending.remove(tag)
-            st.published.append(tag)
-            st.last_published_step = max(st.last_published_step, step_of_tag(tag) or -1)
-            st.last_lag_s = msg["lag_s"]
-            st.bytes_uploaded += msg["bytes_uploaded"]
-            st.files_uploaded += msg["files_uploaded"]
-            st.files_skipped += msg["files_skipped"]
-            st.retries += msg.get("retries", 0)
+            st.record_published(tag, lag_s=msg["lag_s"], bytes_uploaded=msg["bytes_uploaded"],
+                                files_uploaded=msg["files_uploaded"], files_skipped=msg["files_skipped"],
+                                retries=msg["retries"])
             log.info("sync: published %s to %s (%d files, %d bytes uploaded, lag %.1f s)", tag, self.settings.url,
                      msg["files_uploaded"], msg["bytes_uploaded"], msg["lag_s"])
         elif kind == "skipped":
@@ -234,7 +240,6 @@ class SyncWorker:
 def _worker_main(settings: SyncSettings, tasks, status_q) -> None:  # tasks: recv end; status_q: send end
     """Runs in the spawned process. Never raises: failures are reported and retried."""
     from .storage import Crc32cCache, StorageError, open_backend
-    from .sync import finalize_checkpoint, upload_checkpoint_part
 
     import signal
 
@@ -301,7 +306,7 @@ def _worker_main(settings: SyncSettings, tasks, status_q) -> None:  # tasks: rec
             while len(pending) > settings.max_pending and len(pending) > 2:
                 dropped = pending[1]
                 del pending[1]
-                _journal_append(jpath, {"skipped": dropped["tag"], "time": time.time()})
+                append_journal(jpath, {"skipped": dropped["tag"], "time": time.time()})
                 status_q.send({"kind": "skipped", "tag": dropped["tag"]})
         if time.monotonic() < next_try:
             time.sleep(min(0.5, next_try - time.monotonic()))
@@ -311,10 +316,7 @@ def _worker_main(settings: SyncSettings, tasks, status_q) -> None:  # tasks: rec
         try:
             if not (save_dir / tag).is_dir():
                 raise StorageError(f"checkpoint folder {save_dir / tag} disappeared before it was uploaded")
-            result = upload_checkpoint_part(save_dir, tag, backend, node_rank=settings.node_rank,
-                                            workers=settings.workers, cache=cache, run_id=settings.run_id)
-            cache.save()
-            _wait_published(backend, tag, settings)
+            result = publish_tag(backend, settings, tag, cache)
         except Exception as e:  # noqa: BLE001 - one failure must never kill the worker
             attempt += 1
             delay = min(settings.retry_max_s, settings.retry_initial_s * 2 ** (attempt - 1))
@@ -329,12 +331,24 @@ def _worker_main(settings: SyncSettings, tasks, status_q) -> None:  # tasks: rec
             continue
         attempt = 0
         pending.popleft()
-        _journal_append(jpath, {"published": tag, "time": time.time()})
         status_q.send({
             "kind": "published", "tag": tag, "lag_s": time.time() - task["committed_at"],
             "bytes_uploaded": result.bytes_uploaded, "files_uploaded": result.files_uploaded,
             "files_skipped": result.files_skipped, "retries": result.retries,
         })
+
+
+def publish_tag(backend, settings: SyncSettings, tag: str, cache):
+    """Upload this node's part of `tag`, wait until the checkpoint is published (COMPLETE in the bucket), and
+    journal it. One path for the background worker and for inline uploads; returns the SyncResult."""
+    from .sync import upload_checkpoint_part
+
+    result = upload_checkpoint_part(Path(settings.save_dir), tag, backend, node_rank=settings.node_rank,
+                                    workers=settings.workers, cache=cache, run_id=settings.run_id)
+    cache.save()
+    _wait_published(backend, tag, settings)
+    append_journal(journal_path(Path(settings.save_dir), settings.node_rank), {"published": tag, "time": time.time()})
+    return result
 
 
 def _wait_published(backend, tag: str, settings: SyncSettings) -> None:
@@ -349,7 +363,3 @@ def _wait_published(backend, tag: str, settings: SyncSettings) -> None:
         elif backend.read_bytes(f"{tag}/{COMPLETE}") is not None:
             return
         time.sleep(settings.finalize_poll_s)
-
-
-def settings_dict(settings: SyncSettings) -> dict[str, Any]:
-    return asdict(settings)
