@@ -53,15 +53,20 @@ def sync_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("src", metavar="SRC", help="local folder, file:///path or gs://bucket/prefix")
     p.add_argument("dst", metavar="DST", help="local folder, file:///path or gs://bucket/prefix")
-    p.add_argument("--credentials", metavar="FILE",
-                   help="service-account JSON key for gs:// (default: GOOGLE_APPLICATION_CREDENTIALS, then gcloud's "
-                        "application-default login)")
-    p.add_argument("--workers", type=_workers_arg, default=8, metavar="N", help="parallel transfers (default 8)")
     p.add_argument("--checkpoints", action="store_true",
                    help="SRC is a checkpoint save dir: publish each global_step* folder (files, manifest, COMPLETE, "
                         "latest) instead of copying files; finishes uploads a training run left unpublished")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    _add_transfer_options(p, "transfers")
     return p
+
+
+def _add_transfer_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """--credentials, --workers, --json: the same for neox-sync and neox-data download."""
+    parser.add_argument("--credentials", metavar="FILE",
+                        help="service-account JSON key for gs:// (default: GOOGLE_APPLICATION_CREDENTIALS, then "
+                             "gcloud's application-default login)")
+    parser.add_argument("--workers", type=_workers_arg, default=8, metavar="N", help=f"parallel {what} (default 8)")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,11 +88,7 @@ def add_download_arguments(parser: argparse.ArgumentParser) -> None:
     """The `neox-data download` options, kept next to the code they drive."""
     parser.add_argument("url", metavar="URL", help="gs://bucket/prefix (or a folder) holding token shards")
     parser.add_argument("dir", metavar="DIR", help="local folder; nested folders are preserved")
-    parser.add_argument("--credentials", metavar="FILE",
-                        help="service-account JSON key (default: GOOGLE_APPLICATION_CREDENTIALS, then gcloud's "
-                             "application-default login)")
-    parser.add_argument("--workers", type=_workers_arg, default=8, metavar="N", help="parallel downloads (default 8)")
-    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    _add_transfer_options(parser, "downloads")
 
 
 def main_download(args: argparse.Namespace) -> int:
