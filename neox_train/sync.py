@@ -168,17 +168,15 @@ def _sync_up(local_dir: Path, backend: Backend, remote_prefix: str, *, workers: 
 
         _parallel(send, todo, workers, done)
 
-    after = backend.list(prefix)
-    for rel, path in files:
-        size, crc = local[rel]
-        got = after.get(prefix + rel)
-        if got is None:
+    mismatch = _first_mismatch(backend.list(prefix), prefix, local)
+    if mismatch:
+        rel, found, size, crc = mismatch
+        if found == "missing":
             raise StorageError(f"verification after upload failed: {backend.url}/{prefix}{rel} is missing")
-        if got.size != size or got.crc32c != crc:
-            raise StorageError(
-                f"verification after upload failed: {backend.url}/{prefix}{rel} has size {got.size} crc32c "
-                f"{got.crc32c}, {path} has size {size} crc32c {crc}"
-            )
+        raise StorageError(
+            f"verification after upload failed: {backend.url}/{prefix}{rel} has {found}, {local_dir / rel} has size "
+            f"{size} crc32c {crc}"
+        )
     result.retries = backend.retries - retries0
     result.seconds = time.monotonic() - started
     return result, local
@@ -350,12 +348,12 @@ def _check_already_published(folder: Path, files: list[tuple[str, Path]], backen
     return SyncResult(files_skipped=len(local))
 
 
-def _first_mismatch(listing: dict[str, RemoteFile], tag: str, files: dict[str, tuple[int, str]]
+def _first_mismatch(listing: dict[str, RemoteFile], key_prefix: str, files: dict[str, tuple[int, str]]
                     ) -> tuple[str, str, int, str] | None:
-    """The first file (sorted) whose remote object is missing or differs in size or crc32c:
+    """The first file (sorted) whose remote object `key_prefix + rel` is missing or differs in size or crc32c:
     (relative path, what was found, expected size, expected crc32c); None when all match."""
     for rel, (size, crc) in sorted(files.items()):
-        got = listing.get(f"{tag}/{rel}")
+        got = listing.get(key_prefix + rel)
         if got is None or got.size != size or got.crc32c != crc:
             return rel, "missing" if got is None else f"size {got.size} crc32c {got.crc32c}", size, crc
     return None
@@ -394,7 +392,7 @@ def finalize_checkpoint(backend: Backend, tag: str, *, num_nodes: int = 1) -> bo
     if len(run_ids) > 1:
         return False  # a part from an earlier run of the same tag: wait for its node to upload this run's
 
-    mismatch = _first_mismatch(listing, tag, files)
+    mismatch = _first_mismatch(listing, f"{tag}/", files)
     if mismatch:
         rel, found, size, crc = mismatch
         raise StorageError(
@@ -469,7 +467,7 @@ def fetch_checkpoint(backend: Backend, tag: str, save_dir: Path, *, workers: int
         _check_relative(rel, f"{where}/{MANIFEST} entry {rel!r}")
     # Fail before downloading gigabytes if the bucket no longer matches the manifest.
     listing = backend.list(f"{tag}/")
-    mismatch = _first_mismatch(listing, tag, files)
+    mismatch = _first_mismatch(listing, f"{tag}/", files)
     if mismatch:
         rel, found, size, crc = mismatch
         raise StorageError(
