@@ -51,6 +51,10 @@ def train_parser() -> argparse.ArgumentParser:
                         "gs:// or file:// URL (latest also falls back to --sync-to when --save-dir has none)")
     p.add_argument("--sync-to", metavar="URL", help="publish checkpoints to gs://bucket/prefix, file:///path or a folder")
     p.add_argument("--credentials", metavar="FILE", help="service-account JSON for gs:// (default: GOOGLE_APPLICATION_CREDENTIALS)")
+    p.add_argument("--init-from-hf", metavar="DIR",
+                   help="start from a HuggingFace GPTNeoX folder's weights (continued pretraining; same shape as the preset)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute activations in backward: less memory, about a third more compute")
     p.add_argument("--no-background-upload", action="store_true",
                    help="upload inside save, blocking training (debugging); default: a background process")
     p.add_argument("--describe", action="store_true", help="print the effective configuration as JSON and exit")
@@ -64,7 +68,7 @@ _OVERRIDES = {
     "max_steps": "max_steps", "micro_batch": "micro_batch", "grad_accum": "grad_accum",
     "mixed_precision": "mixed_precision", "seq_len": "seq_len", "save_steps": "save_steps",
     "log_steps": "log_steps", "eval_steps": "eval_steps", "seed": "seed", "sync_to": "sync_to",
-    "credentials": "credentials",
+    "credentials": "credentials", "init_from_hf": "init_from_hf",
 }
 
 
@@ -76,6 +80,8 @@ def train_main(argv: list[str] | None = None) -> int:
         overrides = {field: getattr(args, arg) for arg, field in _OVERRIDES.items() if getattr(args, arg) is not None}
         if args.no_background_upload:
             overrides["background_upload"] = False
+        if args.activation_checkpointing:
+            overrides["activation_checkpointing"] = True
         if overrides:
             run = run.replace(**overrides)
         # Heavy imports (torch, transformers, deepspeed) only after the cheap checks above passed.

@@ -52,6 +52,11 @@ class RunConfig:
     activation_checkpointing: bool = field(
         default=False, metadata={"doc": "Recompute activations in backward: less memory, ~33% more compute."}
     )
+    init_from_hf: str | None = field(
+        default=None,
+        metadata={"doc": "Start from the weights of a HuggingFace GPTNeoX folder (continued pretraining); its shape must "
+                         "match `model` and the padded vocabulary. Ignored when resuming (the checkpoint wins)."},
+    )
     seed: int = field(default=1234, metadata={"doc": "Seeds model init and the data order."})
     data_dir: str = field(default="data/training", metadata={"doc": "Folder of token shards (.npy/.npz, nested)."})
     save_dir: str = field(default="checkpoints", metadata={"doc": "Folder for DeepSpeed checkpoints (tags global_stepN)."})
@@ -161,7 +166,7 @@ def validate(values: dict[str, Any]) -> list[str]:
     ut = values.get("upload_timeout_s")
     if isinstance(ut, bool) or not isinstance(ut, (int, float)) or ut < 0:
         problems.append(f"upload_timeout_s={ut!r} must be a number of seconds >= 0")
-    for name in ("sync_to", "credentials"):
+    for name in ("sync_to", "credentials", "init_from_hf"):
         v = values.get(name)
         if v is not None and (not isinstance(v, str) or not v):
             problems.append(f"{name}={v!r} must be a non-empty string or null")

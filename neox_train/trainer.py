@@ -102,6 +102,10 @@ def prepare_run(run: RunConfig, *, dp_size: int, on_gpu: bool) -> RunPlan:
     vocab = run.vocab_size or (int(meta["vocab_size"]) if meta and "vocab_size" in meta else GPT2_VOCAB_SIZE)
     eos = meta.get("eos_token_id") if meta else None
     model_cfg = hf_config(run.model, padded_vocab_size(vocab), eos_token_id=eos)
+    if run.init_from_hf:
+        from .hf_init import check_hf_init
+
+        check_hf_init(run.init_from_hf, model_cfg, model_name=run.model)
     return RunPlan(run, ds_path, ds_cfg, notes, dp_size, vocab, model_cfg)
 
 
@@ -175,6 +179,15 @@ class Trainer:
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds_config = HfDeepSpeedConfig(plan.ds_config)
+        if run.init_from_hf and resume_tag:
+            log.info("resuming from %s: init_from_hf=%s is not used (the checkpoint's weights win)", resume_tag, run.init_from_hf)
+        if run.init_from_hf and not resume_tag:
+            from .hf_init import load_hf_model
+
+            # from_pretrained partitions as it loads under ZeRO-3 (the HfDeepSpeedConfig above is alive).
+            model = load_hf_model(run.init_from_hf)
+            log.info("initialised the model from the HuggingFace folder %s", run.init_from_hf)
+        elif zero_stage(plan.ds_config) == 3:
             model = GPTNeoXForCausalLM._from_config(plan.model_config)
         else:
             model = build_model(plan.model_config)
