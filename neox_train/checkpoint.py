@@ -139,15 +139,34 @@ def check_compatible(
                 f"checkpoint {tag} was trained on a different data order ({'; '.join(diffs)}): its data position would "
                 f"point at other samples; resume with the same data and settings"
             )
-    old_stage = saved.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)
-    new_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    change = partitioning_change(saved, ds_config=ds_config, dp_size=dp_size)
+    if change is not None and not universal_convertible(saved, ds_config):
+        raise ConfigError(
+            f"checkpoint {tag}: {change}, and a ZeRO-0 checkpoint (no partitioned fp32 optimizer state) can only be "
+            f"resumed with ZeRO-0; resume it with its own ZeRO stage (any number of ranks), or with ZeRO-1..3 on both sides"
+        )
+
+
+def _stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def partitioning_change(saved: dict[str, Any], *, ds_config: dict, dp_size: int) -> str | None:
+    """How the saved partitioning differs from this run's, when DeepSpeed cannot load it directly; else None.
+
+    ZeRO-1..3 shard the optimizer state (ZeRO-3 also the weights) by data-parallel rank, so a change of either
+    needs a universal checkpoint. ZeRO-0 keeps whole replicas: any rank count loads it."""
+    old_stage, new_stage = _stage(saved.get("ds_config", {})), _stage(ds_config)
     old_dp = saved.get("dp_size")
     if (old_dp != dp_size or old_stage != new_stage) and max(old_stage, new_stage) >= 1:
-        raise ConfigError(
-            f"checkpoint {tag} was saved at data-parallel size {old_dp} with ZeRO-{old_stage}; this run is {dp_size} "
-            f"with ZeRO-{new_stage}: partitioned optimizer state needs a DeepSpeed universal checkpoint "
-            f"(python -m deepspeed.checkpoint.ds_to_universal) to change either"
-        )
+        return f"saved at data-parallel size {old_dp} with ZeRO-{old_stage}, this run is {dp_size} with ZeRO-{new_stage}"
+    return None
+
+
+def universal_convertible(saved: dict[str, Any], ds_config: dict) -> bool:
+    """deepspeed.checkpoint.ds_to_universal reads ZeRO-1..3 optimizer shards, and load_universal restores into a
+    ZeRO-1..3 optimizer: ZeRO-0 on either side has nothing to convert from or into."""
+    return _stage(saved.get("ds_config", {})) >= 1 and _stage(ds_config) >= 1
 
 
 def read_saved_meta(save_dir: Path, tag: str) -> dict[str, Any] | None:

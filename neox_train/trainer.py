@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import transformers.models.gpt_neox.modeling_gpt_neox  # noqa: F401
 
 from . import checkpoint
+from . import resume as resume_mod
 from .config import ConfigError, RunConfig
 from .data import (
     PackedWindows,
@@ -451,46 +452,8 @@ def shared_run_id() -> str:
     return f"{int(value.item()):012x}"
 
 
-def check_resume(plan: RunPlan, tag: str, data_tokens: int) -> None:
-    """Before the model is built: is the checkpoint this run's model, data order and partitioning?"""
-    saved = checkpoint.read_saved_meta(Path(plan.run.save_dir), tag)
-    if saved is not None:
-        checkpoint.check_compatible(
-            saved, model_config=plan.model_config.to_dict(), ds_config=plan.ds_config, dp_size=plan.dp_size,
-            tag=tag, run_config=plan.run.to_dict(), data_tokens=data_tokens,
-        )
-
-
 class UnpublishedCheckpoints(RuntimeError):
     """Training finished but some checkpoints never reached the bucket: the run must not look green."""
-
-
-def remote_resume_source(run: RunConfig, resume: str | None) -> str | None:
-    """The bucket URL to resume from, or None for a local resume (or none at all).
-
-    `--resume gs://...` (or file://) names it; `--resume latest` with sync_to set and no local checkpoint falls
-    back to the bucket, so a fresh machine continues where the last one published."""
-    if not resume:
-        return None
-    if "://" in resume:
-        return resume
-    if resume == "latest" and run.sync_to and not (Path(run.save_dir) / "latest").is_file():
-        return run.sync_to
-    return None
-
-
-def fetch_remote_checkpoint(url: str, run: RunConfig) -> str:
-    """Download the newest COMPLETE checkpoint at `url` into save_dir (verified against its manifest)."""
-    from .storage import StorageError, open_backend
-    from .sync import fetch_checkpoint, remote_latest
-
-    backend = open_backend(url, credentials=run.credentials)
-    tag = remote_latest(backend)
-    if tag is None:
-        raise StorageError(f"--resume: no COMPLETE checkpoint under {url} (a checkpoint counts once its COMPLETE marker exists)")
-    log.info("resume: downloading %s from %s", tag, url)
-    fetch_checkpoint(backend, tag, Path(run.save_dir), progress=True)
-    return tag
 
 
 def run_training(run: RunConfig, *, resume: str | None) -> dict[str, Any]:
@@ -502,22 +465,13 @@ def run_training(run: RunConfig, *, resume: str | None) -> dict[str, Any]:
     setup_logging(Path(run.log_dir), rank=topo.rank)
     _quiet_deepspeed()
     # Everything that can reject the input runs before process groups, model and engine exist.
-    remote = remote_resume_source(run, resume)
-    resume_tag = checkpoint.resolve_resume_tag(Path(run.save_dir), resume) if resume and not remote else None
+    point = resume_mod.locate(run, resume)
     check_storage_access(run, topo, node_local)
     data = load_data(plan)
-    if resume_tag:
-        check_resume(plan, resume_tag, data[0].num_tokens)
+    resume_mod.check(plan, point, data[0].num_tokens)
     init_distributed()
-    if remote:
-        # Downloading needs every rank to wait for it, so it runs after the process group exists.
-        import deepspeed.comm as dist
-
-        if is_uploader(topo, node_local):
-            fetch_remote_checkpoint(remote, run)
-        dist.barrier()
-        resume_tag = checkpoint.resolve_resume_tag(Path(run.save_dir), "latest")
-        check_resume(plan, resume_tag, data[0].num_tokens)
+    # Downloads from the bucket and universal-checkpoint conversion need the process group (the other ranks wait).
+    plan, resume_tag = resume_mod.finish(plan, point, data[0].num_tokens, topo=topo, node_local=node_local)
     if topo.rank == 0:
         write_run_files(plan)
         log.info("effective run config: %s", json.dumps(plan.run.to_dict()))
@@ -527,6 +481,7 @@ def run_training(run: RunConfig, *, resume: str | None) -> dict[str, Any]:
     publisher = Publisher(run, topo, node_local=node_local, run_id=shared_run_id())
     try:
         trainer = Trainer(plan, data, resume_tag=resume_tag, topo=topo, publisher=publisher)
+        resume_mod.after_load(plan, resume_tag, topo=topo, node_local=node_local)
         previous = signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
         try:
             summary = trainer.train()

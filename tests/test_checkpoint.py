@@ -2,7 +2,7 @@
 
 import pytest
 
-from neox_train.checkpoint import apply_retention, check_compatible, local_tags, resolve_resume_tag
+from neox_train.checkpoint import apply_retention, check_compatible, local_tags, partitioning_change, resolve_resume_tag
 from neox_train.config import ConfigError
 
 
@@ -52,6 +52,17 @@ def test_different_model_refused():
         check_compatible(saved(1, 0, hidden_size=128), model_config=MODEL, ds_config={}, dp_size=1, tag="t")
 
 
-def test_partitioned_state_at_other_world_size_refused():
-    with pytest.raises(ConfigError, match="data-parallel size 2 with ZeRO-2; this run is 1 with ZeRO-2.*universal"):
-        check_compatible(saved(2, 2), model_config=MODEL, ds_config={"zero_optimization": {"stage": 2}}, dp_size=1, tag="t")
+def test_partitioning_change_is_detected_and_only_zero0_refused():
+    zero2 = {"zero_optimization": {"stage": 2}}
+    # ZeRO-1..3 at another size or stage: convertible (the resume goes through a universal checkpoint).
+    check_compatible(saved(2, 2), model_config=MODEL, ds_config=zero2, dp_size=1, tag="t")
+    assert partitioning_change(saved(2, 2), ds_config=zero2, dp_size=1) == (
+        "saved at data-parallel size 2 with ZeRO-2, this run is 1 with ZeRO-2")
+    assert partitioning_change(saved(2, 1), ds_config={"zero_optimization": {"stage": 3}}, dp_size=2) is not None
+    assert partitioning_change(saved(2, 2), ds_config=zero2, dp_size=2) is None
+    assert partitioning_change(saved(2, 0), ds_config={}, dp_size=1) is None
+    # ZeRO-0 holds no partitioned fp32 state to convert from (or into).
+    with pytest.raises(ConfigError, match="size 1 with ZeRO-0, this run is 1 with ZeRO-2.*ZeRO-0 checkpoint"):
+        check_compatible(saved(1, 0), model_config=MODEL, ds_config=zero2, dp_size=1, tag="t")
+    with pytest.raises(ConfigError, match="ZeRO-0"):
+        check_compatible(saved(2, 2), model_config=MODEL, ds_config={}, dp_size=2, tag="t")
