@@ -31,6 +31,14 @@ import google_crc32c
 # 256 KiB, as GCS requires); each chunk is retried on its own, so a failure late in a multi-GB file resends one
 # chunk, not the file. Memory cost: one chunk per upload thread.
 CHUNK_SIZE = 100 * 1024 * 1024  # the client library's own default: fewer round trips per file
+
+
+def _multipart_limit() -> int:
+    """Up to this size google-cloud-storage sends one multipart request, above it a resumable upload (its module
+    constant, read at call time so it stays the library's truth)."""
+    import google.cloud.storage.blob as blob_module
+
+    return int(getattr(blob_module, "_MAX_MULTIPART_SIZE", 8 * 1024 * 1024))
 RETRY_DEADLINE_S = 600.0  # an operation keeps retrying transient errors (503, reset, timeout) this long
 PROBE_DEADLINE_S = 30.0  # the start-up probe gives up sooner: a wrong host should fail fast, not after 10 min
 REQUEST_TIMEOUT_S = (30.0, 120.0)  # (connect, read) per HTTP request, before the retry policy decides
@@ -406,9 +414,11 @@ class GcsBackend:
         try:
             with self._errors("write", name):
                 blob.upload_from_filename(
-                    str(local), checksum="crc32c", if_generation_match=0 if if_absent else None,
-                    retry=self.retry, timeout=self.timeout,
-                    # A resumable upload declares it up front, so GCS itself refuses an object with other content.
+                    str(local), if_generation_match=0 if if_absent else None, retry=self.retry, timeout=self.timeout,
+                    # A resumable upload (above 8 MiB) declares the crc32c up front, so GCS itself refuses an object
+                    # with other content and the client need not hash the file a second time while sending it;
+                    # a multipart upload has no such field, so there the client checks the stored crc32c.
+                    checksum=None if size > _multipart_limit() else "crc32c",
                     crc32c_checksum_value=crc32c,
                 )
         except PreconditionFailed:

@@ -133,6 +133,13 @@ def _hash_local(files: list[tuple[str, Path]], cache: Crc32cCache, workers: int)
     return out
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0  # reported by the pipeline, which reads it again
+
+
 def _sync_up(local_dir: Path, backend: Backend, remote_prefix: str, *, workers: int, cache: Crc32cCache | None,
              progress: bool) -> tuple[SyncResult, dict[str, tuple[int, str]]]:
     started, retries0 = time.monotonic(), backend.retries
@@ -141,32 +148,49 @@ def _sync_up(local_dir: Path, backend: Backend, remote_prefix: str, *, workers: 
         raise StorageError(f"{local_dir} is not a folder (the source of an upload must be a local folder)")
     prefix = _dir_prefix(remote_prefix)
     files = _local_files(local_dir)
-    remote = backend.list(prefix)
-    local = _hash_local(files, cache if cache is not None else Crc32cCache(), workers)
-
+    cache = cache if cache is not None else Crc32cCache()
     result = SyncResult()
-    todo = []
-    for rel, path in files:
-        size, crc = local[rel]
-        have = remote.get(prefix + rel)
-        if have is not None and have.size == size and have.crc32c == crc:
-            result.files_skipped += 1
-        else:
+    local: dict[str, tuple[int, str]] = {}
+
+    # One pool, one pipeline per file: hash (or cache hit) -> compare with the remote listing -> upload or skip.
+    # The listing runs while the first files hash, and later files hash while earlier ones upload, so the checks
+    # cost (almost) no wall time next to a plain upload of the same files.
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(files) + 1)), thread_name_prefix="neox-sync") as pool, \
+            _bar(progress, sum(_size(p) for _, p in files), f"upload {backend.url}") as bar:
+        listing = pool.submit(backend.list, prefix)  # submitted first, so it starts first even with one worker
+
+        def one(item: tuple[str, Path]) -> tuple[int, str, bool]:
+            rel, path = item
+            try:
+                size, crc = path.stat().st_size, cache.get(path)
+            except OSError as e:
+                raise StorageError(f"cannot read {path}: {e.strerror or e}") from e
+            have = listing.result().get(prefix + rel)
+            if have is not None and have.size == size and have.crc32c == crc:
+                return size, crc, False
             # Create-only for new names: a retried upload whose first attempt landed is recognised, not doubled.
-            todo.append((rel, path, size, crc, have is None))
+            backend.upload_file(path, prefix + rel, crc32c=crc, if_absent=have is None)
+            return size, crc, True
 
-    with _bar(progress, sum(t[2] for t in todo), f"upload {backend.url}") as bar:
-        def send(item: tuple[str, Path, int, str, bool]) -> int:
-            rel, path, size, crc, new = item
-            backend.upload_file(path, prefix + rel, crc32c=crc, if_absent=new)
-            return size
-
-        def done(_item: Any, size: int) -> None:
-            result.files_uploaded += 1
-            result.bytes_uploaded += size
+        def done(item: tuple[str, Path], outcome: tuple[int, str, bool]) -> None:
+            size, crc, uploaded = outcome
+            local[item[0]] = (size, crc)
+            if uploaded:
+                result.files_uploaded += 1
+                result.bytes_uploaded += size
+            else:
+                result.files_skipped += 1
             bar.update(size)
 
-        _parallel(send, todo, workers, done)
+        futures = {pool.submit(one, item): item for item in files}
+        try:
+            listing.result()
+            for fut in as_completed(futures):
+                done(futures[fut], fut.result())
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
 
     mismatch = _first_mismatch(backend.list(prefix), prefix, local)
     if mismatch:

@@ -8,6 +8,7 @@ plain functions in conftest.py.
 from __future__ import annotations
 
 import http.client
+import os
 import json
 import re
 import socket
@@ -38,12 +39,13 @@ def free_port() -> int:
 class Emulator:
     """`gcp-storage-emulator start --in-memory` on a free loopback port; `url` is what STORAGE_EMULATOR_HOST takes."""
 
-    def __init__(self, timeout_s: float = 30.0):
+    def __init__(self, timeout_s: float = 30.0, nice: int = 0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [str(EMULATOR_BIN), "start", "--host", "127.0.0.1", "--port", str(self.port), "--in-memory", "-q"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            preexec_fn=(lambda: os.nice(nice)) if nice else None,
         )
         deadline = time.monotonic() + timeout_s
         while True:

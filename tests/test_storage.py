@@ -168,6 +168,24 @@ def test_if_absent_same_content_is_success_different_is_refused(strict_backend, 
         assert len(resumable) == (4 if size > 256 * 1024 else 0)  # the 412 arrives when the session is opened
 
 
+@pytest.mark.parametrize("size", [100, 600 * 1024], ids=["multipart", "resumable"])
+def test_content_other_than_the_hashed_file_is_never_accepted(gcs_bucket: str, tmp_path: Path, size: int,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hash taken before the upload is binding: if the bytes sent differ from it (the file changed after it was
+    hashed), the upload fails, whether the client hashed while sending (multipart) or not (resumable: the crc32c is
+    declared to GCS up front and the stored object's crc32c is compared after)."""
+    backend = fast_retry(open_backend(f"gs://{gcs_bucket}/changed"))
+    force_resumable(monkeypatch, backend)
+    f = tmp_path / "f.bin"
+    f.write_bytes(os.urandom(size))
+    hashed = crc32c_of_file(f)
+    f.write_bytes(os.urandom(size))  # rewritten between hashing and uploading
+    # multipart: the client compares the stored crc32c; resumable: GCS answers 400 "Provided CRC32C ... doesn't match"
+    with pytest.raises(StorageError, match=r"(?i)crc32c") as err:
+        backend.upload_file(f, "f.bin", crc32c=hashed)
+    assert "\n" not in str(err.value)
+
+
 def test_lost_response_then_412_counts_as_uploaded(gcs_bucket: str, gcs_emulator, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The case if_absent exists for: the upload lands, its response is lost, the client's retry gets 412."""
