@@ -70,10 +70,14 @@ class Backend(Protocol):
         """Every object whose name starts with `prefix` (a string prefix, as in GCS: "a/" for a folder)."""
         ...
 
-    def upload_file(self, local: Path, name: str, *, crc32c: str, if_absent: bool = True) -> None:
-        """Copy a local file to `name`. `crc32c` is the file's checksum: the upload is refused unless the stored
-        object ends up with exactly it. if_absent: create only; an existing object with the same size and crc32c
-        is success (an earlier attempt landed), a different one is a StorageError."""
+    def upload_file(self, local: Path, name: str, *, crc32c: str | None, if_absent: bool = True) -> str:
+        """Copy a local file to `name`; returns the stored object's crc32c.
+
+        `crc32c`: the file's checksum when already known (the upload is refused unless the stored object ends up
+        with exactly it), or None to hash the bytes while sending them (one read of the file instead of two; the
+        upload fails if what was stored differs from what was read, or if the file changed meanwhile).
+        if_absent: create only; an existing object with the same size and crc32c is success (an earlier attempt
+        landed), a different one is a StorageError."""
         ...
 
     def download_file(self, name: str, local: Path) -> None:
@@ -151,6 +155,18 @@ def crc32c_of_file(path: Path) -> str:
     return base64.b64encode(checksum.digest()).decode("ascii")
 
 
+def _stat_key(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def _changed(path: Path, before: tuple[int, int]) -> bool:
+    try:
+        return _stat_key(path) != before
+    except OSError:
+        return True
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}{_TMP_MARK}{uuid.uuid4().hex}")
@@ -200,6 +216,22 @@ class Crc32cCache:
             self._entries[key] = (st.st_size, st.st_mtime_ns, crc)
             self._dirty = True
         return crc
+
+    def peek(self, path: Path | str) -> str | None:
+        """The cached crc32c if the file is unchanged since it was hashed, else None; never reads the file."""
+        path = Path(path).absolute()
+        st = os.stat(path)
+        with self._lock:
+            entry = self._entries.get(str(path))
+        if entry is not None and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
+            return entry[2]
+        return None
+
+    def put(self, path: Path | str, size_mtime: tuple[int, int], crc: str) -> None:
+        """Record a crc32c computed elsewhere (while uploading) for the file as it was at `size_mtime`."""
+        with self._lock:
+            self._entries[str(Path(path).absolute())] = (size_mtime[0], size_mtime[1], crc)
+            self._dirty = True
 
     def save(self) -> None:
         """Write the cache (atomically), dropping entries of files that no longer exist (deleted checkpoints)."""
@@ -400,37 +432,62 @@ class GcsBackend:
         blob = self.bucket.get_blob(self._name(name), retry=self.retry, timeout=self.timeout)
         return None if blob is None else RemoteFile(name, int(blob.size or 0), blob.crc32c or "")
 
-    def upload_file(self, local: Path, name: str, *, crc32c: str, if_absent: bool = True) -> None:
+    def upload_file(self, local: Path, name: str, *, crc32c: str | None, if_absent: bool = True) -> str:
         from google.api_core.exceptions import PreconditionFailed
 
         local = Path(local)
         try:
-            size = local.stat().st_size
+            before = _stat_key(local)
         except OSError as e:
             raise StorageError(f"cannot upload {local} to {self._where(name)}: {_one_line(e)}") from e
+        size = before[0]
         blob = self.bucket.blob(self._name(name))
         # Above 8 MiB the library switches to a resumable upload, sent in chunks of this size.
         blob.chunk_size = self.chunk_size
+        resumable = size > _multipart_limit()
         try:
             with self._errors("write", name):
                 blob.upload_from_filename(
                     str(local), if_generation_match=0 if if_absent else None, retry=self.retry, timeout=self.timeout,
-                    # A resumable upload (above 8 MiB) declares the crc32c up front, so GCS itself refuses an object
-                    # with other content and the client need not hash the file a second time while sending it;
-                    # a multipart upload has no such field, so there the client checks the stored crc32c.
-                    checksum=None if size > _multipart_limit() else "crc32c",
-                    crc32c_checksum_value=crc32c,
+                    # A known crc32c is declared up front on a resumable upload, so GCS itself refuses an object with
+                    # other content and the client need not hash the file again while sending it. Otherwise (not
+                    # hashed yet, or a multipart upload, which has no such field) the client hashes what it sends
+                    # and fails unless the stored object's crc32c is the same.
+                    checksum=None if crc32c is not None and resumable else "crc32c",
+                    crc32c_checksum_value=crc32c if resumable else None,
                 )
         except PreconditionFailed:
+            if crc32c is None:
+                crc32c = crc32c_of_file(local)
             self._check_existing(name, size, crc32c, f"{local}")
-            return
+            return crc32c
         except OSError as e:  # the local file vanished or is unreadable
             raise StorageError(f"cannot upload {local} to {self._where(name)}: {_one_line(e)}") from e
-        if blob.crc32c != crc32c or int(blob.size or 0) != size:
+        except StorageError as e:
+            from google.cloud.storage.exceptions import DataCorruption
+
+            if if_absent and isinstance(e.__cause__, DataCorruption):
+                # The object landed with bytes other than those read: remove it, or every retry would meet a
+                # create-only refusal ("different content") instead of uploading again.
+                self._delete_quietly(name)
+            raise
+        changed = _changed(local, before)
+        if changed or (crc32c is not None and blob.crc32c != crc32c) or int(blob.size or 0) != size:
+            if if_absent:
+                self._delete_quietly(name)
+            if changed:
+                raise StorageError(f"{local} changed while it was uploaded to {self._where(name)}; the upload was discarded")
             raise StorageError(
                 f"{self._where(name)} was stored with size {blob.size} crc32c {blob.crc32c}, but {local} was "
                 f"hashed as size {size} crc32c {crc32c}: the local file changed during the upload"
             )
+        return blob.crc32c
+
+    def _delete_quietly(self, name: str) -> None:
+        try:
+            self.delete(name)
+        except StorageError:
+            pass  # best effort: the create-only check names the leftover if it is still there
 
     def _check_existing(self, name: str, size: int, crc32c: str, what: str) -> None:
         """412 on a create-only write: the object exists. Success only if it is ours (an earlier attempt landed)."""
@@ -544,8 +601,8 @@ class LocalBackend:
                         continue  # deleted while listing
         return out
 
-    def _copy_in(self, src: Path, dest: Path, expect_crc32c: str | None) -> Path:
-        """Copy src to a temporary file next to dest, hashing on the way; returns the temporary file."""
+    def _copy_in(self, src: Path, dest: Path, expect_crc32c: str | None) -> tuple[Path, str]:
+        """Copy src to a temporary file next to dest, hashing on the way; returns the temporary file and its crc32c."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f"{dest.name}{_TMP_MARK}{uuid.uuid4().hex}")
         checksum = google_crc32c.Checksum()
@@ -560,7 +617,7 @@ class LocalBackend:
             tmp.unlink(missing_ok=True)
             raise StorageError(
                 f"{src} has crc32c {got}, not {expect_crc32c} as hashed before: it changed during the copy")
-        return tmp
+        return tmp, got
 
     def _place(self, tmp: Path, dest: Path, name: str, if_absent: bool, what: str) -> None:
         try:
@@ -588,19 +645,24 @@ class LocalBackend:
                 f"size {a[0]}, crc32c {a[1]}); refusing to overwrite it"
             )
 
-    def upload_file(self, local: Path, name: str, *, crc32c: str, if_absent: bool = True) -> None:
+    def upload_file(self, local: Path, name: str, *, crc32c: str | None, if_absent: bool = True) -> str:
         dest = self._path(name)
         try:
-            tmp = self._copy_in(Path(local), dest, crc32c)
+            before = _stat_key(Path(local))
+            tmp, got = self._copy_in(Path(local), dest, crc32c)
+            if _changed(Path(local), before):
+                tmp.unlink(missing_ok=True)
+                raise StorageError(f"cannot copy {local} to {self.url}/{name}: the local file changed during the copy")
             self._place(tmp, dest, name, if_absent, str(local))
         except OSError as e:
             raise StorageError(f"cannot copy {local} to {self.url}/{name}: {_one_line(e)}") from e
+        return got
 
     def download_file(self, name: str, local: Path) -> None:
         src = self._path(name)
         local = Path(local)
         try:
-            tmp = self._copy_in(src, local, None)
+            tmp, _ = self._copy_in(src, local, None)
             try:
                 os.replace(tmp, local)
             finally:

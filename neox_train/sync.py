@@ -161,16 +161,25 @@ def _sync_up(local_dir: Path, backend: Backend, remote_prefix: str, *, workers: 
 
         def one(item: tuple[str, Path]) -> tuple[int, str, bool]:
             rel, path = item
+            have = listing.result().get(prefix + rel)
             try:
-                size, crc = path.stat().st_size, cache.get(path)
+                st = path.stat()
+                size = st.st_size
+                if have is not None and have.size == size:
+                    crc = cache.get(path)  # same name and size remotely: only the content hash can tell
+                    if have.crc32c == crc:
+                        return size, crc, False
+                else:
+                    # Not remote (or another size): it uploads either way, so a file not hashed yet is hashed
+                    # while it is sent, one read instead of two (a multi-GB shard is not read twice from disk).
+                    crc = cache.peek(path)
             except OSError as e:
                 raise StorageError(f"cannot read {path}: {e.strerror or e}") from e
-            have = listing.result().get(prefix + rel)
-            if have is not None and have.size == size and have.crc32c == crc:
-                return size, crc, False
             # Create-only for new names: a retried upload whose first attempt landed is recognised, not doubled.
-            backend.upload_file(path, prefix + rel, crc32c=crc, if_absent=have is None)
-            return size, crc, True
+            stored = backend.upload_file(path, prefix + rel, crc32c=crc, if_absent=have is None)
+            if crc is None:
+                cache.put(path, (st.st_size, st.st_mtime_ns), stored)
+            return size, stored, True
 
         def done(item: tuple[str, Path], outcome: tuple[int, str, bool]) -> None:
             size, crc, uploaded = outcome
