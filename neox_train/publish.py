@@ -8,11 +8,12 @@ parts are remote; on shared storage only global rank 0 uploads.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .config import RunConfig
 from .metrics import log
@@ -102,6 +103,17 @@ class Publisher:
                                      retries=result.retries)
         log.info("sync: published %s to %s inline (%d bytes, %.1f s)", tag, self.settings.url,
                  result.bytes_uploaded, self.status.last_lag_s)
+
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """Around engine.save_checkpoint: the background worker holds its uploads until the save is written."""
+        if self.worker is not None:
+            self.worker.set_saving(True)
+        try:
+            yield
+        finally:
+            if self.worker is not None:
+                self.worker.set_saving(False)
 
     def poll(self) -> SyncStatus:
         if self.worker is not None:

@@ -141,7 +141,7 @@ def _size(path: Path) -> int:
 
 
 def _sync_up(local_dir: Path, backend: Backend, remote_prefix: str, *, workers: int, cache: Crc32cCache | None,
-             progress: bool) -> tuple[SyncResult, dict[str, tuple[int, str]]]:
+             progress: bool, gate: Callable[[], None] | None = None) -> tuple[SyncResult, dict[str, tuple[int, str]]]:
     started, retries0 = time.monotonic(), backend.retries
     local_dir = Path(local_dir)
     if not local_dir.is_dir():
@@ -162,6 +162,8 @@ def _sync_up(local_dir: Path, backend: Backend, remote_prefix: str, *, workers: 
         def one(item: tuple[str, Path]) -> tuple[int, str, bool]:
             rel, path = item
             have = listing.result().get(prefix + rel)
+            if gate is not None:
+                gate()  # e.g. wait while the trainer writes the next checkpoint
             try:
                 st = path.stat()
                 size = st.st_size
@@ -332,7 +334,8 @@ def _dumps(obj: Any) -> bytes:
 
 
 def upload_checkpoint_part(save_dir: Path, tag: str, backend: Backend, *, node_rank: int = 0, workers: int = 8,
-                           cache: Crc32cCache | None = None, run_id: str | None = None) -> SyncResult:
+                           cache: Crc32cCache | None = None, run_id: str | None = None,
+                           gate: Callable[[], None] | None = None) -> SyncResult:
     """Upload this node's files of SAVE_DIR/<tag> to <tag>/ and record them in <tag>/.parts/node-<node_rank>.json.
 
     run_id (optional, the same on every node of one run): finalize waits until all parts carry the same one, so a
@@ -353,7 +356,7 @@ def upload_checkpoint_part(save_dir: Path, tag: str, backend: Backend, *, node_r
     if backend.read_bytes(f"{tag}/{COMPLETE}") is not None:
         return _check_already_published(folder, files, backend, tag, cache, workers)
 
-    result, local = _sync_up(folder, backend, tag, workers=workers, cache=cache, progress=False)
+    result, local = _sync_up(folder, backend, tag, workers=workers, cache=cache, progress=False, gate=gate)
     part: dict[str, Any] = {
         "node": node_rank,
         "files": {rel: {"size": size, "crc32c": crc} for rel, (size, crc) in sorted(local.items())},

@@ -54,6 +54,9 @@ class SyncSettings:
     retry_initial_s: float = 2.0
     retry_max_s: float = 60.0
     finalize_poll_s: float = 1.0
+    # While the trainer writes a checkpoint, uploads wait (at most this long per wait) so that they do not compete
+    # with the save for the disk and the cores: the loop's stall is the one cost that reaches the GPUs.
+    yield_to_save_max_s: float = 120.0
 
 
 @dataclass
@@ -140,8 +143,9 @@ class SyncWorker:
         # Messages are a few dozen bytes, far below the pipe buffer, so send() does not block the loop.
         task_recv, self._tasks = ctx.Pipe(duplex=False)
         self._status, status_send = ctx.Pipe(duplex=False)
-        self._proc = ctx.Process(target=_worker_main, args=(settings, task_recv, status_send), daemon=True,
-                                 name=f"neox-sync-node{settings.node_rank}")
+        self._saving = ctx.Event()
+        self._proc = ctx.Process(target=_worker_main, args=(settings, task_recv, status_send, self._saving),
+                                 daemon=True, name=f"neox-sync-node{settings.node_rank}")
         self.status = SyncStatus()
         self._submitted: set[str] = set()
 
@@ -157,6 +161,10 @@ class SyncWorker:
 
     def submit(self, tag: str) -> None:
         self._submit(tag, committed_at=time.time(), journal=True)
+
+    def set_saving(self, saving: bool) -> None:
+        """The trainer is (no longer) writing a checkpoint: the worker holds its next file until the save is done."""
+        (self._saving.set if saving else self._saving.clear)()
 
     def _submit(self, tag: str, *, committed_at: float, journal: bool) -> None:
         if tag in self._submitted:
@@ -237,7 +245,19 @@ class SyncWorker:
             self._proc.join(timeout=10)
 
 
-def _worker_main(settings: SyncSettings, tasks, status_q) -> None:  # tasks: recv end; status_q: send end
+def save_gate(saving, max_wait_s: float):
+    """A callable that returns once no checkpoint save is in progress (or after max_wait_s: a trainer that died
+    mid-save must not hold uploads forever)."""
+
+    def gate() -> None:
+        deadline = time.monotonic() + max_wait_s
+        while saving.is_set() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    return gate
+
+
+def _worker_main(settings: SyncSettings, tasks, status_q, saving=None) -> None:  # tasks: recv end; status_q: send end
     """Runs in the spawned process. Never raises: failures are reported and retried."""
     from .storage import Crc32cCache, StorageError, open_backend
 
@@ -276,6 +296,7 @@ def _worker_main(settings: SyncSettings, tasks, status_q) -> None:  # tasks: rec
         status_q.send({"kind": "fatal", "error": f"{type(e).__name__}: {e}"})
         return
     cache = Crc32cCache(save_dir / JOURNAL_DIR / f"crc32c-node{settings.node_rank}.json")
+    gate = save_gate(saving, settings.yield_to_save_max_s) if saving is not None else None
     pending: deque[dict[str, Any]] = deque()
     stopping = False
     attempt = 0
@@ -316,7 +337,7 @@ def _worker_main(settings: SyncSettings, tasks, status_q) -> None:  # tasks: rec
         try:
             if not (save_dir / tag).is_dir():
                 raise StorageError(f"checkpoint folder {save_dir / tag} disappeared before it was uploaded")
-            result = publish_tag(backend, settings, tag, cache)
+            result = publish_tag(backend, settings, tag, cache, gate=gate)
         except Exception as e:  # noqa: BLE001 - one failure must never kill the worker
             attempt += 1
             delay = min(settings.retry_max_s, settings.retry_initial_s * 2 ** (attempt - 1))
@@ -338,13 +359,14 @@ def _worker_main(settings: SyncSettings, tasks, status_q) -> None:  # tasks: rec
         })
 
 
-def publish_tag(backend, settings: SyncSettings, tag: str, cache):
+def publish_tag(backend, settings: SyncSettings, tag: str, cache, *, gate=None):
     """Upload this node's part of `tag`, wait until the checkpoint is published (COMPLETE in the bucket), and
-    journal it. One path for the background worker and for inline uploads; returns the SyncResult."""
+    journal it. One path for the background worker and for inline uploads; returns the SyncResult.
+    gate: called before each file is read (the worker's wait while a checkpoint is being written)."""
     from .sync import upload_checkpoint_part
 
     result = upload_checkpoint_part(Path(settings.save_dir), tag, backend, node_rank=settings.node_rank,
-                                    workers=settings.workers, cache=cache, run_id=settings.run_id)
+                                    workers=settings.workers, cache=cache, run_id=settings.run_id, gate=gate)
     cache.save()
     _wait_published(backend, tag, settings)
     append_journal(journal_path(Path(settings.save_dir), settings.node_rank), {"published": tag, "time": time.time()})

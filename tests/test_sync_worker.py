@@ -47,3 +47,41 @@ def test_journal_hands_unfinished_tags_to_the_next_worker(tmp_path):
     status = second.close(timeout_s=120, progress=False)
     assert status.published == tags and journal_pending(save_dir, 0) == []
     assert sorted(p.parent.name for p in bucket.glob("*/COMPLETE")) == tags
+
+
+def test_uploads_wait_while_a_checkpoint_is_being_written(tmp_path):
+    """The trainer flags its saves; the worker reads no checkpoint file while the flag is up (bounded wait)."""
+    import time
+
+    save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
+    tags = make_tags(save_dir, [7, 8])
+    worker = SyncWorker(SyncSettings(url=str(bucket), save_dir=str(save_dir)))
+    worker.start()
+    worker.submit(tags[0])  # first prove the process is up and uploading (spawn + imports take seconds)
+    deadline = time.monotonic() + 120
+    while worker.poll().published != tags[:1]:
+        assert time.monotonic() < deadline, "the worker never published the first tag"
+        time.sleep(0.1)
+    worker.set_saving(True)
+    worker.submit(tags[1])
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        assert not list(bucket.glob("global_step8/*.pt")), "a file was uploaded during a save"
+        time.sleep(0.05)
+    assert worker.poll().published == tags[:1]
+    worker.set_saving(False)
+    status = worker.close(timeout_s=120, progress=False)
+    assert status.published == tags and (bucket / "global_step8" / "COMPLETE").is_file()
+
+
+def test_save_gate_gives_up_after_its_bound():
+    import threading
+    import time
+
+    from neox_train.sync_worker import save_gate
+
+    flag = threading.Event()
+    flag.set()  # a trainer that died mid-save never clears it
+    started = time.monotonic()
+    save_gate(flag, max_wait_s=0.3)()
+    assert 0.25 <= time.monotonic() - started < 2.0
