@@ -30,6 +30,8 @@ setup(
             "neox-train=neox_train.cli:train_main",
             "neox-data=neox_train.cli:data_main",
             "neox-sync=neox_train.sync_cli:main",
+            "neox-launch=neox_train.launch:main",
+            "neox-convert-hf=neox_train.convert:main",
         ]
     },
 )

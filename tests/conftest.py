@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sshd import ssh_cluster  # noqa: F401  (session fixture: one sshd shared by every multi-node test)
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 VOCAB = 256

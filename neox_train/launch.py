@@ -1,0 +1,488 @@
+"""`neox-launch`: plan the ZeRO stage for the GPUs at hand, check the setup, and start `neox-train` through the
+`deepspeed` launcher on one node (`--gpus N`) or many (`--hostfile FILE`).
+
+    neox-launch --config production --gpus 8                      # one node
+    neox-launch --config production --hostfile hosts.txt           # every slot of every host (pdsh over ssh)
+    neox-launch --plan --json --gpus 2 --gpu-mem-gb 24 --config production   # the plan only
+
+Every flag neox-train knows is accepted and passed on; the plan's own choices reach neox-train as
+`--ds-config SAVE_DIR/launch/ds_config.json --micro-batch M --grad-accum A [--activation-checkpointing]`.
+The launch folder SAVE_DIR/launch/ keeps what was run: plan.json, ds_config.json, hostfile, .deepspeed_env and
+command.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig, load_run_config
+
+BIN = Path(sys.executable).parent
+LAUNCH_SUBDIR = "launch"
+LAUNCHERS = ("pdsh", "openmpi", "slurm")
+DEFAULT_MASTER_PORT = 29500  # DeepSpeed's (TORCH_DISTRIBUTED_DEFAULT_PORT)
+# What reaches every node through .deepspeed_env besides PATH and PYTHONPATH: credentials and the emulator for
+# the bucket, the communication libraries' tuning, and this package's own switches.
+FORWARDED_NAMES = ("GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST", "OMP_NUM_THREADS", "DS_ACCELERATOR",
+                   "TORCH_EXTENSIONS_DIR", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+FORWARDED_PREFIXES = ("NCCL_", "TORCH_NCCL_", "GLOO_", "NEOX_")
+# DeepSpeed writes `export K=V` into the remote shell command, wrapping V in double quotes when it holds a shell
+# character (multinode_runner.add_export): inside those quotes '"', '$', '`' and '\' would still be interpreted.
+_UNSAFE_ENV_VALUE = re.compile(r'["$`\\\n]')
+
+
+def launch_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="neox-launch", add_help=False, allow_abbrev=False,  # abbreviations would steal neox-train flags
+        description="Plan, check and launch neox-train through the deepspeed launcher. Other flags go to neox-train "
+                    "(see neox-train --help).",
+    )
+    p.add_argument("-h", "--help", action="store_true", help="show this help (and neox-train's flags) and exit")
+    where = p.add_argument_group("where to run")
+    where.add_argument("--gpus", type=int, help="GPUs in total (single node: this machine); with --hostfile, must "
+                                                "equal the slots selected")
+    where.add_argument("--hostfile", help="DeepSpeed hostfile: lines 'HOST slots=N', '#' comments")
+    where.add_argument("--include", default="", help="DeepSpeed's HOST[:SLOT,...][@HOST...]: only these hosts/slots")
+    where.add_argument("--exclude", default="", help="DeepSpeed's HOST[:SLOT,...][@HOST...]: all but these")
+    where.add_argument("--num-nodes", type=int, help="the first N hosts of the hostfile")
+    where.add_argument("--launcher", default="pdsh", choices=LAUNCHERS, help="multi-node runner (default pdsh)")
+    where.add_argument("--master-addr", help="address of the first node for torch.distributed (default: DeepSpeed "
+                                             "asks the first host for `hostname -I`)")
+    where.add_argument("--master-port", type=int, default=DEFAULT_MASTER_PORT, help="torch.distributed port")
+    where.add_argument("--ssh-port", type=int, help="sshd port on the hosts, when not 22")
+    where.add_argument("--no-ssh-check", action="store_true",
+                       help="skip the ssh reachability and code checks (DeepSpeed's and ours)")
+    plan = p.add_argument_group("memory plan")
+    plan.add_argument("--zero", default="auto", choices=("auto", "0", "1", "2", "3"),
+                      help="ZeRO stage: auto (the planner's choice) or force one (warns when it will not fit)")
+    plan.add_argument("--offload", action="store_true", help="with --zero 2 or 3: the CPU-offload variant")
+    plan.add_argument("--gpu-mem-gb", type=float, help="GPU memory in GiB (default: read from the device)")
+    modes = p.add_argument_group("what to do")
+    modes.add_argument("--plan", action="store_true", help="print the plan and exit (nothing is launched)")
+    modes.add_argument("--table", action="store_true", help="with --plan: a markdown table over --table-gpus x "
+                                                            "--table-mem-gb")
+    modes.add_argument("--table-gpus", default="1,2,4,8,16,64", help="GPU counts for --table")
+    modes.add_argument("--table-mem-gb", default="24,40,80", help="GPU memory sizes (GiB) for --table")
+    modes.add_argument("--check", action="store_true", help="run the pre-flight checks, print the table and exit")
+    modes.add_argument("--no-check", action="store_true", help="launch without the pre-flight checks")
+    modes.add_argument("--dry-run", action="store_true",
+                       help="write the launch folder and print the exact command instead of running it")
+    modes.add_argument("--json", action="store_true", help="--plan/--check/--dry-run: one JSON object on stdout")
+    return p
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    from .cli import train_parser
+
+    parser = train_parser()
+    parser.prog = "neox-launch"  # its errors then name the command the user typed
+    return parser
+
+
+# Flags the plan decides; the user's values are the planner's input, the plan's are what neox-train receives.
+_PLANNED = {"ds_config", "micro_batch", "grad_accum", "activation_checkpointing"}
+
+
+def run_config_from_args(ns: argparse.Namespace) -> RunConfig:
+    """The run config neox-train will build from the same flags: flags left at their default do not override."""
+    run = load_run_config(ns.config)
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    overrides = {k: v for k, v in vars(ns).items() if k in names and v is not None and v is not False}
+    if ns.no_background_upload:
+        overrides["background_upload"] = False
+    return run.replace(**overrides) if overrides else run
+
+
+def forwarded_train_args(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> list[str]:
+    """neox-train's flags back from the parsed namespace, minus the planned ones (abbreviations and `--x=v` forms
+    come out normalised)."""
+    out: list[str] = []
+    for action in parser._actions:  # argparse keeps no public list of its actions
+        if not action.option_strings or action.dest in _PLANNED | {"help", "local_rank", "describe"}:
+            continue
+        value = getattr(ns, action.dest, None)
+        flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") else action.option_strings[0]
+        if action.nargs == 0:  # a switch (store_true)
+            if value:
+                out.append(flag)
+        elif action.dest == "config" or (value is not None and value != action.default):
+            out += [flag, str(value)]
+    return out
+
+
+# -- where --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Resources:
+    """The GPUs of a launch: this machine's (`pool` None) or a hostfile's selected slots."""
+
+    gpus: int
+    nodes: int
+    gpus_per_node: int
+    pool: "OrderedDict[str, int] | None"  # the hostfile's hosts -> slots; None: single node
+    active: "OrderedDict[str, list[int]] | None"  # what the launch uses
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return tuple(self.active) if self.active else ()
+
+
+def _local_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_resources(args: argparse.Namespace) -> Resources:
+    from . import hostfile
+
+    if args.gpus is not None and args.gpus < 1:
+        raise ConfigError(f"--gpus {args.gpus} must be >= 1")
+    if not args.hostfile:
+        for flag, value in (("--include", args.include), ("--exclude", args.exclude), ("--num-nodes", args.num_nodes)):
+            if value:
+                raise ConfigError(f"{flag} selects hosts of a hostfile: give --hostfile FILE too")
+        gpus = args.gpus if args.gpus is not None else _local_gpu_count()
+        if gpus < 1:
+            raise ConfigError("no CUDA GPU here: give --gpus N (N ranks on this machine) or --hostfile FILE")
+        return Resources(gpus=gpus, nodes=1, gpus_per_node=gpus, pool=None, active=None)
+    pool = hostfile.parse_hostfile(args.hostfile)
+    active = hostfile.select(pool, include=args.include, exclude=args.exclude, num_nodes=args.num_nodes,
+                             source=f"hostfile {args.hostfile}")
+    total = sum(len(s) for s in active.values())
+    if args.gpus is not None and args.gpus != total:
+        filtered = " after --include/--exclude/--num-nodes" if (args.include or args.exclude or args.num_nodes) else ""
+        if args.gpus > total:
+            raise ConfigError(f"--gpus {args.gpus} asks for more GPUs than hostfile {args.hostfile} holds{filtered}: "
+                              f"{total} slots ({hostfile.describe(active)})")
+        raise ConfigError(f"--gpus {args.gpus} but hostfile {args.hostfile} selects {total} slots{filtered} "
+                          f"({hostfile.describe(active)}): choose them with --num-nodes/--include/--exclude, or drop "
+                          f"--gpus")
+    if args.launcher == "openmpi" and (args.include or args.exclude or args.num_nodes):
+        raise ConfigError("--launcher openmpi runs every slot of the hostfile (DeepSpeed's OpenMPI runner refuses "
+                          "--include/--exclude/--num-nodes): write a hostfile of the hosts to use")
+    if args.launcher == "slurm":
+        from deepspeed.launcher.multinode_runner import SlurmRunner
+
+        try:
+            SlurmRunner.validate_active_resources(active)
+        except ValueError as e:
+            raise ConfigError(f"--launcher slurm: {e}") from None
+    return Resources(gpus=total, nodes=len(active), gpus_per_node=max(len(s) for s in active.values()), pool=pool,
+                    active=active)
+
+
+# -- the plan -----------------------------------------------------------------------------------------------------
+def make_plan(run: RunConfig, args: argparse.Namespace, resources: Resources):
+    from . import planner
+
+    if args.gpu_mem_gb is not None:
+        if args.gpu_mem_gb <= 0:
+            raise ConfigError(f"--gpu-mem-gb {args.gpu_mem_gb:g} must be a positive number of GiB")
+        mem, source = args.gpu_mem_gb, "--gpu-mem-gb"
+    else:
+        mem, source = planner.detect_gpu_memory()
+        if mem is None and args.plan:
+            raise ConfigError("--plan needs the GPU memory: no CUDA device here, so give --gpu-mem-gb G (GiB per GPU)")
+    forced = None if args.zero == "auto" else int(args.zero)
+    if args.offload and forced is None:
+        raise ConfigError("--offload needs --zero 2 or --zero 3 (with --zero auto the planner offloads only when "
+                          "nothing else fits)")
+    req = planner.request_from_run(run, gpus=resources.gpus, nodes=resources.nodes, gpu_mem_gib=mem,
+                                   gpu_mem_source=source, forced_stage=forced, forced_offload=args.offload)
+    return req, planner.choose(req)
+
+
+def plan_table(run: RunConfig, args: argparse.Namespace) -> list[dict[str, Any]]:
+    from . import planner
+
+    def numbers(flag: str, text: str, kind):
+        try:
+            values = [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            values = []
+        if not values or any(v <= 0 for v in values):
+            raise ConfigError(f"{flag} {text!r} must be a comma-separated list of positive numbers")
+        return values
+
+    gpus = numbers("--table-gpus", args.table_gpus, int)
+    mems = numbers("--table-mem-gb", args.table_mem_gb, float)
+    return planner.plan_table(
+        lambda g, n, m: planner.request_from_run(run, gpus=g, nodes=n, gpu_mem_gib=m, gpu_mem_source="table"),
+        gpus, mems)
+
+
+# -- the environment on every node ----------------------------------------------------------------------------
+def _read_env_file(path: Path) -> dict[str, str]:
+    values = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            key, value = line.split("=", 1)
+            values[key.strip()] = value.strip()
+    return values
+
+
+def deepspeed_env(environ: dict[str, str], cwd: Path) -> tuple[dict[str, str], list[str]]:
+    """The variables every node gets through .deepspeed_env, and a note per decision worth telling.
+
+    The user's own ~/.deepspeed_env and ./.deepspeed_env (DeepSpeed would read them; it reads ours instead) are
+    merged in and win over what is derived here, since they were written on purpose."""
+    notes: list[str] = []
+    path_parts = [str(BIN)] + [p for p in environ.get("PATH", "").split(":") if p and p != str(BIN)]
+    package_root = str(Path(__file__).resolve().parent.parent)
+    pythonpath = [str(cwd), package_root] + [p for p in environ.get("PYTHONPATH", "").split(":") if p]
+    env: dict[str, str] = {
+        # The virtualenv first: pdsh's remote shell starts with the system PATH.
+        "PATH": ":".join(path_parts),
+        "PYTHONPATH": ":".join(dict.fromkeys(pythonpath)),
+    }
+    for key, value in sorted(environ.items()):
+        if key in FORWARDED_NAMES or key.startswith(FORWARDED_PREFIXES):
+            if key == "GOOGLE_APPLICATION_CREDENTIALS":
+                value = str((cwd / value).absolute())  # the remote shell starts elsewhere before its `cd`
+            env[key] = value
+    name = environ.get("DS_ENV_FILE", ".deepspeed_env")
+    for base in (Path(environ.get("HOME", "~")).expanduser(), cwd):
+        user_file = base / name
+        if user_file.is_file():
+            mine = _read_env_file(user_file)
+            if mine:
+                notes.append(f"merged {user_file} ({', '.join(sorted(mine))}); its values win")
+            env.update(mine)
+    for key in list(env):
+        if _UNSAFE_ENV_VALUE.search(env[key]):
+            notes.append(f"{key} not forwarded: its value holds a character the remote shell would expand")
+            del env[key]
+    return env, notes
+
+
+# -- the command --------------------------------------------------------------------------------------------------
+def deepspeed_command(args: argparse.Namespace, resources: Resources, launch_dir: Path,
+                      train_args: list[str]) -> list[str]:
+    from . import hostfile
+
+    deepspeed = BIN / "deepspeed"
+    cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed"]
+    if resources.pool is None:
+        cmd += ["--num_gpus", str(resources.gpus)]
+    else:
+        cmd += ["--hostfile", str(launch_dir / "hostfile"), "--launcher", args.launcher]
+        if args.include:
+            cmd += ["--include", args.include]
+        if args.exclude:
+            cmd += ["--exclude", args.exclude]
+        if args.num_nodes:
+            cmd += ["--num_nodes", str(args.num_nodes)]
+        if args.ssh_port is not None:
+            cmd += ["--ssh_port", str(args.ssh_port)]
+        if args.no_ssh_check:
+            cmd += ["--no_ssh_check"]
+        if len(resources.hosts) == 1 and hostfile.ranks_elsewhere(resources.hosts):
+            # DeepSpeed starts a single-host job locally unless told otherwise; that host is elsewhere.
+            cmd += ["--force_multi"]
+    if args.master_addr:
+        cmd += ["--master_addr", args.master_addr]
+    cmd += ["--master_port", str(args.master_port)]
+    return cmd + [str(BIN / "neox-train"), *train_args]
+
+
+def planned_train_args(plan, launch_dir: Path) -> list[str]:
+    args = ["--ds-config", str(launch_dir / "ds_config.json"), "--micro-batch", str(plan.micro_batch),
+            "--grad-accum", str(plan.grad_accum)]
+    return args + (["--activation-checkpointing"] if plan.activation_checkpointing else [])
+
+
+def write_launch_dir(launch: Launch, plan) -> None:
+    from . import hostfile
+
+    d = launch.launch_dir
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "ds_config.json").write_text(json.dumps(launch.ds_config, indent=2) + "\n")
+    (d / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+    if launch.resources.pool is not None:
+        hostfile.write_hostfile(launch.resources.pool, d / "hostfile")
+    # DeepSpeed splits each line at the first '=' and fails on a line without one: no comments, no blank lines.
+    (d / ".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in launch.env.items()))
+    (d / "command.txt").write_text(shell_line(launch.command, launch.env_file_var) + "\n")
+
+
+def shell_line(command: list[str], env: dict[str, str]) -> str:
+    return " ".join([f"{k}={shlex.quote(v)}" for k, v in env.items()] + [shlex.quote(c) for c in command])
+
+
+# -- main ---------------------------------------------------------------------------------------------------------
+def _print_help() -> None:
+    launch_parser().print_help()
+    print("\nneox-train flags (passed on):\n")
+    print(_train_parser().format_help().split("options:", 1)[-1])
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Everything a launch runs with, resolved before anything is written or started."""
+
+    run: RunConfig
+    resources: Resources
+    ds_config: dict[str, Any]  # the resolved JSON written to the launch folder
+    effective: dict[str, Any]  # what neox-train will make of it (its overrides applied)
+    launch_dir: Path
+    env: dict[str, str]  # .deepspeed_env
+    env_notes: list[str]
+    command: list[str]
+    env_file_var: dict[str, str]
+
+
+def prepare_launch(args: argparse.Namespace, tparser: argparse.ArgumentParser, targs: argparse.Namespace,
+                   run: RunConfig, resources: Resources, req, plan) -> Launch:
+    import torch
+
+    from . import hostfile, planner
+    from .ds_config import effective_ds_config, load_ds_config
+
+    _, base = load_ds_config(run.ds_config)
+    ds_cfg = planner.resolved_ds_config(base, plan, req)
+    # What neox-train will make of it, computed now: a conflict (say optimizer_impl with offload) stops here, before
+    # any process starts, and pre-flight checks the ops of the config that will really run. Ranks on other hosts
+    # are assumed to have GPUs (a login node without CUDA may launch them).
+    on_gpu = torch.cuda.is_available() or hostfile.ranks_elsewhere(resources.hosts)
+    effective, _ = effective_ds_config(
+        ds_cfg, run.replace(micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
+                            activation_checkpointing=plan.activation_checkpointing),
+        dp_size=resources.gpus, on_gpu=on_gpu)
+    cwd = Path.cwd()
+    launch_dir = (Path(run.save_dir) / LAUNCH_SUBDIR).absolute()
+    env, env_notes = deepspeed_env(dict(os.environ), cwd)
+    train_args = forwarded_train_args(tparser, targs) + planned_train_args(plan, launch_dir)
+    return Launch(run=run, resources=resources, ds_config=ds_cfg, effective=effective, launch_dir=launch_dir, env=env,
+                  env_notes=env_notes, command=deepspeed_command(args, resources, launch_dir, train_args),
+                  # DeepSpeed joins DS_ENV_FILE to ~ and to '.': an absolute path wins both joins, so ours is read.
+                  env_file_var={"DS_ENV_FILE": str(launch_dir / ".deepspeed_env")})
+
+
+def run_preflight(args: argparse.Namespace, launch: Launch, plan) -> list:
+    from . import preflight
+
+    ctx = preflight.PreflightContext(
+        run=launch.run, plan=plan, ds_config=launch.effective, gpus_per_node=launch.resources.gpus_per_node,
+        hosts=launch.resources.hosts, launcher=args.launcher, ssh_port=args.ssh_port,
+        check_ssh=not args.no_ssh_check, remote_env=launch.env, cwd=str(Path.cwd()))
+    return preflight.run_checks(ctx)
+
+
+def _run(argv: list[str] | None, out) -> int:
+    from . import preflight
+
+    args, rest = launch_parser().parse_known_args(argv)
+    if args.help:
+        with contextlib.redirect_stdout(out):
+            _print_help()
+        return 0
+    tparser = _train_parser()
+    targs = tparser.parse_args(rest)  # unknown flags: argparse's usage line and exit 2
+    if targs.describe:
+        raise ConfigError("--describe is neox-train's (it runs nothing): use `neox-launch --plan` for the launch plan")
+    run = run_config_from_args(targs)
+    if args.plan and args.table:
+        from .planner import format_table
+
+        rows = plan_table(run, args)
+        print(json.dumps({"rows": rows}) if args.json else format_table(rows), file=out)
+        return 0
+
+    resources = resolve_resources(args)
+    req, plan = make_plan(run, args, resources)
+    for warning in plan.warnings:
+        print(f"neox-launch: warning: {warning}", file=sys.stderr)
+    if args.plan:
+        print(json.dumps(plan.to_dict()) if args.json else _plan_text(plan), file=out)
+        return 0
+
+    launch = prepare_launch(args, tparser, targs, run, resources, req, plan)
+    if args.check:
+        checks = run_preflight(args, launch, plan)
+        print(json.dumps(preflight.as_json(checks)) if args.json else preflight.format_checks(checks), file=out)
+        return 1 if any(c.failed for c in checks) else 0
+    if not (args.dry_run or args.no_check):
+        checks = run_preflight(args, launch, plan)
+        print(preflight.format_checks(checks), file=sys.stderr)
+        failed = [c for c in checks if c.failed]
+        if failed:
+            more = f" (and {len(failed) - 1} more above)" if len(failed) > 1 else ""
+            raise ConfigError(f"pre-flight failed: {failed[0].name}: {failed[0].detail}; fix: {failed[0].fix}{more}")
+
+    write_launch_dir(launch, plan)
+    for note in launch.env_notes:
+        print(f"neox-launch: {note}", file=sys.stderr)
+    if args.dry_run:
+        if args.json:
+            print(json.dumps({"command": launch.command, "env": launch.env_file_var,
+                              "launch_dir": str(launch.launch_dir), "deepspeed_env": launch.env,
+                              "plan": plan.to_dict()}), file=out)
+        else:
+            print(shell_line(launch.command, launch.env_file_var), file=out)
+        return 0
+    print(f"neox-launch: {plan.reason}", file=sys.stderr)
+    print(f"neox-launch: running {shell_line(launch.command, launch.env_file_var)}", file=sys.stderr, flush=True)
+    return _exec(launch.command, {**os.environ, **launch.env_file_var, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"})
+
+
+def _exec(command: list[str], env: dict[str, str]) -> int:
+    """Run the deepspeed launcher; SIGINT/SIGTERM reach it (it stops the ranks on every node), its exit is ours."""
+    proc = subprocess.Popen(command, env=env)
+
+    def forward(signum, _frame):
+        proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _plan_text(plan) -> str:
+    d = plan.to_dict()
+    lines = [
+        f"ZeRO-{d['zero_stage']} (offload: {d['offload']}; DeepSpeed JSON from {d['ds_config']}), activation "
+        f"checkpointing {'on' if d['activation_checkpointing'] else 'off'}",
+        f"batch: micro {d['micro_batch']} x accumulation {d['grad_accum']} x {d['gpus']} GPUs = {d['train_batch']} "
+        f"sequences of {d['model']['seq_len']} tokens",
+        f"estimate: {d['est_gb_per_gpu']} GiB per GPU {d['est_breakdown_gb']}"
+        + (f" of {d['usable_gb_per_gpu']} usable" if d["usable_gb_per_gpu"] is not None else ""),
+        f"why: {d['reason']}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import DataError
+    from .storage import StorageError
+
+    try:
+        # DeepSpeed's logger writes to stdout (its accelerator notice on import, for one): stdout is kept for what
+        # this command prints itself, so `--json` output stays one parseable object.
+        out = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            return _run(argv, out=out)
+    except (ConfigError, DataError, StorageError) as e:
+        print(f"neox-launch: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # argparse: usage line already printed (exit 2), or --help
+        return e.code if isinstance(e.code, int) else 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
