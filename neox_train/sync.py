@@ -141,13 +141,14 @@ def _size(path: Path) -> int:
 
 
 def _sync_up(local_dir: Path, backend: Backend, remote_prefix: str, *, workers: int, cache: Crc32cCache | None,
-             progress: bool, gate: Callable[[], None] | None = None) -> tuple[SyncResult, dict[str, tuple[int, str]]]:
+             progress: bool, gate: Callable[[], None] | None = None,
+             files: list[tuple[str, Path]] | None = None) -> tuple[SyncResult, dict[str, tuple[int, str]]]:
     started, retries0 = time.monotonic(), backend.retries
     local_dir = Path(local_dir)
     if not local_dir.is_dir():
         raise StorageError(f"{local_dir} is not a folder (the source of an upload must be a local folder)")
     prefix = _dir_prefix(remote_prefix)
-    files = _local_files(local_dir)
+    files = _local_files(local_dir) if files is None else files
     cache = cache if cache is not None else Crc32cCache()
     result = SyncResult()
     local: dict[str, tuple[int, str]] = {}
@@ -333,6 +334,11 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=True).encode()
 
 
+# Files DeepSpeed writes once per node under `checkpoint.use_node_local_storage` (each node's local rank 0 saves
+# the model states; ZeRO-3 names its per-rank files zero_pp_rank_N_..., which do not match).
+NODE_REPLICATED = re.compile(r"^mp_rank_\d+_model_states\.pt$")
+
+
 def upload_checkpoint_part(save_dir: Path, tag: str, backend: Backend, *, node_rank: int = 0, workers: int = 8,
                            cache: Crc32cCache | None = None, run_id: str | None = None,
                            gate: Callable[[], None] | None = None) -> SyncResult:
@@ -353,10 +359,16 @@ def upload_checkpoint_part(save_dir: Path, tag: str, backend: Backend, *, node_r
             raise StorageError(
                 f"{path}: {rel!r} is a name reserved for the published checkpoint's bookkeeping; rename it")
 
+    if node_rank > 0:
+        # With node-local storage every node's local rank 0 writes the (ZeRO-0/1/2) model states: the same weights
+        # and client state on every node, but not byte-identical files (pickles). Node 0's copy is the checkpoint's;
+        # the others stay local, or two nodes would race for one object name with different bytes.
+        files = [(rel, path) for rel, path in files if not NODE_REPLICATED.match(rel)]
     if backend.read_bytes(f"{tag}/{COMPLETE}") is not None:
         return _check_already_published(folder, files, backend, tag, cache, workers)
 
-    result, local = _sync_up(folder, backend, tag, workers=workers, cache=cache, progress=False, gate=gate)
+    result, local = _sync_up(folder, backend, tag, workers=workers, cache=cache, progress=False, gate=gate,
+                             files=files)
     part: dict[str, Any] = {
         "node": node_rank,
         "files": {rel: {"size": size, "crc32c": crc} for rel, (size, crc) in sorted(local.items())},

@@ -85,6 +85,8 @@ class SshCluster:
     hosts: tuple[str, ...]
     port: int
     process: subprocess.Popen
+    # Hosts with a private mount namespace (see `start(private_mounts=...)`), each served by its own sshd.
+    private: dict[str, subprocess.Popen] = field(default_factory=dict)
     bin_dir: Path = field(init=False)
     ssh_config: Path = field(init=False)
 
@@ -94,8 +96,15 @@ class SshCluster:
 
     # -- start / stop -----------------------------------------------------------------------------------------
     @classmethod
-    def start(cls, root: Path, hosts: tuple[str, ...] = ("node0", "node1")) -> "SshCluster":
+    def start(cls, root: Path, hosts: tuple[str, ...] = ("node0", "node1"),
+              private_mounts: dict[str, list[tuple[Path, Path]]] | None = None) -> "SshCluster":
+        """private_mounts: {host: [(source, target), ...]}: that host's sshd runs in its own mount namespace where
+        each target folder is a bind mount of source, so the same path is a different disk on that "node" (how
+        node-local checkpoint storage is tested on one machine). Needs root and unshare(1)."""
         install_packages()
+        private_mounts = private_mounts or {}
+        if private_mounts and (os.geteuid() != 0 or shutil.which("unshare") is None):
+            raise SshdUnavailable("private mount namespaces need root and unshare(1)")
         root = Path(root).resolve()
         root.mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o700)  # keys live here
@@ -105,42 +114,58 @@ class SshCluster:
                 subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"neox-test-{name}",
                                 "-f", str(key)], check=True, capture_output=True)
         shutil.copy(root / "user_key.pub", root / "authorized_keys")
-        port = _free_port()
         user = pwd.getpwuid(os.getuid()).pw_name
-        (root / "sshd_config").write_text("\n".join([
-            f"Port {port}",
-            "ListenAddress 127.0.0.1",
-            f"HostKey {root / 'host_key'}",
-            f"PidFile {root / 'sshd.pid'}",
-            f"AuthorizedKeysFile {root / 'authorized_keys'}",
-            "PubkeyAuthentication yes",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            "PermitRootLogin prohibit-password",
-            # The keys sit under pytest's tmp folder, whose parents (/tmp) are world-writable: StrictModes would refuse.
-            "StrictModes no",
-            "UsePAM no",
-            "LogLevel ERROR",
-            "",
-        ]))
+        ports = {host: _free_port() for host in private_mounts}
+        port = _free_port()
+
+        def sshd_config(name: str, p: int) -> Path:
+            path = root / f"{name}_config"
+            path.write_text("\n".join([
+                f"Port {p}",
+                "ListenAddress 127.0.0.1",
+                f"HostKey {root / 'host_key'}",
+                f"PidFile {root / name}.pid",
+                f"AuthorizedKeysFile {root / 'authorized_keys'}",
+                "PubkeyAuthentication yes",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "PermitRootLogin prohibit-password",
+                # The keys sit under pytest's tmp folder, whose parents (/tmp) are world-writable: StrictModes would
+                # refuse.
+                "StrictModes no",
+                "UsePAM no",
+                "LogLevel ERROR",
+                "",
+            ]))
+            return path
+
         host_pub = (root / "host_key.pub").read_text().split()
         (root / "known_hosts").write_text(f"neox-test-sshd {host_pub[0]} {host_pub[1]}\n")
-        (root / "ssh_config").write_text("\n".join([
-            f"Host {' '.join(hosts)}",
-            "  HostName 127.0.0.1",
-            f"  Port {port}",
-            f"  User {user}",
-            f"  IdentityFile {root / 'user_key'}",
-            "  IdentitiesOnly yes",
-            # One known host key for every alias: checked strictly, nothing is written to ~/.ssh/known_hosts.
-            "  HostKeyAlias neox-test-sshd",
-            f"  UserKnownHostsFile {root / 'known_hosts'}",
-            "  StrictHostKeyChecking yes",
-            "  BatchMode yes",
-            "  ConnectTimeout 10",
-            "  LogLevel ERROR",
-            "",
-        ]))
+
+        def host_block(names: list[str], p: int) -> list[str]:
+            return [
+                f"Host {' '.join(names)}",
+                "  HostName 127.0.0.1",
+                f"  Port {p}",
+                f"  User {user}",
+                f"  IdentityFile {root / 'user_key'}",
+                "  IdentitiesOnly yes",
+                # One known host key for every alias: checked strictly, nothing is written to ~/.ssh/known_hosts.
+                "  HostKeyAlias neox-test-sshd",
+                f"  UserKnownHostsFile {root / 'known_hosts'}",
+                "  StrictHostKeyChecking yes",
+                "  BatchMode yes",
+                "  ConnectTimeout 10",
+                "  LogLevel ERROR",
+            ]
+
+        shared_hosts = [h for h in hosts if h not in private_mounts]
+        lines: list[str] = []
+        for host in private_mounts:
+            lines += host_block([host], ports[host])
+        if shared_hosts:
+            lines += host_block(shared_hosts, port)
+        (root / "ssh_config").write_text("\n".join(lines + [""]))
         bin_dir = root / "bin"
         bin_dir.mkdir(exist_ok=True)
         wrapper = bin_dir / "ssh"
@@ -150,10 +175,17 @@ class SshCluster:
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)
         log = open(root / "sshd.log", "w")
-        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(root / "sshd_config")], stdout=log,
+        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(sshd_config("sshd", port))], stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+        private: dict[str, subprocess.Popen] = {}
+        for host, mounts in private_mounts.items():
+            binds = " && ".join(f"mount --bind {src} {dst}" for src, dst in mounts)
+            private[host] = subprocess.Popen(
+                ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                 f"{binds} && exec {SSHD} -D -e -f {sshd_config(f'sshd-{host}', ports[host])}"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        cluster = cls(root=root, hosts=tuple(hosts), port=port, process=proc)
+        cluster = cls(root=root, hosts=tuple(hosts), port=port, process=proc, private=private)
         try:
             cluster._wait_ready()
         except BaseException:
@@ -163,17 +195,21 @@ class SshCluster:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
+        waiting = [h for h in self.private] + [h for h in self.hosts if h not in self.private][:1]
         last = ""
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SshdUnavailable(f"sshd exited with {self.process.returncode}: {self._log_tail()}")
-            proc = self.ssh(self.hosts[0], "true", check=False, timeout=15)
-            if proc.returncode == 0:
-                return
-            last = proc.stderr.strip()
+        while waiting and time.monotonic() < deadline:
+            for proc in [self.process, *self.private.values()]:
+                if proc.poll() is not None:
+                    raise SshdUnavailable(f"sshd exited with {proc.returncode}: {self._log_tail()}")
+            result = self.ssh(waiting[0], "true", check=False, timeout=15)
+            if result.returncode == 0:
+                waiting.pop(0)
+                continue
+            last = result.stderr.strip()
             time.sleep(0.3)
-        raise SshdUnavailable(f"sshd on 127.0.0.1:{self.port} did not accept a login in {START_TIMEOUT_S:.0f} s: "
-                              f"{last} {self._log_tail()}")
+        if waiting:
+            raise SshdUnavailable(f"sshd for {waiting[0]} did not accept a login in {START_TIMEOUT_S:.0f} s: "
+                                  f"{last} {self._log_tail()}")
 
     def _log_tail(self) -> str:
         try:
@@ -186,21 +222,22 @@ class SshCluster:
         by pid, never by name."""
         import psutil
 
-        try:
-            children = psutil.Process(self.process.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            children = []
-        self.process.terminate()
-        for child in children:
+        for daemon in [self.process, *self.private.values()]:
             try:
-                child.kill()
+                children = psutil.Process(daemon.pid).children(recursive=True)
             except psutil.NoSuchProcess:
-                pass
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+                children = []
+            daemon.terminate()
+            for child in children:
+                try:
+                    child.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            try:
+                daemon.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
 
     def __enter__(self) -> "SshCluster":
         return self

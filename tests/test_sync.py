@@ -232,7 +232,9 @@ def test_publication_order_and_latest_only_moves_forward(backend, tmp_path: Path
 def test_two_nodes_publish_once_both_parts_are_there(backend, tmp_path: Path) -> None:
     node0, node1 = tmp_path / "node0", tmp_path / "node1"
     save_checkpoint(node0, "global_step4", {"mp_rank_00_model_states.pt": b"m", "zero_pp_rank_0_optim_states.pt": b"0"})
-    save_checkpoint(node1, "global_step4", {"zero_pp_rank_1_optim_states.pt": b"11"})
+    # Under use_node_local_storage node 1 writes its own copy of the model states too (same weights, other bytes):
+    # the checkpoint takes node 0's.
+    save_checkpoint(node1, "global_step4", {"mp_rank_00_model_states.pt": b"m-node1", "zero_pp_rank_1_optim_states.pt": b"11"})
     upload_checkpoint_part(node0, "global_step4", backend, node_rank=0)
     assert finalize_checkpoint(backend, "global_step4", num_nodes=2) is False
     assert backend.read_bytes(f"global_step4/{MANIFEST}") is None
@@ -243,6 +245,7 @@ def test_two_nodes_publish_once_both_parts_are_there(backend, tmp_path: Path) ->
     assert sorted(manifest["files"]) == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_optim_states.pt",
                                          "zero_pp_rank_1_optim_states.pt"]
     assert manifest["num_nodes"] == 2
+    assert backend.read_bytes("global_step4/mp_rank_00_model_states.pt") == b"m"
 
 
 def test_a_stale_part_from_an_earlier_run_is_not_merged(backend, tmp_path: Path) -> None:
