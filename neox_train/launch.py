@@ -81,6 +81,10 @@ def launch_parser() -> argparse.ArgumentParser:
     modes.add_argument("--dry-run", action="store_true",
                        help="write the launch folder and print the exact command instead of running it")
     modes.add_argument("--json", action="store_true", help="--plan/--check/--dry-run: one JSON object on stdout")
+    p.add_argument("--launch-dir", metavar="DIR",
+                   help="where the resolved DeepSpeed JSON, hostfile and .deepspeed_env are written (default: "
+                        "SAVE_DIR/launch); every node reads the JSON, so with node-local checkpoint storage "
+                        "(checkpoint.use_node_local_storage) give a folder on a shared filesystem")
     return p
 
 
@@ -362,7 +366,7 @@ def prepare_launch(args: argparse.Namespace, tparser: argparse.ArgumentParser, t
                             activation_checkpointing=plan.activation_checkpointing),
         dp_size=resources.gpus, on_gpu=on_gpu)
     cwd = Path.cwd()
-    launch_dir = (Path(run.save_dir) / LAUNCH_SUBDIR).absolute()
+    launch_dir = (Path(args.launch_dir) if args.launch_dir else Path(run.save_dir) / LAUNCH_SUBDIR).absolute()
     env, env_notes = deepspeed_env(dict(os.environ), cwd)
     train_args = forwarded_train_args(tparser, targs) + planned_train_args(plan, launch_dir)
     return Launch(run=run, resources=resources, ds_config=ds_cfg, effective=effective, launch_dir=launch_dir, env=env,

@@ -209,6 +209,19 @@ def test_dry_run_hostfile(capsys, tmp_path, run_json):
     assert (plan["gpus"], plan["nodes"], plan["train_batch"]) == (3, 2, 4 * 2 * 3)
 
 
+def test_launch_dir_can_live_on_a_shared_path(capsys, tmp_path, run_json):
+    """With node-local checkpoint folders every node must still read the resolved JSON: --launch-dir moves it."""
+    hosts = write(tmp_path / "hosts", "node0 slots=1\nnode1 slots=1\n")
+    shared = tmp_path / "shared" / "launch"
+    code, out, err = launch(capsys, "--config", run_json, "--hostfile", hosts, "--dry-run", "--json",
+                            "--launch-dir", shared)
+    assert code == 0, err
+    got = json.loads(out)
+    assert got["launch_dir"] == str(shared) and f"--ds-config={shared / 'ds_config.json'}" in "=".join(got["command"])
+    assert (shared / "ds_config.json").is_file() and (shared / "hostfile").is_file()
+    assert not (tmp_path / "ckpt" / "launch").exists()
+
+
 def test_single_remote_host_forces_multinode(capsys, tmp_path, run_json):
     hosts = write(tmp_path / "hosts", "gpu-box-7 slots=2\n")
     code, out, _ = launch(capsys, "--config", run_json, "--hostfile", hosts, "--dry-run", "--json")
