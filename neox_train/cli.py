@@ -7,7 +7,8 @@ import json
 import sys
 from typing import Callable
 
-from .config import PRECISIONS, ConfigError, load_run_config
+from .config import OPTIMIZER_IMPLS, PRECISIONS, ConfigError, load_run_config
+from .model import ATTENTION_IMPLS
 from .data import DataError
 
 
@@ -55,6 +56,20 @@ def train_parser() -> argparse.ArgumentParser:
                    help="start from a HuggingFace GPTNeoX folder's weights (continued pretraining; same shape as the preset)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute activations in backward: less memory, about a third more compute")
+    perf = p.add_argument_group("performance (each switch is measured in docs/performance.md)")
+    perf.add_argument("--optimizer-impl", choices=OPTIMIZER_IMPLS,
+                      help="AdamW kernel: torch, torch_fused (no build; the default) or deepspeed_fused "
+                           "(DeepSpeed FusedAdam, JIT-built with nvcc)")
+    perf.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                      help="torch.compile the model via engine.compile() (default backend: inductor)")
+    perf.add_argument("--attention", choices=ATTENTION_IMPLS,
+                      help="sdpa (default; FlashAttention on CUDA in bf16/fp16) or eager")
+    perf.add_argument("--vocab-pad-multiple", type=int, metavar="N",
+                      help="pad the vocabulary to a multiple of N (default 128; 1 = no padding)")
+    perf.add_argument("--prefetch", type=int, metavar="N", dest="prefetch_micro_batches",
+                      help="micro-batches assembled ahead in a background thread (default 2; 0 = in the loop)")
+    perf.add_argument("--peak-tflops", type=float, metavar="TFLOPS",
+                      help="peak TFLOP/s per device for MFU (default: the table for known GPUs; none on CPU)")
     p.add_argument("--no-background-upload", action="store_true",
                    help="upload inside save, blocking training (debugging); default: a background process")
     p.add_argument("--describe", action="store_true", help="print the effective configuration as JSON and exit")
@@ -69,6 +84,9 @@ _OVERRIDES = {
     "mixed_precision": "mixed_precision", "seq_len": "seq_len", "save_steps": "save_steps",
     "log_steps": "log_steps", "eval_steps": "eval_steps", "seed": "seed", "sync_to": "sync_to",
     "credentials": "credentials", "init_from_hf": "init_from_hf",
+    "optimizer_impl": "optimizer_impl", "compile": "compile", "attention": "attention",
+    "vocab_pad_multiple": "vocab_pad_multiple", "prefetch_micro_batches": "prefetch_micro_batches",
+    "peak_tflops": "peak_tflops",
 }
 
 

@@ -14,9 +14,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .model import MODEL_PRESETS
+from .model import ATTENTION_IMPLS, MODEL_PRESETS
 
 PRECISIONS = ("bf16", "fp16", "no")
+# torch: torch.optim.AdamW with torch's default kernel (for-each on CUDA); torch_fused: its fused kernel (CUDA and
+# CPU, no build); deepspeed_fused: DeepSpeed's FusedAdam, JIT-compiled at start (nvcc on a GPU machine).
+OPTIMIZER_IMPLS = ("torch", "torch_fused", "deepspeed_fused")
 
 
 class ConfigError(ValueError):
@@ -51,6 +54,37 @@ class RunConfig:
     max_shards: int | None = field(default=None, metadata={"doc": "Use only the first N shards (sorted); null = all."})
     activation_checkpointing: bool = field(
         default=False, metadata={"doc": "Recompute activations in backward: less memory, ~33% more compute."}
+    )
+    attention: str = field(
+        default="sdpa",
+        metadata={"doc": "Attention kernel: sdpa (torch scaled_dot_product_attention, FlashAttention on CUDA in bf16/fp16) "
+                         "or eager (transformers' matmul-softmax-matmul, for comparison)."},
+    )
+    vocab_pad_multiple: int = field(
+        default=128,
+        metadata={"doc": "Pad the embedding and output layer to a multiple of this many tokens (tensor-core friendly "
+                         "logits matmul; 50257 -> 50304); 1 = no padding. Part of the model shape."},
+    )
+    optimizer_impl: str | None = field(
+        default=None,
+        metadata={"doc": "AdamW kernel: torch (for-each), torch_fused (fused CUDA/CPU kernel, no build) or deepspeed_fused "
+                         "(DeepSpeed FusedAdam, JIT-built with nvcc on GPU); null = torch_fused unless the JSON sets "
+                         "torch_adam."},
+    )
+    compile: str | None = field(
+        default=None,
+        metadata={"doc": "torch.compile backend for the model through engine.compile(): inductor (fast kernels; minutes "
+                         "to compile), aot_eager/eager (debugging); null = no compilation."},
+    )
+    prefetch_micro_batches: int = field(
+        default=2,
+        metadata={"doc": "Micro-batches assembled ahead by a background thread (pinned memory and non-blocking "
+                         "copies on CUDA); 0 = assemble each one in the loop."},
+    )
+    peak_tflops: float | None = field(
+        default=None,
+        metadata={"doc": "Peak TFLOP/s per device that MFU divides by; null = the built-in table for known GPUs in "
+                         "bf16/fp16 (MFU is null on CPU and unknown devices)."},
     )
     init_from_hf: str | None = field(
         default=None,
@@ -143,6 +177,8 @@ def validate(values: dict[str, Any]) -> list[str]:
         check_int(name, 0)
     for name in ("micro_batch", "grad_accum", "max_shards"):
         check_int(name, 1, optional=True)
+    check_int("vocab_pad_multiple", 1)
+    check_int("prefetch_micro_batches", 0)
     check_int("warmup_steps", 1, optional=True)  # DeepSpeed requires a positive warmup
     check_int("vocab_size", 2, optional=True)
 
@@ -157,6 +193,15 @@ def validate(values: dict[str, Any]) -> list[str]:
     mp = values.get("mixed_precision")
     if mp is not None and mp not in PRECISIONS:
         problems.append(f"mixed_precision={mp!r} is not valid (valid: {', '.join(PRECISIONS)} or null)")
+    attention = values.get("attention")
+    if attention not in ATTENTION_IMPLS:
+        problems.append(f"attention={attention!r} is not valid (valid: {', '.join(ATTENTION_IMPLS)})")
+    impl = values.get("optimizer_impl")
+    if impl is not None and impl not in OPTIMIZER_IMPLS:
+        problems.append(f"optimizer_impl={impl!r} is not valid (valid: {', '.join(OPTIMIZER_IMPLS)} or null)")
+    peak = values.get("peak_tflops")
+    if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float)) or not peak > 0):
+        problems.append(f"peak_tflops={peak!r} must be a number of TFLOP/s > 0 or null")
     vf = values.get("val_fraction")
     if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0.0 <= vf <= 0.5:
         problems.append(f"val_fraction={vf!r} is out of range: must be a number in [0, 0.5]")
@@ -166,7 +211,7 @@ def validate(values: dict[str, Any]) -> list[str]:
     ut = values.get("upload_timeout_s")
     if isinstance(ut, bool) or not isinstance(ut, (int, float)) or ut < 0:
         problems.append(f"upload_timeout_s={ut!r} must be a number of seconds >= 0")
-    for name in ("sync_to", "credentials", "init_from_hf"):
+    for name in ("sync_to", "credentials", "init_from_hf", "compile"):
         v = values.get(name)
         if v is not None and (not isinstance(v, str) or not v):
             problems.append(f"{name}={v!r} must be a non-empty string or null")
@@ -183,8 +228,8 @@ def from_dict(values: dict[str, Any], *, source: str = "run config") -> RunConfi
     problems = validate(merged)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
-    for name in ("val_fraction", "upload_timeout_s"):
-        if isinstance(merged[name], int):
+    for name in ("val_fraction", "upload_timeout_s", "peak_tflops"):
+        if isinstance(merged[name], int) and not isinstance(merged[name], bool):
             merged[name] = float(merged[name])
     return RunConfig(**merged)
 

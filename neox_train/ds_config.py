@@ -175,19 +175,47 @@ def effective_ds_config(
                 notes.append(f"scheduler warmup_num_steps {params['warmup_num_steps']} -> {run.warmup_steps}")
             params["warmup_num_steps"] = run.warmup_steps
 
+    _choose_optimizer_impl(cfg, run.optimizer_impl, on_gpu=on_gpu, notes=notes)
+    return cfg, notes
+
+
+def _choose_optimizer_impl(cfg: dict[str, Any], impl: str | None, *, on_gpu: bool, notes: list[str]) -> None:
+    """Set the AdamW kernel in DeepSpeed's optimizer params (`torch_adam`, torch's `fused`).
+
+    DeepSpeed's own FusedAdam is JIT-compiled at start: on a GPU that needs nvcc (absent from most pip-only
+    machines), on CPU a ~50 s build. torch's AdamW is the same algorithm with no build, and its fused kernel (CUDA,
+    and CPU since torch 2.4) needs none either, so it is the default; `optimizer_impl: deepspeed_fused` (or
+    `"torch_adam": false` in the JSON) asks for FusedAdam. Optimizer offload always runs DeepSpeedCPUAdam.
+    """
     opt = cfg.get("optimizer")
     offload = isinstance(cfg.get("zero_optimization"), dict) and "offload_optimizer" in cfg["zero_optimization"]
-    if isinstance(opt, dict) and str(opt.get("type", "")).lower() in ADAM_TYPES and not offload:
-        params = opt.setdefault("params", {})
-        if "torch_adam" not in params:
-            # DeepSpeed's FusedAdam is JIT-compiled at start: on a GPU that needs nvcc (absent from most pip-only
-            # machines), on CPU a ~50 s build. torch's AdamW is the same algorithm with no build, and its fused
-            # CUDA kernel is as fast. `"torch_adam": false` in the JSON asks for DeepSpeed's FusedAdam instead.
-            params["torch_adam"] = True
-            if on_gpu:
-                params["fused"] = True
-            notes.append(f"optimizer uses torch AdamW{' (fused CUDA kernel)' if on_gpu else ''} (torch_adam)")
-    return cfg, notes
+    is_adam = isinstance(opt, dict) and str(opt.get("type", "")).lower() in ADAM_TYPES
+    if impl is not None and (not is_adam or offload):
+        why = "the optimizer is offloaded (DeepSpeedCPUAdam)" if is_adam else "the DeepSpeed JSON's optimizer is not Adam/AdamW"
+        raise ConfigError(f"optimizer_impl={impl!r} cannot apply: {why}; remove optimizer_impl or change the JSON")
+    if not is_adam or offload:
+        return
+    params = opt.setdefault("params", {})
+    source = f"optimizer_impl={impl}"
+    if impl is None:
+        if "torch_adam" in params:
+            return  # the JSON chose; keep it as written
+        # Fused on CPU too: torch's fused CPU kernel halved the optimizer phase of the demo (docs/performance.md).
+        impl = "torch_fused"
+        source = "the default; optimizer_impl chooses"
+    before = {k: params.get(k) for k in ("torch_adam", "fused")}
+    params.pop("fused", None)
+    if impl == "deepspeed_fused":
+        params["torch_adam"] = False
+    else:
+        params["torch_adam"] = True
+        if impl == "torch_fused":
+            params["fused"] = True
+    after = {k: params.get(k) for k in ("torch_adam", "fused")}
+    if after != before:
+        kernel = {"torch": "torch AdamW", "torch_fused": f"torch AdamW (fused {'CUDA' if on_gpu else 'CPU'} kernel)",
+                  "deepspeed_fused": "DeepSpeed FusedAdam (JIT-built: needs nvcc on GPU)"}[impl]
+        notes.append(f"optimizer uses {kernel} ({source})")
 
 
 def zero_stage(cfg: dict[str, Any]) -> int:

@@ -65,9 +65,11 @@ def check_hf_init(hf_dir: str, model_config: Any, *, model_name: str) -> None:
         raise ConfigError(f"init_from_hf={hf_dir!r} does not match the run's model: {'; '.join(diffs)}{hint}")
 
 
-def load_hf_model(hf_dir: str):
-    """The folder's model in fp32 (DeepSpeed casts to bf16 and keeps fp32 masters as the config says)."""
+def load_hf_model(hf_dir: str, *, attention: str | None = None):
+    """The folder's model in fp32 (DeepSpeed casts to bf16 and keeps fp32 masters as the config says), with the
+    run's attention kernel (the run config's `attention`), not whatever the folder was exported with."""
     import torch
     from transformers import GPTNeoXForCausalLM
 
-    return GPTNeoXForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    kwargs = {"attn_implementation": attention} if attention else {}
+    return GPTNeoXForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, **kwargs)

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .perf import StepTimer, breakdown
+
 LOGGER_NAME = "neox_train"
 log = logging.getLogger(LOGGER_NAME)
 
@@ -70,28 +72,46 @@ class Metrics:
 
 
 class Throughput:
-    """Tokens/s and seconds per step between two log points (wall clock, all ranks' tokens)."""
+    """Tokens/s, seconds per step and where those seconds went, between two log points (wall clock, all ranks'
+    tokens).
 
-    def __init__(self, tokens_per_step: int):
+    The per-phase totals come from a `perf.StepTimer` the loop feeds; checkpoint stalls are reported apart from
+    the step time (a save is not a training step) as the seconds lost to saves since the previous reading.
+    """
+
+    def __init__(self, tokens_per_step: int, timer: StepTimer | None = None):
         self.tokens_per_step = tokens_per_step
+        self.timer = timer
         self._t0 = time.perf_counter()
         self._steps = 0
+        self._stall_s = 0.0
 
     def step(self) -> None:
         self._steps += 1
 
+    def add_checkpoint_stall(self, seconds: float) -> None:
+        self._stall_s += seconds
+
     def read_and_reset(self) -> dict[str, float]:
+        # The timer first: on CUDA it waits for the last recorded event, so the wall clock read next covers the
+        # device work of these steps too.
+        totals = self.timer.read_and_reset() if self.timer is not None else None
         now = time.perf_counter()
         elapsed = max(now - self._t0, 1e-9)
         steps = max(self._steps, 1)
         out = {"tokens_per_s": self._steps * self.tokens_per_step / elapsed, "step_time_s": elapsed / steps}
-        self._t0, self._steps = now, 0
+        if totals is not None:
+            out.update(breakdown(totals, steps=steps, step_time_s=out["step_time_s"]))
+        out["checkpoint_stall_s"] = self._stall_s
+        self._t0, self._steps, self._stall_s = now, 0, 0.0
         return out
 
     def restart(self) -> None:
         """Exclude time spent outside training steps (evaluation, checkpointing) from the next reading.
 
-        Steps already counted are dropped with the time they took, so the next reading stays a true rate even
-        when saves and evaluations fall between two log points."""
+        Steps already counted are dropped with the time they took (and their phase times), so the next reading
+        stays a true rate even when saves and evaluations fall between two log points."""
+        if self.timer is not None:
+            self.timer.reset()
         self._t0 = time.perf_counter()
         self._steps = 0

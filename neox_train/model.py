@@ -49,7 +49,15 @@ def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_PAD_MULTIPLE) -> in
     return -(-vocab_size // multiple) * multiple
 
 
-def hf_config(preset_name: str, vocab_size: int, *, eos_token_id: int | None = None) -> GPTNeoXConfig:
+# "sdpa" is torch's scaled_dot_product_attention, which takes the FlashAttention kernel on CUDA for bf16/fp16
+# (transformers passes is_causal=True and no mask when there is no padding, which flash needs); "eager" is
+# transformers' plain matmul-softmax-matmul, kept to measure what SDPA buys.
+ATTENTION_IMPLS = ("sdpa", "eager")
+
+
+def hf_config(
+    preset_name: str, vocab_size: int, *, eos_token_id: int | None = None, attention: str = "sdpa"
+) -> GPTNeoXConfig:
     """The transformers config for a preset; `vocab_size` is the (already padded) embedding size."""
     from transformers import GPTNeoXConfig
 
@@ -69,7 +77,7 @@ def hf_config(preset_name: str, vocab_size: int, *, eos_token_id: int | None = N
         use_cache=False,  # training never reuses a KV cache; keeping it would hold memory
         bos_token_id=eos_token_id if eos_token_id is not None else 0,
         eos_token_id=eos_token_id if eos_token_id is not None else 0,
-        attn_implementation="sdpa",
+        attn_implementation=attention,
     )
 
 
@@ -112,14 +120,17 @@ def flops_per_token(config: GPTNeoXConfig, seq_len: int, *, activation_checkpoin
     Forward per layer per token: 2*4h^2 for the QKV and output projections, 2*2*h*f for the MLP and
     2*2*s*h for the attention scores and the weighted sum (counted over the full s x s matrix, as Megatron
     does); the logits add 2*h*V. Backward costs twice the forward, so training is 3x forward: with
-    f = 4h this is Megatron's 72*l*h^2*(1 + s/(6h) + V/(12*l*h)). With activation checkpointing the
-    forward runs twice (4x): the hardware FLOPs, not the model FLOPs that MFU uses.
+    f = 4h this is Megatron's 72*l*h^2*(1 + s/(6h) + V/(12*l*h)) (9.07 GFLOP for neox-1.2b at s=2048).
+
+    With activation checkpointing each transformer layer's forward runs again in backward (the embedding and
+    the logits are not recomputed), Megatron's 96*l*h^2*(1 + s/(6h) + V/(16*l*h)): the hardware FLOPs that
+    HFU uses, not the model FLOPs that MFU uses.
     """
     h = config.hidden_size
     f = config.intermediate_size
-    layer = 8 * h * h + 4 * h * f + 4 * seq_len * h
-    forward = config.num_hidden_layers * layer + 2 * h * config.vocab_size
-    return (4 if activation_checkpointing else 3) * forward
+    layers = config.num_hidden_layers * (8 * h * h + 4 * h * f + 4 * seq_len * h)
+    logits = 2 * h * config.vocab_size
+    return 3 * (layers + logits) + (layers if activation_checkpointing else 0)
 
 
 def preset_summary(preset_name: str) -> dict:

@@ -42,7 +42,9 @@ from .data import (
     validate_shards,
 )
 from .ds_config import effective_ds_config, load_ds_config, precision, zero_stage
+from .loader import MicroBatchLoader
 from .metrics import Metrics, Throughput, log, setup_logging
+from .perf import FlopsAccounting, StepTimer, device_name, memory_high_water, resolve_peak
 from .publish import Publisher, Topology, check_storage_access, is_uploader, node_local_storage
 from .model import GPT2_VOCAB_SIZE, build_model, flops_per_token, hf_config, padded_vocab_size, parameter_counts
 
@@ -82,6 +84,10 @@ class RunPlan:
             },
             "params": {"total": counts.total, "non_embedding": counts.non_embedding},
             "flops_per_token": flops_per_token(self.model_config, self.run.seq_len),
+            # With activation checkpointing the layers' forward runs twice: what HFU counts (MFU does not).
+            "hardware_flops_per_token": flops_per_token(
+                self.model_config, self.run.seq_len, activation_checkpointing=self.run.activation_checkpointing
+            ),
             "tokens_per_step": self.ds_config["train_batch_size"] * self.run.seq_len,
         }
 
@@ -102,12 +108,25 @@ def prepare_run(run: RunConfig, *, dp_size: int, on_gpu: bool) -> RunPlan:
     meta = read_meta(run.data_dir) if Path(run.data_dir).is_dir() else None
     vocab = run.vocab_size or (int(meta["vocab_size"]) if meta and "vocab_size" in meta else GPT2_VOCAB_SIZE)
     eos = meta.get("eos_token_id") if meta else None
-    model_cfg = hf_config(run.model, padded_vocab_size(vocab), eos_token_id=eos)
+    model_cfg = hf_config(
+        run.model, padded_vocab_size(vocab, run.vocab_pad_multiple), eos_token_id=eos, attention=run.attention
+    )
+    if run.compile:
+        check_compile_backend(run.compile)
     if run.init_from_hf:
         from .hf_init import check_hf_init
 
         check_hf_init(run.init_from_hf, model_cfg, model_name=run.model)
     return RunPlan(run, ds_path, ds_cfg, notes, dp_size, vocab, model_cfg)
+
+
+def check_compile_backend(backend: str) -> None:
+    """An unknown torch.compile backend fails here, not minutes later at the first forward."""
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ConfigError(f"compile={backend!r} is not a torch.compile backend (valid: {', '.join(known)})")
 
 
 def load_data(plan: RunPlan) -> tuple[PackedWindows, Split]:
@@ -186,17 +205,22 @@ class Trainer:
             from .hf_init import load_hf_model
 
             # from_pretrained partitions as it loads under ZeRO-3 (the HfDeepSpeedConfig above is alive).
-            model = load_hf_model(run.init_from_hf)
+            model = load_hf_model(run.init_from_hf, attention=plan.model_config._attn_implementation)
             log.info("initialised the model from the HuggingFace folder %s", run.init_from_hf)
         elif zero_stage(plan.ds_config) == 3:
             model = GPTNeoXForCausalLM._from_config(plan.model_config)
         else:
             model = build_model(plan.model_config)
         if run.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # Every layer (the all-or-nothing recompute that flops_per_token counts for HFU).
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=param_groups(model, weight_decay), config=plan.ds_config
         )
+        if run.compile:
+            # In place (nn.Module.compile): parameter names, and so checkpoints, stay those of the eager model.
+            self.engine.compile(backend=run.compile)
+            log.info("model compiled with torch.compile backend %r (the first steps include compilation)", run.compile)
         if not resume_tag and self.engine.lr_scheduler is not None:
             # DeepSpeed creates the scheduler at iteration -1 and steps it after each optimizer step, so step 1 and
             # step 2 would both run at the warmup start and the last step would miss the floor. One step now aligns
@@ -211,10 +235,23 @@ class Trainer:
             state = checkpoint.load(self.engine, self.save_dir, tag)
             log.info("resumed from %s: step %d, %d samples consumed", self.save_dir / tag, state.step, state.consumed_samples)
         self.step = state.step
-        self.stream = SampleStream(
+        self.device = torch.device(self.engine.device)
+        stream = SampleStream(
             self.split.train, seed=run.seed, micro_batch=self.micro_batch,
             dp_rank=self.rank, dp_size=plan.dp_size, consumed_samples=state.consumed_samples,
         )
+        self.loader = MicroBatchLoader(self.windows, stream, device=self.device, prefetch=run.prefetch_micro_batches)
+        self.timer = StepTimer(self.device)
+        peak = resolve_peak(device_name(self.device), precision(plan.ds_config), run.peak_tflops)
+        self.flops = FlopsAccounting(
+            model_flops_per_token=flops_per_token(plan.model_config, run.seq_len),
+            hardware_flops_per_token=flops_per_token(
+                plan.model_config, run.seq_len, activation_checkpointing=run.activation_checkpointing
+            ),
+            num_devices=plan.dp_size,
+            peak=peak,
+        )
+        log.info("MFU %s", f"against {peak.source}" if peak.tflops else f"not reported: {peak.source}")
         self.metrics = Metrics(Path(run.log_dir), enabled=self.is_rank0, start_step=state.step)
         self.tokens_per_step = plan.ds_config["train_batch_size"] * run.seq_len
         self.last_saved_step = state.step if resume_tag else -1
@@ -224,6 +261,7 @@ class Trainer:
         # storage), so deletion can wait until that rank has seen them verified remote.
         self.retention_rank = is_uploader(topo, node_local_storage(plan.ds_config))
         self.stop_requested = False
+        self._announced = False  # the "training ..." line, once even when train() runs in slices
 
     # -- one optimizer step -------------------------------------------------------------------------------------
     def _tensor(self, indices: list[int]) -> torch.Tensor:
@@ -238,15 +276,26 @@ class Trainer:
         """grad_accum micro-steps; DeepSpeed steps the optimizer on the last.
 
         Returns the mean loss (a device tensor: no host sync here) and, when asked, the pre-clipping gradient norm.
+        The time of each phase goes to self.timer (see perf.StepTimer: no host-device sync per micro-step).
         """
         total = torch.zeros((), device=self.engine.device)
         grad_norm = None
+        timer = self.timer
         for micro in range(self.grad_accum):
-            loss = self._loss(self._tensor(self.stream.next_micro_batch()))
+            waited = time.perf_counter()
+            batch = self.loader.next()
+            timer.add_host("data_wait", time.perf_counter() - waited)
+            started = timer.begin()
+            loss = self._loss(batch)
             self.engine.backward(loss)
+            timer.end("fwd_bwd", started)
+            started = timer.begin()
             if want_grad_norm and micro == self.grad_accum - 1 and self._own_grad_norm:
                 grad_norm = self._full_grad_norm()
+            # On the accumulation boundary this is the optimizer step (with ZeRO, also the gradient reduction
+            # that did not overlap backward); on the other micro-steps DeepSpeed's bookkeeping only.
             self.engine.step()
+            timer.end("optimizer", started)
             total += loss.detach()
         if want_grad_norm and grad_norm is None:
             grad_norm = _as_float(self.engine.get_global_grad_norm())
@@ -294,18 +343,21 @@ class Trainer:
         return (value / self.plan.dp_size).item()
 
     # -- the loop -----------------------------------------------------------------------------------------------
-    def save(self) -> None:
+    def save(self) -> float:
+        """Save a checkpoint; returns the seconds the loop stalled for it."""
         started = time.perf_counter()
         extra = checkpoint.client_state(
-            state=checkpoint.TrainState(self.step, self.stream.consumed_samples),
+            state=checkpoint.TrainState(self.step, self.loader.consumed_samples),
             run_config=self.plan.run.to_dict(), ds_config=self.plan.ds_config,
             model_config=self.plan.model_config.to_dict(), dp_size=self.plan.dp_size,
             data_tokens=self.windows.num_tokens,
         )
-        tag = checkpoint.save(
-            self.engine, self.save_dir, checkpoint.TrainState(self.step, self.stream.consumed_samples), extra,
-            is_rank0=self.is_rank0,
-        )
+        # The upload worker holds off while the files are written: the save gets the disk and cores to itself.
+        with self.publisher.saving():
+            tag = checkpoint.save(
+                self.engine, self.save_dir, checkpoint.TrainState(self.step, self.loader.consumed_samples), extra,
+                is_rank0=self.is_rank0,
+            )
         self.last_saved_step = self.step
         # save_checkpoint has returned on every rank (its final barrier): every rank's files are on disk.
         saved = time.perf_counter()
@@ -315,6 +367,7 @@ class Trainer:
         self.metrics.record(self.step, "checkpoint", {"stall_s": stall, "submit_s": time.perf_counter() - saved})
         log.info("saved checkpoint %s in %.2f s", self.save_dir / tag, stall)
         self.apply_retention()
+        return stall
 
     def apply_retention(self) -> None:
         if not self.retention_rank:
@@ -339,29 +392,35 @@ class Trainer:
         dist.all_reduce(flag)
         return flag.item() > 0
 
-    def train(self) -> dict[str, Any]:
+    def train(self, *, until_step: int | None = None, final: bool = True) -> dict[str, Any]:
+        """Train to max_steps (or to `until_step`, for benchmarks that run the loop in slices).
+
+        `final`: save the last step, flush uploads and close the loader and metrics at the end."""
         from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         run = self.plan.run
-        log.info(
-            "training %s: %d steps from step %d, micro-batch %d x accumulation %d x %d ranks = %d sequences "
-            "(%d tokens) per step, ZeRO-%d, %s",
-            run.model, run.max_steps, self.step, self.micro_batch, self.grad_accum, self.plan.dp_size,
-            self.plan.ds_config["train_batch_size"], self.tokens_per_step, zero_stage(self.plan.ds_config),
-            precision(self.plan.ds_config),
-        )
+        end = run.max_steps if until_step is None else min(until_step, run.max_steps)
+        if not self._announced:
+            self._announced = True
+            log.info(
+                "training %s: %d steps from step %d, micro-batch %d x accumulation %d x %d ranks = %d sequences "
+                "(%d tokens) per step, ZeRO-%d, %s",
+                run.model, run.max_steps, self.step, self.micro_batch, self.grad_accum, self.plan.dp_size,
+                self.plan.ds_config["train_batch_size"], self.tokens_per_step, zero_stage(self.plan.ds_config),
+                precision(self.plan.ds_config),
+            )
         bar = tqdm(total=run.max_steps, initial=self.step, disable=not self.is_rank0, desc="train", unit="step",
                    dynamic_ncols=True, mininterval=1.0)
-        throughput = Throughput(self.tokens_per_step)
+        self.timer.reset()
+        throughput = Throughput(self.tokens_per_step, self.timer)
         loss_sum = torch.zeros((), device=self.engine.device)
         loss_count = 0
         summary: dict[str, Any] = {"start_step": self.step}
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
         redirect = logging_redirect_tqdm(loggers=[log])  # log lines above the bar, not glued onto it
         redirect.__enter__()
         try:
-            while self.step < run.max_steps:
+            while self.step < end:
                 log_now = (self.step + 1) % run.log_steps == 0 or self.step + 1 == run.max_steps
                 lr = float(self.engine.get_lr()[0])  # the rate this step uses (the scheduler moves in step())
                 loss, grad_norm = self.train_step(want_grad_norm=log_now)
@@ -375,17 +434,16 @@ class Trainer:
                         "loss": self._global_mean(loss_sum / loss_count),
                         "lr": lr,
                         "grad_norm": grad_norm,
-                        "consumed_samples": self.stream.consumed_samples,
-                        **throughput.read_and_reset(),
+                        "consumed_samples": self.loader.consumed_samples,
+                        **self.perf_values(throughput.read_and_reset()),
                     }
                     loss_sum.zero_()
                     loss_count = 0
                     self.metrics.record(self.step, "train", values)
                     bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
                     log.info(
-                        "step %d: loss=%.4f lr=%.3e grad_norm=%.3f | %.0f tokens/s, %.3f s/step",
-                        self.step, values["loss"], values["lr"], values["grad_norm"], values["tokens_per_s"],
-                        values["step_time_s"],
+                        "step %d: loss=%.4f lr=%.3e grad_norm=%.3f | %s",
+                        self.step, values["loss"], values["lr"], values["grad_norm"], perf_text(values),
                     )
                     summary.setdefault("first_loss", values["loss"])
                     summary["last_loss"] = values["loss"]
@@ -400,21 +458,31 @@ class Trainer:
                 if log_now:
                     self.log_sync_status()
                 if self.step % run.save_steps == 0:
-                    self.save()
+                    throughput.add_checkpoint_stall(self.save())
                     throughput.restart()
                 if self.step % STOP_CHECK_STEPS == 0 and self._stop_agreed():
                     log.warning("stop requested (SIGTERM) at step %d: saving and flushing uploads", self.step)
                     summary["stopped_by_signal"] = True
                     break
-            if self.last_saved_step != self.step:
-                self.save()
-            summary["sync"] = self.finish_uploads()
+            if final:
+                if self.last_saved_step != self.step:
+                    self.save()
+                summary["sync"] = self.finish_uploads()
         finally:
             bar.close()
             redirect.__exit__(None, None, None)
-            self.metrics.close()
+            if final:
+                self.close()
         summary["end_step"] = self.step
         return summary
+
+    def perf_values(self, reading: dict[str, float]) -> dict[str, Any]:
+        """A Throughput reading plus TFLOP/s, MFU/HFU and the memory high-water mark."""
+        return {**reading, **self.flops.rates(reading["tokens_per_s"]), **memory_high_water(self.device)}
+
+    def close(self) -> None:
+        self.loader.close()
+        self.metrics.close()
 
     def finish_uploads(self) -> dict[str, Any] | None:
         """Flush pending uploads (bounded), then retention for what became verified remote; report what is left."""
@@ -425,6 +493,26 @@ class Trainer:
         self.apply_retention()
         return {"published": status.published, "unpublished": status.pending, "skipped": status.skipped,
                 "failures": status.failures, "last_error": status.last_error}
+
+
+def perf_text(v: dict[str, Any]) -> str:
+    """The performance part of the log line: rate, FLOP/s, utilisation, where the step's time went, memory."""
+    text = f"{v['tokens_per_s']:.0f} tokens/s, {v['step_time_s']:.3f} s/step, {v['tflops_per_gpu']:.3g} TFLOP/s/GPU"
+    if v.get("mfu") is not None:
+        text += f", MFU {100 * v['mfu']:.1f}%"
+        if v["hfu"] != v["mfu"]:
+            text += f" (HFU {100 * v['hfu']:.1f}%)"
+    step = v["step_time_s"]
+    if step > 0 and "data_wait_s" in v:
+        text += (f" | data {100 * v['data_wait_s'] / step:.1f}%, fwd+bwd {100 * v['fwd_bwd_s'] / step:.0f}%, "
+                 f"optimizer {100 * v['optimizer_s'] / step:.0f}%")
+    if v.get("checkpoint_stall_s"):
+        text += f", checkpoint stall {v['checkpoint_stall_s']:.2f} s"
+    if "gpu_mem_peak_gib" in v:
+        text += f" | peak GPU memory {v['gpu_mem_peak_gib']:.2f} GiB"
+    else:
+        text += f" | peak RSS {v['host_rss_peak_gib']:.2f} GiB"
+    return text
 
 
 def _as_float(value: Any) -> float:

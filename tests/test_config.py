@@ -50,6 +50,12 @@ def test_json_file_with_base(tmp_path):
         ({"micro_batch": 0, "grad_accum": 0}, ["micro_batch=0", "grad_accum=0"]),  # all problems at once
         ({"warmup_steps": 0}, ["warmup_steps=0 is out of range: must be >= 1"]),
         ({"activation_checkpointing": "yes"}, ["activation_checkpointing='yes' must be true or false"]),
+        ({"optimizer_impl": "apex"}, ["optimizer_impl='apex' is not valid", "torch_fused", "deepspeed_fused"]),
+        ({"attention": "flash"}, ["attention='flash' is not valid (valid: sdpa, eager)"]),
+        ({"peak_tflops": 0}, ["peak_tflops=0 must be a number of TFLOP/s > 0"]),
+        ({"vocab_pad_multiple": 0}, ["vocab_pad_multiple=0 is out of range: must be >= 1"]),
+        ({"prefetch_micro_batches": -1}, ["prefetch_micro_batches=-1 is out of range: must be >= 0"]),
+        ({"compile": ""}, ["compile='' must be a non-empty string or null"]),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, values, needles):
@@ -79,3 +85,14 @@ def test_bad_files(tmp_path):
 
 def test_defaults_are_valid():
     RunConfig()
+
+
+def test_performance_fields_accept_valid_values(tmp_path):
+    p = tmp_path / "fast.json"
+    p.write_text(json.dumps({"base": "production", "optimizer_impl": "deepspeed_fused", "compile": "inductor",
+                             "attention": "eager", "peak_tflops": 989, "vocab_pad_multiple": 64,
+                             "prefetch_micro_batches": 0}))
+    run = load_run_config(str(p))
+    assert run.peak_tflops == 989.0 and isinstance(run.peak_tflops, float)
+    assert (run.optimizer_impl, run.compile, run.attention, run.vocab_pad_multiple, run.prefetch_micro_batches) == (
+        "deepspeed_fused", "inductor", "eager", 64, 0)

@@ -376,3 +376,24 @@ def test_validation_cache_skips_unchanged_shards_and_still_checks_vocab(tmp_path
     np.save(shard, np.arange(300, dtype=np.uint16))
     with pytest.raises(DataError, match="token id 200 >= vocab size 200 at position 200"):
         validate_shards([shard], 200, cache_path=cache)
+
+
+def test_batch_gathers_the_same_windows_as_indexing(tmp_path: Path) -> None:
+    """batch() takes a fast path for windows inside one shard; windows straddling a boundary (and negative
+    indices) must come out exactly as window-by-window indexing gives them, into a caller's buffer too."""
+    paths = []
+    for i, (a, b) in enumerate([(0, 101), (101, 105), (105, 400)]):  # a 4-token shard: windows span 3 shards
+        paths.append(tmp_path / f"s{i}.npy")
+        np.save(paths[-1], _tokens(b - a, start=a))
+    w = PackedWindows([open_shard(p) for p in paths], seq_len=10)
+    indices = list(range(len(w))) + [-1, -len(w), 9, 9]
+    expected = np.stack([w[i] for i in indices])
+    np.testing.assert_array_equal(w.batch(indices), expected)
+    out = np.full((len(indices), 11), -1, dtype=np.int64)
+    assert w.batch(indices, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    with pytest.raises(ValueError, match="out must be int64 of shape"):
+        w.batch([0, 1], out=np.empty((2, 10), dtype=np.int64))
+    with pytest.raises(IndexError, match=f"window {len(w)} out of range for {len(w)} windows"):
+        w.batch([0, len(w)])
+    assert w.batch([]).shape == (0, 11)

@@ -80,6 +80,7 @@ def test_overrides_win_and_are_reported(tmp_path):
     assert eff["bf16"]["enabled"] is False and "fp16" not in eff
     assert eff["scheduler"]["params"]["total_num_steps"] == 77
     assert eff["optimizer"]["params"]["torch_adam"] is True  # CPU: no FusedAdam build
+    assert any("optimizer uses torch AdamW (fused CPU kernel) (the default" in n for n in notes)
     assert any("recomputed" in n for n in notes) and any("mixed precision" in n for n in notes)
     assert base["bf16"]["enabled"] is True, "the loaded JSON must not be mutated"
 
@@ -124,7 +125,8 @@ def test_optimizer_choice_needs_no_kernel_build():
     run = load_run_config("production")
     cpu, _ = effective_ds_config(base, run, dp_size=1, on_gpu=False)
     gpu, _ = effective_ds_config(base, run, dp_size=1, on_gpu=True)
-    assert cpu["optimizer"]["params"]["torch_adam"] is True and "fused" not in cpu["optimizer"]["params"]
+    # torch's fused AdamW on both: a CUDA kernel and (torch >= 2.4) a CPU kernel, neither needs a build.
+    assert cpu["optimizer"]["params"]["torch_adam"] is True and cpu["optimizer"]["params"]["fused"] is True
     assert gpu["optimizer"]["params"]["torch_adam"] is True and gpu["optimizer"]["params"]["fused"] is True
     explicit = {**base, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": False}}}
     kept, _ = effective_ds_config(explicit, run, dp_size=1, on_gpu=True)
@@ -140,3 +142,36 @@ def test_fp16_on_cpu_is_refused():
         effective_ds_config(base, run, dp_size=1, on_gpu=False)
     eff, _ = effective_ds_config(base, run, dp_size=1, on_gpu=True)
     assert eff["fp16"]["enabled"] and not eff["bf16"]["enabled"]
+
+
+@pytest.mark.parametrize(
+    "impl,on_gpu,expected",
+    [
+        ("torch", True, {"torch_adam": True}),
+        ("torch", False, {"torch_adam": True}),
+        ("torch_fused", True, {"torch_adam": True, "fused": True}),
+        ("torch_fused", False, {"torch_adam": True, "fused": True}),  # torch has a fused CPU AdamW too
+        ("deepspeed_fused", True, {"torch_adam": False}),
+    ],
+)
+def test_optimizer_impl_switch(impl, on_gpu, expected):
+    _, base = load_ds_config("zero1")
+    run = load_run_config("production").replace(optimizer_impl=impl)
+    eff, notes = effective_ds_config(base, run, dp_size=1, on_gpu=on_gpu)
+    chosen = {k: v for k, v in eff["optimizer"]["params"].items() if k in ("torch_adam", "fused")}
+    assert chosen == expected
+    assert any(f"optimizer_impl={impl}" in n for n in notes)
+    # The run config wins over the JSON's own choice (and says so).
+    explicit = {**base, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": False, "fused": False}}}
+    eff, _ = effective_ds_config(explicit, run, dp_size=1, on_gpu=on_gpu)
+    assert {k: v for k, v in eff["optimizer"]["params"].items() if k in ("torch_adam", "fused")} == expected
+
+
+def test_optimizer_impl_cannot_apply_to_offload_or_other_optimizers(tmp_path):
+    run = load_run_config("production").replace(optimizer_impl="torch_fused")
+    with pytest.raises(ConfigError, match="optimizer_impl='torch_fused' cannot apply: the optimizer is offloaded"):
+        effective_ds_config(load_ds_config("zero2_offload")[1], run, dp_size=1, on_gpu=True)
+    _, base = load_ds_config("zero1")
+    sgd = {**base, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}
+    with pytest.raises(ConfigError, match="not Adam/AdamW"):
+        effective_ds_config(sgd, run, dp_size=1, on_gpu=True)

@@ -1,0 +1,152 @@
+"""Samples/s of the shard loader against what the model consumes, and the data-wait share of the training step.
+
+    .venv/bin/python bench/dataloader.py [--preset neox-demo --seq-len 128 --micro-batch 8 --grad-accum 2]
+                                         [--batches 400 --steps 12 --prefetch 2]
+
+1. The loader alone: the trainer's `MicroBatchLoader` over memory-mapped shards, drained as fast as it delivers
+   (on CUDA including the pinned, non-blocking copy to the GPU), assembled on demand (prefetch 0) and by the
+   background thread (--prefetch), alternating, --loader-rounds times: samples/s.
+2. The model: two real Trainers on the same shards and shape, prefetch 0 and --prefetch, alternating blocks of
+   --block steps (A B / B A); the samples/s the model consumes and the trainer's own data-wait fraction (the time
+   the loop blocked on the loader, over the step time) for each.
+
+headroom = loader samples/s / model samples/s (how much faster the loader is than the model needs it). Goal: data
+wait under 1% of the step. Synthetic shards are freshly written, so they sit in the page cache; a first epoch over
+a dataset larger than RAM also reads from disk. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _harness import abba, build_trainer, emit, median, read_train_records, shutdown, sync, synthetic_shards, timed_block
+
+GOAL_DATA_WAIT = 0.01
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from neox_train.model import MODEL_PRESETS
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="neox-demo", choices=sorted(MODEL_PRESETS))
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--precision", choices=("bf16", "no"), default="no")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--prefetch", type=int, default=2, help="the prefetching loader's depth")
+    p.add_argument("--batches", type=int, default=400, help="micro-batches per loader measurement")
+    p.add_argument("--loader-rounds", type=int, default=3)
+    p.add_argument("--block", type=int, default=4, help="optimizer steps per timed training block")
+    p.add_argument("--rounds", type=int, default=4, help="training rounds per variant")
+    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=8_000_000, help="synthetic tokens in all shards together")
+    p.add_argument("--data-dir", help="token shards (default: synthetic shards in a temporary folder)")
+    args = p.parse_args(argv)
+    if args.prefetch < 1:
+        p.error("--prefetch must be >= 1 (prefetch 0 is always measured as the baseline)")
+    return args
+
+
+def loader_rate(windows, split, *, seq_len: int, micro_batch: int, prefetch: int, batches: int, seed: int) -> float:
+    """Micro-batches drained from a fresh loader as fast as it delivers them: samples/s."""
+    import torch
+
+    from neox_train.data import SampleStream
+    from neox_train.loader import MicroBatchLoader
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    stream = SampleStream(split.train, seed=seed, micro_batch=micro_batch, dp_rank=0, dp_size=1)
+    loader = MicroBatchLoader(windows, stream, device=device, prefetch=prefetch)
+    try:
+        loader.next()  # thread start-up and first touch are not the steady state
+        sync()
+        started = time.perf_counter()
+        for _ in range(batches):
+            loader.next()
+        sync()
+        return batches * micro_batch / (time.perf_counter() - started)
+    finally:
+        loader.close()
+
+
+def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from neox_train.data import PackedWindows, discover_shards, open_shard, split_windows
+
+    data_dir = args.data_dir or str(synthetic_shards(work / "tokens", vocab_size=args.vocab_size,
+                                                     num_tokens=args.tokens, shards=args.shards))
+    windows = PackedWindows([open_shard(p) for p in discover_shards(data_dir)], args.seq_len)
+    split = split_windows(len(windows), 0.0)
+    rates: dict[str, list[float]] = {"prefetch_0": [], f"prefetch_{args.prefetch}": []}
+    for order in abba(args.loader_rounds, [0, args.prefetch]):
+        for prefetch in order:
+            rates[f"prefetch_{prefetch}"].append(loader_rate(
+                windows, split, seq_len=args.seq_len, micro_batch=args.micro_batch, prefetch=prefetch,
+                batches=args.batches, seed=len(rates[f"prefetch_{prefetch}"]),
+            ))
+
+    total_steps = args.block * (args.rounds + 1)
+    trainers = {}
+    for prefetch in (0, args.prefetch):
+        values = dict(
+            name=f"dataloader{prefetch}", model=args.preset, seq_len=args.seq_len, micro_batch=args.micro_batch,
+            grad_accum=args.grad_accum, mixed_precision=args.precision, ds_config="zero0", max_steps=total_steps,
+            warmup_steps=1, log_steps=args.block, eval_steps=0, save_steps=10 * total_steps, keep_last_n=0,
+            val_fraction=0.0, data_dir=data_dir, save_dir=str(work / f"ckpt{prefetch}"),
+            log_dir=str(work / f"logs{prefetch}"), prefetch_micro_batches=prefetch,
+        )
+        if args.data_dir is None:
+            values["vocab_size"] = args.vocab_size
+        trainers[prefetch] = (build_trainer(values), Path(values["log_dir"]))
+    times: dict[int, list[float]] = {p: [] for p in trainers}
+    try:
+        for trainer, _ in trainers.values():
+            trainer.train(until_step=args.block, final=False)  # warm-up, untimed
+        for order in abba(args.rounds, list(trainers)):
+            for prefetch in order:
+                trainer = trainers[prefetch][0]
+                times[prefetch].append(
+                    timed_block(lambda: trainer.train(until_step=trainer.step + args.block, final=False)))
+    finally:
+        for trainer, _ in trainers.values():
+            shutdown(trainer)
+
+    samples_per_step = args.micro_batch * args.grad_accum
+    loader = {k: median(v) for k, v in rates.items()}
+    model = {}
+    for prefetch, (_, log_dir) in trainers.items():
+        records = read_train_records(log_dir)[1:]  # the warm-up block's record is left out
+        model[f"prefetch_{prefetch}"] = {
+            "samples_per_s": median(samples_per_step * args.block / t for t in times[prefetch]),
+            "data_wait_frac": median(r["data_wait_frac"] for r in records),
+            "data_wait_s_per_step": median(r["data_wait_s"] for r in records),
+            "step_time_s": median(r["step_time_s"] for r in records),
+        }
+    chosen = f"prefetch_{args.prefetch}"
+    return {
+        "preset": args.preset, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
+        "precision": args.precision, "shards": len(discover_shards(data_dir)), "windows": len(windows),
+        "loader_samples_per_s": loader,
+        "model": model,
+        "headroom": loader[chosen] / model[chosen]["samples_per_s"],
+        "data_wait_frac": model[chosen]["data_wait_frac"],
+        "goal_data_wait_frac": GOAL_DATA_WAIT,
+        "goal_met": model[chosen]["data_wait_frac"] < GOAL_DATA_WAIT,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="neox-dataloader-") as tmp:
+        result = measure(args, Path(tmp))
+    emit({"bench": "dataloader", **result})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

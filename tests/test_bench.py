@@ -1,0 +1,89 @@
+"""The performance benchmarks run on CPU with the tiny preset: each prints exactly one JSON line on stdout with
+the promised structure and sane values. Timings on a shared CPU say nothing here; ranges are deliberately wide."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, train_env
+
+pytestmark = pytest.mark.slow  # each starts a process that imports DeepSpeed and trains a few steps
+
+TINY = ["--preset", "neox-tiny", "--seq-len", "32", "--vocab-size", "256"]
+
+
+def bench(script: str, *args: str, timeout: int = 300) -> dict:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True,
+                          env=train_env(), timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, f"stdout must be one JSON line, got: {proc.stdout[:2000]}"
+    result = json.loads(lines[0])
+    assert result["date"] and script in result["command"] and result["device"] == "cpu"
+    return result
+
+
+def _fraction(x) -> bool:
+    return 0.0 <= x <= 1.0
+
+
+def test_throughput_one_configuration():
+    r = bench("throughput.py", *TINY, "--steps", "6", "--log-steps", "2", "--peak-tflops", "1",
+              "--set", "activation_checkpointing=true")
+    assert r["bench"] == "throughput" and r["mode"] == "single" and r["steps"] == 6
+    assert r["switches"] == {"activation_checkpointing": True}
+    assert r["records"] == 3 and r["measured_records"] == 2 and r["measured_steps"] == 4
+    assert r["flops_per_token"] == 737_280 and r["hardware_flops_per_token"] == 950_272  # hand-computed in test_perf
+    assert r["peak_tflops"] == 1.0
+    assert 100 < r["tokens_per_s"] < 10_000_000
+    assert r["tflops_per_gpu"] == pytest.approx(r["tokens_per_s_per_gpu"] * 737_280 / 1e12, rel=0.2)  # medians
+    assert 0 < r["mfu"] < 1 and r["hfu"] > r["mfu"]
+    b = r["breakdown"]
+    assert _fraction(b["data_wait_frac"]) and b["fwd_bwd_s"] > 0 and b["optimizer_s"] > 0
+    assert b["data_wait_s"] + b["fwd_bwd_s"] + b["optimizer_s"] <= r["step_time_s"] * 1.05
+    assert 0.05 < r["memory"]["host_rss_peak_gib"] < 64 and "gpu_mem_peak_gib" not in r["memory"]
+
+
+def test_throughput_compare_interleaves_variants():
+    r = bench("throughput.py", *TINY, "--micro-batch", "2", "--compare", "optimizer_impl=torch,torch_fused",
+              "--block", "2", "--rounds", "2")
+    assert r["mode"] == "compare" and r["switch"] == "optimizer_impl" and r["peak_tflops"] is None
+    values = [v["value"] for v in r["variants"]]
+    assert values == ["torch", "torch_fused"]
+    first, second = r["variants"]
+    assert first["ratio_to_first"] == 1.0 and first["per_round_ratio"] == [1.0, 1.0]
+    assert 0.1 < second["ratio_to_first"] < 10 and len(second["per_round_ratio"]) == 2
+    for v in r["variants"]:
+        assert v["step_time_s_median"] > 0 and v["tokens_per_s"] > 0 and v["mfu"] is None
+        assert _fraction(v["breakdown"]["data_wait_frac"])
+    # Same data, same seed, same initial weights: the optimizer kernel changes no result beyond rounding.
+    assert first["loss_last"] == pytest.approx(second["loss_last"], rel=1e-4)
+
+
+def test_overhead_bench():
+    r = bench("overhead.py", *TINY, "--micro-batch", "2", "--grad-accum", "2", "--block", "2", "--rounds", "2",
+              "--log-steps", "2")
+    assert r["bench"] == "overhead" and r["goal"] == 1.03 and r["upload_worker"] is True
+    assert len(r["ratios"]) == 2 and 0.2 < r["ratio_median"] < 5
+    assert r["goal_met"] == (r["ratio_median"] <= 1.03)
+    assert r["trainer_step_s_median"] > 0 and r["bare_step_s_median"] > 0
+    assert _fraction(r["data_wait_frac_median"])
+    assert r["trainer_breakdown_median"]["fwd_bwd_s"] > 0
+
+
+def test_dataloader_bench():
+    r = bench("dataloader.py", *TINY, "--micro-batch", "4", "--grad-accum", "1", "--batches", "50",
+              "--loader-rounds", "1", "--block", "2", "--rounds", "2", "--tokens", "20000", "--shards", "3")
+    assert r["bench"] == "dataloader" and r["shards"] == 3 and r["windows"] == 625  # 3 x 6667 tokens -> 20000 // 32
+    assert set(r["loader_samples_per_s"]) == {"prefetch_0", "prefetch_2"}
+    assert all(v > 100 for v in r["loader_samples_per_s"].values())
+    for name in ("prefetch_0", "prefetch_2"):
+        m = r["model"][name]
+        assert m["samples_per_s"] > 0 and _fraction(m["data_wait_frac"]) and m["step_time_s"] > 0
+    assert r["headroom"] == pytest.approx(r["loader_samples_per_s"]["prefetch_2"] / r["model"]["prefetch_2"]["samples_per_s"])
+    assert r["data_wait_frac"] == r["model"]["prefetch_2"]["data_wait_frac"]
+    assert r["goal_met"] == (r["data_wait_frac"] < 0.01)
