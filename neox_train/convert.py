@@ -1,0 +1,276 @@
+"""`neox-convert-hf`: a DeepSpeed checkpoint of a neox-train run (any ZeRO stage, any number of ranks, local or gs://)
+-> a HuggingFace GPTNeoX folder that `AutoModelForCausalLM.from_pretrained` loads, optionally proven equal to the
+checkpoint by running the same tokens through both (`--verify`).
+
+Order of work: every check that can reject the input (output folder, checkpoint layout, tag, model config, ranks,
+tokenizer, vocabulary) runs before any weight is read. The folder is built in a hidden staging folder next to --out
+and renamed into place only when complete (and verified, with --verify), so --out is never half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+# Logit agreement demanded by --verify, as a fraction of the largest reference logit (at least 1): the DeepSpeed
+# model runs in fp32, the export in its own dtype. fp32 differs only by summation order (~1e-6 seen); bf16/fp16
+# carry 8/11 mantissa bits through every layer (~1e-2 seen on a 24-layer model). A wrong or missing tensor, a
+# wrong config field or a vocabulary shift moves logits by the order of the logits themselves.
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 6e-2}
+VERIFY_BATCH, VERIFY_MAX_LEN, VERIFY_SEED = 2, 64, 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="neox-convert-hf",
+        description="Convert a neox-train DeepSpeed checkpoint (ZeRO 0-3, any number of ranks, a folder or gs://) "
+                    "to a HuggingFace GPTNeoX folder.",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a run's save dir (or one global_stepN folder), or a published gs://bucket/prefix / "
+                        "file:// URL (only COMPLETE checkpoints, verified against their manifest)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--tag", default="latest", metavar="TAG|latest", help="checkpoint tag (default: latest)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                   help="dtype of the saved weights (default: the run's training precision)")
+    p.add_argument("--verify", action="store_true",
+                   help="run the same tokens through the checkpoint's model and the export; fail unless logits agree")
+    p.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
+                   help="split safetensors above this size, with an index (default 2GB)")
+    p.add_argument("--unpad-vocab", action="store_true",
+                   help="cut the embedding rows padded beyond the tokenizer's vocabulary (default: keep them)")
+    p.add_argument("--tokenizer", metavar="FILE",
+                   help="tokenizer.json to include (default: the one in the checkpoint or the run's data_dir)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--credentials", metavar="FILE",
+                   help="service-account JSON for gs:// (default: GOOGLE_APPLICATION_CREDENTIALS)")
+    p.add_argument("--json", action="store_true", help="print a summary as one JSON object on stdout")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .convert_source import ConvertError
+    from .storage import StorageError
+
+    try:
+        with _stdout_to_stderr():
+            summary = convert(args)
+    except (ConvertError, ConfigError, StorageError) as e:
+        print(f"neox-convert-hf: error: {e}", file=sys.stderr)
+        return 2
+    except VerifyFailed as e:
+        print(f"neox-convert-hf: verify failed: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Stdout carries only the --json object. DeepSpeed logs through a handler bound to stdout at import time and
+    zero_to_fp32 print()s, so the redirect is done on file descriptor 1 itself, for the whole conversion."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+class VerifyFailed(RuntimeError):
+    """The export's logits differ from the checkpoint's: nothing was installed at --out."""
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    from .convert_source import ConvertError
+
+    if out.exists() and not overwrite:
+        raise ConvertError(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"--out {out} is a file, not a folder")
+    parent = out.parent if out.parent != Path("") else Path(".")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise ConvertError(f"--out {out}: cannot write in {parent}")
+
+
+def convert(args: argparse.Namespace) -> dict[str, Any]:
+    from .convert_source import ConvertError, inspect_checkpoint, locate
+    from .hf_export import DTYPES, parse_shard_size, print_step
+
+    started = time.perf_counter()
+    out = Path(args.out).expanduser().absolute()
+    _check_out(out, args.overwrite)
+    max_shard = parse_shard_size(args.max_shard_size)
+    located = locate(args.checkpoint, args.tag, credentials=args.credentials, scratch_parent=out.parent)
+    try:
+        tag_dir = located.tag_dir.resolve()
+        if out == tag_dir or out in tag_dir.parents:
+            raise ConvertError(f"--out {out} would replace the checkpoint {tag_dir} itself; choose another folder")
+        info = inspect_checkpoint(located.tag_dir)
+        dtype_name = args.dtype or info.precision
+        print_step(f"{located.source} tag {info.tag}: ZeRO-{info.stage}, {info.dp_size} rank(s), trained in "
+                   f"{info.precision}, step {info.step} -> {out} ({dtype_name})")
+        local_save_dir = None if located.remote else located.tag_dir.parent
+        summary = _export(args, info, DTYPES[dtype_name], dtype_name, out, max_shard,
+                          source=located.source, local_save_dir=local_save_dir)
+    finally:
+        located.cleanup()
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    print_step(f"wrote {out} in {summary['seconds']:.1f} s")
+    return summary
+
+
+def _vocabulary(args, info, tokenizer) -> tuple[int | None, int | None]:
+    """(output vocab size or None to keep the padding, the tokenizer's vocab size as the run knew it)."""
+    from .convert_source import ConvertError
+
+    run_cfg = info.run.get("run_config") or {}
+    known = run_cfg.get("vocab_size") or (tokenizer.vocab_size if tokenizer else None)
+    if not args.unpad_vocab:
+        return None, known
+    if known is None:
+        raise ConvertError(
+            "--unpad-vocab: the checkpoint does not record the tokenizer's vocabulary size and no tokenizer was found; "
+            "pass --tokenizer FILE"
+        )
+    padded = int(info.model_config["vocab_size"])
+    if known > padded:
+        raise ConvertError(f"--unpad-vocab: the tokenizer's vocabulary ({known}) exceeds the model's ({padded})")
+    return int(known), int(known)
+
+
+def _export(args, info, dtype, dtype_name: str, out: Path, max_shard: int, *, source: str,
+            local_save_dir: Path | None) -> dict[str, Any]:
+    from .convert_source import ConvertError, WeightSource
+    from .hf_export import (check_tokenizer, final_losses, find_tokenizer, plan_export, print_step, tokens_seen,
+                            write_configs, write_model_card, write_tokenizer, write_weights)
+
+    tokenizer = find_tokenizer(args.tokenizer, info, local_save_dir=local_save_dir)
+    vocab_out, tokenizer_vocab = _vocabulary(args, info, tokenizer)
+    plan = plan_export(info, dtype, vocab_out)
+    if tokenizer is not None:
+        problem = check_tokenizer(tokenizer, plan.vocab_size, info.model_config.get("eos_token_id"))
+        if problem and tokenizer.explicit:
+            raise ConvertError(problem)
+        if problem:
+            print_step(f"warning: {problem}; the export gets no tokenizer (pass --tokenizer FILE)")
+            tokenizer = None
+    else:
+        print_step("no tokenizer recorded with this run (checked the tag folder and the run's data_dir): "
+                   "the export has none; pass --tokenizer FILE to include one")
+
+    source_weights = WeightSource(info, plan.module_names).open()
+    weights_from, masters = source_weights.description, source_weights.masters
+    print_step(f"weights: {weights_from}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        weights = write_weights(source_weights, plan, staging, max_shard, progress=sys.stderr.isatty())
+        source_weights.close()
+        del source_weights
+        eos = info.model_config.get("eos_token_id")
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos = tokenizer.eos_token_id
+        write_configs(info, plan, staging, eos_token_id=eos)
+        tok_files = []
+        if tokenizer is not None:
+            tok_files = write_tokenizer(tokenizer, staging,
+                                        model_max_length=int(info.model_config["max_position_embeddings"]))
+        verify = _verify(info, plan, staging, dtype_name, tokenizer_vocab) if args.verify else None
+        losses = final_losses(info, local_save_dir=local_save_dir)
+        write_model_card(staging, name=out.name, info=info, plan=plan, source=source, weights=weights_from,
+                         losses=losses, tokenizer=tokenizer, verify=verify)
+        _install(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {
+        "out": str(out), "source": source, "tag": info.tag, "step": info.step, "zero_stage": info.stage,
+        "dp_size": info.dp_size, "training_precision": info.precision, "dtype": dtype_name,
+        "weights_from": weights_from, "fp32_masters": masters, "parameters": plan.num_parameters,
+        "vocab_size": plan.vocab_size,
+        "padded_vocab_size": plan.padded_vocab_size, "weight_files": weights["files"],
+        "total_size": weights["total_size"], "tokenizer": str(tokenizer.path) if tokenizer else None,
+        "tokenizer_files": tok_files, "tokens_seen": tokens_seen(info),
+        **{k: v for k, v in losses.items() if k != "source"},
+        "verify": verify,
+    }
+
+
+def _install(staging: Path, out: Path) -> None:
+    """Rename the finished folder into place; an existing --out (with --overwrite) is moved aside first and deleted
+    only once the new one is in place."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _verify(info, plan, folder: Path, dtype_name: str, tokenizer_vocab: int | None) -> dict[str, Any]:
+    """The same token batch through (a) GPTNeoXForCausalLM rebuilt from the DeepSpeed checkpoint in fp32 (a fresh
+    read of the checkpoint, not the tensors just written) and (b) the export loaded by AutoModelForCausalLM."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from .convert_source import WeightSource
+    from .hf_export import print_step
+
+    reference_weights = WeightSource(info, plan.module_names).open()
+    state = {name: reference_weights.take(name, torch.float32) for name in plan.module_names}
+    reference_weights.close()
+    with no_init_weights():  # the weights are assigned below; random init of a large model costs seconds
+        reference = GPTNeoXForCausalLM(GPTNeoXConfig.from_dict(info.model_config))
+    reference.load_state_dict(state, strict=True, assign=True)
+    del state
+    reference.eval()
+
+    exported, loading = AutoModelForCausalLM.from_pretrained(str(folder), output_loading_info=True)
+    exported.eval()
+    problems = [f"{kind}: {', '.join(sorted(keys)[:4])}" for kind, keys in loading.items()
+                if kind in ("missing_keys", "unexpected_keys", "mismatched_keys") and keys]
+    if problems:
+        raise VerifyFailed(f"transformers loads {folder.name} with {'; '.join(problems)}")
+    if exported.dtype != plan.dtype:
+        raise VerifyFailed(f"the export loads as {exported.dtype}, expected {plan.dtype}")
+
+    vocab = min(tokenizer_vocab or plan.vocab_size, plan.vocab_size)
+    length = min(VERIFY_MAX_LEN, int(info.model_config["max_position_embeddings"]))
+    ids = torch.randint(0, vocab, (VERIFY_BATCH, length), generator=torch.Generator().manual_seed(VERIFY_SEED))
+    with torch.no_grad():
+        want = reference(input_ids=ids).logits[..., : plan.vocab_size].float()
+        got = exported(input_ids=ids).logits.float()
+    diff = (want - got).abs().max().item()
+    scale = max(1.0, want.abs().max().item())
+    tolerance = TOLERANCE[dtype_name] * scale
+    agree = (want.argmax(-1) == got.argmax(-1)).float().mean().item()
+    result = {"max_abs_diff": diff, "tolerance": tolerance, "dtype": dtype_name, "tokens": int(ids.numel()),
+              "argmax_agreement": agree}
+    print_step(f"verify: max abs logit diff {diff:.3g} over {VERIFY_BATCH}x{length} tokens ({dtype_name} export vs "
+               f"fp32 checkpoint model; tolerance {tolerance:.3g}; argmax agrees on {agree:.1%})")
+    if not diff <= tolerance:  # also catches NaN
+        raise VerifyFailed(f"max abs logit diff {diff:.3g} exceeds the {dtype_name} tolerance {tolerance:.3g}; "
+                           f"nothing was written to the output folder")
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""DeepSpeed checkpoint -> HuggingFace folder; the same as the `neox-convert-hf` console script.
+
+    python tools/convert_to_hf.py checkpoints/demo --out hf/demo --verify
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from neox_train.convert import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
