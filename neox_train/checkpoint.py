@@ -96,7 +96,13 @@ def client_state(
     }
 
 
-def save(engine, save_dir: Path, state: TrainState, extra: dict[str, Any], *, is_rank0: bool) -> str:
+# Copied from the data folder into every tag, so a checkpoint converted elsewhere (from a bucket) still carries the
+# tokenizer it was trained with.
+DATA_SIDE_FILES = ("tokenizer.json", "meta.json")
+
+
+def save(engine, save_dir: Path, state: TrainState, extra: dict[str, Any], *, is_rank0: bool,
+         losses: dict[str, Any] | None = None) -> str:
     """Save on every rank (DeepSpeed hangs otherwise); rank 0 then adds the JSON side files.
 
     When `save_checkpoint` returns, every rank's files are written (its final barrier), so the side files
@@ -108,7 +114,12 @@ def save(engine, save_dir: Path, state: TrainState, extra: dict[str, Any], *, is
         tag_dir = save_dir / tag
         (tag_dir / "config.json").write_text(json.dumps(extra["model_config"], indent=2, sort_keys=True) + "\n")
         run = {k: extra[k] for k in ("step", "consumed_samples", "dp_size", "data_tokens", "run_config", "ds_config")}
+        run.update(losses or {})  # train_loss, val_loss, val_loss_step: what the model card of an export reports
         (tag_dir / "run.json").write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
+        data_dir = Path(extra["run_config"].get("data_dir") or ".")
+        for name in DATA_SIDE_FILES:
+            if (data_dir / name).is_file():
+                shutil.copy2(data_dir / name, tag_dir / name)
     return tag
 
 

@@ -261,6 +261,7 @@ class Trainer:
         # storage), so deletion can wait until that rank has seen them verified remote.
         self.retention_rank = is_uploader(topo, node_local_storage(plan.ds_config))
         self.stop_requested = False
+        self.last_losses: dict[str, float | int] = {}  # the newest logged train / validation loss, for run.json
         self._announced = False  # the "training ..." line, once even when train() runs in slices
 
     # -- one optimizer step -------------------------------------------------------------------------------------
@@ -356,7 +357,7 @@ class Trainer:
         with self.publisher.saving():
             tag = checkpoint.save(
                 self.engine, self.save_dir, checkpoint.TrainState(self.step, self.loader.consumed_samples), extra,
-                is_rank0=self.is_rank0,
+                is_rank0=self.is_rank0, losses=self.last_losses,
             )
         self.last_saved_step = self.step
         # save_checkpoint has returned on every rank (its final barrier): every rank's files are on disk.
@@ -447,6 +448,7 @@ class Trainer:
                     )
                     summary.setdefault("first_loss", values["loss"])
                     summary["last_loss"] = values["loss"]
+                    self.last_losses["train_loss"] = values["loss"]
                     summary["tokens_per_s"] = values["tokens_per_s"]
                 if run.eval_steps and self.step % run.eval_steps == 0 and len(self.split.val):
                     ev = self.evaluate()
@@ -454,6 +456,7 @@ class Trainer:
                         self.metrics.record(self.step, "eval", ev)
                         log.info("step %d: validation loss=%.4f perplexity=%.2f", self.step, ev["loss"], ev["perplexity"])
                         summary["val_loss"] = ev["loss"]
+                        self.last_losses.update(val_loss=ev["loss"], val_loss_step=self.step)
                     throughput.restart()
                 if log_now:
                     self.log_sync_status()

@@ -66,3 +66,32 @@ def test_partitioning_change_is_detected_and_only_zero0_refused():
         check_compatible(saved(1, 0), model_config=MODEL, ds_config=zero2, dp_size=1, tag="t")
     with pytest.raises(ConfigError, match="ZeRO-0"):
         check_compatible(saved(2, 2), model_config=MODEL, ds_config={}, dp_size=2, tag="t")
+
+
+def test_side_files_carry_tokenizer_and_losses(tmp_path):
+    """Each tag is self-describing for an export made elsewhere: model config, run meta with the last losses, and
+    the data folder's tokenizer. (The engine here only writes its marker file: the side files are ours.)"""
+    import json
+
+    from neox_train.checkpoint import TrainState, client_state, save
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "tokenizer.json").write_text('{"model": {}}')
+    (data / "meta.json").write_text('{"vocab_size": 300}')
+
+    class Engine:
+        def save_checkpoint(self, save_dir, tag, client_state):
+            (tmp_path / "ckpt" / tag).mkdir(parents=True)
+            (tmp_path / "ckpt" / tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+
+    state = TrainState(step=7, consumed_samples=56)
+    extra = client_state(state=state, run_config={"data_dir": str(data)}, ds_config={}, model_config=MODEL, dp_size=1,
+                         data_tokens=100)
+    tag = save(Engine(), tmp_path / "ckpt", state, extra, is_rank0=True,
+               losses={"train_loss": 3.5, "val_loss": 3.7, "val_loss_step": 5})
+    tag_dir = tmp_path / "ckpt" / tag
+    run = json.loads((tag_dir / "run.json").read_text())
+    assert (run["step"], run["train_loss"], run["val_loss"], run["val_loss_step"]) == (7, 3.5, 3.7, 5)
+    assert (tag_dir / "tokenizer.json").read_text() == '{"model": {}}' and (tag_dir / "meta.json").is_file()
+    assert json.loads((tag_dir / "config.json").read_text()) == MODEL
