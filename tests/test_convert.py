@@ -230,7 +230,9 @@ def test_tokenizer_is_exported_and_unpadding_keeps_it_consistent(trained, prepar
 
     code, summary, err = run_convert(capfd, run_dir / "ckpt", "--out", tmp_path / "padded", "--json")
     assert code == 0, err
-    assert summary["tokenizer"] == str(prepared_dir / "tokenizer.json") and summary["vocab_size"] == padded
+    # Training copies the data folder's tokenizer into every tag: the export takes that copy (the same file).
+    assert summary["tokenizer"] == str(tag_dir / "tokenizer.json") and summary["vocab_size"] == padded
+    assert (tag_dir / "tokenizer.json").read_bytes() == (prepared_dir / "tokenizer.json").read_bytes()
     code, summary, err = run_convert(capfd, run_dir / "ckpt", "--out", tmp_path / "unpadded", "--unpad-vocab",
                                      "--verify", "--json")
     assert code == 0, err
