@@ -153,12 +153,12 @@ def _sync_up(local_dir: Path, backend: Backend, remote_prefix: str, *, workers: 
     result = SyncResult()
     local: dict[str, tuple[int, str]] = {}
 
-    # One pool, one pipeline per file: hash (or cache hit) -> compare with the remote listing -> upload or skip.
-    # The listing runs while the first files hash, and later files hash while earlier ones upload, so the checks
-    # cost (almost) no wall time next to a plain upload of the same files.
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(files) + 1)), thread_name_prefix="neox-sync") as pool, \
+    # One pipeline per file: hash (or cache hit) -> compare with the remote listing -> upload or skip. The listing
+    # runs on its own thread while the first files hash, and later files hash while earlier ones upload, so the
+    # checks cost (almost) no wall time next to a plain upload of the same files.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="neox-sync-list") as lister, \
             _bar(progress, sum(_size(p) for _, p in files), f"upload {backend.url}") as bar:
-        listing = pool.submit(backend.list, prefix)  # submitted first, so it starts first even with one worker
+        listing = lister.submit(backend.list, prefix)
 
         def one(item: tuple[str, Path]) -> tuple[int, str, bool]:
             rel, path = item
@@ -194,15 +194,8 @@ def _sync_up(local_dir: Path, backend: Backend, remote_prefix: str, *, workers: 
                 result.files_skipped += 1
             bar.update(size)
 
-        futures = {pool.submit(one, item): item for item in files}
-        try:
-            listing.result()
-            for fut in as_completed(futures):
-                done(futures[fut], fut.result())
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            raise
+        _parallel(one, files, workers, done)
+        listing.result()  # with no local files, a listing failure still surfaces
 
     mismatch = _first_mismatch(backend.list(prefix), prefix, local)
     if mismatch:
