@@ -142,3 +142,15 @@ def emit(result: dict[str, Any]) -> None:
     }
     _RESULT_OUT.write(json.dumps(result) + "\n")
     _RESULT_OUT.flush()
+
+
+def add_demo_shape_arguments(p) -> None:
+    """The model shape the CPU benches default to: the README demo's (neox-demo, seq 128, 8 x 2, fp32, vocab 4096)."""
+    from neox_train.model import MODEL_PRESETS
+
+    p.add_argument("--preset", default="neox-demo", choices=sorted(MODEL_PRESETS))
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--precision", choices=("bf16", "no"), default="no")
+    p.add_argument("--vocab-size", type=int, default=4096)

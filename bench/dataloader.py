@@ -24,21 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _harness import abba, build_trainer, emit, median, read_train_records, shutdown, sync, synthetic_shards, timed_block
+from _harness import abba, add_demo_shape_arguments, build_trainer, emit, median, read_train_records, shutdown, sync, synthetic_shards, timed_block
 
 GOAL_DATA_WAIT = 0.01
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from neox_train.model import MODEL_PRESETS
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="neox-demo", choices=sorted(MODEL_PRESETS))
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=2)
-    p.add_argument("--precision", choices=("bf16", "no"), default="no")
-    p.add_argument("--vocab-size", type=int, default=4096)
+    add_demo_shape_arguments(p)
     p.add_argument("--prefetch", type=int, default=2, help="the prefetching loader's depth")
     p.add_argument("--batches", type=int, default=400, help="micro-batches per loader measurement")
     p.add_argument("--loader-rounds", type=int, default=3)

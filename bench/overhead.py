@@ -25,23 +25,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _harness import abba, build_trainer, emit, median, read_train_records, shutdown, synthetic_shards, timed_block
+from _harness import abba, add_demo_shape_arguments, build_trainer, emit, median, read_train_records, shutdown, synthetic_shards, timed_block
 
 GOAL = 1.03
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from neox_train.model import MODEL_PRESETS
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # Defaults: the README demo's shape, what a CPU user trains.
-    p.add_argument("--preset", default="neox-demo", choices=sorted(MODEL_PRESETS))
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--grad-accum", type=int, default=2)
-    p.add_argument("--precision", choices=("bf16", "no"), default="no")
+    add_demo_shape_arguments(p)
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0)
-    p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--log-steps", type=int, default=10, help="the trainer's log interval (the demo's)")
     p.add_argument("--block", type=int, default=10, help="optimizer steps per timed block")
     p.add_argument("--rounds", type=int, default=6)
