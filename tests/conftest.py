@@ -81,15 +81,11 @@ def train_env() -> dict[str, str]:
     return env
 
 
-def run_train(args: list[str], *, nprocs: int = 1, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """`neox-train ARGS`, or `deepspeed --num_gpus N neox-train ARGS` for several CPU ranks on localhost."""
-    exe = str(BIN / "neox-train")
-    if nprocs == 1:
-        cmd = [exe, *args]
-    else:
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(_free_port()), exe, *args]
-    # Own process group, so a hung run's ranks die with the launcher instead of outliving the test.
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=train_env(),
+def run_in_own_group(cmd: list[str], *, env: dict[str, str], timeout: float, cwd: Path | None = None
+                     ) -> subprocess.CompletedProcess:
+    """Run cmd in its own process group, so a hung run's ranks die with the launcher instead of outliving the test:
+    on timeout the whole group is killed and the test fails with the command's stderr tail."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
                           start_new_session=True) as p:
         try:
             stdout, stderr = p.communicate(timeout=timeout)
@@ -97,7 +93,17 @@ def run_train(args: list[str], *, nprocs: int = 1, timeout: int = 300, check: bo
             os.killpg(p.pid, signal.SIGKILL)
             stdout, stderr = p.communicate()
             raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s\n{stderr[-6000:]}") from None
-    proc = subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
+    return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
+
+
+def run_train(args: list[str], *, nprocs: int = 1, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """`neox-train ARGS`, or `deepspeed --num_gpus N neox-train ARGS` for several CPU ranks on localhost."""
+    exe = str(BIN / "neox-train")
+    if nprocs == 1:
+        cmd = [exe, *args]
+    else:
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(_free_port()), exe, *args]
+    proc = run_in_own_group(cmd, env=train_env(), timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -4,16 +4,14 @@ each, `neox-launch --hostfile` with the pdsh runner. Two ranks on two "nodes" tr
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, _free_port, copy_checkpoint, read_metrics, test_ds_config, tiny_run_config, train_env
+from conftest import BIN, _free_port, run_in_own_group, copy_checkpoint, read_metrics, test_ds_config, tiny_run_config, train_env
 
 pytestmark = pytest.mark.slow
 
@@ -28,15 +26,7 @@ def neox_launch(cluster, args: list[str], *, cwd: Path, extra_env: dict[str, str
     env.update(extra_env or {})
     cmd = [str(BIN / "neox-launch"), *map(str, args)]
     # Own process group: a hung launch dies whole (the ranks under sshd are stopped with the cluster).
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
-                          start_new_session=True) as p:
-        try:
-            out, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            out, err = p.communicate()
-            raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s\n{err[-6000:]}") from None
-    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+    return run_in_own_group(cmd, env=env, cwd=cwd, timeout=timeout)
 
 
 def test_two_nodes_train_save_and_resume(ssh_cluster, tmp_path, token_dir):

@@ -11,14 +11,12 @@ two nodes resume from the bucket.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, _free_port, read_metrics, test_ds_config, tiny_run_config, train_env
+from conftest import BIN, _free_port, run_in_own_group, read_metrics, test_ds_config, tiny_run_config, train_env
 from gcs import direct_client, gcs_bucket, gcs_emulator  # noqa: F401  (fixtures)
 from sshd import SshCluster, SshdUnavailable
 
@@ -54,16 +52,9 @@ def launch(cluster: SshCluster, root: Path, args: list[str], env_extra: dict[str
     env.update(env_extra, DS_ENV_FILE=str(env_file))
     cmd = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--launcher", "pdsh", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(BIN / "neox-train"), *args]
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root,
-                          start_new_session=True) as p:
-        try:
-            out, err = p.communicate(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            out, err = p.communicate()
-            raise AssertionError(f"{' '.join(cmd)} timed out after {TIMEOUT_S} s\n{err[-6000:]}") from None
-    assert p.returncode == 0, out[-4000:] + err[-6000:]
-    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+    proc = run_in_own_group(cmd, env=env, cwd=root, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    return proc
 
 
 def test_node_local_parts_are_published_together_and_resume_from_the_bucket(
