@@ -131,10 +131,6 @@ def to_universal(save_dir: Path, tag: str) -> Path:
         shutil.rmtree(out, ignore_errors=True)
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise ConfigError(f"converting {src} to a universal checkpoint failed ({last}); the original checkpoint is untouched")
-    # The side files (model config, run meta) travel with it, so the converted folder is self-describing too.
-    for name in ("config.json", "run.json"):
-        if (src / name).is_file():
-            shutil.copy2(src / name, out / name)
     done.write_text(tag + "\n")
     log.info("resume: universal checkpoint %s written in %.1f s", out, time.perf_counter() - started)
     return out
