@@ -68,6 +68,11 @@ class MicroBatchLoader:
         if self._thread is None:
             host = torch.from_numpy(self.windows.batch(self._stream.next_micro_batch()))
             self._consumed = self._stream.consumed_samples
+            if self._cuda:
+                # A copy from pageable memory would wait for the GPU's queued work and count it as data wait;
+                # from pinned memory it is queued like a kernel (torch's pinned-memory cache keeps the buffer
+                # alive until the copy has run).
+                return host.pin_memory().to(self.device, non_blocking=True)
             return host.to(self.device)
         item = self._take()
         host, consumed = item

@@ -50,9 +50,31 @@ def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_PAD_MULTIPLE) -> in
 
 
 # "sdpa" is torch's scaled_dot_product_attention, which takes the FlashAttention kernel on CUDA for bf16/fp16
-# (transformers passes is_causal=True and no mask when there is no padding, which flash needs); "eager" is
-# transformers' plain matmul-softmax-matmul, kept to measure what SDPA buys.
+# when called with is_causal=True and no mask; "eager" is transformers' plain matmul-softmax-matmul, kept to
+# measure what SDPA buys.
 ATTENTION_IMPLS = ("sdpa", "eager")
+
+# Training runs transformers' own SDPA attention function under a name of ours. For the name "sdpa",
+# transformers builds the causal mask itself and checks position_ids for packed sequences first: in eager mode
+# that check reads a GPU tensor into a Python bool (a host-device sync in every forward), and under torch.compile
+# it cannot be evaluated, so a full (batch, 1, seq, seq) mask is materialised and SDPA loses the flash kernel.
+# Our position_ids are always 0..seq-1 (windows of concatenated documents attend causally across document
+# boundaries, as in GPT-NeoX), so that check can only find one sequence and the plain causal mask is all there
+# is: a name without a registered mask function makes transformers skip both, and the attention function then
+# calls SDPA with is_causal=True and no mask. Saved configs do not record the implementation, so exports are unaffected.
+TRAINING_SDPA = "neox_sdpa"
+
+
+def use_training_attention(model: GPTNeoXForCausalLM) -> None:
+    """Switch a model built with attention "sdpa" to the mask-free training name (see TRAINING_SDPA)."""
+    if model.config._attn_implementation != "sdpa":
+        return
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if TRAINING_SDPA not in AttentionInterface._global_mapping:
+        AttentionInterface.register(TRAINING_SDPA, sdpa_attention_forward)
+    model.set_attn_implementation(TRAINING_SDPA)
 
 
 def hf_config(

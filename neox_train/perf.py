@@ -44,7 +44,11 @@ class Peak:
 
 
 def lookup_peak_tflops(device_name: str) -> tuple[str, float] | None:
-    """(table label, dense bf16 TFLOP/s) for a CUDA device name, or None when the table does not know it."""
+    """(table label, dense bf16 TFLOP/s) for a CUDA device name, or None when the table does not know it.
+
+    A MIG slice ("NVIDIA H100 80GB HBM3 MIG 1g.10gb") has a fraction of the GPU's peak: no table value fits it."""
+    if re.search(r"\bMIG\b", device_name):
+        return None
     for label, pattern, tflops in PEAK_BF16_TFLOPS:
         if re.search(pattern, device_name):
             return label, tflops

@@ -46,7 +46,10 @@ from .loader import MicroBatchLoader
 from .metrics import Metrics, Throughput, log, setup_logging
 from .perf import FlopsAccounting, StepTimer, device_name, memory_high_water, resolve_peak
 from .publish import Publisher, Topology, check_storage_access, is_uploader, node_local_storage
-from .model import GPT2_VOCAB_SIZE, build_model, flops_per_token, hf_config, padded_vocab_size, parameter_counts
+from .model import (
+    GPT2_VOCAB_SIZE, build_model, flops_per_token, hf_config, padded_vocab_size, parameter_counts,
+    use_training_attention,
+)
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,12 @@ def init_distributed() -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import deepspeed
 
-    if not torch.cuda.is_available() and os.environ.get("NEOX_CPU_SHM_COMM", "0") != "1":
+    if torch.cuda.is_available():
+        # Each rank owns cuda:LOCAL_RANK from the start: DeepSpeed binds the NCCL group to that device but only
+        # selects it inside deepspeed.initialize, and the collectives before that (the shared run id) would
+        # otherwise run on cuda:0 in every rank, which NCCL refuses.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    elif os.environ.get("NEOX_CPU_SHM_COMM", "0") != "1":
         # On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce (~40 s on 2 cores, and again
         # whenever ninja decides the command changed). gloo does the same job for CPU runs, which are for
         # development and tests; NEOX_CPU_SHM_COMM=1 restores the op.
@@ -211,6 +219,7 @@ class Trainer:
             model = GPTNeoXForCausalLM._from_config(plan.model_config)
         else:
             model = build_model(plan.model_config)
+        use_training_attention(model)
         if run.activation_checkpointing:
             # Every layer (the all-or-nothing recompute that flops_per_token counts for HFU).
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

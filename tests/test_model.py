@@ -1,5 +1,7 @@
 """Model presets: the flagship's parameter count (built on the meta device) and the FLOPs formula."""
 
+import json
+
 import pytest
 import torch
 
@@ -102,3 +104,42 @@ def test_attention_switch_and_sdpa_takes_the_flash_eligible_call(monkeypatch):
     out_eager = eager(ids).logits
     assert calls == [] and eager.config._attn_implementation == "eager"
     torch.testing.assert_close(out_eager, out_sdpa, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torch.compile"])
+def test_training_attention_calls_sdpa_causal_without_a_mask_even_compiled(monkeypatch, compiled):
+    """Under torch.compile transformers' own "sdpa" name materialises a (batch, 1, seq, seq) mask, which costs
+    the flash kernel; the name training uses must reach SDPA with is_causal=True and no mask both ways, and
+    compute the same logits as the plain model."""
+    import torch.nn.functional as F
+
+    from neox_train.model import TRAINING_SDPA, use_training_attention
+
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def observe(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask") is None, kwargs.get("is_causal")))
+        return real(*args, **kwargs)
+
+    torch.manual_seed(0)
+    model = build_model(hf_config("neox-tiny", 256)).eval()
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        expected = model(ids).logits
+    use_training_attention(model)
+    assert model.config._attn_implementation == TRAINING_SDPA
+    assert "neox_sdpa" not in json.dumps(model.config.to_dict())  # saved configs and exports stay plain HF
+    monkeypatch.setattr(F, "scaled_dot_product_attention", observe)
+    if compiled:
+        torch._dynamo.reset()
+        forward = torch.compile(model, backend="eager")
+    else:
+        forward = model
+    with torch.no_grad():
+        got = forward(ids).logits
+    assert calls == [(True, True)] * 2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    eager = build_model(hf_config("neox-tiny", 256, attention="eager"))
+    use_training_attention(eager)  # leaves other implementations alone
+    assert eager.config._attn_implementation == "eager"

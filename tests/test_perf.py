@@ -67,6 +67,8 @@ def test_neox_tiny_flops_per_token_by_hand():
         ("NVIDIA H100 NVL", None),
         ("NVIDIA H200 NVL", None),
         ("NVIDIA GH200 480GB", None),
+        ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", None),  # a slice: a fraction of the peak
+        ("NVIDIA A100-SXM4-40GB MIG 3g.20gb", None),
         ("NVIDIA GeForce RTX 3090", None),
         ("Tesla V100-SXM2-16GB", None),
     ],
