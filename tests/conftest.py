@@ -72,6 +72,35 @@ def tiny_run_config(tmp_path: Path, data_dir: Path, **overrides) -> Path:
     return path
 
 
+# The training runs several test files share (test_train checks them, test_convert exports them): each
+# (ZeRO stage, processes, precision) trains once per session, TRAINED_STEPS steps, saved at TRAINED_SAVE_AT and
+# at the end. Every stage at 1 and 2 ranks, fp32 and bf16 both at every rank count.
+TRAINED_STEPS, TRAINED_SAVE_AT = 8, 4
+TRAINED_CASES = [(0, 1, "no"), (0, 2, "bf16"), (1, 1, "bf16"), (1, 2, "no"), (2, 1, "no"), (2, 2, "bf16"),
+                 (3, 1, "bf16"), (3, 2, "no")]
+_trained: dict[tuple[int, int, str], Path] = {}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, token_dir):
+    """get(stage, nprocs, precision) -> the run folder (run.json, ckpt/, logs/) of a shared training run. Tests
+    read these folders and copy what they change."""
+
+    def get(stage: int, nprocs: int, precision: str) -> Path:
+        key = (stage, nprocs, precision)
+        if key not in _trained:
+            tmp = tmp_path_factory.mktemp(f"trained_zero{stage}_{nprocs}p_{precision}")
+            run = tiny_run_config(
+                tmp, token_dir, ds_config=str(test_ds_config(tmp, stage)), mixed_precision=precision,
+                max_steps=TRAINED_STEPS, save_steps=TRAINED_SAVE_AT, eval_steps=TRAINED_SAVE_AT,
+            )
+            run_train(["--config", str(run)], nprocs=nprocs)
+            _trained[key] = tmp
+        return _trained[key]
+
+    return get
+
+
 def train_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"

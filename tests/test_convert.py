@@ -19,17 +19,29 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, REPO, VOCAB, read_metrics, run_train, test_ds_config, tiny_run_config, train_env
+from conftest import (
+    BIN,
+    REPO,
+    TRAINED_CASES,
+    TRAINED_SAVE_AT,
+    TRAINED_STEPS,
+    VOCAB,
+    read_metrics,
+    run_train,
+    test_ds_config,
+    tiny_run_config,
+    train_env,
+)
 from gcs import direct_client, gcs_bucket, gcs_emulator  # noqa: F401
 from neox_train import convert
 
 pytestmark = pytest.mark.slow  # each training case starts real processes; kept in the default run
 
-STEPS = 2
-# (ZeRO stage, processes, training precision): every stage at 1 and 2 ranks, bf16 and fp32 both at every rank count.
-CASES = [(0, 1, "no"), (0, 2, "bf16"), (1, 1, "bf16"), (1, 2, "no"), (2, 1, "no"), (2, 2, "bf16"), (3, 1, "bf16"),
-         (3, 2, "no")]
-TOKENIZER_CASE = (1, 1, "bf16")  # trained on `neox-data prepare` output, so its run records a tokenizer
+STEPS = TRAINED_STEPS  # the final tag of every run converted here
+# (ZeRO stage, processes, training precision): the session's shared runs (conftest.trained_run, which test_train
+# checks): every stage at 1 and 2 ranks, bf16 and fp32 both at every rank count.
+CASES = TRAINED_CASES
+TOKENIZER_CASE = (1, 1, "bf16")  # also trained on `neox-data prepare` output, so that run records a tokenizer
 _runs: dict[tuple, Path] = {}
 
 
@@ -48,20 +60,23 @@ def prepared_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, token_dir, prepared_dir):
-    """Train a case once (2 steps, saved at the end) and return its run folder; shared by every test here."""
+def trained(trained_run, tmp_path_factory, prepared_dir):
+    """get(stage, nprocs, precision) -> a run folder: the shared run, or with prepared=True one trained here on the
+    prepared data (tokenizer included) with the same steps and saves."""
 
-    def get(stage: int, nprocs: int, precision: str) -> Path:
-        key = (stage, nprocs, precision)
+    def get(stage: int, nprocs: int, precision: str, *, prepared: bool = False) -> Path:
+        key = (stage, nprocs, precision, prepared)
         if key not in _runs:
-            tmp = tmp_path_factory.mktemp(f"zero{stage}_{nprocs}p_{precision}")
-            data = prepared_dir if key == TOKENIZER_CASE else token_dir
-            run = tiny_run_config(
-                tmp, data, ds_config=str(test_ds_config(tmp, stage)), mixed_precision=precision, max_steps=STEPS,
-                save_steps=STEPS, eval_steps=STEPS, vocab_size=None if key == TOKENIZER_CASE else VOCAB,
-            )
-            run_train(["--config", str(run)], nprocs=nprocs)
-            _runs[key] = tmp
+            if not prepared:
+                _runs[key] = trained_run(stage, nprocs, precision)
+            else:
+                tmp = tmp_path_factory.mktemp(f"prepared_zero{stage}_{nprocs}p_{precision}")
+                run = tiny_run_config(
+                    tmp, prepared_dir, ds_config=str(test_ds_config(tmp, stage)), mixed_precision=precision,
+                    max_steps=STEPS, save_steps=TRAINED_SAVE_AT, eval_steps=TRAINED_SAVE_AT, vocab_size=None,
+                )
+                run_train(["--config", str(run)], nprocs=nprocs)
+                _runs[key] = tmp
         return _runs[key]
 
     return get
@@ -223,7 +238,7 @@ def test_tokenizer_is_exported_and_unpadding_keeps_it_consistent(trained, prepar
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run_dir = trained(*TOKENIZER_CASE)
+    run_dir = trained(*TOKENIZER_CASE, prepared=True)
     tag_dir = run_dir / "ckpt" / f"global_step{STEPS}"
     padded = json.loads((tag_dir / "config.json").read_text())["vocab_size"]
     assert padded == 384  # 300 tokens, padded to a multiple of 128 for training
@@ -320,8 +335,12 @@ def test_convert_from_the_emulated_bucket(trained, tmp_path, capfd, gcs_emulator
     bucket.blob(name).upload_from_string(data[: len(data) // 2])
     code, _, err = run_convert(capfd, url, "--out", tmp_path / "damaged")
     assert code == 2 and "damaged" in error_line(err) and "manifest" in error_line(err)
-    # No COMPLETE marker: the tag does not count.
+    # No COMPLETE marker: the tag does not count, the newest complete one is converted instead...
     bucket.blob(f"run/global_step{STEPS}/COMPLETE").delete()
+    code, summary, err = run_convert(capfd, url, "--out", tmp_path / "older", "--json")
+    assert code == 0 and summary["tag"] == f"global_step{TRAINED_SAVE_AT}", err
+    # ...and with none left there is nothing to convert.
+    bucket.blob(f"run/global_step{TRAINED_SAVE_AT}/COMPLETE").delete()
     code, _, err = run_convert(capfd, url, "--out", tmp_path / "incomplete")
     assert code == 2 and error_line(err) == (f"neox-convert-hf: error: {url}: no COMPLETE checkpoint there (a published "
                                              f"checkpoint counts once its COMPLETE marker exists)")
@@ -397,31 +416,31 @@ def _not_a_checkpoint(d: Path) -> Path:
 
 
 def _no_model_config(d: Path) -> Path:
-    save_dir = _copy_save_dir(_runs[(0, 1, "no")], d / "c")
+    save_dir = _copy_save_dir(_runs[(0, 1, "no", False)], d / "c")
     _drop_model_config(save_dir)
     return save_dir
 
 
 def _truncated_model_states(d: Path) -> Path:
-    save_dir = _copy_save_dir(_runs[(0, 1, "no")], d / "c")
+    save_dir = _copy_save_dir(_runs[(0, 1, "no", False)], d / "c")
     _truncate(_tag(save_dir) / "mp_rank_00_model_states.pt")
     return save_dir
 
 
 def _truncated_optim_shard(d: Path) -> Path:
-    save_dir = _copy_save_dir(_runs[(1, 2, "no")], d / "c")
+    save_dir = _copy_save_dir(_runs[(1, 2, "no", False)], d / "c")
     _truncate(_tag(save_dir) / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     return save_dir
 
 
 def _missing_rank(d: Path) -> Path:
-    save_dir = _copy_save_dir(_runs[(1, 2, "no")], d / "c")
+    save_dir = _copy_save_dir(_runs[(1, 2, "no", False)], d / "c")
     (_tag(save_dir) / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     return save_dir
 
 
 def _master_mismatch(d: Path) -> Path:
-    save_dir = _copy_save_dir(_runs[(1, 2, "no")], d / "c")
+    save_dir = _copy_save_dir(_runs[(1, 2, "no", False)], d / "c")
     _corrupt_master(save_dir)
     return save_dir
 
@@ -430,8 +449,9 @@ def _master_mismatch(d: Path) -> Path:
 BAD = {
     "not-a-checkpoint": (_not_a_checkpoint, (), "is not a DeepSpeed checkpoint folder: no 'latest' file"),
     "missing-path": (lambda d: d / "nowhere", (), "does not exist"),
-    "missing-tag": (lambda d: _copy_save_dir(_runs[(1, 2, "no")], d / "c"), ("--tag", "global_step99"),
-                    f"checkpoint tag 'global_step99' not found in {{src}} (available: global_step{STEPS})"),
+    "missing-tag": (lambda d: _copy_save_dir(_runs[(1, 2, "no", False)], d / "c"), ("--tag", "global_step99"),
+                    f"checkpoint tag 'global_step99' not found in {{src}} (available: global_step{TRAINED_SAVE_AT}, "
+                    f"global_step{STEPS})"),
     "no-model-config": (_no_model_config, (), "holds no model config (no config.json, and no 'model_config'"),
     "truncated-model-states": (_truncated_model_states, (),
                                "mp_rank_00_model_states.pt cannot be read, it is truncated or corrupt"),
@@ -440,7 +460,7 @@ BAD = {
     "missing-rank": (_missing_rank, (),
                      "is a ZeRO-1 checkpoint of 2 ranks but lacks (bf16_)zero_pp_rank_1_mp_rank_00_optim_states.pt"),
     "master-mismatch": (_master_mismatch, (), "do not match the module's float32 weights"),
-    "bad-shard-size": (lambda d: _runs[(1, 2, "no")] / "ckpt", ("--max-shard-size", "lots"),
+    "bad-shard-size": (lambda d: _runs[(1, 2, "no", False)] / "ckpt", ("--max-shard-size", "lots"),
                        "--max-shard-size 'lots' is not a size"),
 }
 

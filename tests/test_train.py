@@ -8,38 +8,36 @@ from pathlib import Path
 
 import pytest
 
-from conftest import copy_checkpoint, read_metrics, run_train, test_ds_config, tiny_run_config
+from conftest import (
+    TRAINED_CASES,
+    TRAINED_SAVE_AT,
+    TRAINED_STEPS,
+    copy_checkpoint,
+    read_metrics,
+    run_train,
+    test_ds_config,
+    tiny_run_config,
+)
 
 pytestmark = pytest.mark.slow  # each case starts real processes (~5-15 s on 2 cores); kept in the default run
 
-MAX_STEPS = 8
-SAVE_AT = 4
+MAX_STEPS = TRAINED_STEPS
+SAVE_AT = TRAINED_SAVE_AT
 
-# (stage, processes, precision); fp32 where exactness is checked bit-for-bit, bf16 elsewhere (the product default).
-CASES = [
-    (0, 1, "no"), (1, 1, "bf16"), (2, 1, "bf16"), (3, 1, "bf16"),
-    (0, 2, "bf16"), (1, 2, "bf16"), (2, 2, "bf16"), (3, 2, "bf16"),
-]
-_runs: dict[tuple[int, int], tuple[Path, Path]] = {}
+# (stage, processes, precision): the session's shared runs (conftest.trained_run; test_convert exports the same
+# ones). fp32 where exactness is checked bit-for-bit, bf16 (the product default) elsewhere.
+CASES = TRAINED_CASES
 
 
-def straight_run(tmp_path_factory, token_dir, stage: int, nprocs: int, precision: str) -> tuple[Path, Path]:
-    """Train MAX_STEPS steps once per (stage, nprocs); saves at SAVE_AT and at the end. Cached for the resume tests."""
-    key = (stage, nprocs)
-    if key not in _runs:
-        tmp = tmp_path_factory.mktemp(f"zero{stage}_{nprocs}p")
-        run = tiny_run_config(
-            tmp, token_dir, ds_config=str(test_ds_config(tmp, stage)), mixed_precision=precision,
-            max_steps=MAX_STEPS, save_steps=SAVE_AT, eval_steps=SAVE_AT,
-        )
-        run_train(["--config", str(run)], nprocs=nprocs)
-        _runs[key] = (tmp, run)
-    return _runs[key]
+def straight_run(trained_run, stage: int, nprocs: int, precision: str) -> tuple[Path, Path]:
+    """The shared run of MAX_STEPS steps, saved at SAVE_AT and at the end: (run folder, its run.json)."""
+    tmp = trained_run(stage, nprocs, precision)
+    return tmp, tmp / "run.json"
 
 
 @pytest.mark.parametrize("stage,nprocs,precision", CASES, ids=[f"zero{s}-{n}proc-{p}" for s, n, p in CASES])
-def test_stage_trains_and_checkpoints(tmp_path_factory, token_dir, stage, nprocs, precision):
-    tmp, _ = straight_run(tmp_path_factory, token_dir, stage, nprocs, precision)
+def test_stage_trains_and_checkpoints(trained_run, stage, nprocs, precision):
+    tmp, _ = straight_run(trained_run, stage, nprocs, precision)
     train = read_metrics(tmp / "logs")
     assert sorted(train) == list(range(1, MAX_STEPS + 1))
     losses = [train[s]["loss"] for s in sorted(train)]
@@ -97,15 +95,15 @@ def consolidated_weights(save_dir: Path, tag: str, stage: int) -> dict:
 
 
 # CPU kernels and gloo reductions are deterministic: a resumed run reproduces the losses to the last bit.
-RESUME_CASES = [(0, 1, "no", 1e-6), (0, 2, "bf16", 1e-6), (2, 1, "bf16", 1e-6), (2, 2, "bf16", 1e-6)]
+RESUME_CASES = [(0, 1, "no", 1e-6), (0, 2, "bf16", 1e-6), (2, 1, "no", 1e-6), (2, 2, "bf16", 1e-6)]
 
 
 @pytest.mark.parametrize(
     "stage,nprocs,precision,tol", RESUME_CASES, ids=[f"zero{s}-{n}proc-{p}" for s, n, p, _ in RESUME_CASES]
 )
-def test_resume_is_exact(tmp_path_factory, token_dir, tmp_path, stage, nprocs, precision, tol):
+def test_resume_is_exact(trained_run, tmp_path, stage, nprocs, precision, tol):
     """N steps straight == k steps, then a new process resuming from the step-k checkpoint for N-k steps."""
-    tmp, run = straight_run(tmp_path_factory, token_dir, stage, nprocs, precision)
+    tmp, run = straight_run(trained_run, stage, nprocs, precision)
     straight = read_metrics(tmp / "logs")
     resumed_dir = tmp_path / "resumed"
     copy_checkpoint(tmp / "ckpt", resumed_dir, f"global_step{SAVE_AT}")
@@ -142,8 +140,8 @@ TINY_FLOPS, TINY_FLOPS_RECOMPUTE = 737_280, 950_272
 
 
 @pytest.mark.parametrize("nprocs,precision", [(1, "no"), (2, "bf16")])
-def test_performance_accounting_reaches_metrics_tensorboard_and_log(tmp_path_factory, token_dir, nprocs, precision):
-    tmp, _ = straight_run(tmp_path_factory, token_dir, 0, nprocs, precision)
+def test_performance_accounting_reaches_metrics_tensorboard_and_log(trained_run, nprocs, precision):
+    tmp, _ = straight_run(trained_run, 0, nprocs, precision)
     train = read_metrics(tmp / "logs")
     for step, r in train.items():
         assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"] / nprocs)
@@ -170,10 +168,10 @@ def test_performance_accounting_reaches_metrics_tensorboard_and_log(tmp_path_fac
     assert "MFU not reported: CPU" in log_text and "TFLOP/s/GPU" in log_text and "fwd+bwd" in log_text
 
 
-def test_prefetch_off_gives_identical_training_and_peak_gives_mfu(tmp_path_factory, token_dir, tmp_path):
+def test_prefetch_off_gives_identical_training_and_peak_gives_mfu(trained_run, tmp_path):
     """The prefetching loader (default) and assembly in the loop feed the same batches: bit-identical losses.
     --peak-tflops turns MFU on, on CPU too."""
-    tmp, run = straight_run(tmp_path_factory, token_dir, 0, 1, "no")
+    tmp, run = straight_run(trained_run, 0, 1, "no")
     run_train(["--config", str(run), "--save-dir", str(tmp_path / "ckpt"), "--log-dir", str(tmp_path / "logs"),
                "--prefetch", "0", "--peak-tflops", "0.5"])
     straight, got = read_metrics(tmp / "logs"), read_metrics(tmp_path / "logs")
@@ -184,12 +182,12 @@ def test_prefetch_off_gives_identical_training_and_peak_gives_mfu(tmp_path_facto
     assert "MFU against --peak-tflops 0.5" in (tmp_path / "logs" / "training.log").read_text()
 
 
-def test_fast_path_switches_train_on_cpu(tmp_path_factory, token_dir, tmp_path):
+def test_fast_path_switches_train_on_cpu(trained_run, tmp_path):
     """torch.compile through engine.compile() (backend aot_eager: TorchDynamo + AOTAutograd without C++ codegen,
     so it runs in seconds), activation checkpointing and torch's unfused AdamW (the default is fused), together:
     same losses as the plain run up to rounding, checkpoints still plain parameter names, HFU counting the
     recompute."""
-    tmp, run = straight_run(tmp_path_factory, token_dir, 0, 1, "no")
+    tmp, run = straight_run(trained_run, 0, 1, "no")
     proc = run_train(["--config", str(run), "--save-dir", str(tmp_path / "ckpt"), "--log-dir", str(tmp_path / "logs"),
                       "--compile", "aot_eager", "--activation-checkpointing", "--optimizer-impl", "torch",
                       "--peak-tflops", "1"])

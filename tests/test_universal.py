@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import copy_checkpoint, read_metrics, run_train, test_ds_config, tiny_run_config
+from conftest import TRAINED_SAVE_AT, copy_checkpoint, read_metrics, run_train, test_ds_config, tiny_run_config
 
 pytestmark = pytest.mark.slow
 
@@ -52,12 +52,16 @@ def test_resume_on_another_rank_count_continues_exactly(tmp_path, token_dir, bef
     assert (ckpt / "latest").read_text().strip() == f"global_step{STEPS}"
 
 
-def test_zero0_checkpoint_to_zero2_is_refused_with_one_line(tmp_path, token_dir):
-    first = tmp_path / "first"
-    _train(first, token_dir, nprocs=1, grad_accum=2, stage=0, max_steps=SAVE_AT)
+def test_zero0_checkpoint_to_zero2_is_refused_with_one_line(tmp_path, token_dir, trained_run):
+    first = trained_run(0, 1, "no")  # the session's shared ZeRO-0 run, saved at TRAINED_SAVE_AT
     second = tmp_path / "second"
-    proc = _train(second, token_dir, nprocs=1, grad_accum=2, stage=2, resume_from=first / "ckpt", check=False)
+    second.mkdir()
+    copy_checkpoint(first / "ckpt", second / "ckpt", f"global_step{TRAINED_SAVE_AT}")
+    run = tiny_run_config(second, token_dir, ds_config=str(test_ds_config(second, 2)), max_steps=STEPS)
+    proc = run_train(["--config", str(run), "--resume", "latest"], timeout=400, check=False)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("neox-train: error: checkpoint global_step3: saved at data-parallel size 1 with ZeRO-0")
+    assert last.startswith(
+        f"neox-train: error: checkpoint global_step{TRAINED_SAVE_AT}: saved at data-parallel size 1 with ZeRO-0")
     assert "ZeRO-0 checkpoint" in last
+    assert sorted(p.name for p in (second / "ckpt").iterdir()) == [f"global_step{TRAINED_SAVE_AT}", "latest"]
