@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--precision", choices=("bf16", "fp16", "no"), default="bf16" if gpu else "no")
-    # bf16 keeps fp32 master weights only from ZeRO-1 on (DEEPSPEED_NOTES); one process: no partitioning cost.
+    # ZeRO-1 by default on GPU: bf16 at ZeRO-0 accumulates gradients in bf16 (DEEPSPEED_NOTES), ZeRO-1 in fp32;
+    # with one process it partitions nothing, so it costs nothing over ZeRO-0.
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=1 if gpu else 0)
     p.add_argument("--vocab-size", type=int, default=50257, help="tokenizer vocabulary (padded per vocab_pad_multiple)")
     p.add_argument("--log-steps", type=int, help="steps per metrics record (default: steps // 6)")
