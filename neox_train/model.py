@@ -61,7 +61,8 @@ ATTENTION_IMPLS = ("sdpa", "eager")
 # Our position_ids are always 0..seq-1 (windows of concatenated documents attend causally across document
 # boundaries, as in GPT-NeoX), so that check can only find one sequence and the plain causal mask is all there
 # is: a name without a registered mask function makes transformers skip both, and the attention function then
-# calls SDPA with is_causal=True and no mask. Saved configs do not record the implementation, so exports are unaffected.
+# calls SDPA with is_causal=True and no mask. Saved configs do not record the implementation, so exports are
+# unaffected.
 TRAINING_SDPA = "neox_sdpa"
 
 
