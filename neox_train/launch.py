@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, load_run_config
+from .ranks import DEFAULT_MASTER_PORT
 
 BIN = Path(sys.executable).parent
 LAUNCH_SUBDIR = "launch"
+
 LAUNCHERS = ("pdsh", "openmpi", "slurm")
-DEFAULT_MASTER_PORT = 29500  # DeepSpeed's (TORCH_DISTRIBUTED_DEFAULT_PORT)
 # What reaches every node through .deepspeed_env besides PATH and PYTHONPATH: credentials and the emulator for
 # the bucket, the communication libraries' tuning, and this package's own switches.
 FORWARDED_NAMES = ("GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST", "OMP_NUM_THREADS", "DS_ACCELERATOR",
@@ -272,6 +273,21 @@ def deepspeed_env(environ: dict[str, str], cwd: Path) -> tuple[dict[str, str], l
     return env, notes
 
 
+def rendezvous_env(env: dict[str, str], args: argparse.Namespace, resources: Resources) -> list[str]:
+    """MASTER_ADDR/MASTER_PORT for the OpenMPI and SLURM runners, added to `env` (.deepspeed_env, exported to every
+    rank). Those runners start neox-train without torch.distributed's variables; it reads the rank from mpirun's or
+    srun's own (ranks.launcher_env) but needs the first host's address from here. Flags win over a user's
+    .deepspeed_env, which wins over the default: the first host's name as the hostfile gives it."""
+    if args.master_addr:
+        env["MASTER_ADDR"] = args.master_addr
+    elif "MASTER_ADDR" not in env:
+        env["MASTER_ADDR"] = resources.hosts[0]
+    if args.master_port != DEFAULT_MASTER_PORT or "MASTER_PORT" not in env:
+        env["MASTER_PORT"] = str(args.master_port)
+    return [f"ranks meet at MASTER_ADDR={env['MASTER_ADDR']} MASTER_PORT={env['MASTER_PORT']} (--master-addr if the "
+            f"ranks reach the first host by another name or address)"]
+
+
 # -- the command --------------------------------------------------------------------------------------------------
 def deepspeed_command(args: argparse.Namespace, resources: Resources, launch_dir: Path,
                       train_args: list[str]) -> list[str]:
@@ -368,6 +384,8 @@ def prepare_launch(args: argparse.Namespace, tparser: argparse.ArgumentParser, t
     cwd = Path.cwd()
     launch_dir = (Path(args.launch_dir) if args.launch_dir else Path(run.save_dir) / LAUNCH_SUBDIR).absolute()
     env, env_notes = deepspeed_env(dict(os.environ), cwd)
+    if resources.pool is not None and args.launcher in ("openmpi", "slurm"):
+        env_notes += rendezvous_env(env, args, resources)
     train_args = forwarded_train_args(tparser, targs) + planned_train_args(plan, launch_dir)
     return Launch(run=run, resources=resources, ds_config=ds_cfg, effective=effective, launch_dir=launch_dir, env=env,
                   env_notes=env_notes, command=deepspeed_command(args, resources, launch_dir, train_args),

@@ -46,6 +46,7 @@ from .loader import MicroBatchLoader
 from .metrics import Metrics, Throughput, log, setup_logging
 from .perf import FlopsAccounting, StepTimer, device_name, memory_high_water, resolve_peak
 from .publish import Publisher, Topology, check_storage_access, is_uploader, node_local_storage
+from .ranks import launcher_env
 from .model import (
     GPT2_VOCAB_SIZE, build_model, flops_per_token, hf_config, padded_vocab_size, parameter_counts,
     use_training_attention,
@@ -558,6 +559,7 @@ class UnpublishedCheckpoints(RuntimeError):
 
 def run_training(run: RunConfig, *, resume: str | None) -> dict[str, Any]:
     """Entry for `neox-train` after argument parsing: validate, init, train, report."""
+    os.environ.update(launcher_env(os.environ))  # mpirun / srun ranks: before anything reads the rank
     on_gpu = torch.cuda.is_available()
     plan = prepare_run(run, dp_size=world_size_from_env(), on_gpu=on_gpu)
     topo = Topology.from_env()

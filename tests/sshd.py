@@ -56,19 +56,23 @@ def install_packages() -> None:
     missing = _missing_tools()
     if not missing:
         return
+    apt_install(sorted(set(missing) | set(DEBIAN_PACKAGES)))
+    still = _missing_tools()
+    if still:
+        raise SshdUnavailable(f"{', '.join(still)} still missing after apt-get install")
+
+
+def apt_install(packages: list[str]) -> None:
+    """`apt-get install` Debian packages a test needs; SshdUnavailable (a skip reason) where that cannot be done."""
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise SshdUnavailable(f"{', '.join(missing)} not installed and this user cannot apt-get install them")
+        raise SshdUnavailable(f"{', '.join(packages)} not installed and this user cannot apt-get install them")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    packages = sorted(set(missing) | set(DEBIAN_PACKAGES))
     install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]
     for cmd in (["apt-get", "update", "-qq"], install):
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         if proc.returncode != 0:
             tail = " ".join(proc.stderr.split()[-30:])
             raise SshdUnavailable(f"`{' '.join(cmd)}` failed ({proc.returncode}): {tail}")
-    still = _missing_tools()
-    if still:
-        raise SshdUnavailable(f"{', '.join(still)} still missing after apt-get install")
 
 
 def _free_port() -> int:

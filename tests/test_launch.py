@@ -372,3 +372,75 @@ def test_start_training_keeps_the_seed_interface(tmp_path, run_json):
 def test_start_training_bad_input(tmp_path):
     proc = start_training("--gpus", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == "start_training.sh: error: --gpus needs a value (see --help)"
+
+
+# -- OpenMPI / SLURM: ranks from mpirun's and srun's own variables ------------------------------------------------
+@pytest.mark.parametrize("launcher", ["openmpi", "slurm"])
+def test_mpi_runners_get_the_rendezvous_in_deepspeed_env(capsys, tmp_path, run_json, monkeypatch, launcher):
+    """DeepSpeed's OpenMPI and SLURM runners export .deepspeed_env to every rank but set no MASTER_ADDR: the
+    launch folder carries it (the first host, or --master-addr) with the port."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    hosts = write(tmp_path / "hosts", "gpu-a slots=2\ngpu-b slots=2\n")
+    code, _, err = launch(capsys, "--config", run_json, "--hostfile", hosts, "--launcher", launcher, "--dry-run")
+    assert code == 0, err
+    env = (tmp_path / "ckpt" / "launch" / ".deepspeed_env").read_text().splitlines()
+    assert "MASTER_ADDR=gpu-a" in env and "MASTER_PORT=29500" in env
+    assert "ranks meet at MASTER_ADDR=gpu-a MASTER_PORT=29500" in err
+    code, _, err = launch(capsys, "--config", run_json, "--hostfile", hosts, "--launcher", launcher, "--dry-run",
+                          "--master-addr", "10.0.0.5", "--master-port", "29601")
+    env = (tmp_path / "ckpt" / "launch" / ".deepspeed_env").read_text().splitlines()
+    assert code == 0 and "MASTER_ADDR=10.0.0.5" in env and "MASTER_PORT=29601" in env
+    # pdsh goes through DeepSpeed's own launcher, which sets them itself.
+    code, _, err = launch(capsys, "--config", run_json, "--hostfile", hosts, "--dry-run")
+    assert code == 0 and "MASTER_ADDR" not in (tmp_path / "ckpt" / "launch" / ".deepspeed_env").read_text()
+
+
+OMPI_RANK1 = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+              "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "MASTER_ADDR": "gpu-a"}
+SRUN_RANK3 = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+              "SLURM_STEP_NUM_NODES": "2", "SLURM_NTASKS": "4", "MASTER_ADDR": "gpu-a", "MASTER_PORT": "29601"}
+
+
+def test_launcher_env_reads_mpirun_and_srun():
+    from neox_train.publish import Topology
+    from neox_train.ranks import launcher_env
+
+    got = launcher_env(OMPI_RANK1)
+    assert got == {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                   "MASTER_ADDR": "gpu-a", "MASTER_PORT": "29500"}
+    got = launcher_env(SRUN_RANK3)
+    assert got == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "CROSS_RANK": "1", "CROSS_SIZE": "2",
+                   "MASTER_ADDR": "gpu-a", "MASTER_PORT": "29601"}
+    # Topology (who uploads, which node) follows from them.
+    for env, node in ((OMPI_RANK1, 0), (SRUN_RANK3, 1)):
+        with pytest.MonkeyPatch.context() as mp:
+            for key in ("CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
+                mp.delenv(key, raising=False)
+            for key, value in launcher_env(env).items():
+                mp.setenv(key, value)
+            topo = Topology.from_env()
+            assert (topo.local_rank, topo.node_rank, topo.num_nodes) == (1, node, 2)
+
+
+def test_launcher_env_leaves_other_starts_alone():
+    from neox_train.ranks import launcher_env
+
+    assert launcher_env({"RANK": "0", **OMPI_RANK1}) == {}  # DeepSpeed's launcher already set everything
+    assert launcher_env({}) == {}  # a plain single process
+    # An sbatch script is one process although the job has 4 tasks: no SLURM_STEP_* variables there.
+    assert launcher_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0"}) == {}
+    single = launcher_env({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "1",
+                           "OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "1"})
+    assert single["WORLD_SIZE"] == "1" and single["MASTER_ADDR"] == "127.0.0.1"
+
+
+def test_launcher_env_without_master_addr_is_one_line():
+    from neox_train.config import ConfigError
+    from neox_train.ranks import launcher_env
+
+    with pytest.raises(ConfigError) as err:
+        launcher_env({k: v for k, v in OMPI_RANK1.items() if k != "MASTER_ADDR"})
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("started by mpirun (Open MPI) as rank 1 of 4, but MASTER_ADDR is not set")
+    assert "neox-launch" in message and "--master-addr" in message

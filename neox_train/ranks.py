@@ -1,0 +1,54 @@
+"""Who this process is in the job: torch.distributed's RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT.
+
+DeepSpeed's own launcher (`deepspeed --num_gpus`, and `--launcher pdsh` through it) sets them. Its OpenMPI and
+SLURM runners do not: they start `mpirun ... neox-train` / `srun ... neox-train` directly and leave it to
+`deepspeed.init_distributed()` to ask mpi4py. neox-train needs the rank earlier than that (the data-parallel size
+decides the batch arithmetic, the rank decides who logs and uploads) and must not depend on mpi4py being built
+against the cluster's MPI, so it reads the variables mpirun and srun export themselves. The first host's address
+comes from MASTER_ADDR, which neox-launch puts into .deepspeed_env for these runners.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .config import ConfigError
+
+DEFAULT_MASTER_PORT = 29500  # DeepSpeed's (TORCH_DISTRIBUTED_DEFAULT_PORT)
+
+
+def launcher_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The torch.distributed variables to add for a process started by mpirun or srun ({} when there is nothing
+    to add: DeepSpeed's launcher set them, or this is a plain single process)."""
+    if "RANK" in environ:
+        return {}
+    if "OMPI_COMM_WORLD_SIZE" in environ:  # Open MPI's mpirun
+        who = "mpirun (Open MPI)"
+        out = {
+            "RANK": environ["OMPI_COMM_WORLD_RANK"],
+            "WORLD_SIZE": environ["OMPI_COMM_WORLD_SIZE"],
+            "LOCAL_RANK": environ["OMPI_COMM_WORLD_LOCAL_RANK"],
+            "LOCAL_WORLD_SIZE": environ["OMPI_COMM_WORLD_LOCAL_SIZE"],
+        }
+    elif "SLURM_STEP_NUM_TASKS" in environ and "SLURM_PROCID" in environ:
+        # Only srun sets the SLURM_STEP_* variables; a batch script (sbatch) has SLURM_PROCID=0 and the job's
+        # SLURM_NTASKS but is one process, so it is not mistaken for rank 0 of many.
+        who = "srun (SLURM)"
+        out = {
+            "RANK": environ["SLURM_PROCID"],
+            "WORLD_SIZE": environ["SLURM_STEP_NUM_TASKS"],
+            "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+            "CROSS_RANK": environ.get("SLURM_NODEID", "0"),
+            "CROSS_SIZE": environ.get("SLURM_STEP_NUM_NODES", environ.get("SLURM_NNODES", "1")),
+        }
+    else:
+        return {}
+    if int(out["WORLD_SIZE"]) > 1 and not environ.get("MASTER_ADDR"):
+        raise ConfigError(
+            f"started by {who} as rank {out['RANK']} of {out['WORLD_SIZE']}, but MASTER_ADDR is not set: launch "
+            f"with neox-launch (it exports the first host as MASTER_ADDR; --master-addr overrides), or export "
+            f"MASTER_ADDR=<first host's address> (and MASTER_PORT, default {DEFAULT_MASTER_PORT}) to every rank"
+        )
+    out.setdefault("MASTER_ADDR", environ.get("MASTER_ADDR", "127.0.0.1"))
+    out["MASTER_PORT"] = environ.get("MASTER_PORT", str(DEFAULT_MASTER_PORT))
+    return out
