@@ -12,9 +12,10 @@ import os
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -129,6 +130,15 @@ def device_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         return {"device": torch.cuda.get_device_name(0), "cuda": torch.version.cuda}
     return {"device": "cpu", "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def run_in_scratch(name: str, measure: Callable[[Path], dict[str, Any]]) -> int:
+    """A bench's main: measure(scratch folder) in a temporary folder removed afterwards, its result emitted as
+    bench NAME; the exit status."""
+    with tempfile.TemporaryDirectory(prefix=f"neox-{name}-") as tmp:
+        result = measure(Path(tmp))
+    emit({"bench": name, **result})
+    return 0
 
 
 def emit(result: dict[str, Any]) -> None:

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from _harness import abba, add_demo_shape_arguments, build_trainer, emit, median, read_train_records, shutdown, sync, synthetic_shards, timed_block
+from _harness import abba, add_demo_shape_arguments, build_trainer, median, read_train_records, run_in_scratch, shutdown, sync, synthetic_shards, timed_block
 
 GOAL_DATA_WAIT = 0.01
 
@@ -135,10 +134,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="neox-dataloader-") as tmp:
-        result = measure(args, Path(tmp))
-    emit({"bench": "dataloader", **result})
-    return 0
+    return run_in_scratch("dataloader", lambda tmp: measure(args, tmp))
 
 
 if __name__ == "__main__":

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from _harness import abba, add_demo_shape_arguments, build_trainer, emit, median, read_train_records, shutdown, synthetic_shards, timed_block
+from _harness import abba, add_demo_shape_arguments, build_trainer, median, read_train_records, run_in_scratch, shutdown, synthetic_shards, timed_block
 
 GOAL = 1.03
 
@@ -119,10 +118,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="neox-overhead-") as tmp:
-        result = measure(args, Path(tmp))
-    emit({"bench": "overhead", **result})
-    return 0
+    return run_in_scratch("overhead", lambda tmp: measure(args, tmp))
 
 
 if __name__ == "__main__":

@@ -22,18 +22,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from _harness import (
     abba,
     build_trainer,
-    emit,
     median,
     parse_assignments,
     parse_compare,
     read_train_records,
+    run_in_scratch,
     synthetic_shards,
     timed_block,
 )
@@ -182,10 +181,7 @@ def compare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="neox-bench-") as tmp:
-        result = compare(args, Path(tmp)) if args.compare else one_configuration(args, Path(tmp))
-    emit({"bench": "throughput", **result})
-    return 0
+    return run_in_scratch("throughput", lambda tmp: compare(args, tmp) if args.compare else one_configuration(args, tmp))
 
 
 if __name__ == "__main__":
