@@ -56,7 +56,7 @@ def train_parser() -> argparse.ArgumentParser:
                    help="start from a HuggingFace GPTNeoX folder's weights (continued pretraining; same shape as the preset)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute activations in backward: less memory, about a third more compute")
-    perf = p.add_argument_group("performance (each switch is measured in docs/performance.md)")
+    perf = p.add_argument_group("performance (each switch is measured in the README's Performance section)")
     perf.add_argument("--optimizer-impl", choices=OPTIMIZER_IMPLS,
                       help="AdamW kernel: torch, torch_fused (no build; the default) or deepspeed_fused "
                            "(DeepSpeed FusedAdam, JIT-built with nvcc)")

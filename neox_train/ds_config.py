@@ -200,7 +200,7 @@ def _choose_optimizer_impl(cfg: dict[str, Any], impl: str | None, *, on_gpu: boo
     if impl is None:
         if "torch_adam" in params:
             return  # the JSON chose; keep it as written
-        # Fused on CPU too: torch's fused CPU kernel halved the optimizer phase of the demo (docs/performance.md).
+        # Fused on CPU too: torch's fused CPU kernel halved the optimizer phase of the demo (README, Performance).
         impl = "torch_fused"
         source = "the default; optimizer_impl chooses"
     before = {k: params.get(k) for k in ("torch_adam", "fused")}

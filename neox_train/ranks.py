@@ -10,11 +10,25 @@ comes from MASTER_ADDR, which neox-launch puts into .deepspeed_env for these run
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Mapping
 
 from .config import ConfigError
 
 DEFAULT_MASTER_PORT = 29500  # DeepSpeed's (TORCH_DISTRIBUTED_DEFAULT_PORT)
+
+
+def adopt_rank_env() -> None:
+    """Give this process torch.distributed's variables in os.environ, once and in one place: those DeepSpeed's
+    launcher set are kept; a process started by mpirun or srun gets them from its launcher's own (launcher_env);
+    a plain single process gets rank 0 of 1 on a free local port, so DeepSpeed skips MPI discovery. Idempotent."""
+    os.environ.update(launcher_env(os.environ))
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def launcher_env(environ: Mapping[str, str]) -> dict[str, str]:

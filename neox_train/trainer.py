@@ -12,7 +12,6 @@ import json
 import math
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +45,11 @@ from .loader import MicroBatchLoader
 from .metrics import Metrics, Throughput, log, setup_logging
 from .perf import FlopsAccounting, StepTimer, device_name, memory_high_water, resolve_peak
 from .publish import Publisher, Topology, check_storage_access, is_uploader, node_local_storage
-from .ranks import launcher_env
 from .model import (
     GPT2_VOCAB_SIZE, build_model, flops_per_token, hf_config, padded_vocab_size, parameter_counts,
     use_training_attention,
 )
+from .ranks import adopt_rank_env
 
 
 @dataclass(frozen=True)
@@ -150,12 +149,8 @@ def load_data(plan: RunPlan) -> tuple[PackedWindows, Split]:
 
 
 def init_distributed() -> None:
-    """Single-process runs get the env vars the launcher would set, so DeepSpeed skips MPI discovery."""
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    """The process group, with this process's rank variables in place (ranks.adopt_rank_env)."""
+    adopt_rank_env()
     import deepspeed
 
     if torch.cuda.is_available():
@@ -559,7 +554,7 @@ class UnpublishedCheckpoints(RuntimeError):
 
 def run_training(run: RunConfig, *, resume: str | None) -> dict[str, Any]:
     """Entry for `neox-train` after argument parsing: validate, init, train, report."""
-    os.environ.update(launcher_env(os.environ))  # mpirun / srun ranks: before anything reads the rank
+    adopt_rank_env()  # before anything reads the rank (mpirun / srun ranks, single processes)
     on_gpu = torch.cuda.is_available()
     plan = prepare_run(run, dp_size=world_size_from_env(), on_gpu=on_gpu)
     topo = Topology.from_env()
