@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from sshd import ssh_cluster  # noqa: F401  (session fixture: one sshd shared by every multi-node test)
+from syspkgs import system_tools  # noqa: F401  (session fixture: system tools a test needs, installed once)
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

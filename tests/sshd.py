@@ -29,50 +29,16 @@ from pathlib import Path
 
 import pytest
 
+from syspkgs import ToolsUnavailable, ensure
+
 SSHD = "/usr/sbin/sshd"  # sshd refuses to start unless run by absolute path (it re-executes itself)
-DEBIAN_PACKAGES = ("openssh-server", "pdsh")
 START_TIMEOUT_S = 20.0
-
-
-class SshdUnavailable(RuntimeError):
-    """sshd cannot run here; str(err) says why (the reason a test skips with)."""
-
-
-def _missing_tools() -> list[str]:
-    missing = []
-    if not Path(SSHD).is_file():
-        missing.append("openssh-server")
-    if shutil.which("pdsh") is None:
-        missing.append("pdsh")
-    if shutil.which("ssh") is None or shutil.which("ssh-keygen") is None:
-        missing.append("openssh-client")
-    return missing
+SshdUnavailable = ToolsUnavailable  # the skip reason of the fixtures below
 
 
 def install_packages() -> None:
-    """openssh-server and pdsh from Debian when missing (the test set-up's job: nothing else installs them).
-
-    Raises SshdUnavailable when they are missing and cannot be installed (not root, no apt-get, no network)."""
-    missing = _missing_tools()
-    if not missing:
-        return
-    apt_install(sorted(set(missing) | set(DEBIAN_PACKAGES)))
-    still = _missing_tools()
-    if still:
-        raise SshdUnavailable(f"{', '.join(still)} still missing after apt-get install")
-
-
-def apt_install(packages: list[str]) -> None:
-    """`apt-get install` Debian packages a test needs; SshdUnavailable (a skip reason) where that cannot be done."""
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise SshdUnavailable(f"{', '.join(packages)} not installed and this user cannot apt-get install them")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]
-    for cmd in (["apt-get", "update", "-qq"], install):
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-        if proc.returncode != 0:
-            tail = " ".join(proc.stderr.split()[-30:])
-            raise SshdUnavailable(f"`{' '.join(cmd)}` failed ({proc.returncode}): {tail}")
+    """openssh-server, the ssh client and pdsh, from the shared system-tools kit (syspkgs.py)."""
+    ensure("sshd", "ssh", "ssh-keygen", "pdsh")
 
 
 def _free_port() -> int:

@@ -155,8 +155,9 @@ def test_plan_without_memory_on_cpu(capsys):
     assert_one_line_error(code, err, "--plan needs the GPU memory", "--gpu-mem-gb")
 
 
-def test_unreachable_host_stops_the_launch(capsys, tmp_path, run_json):
+def test_unreachable_host_stops_the_launch(capsys, tmp_path, run_json, system_tools):
     """DeepSpeed's ssh check, run by pre-flight for every host before the launcher starts."""
+    system_tools("pdsh", "ssh")  # the launcher's own check comes first: without pdsh it would fail there
     hosts = write(tmp_path / "hosts", "localhost slots=1\nunreachable-host.invalid slots=1\n")
     code, out, err = launch(capsys, "--config", run_json, "--hostfile", hosts, "--master-addr", "127.0.0.1")
     line = assert_one_line_error(code, err, "pre-flight failed: host ", "not reachable over ssh",

@@ -1,8 +1,8 @@
 """Ranks started by Open MPI's mpirun, as `neox-launch --launcher openmpi` starts them through DeepSpeed's OpenMPI
 runner (which sets no RANK/WORLD_SIZE and leaves discovery to mpi4py, not installed here): neox-train takes its
 rank from mpirun's own variables and MASTER_ADDR from the environment, so the processes train one job together
-instead of each training alone into the same folder. Open MPI comes from Debian (installed by the test where
-missing, like sshd for the multi-node tests)."""
+instead of each training alone into the same folder. Open MPI comes from Debian (the shared system-tools fixture installs it
+where missing)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import shutil
 import pytest
 
 from conftest import BIN, _free_port, read_metrics, run_in_own_group, test_ds_config, tiny_run_config, train_env
-from sshd import SshdUnavailable, apt_install
 
 pytestmark = pytest.mark.slow
 
@@ -19,12 +18,8 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def mpirun() -> str:
-    if shutil.which("mpirun") is None:
-        try:
-            apt_install(["openmpi-bin"])
-        except SshdUnavailable as e:
-            pytest.skip(str(e))
+def mpirun(system_tools) -> str:
+    system_tools("mpirun")
     return shutil.which("mpirun")
 
 
