@@ -73,6 +73,7 @@ def build_trainer(values: dict[str, Any]):
 
     from neox_train.config import from_dict
     from neox_train.metrics import setup_logging
+    from neox_train.owner import Identity, new_id
     from neox_train.publish import Publisher, Topology
     from neox_train.trainer import Trainer, _quiet_deepspeed, init_distributed, load_data, prepare_run
 
@@ -83,7 +84,8 @@ def build_trainer(values: dict[str, Any]):
     data = load_data(plan)
     init_distributed()
     topo = Topology.from_env()
-    return Trainer(plan, data, resume_tag=None, topo=topo, publisher=Publisher(run, topo, node_local=False, run_id="bench"))
+    publisher = Publisher(run, topo, node_local=False, identity=Identity(new_id(), new_id()))
+    return Trainer(plan, data, resume_tag=None, topo=topo, publisher=publisher)
 
 
 def shutdown(trainer) -> None:

@@ -82,7 +82,7 @@ def build_checkpoint(save_dir: Path, stage: int, shape: dict) -> None:
                   "save_dir": str(save_dir), "data_dir": "", "log_dir": ""}
     extra = checkpoint.client_state(state=state, run_config=run_config, ds_config=ds_config,
                                     model_config=cfg.to_dict(), dp_size=1, data_tokens=0)
-    checkpoint.save(engine, save_dir, state, extra, is_rank0=True)
+    checkpoint.save(engine, save_dir, state, extra, owner=True, run_id=None)
 
 
 def _status_kb(pid: int, field: str) -> int:

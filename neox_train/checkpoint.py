@@ -1,17 +1,19 @@
-"""Checkpoints: DeepSpeed's own save/load, plus what DeepSpeed does not carry (data position, configs, RNG)
-and local keep-last-N retention.
+"""Checkpoints: DeepSpeed's own save/load, plus what DeepSpeed does not carry (data position, configs, RNG), the
+local commit that makes a saved tag count (commit.py), and local keep-last-N retention.
 
-Layout (DeepSpeed's): SAVE_DIR/latest holds the newest tag; SAVE_DIR/global_stepN/ holds the engine's files,
-plus our config.json (the HF model config) and run.json (run + DeepSpeed config), so a tag folder is
-self-describing: conversion and inspection need nothing else.
+Layout: SAVE_DIR/latest names the newest complete tag; SAVE_DIR/global_stepN/ holds the engine's files, plus our
+config.json (the HF model config), run.json (run + DeepSpeed config, run id) and the completeness marker, so a tag
+folder is self-describing: conversion and inspection need nothing else.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
-import re
 import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -19,42 +21,33 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from . import commit
 from .config import ConfigError
+from .metrics import log
+from .tags import tag_for_step
 
-TAG_RE = re.compile(r"^global_step(\d+)$")
 CLIENT_STATE_VERSION = 1
 
 
-def tag_for_step(step: int) -> str:
-    return f"global_step{step}"
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be saved or used here (full disk, damaged tag). str(err) is one line that names the
+    folder, what happened and what is still safe."""
 
 
-def step_of_tag(tag: str) -> int | None:
-    m = TAG_RE.match(tag)
-    return int(m.group(1)) if m else None
-
-
-def local_tags(save_dir: Path) -> list[str]:
-    """Tags present in save_dir, oldest first (by step number, not by name)."""
-    if not save_dir.is_dir():
-        return []
-    tags = [p.name for p in save_dir.iterdir() if p.is_dir() and step_of_tag(p.name) is not None]
-    return sorted(tags, key=lambda t: step_of_tag(t))
-
-
-def resolve_resume_tag(save_dir: Path, resume: str) -> str:
-    """`latest` -> the tag in SAVE_DIR/latest; anything else must be a tag folder in save_dir."""
-    if resume == "latest":
-        pointer = save_dir / "latest"
-        if not pointer.is_file():
-            raise ConfigError(f"--resume latest: no checkpoint in {save_dir} (no 'latest' file); start without --resume")
-        tag = pointer.read_text().strip()
+def checkpoint_bytes(total_params: int, precision: str, zero_stage: int) -> int:
+    """One DeepSpeed checkpoint, all ranks together: the module weights in the training dtype plus the optimizer
+    states (fp32 master weights and two Adam moments, 12 bytes a parameter; bf16 at ZeRO-0 keeps two bf16 moments
+    only, fp32 at ZeRO-0 two fp32 moments)."""
+    weight_bytes = 4 if precision == "fp32" else 2
+    if zero_stage == 0 and precision != "fp16":
+        optimizer = 8 if precision == "fp32" else 4
     else:
-        tag = resume
-    if not (save_dir / tag).is_dir():
-        have = ", ".join(local_tags(save_dir)) or "none"
-        raise ConfigError(f"--resume {resume}: checkpoint tag {tag!r} not found in {save_dir} (available: {have})")
-    return tag
+        optimizer = 12
+    return total_params * (weight_bytes + optimizer)
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 @dataclass(frozen=True)
@@ -101,26 +94,77 @@ def client_state(
 DATA_SIDE_FILES = ("tokenizer.json", "meta.json")
 
 
-def save(engine, save_dir: Path, state: TrainState, extra: dict[str, Any], *, is_rank0: bool,
-         losses: dict[str, Any] | None = None) -> str:
-    """Save on every rank (DeepSpeed hangs otherwise); rank 0 then adds the JSON side files.
+def save(engine, save_dir: Path, state: TrainState, extra: dict[str, Any], *, owner: bool, run_id: str | None,
+         losses: dict[str, Any] | None = None, expected_bytes: int | None = None) -> commit.TagStatus | None:
+    """Save on every rank (DeepSpeed hangs otherwise); the rank that owns this node's folder (`owner`) then adds
+    the JSON side files and commits the tag (fsync, completeness marker, `latest`). Returns the committed status on
+    the owner, None elsewhere.
 
-    When `save_checkpoint` returns, every rank's files are written (its final barrier), so the side files
-    and anything that reacts to the tag (retention now, the upload queue later) see a finished checkpoint.
+    DeepSpeed is told not to write `latest` itself: it would point at the tag before our side files and the marker
+    exist, and a kill in between would leave `latest` on a torn checkpoint. When `save_checkpoint` returns, every
+    rank's files are written (its final barrier), so the commit sees the whole tag.
+
+    A save that fails (a full disk, an I/O error) removes its partial tag and raises CheckpointError: `latest`
+    and every earlier checkpoint are untouched.
     """
+    save_dir = Path(save_dir)
     tag = tag_for_step(state.step)
-    engine.save_checkpoint(str(save_dir), tag=tag, client_state=extra)
-    if is_rank0:
-        tag_dir = save_dir / tag
+    tag_dir = save_dir / tag
+    if owner:
+        existing = commit.inspect(save_dir, tag)
+        if existing.complete:
+            problem = commit.verify(save_dir, existing)
+            if not problem:
+                raise CheckpointError(f"{tag_dir} is already a complete checkpoint; refusing to write over it")
+            # A tag the resume skipped as damaged: kept for inspection, out of the way of this step's new save.
+            aside = save_dir / f"{tag}.damaged-{uuid.uuid4().hex[:8]}"
+            os.replace(tag_dir, aside)
+            log.warning("moved the damaged checkpoint %s (%s) aside to %s", tag_dir, problem, aside.name)
+        commit.remove_incomplete(save_dir, tag)  # a torn earlier save of this step: its files must not mix in
+    try:
+        engine.save_checkpoint(str(save_dir), tag=tag, client_state=extra, save_latest=False)
+        if not owner:
+            return None
         (tag_dir / "config.json").write_text(json.dumps(extra["model_config"], indent=2, sort_keys=True) + "\n")
         run = {k: extra[k] for k in ("step", "consumed_samples", "dp_size", "data_tokens", "run_config", "ds_config")}
+        run["run_id"] = run_id
         run.update(losses or {})  # train_loss, val_loss, val_loss_step: what the model card of an export reports
         (tag_dir / "run.json").write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
         data_dir = Path(extra["run_config"].get("data_dir") or ".")
         for name in DATA_SIDE_FILES:
             if (data_dir / name).is_file():
                 shutil.copy2(data_dir / name, tag_dir / name)
-    return tag
+        return commit.commit(save_dir, tag, run_id=run_id)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError from its zip writer
+        shutil.rmtree(tag_dir, ignore_errors=True)
+        raise save_failed(save_dir, tag, e, expected_bytes) from e
+
+
+def save_failed(save_dir: Path, tag: str, err: BaseException, expected_bytes: int | None) -> CheckpointError:
+    """The one line for a save that could not be written."""
+    free = shutil.disk_usage(save_dir if save_dir.exists() else save_dir.parent).free
+    latest, _ = commit.read_latest(save_dir)
+    kept = f"latest still names {latest}" if latest else "no earlier checkpoint exists"
+    need = f", the checkpoint needs about {mib(expected_bytes)}" if expected_bytes else ""
+    text = " ".join(str(err).split())
+    full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left" in text or \
+        (expected_bytes is not None and free < expected_bytes) or "file write failed" in text
+    if full:
+        return CheckpointError(
+            f"cannot save checkpoint {tag} in {save_dir}: the disk is full ({mib(free)} free{need}); the partial "
+            f"{tag} was removed, {kept} and the earlier checkpoints are intact: free space (or lower keep_last_n, or "
+            f"point --save-dir at a larger disk), then continue with --resume latest")
+    return CheckpointError(f"cannot save checkpoint {tag} in {save_dir}: {type(err).__name__}: {text[:300]}; the "
+                           f"partial {tag} was removed, {kept} and the earlier checkpoints are intact")
+
+
+def space_warning(save_dir: Path, tag: str, expected_bytes: int) -> str:
+    """"" when the next checkpoint fits on the disk of save_dir, else the warning to log."""
+    free = shutil.disk_usage(save_dir if save_dir.exists() else save_dir.parent).free
+    if free >= expected_bytes:
+        return ""
+    return (f"the next checkpoint ({tag}, about {mib(expected_bytes)}) will not fit in {save_dir} ({mib(free)} "
+            f"free): free space, lower keep_last_n, or point --save-dir at a larger disk")
 
 
 # Run-config fields that decide which windows `consumed_samples` points at: changing one on resume would
@@ -185,8 +229,12 @@ def read_saved_meta(save_dir: Path, tag: str) -> dict[str, Any] | None:
     meta_path = save_dir / tag / "run.json"
     if not meta_path.is_file():
         return None
-    meta = json.loads(meta_path.read_text())
-    meta["model_config"] = json.loads((save_dir / tag / "config.json").read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+        meta["model_config"] = json.loads((save_dir / tag / "config.json").read_text())
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {save_dir / tag}: its run.json/config.json cannot be read ({e}); it is "
+                              f"damaged") from e
     return meta
 
 
@@ -203,13 +251,13 @@ def load(engine, save_dir: Path, tag: str) -> TrainState:
 
 
 def apply_retention(save_dir: Path, keep_last_n: int, *, may_delete: Callable[[str], bool] | None = None) -> list[str]:
-    """Delete all but the newest `keep_last_n` tags (0 keeps all). Never deletes the tag `latest` names, nor a tag
-    `may_delete` refuses (one not yet verified in the bucket)."""
+    """Delete all but the newest `keep_last_n` complete tags (0 keeps all). Never deletes the tag `latest` names,
+    a tag `may_delete` refuses (one not yet verified in the bucket), nor an incomplete tag (the next save of that
+    step replaces it)."""
     if keep_last_n <= 0:
         return []
-    tags = local_tags(save_dir)
-    pointer = save_dir / "latest"
-    latest = pointer.read_text().strip() if pointer.is_file() else None
+    tags = commit.complete_tags(save_dir)
+    latest, _ = commit.read_latest(save_dir)
     doomed = [t for t in tags[:-keep_last_n] if t != latest and (may_delete is None or may_delete(t))]
     for tag in doomed:
         shutil.rmtree(save_dir / tag, ignore_errors=True)

@@ -51,6 +51,9 @@ def train_parser() -> argparse.ArgumentParser:
                    help="continue from a checkpoint: latest or a tag in --save-dir, or the newest COMPLETE one at a "
                         "gs:// or file:// URL (latest also falls back to --sync-to when --save-dir has none)")
     p.add_argument("--sync-to", metavar="URL", help="publish checkpoints to gs://bucket/prefix, file:///path or a folder")
+    p.add_argument("--takeover", action="store_true",
+                   help="publish to a --sync-to prefix that another run owns (that run can no longer publish there; "
+                        "what it published stays as it is)")
     p.add_argument("--credentials", metavar="FILE", help="service-account JSON for gs:// (default: GOOGLE_APPLICATION_CREDENTIALS)")
     p.add_argument("--init-from-hf", metavar="DIR",
                    help="start from a HuggingFace GPTNeoX folder's weights (continued pretraining; same shape as the preset)")
@@ -111,7 +114,7 @@ def train_main(argv: list[str] | None = None) -> int:
             plan = prepare_run(run, dp_size=world_size_from_env(), on_gpu=torch.cuda.is_available())
             print(json.dumps(plan.describe(), indent=2))
             return 0
-        summary = run_training(run, resume=args.resume)
+        summary = run_training(run, resume=args.resume, takeover=args.takeover)
         # Stopped by SIGTERM (checkpoint saved and flushed): 128+15, so a scheduler sees a preempted job, not a
         # finished one.
         return 143 if summary.get("stopped_by_signal") else 0

@@ -110,6 +110,12 @@ class RunConfig:
     upload_timeout_s: float = field(
         default=1800.0, metadata={"doc": "At exit, wait at most this long for pending uploads before giving up (non-zero exit)."}
     )
+    max_unpublished_checkpoints: int = field(
+        default=5,
+        metadata={"doc": "Stop training (exit 1, checkpoints kept locally) once more than this many checkpoints could "
+                         "not be published (given up, or still waiting), so a bucket that refuses every upload does "
+                         "not fill the disk for days; 0 = never stop."},
+    )
     max_pending_uploads: int = field(
         default=0,
         metadata={"doc": "If more checkpoints than this wait for upload, skip the superseded ones (kept locally); 0 = never skip."},
@@ -173,7 +179,7 @@ def validate(values: dict[str, Any]) -> list[str]:
 
     for name in ("seq_len", "max_steps", "save_steps", "log_steps", "eval_batches"):
         check_int(name, 1)
-    for name in ("eval_steps", "keep_last_n", "seed", "max_pending_uploads"):
+    for name in ("eval_steps", "keep_last_n", "seed", "max_pending_uploads", "max_unpublished_checkpoints"):
         check_int(name, 0)
     for name in ("micro_batch", "grad_accum", "max_shards"):
         check_int(name, 1, optional=True)

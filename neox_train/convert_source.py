@@ -29,13 +29,15 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from . import commit
+from .tags import TAG_RE, local_tags, step_of_tag
+
 
 class ConvertError(ValueError):
     """Bad conversion input. str(err) is one line naming the file/value, what is wrong and what would be valid."""
 
 
 MODEL_STATES_Z012 = "mp_rank_00_model_states.pt"
-TAG_RE = re.compile(r"^global_step(\d+)$")
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 _RANK_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_(model|optim)_states\.pt$")
 
@@ -65,18 +67,29 @@ class Located:
     cleanup: Callable[[], None] = field(default=lambda: None)
 
 
-def _tags_in(folder: Path) -> list[str]:
-    tags = [p.name for p in folder.iterdir() if p.is_dir() and TAG_RE.match(p.name)] if folder.is_dir() else []
-    return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))
-
-
 def _is_published(folder: Path) -> bool:
     """A bucket-layout folder (sync.py): some tag has a manifest or COMPLETE marker. A save dir never has either."""
-    return any((folder / t / name).is_file() for t in _tags_in(folder) for name in ("manifest.json", "COMPLETE"))
+    return any((folder / t / name).is_file() for t in local_tags(folder) for name in ("manifest.json", "COMPLETE"))
 
 
 def _looks_like_tag_dir(folder: Path) -> bool:
     return any(folder.glob("*model_states.pt"))
+
+
+def _check_intact(tag_dir: Path) -> None:
+    """A tag with a completeness marker must be complete and match it byte for byte (read once here, before the
+    conversion reads it again). One without a marker (written before neox-train had them, or by something else)
+    goes to the conversion's own checks, with a note."""
+    if not (tag_dir / commit.MARKER).exists():
+        status = commit.inspect(tag_dir.parent, tag_dir.name)
+        if not status.legacy:
+            print(f"neox-convert-hf: {tag_dir} has no completeness marker (written before neox-train had them, or not "
+                  f"by neox-train): converting it as it is, with the conversion's own checks", file=sys.stderr)
+        return
+    status = commit.inspect(tag_dir.parent, tag_dir.name)
+    problem = status.problem or commit.verify(tag_dir.parent, status)
+    if problem:
+        raise ConvertError(f"checkpoint {tag_dir} is damaged or incomplete: {problem}")
 
 
 def locate(source: str, tag: str | None, *, credentials: str | None, scratch_parent: Path) -> Located:
@@ -84,8 +97,9 @@ def locate(source: str, tag: str | None, *, credentials: str | None, scratch_par
 
     gs:// and file:// URLs are published checkpoint prefixes: only a COMPLETE tag is used, fetched with
     sync.fetch_checkpoint (every file checked against the manifest) into a scratch folder next to the output.
-    A plain folder is a run's save dir (SAVE_DIR/latest + global_stepN/), or one tag folder itself; a folder holding
-    published tags (manifest.json + COMPLETE) is read like a bucket, so its manifest is checked too.
+    A plain folder is a run's save dir (its newest complete tag, or --tag), or one tag folder itself; a tag is
+    verified against its completeness marker first. A folder holding published tags (manifest.json + COMPLETE) is
+    read like a bucket, so its manifest is checked too.
     """
     want = None if tag in (None, "latest") else tag
     if want is not None and not TAG_RE.match(want) and ("/" in want or want.startswith(".")):
@@ -108,14 +122,26 @@ def locate(source: str, tag: str | None, *, credentials: str | None, scratch_par
                                f"(drop --tag, or give the save dir)")
         tag_dir = path
     else:
-        tags = _tags_in(path)
+        tags = local_tags(path)
         pointer = path / "latest"
         if not tags and not pointer.is_file():
             raise ConvertError(
                 f"{source} is not a DeepSpeed checkpoint folder: no 'latest' file, no global_stepN/ folders and no "
                 f"*model_states.pt (expected the save dir of a neox-train run, e.g. checkpoints/demo)"
             )
-        if want is None:
+        if want is None and not _is_published(path):
+            complete = commit.complete_tags(path)
+            if not complete:
+                torn = "; ".join(f"{s.tag}: {s.problem}" for s in commit.statuses(path)[-3:])
+                raise ConvertError(f"{source} holds no complete checkpoint ({torn or 'no global_stepN folder'}); "
+                                   f"pass --tag to convert one as it is")
+            want = complete[-1]
+            named, why = commit.read_latest(path)
+            if named != want:
+                problem = commit.inspect(path, named).problem if named else why
+                print(f"neox-convert-hf: {source}/latest {f'names {named}: ' if named else ''}{problem or 'is older'}; "
+                      f"converting the newest complete checkpoint, {want}", file=sys.stderr)
+        elif want is None:
             if not pointer.is_file():
                 raise ConvertError(f"{source} has no 'latest' file; pass --tag (available: {', '.join(tags)})")
             want = pointer.read_text().strip()
@@ -129,6 +155,7 @@ def locate(source: str, tag: str | None, *, credentials: str | None, scratch_par
         # tag still uploading (files there, no COMPLETE yet) is refused rather than converted half-written.
         return _fetch_published(str(tag_dir.parent), tag_dir.name, credentials=None, scratch_parent=scratch_parent,
                                 shown_as=source)
+    _check_intact(tag_dir)
     return Located(tag_dir=tag_dir, source=source)
 
 
@@ -194,8 +221,8 @@ class CheckpointInfo:
     @property
     def step(self) -> int | None:
         step = self.run.get("step")
-        if step is None and TAG_RE.match(self.tag):
-            step = int(TAG_RE.match(self.tag).group(1))
+        if step is None:
+            step = step_of_tag(self.tag)
         return step
 
 

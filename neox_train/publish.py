@@ -1,9 +1,10 @@
 """Who publishes checkpoints, how, and what local retention may delete.
 
-The trainer calls `committed(tag)` right after `save_checkpoint` returned (every rank's files are on disk), on
-every rank; only uploader ranks act. With DeepSpeed's `checkpoint.use_node_local_storage` each node holds its
-own part of a checkpoint, so every node's local rank 0 uploads its part and global rank 0 publishes once all
-parts are remote; on shared storage only global rank 0 uploads.
+The trainer calls `committed(tag)` right after a tag's local commit (every rank's files durable, the marker and
+`latest` written), on every rank; only uploader ranks act. With DeepSpeed's `checkpoint.use_node_local_storage`
+each node holds its own part of a checkpoint, so every node's local rank 0 uploads its part and global rank 0
+publishes once all parts are remote; on shared storage only global rank 0 uploads. Global rank 0 also claims the
+prefix for this run (owner.py) before anything is uploaded.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any, Iterator
 
 from .config import RunConfig
 from .metrics import log
-from .sync_worker import SyncSettings, SyncStatus, SyncWorker, append_journal, journal_path, publish_tag
+from .owner import Identity
+from .sync_worker import (Publication, SyncSettings, SyncStatus, SyncWorker, append_journal, crc_cache_path,
+                          is_transient, journal_leftovers, journal_path, journal_queued, verified_local_tags)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ def node_local_storage(ds_config: dict[str, Any]) -> bool:
 
 
 def is_uploader(topo: Topology, node_local: bool) -> bool:
+    """The rank that owns this node's copy of a checkpoint: it commits, uploads and deletes it."""
     return topo.local_rank == 0 if node_local else topo.rank == 0
 
 
@@ -58,35 +62,69 @@ def check_storage_access(run: RunConfig, topo: Topology, node_local: bool) -> No
     open_backend(run.sync_to, credentials=run.credentials).probe()
 
 
+def check_prefix_owner(run: RunConfig, topo: Topology, run_id: str, *, takeover: bool) -> None:
+    """Before anything expensive, on global rank 0: may this run publish to sync_to? PrefixOwned (one line) if
+    another run owns it; the claim itself comes once the checkpoint is loaded (Publisher.claim)."""
+    if run.sync_to is None or topo.rank != 0:
+        return
+    from .owner import check_start
+    from .storage import open_backend
+
+    check_start(open_backend(run.sync_to, credentials=run.credentials, start_up=True), run_id, takeover=takeover)
+
+
 class Publisher:
-    def __init__(self, run: RunConfig, topo: Topology, *, node_local: bool, run_id: str | None = None):
+    def __init__(self, run: RunConfig, topo: Topology, *, node_local: bool, identity: Identity):
         self.run = run
+        self.topo = topo
+        self.identity = identity
         self.enabled = run.sync_to is not None and is_uploader(topo, node_local)
         self.settings = SyncSettings(
             url=run.sync_to or "",
             save_dir=run.save_dir,
+            run_id=identity.run_id,
+            session=identity.session,
             credentials=run.credentials,
             node_rank=topo.node_rank if node_local else 0,
             num_nodes=topo.num_nodes if node_local else 1,
             publisher=topo.rank == 0,
             max_pending=run.max_pending_uploads,
-            run_id=run_id,
         )
         self.worker: SyncWorker | None = None
         self.status = SyncStatus()
-        self._backend = None
-        self._cache = None
+        self._inline: Publication | None = None
+
+    def claim(self, *, takeover: bool) -> None:
+        """Global rank 0 makes this run the prefix's owner (before any upload). PrefixOwned if another run owns it
+        and `takeover` is off."""
+        if self.run.sync_to is None or self.topo.rank != 0:
+            return
+        from .owner import claim
+        from .storage import open_backend
+
+        warning = claim(open_backend(self.run.sync_to, credentials=self.run.credentials, start_up=True),
+                        self.identity, takeover=takeover, save_dir=self.run.save_dir)
+        if warning:
+            log.warning("sync: %s", warning)
+        log.info("sync: run %s publishes to %s", self.identity.run_id, self.run.sync_to)
+
+    def start(self) -> None:
+        """Start uploading: the background worker, or (inline mode) publish what earlier runs left unpublished."""
         if not self.enabled:
             return
-        if run.background_upload:
+        if self.run.background_upload:
             self.worker = SyncWorker(self.settings)
             self.worker.start()
-        else:
-            from .storage import Crc32cCache, open_backend
-            from .sync_worker import JOURNAL_DIR
+            return
+        from .storage import Crc32cCache, open_backend
 
-            self._backend = open_backend(self.settings.url, credentials=self.settings.credentials)
-            self._cache = Crc32cCache(Path(run.save_dir) / JOURNAL_DIR / f"crc32c-node{self.settings.node_rank}.json")
+        backend = open_backend(self.settings.url, credentials=self.settings.credentials)
+        cache = Crc32cCache(crc_cache_path(Path(self.run.save_dir), self.settings.node_rank))
+        self._inline = Publication(backend, self.settings, cache)
+        self.status.published.extend(verified_local_tags(backend, self.settings))
+        for tag in journal_leftovers(Path(self.run.save_dir), self.settings.node_rank):
+            if tag not in self.status.published:
+                self._publish_inline(tag)
 
     def committed(self, tag: str) -> None:
         """A tag is complete on local disk: hand it to the worker, or upload it now when background is off."""
@@ -95,12 +133,25 @@ class Publisher:
         if self.worker is not None:
             self.worker.submit(tag)
             return
+        journal_queued(Path(self.run.save_dir), self.settings.node_rank, tag)
+        self._publish_inline(tag)
+
+    def _publish_inline(self, tag: str) -> None:
         started = time.time()
-        append_journal(journal_path(Path(self.run.save_dir), self.settings.node_rank), {"queued": tag, "time": started})
-        result = publish_tag(self._backend, self.settings, tag, self._cache)
+        self.status.pending.append(tag)
+        try:
+            result = self._inline.publish(tag, timeout_s=self.run.upload_timeout_s)
+        except Exception as e:  # noqa: BLE001 - the same policy as the worker: the checkpoint stays local
+            error = f"{type(e).__name__}: {' '.join(str(e).split())}"
+            self.status.record_failed(tag, error)
+            if not is_transient(e):
+                append_journal(journal_path(Path(self.run.save_dir), self.settings.node_rank),
+                               {"failed": tag, "error": error, "time": time.time()})
+            log.error("sync: cannot publish %s to %s inline (it stays on local disk): %s", tag, self.settings.url,
+                      error)
+            return
         self.status.record_published(tag, lag_s=time.time() - started, bytes_uploaded=result.bytes_uploaded,
-                                     files_uploaded=result.files_uploaded, files_skipped=result.files_skipped,
-                                     retries=result.retries)
+                                     files_uploaded=result.files_uploaded, files_skipped=result.files_skipped)
         log.info("sync: published %s to %s inline (%d bytes, %.1f s)", tag, self.settings.url,
                  result.bytes_uploaded, self.status.last_lag_s)
 
@@ -120,6 +171,14 @@ class Publisher:
             self.status = self.worker.poll()
         return self.status
 
+    def metrics(self) -> dict[str, float]:
+        """The sync/* metrics; `retries` counts every retried storage request: the worker's and this process's
+        own (start-up probe, ownership checks, inline uploads)."""
+        from .storage import process_retries
+
+        status = self.poll()
+        return status.metrics(retries=status.worker_retries + process_retries())
+
     def may_delete(self, tag: str) -> bool:
         """Local retention deletes a tag only once it is verified remote (or when nothing is synced)."""
         if self.run.sync_to is None:
@@ -133,12 +192,13 @@ class Publisher:
         if self.worker is not None:
             self.worker.kill()
 
-    def close(self) -> SyncStatus:
-        """Flush with a bounded wait; the returned status lists what is still unpublished."""
+    def close(self, timeout_s: float | None = None) -> SyncStatus:
+        """Flush with a bounded wait (upload_timeout_s unless told); the status lists what is still unpublished."""
         if self.worker is not None:
+            timeout_s = self.run.upload_timeout_s if timeout_s is None else timeout_s
             pending = len(self.worker.poll().pending)
             if pending:
-                log.info("sync: waiting up to %.0f s for %d pending upload(s) to %s", self.run.upload_timeout_s,
-                         pending, self.settings.url)
-            self.status = self.worker.close(self.run.upload_timeout_s)
+                log.info("sync: waiting up to %.0f s for %d pending upload(s) to %s", timeout_s, pending,
+                         self.settings.url)
+            self.status = self.worker.close(timeout_s)
         return self.status

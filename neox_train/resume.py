@@ -1,12 +1,25 @@
 """Where a run resumes from, decided in three phases around process-group creation.
 
-1. `locate` (before anything heavy): `--resume latest|TAG` in save_dir, or a bucket URL to download from.
-2. `check` (before the model is built): the checkpoint holds this run's model and data order.
-3. `finish` (after the process group exists, because the other ranks must wait): download from the bucket, and
-   when the data-parallel size or ZeRO stage changed since the save, convert the tag to a DeepSpeed universal
-   checkpoint (`deepspeed.checkpoint.ds_to_universal`) and load it with `load_universal`, so the same model and
-   optimizer state continue on another GPU count. The data position is counted in global samples, so it carries
-   over unchanged.
+1. `locate` (every rank, before anything heavy; reads markers and pointers, no checkpoint content): the local
+   candidates. `--resume latest` takes every complete tag, newest first, whatever SAVE_DIR/latest says (a missing,
+   empty, torn or stale pointer costs one WARNING line, never a fresh start); `--resume TAG` takes that tag, which
+   must be complete; a URL, or `latest` with no local checkpoint and sync_to set, means the bucket. A start
+   without --resume in a save dir that holds complete checkpoints is refused: it would write over them.
+2. `check` (before the model is built): the candidate holds this run's model and data order.
+3. `finish` (after the process group exists, because the other ranks must wait):
+   - the ranks that own the checkpoint folders read every file of the candidate and compare it with the tag's
+     marker (crc32c); a damaged tag falls back to the next complete one with one WARNING line (a named tag is an
+     error instead), and all ranks agree on the step;
+   - with `--resume latest` and sync_to, global rank 0 compares with the bucket's newest COMPLETE checkpoint: when
+     it is newer and of the same run, it wins (a stale save dir never rewinds a run silently), and the log says
+     which was taken over which;
+   - a bucket checkpoint is downloaded and verified against its manifest, then committed locally;
+   - when the data-parallel size or ZeRO stage changed since the save, the tag is converted to a DeepSpeed
+     universal checkpoint (`deepspeed.checkpoint.ds_to_universal`) and loaded with `load_universal`, so the same
+     model and optimizer state continue on another GPU count. The data position is counted in global samples, so
+     it carries over unchanged.
+   It returns the tag to load and the run's identity: the id of the checkpoint resumed (a fresh run draws a new
+   one) and a new session id, the same on every rank.
 """
 
 from __future__ import annotations
@@ -21,43 +34,110 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint
+from . import checkpoint, commit
 from .config import ConfigError, RunConfig
 from .metrics import log
+from .owner import Identity, new_id, valid_id
+from .tags import step_of_tag, tag_for_step
 
 UNIVERSAL_SUFFIX = "_universal"
+_NONE = -1  # no checkpoint
+_REFUSED = -2  # the named checkpoint is damaged: every rank stops
 
 
 @dataclass(frozen=True)
 class ResumePoint:
-    requested: str | None  # the --resume value
-    remote: str | None  # bucket URL to download from (phase 3)
-    tag: str | None  # local tag, when known before the process group exists
+    candidates: tuple[str, ...] = ()  # local complete tags to try, in order
+    named: bool = False  # the user named the tag (or URL): damage is an error, not a fallback
+    remote: str | None = None  # the bucket: the source when remote_only, else compared with (--resume latest)
+    remote_only: bool = False
+    note: str = ""  # what is wrong with SAVE_DIR/latest, for the one WARNING line
+    run_id: str | None = None  # the id this resume inherits, as far as known before the download
 
 
-def remote_resume_source(run: RunConfig, resume: str | None) -> str | None:
-    """The bucket URL to resume from, or None for a local resume (or none at all).
-
-    `--resume gs://...` (or file://) names it; `--resume latest` with sync_to set and no local checkpoint falls
-    back to the bucket, so a fresh machine continues where the last one published."""
-    if not resume:
-        return None
-    if "://" in resume:
-        return resume
-    if resume == "latest" and run.sync_to and not (Path(run.save_dir) / "latest").is_file():
-        return run.sync_to
-    return None
+def _names(tags: list[str], n: int = 3) -> str:
+    return ", ".join(tags[-n:]) + (f" (and {len(tags) - n} older)" if len(tags) > n else "")
 
 
 def locate(run: RunConfig, resume: str | None) -> ResumePoint:
-    remote = remote_resume_source(run, resume)
-    tag = checkpoint.resolve_resume_tag(Path(run.save_dir), resume) if resume and not remote else None
-    return ResumePoint(resume, remote, tag)
+    save_dir = Path(run.save_dir)
+    statuses = commit.statuses(save_dir)
+    complete = [s for s in statuses if s.complete]
+    if not resume:
+        if complete:
+            raise ConfigError(
+                f"{save_dir} holds checkpoints ({_names([s.tag for s in complete])}) that a run from step 0 would "
+                f"write over: continue that run with --resume latest, or train from scratch with another --save-dir")
+        return ResumePoint()
+    if "://" in resume:
+        return ResumePoint(named=True, remote=resume, remote_only=True)
+    if resume == "latest":
+        if complete:
+            tags = [s.tag for s in reversed(complete)]
+            pointer, why = commit.read_latest(save_dir)
+            note = ""
+            if pointer != tags[0]:
+                named = next((s for s in statuses if s.tag == pointer), None)
+                if pointer is None:
+                    reason = why
+                elif named is None:
+                    reason = f"names {pointer}, which does not exist"
+                elif not named.complete:
+                    reason = f"names {pointer}, which is incomplete ({named.problem})"
+                else:
+                    reason = f"names {pointer}, older than the newest complete checkpoint"
+                note = f"{save_dir / 'latest'} {reason}: resuming from the newest complete checkpoint {tags[0]}"
+            return ResumePoint(tuple(tags), remote=run.sync_to, note=note, run_id=complete[-1].run_id)
+        torn = "; ".join(f"{s.tag}: {s.problem}" for s in statuses[-3:])
+        if run.sync_to:
+            note = f"no complete checkpoint in {save_dir} ({torn}); resuming from {run.sync_to}" if statuses else ""
+            return ResumePoint(remote=run.sync_to, remote_only=True, note=note)
+        if statuses:
+            raise ConfigError(
+                f"--resume latest: no complete checkpoint in {save_dir} ({torn}): nothing to resume, and a run from "
+                f"step 0 would replace those folders; to start over, run without --resume (the incomplete folders "
+                f"are replaced as their steps are saved again)")
+        raise ConfigError(f"--resume latest: no checkpoint in {save_dir} (no global_stepN folder); start without "
+                          f"--resume")
+    named = next((s for s in statuses if s.tag == resume), None)
+    have = _names([s.tag for s in complete]) if complete else "none"
+    torn = [s.tag for s in statuses if not s.complete]
+    if torn:
+        have += f"; incomplete: {_names(torn)}"
+    if named is None:
+        raise ConfigError(f"--resume {resume}: checkpoint tag {resume!r} not found in {save_dir} (complete ones: "
+                          f"{have})")
+    if not named.complete:
+        raise ConfigError(f"--resume {resume}: {save_dir / resume} is not a complete checkpoint ({named.problem}); "
+                          f"complete ones: {have}")
+    newer = [s.tag for s in complete if (step_of_tag(s.tag) or 0) > (step_of_tag(resume) or 0)]
+    if newer:
+        raise ConfigError(
+            f"--resume {resume}: {save_dir} also holds newer checkpoints ({_names(newer)}), which this run would write "
+            f"over as it saves those steps again; resume the newest (--resume latest), or copy {resume} into another "
+            f"--save-dir to branch from it")
+    return ResumePoint((resume,), named=True, run_id=named.run_id)
+
+
+def remote_run_id(url: str, credentials: str | None) -> str | None:
+    """The run id of the newest COMPLETE checkpoint at url (what a resume from there inherits)."""
+    from .storage import open_backend
+    from .sync import remote_latest, remote_manifest
+
+    backend = open_backend(url, credentials=credentials, start_up=True)
+    tag = remote_latest(backend)
+    manifest = remote_manifest(backend, tag) if tag else None
+    return manifest.get("run_id") if manifest else None
 
 
 def check(plan, point: ResumePoint, data_tokens: int) -> None:
-    if point.tag:
-        check_resume(plan, point.tag, data_tokens)
+    if point.candidates:
+        try:
+            check_resume(plan, point.candidates[0], data_tokens)
+        except checkpoint.CheckpointError:
+            if point.named or len(point.candidates) == 1:
+                raise
+            # unreadable side files: finish() verifies the tag, reports it and falls back
 
 
 def check_resume(plan, tag: str, data_tokens: int) -> dict[str, Any] | None:
@@ -71,47 +151,168 @@ def check_resume(plan, tag: str, data_tokens: int) -> dict[str, Any] | None:
     return saved
 
 
-def fetch_remote_checkpoint(url: str, run: RunConfig) -> str:
-    """Download the newest COMPLETE checkpoint at `url` into save_dir (verified against its manifest)."""
-    from .storage import StorageError, open_backend
-    from .sync import fetch_checkpoint, remote_latest
+def fetch_remote_checkpoint(url: str, run: RunConfig, tag: str) -> str:
+    """Download COMPLETE checkpoint `tag` at `url` into save_dir (verified against its manifest)."""
+    from .storage import open_backend
+    from .sync import fetch_checkpoint
 
-    backend = open_backend(url, credentials=run.credentials)
-    tag = remote_latest(backend)
-    if tag is None:
-        raise StorageError(f"--resume: no COMPLETE checkpoint under {url} (a checkpoint counts once its COMPLETE marker exists)")
     log.info("resume: downloading %s from %s", tag, url)
-    fetch_checkpoint(backend, tag, Path(run.save_dir), progress=True)
+    fetch_checkpoint(open_backend(url, credentials=run.credentials), tag, Path(run.save_dir), progress=True)
     return tag
 
 
+def _comm_device():
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _collective(values: list[int], op: str) -> list[int]:
+    """broadcast from rank 0 ("broadcast") or element-wise minimum over ranks ("min") of a few integers."""
+    import torch
+
+    tensor = torch.tensor(values, dtype=torch.int64, device=_comm_device())
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import deepspeed.comm as dist
+
+        if op == "broadcast":
+            dist.broadcast(tensor, src=0)
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return [int(v) for v in tensor.tolist()]
+
+
+_NO_OPINION = 2**62  # a rank that owns no checkpoint folder: the minimum is the owners'
+
+
+def _verified_step(save_dir: Path, point: ResumePoint, owner: bool) -> tuple[int, str]:
+    """On the folder owners, the newest candidate whose files all match its marker: (step, the warning about the
+    ones skipped). _NONE when none is intact, _REFUSED when a named tag is damaged."""
+    if not owner:
+        return _NO_OPINION, ""
+    skipped = []
+    for tag in point.candidates:
+        status = commit.inspect(save_dir, tag)
+        problem = status.problem or commit.verify(save_dir, status)
+        if not problem:
+            if skipped:
+                return step_of_tag(tag), f"{'; '.join(skipped)}: resuming from the newest intact checkpoint {tag}"
+            return step_of_tag(tag), ""
+        if point.named:
+            return _REFUSED, f"checkpoint {save_dir / tag} is damaged: {problem}"
+        skipped.append(f"{tag} is damaged ({problem})")
+    return _NONE, f"every complete checkpoint in {save_dir} is damaged: {'; '.join(skipped)}"
+
+
+def _agree_local(save_dir: Path, point: ResumePoint, owner: bool) -> tuple[int, str]:
+    """Every rank's view of the verified local step: the owners' minimum, confirmed on each owner."""
+    mine, said = _verified_step(save_dir, point, owner)
+    step = _collective([mine], "min")[0]
+    if step == _NO_OPINION:
+        step = _NONE
+    if step >= 0 and owner and mine != step:
+        # Another node's newest intact tag is older than ours: it must be intact here too.
+        status = commit.inspect(save_dir, tag_for_step(step))
+        ok = status.complete and not commit.verify(save_dir, status)
+    else:
+        ok = True
+    if step >= 0 and _collective([1 if ok else 0], "min")[0] == 0:
+        raise checkpoint.CheckpointError(f"the nodes have no common intact checkpoint: global_step{step} is the newest "
+                                         f"on one node and not intact on another; copy an intact tag to every node")
+    return step, said
+
+
+def _remote_choice(url: str, run: RunConfig, local_step: int, local_run_id: str | None, *, required: bool
+                   ) -> tuple[str | None, str | None, str]:
+    """On global rank 0: (the bucket tag to resume from, or None for the local one; its run id; a warning to log).
+    `required`: the bucket is the only source (a URL was named, or nothing intact is local)."""
+    from .storage import StorageError, open_backend
+    from .sync import remote_latest, remote_manifest
+
+    try:
+        backend = open_backend(url, credentials=run.credentials, start_up=not required)
+        tag = remote_latest(backend)
+        manifest = remote_manifest(backend, tag) if tag else None
+    except StorageError as e:
+        if required:
+            raise
+        return None, None, f"could not look for a newer checkpoint in {url} ({e}); resuming from the local one"
+    run_id = manifest.get("run_id") if manifest else None
+    if required:
+        if tag is None:
+            raise checkpoint.CheckpointError(f"--resume: no COMPLETE checkpoint under {url} (a checkpoint counts once "
+                                             f"its COMPLETE marker exists)")
+        return tag, run_id, ""
+    if tag is None or (step_of_tag(tag) or 0) <= local_step:
+        return None, None, ""
+    local = tag_for_step(local_step)
+    if local_run_id and run_id and run_id != local_run_id:
+        return None, None, (f"{url} holds a newer checkpoint ({tag}) of another run ({run_id}); resuming this run "
+                            f"({local_run_id}) from its local {local}")
+    return tag, run_id, (f"{url} holds {tag}, newer than the local {local} in {run.save_dir}: resuming from the "
+                         f"bucket's {tag}")
+
+
 def finish(plan, point: ResumePoint, data_tokens: int, *, topo, node_local: bool):
-    """Phase 3, on every rank: returns (plan, tag to load) — the plan gains `load_universal` when converted."""
+    """Phase 3, on every rank: returns (plan, tag to load or None, Identity) — the plan gains `load_universal` when
+    the tag was converted."""
     import deepspeed.comm as dist
 
     from .publish import is_uploader
 
-    tag = point.tag
-    converter = is_uploader(topo, node_local)  # the rank that holds (and downloads) this node's copy
-    if point.remote:
-        if converter:
-            fetch_remote_checkpoint(point.remote, plan.run)
+    run = plan.run
+    save_dir = Path(run.save_dir)
+    owner = is_uploader(topo, node_local)  # the rank that holds (and downloads, converts) this node's copy
+    rank0 = topo.rank == 0
+    step, said = _agree_local(save_dir, point, owner) if point.candidates else (_NONE, "")
+    if step == _REFUSED:
+        raise checkpoint.CheckpointError(said or f"the checkpoint {point.candidates[0]} is damaged on another node")
+    warning = "; ".join(x for x in (point.note, said) if x)
+    if warning and (rank0 or (owner and said)):
+        log.warning("resume: %s", warning)
+    if step == _NONE and point.candidates and not point.remote:
+        raise checkpoint.CheckpointError(said or f"no intact checkpoint in {save_dir}")
+
+    # The bucket, when it is the source or may hold something newer: rank 0 decides, every rank follows.
+    remote_tag = remote_id = None
+    if point.remote and rank0:
+        local_run_id = commit.inspect(save_dir, tag_for_step(step)).run_id if step >= 0 else None
+        remote_tag, remote_id, told = _remote_choice(point.remote, run, step, local_run_id,
+                                                     required=point.remote_only or step == _NONE)
+        if told:
+            log.warning("resume: %s", told)
+    chosen_remote = _collective([step_of_tag(remote_tag) if remote_tag else _NONE], "broadcast")[0]
+    if chosen_remote >= 0:
+        tag = tag_for_step(chosen_remote)
+        newer = [t for t in commit.complete_tags(save_dir) if (step_of_tag(t) or 0) > chosen_remote]
+        if newer and owner:
+            raise checkpoint.CheckpointError(
+                f"--resume {point.remote}: {save_dir} holds newer checkpoints ({_names(newer)}) than the bucket's "
+                f"{tag}, which this run would write over; resume them with --resume latest, or give another --save-dir")
+        if owner:
+            fetch_remote_checkpoint(point.remote, run, tag)
         dist.barrier()
-        tag = checkpoint.resolve_resume_tag(Path(plan.run.save_dir), "latest")
-        check_resume(plan, tag, data_tokens)
+    else:
+        tag = tag_for_step(step) if step >= 0 else None
+
+    # The identity: the resumed checkpoint's run id (a fresh run draws one), a new session; rank 0's on every rank.
+    run_id = (commit.inspect(save_dir, tag).run_id or remote_id) if rank0 and tag else None
+    ids = _collective([int(run_id if valid_id(run_id) else new_id(), 16), int(new_id(), 16)], "broadcast")
+    identity = Identity(f"{ids[0]:012x}", f"{ids[1]:012x}")
     if not tag:
-        return plan, None
-    saved = checkpoint.read_saved_meta(Path(plan.run.save_dir), tag)
+        return plan, None, identity
+    check_resume(plan, tag, data_tokens)
+    saved = checkpoint.read_saved_meta(save_dir, tag)
     change = checkpoint.partitioning_change(saved, ds_config=plan.ds_config, dp_size=plan.dp_size) if saved else None
     if change is None:
-        return plan, tag
+        return plan, tag, identity
     universal = tag + UNIVERSAL_SUFFIX
-    if converter:
+    if owner:
         log.info("resume: %s; converting %s to a DeepSpeed universal checkpoint (%s)", change, tag, universal)
-        to_universal(Path(plan.run.save_dir), tag)
+        to_universal(save_dir, tag)
     dist.barrier()
     ds_config = {**plan.ds_config, "checkpoint": {**plan.ds_config.get("checkpoint", {}), "load_universal": True}}
-    return dataclasses.replace(plan, ds_config=ds_config), universal
+    return dataclasses.replace(plan, ds_config=ds_config), universal, identity
 
 
 def to_universal(save_dir: Path, tag: str) -> Path:

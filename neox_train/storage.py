@@ -43,14 +43,30 @@ RETRY_DEADLINE_S = 600.0  # an operation keeps retrying transient errors (503, r
 PROBE_DEADLINE_S = 30.0  # the start-up probe gives up sooner: a wrong host should fail fast, not after 10 min
 REQUEST_TIMEOUT_S = (30.0, 120.0)  # (connect, read) per HTTP request, before the retry policy decides
 PROBE_PREFIX = ".neox-probe-"
-_TMP_MARK = ".neox-tmp-"  # temporary files of the local backend; never listed
+TMP_MARK = ".neox-tmp-"  # temporary files (atomic writes of the local backend, of local commits); never listed
 _READ_CHUNK = 1024 * 1024
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _URL_FORMS = "gs://BUCKET[/PREFIX], file:///ABS/PATH or a local path"
 
 
 class StorageError(RuntimeError):
-    """A storage problem. str(err) is one line naming the URL/object/file, what is wrong and what would be valid."""
+    """A storage problem. str(err) is one line naming the URL/object/file, what is wrong and what would be valid.
+
+    `transient`: a later attempt may succeed (the network, a 5xx, an object that changed underneath us); the upload
+    worker retries those with backoff. Everything else is permanent (no permission, no bucket, a published
+    checkpoint in the way): retrying cannot help, so the worker gives the checkpoint up and moves on."""
+
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+class RemoteChanged(StorageError):
+    """An object was not at the generation a conditional write expected (someone else wrote or removed it in the
+    meantime). Nothing was overwritten; a new attempt reads the state again and decides again."""
+
+    def __init__(self, message: str):
+        super().__init__(message, transient=True)
 
 
 @dataclass(frozen=True)
@@ -58,26 +74,35 @@ class RemoteFile:
     name: str  # relative to the backend root, '/'-separated
     size: int
     crc32c: str  # base64 of the big-endian CRC32C, exactly as GCS reports blob.crc32c
+    generation: int = 0  # GCS's object generation (a new one at every write); the local backend's mtime_ns
 
 
 class Backend(Protocol):
-    """A folder of objects. Every name is relative to the root in `url` and '/'-separated, with no leading '/'."""
+    """A folder of objects. Every name is relative to the root in `url` and '/'-separated, with no leading '/'.
+
+    Every write is conditional (GCS generation preconditions): `generation=0` creates the object only if it does
+    not exist, `generation=G` replaces it only if it is still at generation G. When the condition fails, an object
+    that already holds exactly the new content counts as written (an earlier attempt of the same write landed and
+    its response was lost); anything else raises RemoteChanged and changes nothing. `generation=None` writes
+    unconditionally: for tests and tools, never used by neox-train's own commands."""
 
     url: str
-    retries: int  # transient errors retried so far (for SyncResult); 0 for backends that never retry
+    retries: int  # requests retried so far (transient errors); 0 for backends that never retry
 
     def list(self, prefix: str = "") -> dict[str, RemoteFile]:
         """Every object whose name starts with `prefix` (a string prefix, as in GCS: "a/" for a folder)."""
         ...
 
-    def upload_file(self, local: Path, name: str, *, crc32c: str | None, if_absent: bool = True) -> str:
-        """Copy a local file to `name`; returns the stored object's crc32c.
+    def stat(self, name: str) -> RemoteFile | None:
+        """One object's size, crc32c and generation, or None when it does not exist."""
+        ...
+
+    def upload_file(self, local: Path, name: str, *, crc32c: str | None, generation: int | None) -> RemoteFile:
+        """Copy a local file to `name` under the write condition `generation`; returns the stored object.
 
         `crc32c`: the file's checksum when already known (the upload is refused unless the stored object ends up
         with exactly it), or None to hash the bytes while sending them (one read of the file instead of two; the
-        upload fails if what was stored differs from what was read, or if the file changed meanwhile).
-        if_absent: create only; an existing object with the same size and crc32c is success (an earlier attempt
-        landed), a different one is a StorageError."""
+        upload fails if what was stored differs from what was read, or if the file changed meanwhile)."""
         ...
 
     def download_file(self, name: str, local: Path) -> None:
@@ -88,17 +113,31 @@ class Backend(Protocol):
         """The object's content, or None when it does not exist."""
         ...
 
-    def write_bytes(self, name: str, data: bytes, *, if_absent: bool = False) -> None:
-        """Store a small object. if_absent as in upload_file (same content: success; different: StorageError)."""
+    def read(self, name: str) -> tuple[bytes, int] | None:
+        """The object's content and the generation it belongs to (for a conditional write after it), or None."""
         ...
 
-    def delete(self, name: str) -> None:
-        """Remove an object; an absent one is fine."""
+    def write_bytes(self, name: str, data: bytes, *, generation: int | None) -> RemoteFile:
+        """Store a small object under the write condition `generation` (as upload_file)."""
+        ...
+
+    def delete(self, name: str, *, generation: int | None) -> None:
+        """Remove an object; an absent one is fine. With a generation, only if it is still that generation."""
         ...
 
     def probe(self) -> None:
         """Prove credentials, bucket and write permission by writing and deleting `.neox-probe-<uuid>`."""
         ...
+
+
+# Every retried request in this process, whichever backend made it: the sync/retries metric adds the upload
+# worker's count to this one (start-up probe, ownership checks).
+_RETRIES_LOCK = threading.Lock()
+_process_retries = 0
+
+
+def process_retries() -> int:
+    return _process_retries
 
 
 def _one_line(err: BaseException) -> str:
@@ -137,12 +176,17 @@ def parse_url(url: str) -> tuple[str, str, str]:
     return "file", str(Path(url).expanduser().resolve()), ""
 
 
-def open_backend(url: str, *, credentials: str | None = None) -> Backend:
+def open_backend(url: str, *, credentials: str | None = None, start_up: bool = False) -> Backend:
     """The backend for `url`. For gs:// this creates the client (credentials are checked now, the network is not
-    touched: call probe() for that)."""
+    touched: call probe() for that). `start_up`: for the checks before training starts, which give up after
+    PROBE_DEADLINE_S instead of retrying for RETRY_DEADLINE_S (a bucket that cannot answer now fails the start in
+    seconds, with one line)."""
     kind, where, prefix = parse_url(url)
     if kind == "gs":
-        return GcsBackend(where, prefix, credentials=credentials)
+        backend = GcsBackend(where, prefix, credentials=credentials)
+        if start_up:
+            backend.configure_retry(deadline_s=PROBE_DEADLINE_S)
+        return backend
     return LocalBackend(Path(where))
 
 
@@ -167,9 +211,21 @@ def _changed(path: Path, before: tuple[int, int]) -> bool:
         return True
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename into it) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a reader (or a crash) sees the old content or the new, never a torn one,
+    and the new content is on disk when this returns (temporary file, fsync, rename, fsync of the folder)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}{_TMP_MARK}{uuid.uuid4().hex}")
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -178,6 +234,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
 
 
 class Crc32cCache:
@@ -244,7 +301,7 @@ class Crc32cCache:
             self._entries = live
             payload = json.dumps({"files": {k: list(v) for k, v in live.items()}})
             self._dirty = False
-        _atomic_write(self.path, payload.encode())
+        atomic_write(self.path, payload.encode())
 
 
 def _join(*parts: str) -> str:
@@ -354,8 +411,11 @@ class GcsBackend:
         self.probe_retry = policy(probe_deadline_s)
 
     def _count_retry(self, _exc: BaseException) -> None:
+        global _process_retries
         with self._retries_lock:
             self.retries += 1
+        with _RETRIES_LOCK:
+            _process_retries += 1
 
     @property
     def host(self) -> str:
@@ -374,7 +434,8 @@ class GcsBackend:
     @contextmanager
     def _errors(self, action: str, name: str | None = None, *, missing: str = "bucket",
                 deadline_s: float | None = None) -> Iterator[None]:
-        """Map the client's exceptions to one-line StorageErrors. `missing`: what a 404 means for this call."""
+        """Map the client's exceptions to one-line StorageErrors, transient or permanent. `missing`: what a 404
+        means for this call."""
         from google.api_core import exceptions as api
         from google.auth import exceptions as auth
         from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
@@ -384,17 +445,17 @@ class GcsBackend:
         try:
             yield
         except (StorageError, api.PreconditionFailed):
-            raise  # 412 is an answer for the caller of a create-only write, not an error
+            raise  # 412 is an answer for the caller of a conditional write, not an error
         except api.RetryError as e:
             cause = e.cause if e.cause is not None else e
             seconds = f"{deadline_s or self.deadline_s:.0f} s"
             if isinstance(cause, (requests.ConnectionError, requests.Timeout, ConnectionError)):
                 raise StorageError(
-                    f"cannot reach {self.host} to {action} {where} (gave up after {seconds}): {_one_line(cause)}"
-                ) from e
+                    f"cannot reach {self.host} to {action} {where} (gave up after {seconds}): {_one_line(cause)}",
+                    transient=True) from e
             raise StorageError(
-                f"cannot {action} {where}: still failing after retrying for {seconds}: {_one_line(cause)}"
-            ) from e
+                f"cannot {action} {where}: still failing after retrying for {seconds}: {_one_line(cause)}",
+                transient=True) from e
         except api.NotFound as e:
             if missing == "bucket":
                 raise StorageError(
@@ -409,13 +470,19 @@ class GcsBackend:
         except (api.Unauthorized, auth.RefreshError, auth.DefaultCredentialsError) as e:
             raise StorageError(f"credentials rejected while trying to {action} {where}: {_one_line(e)}") from e
         except DataCorruption as e:
-            raise StorageError(f"checksum mismatch while trying to {action} {where}: {_one_line(e)}") from e
+            raise StorageError(f"checksum mismatch while trying to {action} {where}: {_one_line(e)}",
+                               transient=True) from e
         except (requests.ConnectionError, requests.Timeout, ConnectionError, auth.TransportError) as e:
-            raise StorageError(f"cannot reach {self.host} to {action} {where}: {_one_line(e)}") from e
+            raise StorageError(f"cannot reach {self.host} to {action} {where}: {_one_line(e)}", transient=True) from e
         except api.GoogleAPICallError as e:
-            raise StorageError(f"cannot {action} {where}: HTTP {e.code} {' '.join(str(e.message).split())}") from e
+            code = int(e.code or 0)
+            raise StorageError(f"cannot {action} {where}: HTTP {e.code} {' '.join(str(e.message).split())}",
+                               transient=code >= 500 or code in (408, 429)) from e
         except InvalidResponse as e:
-            raise StorageError(f"cannot {action} {where}: {_one_line(e)}") from e
+            raise StorageError(f"cannot {action} {where}: {_one_line(e)}", transient=True) from e
+
+    def _remote(self, name: str, blob) -> RemoteFile:
+        return RemoteFile(name, int(blob.size or 0), blob.crc32c or "", int(blob.generation or 0))
 
     def list(self, prefix: str = "") -> dict[str, RemoteFile]:
         root = f"{self.prefix}/" if self.prefix else ""
@@ -423,16 +490,17 @@ class GcsBackend:
         with self._errors("list", prefix or None):
             for blob in self.client.list_blobs(self.bucket_name, prefix=root + prefix, retry=self.retry,
                                                timeout=self.timeout,
-                                               fields="items(name,size,crc32c),nextPageToken"):
+                                               fields="items(name,size,crc32c,generation),nextPageToken"):
                 rel = blob.name[len(root):]
-                out[rel] = RemoteFile(rel, int(blob.size or 0), blob.crc32c or "")
+                out[rel] = self._remote(rel, blob)
         return out
 
-    def _stat(self, name: str) -> RemoteFile | None:
-        blob = self.bucket.get_blob(self._name(name), retry=self.retry, timeout=self.timeout)
-        return None if blob is None else RemoteFile(name, int(blob.size or 0), blob.crc32c or "")
+    def stat(self, name: str) -> RemoteFile | None:
+        with self._errors("read", name):
+            blob = self.bucket.get_blob(self._name(name), retry=self.retry, timeout=self.timeout)
+        return None if blob is None else self._remote(name, blob)
 
-    def upload_file(self, local: Path, name: str, *, crc32c: str | None, if_absent: bool = True) -> str:
+    def upload_file(self, local: Path, name: str, *, crc32c: str | None, generation: int | None) -> RemoteFile:
         from google.api_core.exceptions import PreconditionFailed
 
         local = Path(local)
@@ -448,7 +516,7 @@ class GcsBackend:
         try:
             with self._errors("write", name):
                 blob.upload_from_filename(
-                    str(local), if_generation_match=0 if if_absent else None, retry=self.retry, timeout=self.timeout,
+                    str(local), if_generation_match=generation, retry=self.retry, timeout=self.timeout,
                     # A known crc32c is declared up front on a resumable upload, so GCS itself refuses an object with
                     # other content and the client need not hash the file again while sending it. Otherwise (not
                     # hashed yet, or a multipart upload, which has no such field) the client hashes what it sends
@@ -459,52 +527,57 @@ class GcsBackend:
         except PreconditionFailed:
             if crc32c is None:
                 crc32c = crc32c_of_file(local)
-            self._check_existing(name, size, crc32c, f"{local}")
-            return crc32c
+            return self._settle(name, size, crc32c, generation, str(local))
         except OSError as e:  # the local file vanished or is unreadable
             raise StorageError(f"cannot upload {local} to {self._where(name)}: {_one_line(e)}") from e
         except StorageError as e:
             from google.cloud.storage.exceptions import DataCorruption
 
-            if if_absent and isinstance(e.__cause__, DataCorruption):
-                # The object landed with bytes other than those read: remove it, or every retry would meet a
-                # create-only refusal ("different content") instead of uploading again.
-                self._delete_quietly(name)
+            if isinstance(e.__cause__, DataCorruption):
+                # The object landed with bytes other than those read: remove that generation (ours), or every
+                # retry would meet a refusal ("different content") instead of uploading again.
+                self._delete_quietly(name, blob.generation)
             raise
         changed = _changed(local, before)
         if changed or (crc32c is not None and blob.crc32c != crc32c) or int(blob.size or 0) != size:
-            if if_absent:
-                self._delete_quietly(name)
+            self._delete_quietly(name, blob.generation)
             if changed:
-                raise StorageError(f"{local} changed while it was uploaded to {self._where(name)}; the upload was discarded")
+                raise StorageError(f"{local} changed while it was uploaded to {self._where(name)}; the upload was "
+                                   f"discarded", transient=True)
             raise StorageError(
                 f"{self._where(name)} was stored with size {blob.size} crc32c {blob.crc32c}, but {local} was "
-                f"hashed as size {size} crc32c {crc32c}: the local file changed during the upload"
-            )
-        return blob.crc32c
+                f"hashed as size {size} crc32c {crc32c}: the local file changed during the upload", transient=True)
+        return self._remote(name, blob)
 
-    def _delete_quietly(self, name: str) -> None:
+    def _delete_quietly(self, name: str, generation) -> None:
+        """Remove the object generation this process just wrote (and only that one: a later writer's object stays)."""
+        if not generation:
+            return
         try:
-            self.delete(name)
+            self.delete(name, generation=int(generation))
         except StorageError:
-            pass  # best effort: the create-only check names the leftover if it is still there
+            pass  # best effort: the next conditional write names the leftover if it is still there
 
-    def _check_existing(self, name: str, size: int, crc32c: str, what: str) -> None:
-        """412 on a create-only write: the object exists. Success only if it is ours (an earlier attempt landed)."""
-        with self._errors("read", name):
-            existing = self._stat(name)
+    def _settle(self, name: str, size: int, crc32c: str, generation: int | None, what: str) -> RemoteFile:
+        """412 on a conditional write: the object is not at `generation`. Success only if it now holds exactly this
+        content (an earlier attempt of this very write landed and its response was lost)."""
+        existing = self.stat(name)
+        if existing is not None and (existing.size, existing.crc32c) == (size, crc32c):
+            return existing
         if existing is None:
-            raise StorageError(f"{self._where(name)}: create-only write refused (412) but the object is gone; retry")
-        if existing.size != size or existing.crc32c != crc32c:
-            raise StorageError(
+            raise RemoteChanged(f"{self._where(name)}: conditional write refused (412) and the object is gone; retry")
+        if generation == 0:
+            raise RemoteChanged(
                 f"{self._where(name)} already exists with different content (size {existing.size}, crc32c "
-                f"{existing.crc32c}; {what}: size {size}, crc32c {crc32c}); refusing to overwrite it"
-            )
+                f"{existing.crc32c}; {what}: size {size}, crc32c {crc32c}); refusing to overwrite it")
+        raise RemoteChanged(
+            f"{self._where(name)} changed remotely (generation {existing.generation}, expected {generation}); "
+            f"refusing to overwrite it")
 
     def download_file(self, name: str, local: Path) -> None:
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f"{local.name}{_TMP_MARK}{uuid.uuid4().hex}")
+        tmp = local.with_name(f"{local.name}{TMP_MARK}{uuid.uuid4().hex}")
         try:
             with self._errors("read", name, missing="object"):
                 self.bucket.blob(self._name(name)).download_to_filename(
@@ -525,23 +598,48 @@ class GcsBackend:
                 return None
             raise
 
-    def write_bytes(self, name: str, data: bytes, *, if_absent: bool = False) -> None:
+    def read(self, name: str) -> tuple[bytes, int] | None:
+        from google.api_core.exceptions import NotFound, PreconditionFailed
+
+        for _ in range(5):  # the object may be replaced between the two requests: read that generation or again
+            current = self.stat(name)
+            if current is None:
+                return None
+            try:
+                with self._errors("read", name):
+                    data = self.bucket.blob(self._name(name)).download_as_bytes(
+                        if_generation_match=current.generation, checksum="crc32c", retry=self.retry,
+                        timeout=self.timeout)
+                return data, current.generation
+            except PreconditionFailed:
+                continue
+            except StorageError as e:
+                if isinstance(e.__cause__, NotFound):
+                    return None
+                raise
+        raise RemoteChanged(f"{self._where(name)} kept changing while it was read; retry")
+
+    def write_bytes(self, name: str, data: bytes, *, generation: int | None) -> RemoteFile:
         from google.api_core.exceptions import PreconditionFailed
 
         blob = self.bucket.blob(self._name(name))
         try:
             with self._errors("write", name):
-                blob.upload_from_string(data, checksum="crc32c", if_generation_match=0 if if_absent else None,
+                blob.upload_from_string(data, checksum="crc32c", if_generation_match=generation,
                                         retry=self.retry, timeout=self.timeout)
         except PreconditionFailed:
-            self._check_existing(name, len(data), _crc32c_of_bytes(data), "new content")
+            return self._settle(name, len(data), _crc32c_of_bytes(data), generation, "new content")
+        return self._remote(name, blob)
 
-    def delete(self, name: str) -> None:
-        from google.api_core.exceptions import NotFound
+    def delete(self, name: str, *, generation: int | None) -> None:
+        from google.api_core.exceptions import NotFound, PreconditionFailed
 
         try:
             with self._errors("delete", name):
-                self.bucket.blob(self._name(name)).delete(retry=self.retry, timeout=self.timeout)
+                self.bucket.blob(self._name(name)).delete(if_generation_match=generation, retry=self.retry,
+                                                          timeout=self.timeout)
+        except PreconditionFailed:
+            raise RemoteChanged(f"{self._where(name)} changed remotely (not generation {generation}); not deleted")
         except StorageError as e:
             if not isinstance(e.__cause__, NotFound):
                 raise
@@ -551,7 +649,7 @@ class GcsBackend:
         blob = self.bucket.blob(self._name(name))
         with self._errors("write", None, deadline_s=self.probe_deadline_s):
             blob.upload_from_string(b"probe", if_generation_match=0, retry=self.probe_retry, timeout=self.timeout)
-            blob.delete(retry=self.probe_retry, timeout=self.timeout)
+            blob.delete(if_generation_match=blob.generation, retry=self.probe_retry, timeout=self.timeout)
 
 
 def _crc32c_of_bytes(data: bytes) -> str:
@@ -564,14 +662,17 @@ def _crc32c_of_bytes(data: bytes) -> str:
 
 class LocalBackend:
     """A local folder with the bucket's semantics (a missing folder is an empty bucket): atomic writes (temporary
-    file + os.replace), create-only writes through os.link (atomic even between processes on one filesystem),
-    crc32c computed on listing (cached by size and mtime)."""
+    file + os.replace), crc32c computed on listing (cached by size and mtime), and generations: a file's
+    st_mtime_ns, which every write (a new file renamed into place) changes. Conditional writes and deletes take an
+    exclusive lock on the folder (flock on the folder itself, so between processes too) around the check and the
+    rename."""
 
     def __init__(self, root: Path, *, cache: Crc32cCache | None = None):
         self.root = Path(root).absolute()
         self.url = self.root.as_uri()
         self.retries = 0
         self._cache = cache if cache is not None else Crc32cCache()
+        self._thread_lock = threading.Lock()
 
     def _path(self, name: str) -> Path:
         parts = name.split("/")
@@ -579,6 +680,23 @@ class LocalBackend:
             raise StorageError(
                 f"{self.url}: object name {name!r} would escape the folder or is not a plain relative name")
         return self.root.joinpath(*parts)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._thread_lock:
+            fd = os.open(self.root, os.O_RDONLY)  # flock on the folder itself: no lock file among the objects
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the lock
+
+    def _remote(self, name: str, path: Path) -> RemoteFile:
+        st = path.stat()
+        return RemoteFile(name, st.st_size, self._cache.get(path), st.st_mtime_ns)
 
     def list(self, prefix: str = "") -> dict[str, RemoteFile]:
         if self.root.exists() and not self.root.is_dir():
@@ -590,21 +708,30 @@ class LocalBackend:
         for dirpath, dirnames, filenames in os.walk(start):
             dirnames.sort()
             for fn in sorted(filenames):
-                if _TMP_MARK in fn:
+                if TMP_MARK in fn:
                     continue
                 path = Path(dirpath, fn)
                 rel = path.relative_to(self.root).as_posix()
                 if rel.startswith(prefix):
                     try:
-                        out[rel] = RemoteFile(rel, path.stat().st_size, self._cache.get(path))
+                        out[rel] = self._remote(rel, path)
                     except FileNotFoundError:
                         continue  # deleted while listing
         return out
 
+    def stat(self, name: str) -> RemoteFile | None:
+        path = self._path(name)
+        try:
+            return self._remote(name, path) if path.is_file() else None
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StorageError(f"cannot read {self.url}/{name}: {_one_line(e)}") from e
+
     def _copy_in(self, src: Path, dest: Path, expect_crc32c: str | None) -> tuple[Path, str]:
         """Copy src to a temporary file next to dest, hashing on the way; returns the temporary file and its crc32c."""
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f"{dest.name}{_TMP_MARK}{uuid.uuid4().hex}")
+        tmp = dest.with_name(f"{dest.name}{TMP_MARK}{uuid.uuid4().hex}")
         checksum = google_crc32c.Checksum()
         with open(src, "rb") as fin, open(tmp, "wb") as fout:
             while chunk := fin.read(_READ_CHUNK):
@@ -616,47 +743,47 @@ class LocalBackend:
         if expect_crc32c is not None and got != expect_crc32c:
             tmp.unlink(missing_ok=True)
             raise StorageError(
-                f"{src} has crc32c {got}, not {expect_crc32c} as hashed before: it changed during the copy")
+                f"{src} has crc32c {got}, not {expect_crc32c} as hashed before: it changed during the copy",
+                transient=True)
         return tmp, got
 
-    def _place(self, tmp: Path, dest: Path, name: str, if_absent: bool, what: str) -> None:
+    def _place(self, tmp: Path, dest: Path, name: str, generation: int | None, crc32c: str, what: str) -> RemoteFile:
+        """Rename tmp to dest if dest is at `generation` (0: absent); else success only for identical content."""
         try:
-            if not if_absent:
+            with self._locked():
+                if generation is not None:
+                    current = self.stat(name)
+                    if (0 if current is None else current.generation) != generation:
+                        size = tmp.stat().st_size
+                        if current is not None and (current.size, current.crc32c) == (size, crc32c):
+                            return current
+                        if current is None:
+                            raise RemoteChanged(f"{self.url}/{name}: conditional write refused and the object is gone; "
+                                                f"retry")
+                        if generation == 0:
+                            raise RemoteChanged(
+                                f"{self.url}/{name} already exists with different content (size {current.size}, "
+                                f"crc32c {current.crc32c}; {what}: size {size}, crc32c {crc32c}); refusing to "
+                                f"overwrite it")
+                        raise RemoteChanged(f"{self.url}/{name} changed remotely (generation {current.generation}, "
+                                            f"expected {generation}); refusing to overwrite it")
                 os.replace(tmp, dest)
-                return
-            try:
-                os.link(tmp, dest)  # fails if dest exists: the local equivalent of ifGenerationMatch=0
-            except FileExistsError:
-                self._check_same(tmp, dest, name, what)
-            except OSError:  # no hard links on this filesystem: check, then rename (not atomic between processes)
-                if dest.exists():
-                    self._check_same(tmp, dest, name, what)
-                else:
-                    os.replace(tmp, dest)
+                return self._remote(name, dest)
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _check_same(self, mine: Path, theirs: Path, name: str, what: str) -> None:
-        a = (mine.stat().st_size, crc32c_of_file(mine))
-        b = (theirs.stat().st_size, crc32c_of_file(theirs))
-        if a != b:
-            raise StorageError(
-                f"{self.url}/{name} already exists with different content (size {b[0]}, crc32c {b[1]}; {what}: "
-                f"size {a[0]}, crc32c {a[1]}); refusing to overwrite it"
-            )
-
-    def upload_file(self, local: Path, name: str, *, crc32c: str | None, if_absent: bool = True) -> str:
+    def upload_file(self, local: Path, name: str, *, crc32c: str | None, generation: int | None) -> RemoteFile:
         dest = self._path(name)
         try:
             before = _stat_key(Path(local))
             tmp, got = self._copy_in(Path(local), dest, crc32c)
             if _changed(Path(local), before):
                 tmp.unlink(missing_ok=True)
-                raise StorageError(f"cannot copy {local} to {self.url}/{name}: the local file changed during the copy")
-            self._place(tmp, dest, name, if_absent, str(local))
+                raise StorageError(f"cannot copy {local} to {self.url}/{name}: the local file changed during the copy",
+                                   transient=True)
+            return self._place(tmp, dest, name, generation, got, str(local))
         except OSError as e:
             raise StorageError(f"cannot copy {local} to {self.url}/{name}: {_one_line(e)}") from e
-        return got
 
     def download_file(self, name: str, local: Path) -> None:
         src = self._path(name)
@@ -675,27 +802,40 @@ class LocalBackend:
             raise StorageError(f"cannot copy {self.url}/{name} to {local}: {_one_line(e)}") from e
 
     def read_bytes(self, name: str) -> bytes | None:
+        got = self.read(name)
+        return None if got is None else got[0]
+
+    def read(self, name: str) -> tuple[bytes, int] | None:
         try:
-            return self._path(name).read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
+            with open(self._path(name), "rb") as f:  # the generation of the very file read (renames replace it)
+                return f.read(), os.fstat(f.fileno()).st_mtime_ns
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
         except OSError as e:
             raise StorageError(f"cannot read {self.url}/{name}: {_one_line(e)}") from e
 
-    def write_bytes(self, name: str, data: bytes, *, if_absent: bool = False) -> None:
+    def write_bytes(self, name: str, data: bytes, *, generation: int | None) -> RemoteFile:
         dest = self._path(name)
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_name(f"{dest.name}{_TMP_MARK}{uuid.uuid4().hex}")
+            tmp = dest.with_name(f"{dest.name}{TMP_MARK}{uuid.uuid4().hex}")
             tmp.write_bytes(data)
-            self._place(tmp, dest, name, if_absent, "new content")
+            return self._place(tmp, dest, name, generation, _crc32c_of_bytes(data), "new content")
         except OSError as e:
             raise StorageError(f"cannot write {self.url}/{name}: {_one_line(e)}") from e
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, *, generation: int | None) -> None:
         path = self._path(name)
         try:
-            path.unlink(missing_ok=True)
+            with self._locked():
+                if generation is not None:
+                    current = self.stat(name)
+                    if current is None:
+                        return
+                    if current.generation != generation:
+                        raise RemoteChanged(f"{self.url}/{name} changed remotely (not generation {generation}); "
+                                            f"not deleted")
+                path.unlink(missing_ok=True)
         except OSError as e:
             raise StorageError(f"cannot delete {self.url}/{name}: {_one_line(e)}") from e
         # A bucket has no folders: drop the ones this left empty, so listings and `ls` agree.

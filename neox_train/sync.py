@@ -2,18 +2,24 @@
 
 Copy semantics are gsutil rsync's, minus deletion: a file whose size and crc32c already match remotely is skipped,
 everything else is sent in parallel, and the result is checked against a fresh listing, so "done" means "verified
-remote". Nothing remote is ever deleted by a sync.
+remote". Nothing remote is ever deleted by a sync, and every write is conditional on the generation the listing
+showed (a new name is created only if still absent), so two writers never silently overwrite each other.
 
 A published checkpoint, relative to the backend root:
 
-    <tag>/...files...              the same relative paths as SAVE_DIR/<tag>/
-    <tag>/.parts/node-<k>.json     what node k uploaded: {"node": k, "files": {relpath: {"size", "crc32c"}}}
-    <tag>/manifest.json            the merged parts: {"tag", "step", "files", "num_nodes", "created"}
-    <tag>/COMPLETE                 written last, only after a listing matched the manifest
+    .neox-owner.json               the run (and session) that publishes under this prefix (owner.py)
+    <tag>/...files...              the same relative paths as SAVE_DIR/<tag>/ (minus the local marker)
+    <tag>/.parts/node-<k>.json     what node k uploaded: {"node", "run_id", "session", "files": {relpath: {size,
+                                   crc32c}}}
+    <tag>/manifest.json            the merged parts: {"tag", "step", "run_id", "num_nodes", "files"}
+    <tag>/COMPLETE                 {"tag", "step", "run_id"}: written last, only after a listing matched the manifest
     latest                         the bare tag (DeepSpeed's format); moved after COMPLETE, and only forward
 
 So a reader that sees COMPLETE can trust the manifest, and every manifest file is there with its crc32c; a reader
-that sees no COMPLETE ignores the tag, whatever else is there.
+that sees no COMPLETE ignores the tag, whatever else is there. Nothing under a tag with COMPLETE is ever written
+or deleted again by any command here: a plain `neox-sync` refuses to write into a checkpoint folder, and a
+publisher writes into a tag only while it owns the prefix and the tag has no COMPLETE (checked again right before
+each replacement and before the marker).
 """
 
 from __future__ import annotations
@@ -23,29 +29,37 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from .storage import Backend, Crc32cCache, RemoteFile, StorageError, crc32c_of_file, open_backend, parse_url
+from . import commit
+from .owner import OWNER, Identity, PrefixOwned, claim_if_unowned, fence, new_id
+from .storage import (TMP_MARK, Backend, Crc32cCache, RemoteChanged, RemoteFile, StorageError, crc32c_of_file,
+                      fsync_dir, open_backend, parse_url)
+from .tags import local_tags, sort_key, step_of_tag
 
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 PARTS = ".parts"
-_STEP_RE = re.compile(r"global_step(\d+)")
+_LATEST_ATTEMPTS = 5
 
 
 class CheckpointConflict(StorageError):
-    """The tag is already published (COMPLETE) remotely with other content. Retrying cannot help: a published
-    checkpoint is never overwritten, so the local one must be saved under a new tag (or the remote one deleted)."""
+    """A write would change a published (COMPLETE) checkpoint, or a tag another run is publishing. Permanent:
+    retrying cannot help. Published checkpoints are immutable, so the local one stays local."""
+
+
+class CheckpointIncomplete(StorageError):
+    """A local tag is not a complete checkpoint (no or a damaged completeness marker): it is never published."""
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -58,17 +72,13 @@ class SyncResult:
     bytes_uploaded: int = 0
     files_downloaded: int = 0
     bytes_downloaded: int = 0
-    retries: int = 0  # transient errors the storage client retried (503s, resets, timeouts)
+    retries: int = 0  # requests the storage client retried (503s, resets, timeouts)
     seconds: float = 0.0
+    published: list[str] = field(default_factory=list)  # neox-sync --checkpoints: tags now COMPLETE remotely
+    not_published: dict[str, str] = field(default_factory=dict)  # ... and the tags it left alone, with why
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def step_of(tag: str) -> int:
-    """The N of `global_stepN` in a tag; -1 for a tag without one (it sorts first and never moves `latest`)."""
-    m = _STEP_RE.search(tag)
-    return int(m.group(1)) if m else -1
 
 
 def _dir_prefix(remote_prefix: str) -> str:
@@ -78,13 +88,14 @@ def _dir_prefix(remote_prefix: str) -> str:
 
 
 def _local_files(root: Path) -> list[tuple[str, Path]]:
-    """(relative '/'-path, path) of every file under root, nested folders included, sorted."""
+    """(relative '/'-path, path) of every file under root, nested folders included, sorted; temporary files of an
+    atomic write in progress are not content."""
     out: list[tuple[str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for fn in filenames:
             path = Path(dirpath, fn)
-            if path.is_file():
+            if TMP_MARK not in fn and path.is_file():
                 out.append((path.relative_to(root).as_posix(), path))
     return sorted(out)
 
@@ -140,9 +151,15 @@ def _size(path: Path) -> int:
         return 0  # reported by the pipeline, which reads it again
 
 
+# Called before a file is written: (relative path, the remote object it replaces or None for a new name, the
+# listing it was decided on); raises to refuse the write.
+Guard = Callable[[str, "RemoteFile | None", "dict[str, RemoteFile]"], None]
+
+
 def _sync_up(local_dir: Path, backend: Backend, remote_prefix: str, *, workers: int, cache: Crc32cCache | None,
-             progress: bool, gate: Callable[[], None] | None = None,
-             files: list[tuple[str, Path]] | None = None) -> tuple[SyncResult, dict[str, tuple[int, str]]]:
+             progress: bool, gate: Callable[[], None] | None = None, files: list[tuple[str, Path]] | None = None,
+             listing: dict[str, RemoteFile] | None = None,
+             guard: Guard | None = None) -> tuple[SyncResult, dict[str, tuple[int, str]]]:
     started, retries0 = time.monotonic(), backend.retries
     local_dir = Path(local_dir)
     if not local_dir.is_dir():
@@ -158,11 +175,11 @@ def _sync_up(local_dir: Path, backend: Backend, remote_prefix: str, *, workers: 
     # checks cost (almost) no wall time next to a plain upload of the same files.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="neox-sync-list") as lister, \
             _bar(progress, sum(_size(p) for _, p in files), f"upload {backend.url}") as bar:
-        listing = lister.submit(backend.list, prefix)
+        remote = lister.submit(lambda: listing if listing is not None else backend.list(prefix))
 
         def one(item: tuple[str, Path]) -> tuple[int, str, bool]:
             rel, path = item
-            have = listing.result().get(prefix + rel)
+            have = remote.result().get(prefix + rel)
             if gate is not None:
                 gate()  # e.g. wait while the trainer writes the next checkpoint
             try:
@@ -178,11 +195,16 @@ def _sync_up(local_dir: Path, backend: Backend, remote_prefix: str, *, workers: 
                     crc = cache.peek(path)
             except OSError as e:
                 raise StorageError(f"cannot read {path}: {e.strerror or e}") from e
-            # Create-only for new names: a retried upload whose first attempt landed is recognised, not doubled.
-            stored = backend.upload_file(path, prefix + rel, crc32c=crc, if_absent=have is None)
+            if guard is not None:
+                guard(rel, have, remote.result())
+            # Conditional on what the listing showed: a new name only if still absent, a replacement only of that
+            # generation. A retried upload whose first attempt landed is recognised, not doubled; a write that
+            # would overwrite someone else's newer object is refused.
+            stored = backend.upload_file(path, prefix + rel, crc32c=crc,
+                                         generation=0 if have is None else have.generation)
             if crc is None:
-                cache.put(path, (st.st_size, st.st_mtime_ns), stored)
-            return size, stored, True
+                cache.put(path, (st.st_size, st.st_mtime_ns), stored.crc32c)
+            return size, stored.crc32c, True
 
         def done(item: tuple[str, Path], outcome: tuple[int, str, bool]) -> None:
             size, crc, uploaded = outcome
@@ -195,29 +217,79 @@ def _sync_up(local_dir: Path, backend: Backend, remote_prefix: str, *, workers: 
             bar.update(size)
 
         _parallel(one, files, workers, done)
-        listing.result()  # with no local files, a listing failure still surfaces
+        remote.result()  # with no local files, a listing failure still surfaces
 
     mismatch = _first_mismatch(backend.list(prefix), prefix, local)
     if mismatch:
         rel, found, size, crc = mismatch
         if found == "missing":
-            raise StorageError(f"verification after upload failed: {backend.url}/{prefix}{rel} is missing")
+            raise StorageError(f"verification after upload failed: {backend.url}/{prefix}{rel} is missing",
+                               transient=True)
         raise StorageError(
             f"verification after upload failed: {backend.url}/{prefix}{rel} has {found}, {local_dir / rel} has size "
-            f"{size} crc32c {crc}"
-        )
+            f"{size} crc32c {crc}", transient=True)
     result.retries = backend.retries - retries0
     result.seconds = time.monotonic() - started
     return result, local
+
+
+def _checkpoint_folders(names: Iterable[str]) -> dict[str, str]:
+    """Folders (relative to the listing's root, "" for the root itself) that belong to the checkpoint protocol,
+    with what they are: published (COMPLETE), or being published (a manifest or node parts, no COMPLETE yet)."""
+    out: dict[str, str] = {}
+    for name in names:
+        folder, _, base = name.rpartition("/")
+        if base == COMPLETE:
+            out[folder] = "a published checkpoint (it has COMPLETE)"
+        elif base == MANIFEST or folder == PARTS or folder.endswith(f"/{PARTS}"):
+            tag_folder = folder.rpartition("/")[0] if base != MANIFEST else folder
+            out.setdefault(tag_folder, "a checkpoint being published (it has node parts or a manifest)")
+    return out
+
+
+def _plain_sync_guard(backend: Backend, prefix: str) -> Guard:
+    """The rule for `neox-sync SRC DST`: it never writes into a checkpoint folder, nor the `latest` pointer or owner
+    object next to them; those change only through the publication protocol (`neox-sync --checkpoints`)."""
+    lock = threading.Lock()
+    seen: dict[str, Any] = {}
+
+    def where(rel: str) -> str:
+        return f"{backend.url}/{prefix}{rel}".rstrip("/")
+
+    def rules(listing: dict[str, RemoteFile]) -> tuple[dict[str, str], set[str]]:
+        with lock:  # worked out once, from the one listing, by whichever upload thread asks first
+            if "protected" not in seen:
+                protected = _checkpoint_folders(n[len(prefix):] for n in listing)
+                parents = {f.rpartition("/")[0] for f in protected if f}
+                seen["protected"] = protected
+                seen["reserved"] = {f"{p}/{n}" if p else n for p in parents for n in (LATEST, OWNER)}
+            return seen["protected"], seen["reserved"]
+
+    def guard(rel: str, _have: RemoteFile | None, listing: dict[str, RemoteFile]) -> None:
+        protected, reserved = rules(listing)
+        for folder, what in protected.items():
+            if folder == "" or rel.startswith(folder + "/"):
+                raise CheckpointConflict(
+                    f"refusing to write {where(rel)}: {where(folder)} is {what}, and published checkpoints are never "
+                    f"changed (checkpoints are published with neox-sync --checkpoints SAVE_DIR URL)")
+        if rel in reserved:
+            raise CheckpointConflict(
+                f"refusing to write {where(rel)}: it is the checkpoint bookkeeping of that prefix (moved only by "
+                f"publication: neox-sync --checkpoints SAVE_DIR URL)")
+
+    return guard
 
 
 def sync_up(local_dir: Path, backend: Backend, remote_prefix: str, *, workers: int = 8,
             cache: Crc32cCache | None = None, progress: bool = False) -> SyncResult:
     """local_dir -> remote_prefix/, folder structure preserved: upload what differs (size or crc32c), verify all.
 
-    With a persistent `cache`, an unchanged file costs a stat, not a read. Never deletes remote files.
+    With a persistent `cache`, an unchanged file costs a stat, not a read. Never deletes remote files, and never
+    writes into a checkpoint folder (see _plain_sync_guard): a conflict there is a CheckpointConflict.
     """
-    return _sync_up(local_dir, backend, remote_prefix, workers=workers, cache=cache, progress=progress)[0]
+    guard = _plain_sync_guard(backend, _dir_prefix(remote_prefix))
+    return _sync_up(local_dir, backend, remote_prefix, workers=workers, cache=cache, progress=progress,
+                    guard=guard)[0]
 
 
 def sync_down(backend: Backend, remote_prefix: str, local_dir: Path, *, workers: int = 8, skip_existing: bool = True,
@@ -327,64 +399,96 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=True).encode()
 
 
-# Files DeepSpeed writes once per node under `checkpoint.use_node_local_storage` (each node's local rank 0 saves
-# the model states; ZeRO-3 names its per-rank files zero_pp_rank_N_..., which do not match).
-NODE_REPLICATED = re.compile(r"^mp_rank_\d+_model_states\.pt$")
+# Files every node's local rank 0 writes under `checkpoint.use_node_local_storage`: the (ZeRO-0/1/2) model states
+# and our side files. The same content on every node, but pickles are not byte-identical: node 0's copy is the
+# checkpoint's, the others stay local, or two nodes would race for one object name with different bytes. (ZeRO-3
+# names its per-rank files zero_pp_rank_N_..., which do not match.)
+NODE_REPLICATED = re.compile(r"^(mp_rank_\d+_model_states\.pt|config\.json|run\.json|tokenizer\.json|meta\.json)$")
 
 
-def upload_checkpoint_part(save_dir: Path, tag: str, backend: Backend, *, node_rank: int = 0, workers: int = 8,
-                           cache: Crc32cCache | None = None, run_id: str | None = None,
-                           gate: Callable[[], None] | None = None) -> SyncResult:
-    """Upload this node's files of SAVE_DIR/<tag> to <tag>/ and record them in <tag>/.parts/node-<node_rank>.json.
-
-    run_id (optional, the same on every node of one run): finalize waits until all parts carry the same one, so a
-    part left by an earlier, crashed run that saved the same tag is never merged with this run's files.
-    A tag that is already COMPLETE remotely is never overwritten: identical local files are a no-op, different
-    ones a StorageError (a published checkpoint is immutable; save under a new tag or delete the remote one).
-    """
-    _check_tag(tag)
+def _part_files(save_dir: Path, tag: str, node_rank: int) -> tuple[commit.TagStatus, list[tuple[str, Path]]]:
+    """The local tag's status and the files of it this node publishes. CheckpointIncomplete unless complete."""
     folder = Path(save_dir) / tag
-    if not folder.is_dir():
-        raise StorageError(f"checkpoint folder {folder} does not exist")
-    files = _local_files(folder)
+    status = commit.inspect(save_dir, tag)
+    if not status.complete:
+        raise CheckpointIncomplete(f"{folder} is not a complete checkpoint ({status.problem}): only complete "
+                                   f"checkpoints are published")
+    files = commit.tag_files(folder)
     for rel, path in files:
         if rel in (MANIFEST, COMPLETE) or rel.startswith(f"{PARTS}/"):
             raise StorageError(
                 f"{path}: {rel!r} is a name reserved for the published checkpoint's bookkeeping; rename it")
-
     if node_rank > 0:
-        # With node-local storage every node's local rank 0 writes the (ZeRO-0/1/2) model states: the same weights
-        # and client state on every node, but not byte-identical files (pickles). Node 0's copy is the checkpoint's;
-        # the others stay local, or two nodes would race for one object name with different bytes.
         files = [(rel, path) for rel, path in files if not NODE_REPLICATED.match(rel)]
-    if backend.read_bytes(f"{tag}/{COMPLETE}") is not None:
+    return status, files
+
+
+def upload_checkpoint_part(save_dir: Path, tag: str, backend: Backend, *, identity: Identity, node_rank: int = 0,
+                           workers: int = 8, cache: Crc32cCache | None = None,
+                           gate: Callable[[], None] | None = None) -> SyncResult:
+    """Upload this node's files of the complete local tag SAVE_DIR/<tag> to <tag>/ and record them in
+    <tag>/.parts/node-<node_rank>.json.
+
+    A tag that is COMPLETE remotely is never written: identical local files are a no-op, different ones a
+    CheckpointConflict. A tag another run has parts in is never written either (CheckpointConflict). Replacing a
+    file (left by an earlier, interrupted attempt of this run) happens only while `identity` still owns the
+    prefix and the tag is still not COMPLETE, checked right before each replacement.
+    """
+    _check_tag(tag)
+    status, files = _part_files(save_dir, tag, node_rank)
+    folder = Path(save_dir) / tag
+    cache = cache if cache is not None else Crc32cCache()
+    if status.files:  # the local commit hashed every file: no need to read them again
+        for rel, record in status.files.items():
+            if record.mtime_ns:
+                cache.put(folder.joinpath(*rel.split("/")), (record.size, record.mtime_ns), record.crc32c)
+    listing = backend.list(f"{tag}/")
+    if f"{tag}/{COMPLETE}" in listing:
         return _check_already_published(folder, files, backend, tag, cache, workers)
+    for name in sorted(n for n in listing if n.startswith(f"{tag}/{PARTS}/")):
+        part = _read_json(backend, name)
+        if part is not None and part.get("run_id") != identity.run_id:
+            raise CheckpointConflict(
+                f"{backend.url}/{tag} is being published by run {part.get('run_id')} ({name} is its part), not by this "
+                f"run ({identity.run_id}); a tag has one publisher: this checkpoint stays local")
+
+    def guard(rel: str, have: RemoteFile | None, _listing: dict[str, RemoteFile] | None = None) -> None:
+        if have is None:
+            return  # a create-only write cannot harm anyone
+        fence(backend, identity, f"replace {tag}/{rel}")
+        if backend.stat(f"{tag}/{COMPLETE}") is not None:
+            raise CheckpointConflict(f"{backend.url}/{tag} was published meanwhile: its files are never replaced")
 
     result, local = _sync_up(folder, backend, tag, workers=workers, cache=cache, progress=False, gate=gate,
-                             files=files)
-    part: dict[str, Any] = {
+                             files=files, listing=listing, guard=guard)
+    part = {
         "node": node_rank,
+        "run_id": identity.run_id,
+        "session": identity.session,
         "files": {rel: {"size": size, "crc32c": crc} for rel, (size, crc) in sorted(local.items())},
     }
-    if run_id is not None:
-        part["run_id"] = run_id
-    backend.write_bytes(f"{tag}/{PARTS}/node-{node_rank}.json", _dumps(part))
+    name = f"{tag}/{PARTS}/node-{node_rank}.json"
+    earlier = listing.get(name)
+    if earlier is not None:
+        guard(f"{PARTS}/node-{node_rank}.json", earlier)
+    backend.write_bytes(name, _dumps(part), generation=0 if earlier is None else earlier.generation)
     return result
 
 
 def _check_already_published(folder: Path, files: list[tuple[str, Path]], backend: Backend, tag: str,
-                             cache: Crc32cCache | None, workers: int) -> SyncResult:
+                             cache: Crc32cCache, workers: int) -> SyncResult:
     manifest = _read_json(backend, f"{tag}/{MANIFEST}")
     if manifest is None:
-        raise StorageError(f"{backend.url}/{tag} has {COMPLETE} but no {MANIFEST}; it is damaged (delete it remotely)")
-    local = _hash_local(files, cache if cache is not None else Crc32cCache(), workers)
+        raise CheckpointConflict(f"{backend.url}/{tag} has {COMPLETE} but no {MANIFEST}; it is damaged, and this "
+                                 f"checkpoint cannot be published under its name")
+    local = _hash_local(files, cache, workers)
     for rel, (size, crc) in sorted(local.items()):
         meta = manifest["files"].get(rel)
         if meta is None or _file_entry(meta, f"{backend.url}/{tag}/{MANIFEST}") != (size, crc):
             raise CheckpointConflict(
                 f"{backend.url}/{tag} is already published (COMPLETE) with different content ({folder / rel} is "
                 f"{'not in its manifest' if meta is None else 'different'}); a published checkpoint is never "
-                f"overwritten: save under a new tag or delete the remote one"
+                f"overwritten: this one stays local"
             )
     return SyncResult(files_skipped=len(local))
 
@@ -400,74 +504,89 @@ def _first_mismatch(listing: dict[str, RemoteFile], key_prefix: str, files: dict
     return None
 
 
-def finalize_checkpoint(backend: Backend, tag: str, *, num_nodes: int = 1) -> bool:
+def finalize_checkpoint(backend: Backend, tag: str, *, identity: Identity, num_nodes: int = 1) -> bool:
     """Publish <tag> once every node's part is there: manifest, then COMPLETE, then `latest` (forward only).
 
-    False: some part is missing (poll again). True: the tag is COMPLETE. Idempotent: on a COMPLETE tag only
-    `latest` may move (forward). A file that the parts list but the bucket lacks or holds with another size or
-    crc32c is a StorageError, and nothing is published.
+    False: some part is missing, or is left from an earlier start of this run (its node uploads this start's; poll
+    again). True: the tag is COMPLETE. Idempotent: on a COMPLETE tag only `latest` may move (forward). A part of
+    another run is a CheckpointConflict; a file the parts list but the bucket lacks or holds with another size or
+    crc32c is a StorageError, and nothing is published. `identity` must still own the prefix right before the
+    manifest and again right before the COMPLETE marker (PrefixOwned otherwise).
     """
     _check_tag(tag)
     if num_nodes < 1:
         raise StorageError(f"finalize {tag}: num_nodes={num_nodes} (valid: 1 or more)")
-    if backend.read_bytes(f"{tag}/{COMPLETE}") is not None:
+    listing = backend.list(f"{tag}/")
+    if f"{tag}/{COMPLETE}" in listing:
         _advance_latest(backend, tag)
         return True
-    listing = backend.list(f"{tag}/")
     part_names = [f"{tag}/{PARTS}/node-{k}.json" for k in range(num_nodes)]
     if any(name not in listing for name in part_names):
         return False
 
     files: dict[str, tuple[int, str]] = {}
-    run_ids = set()
     for name in part_names:
         part = _read_json(backend, name)
         if part is None:  # deleted since the listing
             return False
-        run_ids.add(part.get("run_id"))
+        if part.get("run_id") != identity.run_id:
+            raise CheckpointConflict(f"cannot finalize {backend.url}/{tag}: {name} belongs to run "
+                                     f"{part.get('run_id')}, not this run ({identity.run_id})")
+        if identity.session is not None and part.get("session") != identity.session:
+            return False  # left by an earlier start of this run: its node uploads this start's part
         for rel, meta in part["files"].items():
             entry = _file_entry(meta, f"{backend.url}/{name}")
             if files.setdefault(rel, entry) != entry:
                 raise StorageError(
                     f"cannot finalize {backend.url}/{tag}: two nodes uploaded {rel} with different content")
-    if len(run_ids) > 1:
-        return False  # a part from an earlier run of the same tag: wait for its node to upload this run's
 
     mismatch = _first_mismatch(listing, f"{tag}/", files)
     if mismatch:
         rel, found, size, crc = mismatch
         raise StorageError(
             f"cannot finalize {backend.url}/{tag}: {rel} is {found} remotely, its node uploaded size {size} "
-            f"crc32c {crc}"
-        )
+            f"crc32c {crc}", transient=True)
+    # Deterministic content (no timestamps): a finalize repeated after a lost response writes the same bytes.
     manifest = {
         "tag": tag,
-        "step": step_of(tag),
+        "step": step_of_tag(tag),
+        "run_id": identity.run_id,
         "num_nodes": num_nodes,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "files": {rel: {"size": size, "crc32c": crc} for rel, (size, crc) in sorted(files.items())},
     }
-    backend.write_bytes(f"{tag}/{MANIFEST}", _dumps(manifest))
-    # Deterministic content, so a retried create whose first attempt landed counts as success.
-    backend.write_bytes(f"{tag}/{COMPLETE}", _dumps({"tag": tag, "step": step_of(tag)}), if_absent=True)
+    fence(backend, identity, f"publish {tag}")
+    earlier = listing.get(f"{tag}/{MANIFEST}")
+    backend.write_bytes(f"{tag}/{MANIFEST}", _dumps(manifest), generation=0 if earlier is None else earlier.generation)
+    fence(backend, identity, f"publish {tag}")  # right before the irreversible marker
+    backend.write_bytes(f"{tag}/{COMPLETE}", _dumps({"tag": tag, "step": step_of_tag(tag), "run_id": identity.run_id}),
+                        generation=0)
     _advance_latest(backend, tag)
     return True
 
 
 def _advance_latest(backend: Backend, tag: str) -> None:
-    current = backend.read_bytes(LATEST)
-    if current is not None:
-        cur = current.decode("utf-8", "replace").strip()
-        if cur == tag or step_of(cur) >= step_of(tag):
+    """Move `latest` to tag if that is forward, replacing exactly the pointer read (never a newer one)."""
+    for _ in range(_LATEST_ATTEMPTS):
+        got = backend.read(LATEST)
+        generation = 0
+        if got is not None:
+            current = got[0].decode("utf-8", "replace").strip()
+            if current == tag or sort_key(current) >= sort_key(tag):
+                return
+            generation = got[1]
+        try:
+            backend.write_bytes(LATEST, tag.encode(), generation=generation)
             return
-    backend.write_bytes(LATEST, tag.encode())
+        except RemoteChanged:
+            continue  # moved by another publisher meanwhile: look again
+    raise StorageError(f"{backend.url}/{LATEST} kept changing while {tag} was published", transient=True)
 
 
-def remote_checkpoints(backend: Backend) -> list[str]:
+def remote_checkpoints(backend: Backend, listing: dict[str, RemoteFile] | None = None) -> list[str]:
     """Tags with both COMPLETE and a manifest, oldest step first."""
-    listing = backend.list("")
+    listing = backend.list("") if listing is None else listing
     tags = [name[: -len(COMPLETE) - 1] for name in listing if name.endswith(f"/{COMPLETE}") and name.count("/") == 1]
-    return sorted((t for t in tags if f"{t}/{MANIFEST}" in listing), key=lambda t: (step_of(t), t))
+    return sorted((t for t in tags if f"{t}/{MANIFEST}" in listing), key=sort_key)
 
 
 def remote_latest(backend: Backend) -> str | None:
@@ -485,12 +604,47 @@ def remote_latest(backend: Backend) -> str | None:
     return tags[-1] if tags else None
 
 
+def remote_manifest(backend: Backend, tag: str) -> dict[str, Any] | None:
+    """The manifest of a COMPLETE tag (None when the tag is not COMPLETE)."""
+    if backend.read_bytes(f"{tag}/{COMPLETE}") is None:
+        return None
+    return _read_json(backend, f"{tag}/{MANIFEST}")
+
+
+def verified_remote(backend: Backend, save_dir: Path, tags: Iterable[str], *, node_rank: int = 0) -> list[str]:
+    """The local tags whose files, as this node publishes them, are in the bucket under a COMPLETE tag exactly as
+    the local marker records them: what local retention may delete, whoever published it."""
+    listing = backend.list("")
+    published = set(remote_checkpoints(backend, listing))
+    out = []
+    for tag in tags:
+        if tag not in published:
+            continue
+        try:
+            status, files = _part_files(save_dir, tag, node_rank)
+        except StorageError:
+            continue
+        manifest = _read_json(backend, f"{tag}/{MANIFEST}")
+        if manifest is None:
+            continue
+        if status.files is not None:
+            local = {rel: (status.files[rel].size, status.files[rel].crc32c) for rel, _ in files}
+        else:
+            local = _hash_local(files, Crc32cCache(), 4)
+        remote = {rel: _file_entry(meta, f"{backend.url}/{tag}/{MANIFEST}") for rel, meta in manifest["files"].items()}
+        if all(remote.get(rel) == entry for rel, entry in local.items()) and \
+                _first_mismatch(listing, f"{tag}/", {rel: remote[rel] for rel in local}) is None:
+            out.append(tag)
+    return out
+
+
 def fetch_checkpoint(backend: Backend, tag: str, save_dir: Path, *, workers: int = 8, progress: bool = False) -> Path:
-    """Download COMPLETE checkpoint <tag> to SAVE_DIR/<tag> (verified against its manifest) and point
-    SAVE_DIR/latest at it. Returns SAVE_DIR/<tag>.
+    """Download COMPLETE checkpoint <tag> to SAVE_DIR/<tag>, verified against its manifest, commit it locally
+    (completeness marker from the manifest) and point SAVE_DIR/latest at it. Returns SAVE_DIR/<tag>.
 
     Files go to SAVE_DIR/.<tag>.partial first and are renamed into place only when every one has the manifest's
-    size and crc32c, so SAVE_DIR/<tag> is never half there. Local files that already match are reused.
+    size and crc32c and the marker is written, so SAVE_DIR/<tag> is never half there. Local files that already
+    match are reused.
     """
     _check_tag(tag)
     where = f"{backend.url}/{tag}"
@@ -524,8 +678,8 @@ def fetch_checkpoint(backend: Backend, tag: str, save_dir: Path, *, workers: int
         return path.is_file() and path.stat().st_size == size and crc32c_of_file(path) == crc
 
     local_ok = {rel for rel, (size, crc) in files.items() if matches(final.joinpath(*rel.split("/")), size, crc)}
-    if final.is_dir() and len(local_ok) == len(files):
-        _write_latest(save_dir, tag)
+    if len(local_ok) == len(files) and commit.inspect(save_dir, tag).complete:
+        commit.write_latest(save_dir, tag)
         return final
 
     shutil.rmtree(partial, ignore_errors=True)
@@ -544,6 +698,8 @@ def fetch_checkpoint(backend: Backend, tag: str, save_dir: Path, *, workers: int
                 dest = partial.joinpath(*rel.split("/"))
                 backend.download_file(f"{tag}/{rel}", dest)
                 size, crc = files[rel]
+                with open(dest, "rb") as f:
+                    os.fsync(f.fileno())  # durable before the local marker says the tag is complete
                 got_size = dest.stat().st_size
                 got_crc = crc32c_of_file(dest)
                 if (got_size, got_crc) != (size, crc):
@@ -553,6 +709,7 @@ def fetch_checkpoint(backend: Backend, tag: str, save_dir: Path, *, workers: int
                     )
 
             _parallel(fetch, todo, workers, lambda rel, _r: bar.update(files[rel][0]))
+        commit.write_marker_from_manifest(partial, tag, files, manifest.get("run_id"))
         if final.exists():
             old = save_dir / f".{tag}.old-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)
@@ -560,44 +717,46 @@ def fetch_checkpoint(backend: Backend, tag: str, save_dir: Path, *, workers: int
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(partial, final)
+        fsync_dir(save_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    _write_latest(save_dir, tag)
+    commit.write_latest(save_dir, tag)
     return final
 
 
-def _write_latest(save_dir: Path, tag: str) -> None:
-    tmp = save_dir / f".{LATEST}.{uuid.uuid4().hex[:8]}"
-    tmp.write_text(tag)
-    os.replace(tmp, save_dir / LATEST)
-
-
-def delete_remote_checkpoint(backend: Backend, tag: str) -> None:
-    """Remove <tag> remotely: COMPLETE first, so no reader ever sees a COMPLETE tag with files missing."""
-    _check_tag(tag)
-    backend.delete(f"{tag}/{COMPLETE}")
-    for name in sorted(backend.list(f"{tag}/")):
-        backend.delete(name)
-
-
 def publish_checkpoints(save_dir: Path, backend: Backend, *, workers: int = 8, progress: bool = False) -> SyncResult:
-    """Publish every SAVE_DIR/global_step* folder (single node: one part each), oldest first: what `neox-sync
-    --checkpoints` runs to finish uploads a training run left unpublished. Already COMPLETE tags cost a listing."""
+    """Publish the complete SAVE_DIR/global_step* tags (single node: one part each), oldest first: what `neox-sync
+    --checkpoints` runs to finish uploads a training run left unpublished. Incomplete tags (a save that never
+    finished) are never published; tags that belong to another run than the prefix's owner, or that are already
+    published with other content, are left alone. Both kinds are listed in `not_published` with the reason.
+    Already COMPLETE identical tags cost a listing."""
     save_dir = Path(save_dir)
     if not save_dir.is_dir():
         raise StorageError(f"{save_dir} is not a folder (expected a checkpoint save dir with global_step* folders)")
-    tags = sorted((p.name for p in save_dir.iterdir() if p.is_dir() and _STEP_RE.fullmatch(p.name)), key=step_of)
+    tags = local_tags(save_dir)
     if not tags:
         raise StorageError(f"{save_dir} has no global_step* checkpoint folders to publish")
     total = SyncResult()
     started = time.monotonic()
+    legacy_id = new_id()  # tags from before run ids: published as one run
     for tag in tags:
-        part = upload_checkpoint_part(save_dir, tag, backend, workers=workers)
-        if not finalize_checkpoint(backend, tag, num_nodes=1):
-            raise StorageError(f"{backend.url}/{tag}: its part vanished while publishing")  # pragma: no cover
-        for field in ("files_uploaded", "files_skipped", "bytes_uploaded", "retries"):
-            setattr(total, field, getattr(total, field) + getattr(part, field))
+        status = commit.inspect(save_dir, tag)
+        if not status.complete:
+            total.not_published[tag] = f"not complete locally: {status.problem}"
+            continue
+        identity = Identity(status.run_id or legacy_id)
+        try:
+            claim_if_unowned(backend, identity, save_dir=str(save_dir))
+            part = upload_checkpoint_part(save_dir, tag, backend, identity=identity, workers=workers)
+            if not finalize_checkpoint(backend, tag, identity=identity, num_nodes=1):
+                raise StorageError(f"{backend.url}/{tag}: its part vanished while publishing")  # pragma: no cover
+        except (CheckpointConflict, PrefixOwned) as e:
+            total.not_published[tag] = str(e)
+            continue
+        total.published.append(tag)
+        for name in ("files_uploaded", "files_skipped", "bytes_uploaded", "retries"):
+            setattr(total, name, getattr(total, name) + getattr(part, name))
         if progress:
             print(f"neox-sync: published {tag} ({part.files_uploaded} uploaded, {part.files_skipped} skipped)",
                   file=sys.stderr)

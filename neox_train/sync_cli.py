@@ -81,7 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as e:
         print(f"neox-sync: error: {e}", file=sys.stderr)
         return 2
-    return _report("neox-sync", result, args.json)
+    code = _report("neox-sync", result, args.json)
+    left = [why for why in result.not_published.values() if not why.startswith("not complete locally")]
+    for tag, why in result.not_published.items():
+        print(f"neox-sync: not published {tag}: {why}", file=sys.stderr)
+    # Torn tags (a save that never finished) are left alone by design; a complete one that could not be published
+    # must not look like success.
+    return 1 if left else code
 
 
 def add_download_arguments(parser: argparse.ArgumentParser) -> None:

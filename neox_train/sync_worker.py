@@ -7,16 +7,23 @@ and the gRPC/HTTP sessions of the parent, none of which survive a fork; the stor
 child after it starts.
 
 Contract with the trainer (all non-blocking):
-  submit(tag)       after `save_checkpoint` has returned on every rank (its final barrier): every rank's files of
-                    this node are on disk. Also appended to the journal, so a crash before the upload finishes is
-                    picked up by the next run.
-  poll()            drains status messages: pending tags, published tags (verified remote, COMPLETE present),
-                    lag, bytes, retries, failures.
+  submit(tag)       after the tag is committed locally (complete marker, `latest`). Also appended to the journal,
+                    so a crash before the upload finishes is picked up by the next run.
+  poll()            drains status messages: pending, published (verified remote, COMPLETE present), failed (for
+                    good: kept locally), skipped, lag, bytes, retries.
   close(timeout_s)  flush: wait for the queue to drain with a progress bar, bounded; returns what is left.
 
+Failures are of two kinds (StorageError.transient): a transient one (the network, a 5xx, an object that changed
+underneath) is retried with backoff, and the queue waits; a permanent one (no permission, a deleted bucket, a
+published checkpoint in the way, the prefix taken over by another run) gives that checkpoint up at once: it is
+journaled as failed, stays on local disk, and the next checkpoint goes ahead. A later run (or `neox-sync
+--checkpoints`) tries failed checkpoints again.
+
 Journal (SAVE_DIR/.neox-sync/journal-node<k>.jsonl, append-only JSON lines): {"queued": tag} written by the
-trainer before the task is handed over, {"published": tag} / {"skipped": tag} by the worker. Pending = queued
-minus published minus skipped, for tags still on disk.
+trainer before the task is handed over, {"published"|"skipped"|"failed": tag} by the worker. At start, a tag is
+handed to the new worker when its last record is queued or failed, or when it has none at all (a complete
+checkpoint that was never queued: a kill between the commit and the journal line), provided it is still complete
+on disk.
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import step_of_tag
+from . import commit
 from .metrics import log
+from .tags import sort_key, step_of_tag
 
 JOURNAL_DIR = ".neox-sync"
 _STOP = "__stop__"
@@ -44,16 +52,20 @@ class SyncSettings:
 
     url: str
     save_dir: str
+    run_id: str  # this run's id and this start's session: the worker publishes only while they own the prefix
+    session: str | None = None
     credentials: str | None = None
     node_rank: int = 0
     num_nodes: int = 1  # nodes whose parts make one checkpoint (node-local storage), else 1
     publisher: bool = True  # finalizes (manifest, COMPLETE, latest): global rank 0's worker
     workers: int = 8
     max_pending: int = 0  # >0: when more are waiting, superseded pending tags are skipped (kept locally)
-    run_id: str | None = None  # the same on every node of one run: parts from another run are never merged
     retry_initial_s: float = 2.0
     retry_max_s: float = 60.0
     finalize_poll_s: float = 1.0
+    # A checkpoint waits this long for the other nodes' parts (or, on those nodes, for node 0's COMPLETE) before it
+    # is given up as failed; meanwhile the worker goes on with the next checkpoints.
+    await_other_nodes_s: float = 3600.0
     # While the trainer writes a checkpoint, uploads wait (at most this long per wait) so that they do not compete
     # with the save for the disk and the cores: the loop's stall is the one cost that reaches the GPUs.
     yield_to_save_max_s: float = 120.0
@@ -62,37 +74,59 @@ class SyncSettings:
 @dataclass
 class SyncStatus:
     pending: list[str] = field(default_factory=list)
-    published: list[str] = field(default_factory=list)
+    published: list[str] = field(default_factory=list)  # verified remote: by this process or, found at start, earlier
     skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # given up for good in this process: tag -> why
     last_published_step: int = -1
     last_lag_s: float = float("nan")
     bytes_uploaded: int = 0
     files_uploaded: int = 0
     files_skipped: int = 0
-    retries: int = 0  # request-level retries inside the storage client (503s, resets, timeouts)
-    failures: int = 0  # whole-checkpoint attempts that failed and were retried by the worker
+    worker_retries: int = 0  # requests the worker's storage client retried (503s, resets, timeouts)
+    failures: int = 0  # attempts that failed transiently and were retried
+    failing: bool = False  # the last attempt failed (transiently): uploads are not getting through right now
     last_error: str = ""
-    alive: bool = True
 
     def record_published(self, tag: str, *, lag_s: float, bytes_uploaded: int, files_uploaded: int,
-                         files_skipped: int, retries: int) -> None:
+                         files_skipped: int) -> None:
         if tag in self.pending:
             self.pending.remove(tag)
-        self.published.append(tag)
-        self.last_published_step = max(self.last_published_step, step_of_tag(tag) or -1)
+        self.failed.pop(tag, None)
+        self.failing = False
+        if tag not in self.published:
+            self.published.append(tag)
+        step = step_of_tag(tag)
+        self.last_published_step = max(self.last_published_step, -1 if step is None else step)
         self.last_lag_s = lag_s
         self.bytes_uploaded += bytes_uploaded
         self.files_uploaded += files_uploaded
         self.files_skipped += files_skipped
-        self.retries += retries
 
-    def metrics(self) -> dict[str, float]:
+    def record_failed(self, tag: str, error: str) -> None:
+        if tag in self.pending:
+            self.pending.remove(tag)
+        self.failed[tag] = error
+        self.last_error = error
+
+    @property
+    def unpublished(self) -> list[str]:
+        """Checkpoints of this run kept locally because they are not published (yet, or for good)."""
+        return sorted({*self.pending, *self.failed}, key=sort_key)
+
+    @property
+    def stuck(self) -> list[str]:
+        """Checkpoints kept locally because publishing fails: those given up for good and, while every attempt
+        fails, those waiting. (A backlog that is merely slow, a worker still starting, does not count.)"""
+        return sorted({*self.failed, *(self.pending if self.failing else ())}, key=sort_key)
+
+    def metrics(self, *, retries: int) -> dict[str, float]:
         return {
             "pending": float(len(self.pending)),
+            "failed": float(len(self.failed)),
             "last_published_step": float(self.last_published_step),
             "lag_s": self.last_lag_s,
             "bytes_uploaded": float(self.bytes_uploaded),
-            "retries": float(self.retries),
+            "retries": float(retries),
             "failures": float(self.failures),
         }
 
@@ -101,12 +135,17 @@ def journal_path(save_dir: Path, node_rank: int) -> Path:
     return Path(save_dir) / JOURNAL_DIR / f"journal-node{node_rank}.jsonl"
 
 
+def crc_cache_path(save_dir: Path, node_rank: int) -> Path:
+    return Path(save_dir) / JOURNAL_DIR / f"crc32c-node{node_rank}.json"
+
+
 def append_journal(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record) + "\n"
     # One small O_APPEND write: atomic with respect to the other process appending to the same file. No fsync:
     # the page cache survives a killed process, which is what the journal is for, and on ext4 an fsync right
-    # after a checkpoint write waits for that checkpoint's writeback (measured: ~15 ms added to every save).
+    # after a checkpoint write waits for that checkpoint's writeback (measured: ~15 ms added to every save). A
+    # journal lost with the machine costs nothing: tags with no record are handed over too (see journal_leftovers).
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())
@@ -114,23 +153,36 @@ def append_journal(path: Path, record: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def journal_pending(save_dir: Path, node_rank: int) -> list[str]:
-    """Tags queued by an earlier run (or this one) and neither published nor skipped, still on disk, oldest first."""
+def journal_queued(save_dir: Path, node_rank: int, tag: str) -> None:
+    """The trainer's record that `tag` is handed to the upload (background worker or inline)."""
+    append_journal(journal_path(save_dir, node_rank), {"queued": tag, "time": time.time()})
+
+
+JOURNAL_KINDS = ("queued", "published", "skipped", "failed")
+
+
+def journal_state(save_dir: Path, node_rank: int) -> dict[str, str]:
+    """tag -> the kind of its last journal record."""
     path = journal_path(save_dir, node_rank)
     if not path.is_file():
-        return []
-    queued: dict[str, None] = {}
+        return {}
+    state: dict[str, str] = {}
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue  # a torn last line from a kill -9 mid-write
-        if "queued" in rec:
-            queued[rec["queued"]] = None
-        for done in (rec.get("published"), rec.get("skipped")):
-            queued.pop(done, None)
-    tags = [t for t in queued if (Path(save_dir) / t).is_dir()]
-    return sorted(tags, key=lambda t: step_of_tag(t) or 0)
+        for kind in JOURNAL_KINDS:
+            if isinstance(rec.get(kind), str):
+                state[rec[kind]] = kind
+    return state
+
+
+def journal_leftovers(save_dir: Path, node_rank: int) -> list[str]:
+    """Complete local tags an earlier run (or this one) left unpublished, oldest first: their last journal record
+    is queued or failed, or they have none."""
+    state = journal_state(save_dir, node_rank)
+    return [t for t in commit.complete_tags(save_dir) if state.get(t) in (None, "queued", "failed")]
 
 
 class SyncWorker:
@@ -144,7 +196,8 @@ class SyncWorker:
         task_recv, self._tasks = ctx.Pipe(duplex=False)
         self._status, status_send = ctx.Pipe(duplex=False)
         self._saving = ctx.Event()
-        self._proc = ctx.Process(target=_worker_main, args=(settings, task_recv, status_send, self._saving),
+        self._proc = ctx.Process(target=_worker_main,
+                                 args=(settings, task_recv, status_send, self._saving, os.getpid()),
                                  daemon=True, name=f"neox-sync-node{settings.node_rank}")
         self.status = SyncStatus()
         self._submitted: set[str] = set()
@@ -152,7 +205,7 @@ class SyncWorker:
     def start(self, *, resume_journal: bool = True) -> list[str]:
         """Start the process; tags an interrupted earlier run left unpublished are queued first."""
         self._proc.start()
-        leftover = journal_pending(Path(self.settings.save_dir), self.settings.node_rank) if resume_journal else []
+        leftover = journal_leftovers(Path(self.settings.save_dir), self.settings.node_rank) if resume_journal else []
         for tag in leftover:
             self._submit(tag, committed_at=time.time(), journal=False)
         if leftover:
@@ -170,8 +223,7 @@ class SyncWorker:
         if tag in self._submitted:
             return
         if journal:
-            append_journal(journal_path(Path(self.settings.save_dir), self.settings.node_rank),
-                            {"queued": tag, "time": committed_at})
+            journal_queued(Path(self.settings.save_dir), self.settings.node_rank, tag)
         self._submitted.add(tag)
         self.status.pending.append(tag)
         self._tasks.send({"tag": tag, "committed_at": committed_at})
@@ -184,29 +236,38 @@ class SyncWorker:
                     break
                 msg = self._status.recv()
             except (EOFError, OSError):
-                break  # the worker is gone; status.alive says so below
+                break  # the worker is gone
             self._apply(msg)
-        self.status.alive = self._proc.is_alive()
         return self.status
 
     def _apply(self, msg: dict[str, Any]) -> None:
         st = self.status
         kind = msg["kind"]
+        st.worker_retries = max(st.worker_retries, int(msg.get("retries", 0)))
         if kind == "published":
             tag = msg["tag"]
             st.record_published(tag, lag_s=msg["lag_s"], bytes_uploaded=msg["bytes_uploaded"],
-                                files_uploaded=msg["files_uploaded"], files_skipped=msg["files_skipped"],
-                                retries=msg["retries"])
+                                files_uploaded=msg["files_uploaded"], files_skipped=msg["files_skipped"])
             log.info("sync: published %s to %s (%d files, %d bytes uploaded, lag %.1f s)", tag, self.settings.url,
                      msg["files_uploaded"], msg["bytes_uploaded"], msg["lag_s"])
+        elif kind == "verified":
+            for tag in msg["tags"]:
+                if tag not in st.published:
+                    st.published.append(tag)
         elif kind == "skipped":
             tag = msg["tag"]
             if tag in st.pending:
                 st.pending.remove(tag)
             st.skipped.append(tag)
-            log.warning("sync: skipped superseded checkpoint %s (backlog over max_pending); it stays on local disk", tag)
+            log.warning("sync: skipped superseded checkpoint %s (backlog over max_pending); it stays on local disk",
+                        tag)
+        elif kind == "failed":
+            st.record_failed(msg["tag"], msg["error"])
+            log.error("sync: cannot publish %s to %s, giving it up (it stays on local disk; %d checkpoint(s) "
+                      "unpublished): %s", msg["tag"], self.settings.url, len(st.unpublished), msg["error"])
         elif kind == "failure":
             st.failures += 1
+            st.failing = True
             st.last_error = msg["error"]
             log.warning("sync: %s failed (attempt %d, retrying in %.0f s): %s", msg["tag"], msg["attempt"],
                         msg["retry_in_s"], msg["error"])
@@ -216,7 +277,7 @@ class SyncWorker:
 
     def close(self, timeout_s: float, *, progress: bool = True) -> SyncStatus:
         """Flush: let the worker finish every queued tag, up to timeout_s; then stop it. Returns the final status
-        (status.pending lists what was not published; the journal keeps it for the next run or neox-sync)."""
+        (status.unpublished lists what was not published; the journal keeps it for the next run or neox-sync)."""
         from tqdm import tqdm
 
         try:
@@ -234,7 +295,6 @@ class SyncWorker:
         bar.close()
         self.kill()
         self.poll()
-        self.status.alive = False
         return self.status
 
     def kill(self) -> None:
@@ -257,17 +317,41 @@ def save_gate(saving, max_wait_s: float):
     return gate
 
 
-def _worker_main(settings: SyncSettings, tasks, status_q, saving=None) -> None:  # tasks: recv end; status_q: send end
-    """Runs in the spawned process. Never raises: failures are reported and retried."""
-    from .storage import Crc32cCache, StorageError, open_backend
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"[:500]
 
+
+def is_transient(err: BaseException) -> bool:
+    """Worth retrying: a StorageError marked transient. Everything else (no permission, a conflict, a bug) would
+    fail the same way again."""
+    from .storage import StorageError
+
+    return isinstance(err, StorageError) and err.transient
+
+
+class _TrainerGone(BaseException):  # not an Exception: the worker's catch-alls must let it through
+    """The trainer's end of the status pipe is closed: it died (kill -9). The journal keeps what is unpublished."""
+
+
+def _worker_main(settings: SyncSettings, tasks, status_q, saving=None, parent: int | None = None) -> None:
+    """Runs in the spawned process (tasks: the receiving end of the task pipe; status_q: the sending end of the
+    status pipe; parent: the trainer's pid). Never raises: failures are reported, and retried when transient."""
+    try:
+        _work(settings, tasks, status_q, saving, parent)
+    except _TrainerGone:
+        return
+
+
+def _work(settings: SyncSettings, tasks, status_q, saving, parent: int | None) -> None:
     import signal
+
+    from .storage import Crc32cCache, open_backend
 
     # The trainer owns shutdown: on SIGTERM/Ctrl-C (sent to the whole process group) it saves, then flushes this
     # queue with a bounded wait and stops us itself.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent = os.getppid()
+    parent = parent if parent is not None else os.getppid()
     import threading
 
     from tqdm import tqdm
@@ -288,23 +372,57 @@ def _worker_main(settings: SyncSettings, tasks, status_q, saving=None) -> None: 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent:
+        return  # the trainer died while this process started (too early for the death signal): do nothing
     save_dir = Path(settings.save_dir)
     jpath = journal_path(save_dir, settings.node_rank)
     try:
         backend = open_backend(settings.url, credentials=settings.credentials)
     except Exception as e:  # noqa: BLE001 - reported to the trainer, which checked access at start-up already
-        status_q.send({"kind": "fatal", "error": f"{type(e).__name__}: {e}"})
+        try:
+            status_q.send({"kind": "fatal", "error": _one_line(e)})
+        except (BrokenPipeError, ConnectionError, EOFError):
+            pass
         return
-    cache = Crc32cCache(save_dir / JOURNAL_DIR / f"crc32c-node{settings.node_rank}.json")
+
+    def send(msg: dict[str, Any]) -> None:
+        try:
+            status_q.send({**msg, "retries": backend.retries})
+        except (BrokenPipeError, ConnectionError, EOFError) as e:
+            raise _TrainerGone() from e
+
+    cache = Crc32cCache(crc_cache_path(save_dir, settings.node_rank))
     gate = save_gate(saving, settings.yield_to_save_max_s) if saving is not None else None
+    publisher = Publication(backend, settings, cache, gate=gate)
+    try:
+        # What earlier processes published is verified remote too: local retention may delete it (the trainer
+        # only deletes what it is told is verified).
+        verified = verified_local_tags(backend, settings)
+        if verified:
+            send({"kind": "verified", "tags": verified})
+    except Exception as e:  # noqa: BLE001 - retention just waits for this run's own publications
+        send({"kind": "failure", "tag": "(start-up check)", "attempt": 1, "retry_in_s": 0, "error": _one_line(e)})
     pending: deque[dict[str, Any]] = deque()
+    awaiting: dict[str, tuple[dict[str, Any], float]] = {}  # uploaded, waiting for the other nodes / COMPLETE
     stopping = False
     attempt = 0
     next_try = 0.0
+    next_poll = 0.0
+
+    def give_up(task: dict[str, Any], err: BaseException | str) -> None:
+        error = err if isinstance(err, str) else _one_line(err)
+        append_journal(jpath, {"failed": task["tag"], "error": error, "time": time.time()})
+        send({"kind": "failed", "tag": task["tag"], "error": error})
+
+    def published(task: dict[str, Any], result) -> None:
+        append_journal(jpath, {"published": task["tag"], "time": time.time()})
+        send({"kind": "published", "tag": task["tag"], "lag_s": time.time() - task["committed_at"],
+              "bytes_uploaded": result.bytes_uploaded, "files_uploaded": result.files_uploaded,
+              "files_skipped": result.files_skipped})
 
     while True:
         # Take everything queued; block only when there is nothing to do.
-        block = not pending and not stopping
+        block = not pending and not awaiting and not stopping
         try:
             ready = tasks.poll(0.5 if block else 0)
             while ready:
@@ -316,11 +434,31 @@ def _worker_main(settings: SyncSettings, tasks, status_q, saving=None) -> None: 
                 ready = tasks.poll(0)
         except (EOFError, OSError):
             stopping = True  # the trainer closed its end: finish what is queued, then stop
-        if stopping and not pending:
+        if stopping and not pending and not awaiting:
             return
         if os.getppid() != parent:
             return  # the trainer died (kill -9): what is unpublished stays in the journal for the next run
+        if awaiting and time.monotonic() >= next_poll:
+            next_poll = time.monotonic() + settings.finalize_poll_s
+            for tag, (task, since) in list(awaiting.items()):
+                try:
+                    done = publisher.try_complete(tag)
+                except Exception as e:  # noqa: BLE001 - one failure must never kill the worker
+                    if is_transient(e):
+                        continue
+                    del awaiting[tag]
+                    give_up(task, e)
+                    continue
+                if done:
+                    del awaiting[tag]
+                    published(task, task["result"])
+                elif time.monotonic() - since > settings.await_other_nodes_s:
+                    del awaiting[tag]
+                    give_up(task, f"the other nodes' parts of {tag} did not arrive within "
+                                  f"{settings.await_other_nodes_s:.0f} s")
         if not pending:
+            if awaiting:
+                time.sleep(min(0.2, settings.finalize_poll_s))
             continue
         if settings.max_pending and len(pending) > settings.max_pending:
             # Keep the oldest (it may be mid-upload across retries) and the newest; drop what lies between.
@@ -328,23 +466,26 @@ def _worker_main(settings: SyncSettings, tasks, status_q, saving=None) -> None: 
                 dropped = pending[1]
                 del pending[1]
                 append_journal(jpath, {"skipped": dropped["tag"], "time": time.time()})
-                status_q.send({"kind": "skipped", "tag": dropped["tag"]})
+                send({"kind": "skipped", "tag": dropped["tag"]})
         if time.monotonic() < next_try:
             time.sleep(min(0.5, next_try - time.monotonic()))
             continue
         task = pending[0]
         tag = task["tag"]
         try:
-            if not (save_dir / tag).is_dir():
-                raise StorageError(f"checkpoint folder {save_dir / tag} disappeared before it was uploaded")
-            result = publish_tag(backend, settings, tag, cache, gate=gate)
+            result = publisher.upload(tag)
+            done = publisher.try_complete(tag)
         except Exception as e:  # noqa: BLE001 - one failure must never kill the worker
+            if not is_transient(e):
+                pending.popleft()
+                attempt = 0
+                give_up(task, e)
+                continue
             attempt += 1
             delay = min(settings.retry_max_s, settings.retry_initial_s * 2 ** (attempt - 1))
             next_try = time.monotonic() + delay
-            status_q.send({"kind": "failure", "tag": tag, "attempt": attempt, "retry_in_s": delay,
-                          "error": f"{type(e).__name__}: {' '.join(str(e).split())}"[:500],
-                          "trace": traceback.format_exc(limit=3)})
+            send({"kind": "failure", "tag": tag, "attempt": attempt, "retry_in_s": delay, "error": _one_line(e),
+                  "trace": traceback.format_exc(limit=3)})
             if stopping and attempt >= 3:
                 # Flushing at exit: after a few attempts give up on this tag; it stays in the journal.
                 pending.popleft()
@@ -352,36 +493,64 @@ def _worker_main(settings: SyncSettings, tasks, status_q, saving=None) -> None: 
             continue
         attempt = 0
         pending.popleft()
-        status_q.send({
-            "kind": "published", "tag": tag, "lag_s": time.time() - task["committed_at"],
-            "bytes_uploaded": result.bytes_uploaded, "files_uploaded": result.files_uploaded,
-            "files_skipped": result.files_skipped, "retries": result.retries,
-        })
+        if done:
+            published(task, result)
+        else:
+            awaiting[tag] = ({**task, "result": result}, time.monotonic())
 
 
-def publish_tag(backend, settings: SyncSettings, tag: str, cache, *, gate=None):
-    """Upload this node's part of `tag`, wait until the checkpoint is published (COMPLETE in the bucket), and
-    journal it. One path for the background worker and for inline uploads; returns the SyncResult.
-    gate: called before each file is read (the worker's wait while a checkpoint is being written)."""
-    from .sync import upload_checkpoint_part
+def verified_local_tags(backend, settings: SyncSettings) -> list[str]:
+    from .sync import verified_remote
 
-    result = upload_checkpoint_part(Path(settings.save_dir), tag, backend, node_rank=settings.node_rank,
-                                    workers=settings.workers, cache=cache, run_id=settings.run_id, gate=gate)
-    cache.save()
-    _wait_published(backend, tag, settings)
-    append_journal(journal_path(Path(settings.save_dir), settings.node_rank), {"published": tag, "time": time.time()})
-    return result
+    save_dir = Path(settings.save_dir)
+    return verified_remote(backend, save_dir, commit.complete_tags(save_dir), node_rank=settings.node_rank)
 
 
-def _wait_published(backend, tag: str, settings: SyncSettings) -> None:
-    """The publisher finalizes once every node's part is remote; other nodes wait until COMPLETE exists, so that
-    'published' always means a complete, verified checkpoint in the bucket."""
-    from .sync import COMPLETE, finalize_checkpoint
+class Publication:
+    """The steps of publishing one tag from this node, shared by the background worker and inline uploads."""
 
-    while True:
-        if settings.publisher:
-            if finalize_checkpoint(backend, tag, num_nodes=settings.num_nodes):
-                return
-        elif backend.read_bytes(f"{tag}/{COMPLETE}") is not None:
-            return
-        time.sleep(settings.finalize_poll_s)
+    def __init__(self, backend, settings: SyncSettings, cache, *, gate=None):
+        from .owner import Identity
+
+        self.backend = backend
+        self.settings = settings
+        self.cache = cache
+        self.gate = gate
+        self.identity = Identity(settings.run_id, settings.session)
+
+    def upload(self, tag: str):
+        """This node's part of `tag`; returns the SyncResult."""
+        from .storage import StorageError
+        from .sync import upload_checkpoint_part
+
+        if not (Path(self.settings.save_dir) / tag).is_dir():
+            raise StorageError(f"checkpoint folder {Path(self.settings.save_dir) / tag} disappeared before it was "
+                               f"uploaded")
+        result = upload_checkpoint_part(Path(self.settings.save_dir), tag, self.backend, identity=self.identity,
+                                        node_rank=self.settings.node_rank, workers=self.settings.workers,
+                                        cache=self.cache, gate=self.gate)
+        self.cache.save()
+        return result
+
+    def try_complete(self, tag: str) -> bool:
+        """The publisher finalizes once every node's part is remote; other nodes see whether COMPLETE exists. True
+        once the tag is published."""
+        from .sync import COMPLETE, finalize_checkpoint
+
+        if self.settings.publisher:
+            return finalize_checkpoint(self.backend, tag, identity=self.identity, num_nodes=self.settings.num_nodes)
+        return self.backend.read_bytes(f"{tag}/{COMPLETE}") is not None
+
+    def publish(self, tag: str, *, timeout_s: float):
+        """Upload and wait (bounded) until published: the inline path. Returns the SyncResult."""
+        from .storage import StorageError
+
+        result = self.upload(tag)
+        deadline = time.monotonic() + timeout_s
+        while not self.try_complete(tag):
+            if time.monotonic() > deadline:
+                raise StorageError(f"{tag}: the other nodes' parts did not arrive within {timeout_s:.0f} s")
+            time.sleep(self.settings.finalize_poll_s)
+        append_journal(journal_path(Path(self.settings.save_dir), self.settings.node_rank),
+                       {"published": tag, "time": time.time()})
+        return result

@@ -44,7 +44,8 @@ from .ds_config import effective_ds_config, load_ds_config, precision, zero_stag
 from .loader import MicroBatchLoader
 from .metrics import Metrics, Throughput, log, setup_logging
 from .perf import FlopsAccounting, StepTimer, device_name, memory_high_water, resolve_peak
-from .publish import Publisher, Topology, check_storage_access, is_uploader, node_local_storage
+from .owner import new_id
+from .publish import Publisher, Topology, check_prefix_owner, check_storage_access, is_uploader, node_local_storage
 from .model import (
     GPT2_VOCAB_SIZE, build_model, flops_per_token, hf_config, padded_vocab_size, parameter_counts,
     use_training_attention,
@@ -184,6 +185,8 @@ class Trainer:
         self, plan: RunPlan, data: tuple[PackedWindows, Split], *, resume_tag: str | None, topo: Topology,
         publisher: Publisher,
     ):
+        """Build the engine and load `resume_tag` (verified by resume.finish). The run's identity comes with the
+        publisher (it is the same whether or not anything is synced)."""
         import deepspeed
 
         self.plan = plan
@@ -262,9 +265,14 @@ class Trainer:
         self.last_saved_step = state.step if resume_tag else -1
         self.topo = topo
         self.publisher = publisher
-        # The rank that deletes old local tags: the one that uploads them (each node's own files with node-local
-        # storage), so deletion can wait until that rank has seen them verified remote.
-        self.retention_rank = is_uploader(topo, node_local_storage(plan.ds_config))
+        # The rank that owns this node's checkpoint folder: it commits each tag, uploads it and deletes old ones
+        # (each node's own files with node-local storage), so deletion can wait until it has seen them verified
+        # remote.
+        self.folder_owner = is_uploader(topo, node_local_storage(plan.ds_config))
+        counts = parameter_counts(plan.model_config)
+        # Until the first save has a real size: DeepSpeed's layout by parameter count, precision and stage.
+        self.checkpoint_bytes = checkpoint.checkpoint_bytes(counts.total, precision(plan.ds_config),
+                                                            zero_stage(plan.ds_config))
         self.stop_requested = False
         self.last_losses: dict[str, float | int] = {}  # the newest logged train / validation loss, for run.json
         self._announced = False  # the "training ..." line, once even when train() runs in slices
@@ -350,8 +358,13 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def save(self) -> float:
-        """Save a checkpoint; returns the seconds the loop stalled for it."""
+        """Save and commit a checkpoint; returns the seconds the loop stalled for it."""
         started = time.perf_counter()
+        tag = checkpoint.tag_for_step(self.step)
+        if self.folder_owner:
+            warning = checkpoint.space_warning(self.save_dir, tag, self.checkpoint_bytes)
+            if warning:
+                log.warning("%s", warning)
         extra = checkpoint.client_state(
             state=checkpoint.TrainState(self.step, self.loader.consumed_samples),
             run_config=self.plan.run.to_dict(), ds_config=self.plan.ds_config,
@@ -360,12 +373,14 @@ class Trainer:
         )
         # The upload worker holds off while the files are written: the save gets the disk and cores to itself.
         with self.publisher.saving():
-            tag = checkpoint.save(
+            committed = checkpoint.save(
                 self.engine, self.save_dir, checkpoint.TrainState(self.step, self.loader.consumed_samples), extra,
-                is_rank0=self.is_rank0, losses=self.last_losses,
+                owner=self.folder_owner, run_id=self.publisher.identity.run_id, losses=self.last_losses,
+                expected_bytes=self.checkpoint_bytes,
             )
+        if committed is not None and committed.files:
+            self.checkpoint_bytes = sum(f.size for f in committed.files.values())
         self.last_saved_step = self.step
-        # save_checkpoint has returned on every rank (its final barrier): every rank's files are on disk.
         saved = time.perf_counter()
         self.publisher.committed(tag)
         stall = time.perf_counter() - started
@@ -376,17 +391,32 @@ class Trainer:
         return stall
 
     def apply_retention(self) -> None:
-        if not self.retention_rank:
+        if not self.folder_owner:
             return
         deleted = checkpoint.apply_retention(self.save_dir, self.plan.run.keep_last_n, may_delete=self.publisher.may_delete)
         if deleted:
             log.info("removed local checkpoint(s) %s (keep_last_n=%d)", ", ".join(deleted), self.plan.run.keep_last_n)
 
+    def too_many_unpublished(self) -> bool:
+        """After a save, on every rank: are more than max_unpublished_checkpoints checkpoints kept locally because
+        publishing fails? Only the uploader ranks know; one tiny all-reduce per save makes every rank stop at the
+        same step."""
+        limit = self.plan.run.max_unpublished_checkpoints
+        if not limit or self.plan.run.sync_to is None:
+            return False
+        over = self.publisher.enabled and len(self.publisher.poll().stuck) > limit
+        if self.plan.dp_size == 1:
+            return over
+        import deepspeed.comm as dist
+
+        flag = torch.tensor([1.0 if over else 0.0], device=self.engine.device)
+        dist.all_reduce(flag)
+        return flag.item() > 0
+
     def log_sync_status(self) -> None:
         if not self.publisher.enabled:
             return
-        status = self.publisher.poll()
-        self.metrics.record(self.step, "sync", status.metrics())
+        self.metrics.record(self.step, "sync", self.publisher.metrics())
 
     def _stop_agreed(self) -> bool:
         """A SIGTERM seen by any rank stops all of them at the same step (each must call save_checkpoint)."""
@@ -468,14 +498,19 @@ class Trainer:
                 if self.step % run.save_steps == 0:
                     throughput.add_checkpoint_stall(self.save())
                     throughput.restart()
+                    if self.too_many_unpublished():
+                        summary["stopped_unpublished"] = True
+                        break
                 if self.step % STOP_CHECK_STEPS == 0 and self._stop_agreed():
                     log.warning("stop requested (SIGTERM) at step %d: saving and flushing uploads", self.step)
                     summary["stopped_by_signal"] = True
                     break
             if final:
-                if self.last_saved_step != self.step:
+                stuck = summary.get("stopped_unpublished", False)
+                if self.last_saved_step != self.step and not stuck:
                     self.save()
-                summary["sync"] = self.finish_uploads()
+                # Stopping because nothing gets published: a short flush, not the full upload_timeout_s.
+                summary["sync"] = self.finish_uploads(timeout_s=min(60.0, run.upload_timeout_s) if stuck else None)
         finally:
             bar.close()
             redirect.__exit__(None, None, None)
@@ -492,15 +527,16 @@ class Trainer:
         self.loader.close()
         self.metrics.close()
 
-    def finish_uploads(self) -> dict[str, Any] | None:
+    def finish_uploads(self, *, timeout_s: float | None = None) -> dict[str, Any] | None:
         """Flush pending uploads (bounded), then retention for what became verified remote; report what is left."""
         if not self.publisher.enabled:
             return None
-        status = self.publisher.close()
-        self.metrics.record(self.step, "sync", status.metrics())
+        status = self.publisher.close(timeout_s)
+        self.metrics.record(self.step, "sync", self.publisher.metrics())
         self.apply_retention()
-        return {"published": status.published, "unpublished": status.pending, "skipped": status.skipped,
-                "failures": status.failures, "last_error": status.last_error}
+        return {"published": status.published, "unpublished": status.unpublished, "stuck": status.stuck,
+                "skipped": status.skipped, "failed": status.failed, "failures": status.failures,
+                "last_error": status.last_error}
 
 
 def perf_text(v: dict[str, Any]) -> str:
@@ -537,22 +573,11 @@ def write_run_files(plan: RunPlan) -> None:
     (save_dir / "ds_config.json").write_text(json.dumps(plan.ds_config, indent=2) + "\n")
 
 
-def shared_run_id() -> str:
-    """A random id drawn by rank 0 and broadcast, the same on every rank of this run (tags the uploaded parts)."""
-    import deepspeed.comm as dist
-
-    value = torch.tensor([int.from_bytes(os.urandom(6), "little")], dtype=torch.int64)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        value = value.to(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
-        dist.broadcast(value, src=0)
-    return f"{int(value.item()):012x}"
-
-
 class UnpublishedCheckpoints(RuntimeError):
-    """Training finished but some checkpoints never reached the bucket: the run must not look green."""
+    """Training finished (or stopped) but some checkpoints never reached the bucket: the run must not look green."""
 
 
-def run_training(run: RunConfig, *, resume: str | None) -> dict[str, Any]:
+def run_training(run: RunConfig, *, resume: str | None, takeover: bool = False) -> dict[str, Any]:
     """Entry for `neox-train` after argument parsing: validate, init, train, report."""
     adopt_rank_env()  # before anything reads the rank (mpirun / srun ranks, single processes)
     on_gpu = torch.cuda.is_available()
@@ -564,21 +589,29 @@ def run_training(run: RunConfig, *, resume: str | None) -> dict[str, Any]:
     # Everything that can reject the input runs before process groups, model and engine exist.
     point = resume_mod.locate(run, resume)
     check_storage_access(run, topo, node_local)
+    if run.sync_to and topo.rank == 0:
+        inherited = point.run_id or (resume_mod.remote_run_id(point.remote, run.credentials) if point.remote_only
+                                     else None)
+        check_prefix_owner(run, topo, inherited or new_id(), takeover=takeover)
     data = load_data(plan)
     resume_mod.check(plan, point, data[0].num_tokens)
     init_distributed()
-    # Downloads from the bucket and universal-checkpoint conversion need the process group (the other ranks wait).
-    plan, resume_tag = resume_mod.finish(plan, point, data[0].num_tokens, topo=topo, node_local=node_local)
-    if topo.rank == 0:
-        write_run_files(plan)
-        log.info("effective run config: %s", json.dumps(plan.run.to_dict()))
-        log.info("effective DeepSpeed config (%s): %s", plan.ds_config_path, json.dumps(plan.ds_config))
-        for note in plan.ds_notes:
-            log.info("DeepSpeed config change: %s", note)
-    publisher = Publisher(run, topo, node_local=node_local, run_id=shared_run_id())
+    # Verification, downloads from the bucket and universal-checkpoint conversion need the process group (the
+    # other ranks wait); so does agreeing on the run's identity.
+    plan, resume_tag, identity = resume_mod.finish(plan, point, data[0].num_tokens, topo=topo, node_local=node_local)
+    publisher = Publisher(run, topo, node_local=node_local, identity=identity)
     try:
         trainer = Trainer(plan, data, resume_tag=resume_tag, topo=topo, publisher=publisher)
         resume_mod.after_load(plan, resume_tag, topo=topo, node_local=node_local)
+        if topo.rank == 0:
+            # Only now that the start succeeded: a start that failed leaves SAVE_DIR as it was.
+            write_run_files(plan)
+            log.info("run %s: effective run config: %s", identity.run_id, json.dumps(plan.run.to_dict()))
+            log.info("effective DeepSpeed config (%s): %s", plan.ds_config_path, json.dumps(plan.ds_config))
+            for note in plan.ds_notes:
+                log.info("DeepSpeed config change: %s", note)
+        publisher.claim(takeover=takeover)
+        publisher.start()
         previous = signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
         try:
             summary = trainer.train()
@@ -590,6 +623,15 @@ def run_training(run: RunConfig, *, resume: str | None) -> dict[str, Any]:
     if topo.rank == 0:
         log.info("done: %s", json.dumps(summary))
     sync = summary.get("sync")
+    if summary.get("stopped_unpublished"):
+        failed = list(sync["failed"].values()) if sync else []
+        last = failed[-1] if failed else (sync or {}).get("last_error", "")
+        raise UnpublishedCheckpoints(
+            f"stopped at step {summary['end_step']}: more than max_unpublished_checkpoints="
+            f"{run.max_unpublished_checkpoints} checkpoints could not be published to {run.sync_to} "
+            f"({', '.join(sync['unpublished']) if sync else 'see the log'}; last error: {last}); "
+            f"they are kept in {run.save_dir}: fix the cause, then `neox-sync --checkpoints {run.save_dir} "
+            f"{run.sync_to}` and continue with --resume latest")
     if sync and sync["unpublished"]:
         raise UnpublishedCheckpoints(
             f"{len(sync['unpublished'])} checkpoint(s) not published to {run.sync_to}: {', '.join(sync['unpublished'])}"

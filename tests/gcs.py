@@ -7,6 +7,7 @@ plain functions in conftest.py.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import json
@@ -23,7 +24,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import pytest
 
@@ -157,8 +158,10 @@ class FaultProxy:
       lost    forwarded (the write lands), then the connection is reset: the response is lost.
               Not for resumable chunk PUTs: the client retries by resending the same chunk, which the emulator
               refuses with 400 (it insists on the next offset).
-    enforce_preconditions: the emulator ignores ifGenerationMatch; with this on, the proxy answers 412 itself to
-      an upload with ifGenerationMatch=0 whose object already exists (checked against the emulator), as GCS does.
+    enforce_preconditions: the emulator ignores ifGenerationMatch; with this on, the proxy is the small fake that
+      enforces it, as GCS does: a request with ifGenerationMatch=G whose object is not at generation G (G=0: exists)
+      is answered 412 (checked against the emulator; check and forward happen under one lock, so two conditional
+      writes through the proxy never interleave).
     inject_list: extra items appended to every object listing (names the emulator itself refuses to store).
     Bounded: it stops itself after lifetime_s or max_requests.
     """
@@ -180,6 +183,7 @@ class FaultProxy:
         self.counts: Counter[str] = Counter()
         self.log: list[tuple[str, str, str]] = []  # (method, target, action)
         self._lock = threading.Lock()
+        self._conditional = threading.Lock()  # one conditional request at a time: check + forward are atomic
         self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _ProxyHandler, bind_and_activate=True)
         self._server.daemon_threads = True
         self._server.proxy = self  # type: ignore[attr-defined]
@@ -232,20 +236,31 @@ class FaultProxy:
             conn.close()
 
     def precondition_failed(self, method: str, target: str, body: bytes) -> bool:
-        """True when this is a create-only upload (ifGenerationMatch=0) of an object that already exists."""
+        """True when the request carries ifGenerationMatch=G and the object is not at generation G (G=0: it must
+        not exist), checked against the emulator as GCS checks it. Uploads (multipart and the start of a
+        resumable one), downloads and deletes."""
         parts = urlsplit(target)
         query = parse_qs(parts.query)
-        m = re.match(r"^/upload/storage/v1/b/([^/]+)/o$", parts.path)
-        if not (self.enforce_preconditions and method == "POST" and m and query.get("ifGenerationMatch") == ["0"]):
+        if not self.enforce_preconditions or "ifGenerationMatch" not in query:
             return False
-        name = query.get("name", [None])[0]
-        if name is None:
-            found = _NAME_RE.search(body)
-            if not found:
-                return False
-            name = json.loads(b'"' + found.group(1) + b'"')
-        status, *_ = self.upstream_request("GET", f"/storage/v1/b/{m.group(1)}/o/{quote(name, safe='')}")
-        return status == 200
+        want = int(query["ifGenerationMatch"][0])
+        upload = re.match(r"^/upload/storage/v1/b/([^/]+)/o$", parts.path)
+        named = re.match(r"^/(?:download/)?storage/v1/b/([^/]+)/o/(.+)$", parts.path)
+        if upload and method == "POST":
+            bucket, name = upload.group(1), query.get("name", [None])[0]
+            if name is None:
+                found = _NAME_RE.search(body)
+                if not found:
+                    return False
+                name = json.loads(b'"' + found.group(1) + b'"')
+        elif named and method in ("GET", "DELETE"):
+            bucket, name = named.group(1), unquote(named.group(2))
+        else:
+            return False
+        status, _, _, meta = self.upstream_request("GET", f"/storage/v1/b/{bucket}/o/{quote(name, safe='')}")
+        current = int(json.loads(meta).get("generation") or 0) if status == 200 else 0
+        exists = status == 200
+        return exists if want == 0 else current != want
 
     def rewrite_listing(self, method: str, target: str, status: int, body: bytes) -> bytes:
         if not (self.inject_list and method == "GET" and status == 200
@@ -301,15 +316,37 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
             if action == "403":
                 self._error(403, "Forbidden")
                 return
-            if proxy.precondition_failed(method, target, body):
-                proxy.counts["412"] += 1
-                self._error(412, "Precondition Failed")
-                return
             fwd = {k: v for k, v in headers.items() if k.lower() not in _HOP_HEADERS}
-            status, reason, resp_headers, resp_body = proxy.upstream_request(method, target, fwd, body)
+            conditional = proxy.enforce_preconditions and "ifGenerationMatch=" in target
+            with proxy._conditional if conditional else contextlib.nullcontext():
+                if conditional and proxy.precondition_failed(method, target, body):
+                    with proxy._lock:
+                        proxy.counts["412"] += 1
+                    self._error(412, "Precondition Failed")
+                    return
+                status, reason, resp_headers, resp_body = proxy.upstream_request(method, target, fwd, body)
             if action == "lost":
                 self._reset()
                 return
             self._respond(status, reason, resp_headers, proxy.rewrite_listing(method, target, status, resp_body))
         except (ConnectionError, OSError):
             pass  # the client went away: nothing to answer
+
+
+# The emulator accepts ifGenerationMatch and ignores it. GCS answers 412 to a conditional write whose object is not at
+# the generation named; the FaultProxy plays that part (it checks the emulator and answers 412 itself), so the real
+# client raises its real PreconditionFailed and the backend's 412 branches run end to end.
+@pytest.fixture(params=["gs", "file"])
+def strict_backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """(backend, proxy or None): a bucket prefix behind the precondition-enforcing proxy, or a local folder."""
+    from neox_train.storage import open_backend
+
+    if request.param == "file":
+        yield open_backend(str(tmp_path / "remote")), None
+        return
+    bucket = request.getfixturevalue("gcs_bucket")
+    with FaultProxy(os.environ["STORAGE_EMULATOR_HOST"], enforce_preconditions=True) as proxy:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+        backend = fast_retry(open_backend(f"gs://{bucket}/pre"))
+        force_resumable(monkeypatch, backend)  # a 600 KiB file goes resumable (3 chunks)
+        yield backend, proxy

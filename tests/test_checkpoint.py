@@ -1,24 +1,31 @@
-"""Checkpoint bookkeeping that needs no engine: tags, resume resolution, retention, compatibility checks."""
+"""Checkpoint bookkeeping that needs no engine: tags, the local commit (marker, `latest`), retention,
+compatibility checks."""
+
+import json
 
 import pytest
 
-from neox_train.checkpoint import apply_retention, check_compatible, local_tags, partitioning_change, resolve_resume_tag
+from neox_train import commit
+from neox_train.checkpoint import apply_retention, check_compatible, partitioning_change
 from neox_train.config import ConfigError
+from neox_train.tags import local_tags, step_of_tag
 
 
 def make_tags(save_dir, steps, latest):
+    """Complete (committed) tags; `latest` then points where the test says."""
     for s in steps:
         (save_dir / f"global_step{s}").mkdir(parents=True)
         (save_dir / f"global_step{s}" / "file").write_text("x")
+        commit.commit(save_dir, f"global_step{s}", run_id="0123456789ab")
     (save_dir / "latest").write_text(f"global_step{latest}")
 
 
 def test_tags_sorted_numerically(tmp_path):
     make_tags(tmp_path, [100, 20, 3], latest=100)
     (tmp_path / "not_a_tag").mkdir()
+    (tmp_path / "global_step7.damaged-1234").mkdir()
     assert local_tags(tmp_path) == ["global_step3", "global_step20", "global_step100"]
-    assert resolve_resume_tag(tmp_path, "latest") == "global_step100"
-    assert resolve_resume_tag(tmp_path, "global_step20") == "global_step20"
+    assert step_of_tag("global_step0") == 0 and step_of_tag("latest") is None
 
 
 def test_retention_keeps_newest_and_latest(tmp_path):
@@ -32,6 +39,76 @@ def test_retention_never_deletes_the_latest_pointer_target(tmp_path):
     make_tags(tmp_path, [1, 2, 3], latest=1)
     assert apply_retention(tmp_path, 1) == ["global_step2"]
     assert local_tags(tmp_path) == ["global_step1", "global_step3"]
+
+
+def test_retention_counts_only_complete_tags_and_leaves_torn_ones(tmp_path):
+    make_tags(tmp_path, [1, 2, 3], latest=3)
+    (tmp_path / "global_step4").mkdir()  # a save killed half-way: no marker
+    (tmp_path / "global_step4" / "mp_rank_00_model_states.pt").write_bytes(b"half")
+    assert apply_retention(tmp_path, 2) == ["global_step1"]
+    assert local_tags(tmp_path) == ["global_step2", "global_step3", "global_step4"]
+
+
+# -- the local commit -----------------------------------------------------------------------------------------
+def test_commit_marks_every_file_and_moves_latest(tmp_path):
+    tag = tmp_path / "global_step9"
+    (tag / "zero").mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"m" * 100)
+    (tag / "zero" / "optim.pt").write_bytes(b"o" * 7)
+    status = commit.commit(tmp_path, "global_step9", run_id="0123456789ab")
+    assert (tmp_path / "latest").read_text() == "global_step9"
+    marker = json.loads((tag / commit.MARKER).read_text())
+    assert sorted(marker["files"]) == ["mp_rank_00_model_states.pt", "zero/optim.pt"]
+    assert marker["run_id"] == "0123456789ab" and marker["step"] == 9
+    assert commit.inspect(tmp_path, "global_step9") == status and status.complete
+    assert commit.verify(tmp_path, status) == ""
+    assert not [p for p in tmp_path.rglob("*") if commit.TMP_MARK in p.name]
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda t: (t / "a.pt").unlink(), "a.pt is missing"),
+    (lambda t: (t / "a.pt").write_bytes(b"short"), "a.pt has 5 bytes, its marker says 10"),
+    (lambda t: (t / "stray.pt").write_bytes(b"?"), "stray.pt is not in its completeness marker"),
+    (lambda t: (t / commit.MARKER).write_text("{"), "is unreadable"),
+    (lambda t: (t / commit.MARKER).unlink(), "no completeness marker"),
+])
+def test_inspect_names_what_makes_a_tag_incomplete(tmp_path, damage, problem):
+    (tmp_path / "global_step1").mkdir()
+    (tmp_path / "global_step1" / "a.pt").write_bytes(b"a" * 10)
+    commit.commit(tmp_path, "global_step1", run_id=None)
+    damage(tmp_path / "global_step1")
+    status = commit.inspect(tmp_path, "global_step1")
+    assert not status.complete and problem in status.problem
+
+
+def test_verify_reads_the_content(tmp_path):
+    (tmp_path / "global_step1").mkdir()
+    (tmp_path / "global_step1" / "a.pt").write_bytes(b"a" * 10)
+    commit.commit(tmp_path, "global_step1", run_id=None)
+    (tmp_path / "global_step1" / "a.pt").write_bytes(b"b" * 10)  # same size: only the crc32c tells
+    status = commit.inspect(tmp_path, "global_step1")
+    assert status.complete and "a.pt has crc32c" in commit.verify(tmp_path, status)
+
+
+def test_a_tag_from_before_markers_counts_when_its_side_files_parse(tmp_path):
+    legacy = tmp_path / "global_step5"
+    legacy.mkdir()
+    (legacy / "mp_rank_00_model_states.pt").write_bytes(b"m")
+    (legacy / "config.json").write_text("{}")
+    (legacy / "run.json").write_text(json.dumps({"step": 5}))
+    status = commit.inspect(tmp_path, "global_step5")
+    assert status.complete and status.legacy and commit.verify(tmp_path, status) == ""
+    (legacy / "run.json").write_text("")  # torn: the old save order wrote run.json last
+    assert not commit.inspect(tmp_path, "global_step5").complete
+
+
+@pytest.mark.parametrize("content, why", [(None, "is missing"), (b"", "is empty"), (b"\xff\xfe", "is not text"),
+                                          (b"../etc", "not a checkpoint tag"), (b"global_step3\n", "")])
+def test_read_latest_never_raises(tmp_path, content, why):
+    if content is not None:
+        (tmp_path / "latest").write_bytes(content)
+    tag, problem = commit.read_latest(tmp_path)
+    assert (tag, why in problem) == (("global_step3" if not why else None), True)
 
 
 MODEL = {"vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256}
@@ -81,17 +158,21 @@ def test_side_files_carry_tokenizer_and_losses(tmp_path):
     (data / "meta.json").write_text('{"vocab_size": 300}')
 
     class Engine:
-        def save_checkpoint(self, save_dir, tag, client_state):
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+            assert save_latest is False  # neox-train writes `latest` itself, after the commit
             (tmp_path / "ckpt" / tag).mkdir(parents=True)
             (tmp_path / "ckpt" / tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
 
     state = TrainState(step=7, consumed_samples=56)
     extra = client_state(state=state, run_config={"data_dir": str(data)}, ds_config={}, model_config=MODEL, dp_size=1,
                          data_tokens=100)
-    tag = save(Engine(), tmp_path / "ckpt", state, extra, is_rank0=True,
-               losses={"train_loss": 3.5, "val_loss": 3.7, "val_loss_step": 5})
-    tag_dir = tmp_path / "ckpt" / tag
+    status = save(Engine(), tmp_path / "ckpt", state, extra, owner=True, run_id="0123456789ab",
+                  losses={"train_loss": 3.5, "val_loss": 3.7, "val_loss_step": 5})
+    tag_dir = tmp_path / "ckpt" / status.tag
+    assert status.complete and (tmp_path / "ckpt" / "latest").read_text() == "global_step7"
+    assert set(status.files) == {"mp_rank_00_model_states.pt", "config.json", "run.json", "tokenizer.json", "meta.json"}
     run = json.loads((tag_dir / "run.json").read_text())
     assert (run["step"], run["train_loss"], run["val_loss"], run["val_loss_step"]) == (7, 3.5, 3.7, 5)
+    assert run["run_id"] == "0123456789ab"
     assert (tag_dir / "tokenizer.json").read_text() == '{"model": {}}' and (tag_dir / "meta.json").is_file()
     assert json.loads((tag_dir / "config.json").read_text()) == MODEL

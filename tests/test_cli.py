@@ -121,7 +121,9 @@ def test_resume_without_checkpoint(capsys, tmp_path, token_dir):
     assert "no checkpoint in" in line
     (tmp_path / "ckpt" / "global_step3").mkdir(parents=True)
     line = _error_line(capsys, ["--config", str(run), "--resume", "global_step9"])
-    assert "'global_step9' not found" in line and "global_step3" in line
+    assert "'global_step9' not found" in line and "incomplete: global_step3" in line
+    line = _error_line(capsys, ["--config", str(run), "--resume", "latest"])
+    assert "no complete checkpoint" in line and "global_step3" in line
 
 
 def test_error_exit_code_from_the_real_command(tmp_path):

@@ -33,7 +33,7 @@ from conftest import (
     train_env,
 )
 from gcs import direct_client, gcs_bucket, gcs_emulator  # noqa: F401
-from neox_train import convert
+from neox_train import commit, convert
 
 pytestmark = pytest.mark.slow  # each training case starts real processes; kept in the default run
 
@@ -378,8 +378,18 @@ def test_published_folder_is_read_like_a_bucket(trained, tmp_path, capfd):
 # -- bad input: one line each, exit 2, nothing written ----------------------------------------------------------------
 
 
-def _copy_save_dir(run_dir: Path, dst: Path) -> Path:
+def _copy_save_dir(run_dir: Path, dst: Path, *, marked: bool = False) -> Path:
+    """A copy of a run's checkpoints. Unless `marked`, as a neox-train from before completeness markers wrote them
+    (no marker, no run id): the conversion's own checks of a damaged checkpoint are what those cases test, and an
+    old checkpoint meets them with nothing checked before."""
     shutil.copytree(run_dir / "ckpt", dst)
+    if not marked:
+        for marker in dst.glob(f"*/{commit.MARKER}"):
+            marker.unlink()
+        for run_json in dst.glob("*/run.json"):
+            meta = json.loads(run_json.read_text())
+            meta.pop("run_id", None)
+            run_json.write_text(json.dumps(meta))
     return dst
 
 
@@ -445,14 +455,31 @@ def _master_mismatch(d: Path) -> Path:
     return save_dir
 
 
+def _marked_and_truncated(d: Path) -> Path:
+    save_dir = _copy_save_dir(_runs[(1, 2, "no", False)], d / "c", marked=True)
+    _truncate(_tag(save_dir) / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    return save_dir
+
+
+def _marked_and_flipped(d: Path) -> Path:
+    save_dir = _copy_save_dir(_runs[(1, 2, "no", False)], d / "c", marked=True)
+    _corrupt_master(save_dir)  # a valid file, other bytes: only the crc32c tells
+    return save_dir
+
+
 # case: (make the input in a tmp folder -> CHECKPOINT, extra args, expected text of the one line)
 BAD = {
+    "marked-truncated": (_marked_and_truncated, ("--tag", f"global_step{STEPS}"),
+                         f"global_step{STEPS} is damaged or incomplete: zero_pp_rank_1_mp_rank_00_optim_states.pt has "),
+    "marked-changed": (_marked_and_flipped, ("--tag", f"global_step{STEPS}"),
+                       f"global_step{STEPS} is damaged or incomplete: zero_pp_rank_1_mp_rank_00_optim_states.pt has "),
     "not-a-checkpoint": (_not_a_checkpoint, (), "is not a DeepSpeed checkpoint folder: no 'latest' file"),
     "missing-path": (lambda d: d / "nowhere", (), "does not exist"),
     "missing-tag": (lambda d: _copy_save_dir(_runs[(1, 2, "no", False)], d / "c"), ("--tag", "global_step99"),
                     f"checkpoint tag 'global_step99' not found in {{src}} (available: global_step{TRAINED_SAVE_AT}, "
                     f"global_step{STEPS})"),
-    "no-model-config": (_no_model_config, (), "holds no model config (no config.json, and no 'model_config'"),
+    "no-model-config": (_no_model_config, ("--tag", f"global_step{STEPS}"),
+                        "holds no model config (no config.json, and no 'model_config'"),
     "truncated-model-states": (_truncated_model_states, (),
                                "mp_rank_00_model_states.pt cannot be read, it is truncated or corrupt"),
     "truncated-optim-shard": (_truncated_optim_shard, (),
@@ -463,6 +490,15 @@ BAD = {
     "bad-shard-size": (lambda d: _runs[(1, 2, "no", False)] / "ckpt", ("--max-shard-size", "lots"),
                        "--max-shard-size 'lots' is not a size"),
 }
+
+
+def test_a_torn_newest_tag_converts_the_newest_complete_one(trained, tmp_path, capfd):
+    save_dir = _copy_save_dir(trained(0, 1, "no"), tmp_path / "c", marked=True)
+    _truncate(_tag(save_dir) / "mp_rank_00_model_states.pt")  # a save that never finished writing
+    code, out, err = run_convert(capfd, save_dir, "--out", tmp_path / "hf", "--json")
+    assert code == 0, err
+    assert out["tag"] == f"global_step{TRAINED_SAVE_AT}"
+    assert f"names global_step{STEPS}: mp_rank_00_model_states.pt has" in err
 
 
 @pytest.mark.parametrize("case", list(BAD))

@@ -1,5 +1,6 @@
 """Storage backends: URL parsing, crc32c as GCS reports it, the crc32c cache, the Backend contract on the real
-client against the real emulator and on a local folder, create-only (412) semantics, and probe's one-line errors."""
+client against the real emulator and on a local folder, conditional writes (generations, 412), transient vs permanent
+errors, and probe's one-line errors."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import pytest
 
 import neox_train.storage as storage
 from gcs import (FaultProxy, direct_client, fast_retry, force_resumable, free_port, gcs_bucket,  # noqa: F401
-                 gcs_emulator)
-from neox_train.storage import (Crc32cCache, GcsBackend, LocalBackend, StorageError, crc32c_of_file, open_backend,
-                                parse_url)
+                 gcs_emulator, strict_backend)
+from neox_train.storage import (Crc32cCache, GcsBackend, LocalBackend, RemoteChanged, StorageError, crc32c_of_file,
+                                open_backend, parse_url)
 
 
 @pytest.mark.parametrize("url, expected", [
@@ -92,12 +93,14 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path):
 
 
 def test_backend_contract(backend, tmp_path: Path) -> None:
-    assert backend.read_bytes("absent") is None
-    backend.write_bytes("a/x.json", b"{}")
-    backend.write_bytes("a1/y", b"yy")
+    assert backend.read_bytes("absent") is None and backend.read("absent") is None and backend.stat("absent") is None
+    written = backend.write_bytes("a/x.json", b"{}", generation=0)
+    assert written.generation > 0 and backend.stat("a/x.json") == written
+    assert backend.read("a/x.json") == (b"{}", written.generation)
+    backend.write_bytes("a1/y", b"yy", generation=0)
     src = tmp_path / "src.bin"
     src.write_bytes(b"0123456789")
-    backend.upload_file(src, "a/deep/z.bin", crc32c=crc32c_of_file(src))
+    backend.upload_file(src, "a/deep/z.bin", crc32c=crc32c_of_file(src), generation=0)
 
     listing = backend.list("")
     assert set(listing) == {"a/x.json", "a1/y", "a/deep/z.bin"}
@@ -111,8 +114,8 @@ def test_backend_contract(backend, tmp_path: Path) -> None:
     assert [p.name for p in dest.parent.iterdir()] == ["z.bin"]  # no temporary file left behind
     assert backend.read_bytes("a/x.json") == b"{}"
 
-    backend.delete("a/x.json")
-    backend.delete("a/x.json")  # absent is fine
+    backend.delete("a/x.json", generation=None)
+    backend.delete("a/x.json", generation=None)  # absent is fine
     assert set(backend.list("")) == {"a1/y", "a/deep/z.bin"}
     with pytest.raises(StorageError, match="does not exist"):
         backend.download_file("a/x.json", tmp_path / "gone")
@@ -122,50 +125,62 @@ def test_backend_contract(backend, tmp_path: Path) -> None:
 
 
 def test_gcs_names_stay_under_the_prefix(gcs_bucket: str, gcs_emulator) -> None:
-    fast_retry(open_backend(f"gs://{gcs_bucket}/p/q/")).write_bytes("x/y", b"1")
+    fast_retry(open_backend(f"gs://{gcs_bucket}/p/q/")).write_bytes("x/y", b"1", generation=0)
     assert [b.name for b in direct_client(gcs_emulator.url).list_blobs(gcs_bucket)] == ["p/q/x/y"]
 
 
-# The emulator accepts ifGenerationMatch and ignores it. GCS answers 412 to a create-only write of an existing
-# object; the FaultProxy plays that part (it checks the emulator and answers 412 itself), so the real client
-# raises its real PreconditionFailed and the backend's 412 branch runs end to end.
-@pytest.fixture(params=["gs", "file"])
-def strict_backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    if request.param == "file":
-        yield open_backend(str(tmp_path / "remote")), None
-        return
-    bucket = request.getfixturevalue("gcs_bucket")
-    with FaultProxy(os.environ["STORAGE_EMULATOR_HOST"], enforce_preconditions=True) as proxy:
-        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
-        backend = fast_retry(open_backend(f"gs://{bucket}/pre"))
-        force_resumable(monkeypatch, backend)  # the 600 KiB file below goes resumable (3 chunks)
-        yield backend, proxy
-
-
 @pytest.mark.parametrize("size", [100, 600 * 1024], ids=["multipart", "resumable"])
-def test_if_absent_same_content_is_success_different_is_refused(strict_backend, tmp_path: Path, size: int) -> None:
+def test_writes_are_conditional_on_the_generation(strict_backend, tmp_path: Path, size: int) -> None:
+    """generation=0 creates only; generation=G replaces only G; a refused write that finds exactly its own content
+    there counts as written (an earlier attempt landed); anything else is RemoteChanged and changes nothing."""
     backend, proxy = strict_backend
-    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
-    a.write_bytes(os.urandom(size))
-    b.write_bytes(os.urandom(size))
-    backend.upload_file(a, "obj", crc32c=crc32c_of_file(a))
-    backend.upload_file(a, "obj", crc32c=crc32c_of_file(a))  # exists, same content: an earlier attempt landed
-    with pytest.raises(StorageError, match="already exists with different content.*refusing to overwrite") as err:
-        backend.upload_file(b, "obj", crc32c=crc32c_of_file(b))
-    assert "\n" not in str(err.value)
+    a, b, c = tmp_path / "a.bin", tmp_path / "b.bin", tmp_path / "c.bin"
+    for f in (a, b, c):
+        f.write_bytes(os.urandom(size))
+    first = backend.upload_file(a, "obj", crc32c=crc32c_of_file(a), generation=0)
+    assert backend.upload_file(a, "obj", crc32c=crc32c_of_file(a), generation=0) == first  # landed already
+    with pytest.raises(RemoteChanged, match="already exists with different content.*refusing to overwrite") as err:
+        backend.upload_file(b, "obj", crc32c=crc32c_of_file(b), generation=0)
+    assert "\n" not in str(err.value) and err.value.transient
     assert backend.list("")["obj"].crc32c == crc32c_of_file(a)
-    backend.upload_file(b, "obj", crc32c=crc32c_of_file(b), if_absent=False)  # an explicit overwrite
-    assert backend.list("")["obj"].crc32c == crc32c_of_file(b)
+    second = backend.upload_file(b, "obj", crc32c=crc32c_of_file(b), generation=first.generation)  # a replacement
+    assert second.generation != first.generation and backend.list("")["obj"].crc32c == crc32c_of_file(b)
+    with pytest.raises(RemoteChanged, match="changed remotely"):  # someone else's write came in between
+        backend.upload_file(c, "obj", crc32c=crc32c_of_file(c), generation=first.generation)
+    assert backend.stat("obj") == second
+    with pytest.raises(RemoteChanged, match="not deleted"):
+        backend.delete("obj", generation=first.generation)
+    backend.delete("obj", generation=second.generation)
+    assert backend.stat("obj") is None
 
-    backend.write_bytes("COMPLETE", b"done", if_absent=True)
-    backend.write_bytes("COMPLETE", b"done", if_absent=True)
-    with pytest.raises(StorageError, match="already exists with different content"):
-        backend.write_bytes("COMPLETE", b"other", if_absent=True)
+    backend.write_bytes("COMPLETE", b"done", generation=0)
+    backend.write_bytes("COMPLETE", b"done", generation=0)
+    with pytest.raises(RemoteChanged, match="already exists with different content"):
+        backend.write_bytes("COMPLETE", b"other", generation=0)
     assert backend.read_bytes("COMPLETE") == b"done"
     if proxy is not None:
-        assert proxy.counts["412"] == 4
+        assert proxy.counts["412"] == 6
         resumable = [t for m, t, _a in proxy.log if m == "POST" and "uploadType=resumable" in t]
-        assert len(resumable) == (4 if size > 256 * 1024 else 0)  # the 412 arrives when the session is opened
+        assert len(resumable) == (5 if size > 256 * 1024 else 0)  # the 412 arrives when the session is opened
+
+
+def test_errors_say_whether_a_retry_can_help(gcs_bucket: str, gcs_emulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upload worker retries transient errors and gives a checkpoint up on permanent ones."""
+    with FaultProxy(gcs_emulator.url, rules={"^POST /upload/": ["403"], "^GET /storage/v1/b/[^/]+/o\\?": ["503"] * 50}
+                    ) as proxy:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+        backend = fast_retry(open_backend(f"gs://{gcs_bucket}/x"), deadline_s=0.5)
+        with pytest.raises(StorageError, match="no permission") as denied:
+            backend.write_bytes("a", b"1", generation=0)
+        assert not denied.value.transient
+        with pytest.raises(StorageError, match="still failing after retrying") as flaky:
+            backend.list("")
+        assert flaky.value.transient
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator.url)
+    missing = fast_retry(open_backend("gs://neox-no-such-bucket-x/y"))
+    with pytest.raises(StorageError, match="does not exist") as gone:
+        missing.write_bytes("a", b"1", generation=0)
+    assert not gone.value.transient
 
 
 @pytest.mark.parametrize("size", [100, 600 * 1024], ids=["multipart", "resumable"])
@@ -182,7 +197,7 @@ def test_content_other_than_the_hashed_file_is_never_accepted(gcs_bucket: str, t
     f.write_bytes(os.urandom(size))  # rewritten between hashing and uploading
     # multipart: the client compares the stored crc32c; resumable: GCS answers 400 "Provided CRC32C ... doesn't match"
     with pytest.raises(StorageError, match=r"(?i)crc32c") as err:
-        backend.upload_file(f, "f.bin", crc32c=hashed)
+        backend.upload_file(f, "f.bin", crc32c=hashed, generation=0)
     assert "\n" not in str(err.value)
 
 
@@ -194,7 +209,7 @@ def test_lost_response_then_412_counts_as_uploaded(gcs_bucket: str, gcs_emulator
         backend = fast_retry(open_backend(f"gs://{gcs_bucket}"))
         f = tmp_path / "w.bin"
         f.write_bytes(b"weights" * 100)
-        backend.upload_file(f, "w.bin", crc32c=crc32c_of_file(f))
+        backend.upload_file(f, "w.bin", crc32c=crc32c_of_file(f), generation=0)
         assert (proxy.counts["lost"], proxy.counts["412"]) == (1, 1) and backend.retries == 1
     assert direct_client(gcs_emulator.url).bucket(gcs_bucket).get_blob("w.bin").crc32c == crc32c_of_file(f)
 
@@ -203,7 +218,7 @@ def test_local_backend_refuses_names_outside_its_folder(tmp_path: Path) -> None:
     backend = LocalBackend(tmp_path / "remote")
     for name in ["../x", "/abs", "a/../../b", "a\\b", "a//b"]:
         with pytest.raises(StorageError, match="escape the folder"):
-            backend.write_bytes(name, b"x")
+            backend.write_bytes(name, b"x", generation=0)
     assert not (tmp_path / "x").exists()
 
 

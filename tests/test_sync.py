@@ -13,10 +13,14 @@ from pathlib import Path
 import pytest
 
 import neox_train.storage as storage
-from gcs import FaultProxy, direct_client, fast_retry, force_resumable, gcs_bucket, gcs_emulator  # noqa: F401
+from gcs import (FaultProxy, direct_client, fast_retry, force_resumable, gcs_bucket, gcs_emulator,  # noqa: F401
+                 strict_backend)
+from neox_train import commit
+from neox_train.owner import Identity, PrefixOwned, claim
 from neox_train.storage import Crc32cCache, LocalBackend, StorageError, crc32c_of_file, open_backend
-from neox_train.sync import (COMPLETE, LATEST, MANIFEST, CheckpointConflict, fetch_checkpoint, finalize_checkpoint,
-                             remote_checkpoints, remote_latest, sync, sync_down, sync_up, upload_checkpoint_part)
+from neox_train.sync import (COMPLETE, LATEST, MANIFEST, CheckpointConflict, CheckpointIncomplete, fetch_checkpoint,
+                             finalize_checkpoint, remote_checkpoints, remote_latest, sync, sync_down, sync_up,
+                             upload_checkpoint_part)
 from neox_train.sync_cli import add_download_arguments, main as sync_main, main_download
 
 TREE = {"a.bin": b"A" * 300, "sub/b.bin": b"B" * 20, "sub/deeper/c.json": b"{}", "sub/deeper/empty": b""}
@@ -57,9 +61,9 @@ class Recorder:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def write_bytes(self, name, data, *, if_absent=False):
+    def write_bytes(self, name, data, *, generation):
         self.writes.append(name)
-        self.inner.write_bytes(name, data, if_absent=if_absent)
+        return self.inner.write_bytes(name, data, generation=generation)
 
     def download_file(self, name, local):
         self.downloads.append(name)
@@ -195,28 +199,48 @@ def test_uploads_get_through_503s_resets_and_stalls(gcs_bucket: str, gcs_emulato
 # checkpoints
 
 
-def save_checkpoint(save_dir: Path, tag: str, files: dict[str, bytes] | None = None) -> Path:
+RUN = Identity("0123456789ab", "000000000001")
+OTHER_RUN = Identity("ba9876543210", "000000000002")
+
+
+def save_checkpoint(save_dir: Path, tag: str, files: dict[str, bytes] | None = None, *, run_id: str | None = RUN.run_id,
+                    committed: bool = True) -> Path:
+    """A tag folder as a training run leaves it: its files, then (committed) the completeness marker and `latest`."""
     files = files if files is not None else {"mp_rank_00_model_states.pt": tag.encode() * 10,
                                              "zero/optim_states.pt": b"o" * 50}
-    return make_tree(save_dir / tag, files)
+    folder = make_tree(save_dir / tag, files)
+    if committed:
+        commit.commit(save_dir, tag, run_id=run_id)
+    return folder
 
 
-def publish(save_dir: Path, tag: str, backend, **kw) -> bool:
-    upload_checkpoint_part(save_dir, tag, backend, **kw)
-    return finalize_checkpoint(backend, tag)
+def recommit(save_dir: Path, tag: str, run_id: str | None = RUN.run_id) -> None:
+    """After a test changed a tag's files: commit again (as a new save of that step would)."""
+    (save_dir / tag / commit.MARKER).unlink()
+    commit.commit(save_dir, tag, run_id=run_id)
+
+
+def publish(save_dir: Path, tag: str, backend, identity: Identity = RUN, **kw) -> bool:
+    claim(backend, identity, takeover=True, save_dir=str(save_dir))
+    upload_checkpoint_part(save_dir, tag, backend, identity=identity, **kw)
+    return finalize_checkpoint(backend, tag, identity=identity)
 
 
 def test_publication_order_and_latest_only_moves_forward(backend, tmp_path: Path) -> None:
     save = tmp_path / "save"
     rec = Recorder(backend)
     save_checkpoint(save, "global_step10")
-    assert publish(save, "global_step10", rec)
+    claim(backend, RUN, takeover=False, save_dir=str(save))
+    upload_checkpoint_part(save, "global_step10", rec, identity=RUN)
+    assert finalize_checkpoint(rec, "global_step10", identity=RUN)
     assert rec.writes == ["global_step10/.parts/node-0.json", f"global_step10/{MANIFEST}",
                           f"global_step10/{COMPLETE}", LATEST]
     manifest = json.loads(backend.read_bytes(f"global_step10/{MANIFEST}"))
-    assert manifest["step"] == 10 and manifest["num_nodes"] == 1
+    assert manifest["step"] == 10 and manifest["num_nodes"] == 1 and manifest["run_id"] == RUN.run_id
+    assert json.loads(backend.read_bytes(f"global_step10/{COMPLETE}"))["run_id"] == RUN.run_id
     optim = save / "global_step10" / "zero" / "optim_states.pt"
     assert manifest["files"]["zero/optim_states.pt"] == {"size": 50, "crc32c": crc32c_of_file(optim)}
+    assert commit.MARKER not in manifest["files"] and not backend.list(f"global_step10/{commit.MARKER}")
 
     save_checkpoint(save, "global_step9")  # an older step published later (e.g. a retried backlog)
     rec.writes.clear()
@@ -226,46 +250,59 @@ def test_publication_order_and_latest_only_moves_forward(backend, tmp_path: Path
     assert remote_latest(backend) == "global_step10"
 
     rec.writes.clear()
-    assert finalize_checkpoint(rec, "global_step10") and rec.writes == []  # idempotent
+    assert finalize_checkpoint(rec, "global_step10", identity=RUN) and rec.writes == []  # idempotent
 
 
 def test_two_nodes_publish_once_both_parts_are_there(backend, tmp_path: Path) -> None:
     node0, node1 = tmp_path / "node0", tmp_path / "node1"
-    save_checkpoint(node0, "global_step4", {"mp_rank_00_model_states.pt": b"m", "zero_pp_rank_0_optim_states.pt": b"0"})
-    # Under use_node_local_storage node 1 writes its own copy of the model states too (same weights, other bytes):
-    # the checkpoint takes node 0's.
-    save_checkpoint(node1, "global_step4", {"mp_rank_00_model_states.pt": b"m-node1", "zero_pp_rank_1_optim_states.pt": b"11"})
-    upload_checkpoint_part(node0, "global_step4", backend, node_rank=0)
-    assert finalize_checkpoint(backend, "global_step4", num_nodes=2) is False
+    save_checkpoint(node0, "global_step4", {"mp_rank_00_model_states.pt": b"m", "zero_pp_rank_0_optim_states.pt": b"0",
+                                            "run.json": b"{}"})
+    # Under use_node_local_storage node 1 writes its own copy of the model states and side files too (same weights,
+    # other bytes): the checkpoint takes node 0's.
+    save_checkpoint(node1, "global_step4", {"mp_rank_00_model_states.pt": b"m-node1", "zero_pp_rank_1_optim_states.pt": b"11",
+                                            "run.json": b'{"x": 1}'})
+    claim(backend, RUN, takeover=False, save_dir=str(node0))
+    upload_checkpoint_part(node0, "global_step4", backend, identity=RUN, node_rank=0)
+    assert finalize_checkpoint(backend, "global_step4", identity=RUN, num_nodes=2) is False
     assert backend.read_bytes(f"global_step4/{MANIFEST}") is None
     assert backend.read_bytes(f"global_step4/{COMPLETE}") is None
-    upload_checkpoint_part(node1, "global_step4", backend, node_rank=1)
-    assert finalize_checkpoint(backend, "global_step4", num_nodes=2) is True
+    upload_checkpoint_part(node1, "global_step4", backend, identity=RUN, node_rank=1)
+    assert finalize_checkpoint(backend, "global_step4", identity=RUN, num_nodes=2) is True
     manifest = json.loads(backend.read_bytes(f"global_step4/{MANIFEST}"))
-    assert sorted(manifest["files"]) == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_optim_states.pt",
+    assert sorted(manifest["files"]) == ["mp_rank_00_model_states.pt", "run.json", "zero_pp_rank_0_optim_states.pt",
                                          "zero_pp_rank_1_optim_states.pt"]
     assert manifest["num_nodes"] == 2
     assert backend.read_bytes("global_step4/mp_rank_00_model_states.pt") == b"m"
+    assert backend.read_bytes("global_step4/run.json") == b"{}"
 
 
-def test_a_stale_part_from_an_earlier_run_is_not_merged(backend, tmp_path: Path) -> None:
+def test_a_part_from_an_earlier_start_waits_and_another_runs_part_is_refused(backend, tmp_path: Path) -> None:
     node0, node1 = tmp_path / "node0", tmp_path / "node1"
     save_checkpoint(node0, "global_step4", {"a": b"0"})
     save_checkpoint(node1, "global_step4", {"b": b"1"})
-    upload_checkpoint_part(node1, "global_step4", backend, node_rank=1, run_id="crashed-run")
-    upload_checkpoint_part(node0, "global_step4", backend, node_rank=0, run_id="this-run")
-    assert finalize_checkpoint(backend, "global_step4", num_nodes=2) is False
-    upload_checkpoint_part(node1, "global_step4", backend, node_rank=1, run_id="this-run")
-    assert finalize_checkpoint(backend, "global_step4", num_nodes=2) is True
+    crashed = Identity(RUN.run_id, "00000000dead")  # the same run before a restart
+    claim(backend, crashed, takeover=False, save_dir=str(node0))
+    upload_checkpoint_part(node1, "global_step4", backend, identity=crashed, node_rank=1)
+    claim(backend, RUN, takeover=False, save_dir=str(node0))  # the restart takes the session over
+    upload_checkpoint_part(node0, "global_step4", backend, identity=RUN, node_rank=0)
+    assert finalize_checkpoint(backend, "global_step4", identity=RUN, num_nodes=2) is False
+    upload_checkpoint_part(node1, "global_step4", backend, identity=RUN, node_rank=1)  # replaces its old part
+    assert finalize_checkpoint(backend, "global_step4", identity=RUN, num_nodes=2) is True
+
+    save_checkpoint(node0, "global_step6", {"a": b"6"})
+    upload_checkpoint_part(node0, "global_step6", backend, identity=RUN)
+    with pytest.raises(CheckpointConflict, match=f"being published by run {RUN.run_id}"):
+        upload_checkpoint_part(node0, "global_step6", backend, identity=OTHER_RUN)
 
 
 def test_finalize_refuses_a_part_whose_file_is_not_remote(backend, tmp_path: Path) -> None:
     save = tmp_path / "save"
     save_checkpoint(save, "global_step2")
-    upload_checkpoint_part(save, "global_step2", backend)
-    backend.delete("global_step2/zero/optim_states.pt")
+    claim(backend, RUN, takeover=False, save_dir=str(save))
+    upload_checkpoint_part(save, "global_step2", backend, identity=RUN)
+    backend.delete("global_step2/zero/optim_states.pt", generation=None)
     with pytest.raises(StorageError, match=r"cannot finalize .*/global_step2: zero/optim_states.pt is missing"):
-        finalize_checkpoint(backend, "global_step2")
+        finalize_checkpoint(backend, "global_step2", identity=RUN)
     assert backend.read_bytes(f"global_step2/{COMPLETE}") is None and backend.read_bytes(LATEST) is None
 
 
@@ -273,15 +310,61 @@ def test_reserved_names_and_published_tags_are_never_overwritten(backend, tmp_pa
     save = tmp_path / "save"
     save_checkpoint(save, "global_step1", {"manifest.json": b"{}"})
     with pytest.raises(StorageError, match="'manifest.json' is a name reserved"):
-        upload_checkpoint_part(save, "global_step1", backend)
+        upload_checkpoint_part(save, "global_step1", backend, identity=RUN)
 
     save_checkpoint(save, "global_step2")
     assert publish(save, "global_step2", backend)
-    assert upload_checkpoint_part(save, "global_step2", backend).files_skipped == 2  # same content: a no-op
+    assert upload_checkpoint_part(save, "global_step2", backend, identity=RUN).files_skipped == 2  # a no-op
     (save / "global_step2" / "zero" / "optim_states.pt").write_bytes(b"retrained")
-    with pytest.raises(CheckpointConflict, match=r"already published \(COMPLETE\) with different content"):
-        upload_checkpoint_part(save, "global_step2", backend)
+    recommit(save, "global_step2")
+    with pytest.raises(CheckpointConflict, match=r"already published \(COMPLETE\) with different content") as err:
+        upload_checkpoint_part(save, "global_step2", backend, identity=RUN)
+    assert not err.value.transient
     assert backend.read_bytes("global_step2/zero/optim_states.pt") == b"o" * 50
+
+
+def test_only_complete_local_tags_are_published(backend, tmp_path: Path) -> None:
+    save = tmp_path / "save"
+    save_checkpoint(save, "global_step3", committed=False)  # DeepSpeed's files, the commit never happened
+    with pytest.raises(CheckpointIncomplete, match="no completeness marker"):
+        upload_checkpoint_part(save, "global_step3", backend, identity=RUN)
+    save_checkpoint(save, "global_step4")
+    (save / "global_step4" / "zero" / "optim_states.pt").write_bytes(b"torn")  # not what was committed
+    with pytest.raises(CheckpointIncomplete, match="optim_states.pt has 4 bytes"):
+        upload_checkpoint_part(save, "global_step4", backend, identity=RUN)
+    assert backend.list("") == {}
+
+
+def test_a_second_publisher_never_replaces_files_of_a_published_tag(strict_backend, tmp_path: Path) -> None:
+    """Defect: the uploader looked at COMPLETE once, before sending; a second writer (a double launch) replaced a
+    file after the first had published, and the COMPLETE tag no longer matched its manifest. Now every write is
+    conditional and a replacement re-checks ownership and COMPLETE right before it."""
+    backend, _proxy = strict_backend
+    first, second = tmp_path / "first", tmp_path / "second"
+    files = lambda b: {"mp_rank_00_model_states.pt": b * 10, "zero/optim_states.pt": b * 50}  # noqa: E731
+    save_checkpoint(first, "global_step4", files(b"A"))
+    save_checkpoint(second, "global_step4", files(b"B"))  # same names and sizes, other bytes
+    older = Identity(RUN.run_id, "0000000000aa")  # the launch that lost the session
+    claim(backend, older, takeover=False, save_dir=str(second))
+    claim(backend, RUN, takeover=False, save_dir=str(first))
+    upload_checkpoint_part(first, "global_step4", backend, identity=RUN)
+
+    class PublishesMeanwhile(Recorder):
+        """The first publisher completes the tag right after the second one listed it."""
+        fired = False
+
+        def list(self, prefix=""):
+            listing = self.inner.list(prefix)
+            if not self.fired and prefix == "global_step4/":
+                PublishesMeanwhile.fired = True
+                assert finalize_checkpoint(self.inner, "global_step4", identity=RUN)
+            return listing
+
+    with pytest.raises((CheckpointConflict, PrefixOwned)):
+        upload_checkpoint_part(second, "global_step4", PublishesMeanwhile(backend), identity=older)
+    fetch_checkpoint(backend, "global_step4", tmp_path / "check")  # every file still matches the manifest
+    assert read_tree(tmp_path / "check" / "global_step4") == read_tree(first / "global_step4") | {
+        commit.MARKER: (tmp_path / "check" / "global_step4" / commit.MARKER).read_bytes()}
 
 
 def test_fetch_installs_a_verified_copy_and_reuses_matching_files(backend, tmp_path: Path) -> None:
@@ -293,7 +376,10 @@ def test_fetch_installs_a_verified_copy_and_reuses_matching_files(backend, tmp_p
     dest = tmp_path / "resume"
     rec = Recorder(backend)
     path = fetch_checkpoint(rec, "global_step6", dest, workers=2)
-    assert path == dest / "global_step6" and read_tree(path) == read_tree(save / "global_step6")
+    assert path == dest / "global_step6"
+    assert read_tree(path) == read_tree(save / "global_step6") | {commit.MARKER: (path / commit.MARKER).read_bytes()}
+    status = commit.inspect(dest, "global_step6")
+    assert status.complete and status.run_id == RUN.run_id and commit.verify(dest, status) == ""
     assert (dest / "latest").read_text() == "global_step6"
     assert sorted(p.name for p in dest.iterdir()) == ["global_step6", "latest"]  # no partial folder left
     assert len(rec.downloads) == 2
@@ -304,7 +390,7 @@ def test_fetch_installs_a_verified_copy_and_reuses_matching_files(backend, tmp_p
     (path / "zero" / "optim_states.pt").write_bytes(b"damaged")
     fetch_checkpoint(rec, "global_step6", dest)
     assert rec.downloads == ["global_step6/zero/optim_states.pt"]
-    assert read_tree(path) == read_tree(save / "global_step6")
+    assert read_tree(path) == read_tree(save / "global_step6") | {commit.MARKER: (path / commit.MARKER).read_bytes()}
 
 
 def test_fetch_refuses_a_checkpoint_changed_after_complete(backend, tmp_path: Path) -> None:
@@ -313,7 +399,7 @@ def test_fetch_refuses_a_checkpoint_changed_after_complete(backend, tmp_path: Pa
     assert publish(save, "global_step3", backend)
     evil = tmp_path / "evil.pt"
     evil.write_bytes(b"X" * 50)
-    backend.upload_file(evil, "global_step3/zero/optim_states.pt", crc32c=crc32c_of_file(evil), if_absent=False)
+    backend.upload_file(evil, "global_step3/zero/optim_states.pt", crc32c=crc32c_of_file(evil), generation=None)
     with pytest.raises(StorageError, match=r"global_step3/zero/optim_states.pt is size 50 crc32c .* the manifest says"):
         fetch_checkpoint(backend, "global_step3", tmp_path / "resume")
     assert not (tmp_path / "resume").exists()  # refused on the listing, before a byte was downloaded
@@ -342,12 +428,12 @@ def test_fetch_refuses_incomplete_tags(backend, tmp_path: Path) -> None:
     save_checkpoint(save, "global_step1")
     assert publish(save, "global_step1", backend)
     save_checkpoint(save, "global_step2")
-    upload_checkpoint_part(save, "global_step2", backend)  # uploaded, never finalized
+    upload_checkpoint_part(save, "global_step2", backend, identity=RUN)  # uploaded, never finalized
     with pytest.raises(StorageError, match=r"global_step2 is not a complete checkpoint .*complete ones: global_step1"):
         fetch_checkpoint(backend, "global_step2", tmp_path / "resume")
     assert not (tmp_path / "resume" / "global_step2").exists()
     assert remote_checkpoints(backend) == ["global_step1"]
-    backend.write_bytes(LATEST, b"global_step2")  # a pointer at an incomplete tag is not trusted
+    backend.write_bytes(LATEST, b"global_step2", generation=None)  # a pointer at an incomplete tag is not trusted
     assert remote_latest(backend) == "global_step1"
 
 
@@ -446,12 +532,67 @@ def test_neox_sync_checkpoints_publishes_a_save_dir(tmp_path: Path, capsys: pyte
     save = tmp_path / "save"
     for tag in ("global_step5", "global_step10"):
         save_checkpoint(save, tag)
-    (save / "latest").write_text("global_step10")
     assert sync_main([str(save), str(tmp_path / "remote"), "--checkpoints", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["files_uploaded"] == 4
+    out = json.loads(capsys.readouterr().out)
+    assert out["files_uploaded"] == 4 and out["published"] == ["global_step5", "global_step10"]
     backend = open_backend(str(tmp_path / "remote"))
     assert remote_checkpoints(backend) == ["global_step5", "global_step10"]
     assert backend.read_bytes(LATEST) == b"global_step10"
+    assert json.loads(backend.read_bytes(".neox-owner.json"))["run_id"] == RUN.run_id
+
+
+def test_neox_sync_checkpoints_never_publishes_a_half_written_tag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Defect: the crash-recovery command published every global_step* folder, torn ones included, as COMPLETE and
+    moved `latest` onto them; resume from the bucket then failed, and that step could never be published again."""
+    save = tmp_path / "save"
+    save_checkpoint(save, "global_step5")
+    save_checkpoint(save, "global_step7", committed=False)  # killed half-way through its save
+    (save / "latest").write_text("global_step7")  # what DeepSpeed's own pointer said before neox-train owned it
+    assert sync_main([str(save), str(tmp_path / "remote"), "--checkpoints", "--json"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert result["published"] == ["global_step5"] and "global_step7" in result["not_published"]
+    assert "global_step7" in err and "not complete locally" in err
+    backend = open_backend(str(tmp_path / "remote"))
+    assert remote_checkpoints(backend) == ["global_step5"] and backend.read_bytes(LATEST) == b"global_step5"
+    assert not backend.list("global_step7/")
+
+
+def test_neox_sync_checkpoints_leaves_another_runs_prefix_alone(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    remote = tmp_path / "remote"
+    theirs, mine = tmp_path / "theirs", tmp_path / "mine"
+    save_checkpoint(theirs, "global_step2", run_id=OTHER_RUN.run_id)
+    assert sync_main([str(theirs), str(remote), "--checkpoints"]) == 0
+    save_checkpoint(mine, "global_step4")
+    capsys.readouterr()
+    assert sync_main([str(mine), str(remote), "--checkpoints"]) == 1
+    err = capsys.readouterr().err
+    assert "global_step4" in err and f"belongs to run {OTHER_RUN.run_id}" in err
+    assert remote_checkpoints(open_backend(str(remote))) == ["global_step2"]
+
+
+def test_plain_sync_never_changes_a_published_checkpoint(strict_backend, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """Defect: `neox-sync SAVE_DIR gs://prefix` re-uploaded a same-size, other-crc32c file over a COMPLETE tag's and
+    exited 0; the tag then differed from its manifest forever."""
+    backend, _proxy = strict_backend
+    save = tmp_path / "save"
+    save_checkpoint(save, "global_step2")
+    assert publish(save, "global_step2", backend)
+    before = {name: (f.size, f.crc32c) for name, f in backend.list("").items()}
+    optim = save / "global_step2" / "zero" / "optim_states.pt"
+    optim.write_bytes(b"p" * 50)  # same size, other bytes
+    touch_later(optim)
+    assert sync_main([str(save), backend.url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "refusing to write" in err and "published checkpoint" in err
+    assert {name: (f.size, f.crc32c) for name, f in backend.list("").items()} == before
+    fetch_checkpoint(backend, "global_step2", tmp_path / "check")  # still matches its manifest
+    # Elsewhere under the prefix, a plain sync still works, and replaces only what it listed.
+    other = make_tree(tmp_path / "other", {"notes/a.txt": b"1"})
+    assert sync_main([str(other), backend.url]) == 0
+    (other / "notes" / "a.txt").write_bytes(b"2")
+    assert sync_main([str(other), backend.url]) == 0 and backend.read_bytes("notes/a.txt") == b"2"
 
 
 def test_neox_data_download_skips_existing(backend, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

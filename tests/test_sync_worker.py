@@ -1,27 +1,41 @@
-"""The upload worker process on its own (real spawn, local-folder bucket): backlog policy and journal."""
+"""The upload worker process on its own (real spawn, local-folder bucket): backlog policy, journal, permanent
+failures that never block the queue, and what earlier processes published."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from neox_train.sync_worker import SyncSettings, SyncWorker, journal_pending
+from neox_train import commit
+from neox_train.owner import Identity, claim
+from neox_train.storage import open_backend
+from neox_train.sync_worker import SyncSettings, SyncWorker, journal_leftovers
+
+RUN = Identity("0123456789ab", "000000000001")
 
 
-def make_tags(save_dir: Path, steps: list[int]) -> list[str]:
+def make_tags(save_dir: Path, steps: list[int], *, committed: bool = True) -> list[str]:
     tags = []
     for step in steps:
         tag = f"global_step{step}"
         (save_dir / tag / "sub").mkdir(parents=True)
         (save_dir / tag / "mp_rank_00_model_states.pt").write_bytes(bytes([step % 256]) * 1000)
         (save_dir / tag / "sub" / "extra.bin").write_bytes(b"x" * step)
+        if committed:
+            commit.commit(save_dir, tag, run_id=RUN.run_id)
         tags.append(tag)
     return tags
+
+
+def settings(save_dir: Path, bucket: Path, **kw) -> SyncSettings:
+    """The worker's settings, with the bucket claimed for RUN first (the trainer does that before it starts)."""
+    claim(open_backend(str(bucket)), RUN, takeover=True, save_dir=str(save_dir))
+    return SyncSettings(url=str(bucket), save_dir=str(save_dir), run_id=RUN.run_id, session=RUN.session, **kw)
 
 
 def test_backlog_skips_superseded_and_keeps_them_locally(tmp_path):
     save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
     tags = make_tags(save_dir, [1, 2, 3, 4])
-    worker = SyncWorker(SyncSettings(url=str(bucket), save_dir=str(save_dir), max_pending=1))
+    worker = SyncWorker(settings(save_dir, bucket, max_pending=1))
     for tag in tags:  # queued before the process runs: it sees a backlog of 4 at once
         worker.submit(tag)
     worker.start()
@@ -32,20 +46,20 @@ def test_backlog_skips_superseded_and_keeps_them_locally(tmp_path):
     assert sorted(p.parent.name for p in bucket.glob("*/COMPLETE")) == ["global_step1", "global_step4"]
     assert (bucket / "latest").read_text().strip() == "global_step4"
     assert all((save_dir / t).is_dir() for t in tags)
-    assert journal_pending(save_dir, 0) == []  # skipped tags are not retried by the next run
+    assert journal_leftovers(save_dir, 0) == []  # skipped tags are not retried by the next run
 
 
 def test_journal_hands_unfinished_tags_to_the_next_worker(tmp_path):
     save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
     tags = make_tags(save_dir, [5, 6])
-    first = SyncWorker(SyncSettings(url=str(bucket), save_dir=str(save_dir)))
+    first = SyncWorker(settings(save_dir, bucket))
     for tag in tags:
         first.submit(tag)  # journaled, but the process is never started (as if the trainer died right here)
-    assert journal_pending(save_dir, 0) == tags
-    second = SyncWorker(SyncSettings(url=str(bucket), save_dir=str(save_dir)))
+    assert journal_leftovers(save_dir, 0) == tags
+    second = SyncWorker(settings(save_dir, bucket))
     assert second.start() == tags
     status = second.close(timeout_s=120, progress=False)
-    assert status.published == tags and journal_pending(save_dir, 0) == []
+    assert status.published == tags and journal_leftovers(save_dir, 0) == []
     assert sorted(p.parent.name for p in bucket.glob("*/COMPLETE")) == tags
 
 
@@ -55,8 +69,8 @@ def test_uploads_wait_while_a_checkpoint_is_being_written(tmp_path):
 
     save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
     tags = make_tags(save_dir, [7, 8])
-    worker = SyncWorker(SyncSettings(url=str(bucket), save_dir=str(save_dir)))
-    worker.start()
+    worker = SyncWorker(settings(save_dir, bucket))
+    worker.start(resume_journal=False)
     worker.submit(tags[0])  # first prove the process is up and uploading (spawn + imports take seconds)
     deadline = time.monotonic() + 120
     while worker.poll().published != tags[:1]:
@@ -85,3 +99,65 @@ def test_save_gate_gives_up_after_its_bound():
     started = time.monotonic()
     save_gate(flag, max_wait_s=0.3)()
     assert 0.25 <= time.monotonic() - started < 2.0
+
+
+def test_a_permanent_failure_gives_that_checkpoint_up_and_the_queue_goes_on(tmp_path):
+    """Defect: a CheckpointConflict was retried with backoff forever while every later checkpoint waited."""
+    from neox_train.sync import finalize_checkpoint, upload_checkpoint_part
+
+    save_dir, bucket, other = tmp_path / "ckpt", tmp_path / "bucket", tmp_path / "other"
+    make_tags(other, [2])
+    (other / "global_step2" / "mp_rank_00_model_states.pt").write_bytes(b"Z" * 1000)  # same size, other bytes
+    (other / "global_step2" / commit.MARKER).unlink()
+    commit.commit(other, "global_step2", run_id=RUN.run_id)
+    backend = open_backend(str(bucket))
+    claim(backend, RUN, takeover=True, save_dir=str(other))
+    upload_checkpoint_part(other, "global_step2", backend, identity=RUN)
+    assert finalize_checkpoint(backend, "global_step2", identity=RUN)  # published with other content
+    tags = make_tags(save_dir, [2, 4])
+    worker = SyncWorker(settings(save_dir, bucket, retry_initial_s=60))  # a retry would outlast the test
+    worker.start(resume_journal=False)
+    for tag in tags:
+        worker.submit(tag)
+    status = worker.close(timeout_s=60, progress=False)
+    assert status.published == ["global_step4"] and list(status.failed) == ["global_step2"]
+    assert "already published (COMPLETE) with different content" in status.failed["global_step2"]
+    assert status.failures == 0, "a permanent failure was retried"
+    assert (save_dir / "global_step2").is_dir(), "a checkpoint that could not be published must stay local"
+    assert status.unpublished == ["global_step2"] and status.metrics(retries=0)["failed"] == 1
+    # The next run tries it again (the cause may be fixed by then).
+    assert journal_leftovers(save_dir, 0) == ["global_step2"]
+
+
+def test_what_earlier_processes_published_is_reported_as_verified(tmp_path):
+    """Retention may delete a tag published by an earlier process: the worker checks the bucket at start."""
+    save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
+    tags = make_tags(save_dir, [1, 2, 3])
+    first = SyncWorker(settings(save_dir, bucket))
+    first.start(resume_journal=False)
+    for tag in tags[:2]:
+        first.submit(tag)
+    assert first.close(timeout_s=60, progress=False).published == tags[:2]
+    # global_step2 then changes locally (a new save of that step): it is not what the bucket holds any more.
+    (save_dir / "global_step2" / "sub" / "extra.bin").write_bytes(b"y" * 2)
+    (save_dir / "global_step2" / commit.MARKER).unlink()
+    commit.commit(save_dir, "global_step2", run_id=RUN.run_id)
+    second = SyncWorker(settings(save_dir, bucket))
+    second.start(resume_journal=False)
+    import time
+
+    deadline = time.monotonic() + 60
+    while "global_step1" not in second.poll().published and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert second.poll().published == ["global_step1"]
+    second.kill()
+
+
+def test_a_complete_tag_never_queued_is_handed_over_and_a_torn_one_is_not(tmp_path):
+    """A kill between a tag's commit and its journal line: the next worker still publishes it."""
+    save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
+    make_tags(save_dir, [5])
+    make_tags(save_dir, [6], committed=False)
+    worker = SyncWorker(settings(save_dir, bucket))
+    assert worker.start() == ["global_step5"]
+    assert worker.close(timeout_s=60, progress=False).published == ["global_step5"]

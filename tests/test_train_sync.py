@@ -31,7 +31,7 @@ def test_background_sync_to_folder_publishes_and_retention_waits(tmp_path, token
     manifest = json.loads((bucket / "global_step6" / "manifest.json").read_text())
     local = {p.relative_to(tmp_path / "ckpt" / "global_step6").as_posix()
              for p in (tmp_path / "ckpt" / "global_step6").rglob("*") if p.is_file()}
-    assert set(manifest["files"]) == local
+    assert set(manifest["files"]) == local - {".neox-complete.json"}  # the local marker stays local
     # Local retention kept only the newest, and only after the older ones were verified remote.
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("global_step*")) == ["global_step6"]
     sync = read_metrics(tmp_path / "logs", "sync")
@@ -129,8 +129,8 @@ def _children(pid: int) -> list[int]:
 def test_kill9_during_upload_then_restart_finishes_it(tmp_path, token_dir, gcs_emulator, gcs_bucket, monkeypatch):
     url = f"gs://{gcs_bucket}/run"
     run = tiny_run_config(tmp_path, token_dir, max_steps=4, save_steps=2, keep_last_n=0, sync_to=url)
-    # The probe's upload passes; every checkpoint upload then stalls and is reset, again and again.
-    with FaultProxy(gcs_emulator.url, rules={r"^POST /upload/": ["pass"] + ["stall"] * 500}, stall_s=0.5,
+    # The probe's and the owner claim's uploads pass; every checkpoint upload then stalls and is reset, again and again.
+    with FaultProxy(gcs_emulator.url, rules={r"^POST /upload/": ["pass", "pass"] + ["stall"] * 500}, stall_s=0.5,
                     lifetime_s=240) as proxy:
         env = train_env()
         env["STORAGE_EMULATOR_HOST"] = proxy.url
@@ -172,7 +172,9 @@ def test_kill9_during_upload_then_restart_finishes_it(tmp_path, token_dir, gcs_e
 def test_unpublishable_checkpoints_fail_the_run_with_the_list(tmp_path, token_dir, gcs_emulator, gcs_bucket):
     url = f"gs://{gcs_bucket}/run"
     run = tiny_run_config(tmp_path, token_dir, max_steps=2, save_steps=2, sync_to=url, upload_timeout_s=3)
-    with FaultProxy(gcs_emulator.url, rules={r"^POST /upload/": ["pass"] + ["503"] * 1000}, lifetime_s=120) as proxy:
+    # The probe and the owner claim pass; every checkpoint upload then gets 503 (retried: a transient outage).
+    with FaultProxy(gcs_emulator.url, rules={r"^POST /upload/": ["pass", "pass"] + ["503"] * 1000},
+                    lifetime_s=120) as proxy:
         env = train_env()
         env["STORAGE_EMULATOR_HOST"] = proxy.url
         out = subprocess.run([str(BIN / "neox-train"), "--config", str(run)], capture_output=True, text=True,
