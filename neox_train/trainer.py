@@ -611,6 +611,10 @@ def run_training(run: RunConfig, *, resume: str | None, takeover: bool = False) 
             for note in plan.ds_notes:
                 log.info("DeepSpeed config change: %s", note)
         publisher.claim(takeover=takeover)
+        if run.sync_to and plan.dp_size > 1:
+            import deepspeed.comm as dist
+
+            dist.barrier()  # every node's upload worker starts after the claim: its fences see this run's session
         publisher.start()
         previous = signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
         try:

@@ -29,7 +29,8 @@ pytestmark = pytest.mark.slow
 
 STEPS = 40
 SEED = int(os.environ.get("NEOX_CRASH_SEED", "20261201"))  # another seed explores other kill moments
-CAMPAIGNS = 2  # fresh runs, each killed until it finishes
+MIN_KILLS = 20  # fresh runs, each killed until it finishes, until this many kills have landed
+MIN_CAMPAIGNS, MAX_CAMPAIGNS = 2, 5
 KILLS_PER_CAMPAIGN = 14
 START_TIMEOUT_S = 120
 
@@ -135,7 +136,9 @@ def test_kill9_anywhere_leaves_only_complete_checkpoints_and_exact_losses(tmp_pa
     env = train_env()
     kills = 0
     moments = {"start-up": 0, "saves": 0, "uploads": 0}  # where the kills were aimed
-    for campaign in range(CAMPAIGNS):
+    campaign = -1
+    while campaign + 1 < MIN_CAMPAIGNS or (kills < MIN_KILLS and campaign + 1 < MAX_CAMPAIGNS):
+        campaign += 1
         tmp = tmp_path / f"campaign{campaign}"
         tmp.mkdir()
         prefix = f"run{campaign}"
@@ -198,5 +201,5 @@ def test_kill9_anywhere_leaves_only_complete_checkpoints_and_exact_losses(tmp_pa
         assert len(commit.complete_tags(save)) == 2
         steps_logged = {s for s, _ in logged_losses(log_dir)}
         assert steps_logged == set(range(1, STEPS + 1))
-    assert kills >= 20, f"only {kills} kills landed ({moments})"
-    print(f"crash-anywhere: {kills} kills over {CAMPAIGNS} runs, aimed at {moments}")
+    assert kills >= MIN_KILLS, f"only {kills} kills landed ({moments})"
+    print(f"crash-anywhere: {kills} kills over {campaign + 1} runs, aimed at {moments}")

@@ -367,6 +367,25 @@ def test_a_second_publisher_never_replaces_files_of_a_published_tag(strict_backe
         commit.MARKER: (tmp_path / "check" / "global_step4" / commit.MARKER).read_bytes()}
 
 
+def test_finalize_fences_on_the_owner_right_before_publishing(backend, tmp_path: Path) -> None:
+    """A takeover (or a newer start of the same run) between a part's upload and its finalize: the older publisher
+    writes neither manifest nor COMPLETE, and says who owns the prefix now."""
+    save = tmp_path / "save"
+    save_checkpoint(save, "global_step8")
+    claim(backend, RUN, takeover=False, save_dir=str(save))
+    upload_checkpoint_part(save, "global_step8", backend, identity=RUN)
+    newer = Identity(RUN.run_id, "00000000beef")
+    claim(backend, newer, takeover=False, save_dir=str(save))  # the same run, started again elsewhere
+    with pytest.raises(PrefixOwned, match="a newer start of this run") as err:
+        finalize_checkpoint(backend, "global_step8", identity=RUN)
+    assert not err.value.transient
+    claim(backend, OTHER_RUN, takeover=True, save_dir=str(save))
+    with pytest.raises(PrefixOwned, match=f"belongs to run {OTHER_RUN.run_id}"):
+        finalize_checkpoint(backend, "global_step8", identity=RUN)
+    assert backend.read_bytes(f"global_step8/{MANIFEST}") is None
+    assert backend.read_bytes(f"global_step8/{COMPLETE}") is None and backend.read_bytes(LATEST) is None
+
+
 def test_fetch_installs_a_verified_copy_and_reuses_matching_files(backend, tmp_path: Path) -> None:
     save = tmp_path / "save"
     save_checkpoint(save, "global_step6")
