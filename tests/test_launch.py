@@ -171,7 +171,7 @@ def test_unreachable_host_stops_the_launch(capsys, tmp_path, run_json, system_to
 def test_dry_run_single_node(capsys, tmp_path, run_json):
     code, out, err = launch(capsys, "--config", run_json, "--gpus", "2", "--master-port", "29777", "--dry-run",
                             "--json", "--max-steps", "7", "--resume", "latest", "--no-background-upload", "--sync-to",
-                            tmp_path / "bucket", "--eval-steps", "0")
+                            tmp_path / "bucket", "--eval-steps", "0", "--takeover")
     assert code == 0, err
     got = json.loads(out)
     launch_dir = tmp_path / "ckpt" / "launch"
@@ -179,7 +179,7 @@ def test_dry_run_single_node(capsys, tmp_path, run_json):
     assert got["command"] == [
         str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29777", str(BIN / "neox-train"),
         "--config", str(run_json), "--max-steps", "7", "--eval-steps", "0", "--resume", "latest",
-        "--sync-to", str(tmp_path / "bucket"), "--no-background-upload",
+        "--sync-to", str(tmp_path / "bucket"), "--takeover", "--no-background-upload",
         "--ds-config", str(launch_dir / "ds_config.json"), "--micro-batch", "4", "--grad-accum", "2",
     ]
     assert got["env"] == {"DS_ENV_FILE": str(launch_dir / ".deepspeed_env")}
