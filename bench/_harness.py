@@ -71,11 +71,11 @@ def build_trainer(values: dict[str, Any]):
     """A Trainer for these run-config values, built like `neox-train` builds it (same checks, same engine)."""
     import torch
 
+    from neox_train.checkpoint.owner import Identity, new_id
+    from neox_train.checkpoint.publisher import Publisher, Topology
     from neox_train.config import from_dict
-    from neox_train.metrics import setup_logging
-    from neox_train.owner import Identity, new_id
-    from neox_train.publish import Publisher, Topology
-    from neox_train.trainer import Trainer, _quiet_deepspeed, init_distributed, load_data, prepare_run
+    from neox_train.log import setup_logging
+    from neox_train.train.trainer import Trainer, _quiet_deepspeed, init_distributed, load_data, prepare_run
 
     run = from_dict(values, source="bench")
     plan = prepare_run(run, dp_size=1, on_gpu=torch.cuda.is_available())

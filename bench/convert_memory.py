@@ -46,8 +46,8 @@ def build_checkpoint(save_dir: Path, stage: int, shape: dict) -> None:
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from neox_train import checkpoint
-    from neox_train.trainer import init_distributed, param_groups
+    from neox_train.checkpoint import state as checkpoint
+    from neox_train.train.trainer import init_distributed, param_groups
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     init_distributed()

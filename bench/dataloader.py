@@ -23,7 +23,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _harness import abba, add_demo_shape_arguments, build_trainer, median, read_train_records, run_in_scratch, shutdown, sync, synthetic_shards, timed_block
+from _harness import (
+    abba,
+    add_demo_shape_arguments,
+    build_trainer,
+    median,
+    read_train_records,
+    run_in_scratch,
+    shutdown,
+    sync,
+    synthetic_shards,
+    timed_block,
+)
 
 GOAL_DATA_WAIT = 0.01
 
@@ -49,8 +60,8 @@ def loader_rate(windows, split, *, seq_len: int, micro_batch: int, prefetch: int
     """Micro-batches drained from a fresh loader as fast as it delivers them: samples/s."""
     import torch
 
-    from neox_train.data import SampleStream
-    from neox_train.loader import MicroBatchLoader
+    from neox_train.data.loader import MicroBatchLoader
+    from neox_train.data.shards import SampleStream
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     stream = SampleStream(split.train, seed=seed, micro_batch=micro_batch, dp_rank=0, dp_size=1)
@@ -68,7 +79,7 @@ def loader_rate(windows, split, *, seq_len: int, micro_batch: int, prefetch: int
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from neox_train.data import PackedWindows, discover_shards, open_shard, split_windows
+    from neox_train.data.shards import PackedWindows, discover_shards, open_shard, split_windows
 
     data_dir = args.data_dir or str(synthetic_shards(work / "tokens", vocab_size=args.vocab_size,
                                                      num_tokens=args.tokens, shards=args.shards))

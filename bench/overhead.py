@@ -24,7 +24,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _harness import abba, add_demo_shape_arguments, build_trainer, median, read_train_records, run_in_scratch, shutdown, synthetic_shards, timed_block
+from _harness import (
+    abba,
+    add_demo_shape_arguments,
+    build_trainer,
+    median,
+    read_train_records,
+    run_in_scratch,
+    shutdown,
+    synthetic_shards,
+    timed_block,
+)
 
 GOAL = 1.03
 
@@ -55,7 +65,7 @@ def upcoming_batches(trainer, steps: int) -> list:
     """The micro-batches the trainer will take next (its loader's position), assembled and on the device now."""
     import torch
 
-    from neox_train.data import SampleStream
+    from neox_train.data.shards import SampleStream
 
     stream = SampleStream(
         trainer.split.train, seed=trainer.plan.run.seed, micro_batch=trainer.micro_batch, dp_rank=trainer.rank,

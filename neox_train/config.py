@@ -14,16 +14,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .model import ATTENTION_IMPLS, MODEL_PRESETS
+from neox_train.errors import ConfigError
+from neox_train.model import ATTENTION_IMPLS, MODEL_PRESETS
 
 PRECISIONS = ("bf16", "fp16", "no")
 # torch: torch.optim.AdamW with torch's default kernel (for-each on CUDA); torch_fused: its fused kernel (CUDA and
 # CPU, no build); deepspeed_fused: DeepSpeed's FusedAdam, JIT-compiled at start (nvcc on a GPU machine).
 OPTIMIZER_IMPLS = ("torch", "torch_fused", "deepspeed_fused")
-
-
-class ConfigError(ValueError):
-    """A bad run or DeepSpeed config. str(err) is one line naming every bad field and what is valid."""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig
+from neox_train.config import RunConfig
+from neox_train.errors import ConfigError
+
 
 def _shipped_config_dir() -> Path:
     """ds_configs/ of a source checkout (and editable install); inside the package for a wheel install."""

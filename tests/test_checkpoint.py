@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from neox_train import commit
-from neox_train.checkpoint import apply_retention, check_compatible, partitioning_change
-from neox_train.config import ConfigError
-from neox_train.tags import local_tags, step_of_tag
+from neox_train.checkpoint import commit
+from neox_train.checkpoint.state import apply_retention, check_compatible, partitioning_change
+from neox_train.checkpoint.tags import local_tags, step_of_tag
+from neox_train.errors import ConfigError
 
 
 def make_tags(save_dir, steps, latest):
@@ -150,7 +150,7 @@ def test_side_files_carry_tokenizer_and_losses(tmp_path):
     the data folder's tokenizer. (The engine here only writes its marker file: the side files are ours.)"""
     import json
 
-    from neox_train.checkpoint import TrainState, client_state, save
+    from neox_train.checkpoint.state import TrainState, client_state, save
 
     data = tmp_path / "data"
     data.mkdir()

@@ -8,8 +8,9 @@ import subprocess
 import numpy as np
 import pytest
 
+from neox_train.cli.train import data_main, train_main
+
 from conftest import BIN, VOCAB, markov_tokens, tiny_run_config, train_env
-from neox_train.cli import data_main, train_main
 
 
 def describe(*args: str) -> dict:

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from neox_train.config import RUN_PRESETS, ConfigError, RunConfig, field_docs, load_run_config
+from neox_train.config import RUN_PRESETS, RunConfig, field_docs, load_run_config
+from neox_train.errors import ConfigError
 
 
 def test_seed_presets():

@@ -19,6 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from neox_train.checkpoint import commit
+from neox_train.convert import to_hf as convert
+
 from conftest import (
     BIN,
     REPO,
@@ -33,7 +36,6 @@ from conftest import (
     train_env,
 )
 from gcs import direct_client, gcs_bucket, gcs_emulator  # noqa: F401
-from neox_train import commit, convert
 
 pytestmark = pytest.mark.slow  # each training case starts real processes; kept in the default run
 
@@ -50,7 +52,7 @@ def prepared_dir(tmp_path_factory) -> Path:
     """Shards + tokenizer.json + meta.json from the real `neox-data prepare` (a 300-token BPE: padded to 384)."""
     from pydoc_data.topics import topics
 
-    from neox_train.prepare import prepare
+    from neox_train.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("prepared")
     docs = root / "docs.jsonl"
@@ -312,8 +314,8 @@ def test_round_trip_hf_init_from_hf_convert_gives_identical_weights(trained, tok
 
 
 def test_convert_from_the_emulated_bucket(trained, tmp_path, capfd, gcs_emulator, gcs_bucket):  # noqa: F811
-    from neox_train.storage import open_backend
-    from neox_train.sync import publish_checkpoints
+    from neox_train.remote.rsync import publish_checkpoints
+    from neox_train.remote.storage import open_backend
 
     run_dir = trained(2, 2, "bf16")
     url = f"gs://{gcs_bucket}/run"
@@ -352,8 +354,8 @@ def test_convert_from_the_emulated_bucket(trained, tmp_path, capfd, gcs_emulator
 def test_published_folder_is_read_like_a_bucket(trained, tmp_path, capfd):
     """A local folder in the published layout (the demo's ./bucket/demo) or its file:// URL: only COMPLETE tags, every
     file checked against the manifest; a plain save dir converts in place."""
-    from neox_train.storage import open_backend
-    from neox_train.sync import publish_checkpoints
+    from neox_train.remote.rsync import publish_checkpoints
+    from neox_train.remote.storage import open_backend
 
     run_dir = trained(0, 2, "bf16")
     published = tmp_path / "bucket" / "run"
@@ -502,7 +504,7 @@ def test_a_torn_newest_tag_converts_the_newest_complete_one(trained, tmp_path, c
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_is_one_line(trained, tmp_path, capfd, case):
+def test_bad_input_isone_line(trained, tmp_path, capfd, case):
     trained(1, 2, "no"), trained(0, 1, "no")
     make, extra, message = BAD[case]
     src = make(tmp_path)

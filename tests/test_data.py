@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from neox_train import data
-from neox_train.data import (
-    DataError,
+from neox_train.data import shards as data
+from neox_train.data.shards import (
     PackedWindows,
     SampleStream,
     ShardInfo,
@@ -21,6 +20,7 @@ from neox_train.data import (
     split_windows,
     validate_shards,
 )
+from neox_train.errors import DataError
 
 
 def _tokens(n: int, dtype: str = "uint16", start: int = 0) -> np.ndarray:
@@ -360,7 +360,7 @@ def test_eval_batches_small_val() -> None:
 
 
 def test_validation_cache_skips_unchanged_shards_and_still_checks_vocab(tmp_path):
-    from neox_train.data import validate_shards
+    from neox_train.data.shards import validate_shards
 
     shard = tmp_path / "a.npy"
     np.save(shard, np.arange(100, dtype=np.uint16))

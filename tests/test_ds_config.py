@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from neox_train.config import ConfigError, RUN_PRESETS, load_run_config
+from neox_train.config import RUN_PRESETS, load_run_config
 from neox_train.ds_config import DS_CONFIG_DIR, check_batch, effective_ds_config, load_ds_config, zero_stage
+from neox_train.errors import ConfigError
 
 SHIPPED = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
 

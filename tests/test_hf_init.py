@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, VOCAB, run_train, test_ds_config, tiny_run_config, train_env
-from neox_train.config import ConfigError
-from neox_train.hf_init import check_hf_init
+from neox_train.convert.hf_init import check_hf_init
+from neox_train.errors import ConfigError
 from neox_train.model import build_model, hf_config, padded_vocab_size
+
+from conftest import BIN, VOCAB, run_train, test_ds_config, tiny_run_config, train_env
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def test_training_starts_from_the_hf_weights(tmp_path, token_dir, hf_dir, stage)
     assert compared >= len([k for k in expected if "rotary" not in k and "masked_bias" not in k]) - 2
 
 
-def test_shape_mismatch_is_one_line(tmp_path, hf_dir):
+def test_shape_mismatch_isone_line(tmp_path, hf_dir):
     ours = hf_config("neox-demo", padded_vocab_size(VOCAB))
     with pytest.raises(ConfigError, match=r"does not match the run's model: hidden_size=") as err:
         check_hf_init(str(hf_dir), ours, model_name="neox-demo")

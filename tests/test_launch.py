@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from neox_train.launch import hostfile, preflight
+from neox_train.launch.hostfile import HostfileError
+from neox_train.launch.launcher import deepspeed_env, main
+
 from conftest import BIN, REPO, test_ds_config, tiny_run_config
 from gcs import gcs_bucket, gcs_emulator  # noqa: F401  (fixtures)
-from neox_train import hostfile, preflight
-from neox_train.hostfile import HostfileError
-from neox_train.launch import deepspeed_env, main
 
 
 def write(path: Path, text: str) -> Path:
@@ -65,7 +66,7 @@ def test_hostfile_parses_comments_blanks_and_trailing_comments(tmp_path):
     ("node0 slots=two\n", ["slots=two: slots must be a positive integer"]),
     ("# nothing but a comment\n\n", ["lists no hosts"]),
 ])
-def test_bad_hostfile_is_one_line(tmp_path, text, fragments):
+def test_bad_hostfile_isone_line(tmp_path, text, fragments):
     path = write(tmp_path / "hosts", text)
     with pytest.raises(HostfileError) as err:
         hostfile.parse_hostfile(path)
@@ -403,8 +404,8 @@ SRUN_RANK3 = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID":
 
 
 def test_launcher_env_reads_mpirun_and_srun():
-    from neox_train.publish import Topology
-    from neox_train.ranks import launcher_env
+    from neox_train.checkpoint.publisher import Topology
+    from neox_train.distributed import launcher_env
 
     got = launcher_env(OMPI_RANK1)
     assert got == {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
@@ -424,7 +425,7 @@ def test_launcher_env_reads_mpirun_and_srun():
 
 
 def test_launcher_env_leaves_other_starts_alone():
-    from neox_train.ranks import launcher_env
+    from neox_train.distributed import launcher_env
 
     assert launcher_env({"RANK": "0", **OMPI_RANK1}) == {}  # DeepSpeed's launcher already set everything
     assert launcher_env({}) == {}  # a plain single process
@@ -435,9 +436,9 @@ def test_launcher_env_leaves_other_starts_alone():
     assert single["WORLD_SIZE"] == "1" and single["MASTER_ADDR"] == "127.0.0.1"
 
 
-def test_launcher_env_without_master_addr_is_one_line():
-    from neox_train.config import ConfigError
-    from neox_train.ranks import launcher_env
+def test_launcher_env_without_master_addr_isone_line():
+    from neox_train.distributed import launcher_env
+    from neox_train.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
         launcher_env({k: v for k, v in OMPI_RANK1.items() if k != "MASTER_ADDR"})
@@ -445,3 +446,18 @@ def test_launcher_env_without_master_addr_is_one_line():
     assert "\n" not in message
     assert message.startswith("started by mpirun (Open MPI) as rank 1 of 4, but MASTER_ADDR is not set")
     assert "neox-launch" in message and "--master-addr" in message
+
+
+def test_code_fingerprint_sees_every_sub_package(tmp_path):
+    """Pre-flight compares nodes by this hash: a change in any module of any sub-package must change it (it globbed
+    the top folder only, which after the move into sub-packages held almost no code)."""
+    import neox_train
+
+    copy = tmp_path / "neox_train"
+    shutil.copytree(Path(neox_train.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = preflight.code_fingerprint(copy)
+    assert preflight.code_fingerprint(copy) == before
+    commit_py = copy / "checkpoint" / "commit.py"
+    commit_py.write_text(commit_py.read_text() + "\n# changed\n")
+    assert preflight.code_fingerprint(copy) != before
+    assert preflight.code_fingerprint() == preflight.code_fingerprint(Path(neox_train.__file__).parent)

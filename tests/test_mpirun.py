@@ -49,7 +49,7 @@ def test_mpirun_ranks_train_one_job(mpirun, tmp_path, token_dir):
     assert '"dp_size": 2' in (tag / "run.json").read_text()
 
 
-def test_mpirun_without_master_addr_is_one_line(mpirun, tmp_path, token_dir):
+def test_mpirun_without_master_addr_isone_line(mpirun, tmp_path, token_dir):
     run = tiny_run_config(tmp_path, token_dir)
     cmd = [mpirun, "--oversubscribe", "-n", "2", "-x", "PATH", str(BIN / "neox-train"), "--config", str(run)]
     proc = run_in_own_group(cmd, env=_mpirun_env(), timeout=120)

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, _free_port, run_in_own_group, copy_checkpoint, read_metrics, test_ds_config, tiny_run_config, train_env
+from conftest import (
+    BIN,
+    _free_port,
+    copy_checkpoint,
+    read_metrics,
+    run_in_own_group,
+    test_ds_config,
+    tiny_run_config,
+    train_env,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, _free_port, run_in_own_group, read_metrics, test_ds_config, tiny_run_config, train_env
+from conftest import BIN, _free_port, read_metrics, run_in_own_group, test_ds_config, tiny_run_config, train_env
 from gcs import direct_client, gcs_bucket, gcs_emulator  # noqa: F401  (fixtures)
 from sshd import SshCluster, SshdUnavailable
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from neox_train.data import PackedWindows, SampleStream, open_shard
-from neox_train.loader import MicroBatchLoader
-from neox_train.metrics import Throughput
+from neox_train.data.loader import MicroBatchLoader
+from neox_train.data.shards import PackedWindows, SampleStream, open_shard
 from neox_train.model import flops_per_token, hf_config
-from neox_train.perf import (
+from neox_train.train.metrics import Throughput
+from neox_train.train.perf import (
     FlopsAccounting,
     Peak,
     StepTimer,

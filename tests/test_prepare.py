@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from neox_train.data import DataError, discover_shards, open_shard, read_meta, validate_shards
-from neox_train.prepare import (
+from neox_train.data.prepare import (
     BUILTIN_CORPORA,
     add_prepare_arguments,
     iter_documents,
@@ -19,6 +18,8 @@ from neox_train.prepare import (
     prepare,
     train_tokenizer,
 )
+from neox_train.data.shards import discover_shards, open_shard, read_meta, validate_shards
+from neox_train.errors import DataError
 
 
 def _write_jsonl(path: Path, records: list[object]) -> Path:

@@ -10,11 +10,28 @@ from pathlib import Path
 
 import pytest
 
-import neox_train.storage as storage
-from gcs import (FaultProxy, direct_client, fast_retry, force_resumable, free_port, gcs_bucket,  # noqa: F401
-                 gcs_emulator, strict_backend)
-from neox_train.storage import (Crc32cCache, GcsBackend, LocalBackend, RemoteChanged, StorageError, crc32c_of_file,
-                                open_backend, parse_url)
+import neox_train.remote.storage as storage
+from neox_train.errors import StorageError
+from neox_train.remote.storage import (
+    Crc32cCache,
+    GcsBackend,
+    LocalBackend,
+    RemoteChanged,
+    crc32c_of_file,
+    open_backend,
+    parse_url,
+)
+
+from gcs import (  # noqa: F401
+    FaultProxy,
+    direct_client,
+    fast_retry,
+    force_resumable,
+    free_port,
+    gcs_bucket,
+    gcs_emulator,
+    strict_backend,
+)
 
 
 @pytest.mark.parametrize("url, expected", [
@@ -34,7 +51,7 @@ def test_parse_url(url: str, expected: tuple[str, str, str]) -> None:
     ("file://otherhost/x", "not host 'otherhost'"),
     ("", "empty storage URL"),
 ])
-def test_parse_url_errors_are_one_line(url: str, needle: str) -> None:
+def test_parse_url_errors_areone_line(url: str, needle: str) -> None:
     with pytest.raises(StorageError, match=needle) as err:
         parse_url(url)
     assert "\n" not in str(err.value)

@@ -12,16 +12,30 @@ from pathlib import Path
 
 import pytest
 
-import neox_train.storage as storage
-from gcs import (FaultProxy, direct_client, fast_retry, force_resumable, gcs_bucket, gcs_emulator,  # noqa: F401
-                 strict_backend)
-from neox_train import commit
-from neox_train.owner import Identity, PrefixOwned, claim
-from neox_train.storage import Crc32cCache, LocalBackend, StorageError, crc32c_of_file, open_backend
-from neox_train.sync import (COMPLETE, LATEST, MANIFEST, CheckpointConflict, CheckpointIncomplete, fetch_checkpoint,
-                             finalize_checkpoint, remote_checkpoints, remote_latest, sync, sync_down, sync_up,
-                             upload_checkpoint_part)
-from neox_train.sync_cli import add_download_arguments, main as sync_main, main_download
+import neox_train.remote.storage as storage
+from neox_train.checkpoint import commit
+from neox_train.checkpoint.owner import Identity, PrefixOwned, claim
+from neox_train.cli.sync import add_download_arguments, main_download
+from neox_train.cli.sync import main as sync_main
+from neox_train.errors import StorageError
+from neox_train.remote.rsync import (
+    COMPLETE,
+    LATEST,
+    MANIFEST,
+    CheckpointConflict,
+    CheckpointIncomplete,
+    fetch_checkpoint,
+    finalize_checkpoint,
+    remote_checkpoints,
+    remote_latest,
+    sync,
+    sync_down,
+    sync_up,
+    upload_checkpoint_part,
+)
+from neox_train.remote.storage import Crc32cCache, LocalBackend, crc32c_of_file, open_backend
+
+from gcs import FaultProxy, direct_client, fast_retry, force_resumable, gcs_bucket, gcs_emulator, strict_backend  # noqa: F401
 
 TREE = {"a.bin": b"A" * 300, "sub/b.bin": b"B" * 20, "sub/deeper/c.json": b"{}", "sub/deeper/empty": b""}
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from neox_train import commit
-from neox_train.owner import Identity, claim
-from neox_train.storage import open_backend
-from neox_train.sync_worker import SyncSettings, SyncWorker, journal_leftovers
+from neox_train.checkpoint import commit
+from neox_train.checkpoint.owner import Identity, claim
+from neox_train.checkpoint.worker import SyncSettings, SyncWorker, journal_leftovers
+from neox_train.remote.storage import open_backend
 
 RUN = Identity("0123456789ab", "000000000001")
 
@@ -92,7 +92,7 @@ def test_save_gate_gives_up_after_its_bound():
     import threading
     import time
 
-    from neox_train.sync_worker import save_gate
+    from neox_train.checkpoint.worker import save_gate
 
     flag = threading.Event()
     flag.set()  # a trainer that died mid-save never clears it
@@ -103,7 +103,7 @@ def test_save_gate_gives_up_after_its_bound():
 
 def test_a_permanent_failure_gives_that_checkpoint_up_and_the_queue_goes_on(tmp_path):
     """Defect: a CheckpointConflict was retried with backoff forever while every later checkpoint waited."""
-    from neox_train.sync import finalize_checkpoint, upload_checkpoint_part
+    from neox_train.remote.rsync import finalize_checkpoint, upload_checkpoint_part
 
     save_dir, bucket, other = tmp_path / "ckpt", tmp_path / "bucket", tmp_path / "other"
     make_tags(other, [2])

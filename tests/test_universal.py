@@ -52,7 +52,7 @@ def test_resume_on_another_rank_count_continues_exactly(tmp_path, token_dir, bef
     assert (ckpt / "latest").read_text().strip() == f"global_step{STEPS}"
 
 
-def test_zero0_checkpoint_to_zero2_is_refused_with_one_line(tmp_path, token_dir, trained_run):
+def test_zero0_checkpoint_to_zero2_is_refused_withone_line(tmp_path, token_dir, trained_run):
     first = trained_run(0, 1, "no")  # the session's shared ZeRO-0 run, saved at TRAINED_SAVE_AT
     second = tmp_path / "second"
     second.mkdir()

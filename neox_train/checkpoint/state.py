@@ -21,17 +21,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import commit
-from .config import ConfigError
-from .metrics import log
-from .tags import tag_for_step
+from neox_train.checkpoint import commit
+from neox_train.checkpoint.tags import tag_for_step
+from neox_train.errors import CheckpointError, ConfigError
+from neox_train.log import log
 
 CLIENT_STATE_VERSION = 1
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be saved or used here (full disk, damaged tag). str(err) is one line that names the
-    folder, what happened and what is still safe."""
 
 
 def checkpoint_bytes(total_params: int, precision: str, zero_stage: int) -> int:

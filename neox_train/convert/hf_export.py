@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from .convert_source import CheckpointInfo, ConvertError, WeightSource, meta_model, one_line
+from neox_train.convert.source import CheckpointInfo, WeightSource, meta_model
+from neox_train.errors import ConvertError, one_line
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}

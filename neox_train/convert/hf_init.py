@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from neox_train.errors import ConfigError
 
 # The fields that decide the parameter shapes and the computation; anything else (dtype, ids, bookkeeping) may
 # differ between an export and a training preset.

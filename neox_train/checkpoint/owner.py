@@ -28,7 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .storage import Backend, RemoteChanged, StorageError
+from neox_train.errors import StorageError
+from neox_train.remote.storage import Backend, RemoteChanged
 
 OWNER = ".neox-owner.json"
 _CLAIM_ATTEMPTS = 5
@@ -109,7 +110,7 @@ def _died_here(record: dict[str, Any]) -> bool:
 
 
 def _has_published(backend: Backend) -> list[str]:
-    from .tags import sort_key
+    from neox_train.checkpoint.tags import sort_key
 
     tags = [n[: -len("/COMPLETE")] for n in backend.list("") if n.endswith("/COMPLETE") and n.count("/") == 1]
     return sorted(tags, key=sort_key)

@@ -7,8 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from .storage import StorageError, open_backend
-from .sync import SyncResult, publish_checkpoints, sync, sync_down
+from neox_train.errors import StorageError
+from neox_train.remote.rsync import SyncResult, publish_checkpoints, sync, sync_down
+from neox_train.remote.storage import open_backend
 
 
 def _workers_arg(text: str) -> int:

@@ -20,6 +20,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from neox_train.errors import VerifyFailed
+
 # Logit agreement demanded by --verify, as a fraction of the largest reference logit (at least 1): the DeepSpeed
 # model runs in fp32, the export in its own dtype. fp32 differs only by summation order (~1e-6 seen); bf16/fp16
 # carry 8/11 mantissa bits through every layer (~1e-2 seen on a 24-layer model). A wrong or missing tensor, a
@@ -58,9 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .config import ConfigError
-    from .convert_source import ConvertError
-    from .storage import StorageError
+    from neox_train.errors import ConfigError, ConvertError, StorageError
 
     try:
         with _stdout_to_stderr():
@@ -91,12 +91,8 @@ def _stdout_to_stderr():
         os.close(saved)
 
 
-class VerifyFailed(RuntimeError):
-    """The export's logits differ from the checkpoint's: nothing was installed at --out."""
-
-
 def _check_out(out: Path, overwrite: bool) -> None:
-    from .convert_source import ConvertError
+    from neox_train.errors import ConvertError
 
     if out.exists() and not overwrite:
         raise ConvertError(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
@@ -108,8 +104,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def convert(args: argparse.Namespace) -> dict[str, Any]:
-    from .convert_source import ConvertError, inspect_checkpoint, locate
-    from .hf_export import DTYPES, parse_shard_size, print_step
+    from neox_train.convert.hf_export import DTYPES, parse_shard_size, print_step
+    from neox_train.convert.source import inspect_checkpoint, locate
+    from neox_train.errors import ConvertError
 
     started = time.perf_counter()
     out = Path(args.out).expanduser().absolute()
@@ -136,7 +133,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
 
 def _vocabulary(args, info, tokenizer) -> tuple[int | None, int | None]:
     """(output vocab size or None to keep the padding, the tokenizer's vocab size as the run knew it)."""
-    from .convert_source import ConvertError
+    from neox_train.errors import ConvertError
 
     run_cfg = info.run.get("run_config") or {}
     known = run_cfg.get("vocab_size") or (tokenizer.vocab_size if tokenizer else None)
@@ -155,9 +152,20 @@ def _vocabulary(args, info, tokenizer) -> tuple[int | None, int | None]:
 
 def _export(args, info, dtype, dtype_name: str, out: Path, max_shard: int, *, source: str,
             local_save_dir: Path | None) -> dict[str, Any]:
-    from .convert_source import ConvertError, WeightSource
-    from .hf_export import (check_tokenizer, final_losses, find_tokenizer, plan_export, print_step, tokens_seen,
-                            write_configs, write_model_card, write_tokenizer, write_weights)
+    from neox_train.convert.hf_export import (
+        check_tokenizer,
+        final_losses,
+        find_tokenizer,
+        plan_export,
+        print_step,
+        tokens_seen,
+        write_configs,
+        write_model_card,
+        write_tokenizer,
+        write_weights,
+    )
+    from neox_train.convert.source import WeightSource
+    from neox_train.errors import ConvertError
 
     tokenizer = find_tokenizer(args.tokenizer, info, local_save_dir=local_save_dir)
     vocab_out, tokenizer_vocab = _vocabulary(args, info, tokenizer)
@@ -231,8 +239,8 @@ def _verify(info, plan, folder: Path, dtype_name: str, tokenizer_vocab: int | No
     from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
     from transformers.initialization import no_init_weights
 
-    from .convert_source import WeightSource
-    from .hf_export import print_step
+    from neox_train.convert.hf_export import print_step
+    from neox_train.convert.source import WeightSource
 
     reference_weights = WeightSource(info, plan.module_names).open()
     state = {name: reference_weights.take(name, torch.float32) for name in plan.module_names}

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -25,13 +24,23 @@ import torch.nn.functional as F
 # model code (which imports torch._dynamo) under that patch fails.
 import transformers.models.gpt_neox.modeling_gpt_neox  # noqa: F401
 
-from . import checkpoint
-from . import resume as resume_mod
-from .config import ConfigError, RunConfig
-from .data import (
+from neox_train.checkpoint import resume as resume_mod
+from neox_train.checkpoint import state as checkpoint
+from neox_train.checkpoint.owner import new_id
+from neox_train.checkpoint.publisher import (
+    Publisher,
+    Topology,
+    check_prefix_owner,
+    check_storage_access,
+    is_uploader,
+    node_local_storage,
+)
+from neox_train.config import RunConfig
+from neox_train.data.loader import MicroBatchLoader
+from neox_train.data.shards import (
+    VALIDATION_CACHE,
     PackedWindows,
     SampleStream,
-    VALIDATION_CACHE,
     Split,
     discover_shards,
     eval_batches,
@@ -40,17 +49,21 @@ from .data import (
     split_windows,
     validate_shards,
 )
-from .ds_config import effective_ds_config, load_ds_config, precision, zero_stage
-from .loader import MicroBatchLoader
-from .metrics import Metrics, Throughput, log, setup_logging
-from .perf import FlopsAccounting, StepTimer, device_name, memory_high_water, resolve_peak
-from .owner import new_id
-from .publish import Publisher, Topology, check_prefix_owner, check_storage_access, is_uploader, node_local_storage
-from .model import (
-    GPT2_VOCAB_SIZE, build_model, flops_per_token, hf_config, padded_vocab_size, parameter_counts,
+from neox_train.distributed import adopt_rank_env
+from neox_train.ds_config import effective_ds_config, load_ds_config, precision, zero_stage
+from neox_train.errors import ConfigError, UnpublishedCheckpoints
+from neox_train.log import log, setup_logging
+from neox_train.model import (
+    GPT2_VOCAB_SIZE,
+    build_model,
+    flops_per_token,
+    hf_config,
+    padded_vocab_size,
+    parameter_counts,
     use_training_attention,
 )
-from .ranks import adopt_rank_env
+from neox_train.train.metrics import Metrics, Throughput
+from neox_train.train.perf import FlopsAccounting, StepTimer, device_name, memory_high_water, resolve_peak
 
 
 @dataclass(frozen=True)
@@ -118,7 +131,7 @@ def prepare_run(run: RunConfig, *, dp_size: int, on_gpu: bool) -> RunPlan:
     if run.compile:
         check_compile_backend(run.compile)
     if run.init_from_hf:
-        from .hf_init import check_hf_init
+        from neox_train.convert.hf_init import check_hf_init
 
         check_hf_init(run.init_from_hf, model_cfg, model_name=run.model)
     return RunPlan(run, ds_path, ds_cfg, notes, dp_size, vocab, model_cfg)
@@ -209,7 +222,7 @@ class Trainer:
         if run.init_from_hf and resume_tag:
             log.info("resuming from %s: init_from_hf=%s is not used (the checkpoint's weights win)", resume_tag, run.init_from_hf)
         if run.init_from_hf and not resume_tag:
-            from .hf_init import load_hf_model
+            from neox_train.convert.hf_init import load_hf_model
 
             # from_pretrained partitions as it loads under ZeRO-3 (the HfDeepSpeedConfig above is alive).
             model = load_hf_model(run.init_from_hf, attention=plan.model_config._attn_implementation)
@@ -571,10 +584,6 @@ def write_run_files(plan: RunPlan) -> None:
     save_dir.mkdir(parents=True, exist_ok=True)
     (save_dir / "run_config.json").write_text(json.dumps(plan.run.to_dict(), indent=2) + "\n")
     (save_dir / "ds_config.json").write_text(json.dumps(plan.ds_config, indent=2) + "\n")
-
-
-class UnpublishedCheckpoints(RuntimeError):
-    """Training finished (or stopped) but some checkpoints never reached the bucket: the run must not look green."""
 
 
 def run_training(run: RunConfig, *, resume: str | None, takeover: bool = False) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import re
 from collections import OrderedDict
 from pathlib import Path
 
-from .config import ConfigError
+from neox_train.errors import ConfigError
 
 # `host slots=N`, optionally followed by a comment. DeepSpeed's pattern is r'^(\S+)\s+slots=(\d+)' (a prefix
 # match); anything this accepts, it accepts too.

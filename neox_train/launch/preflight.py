@@ -18,6 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import neox_train
+from neox_train.ds_config import DS_CONFIG_DIR
+
 SSH_TIMEOUT_S = 30
 # The versions that decide numerics and checkpoint formats: they must match on every node.
 FINGERPRINT_PACKAGES = ("torch", "deepspeed", "transformers", "neox-train")
@@ -62,17 +65,19 @@ class PreflightContext:
 
 
 # -- code fingerprint ---------------------------------------------------------------------------------------------
-def code_fingerprint() -> str:
-    """A short hash of this package's source, its shipped DeepSpeed JSONs and the versions of the packages that
-    decide numerics: equal on two nodes means they run the same code."""
+def code_fingerprint(package: Path | None = None) -> str:
+    """A short hash of the package's source (every module of every sub-package; `package` defaults to the installed
+    neox_train), its shipped DeepSpeed JSONs and the versions of the packages that decide numerics: equal on two
+    nodes means they run the same code."""
     from importlib import metadata
 
     h = hashlib.sha256()
-    package = Path(__file__).resolve().parent
-    from .ds_config import DS_CONFIG_DIR
-
-    files = sorted(package.glob("*.py")) + sorted(Path(DS_CONFIG_DIR).glob("*.json"))
-    for path in files:
+    package = Path(package) if package is not None else Path(neox_train.__file__).resolve().parent
+    sources = sorted(p for p in package.rglob("*.py") if "__pycache__" not in p.parts)
+    for path in sources:
+        h.update(path.relative_to(package).as_posix().encode())
+        h.update(path.read_bytes())
+    for path in sorted(Path(DS_CONFIG_DIR).glob("*.json")):
         h.update(path.name.encode())
         h.update(path.read_bytes())
     for name in FINGERPRINT_PACKAGES:
@@ -86,8 +91,9 @@ def code_fingerprint() -> str:
 
 # -- the checks ---------------------------------------------------------------------------------------------------
 def check_torch() -> list[Check]:
-    import torch
     from importlib import metadata
+
+    import torch
 
     ds = metadata.version("deepspeed")
     detail = f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}, deepspeed {ds}"
@@ -98,7 +104,7 @@ def check_torch() -> list[Check]:
 
 
 def _ranks_elsewhere(ctx: PreflightContext) -> bool:
-    from .hostfile import ranks_elsewhere
+    from neox_train.launch.hostfile import ranks_elsewhere
 
     return ranks_elsewhere(ctx.hosts)
 
@@ -214,7 +220,7 @@ def _probe_host(host: str, ctx: PreflightContext, local_fp: str) -> list[Check]:
     checks = [_pass(name, f"reachable over ssh (hostname {reach.stdout.strip()})")]
     # The same interpreter path, working folder and exports the launch uses on that host.
     remote = (f"cd {shlex.quote(ctx.cwd)} && {_remote_exports(ctx.remote_env)}{shlex.quote(sys.executable)} -c "
-              + shlex.quote("from neox_train.preflight import code_fingerprint; print(code_fingerprint())"))
+              + shlex.quote("from neox_train.launch.preflight import code_fingerprint; print(code_fingerprint())"))
     cmd = ssh_check_command(host, ctx.ssh_port)[:-1] + [remote]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
@@ -310,8 +316,8 @@ def check_host_memory(ctx: PreflightContext) -> list[Check]:
 def check_bucket(ctx: PreflightContext) -> list[Check]:
     if ctx.run.sync_to is None:
         return [_skip("bucket", "no --sync-to: checkpoints stay local")]
-    from .publish import Topology, check_storage_access
-    from .storage import StorageError
+    from neox_train.checkpoint.publisher import Topology, check_storage_access
+    from neox_train.errors import StorageError
 
     try:
         # As global rank 0 does at the start of training: write and delete a probe object.

@@ -27,6 +27,8 @@ from urllib.parse import unquote, urlparse
 
 import google_crc32c
 
+from neox_train.errors import StorageError, one_line
+
 # Files over 8 MiB (the client's multipart limit) go as resumable uploads in chunks of this size (a multiple of
 # 256 KiB, as GCS requires); each chunk is retried on its own, so a failure late in a multi-GB file resends one
 # chunk, not the file. Memory cost: one chunk per upload thread.
@@ -47,18 +49,6 @@ TMP_MARK = ".neox-tmp-"  # temporary files (atomic writes of the local backend, 
 _READ_CHUNK = 1024 * 1024
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 _URL_FORMS = "gs://BUCKET[/PREFIX], file:///ABS/PATH or a local path"
-
-
-class StorageError(RuntimeError):
-    """A storage problem. str(err) is one line naming the URL/object/file, what is wrong and what would be valid.
-
-    `transient`: a later attempt may succeed (the network, a 5xx, an object that changed underneath us); the upload
-    worker retries those with backoff. Everything else is permanent (no permission, no bucket, a published
-    checkpoint in the way): retrying cannot help, so the worker gives the checkpoint up and moves on."""
-
-    def __init__(self, message: str, *, transient: bool = False):
-        super().__init__(message)
-        self.transient = transient
 
 
 class RemoteChanged(StorageError):
@@ -138,11 +128,6 @@ _process_retries = 0
 
 def process_retries() -> int:
     return _process_retries
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def parse_url(url: str) -> tuple[str, str, str]:
@@ -325,10 +310,10 @@ def _load_credentials(path: str):
     try:
         info = json.loads(file.read_text())
     except OSError as e:
-        raise StorageError(f"credentials file {path} cannot be read ({_one_line(e)})") from e
+        raise StorageError(f"credentials file {path} cannot be read ({one_line(e)})") from e
     except ValueError as e:
         raise StorageError(
-            f"credentials file {path} is not JSON (expected a service-account JSON key): {_one_line(e)}") from e
+            f"credentials file {path} is not JSON (expected a service-account JSON key): {one_line(e)}") from e
     kind = info.get("type") if isinstance(info, dict) else None
     try:
         if kind == "service_account":
@@ -337,7 +322,7 @@ def _load_credentials(path: str):
         if kind == "authorized_user":
             return user_credentials.Credentials.from_authorized_user_info(info, scopes=storage.Client.SCOPE), None
     except (ValueError, KeyError) as e:
-        raise StorageError(f"credentials file {path} is not a usable {kind} key: {_one_line(e)}") from e
+        raise StorageError(f"credentials file {path} is not a usable {kind} key: {one_line(e)}") from e
     raise StorageError(
         f"credentials file {path} has type {kind!r} (valid: service_account, or authorized_user from gcloud; "
         f"other kinds work through GOOGLE_APPLICATION_CREDENTIALS)"
@@ -368,7 +353,7 @@ def _make_client(url: str, credentials: str | None):
         except DefaultCredentialsError as e:
             if env:
                 raise StorageError(f"credentials file {env} (from GOOGLE_APPLICATION_CREDENTIALS) is not usable: "
-                                   f"{_one_line(e)}") from e
+                                   f"{one_line(e)}") from e
             raise StorageError(
                 f"no Google Cloud credentials for {url}: pass --credentials FILE (a service-account JSON key), "
                 f"set GOOGLE_APPLICATION_CREDENTIALS=FILE, or run `gcloud auth application-default login`"
@@ -436,10 +421,10 @@ class GcsBackend:
                 deadline_s: float | None = None) -> Iterator[None]:
         """Map the client's exceptions to one-line StorageErrors, transient or permanent. `missing`: what a 404
         means for this call."""
+        import requests
         from google.api_core import exceptions as api
         from google.auth import exceptions as auth
         from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
-        import requests
 
         where = self._where(name)
         try:
@@ -451,10 +436,10 @@ class GcsBackend:
             seconds = f"{deadline_s or self.deadline_s:.0f} s"
             if isinstance(cause, (requests.ConnectionError, requests.Timeout, ConnectionError)):
                 raise StorageError(
-                    f"cannot reach {self.host} to {action} {where} (gave up after {seconds}): {_one_line(cause)}",
+                    f"cannot reach {self.host} to {action} {where} (gave up after {seconds}): {one_line(cause)}",
                     transient=True) from e
             raise StorageError(
-                f"cannot {action} {where}: still failing after retrying for {seconds}: {_one_line(cause)}",
+                f"cannot {action} {where}: still failing after retrying for {seconds}: {one_line(cause)}",
                 transient=True) from e
         except api.NotFound as e:
             if missing == "bucket":
@@ -468,18 +453,18 @@ class GcsBackend:
                 f"e.g. roles/storage.objectAdmin on bucket {self.bucket_name}"
             ) from e
         except (api.Unauthorized, auth.RefreshError, auth.DefaultCredentialsError) as e:
-            raise StorageError(f"credentials rejected while trying to {action} {where}: {_one_line(e)}") from e
+            raise StorageError(f"credentials rejected while trying to {action} {where}: {one_line(e)}") from e
         except DataCorruption as e:
-            raise StorageError(f"checksum mismatch while trying to {action} {where}: {_one_line(e)}",
+            raise StorageError(f"checksum mismatch while trying to {action} {where}: {one_line(e)}",
                                transient=True) from e
         except (requests.ConnectionError, requests.Timeout, ConnectionError, auth.TransportError) as e:
-            raise StorageError(f"cannot reach {self.host} to {action} {where}: {_one_line(e)}", transient=True) from e
+            raise StorageError(f"cannot reach {self.host} to {action} {where}: {one_line(e)}", transient=True) from e
         except api.GoogleAPICallError as e:
             code = int(e.code or 0)
             raise StorageError(f"cannot {action} {where}: HTTP {e.code} {' '.join(str(e.message).split())}",
                                transient=code >= 500 or code in (408, 429)) from e
         except InvalidResponse as e:
-            raise StorageError(f"cannot {action} {where}: {_one_line(e)}", transient=True) from e
+            raise StorageError(f"cannot {action} {where}: {one_line(e)}", transient=True) from e
 
     def _remote(self, name: str, blob) -> RemoteFile:
         return RemoteFile(name, int(blob.size or 0), blob.crc32c or "", int(blob.generation or 0))
@@ -507,7 +492,7 @@ class GcsBackend:
         try:
             before = _stat_key(local)
         except OSError as e:
-            raise StorageError(f"cannot upload {local} to {self._where(name)}: {_one_line(e)}") from e
+            raise StorageError(f"cannot upload {local} to {self._where(name)}: {one_line(e)}") from e
         size = before[0]
         blob = self.bucket.blob(self._name(name))
         # Above 8 MiB the library switches to a resumable upload, sent in chunks of this size.
@@ -529,7 +514,7 @@ class GcsBackend:
                 crc32c = crc32c_of_file(local)
             return self._settle(name, size, crc32c, generation, str(local))
         except OSError as e:  # the local file vanished or is unreadable
-            raise StorageError(f"cannot upload {local} to {self._where(name)}: {_one_line(e)}") from e
+            raise StorageError(f"cannot upload {local} to {self._where(name)}: {one_line(e)}") from e
         except StorageError as e:
             from google.cloud.storage.exceptions import DataCorruption
 
@@ -726,7 +711,7 @@ class LocalBackend:
         except FileNotFoundError:
             return None
         except OSError as e:
-            raise StorageError(f"cannot read {self.url}/{name}: {_one_line(e)}") from e
+            raise StorageError(f"cannot read {self.url}/{name}: {one_line(e)}") from e
 
     def _copy_in(self, src: Path, dest: Path, expect_crc32c: str | None) -> tuple[Path, str]:
         """Copy src to a temporary file next to dest, hashing on the way; returns the temporary file and its crc32c."""
@@ -783,7 +768,7 @@ class LocalBackend:
                                    transient=True)
             return self._place(tmp, dest, name, generation, got, str(local))
         except OSError as e:
-            raise StorageError(f"cannot copy {local} to {self.url}/{name}: {_one_line(e)}") from e
+            raise StorageError(f"cannot copy {local} to {self.url}/{name}: {one_line(e)}") from e
 
     def download_file(self, name: str, local: Path) -> None:
         src = self._path(name)
@@ -797,9 +782,9 @@ class LocalBackend:
         except FileNotFoundError as e:
             if not src.is_file():
                 raise StorageError(f"cannot read {self.url}/{name}: the object does not exist") from e
-            raise StorageError(f"cannot copy {self.url}/{name} to {local}: {_one_line(e)}") from e
+            raise StorageError(f"cannot copy {self.url}/{name} to {local}: {one_line(e)}") from e
         except OSError as e:
-            raise StorageError(f"cannot copy {self.url}/{name} to {local}: {_one_line(e)}") from e
+            raise StorageError(f"cannot copy {self.url}/{name} to {local}: {one_line(e)}") from e
 
     def read_bytes(self, name: str) -> bytes | None:
         got = self.read(name)
@@ -812,7 +797,7 @@ class LocalBackend:
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
         except OSError as e:
-            raise StorageError(f"cannot read {self.url}/{name}: {_one_line(e)}") from e
+            raise StorageError(f"cannot read {self.url}/{name}: {one_line(e)}") from e
 
     def write_bytes(self, name: str, data: bytes, *, generation: int | None) -> RemoteFile:
         dest = self._path(name)
@@ -822,7 +807,7 @@ class LocalBackend:
             tmp.write_bytes(data)
             return self._place(tmp, dest, name, generation, _crc32c_of_bytes(data), "new content")
         except OSError as e:
-            raise StorageError(f"cannot write {self.url}/{name}: {_one_line(e)}") from e
+            raise StorageError(f"cannot write {self.url}/{name}: {one_line(e)}") from e
 
     def delete(self, name: str, *, generation: int | None) -> None:
         path = self._path(name)
@@ -837,7 +822,7 @@ class LocalBackend:
                                             f"not deleted")
                 path.unlink(missing_ok=True)
         except OSError as e:
-            raise StorageError(f"cannot delete {self.url}/{name}: {_one_line(e)}") from e
+            raise StorageError(f"cannot delete {self.url}/{name}: {one_line(e)}") from e
         # A bucket has no folders: drop the ones this left empty, so listings and `ls` agree.
         parent = path.parent
         while parent != self.root and self.root in parent.parents:
@@ -855,6 +840,6 @@ class LocalBackend:
             path.write_bytes(b"probe")
             path.unlink()
         except PermissionError as e:
-            raise StorageError(f"no permission to write {self.url}: {_one_line(e)}") from e
+            raise StorageError(f"no permission to write {self.url}: {one_line(e)}") from e
         except OSError as e:
-            raise StorageError(f"cannot write {self.url} (must be a writable folder): {_one_line(e)}") from e
+            raise StorageError(f"cannot write {self.url} (must be a writable folder): {one_line(e)}") from e

@@ -38,9 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import commit
-from .metrics import log
-from .tags import sort_key, step_of_tag
+from neox_train.checkpoint import commit
+from neox_train.checkpoint.tags import sort_key, step_of_tag
+from neox_train.errors import one_line
+from neox_train.log import log
 
 JOURNAL_DIR = ".neox-sync"
 _STOP = "__stop__"
@@ -317,14 +318,10 @@ def save_gate(saving, max_wait_s: float):
     return gate
 
 
-def _one_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {' '.join(str(err).split())}"[:500]
-
-
 def is_transient(err: BaseException) -> bool:
     """Worth retrying: a StorageError marked transient. Everything else (no permission, a conflict, a bug) would
     fail the same way again."""
-    from .storage import StorageError
+    from neox_train.errors import StorageError
 
     return isinstance(err, StorageError) and err.transient
 
@@ -345,7 +342,7 @@ def _worker_main(settings: SyncSettings, tasks, status_q, saving=None, parent: i
 def _work(settings: SyncSettings, tasks, status_q, saving, parent: int | None) -> None:
     import signal
 
-    from .storage import Crc32cCache, open_backend
+    from neox_train.remote.storage import Crc32cCache, open_backend
 
     # The trainer owns shutdown: on SIGTERM/Ctrl-C (sent to the whole process group) it saves, then flushes this
     # queue with a bounded wait and stops us itself.
@@ -380,7 +377,7 @@ def _work(settings: SyncSettings, tasks, status_q, saving, parent: int | None) -
         backend = open_backend(settings.url, credentials=settings.credentials)
     except Exception as e:  # noqa: BLE001 - reported to the trainer, which checked access at start-up already
         try:
-            status_q.send({"kind": "fatal", "error": _one_line(e)})
+            status_q.send({"kind": "fatal", "error": one_line(e)})
         except (BrokenPipeError, ConnectionError, EOFError):
             pass
         return
@@ -401,7 +398,7 @@ def _work(settings: SyncSettings, tasks, status_q, saving, parent: int | None) -
         if verified:
             send({"kind": "verified", "tags": verified})
     except Exception as e:  # noqa: BLE001 - retention just waits for this run's own publications
-        send({"kind": "failure", "tag": "(start-up check)", "attempt": 1, "retry_in_s": 0, "error": _one_line(e)})
+        send({"kind": "failure", "tag": "(start-up check)", "attempt": 1, "retry_in_s": 0, "error": one_line(e)})
     pending: deque[dict[str, Any]] = deque()
     awaiting: dict[str, tuple[dict[str, Any], float]] = {}  # uploaded, waiting for the other nodes / COMPLETE
     stopping = False
@@ -410,7 +407,7 @@ def _work(settings: SyncSettings, tasks, status_q, saving, parent: int | None) -
     next_poll = 0.0
 
     def give_up(task: dict[str, Any], err: BaseException | str) -> None:
-        error = err if isinstance(err, str) else _one_line(err)
+        error = err if isinstance(err, str) else one_line(err)
         append_journal(jpath, {"failed": task["tag"], "error": error, "time": time.time()})
         send({"kind": "failed", "tag": task["tag"], "error": error})
 
@@ -484,7 +481,7 @@ def _work(settings: SyncSettings, tasks, status_q, saving, parent: int | None) -
             attempt += 1
             delay = min(settings.retry_max_s, settings.retry_initial_s * 2 ** (attempt - 1))
             next_try = time.monotonic() + delay
-            send({"kind": "failure", "tag": tag, "attempt": attempt, "retry_in_s": delay, "error": _one_line(e),
+            send({"kind": "failure", "tag": tag, "attempt": attempt, "retry_in_s": delay, "error": one_line(e),
                   "trace": traceback.format_exc(limit=3)})
             if stopping and attempt >= 3:
                 # Flushing at exit: after a few attempts give up on this tag; it stays in the journal.
@@ -500,7 +497,7 @@ def _work(settings: SyncSettings, tasks, status_q, saving, parent: int | None) -
 
 
 def verified_local_tags(backend, settings: SyncSettings) -> list[str]:
-    from .sync import verified_remote
+    from neox_train.remote.rsync import verified_remote
 
     save_dir = Path(settings.save_dir)
     return verified_remote(backend, save_dir, commit.complete_tags(save_dir), node_rank=settings.node_rank)
@@ -510,7 +507,7 @@ class Publication:
     """The steps of publishing one tag from this node, shared by the background worker and inline uploads."""
 
     def __init__(self, backend, settings: SyncSettings, cache, *, gate=None):
-        from .owner import Identity
+        from neox_train.checkpoint.owner import Identity
 
         self.backend = backend
         self.settings = settings
@@ -520,8 +517,8 @@ class Publication:
 
     def upload(self, tag: str):
         """This node's part of `tag`; returns the SyncResult."""
-        from .storage import StorageError
-        from .sync import upload_checkpoint_part
+        from neox_train.errors import StorageError
+        from neox_train.remote.rsync import upload_checkpoint_part
 
         if not (Path(self.settings.save_dir) / tag).is_dir():
             raise StorageError(f"checkpoint folder {Path(self.settings.save_dir) / tag} disappeared before it was "
@@ -535,7 +532,7 @@ class Publication:
     def try_complete(self, tag: str) -> bool:
         """The publisher finalizes once every node's part is remote; other nodes see whether COMPLETE exists. True
         once the tag is published."""
-        from .sync import COMPLETE, finalize_checkpoint
+        from neox_train.remote.rsync import COMPLETE, finalize_checkpoint
 
         if self.settings.publisher:
             return finalize_checkpoint(self.backend, tag, identity=self.identity, num_nodes=self.settings.num_nodes)
@@ -543,7 +540,7 @@ class Publication:
 
     def publish(self, tag: str, *, timeout_s: float):
         """Upload and wait (bounded) until published: the inline path. Returns the SyncResult."""
-        from .storage import StorageError
+        from neox_train.errors import StorageError
 
         result = self.upload(tag)
         deadline = time.monotonic() + timeout_s

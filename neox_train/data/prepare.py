@@ -22,7 +22,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from .data import META_FILE, DataError
+from neox_train.data.shards import META_FILE
+from neox_train.errors import DataError
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>")
 SPECIAL_TOKENS = ("<|endoftext|>",)

@@ -7,14 +7,14 @@ import json
 import sys
 from typing import Callable
 
-from .config import OPTIMIZER_IMPLS, PRECISIONS, ConfigError, load_run_config
-from .model import ATTENTION_IMPLS
-from .data import DataError
+from neox_train.config import OPTIMIZER_IMPLS, PRECISIONS, load_run_config
+from neox_train.errors import ConfigError, DataError
+from neox_train.model import ATTENTION_IMPLS
 
 
 def _run_guarded(prog: str, fn: Callable[[], int]) -> int:
     """Bad input -> `prog: error: <one line>` on stderr and exit 2, before any expensive work."""
-    from .storage import StorageError
+    from neox_train.errors import StorageError
 
     try:
         return fn()
@@ -108,7 +108,7 @@ def train_main(argv: list[str] | None = None) -> int:
         # Heavy imports (torch, transformers, deepspeed) only after the cheap checks above passed.
         import torch
 
-        from .trainer import prepare_run, run_training, world_size_from_env
+        from neox_train.train.trainer import prepare_run, run_training, world_size_from_env
 
         if args.describe:
             plan = prepare_run(run, dp_size=world_size_from_env(), on_gpu=torch.cuda.is_available())
@@ -123,13 +123,13 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def data_parser() -> argparse.ArgumentParser:
-    from .prepare import add_prepare_arguments
+    from neox_train.data.prepare import add_prepare_arguments
 
     p = argparse.ArgumentParser(prog="neox-data", description="Prepare token shards for neox-train.")
     sub = p.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="text/jsonl (or builtin:pydoc) -> token shards + tokenizer")
     add_prepare_arguments(prep)
-    from .sync_cli import add_download_arguments
+    from neox_train.cli.sync import add_download_arguments
 
     download = sub.add_parser("download", help="bucket (gs://...) -> local folder: skip existing, keep nested folders")
     add_download_arguments(download)
@@ -141,10 +141,10 @@ def data_main(argv: list[str] | None = None) -> int:
 
     def go() -> int:
         if args.command == "download":
-            from .sync_cli import main_download
+            from neox_train.cli.sync import main_download
 
             return main_download(args)
-        from .prepare import main_prepare
+        from neox_train.data.prepare import main_prepare
 
         return main_prepare(args)
 

@@ -14,7 +14,7 @@ import os
 import socket
 from collections.abc import Mapping
 
-from .config import ConfigError
+from neox_train.errors import ConfigError
 
 DEFAULT_MASTER_PORT = 29500  # DeepSpeed's (TORCH_DISTRIBUTED_DEFAULT_PORT)
 

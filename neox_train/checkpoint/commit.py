@@ -28,8 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .storage import TMP_MARK, atomic_write, crc32c_of_file, fsync_dir
-from .tags import local_tags, step_of_tag
+from neox_train.checkpoint.tags import local_tags, step_of_tag
+from neox_train.remote.storage import TMP_MARK, atomic_write, crc32c_of_file, fsync_dir
 
 MARKER = ".neox-complete.json"
 MARKER_VERSION = 1

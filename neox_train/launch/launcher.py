@@ -28,8 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, load_run_config
-from .ranks import DEFAULT_MASTER_PORT
+import neox_train
+from neox_train.config import RunConfig, load_run_config
+from neox_train.distributed import DEFAULT_MASTER_PORT
+from neox_train.errors import ConfigError
 
 BIN = Path(sys.executable).parent
 LAUNCH_SUBDIR = "launch"
@@ -90,7 +92,7 @@ def launch_parser() -> argparse.ArgumentParser:
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    from .cli import train_parser
+    from neox_train.cli.train import train_parser
 
     parser = train_parser()
     parser.prog = "neox-launch"  # its errors then name the command the user typed
@@ -151,7 +153,7 @@ def _local_gpu_count() -> int:
 
 
 def resolve_resources(args: argparse.Namespace) -> Resources:
-    from . import hostfile
+    from neox_train.launch import hostfile
 
     if args.gpus is not None and args.gpus < 1:
         raise ConfigError(f"--gpus {args.gpus} must be >= 1")
@@ -191,7 +193,7 @@ def resolve_resources(args: argparse.Namespace) -> Resources:
 
 # -- the plan -----------------------------------------------------------------------------------------------------
 def make_plan(run: RunConfig, args: argparse.Namespace, resources: Resources):
-    from . import planner
+    from neox_train.launch import planner
 
     if args.gpu_mem_gb is not None:
         if args.gpu_mem_gb <= 0:
@@ -211,7 +213,7 @@ def make_plan(run: RunConfig, args: argparse.Namespace, resources: Resources):
 
 
 def plan_table(run: RunConfig, args: argparse.Namespace) -> list[dict[str, Any]]:
-    from . import planner
+    from neox_train.launch import planner
 
     def numbers(flag: str, text: str, kind):
         try:
@@ -246,7 +248,7 @@ def deepspeed_env(environ: dict[str, str], cwd: Path) -> tuple[dict[str, str], l
     merged in and win over what is derived here, since they were written on purpose."""
     notes: list[str] = []
     path_parts = [str(BIN)] + [p for p in environ.get("PATH", "").split(":") if p and p != str(BIN)]
-    package_root = str(Path(__file__).resolve().parent.parent)
+    package_root = str(Path(neox_train.__file__).resolve().parent.parent)
     pythonpath = [str(cwd), package_root] + [p for p in environ.get("PYTHONPATH", "").split(":") if p]
     env: dict[str, str] = {
         # The virtualenv first: pdsh's remote shell starts with the system PATH.
@@ -291,7 +293,7 @@ def rendezvous_env(env: dict[str, str], args: argparse.Namespace, resources: Res
 # -- the command --------------------------------------------------------------------------------------------------
 def deepspeed_command(args: argparse.Namespace, resources: Resources, launch_dir: Path,
                       train_args: list[str]) -> list[str]:
-    from . import hostfile
+    from neox_train.launch import hostfile
 
     deepspeed = BIN / "deepspeed"
     cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed"]
@@ -325,7 +327,7 @@ def planned_train_args(plan, launch_dir: Path) -> list[str]:
 
 
 def write_launch_dir(launch: Launch, plan) -> None:
-    from . import hostfile
+    from neox_train.launch import hostfile
 
     d = launch.launch_dir
     d.mkdir(parents=True, exist_ok=True)
@@ -368,8 +370,8 @@ def prepare_launch(args: argparse.Namespace, tparser: argparse.ArgumentParser, t
                    run: RunConfig, resources: Resources, req, plan) -> Launch:
     import torch
 
-    from . import hostfile, planner
-    from .ds_config import effective_ds_config, load_ds_config
+    from neox_train.ds_config import effective_ds_config, load_ds_config
+    from neox_train.launch import hostfile, planner
 
     _, base = load_ds_config(run.ds_config)
     ds_cfg = planner.resolved_ds_config(base, plan, req)
@@ -394,7 +396,7 @@ def prepare_launch(args: argparse.Namespace, tparser: argparse.ArgumentParser, t
 
 
 def run_preflight(args: argparse.Namespace, launch: Launch, plan) -> list:
-    from . import preflight
+    from neox_train.launch import preflight
 
     ctx = preflight.PreflightContext(
         run=launch.run, plan=plan, ds_config=launch.effective, gpus_per_node=launch.resources.gpus_per_node,
@@ -404,7 +406,7 @@ def run_preflight(args: argparse.Namespace, launch: Launch, plan) -> list:
 
 
 def _run(argv: list[str] | None, out) -> int:
-    from . import preflight
+    from neox_train.launch import preflight
 
     args, rest = launch_parser().parse_known_args(argv)
     if args.help:
@@ -417,7 +419,7 @@ def _run(argv: list[str] | None, out) -> int:
         raise ConfigError("--describe is neox-train's (it runs nothing): use `neox-launch --plan` for the launch plan")
     run = run_config_from_args(targs)
     if args.plan and args.table:
-        from .planner import format_table
+        from neox_train.launch.planner import format_table
 
         rows = plan_table(run, args)
         print(json.dumps({"rows": rows}) if args.json else format_table(rows), file=out)
@@ -490,8 +492,7 @@ def _plan_text(plan) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .data import DataError
-    from .storage import StorageError
+    from neox_train.errors import DataError, StorageError
 
     try:
         # DeepSpeed's logger writes to stdout (its accelerator notice on import, for one): stdout is kept for what

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from neox_train.errors import DataError, one_line
+
 SHARD_SUFFIXES = (".npy", ".npz")
 VALID_DTYPES = ("uint16", "uint32")
 NPZ_KEY = "input_ids"
@@ -41,22 +43,12 @@ _ZIP_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # the 30-byte local file head
 _ZIP_LOCAL_MAGIC = b"PK\x03\x04"
 
 
-class DataError(ValueError):
-    """Bad data input. str(err) is one line naming the file and what is wrong and what is valid."""
-
-
 @dataclass(frozen=True)
 class ShardInfo:
     path: Path
     num_tokens: int
     dtype: str
     max_token: int
-
-
-def _one_line(err: BaseException) -> str:
-    """An underlying exception as `Type: message` on one line, so DataError messages stay one line."""
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def discover_shards(data_dir: str | Path) -> list[Path]:
@@ -101,7 +93,7 @@ def open_shard(path: Path) -> np.ndarray:
     except DataError:
         raise
     except Exception as err:  # numpy and zipfile raise many types for a damaged file; all mean "unreadable"
-        raise DataError(f"{path}: cannot read token shard ({_one_line(err)})") from err
+        raise DataError(f"{path}: cannot read token shard ({one_line(err)})") from err
     return _checked_tokens(path, array)
 
 
@@ -261,7 +253,7 @@ def read_meta(data_dir: str | Path) -> dict[str, Any] | None:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({_one_line(err)}); re-run `neox-data prepare` or delete it") from err
+        raise DataError(f"{path}: not valid JSON ({one_line(err)}); re-run `neox-data prepare` or delete it") from err
     if not isinstance(meta, dict):
         raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     for key in ("vocab_size", "eos_token_id"):

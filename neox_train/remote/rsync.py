@@ -40,11 +40,21 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from . import commit
-from .owner import OWNER, Identity, PrefixOwned, claim_if_unowned, fence, new_id
-from .storage import (TMP_MARK, Backend, Crc32cCache, RemoteChanged, RemoteFile, StorageError, crc32c_of_file,
-                      fsync_dir, open_backend, parse_url)
-from .tags import local_tags, sort_key, step_of_tag
+from neox_train.checkpoint import commit
+from neox_train.checkpoint.owner import OWNER, Identity, PrefixOwned, claim_if_unowned, fence, new_id
+from neox_train.checkpoint.tags import local_tags, sort_key, step_of_tag
+from neox_train.errors import StorageError
+from neox_train.remote.storage import (
+    TMP_MARK,
+    Backend,
+    Crc32cCache,
+    RemoteChanged,
+    RemoteFile,
+    crc32c_of_file,
+    fsync_dir,
+    open_backend,
+    parse_url,
+)
 
 MANIFEST = "manifest.json"
 COMPLETE = "COMPLETE"

@@ -6,33 +6,12 @@ Only rank 0 writes; other ranks get a Metrics whose methods do nothing, so the l
 from __future__ import annotations
 
 import json
-import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from .perf import StepTimer, breakdown
-
-LOGGER_NAME = "neox_train"
-log = logging.getLogger(LOGGER_NAME)
-
-
-def setup_logging(log_dir: Path | None, *, rank: int) -> None:
-    """Rank 0: INFO to stderr and (when log_dir is given) to log_dir/training.log. Other ranks: warnings only."""
-    log.handlers.clear()
-    log.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-    stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(fmt if rank == 0 else logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
-    log.addHandler(stream)
-    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    if rank == 0 and log_dir is not None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(log_dir / "training.log")
-        file.setFormatter(fmt)
-        log.addHandler(file)
+from neox_train.train.perf import StepTimer, breakdown
 
 
 class Metrics:

@@ -29,22 +29,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from . import commit
-from .tags import TAG_RE, local_tags, step_of_tag
-
-
-class ConvertError(ValueError):
-    """Bad conversion input. str(err) is one line naming the file/value, what is wrong and what would be valid."""
-
+from neox_train.checkpoint import commit
+from neox_train.checkpoint.tags import TAG_RE, local_tags, step_of_tag
+from neox_train.errors import ConvertError, one_line
 
 MODEL_STATES_Z012 = "mp_rank_00_model_states.pt"
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 _RANK_RE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_(\d+)_(model|optim)_states\.pt$")
-
-
-def one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 @contextlib.contextmanager
@@ -161,8 +152,8 @@ def locate(source: str, tag: str | None, *, credentials: str | None, scratch_par
 
 def _fetch_published(url: str, tag: str | None, *, credentials: str | None, scratch_parent: Path,
                      shown_as: str | None = None) -> Located:
-    from .storage import open_backend
-    from .sync import fetch_checkpoint, remote_checkpoints, remote_latest
+    from neox_train.remote.rsync import fetch_checkpoint, remote_checkpoints, remote_latest
+    from neox_train.remote.storage import open_backend
 
     backend = open_backend(url, credentials=credentials)
     if tag is None:
@@ -422,7 +413,7 @@ class WeightSource:
             groups = [[flat] for flat in opt["fp32_groups_flat"]]  # split below by the group's shapes
         else:
             return None
-        from .trainer import param_groups
+        from neox_train.train.trainer import param_groups
 
         model = meta_model(self.info.model_config)
         names = {id(p): n for n, p in model.named_parameters()}

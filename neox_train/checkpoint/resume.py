@@ -34,11 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint, commit
-from .config import ConfigError, RunConfig
-from .metrics import log
-from .owner import Identity, new_id, valid_id
-from .tags import step_of_tag, tag_for_step
+from neox_train.checkpoint import commit
+from neox_train.checkpoint import state as checkpoint
+from neox_train.checkpoint.owner import Identity, new_id, valid_id
+from neox_train.checkpoint.tags import step_of_tag, tag_for_step
+from neox_train.config import RunConfig
+from neox_train.errors import ConfigError
+from neox_train.log import log
 
 UNIVERSAL_SUFFIX = "_universal"
 _NONE = -1  # no checkpoint
@@ -121,8 +123,8 @@ def locate(run: RunConfig, resume: str | None) -> ResumePoint:
 
 def remote_run_id(url: str, credentials: str | None) -> str | None:
     """The run id of the newest COMPLETE checkpoint at url (what a resume from there inherits)."""
-    from .storage import open_backend
-    from .sync import remote_latest, remote_manifest
+    from neox_train.remote.rsync import remote_latest, remote_manifest
+    from neox_train.remote.storage import open_backend
 
     backend = open_backend(url, credentials=credentials, start_up=True)
     tag = remote_latest(backend)
@@ -153,8 +155,8 @@ def check_resume(plan, tag: str, data_tokens: int) -> dict[str, Any] | None:
 
 def fetch_remote_checkpoint(url: str, run: RunConfig, tag: str) -> str:
     """Download COMPLETE checkpoint `tag` at `url` into save_dir (verified against its manifest)."""
-    from .storage import open_backend
-    from .sync import fetch_checkpoint
+    from neox_train.remote.rsync import fetch_checkpoint
+    from neox_train.remote.storage import open_backend
 
     log.info("resume: downloading %s from %s", tag, url)
     fetch_checkpoint(open_backend(url, credentials=run.credentials), tag, Path(run.save_dir), progress=True)
@@ -226,8 +228,9 @@ def _remote_choice(url: str, run: RunConfig, local_step: int, local_run_id: str 
                    ) -> tuple[str | None, str | None, str]:
     """On global rank 0: (the bucket tag to resume from, or None for the local one; its run id; a warning to log).
     `required`: the bucket is the only source (a URL was named, or nothing intact is local)."""
-    from .storage import StorageError, open_backend
-    from .sync import remote_latest, remote_manifest
+    from neox_train.errors import StorageError
+    from neox_train.remote.rsync import remote_latest, remote_manifest
+    from neox_train.remote.storage import open_backend
 
     try:
         backend = open_backend(url, credentials=run.credentials, start_up=not required)
@@ -258,7 +261,7 @@ def finish(plan, point: ResumePoint, data_tokens: int, *, topo, node_local: bool
     the tag was converted."""
     import deepspeed.comm as dist
 
-    from .publish import is_uploader
+    from neox_train.checkpoint.publisher import is_uploader
 
     run = plan.run
     save_dir = Path(run.save_dir)
@@ -344,7 +347,7 @@ def after_load(plan, tag: str | None, *, topo, node_local: bool) -> None:
         return
     import deepspeed.comm as dist
 
-    from .publish import is_uploader
+    from neox_train.checkpoint.publisher import is_uploader
 
     dist.barrier()
     if is_uploader(topo, node_local):

@@ -24,7 +24,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import ConfigError
+from neox_train.errors import ConfigError
 
 GIB = 2**30
 # Kept free on every GPU: the CUDA context, cuBLAS/NCCL workspaces (~1 GiB) and 10% for allocator fragmentation
@@ -65,7 +65,7 @@ class ModelShape:
 @functools.lru_cache(maxsize=16)
 def model_shape(preset: str, padded_vocab: int, attention: str = "sdpa") -> ModelShape:
     """Counts from the real transformers model built on the meta device (no weights allocated)."""
-    from .model import build_model, count_parameters, hf_config
+    from neox_train.model import build_model, count_parameters, hf_config
 
     cfg = hf_config(preset, padded_vocab)
     model = build_model(cfg, device="meta")
@@ -482,14 +482,14 @@ def detect_gpu_memory() -> tuple[float | None, str]:
 def run_precision(run, ds_cfg: dict[str, Any]) -> str:
     if run.mixed_precision is not None:
         return {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}[run.mixed_precision]
-    from .ds_config import precision
+    from neox_train.ds_config import precision
 
     return precision(ds_cfg)
 
 
 def configured_batch(run, ds_cfg: dict[str, Any], gpus: int) -> tuple[int, int]:
     """(micro-batch, accumulation) as neox-train would resolve them at `gpus` ranks (run config over JSON)."""
-    from .ds_config import check_batch
+    from neox_train.ds_config import check_batch
 
     micro = run.micro_batch if run.micro_batch is not None else ds_cfg.get("train_micro_batch_size_per_gpu")
     accum = run.grad_accum if run.grad_accum is not None else ds_cfg.get("gradient_accumulation_steps")
@@ -502,8 +502,8 @@ def tokenizer_vocab(run) -> int:
     """As neox-train resolves it: the run's vocab_size, else the data's meta.json, else GPT-2's."""
     from pathlib import Path
 
-    from .data import read_meta
-    from .model import GPT2_VOCAB_SIZE
+    from neox_train.data.shards import read_meta
+    from neox_train.model import GPT2_VOCAB_SIZE
 
     if run.vocab_size:
         return run.vocab_size
@@ -514,8 +514,8 @@ def tokenizer_vocab(run) -> int:
 def request_from_run(run, *, gpus: int, nodes: int, gpu_mem_gib: float | None, gpu_mem_source: str,
                      forced_stage: int | None = None, forced_offload: bool = False) -> PlanRequest:
     """Everything the planner needs, read from the run config and its DeepSpeed JSON."""
-    from .ds_config import load_ds_config
-    from .model import VOCAB_PAD_MULTIPLE, padded_vocab_size
+    from neox_train.ds_config import load_ds_config
+    from neox_train.model import VOCAB_PAD_MULTIPLE, padded_vocab_size
 
     if forced_offload and forced_stage not in (2, 3):
         raise PlanError(f"--offload needs --zero 2 or 3 (the shipped offload variants are "

@@ -1,0 +1,1 @@
+"""One module per console script: parse, hand over to package code, one line per error."""

@@ -1,0 +1,1 @@
+"""Conversion between neox-train checkpoints and HuggingFace folders."""

@@ -1,0 +1,1 @@
+"""Training data: token shards, windows and sampling, the prefetching loader, and `neox-data prepare`."""

@@ -1,0 +1,1 @@
+"""Where checkpoints and data live remotely: storage backends (gs://, folders) and rsync between them."""

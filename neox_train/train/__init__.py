@@ -1,0 +1,1 @@
+"""The training run: planning, the loop, performance accounting, metrics."""
