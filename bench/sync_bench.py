@@ -51,8 +51,8 @@ def upload_throughput(folder: Path, workers: int, rounds: int) -> dict:
     from google.cloud import storage
     from google.cloud.storage import transfer_manager
 
+    from neox_train.remote import open_backend
     from neox_train.remote.rsync import sync_up
-    from neox_train.remote.storage import open_backend
 
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     total = sum(p.stat().st_size for p in files)

@@ -339,7 +339,7 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
 @pytest.fixture(params=["gs", "file"])
 def strict_backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """(backend, proxy or None): a bucket prefix behind the precondition-enforcing proxy, or a local folder."""
-    from neox_train.remote.storage import open_backend
+    from neox_train.remote import open_backend
 
     if request.param == "file":
         yield open_backend(str(tmp_path / "remote")), None

@@ -314,8 +314,8 @@ def test_round_trip_hf_init_from_hf_convert_gives_identical_weights(trained, tok
 
 
 def test_convert_from_the_emulated_bucket(trained, tmp_path, capfd, gcs_emulator, gcs_bucket):  # noqa: F811
-    from neox_train.remote.rsync import publish_checkpoints
-    from neox_train.remote.storage import open_backend
+    from neox_train.checkpoint.publication import publish_checkpoints
+    from neox_train.remote import open_backend
 
     run_dir = trained(2, 2, "bf16")
     url = f"gs://{gcs_bucket}/run"
@@ -354,8 +354,8 @@ def test_convert_from_the_emulated_bucket(trained, tmp_path, capfd, gcs_emulator
 def test_published_folder_is_read_like_a_bucket(trained, tmp_path, capfd):
     """A local folder in the published layout (the demo's ./bucket/demo) or its file:// URL: only COMPLETE tags, every
     file checked against the manifest; a plain save dir converts in place."""
-    from neox_train.remote.rsync import publish_checkpoints
-    from neox_train.remote.storage import open_backend
+    from neox_train.checkpoint.publication import publish_checkpoints
+    from neox_train.remote import open_backend
 
     run_dir = trained(0, 2, "bf16")
     published = tmp_path / "bucket" / "run"

@@ -10,17 +10,13 @@ from pathlib import Path
 
 import pytest
 
-import neox_train.remote.storage as storage
+import neox_train.remote.files as storage
 from neox_train.errors import StorageError
-from neox_train.remote.storage import (
-    Crc32cCache,
-    GcsBackend,
-    LocalBackend,
-    RemoteChanged,
-    crc32c_of_file,
-    open_backend,
-    parse_url,
-)
+from neox_train.remote import open_backend
+from neox_train.remote.base import RemoteChanged, parse_url
+from neox_train.remote.files import Crc32cCache, crc32c_of_file
+from neox_train.remote.gcs import GcsBackend
+from neox_train.remote.local import LocalBackend
 
 from gcs import (  # noqa: F401
     FaultProxy,

@@ -12,15 +12,12 @@ from pathlib import Path
 
 import pytest
 
-import neox_train.remote.storage as storage
+import neox_train.remote.files as storage
 from neox_train.checkpoint import commit
+from neox_train.checkpoint.commit import LATEST
 from neox_train.checkpoint.owner import Identity, PrefixOwned, claim
-from neox_train.cli.sync import add_download_arguments, main_download
-from neox_train.cli.sync import main as sync_main
-from neox_train.errors import StorageError
-from neox_train.remote.rsync import (
+from neox_train.checkpoint.publication import (
     COMPLETE,
-    LATEST,
     MANIFEST,
     CheckpointConflict,
     CheckpointIncomplete,
@@ -28,12 +25,15 @@ from neox_train.remote.rsync import (
     finalize_checkpoint,
     remote_checkpoints,
     remote_latest,
-    sync,
-    sync_down,
-    sync_up,
     upload_checkpoint_part,
 )
-from neox_train.remote.storage import Crc32cCache, LocalBackend, crc32c_of_file, open_backend
+from neox_train.cli.sync import add_download_arguments, main_download
+from neox_train.cli.sync import main as sync_main
+from neox_train.errors import StorageError
+from neox_train.remote import open_backend
+from neox_train.remote.files import Crc32cCache, crc32c_of_file
+from neox_train.remote.local import LocalBackend
+from neox_train.remote.rsync import sync, sync_down, sync_up
 
 from gcs import FaultProxy, direct_client, fast_retry, force_resumable, gcs_bucket, gcs_emulator, strict_backend  # noqa: F401
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from neox_train.checkpoint import commit
+from neox_train.checkpoint.journal import journal_leftovers
 from neox_train.checkpoint.owner import Identity, claim
-from neox_train.checkpoint.worker import SyncSettings, SyncWorker, journal_leftovers
-from neox_train.remote.storage import open_backend
+from neox_train.checkpoint.publication import SyncSettings
+from neox_train.checkpoint.worker import SyncWorker
+from neox_train.remote import open_backend
 
 RUN = Identity("0123456789ab", "000000000001")
 
@@ -103,7 +105,7 @@ def test_save_gate_gives_up_after_its_bound():
 
 def test_a_permanent_failure_gives_that_checkpoint_up_and_the_queue_goes_on(tmp_path):
     """Defect: a CheckpointConflict was retried with backoff forever while every later checkpoint waited."""
-    from neox_train.remote.rsync import finalize_checkpoint, upload_checkpoint_part
+    from neox_train.checkpoint.publication import finalize_checkpoint, upload_checkpoint_part
 
     save_dir, bucket, other = tmp_path / "ckpt", tmp_path / "bucket", tmp_path / "other"
     make_tags(other, [2])

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from neox_train.checkpoint.tags import local_tags, step_of_tag
-from neox_train.remote.storage import TMP_MARK, atomic_write, crc32c_of_file, fsync_dir
+from neox_train.remote.files import TMP_MARK, atomic_write, crc32c_of_file, fsync_dir
 
 MARKER = ".neox-complete.json"
 MARKER_VERSION = 1

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from neox_train.errors import StorageError
-from neox_train.remote.storage import Backend, RemoteChanged
+from neox_train.remote.base import Backend, RemoteChanged
 
 OWNER = ".neox-owner.json"
 _CLAIM_ATTEMPTS = 5

@@ -16,20 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from neox_train.checkpoint.owner import Identity
-from neox_train.checkpoint.worker import (
-    Publication,
-    SyncSettings,
-    SyncStatus,
-    SyncWorker,
+from neox_train.checkpoint.journal import (
     append_journal,
     crc_cache_path,
-    is_transient,
     journal_leftovers,
     journal_path,
     journal_queued,
-    verified_local_tags,
 )
+from neox_train.checkpoint.owner import Identity
+from neox_train.checkpoint.publication import Publication, SyncSettings
+from neox_train.checkpoint.worker import SyncStatus, SyncWorker, is_transient, verified_local_tags
 from neox_train.config import RunConfig
 from neox_train.log import log
 
@@ -68,7 +64,7 @@ def check_storage_access(run: RunConfig, topo: Topology, node_local: bool) -> No
     training. Raises StorageError with one line."""
     if run.sync_to is None or not is_uploader(topo, node_local):
         return
-    from neox_train.remote.storage import open_backend
+    from neox_train.remote import open_backend
 
     open_backend(run.sync_to, credentials=run.credentials).probe()
 
@@ -79,7 +75,7 @@ def check_prefix_owner(run: RunConfig, topo: Topology, run_id: str, *, takeover:
     if run.sync_to is None or topo.rank != 0:
         return
     from neox_train.checkpoint.owner import check_start
-    from neox_train.remote.storage import open_backend
+    from neox_train.remote import open_backend
 
     check_start(open_backend(run.sync_to, credentials=run.credentials, start_up=True), run_id, takeover=takeover)
 
@@ -111,7 +107,7 @@ class Publisher:
         if self.run.sync_to is None or self.topo.rank != 0:
             return
         from neox_train.checkpoint.owner import claim
-        from neox_train.remote.storage import open_backend
+        from neox_train.remote import open_backend
 
         warning = claim(open_backend(self.run.sync_to, credentials=self.run.credentials, start_up=True),
                         self.identity, takeover=takeover, save_dir=self.run.save_dir)
@@ -127,7 +123,8 @@ class Publisher:
             self.worker = SyncWorker(self.settings)
             self.worker.start()
             return
-        from neox_train.remote.storage import Crc32cCache, open_backend
+        from neox_train.remote import open_backend
+        from neox_train.remote.files import Crc32cCache
 
         backend = open_backend(self.settings.url, credentials=self.settings.credentials)
         cache = Crc32cCache(crc_cache_path(Path(self.run.save_dir), self.settings.node_rank))
@@ -185,7 +182,7 @@ class Publisher:
     def metrics(self) -> dict[str, float]:
         """The sync/* metrics; `retries` counts every retried storage request: the worker's and this process's
         own (start-up probe, ownership checks, inline uploads)."""
-        from neox_train.remote.storage import process_retries
+        from neox_train.remote.base import process_retries
 
         status = self.poll()
         return status.metrics(retries=status.worker_retries + process_retries())

@@ -28,7 +28,6 @@ on disk.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import time
@@ -39,37 +38,19 @@ from pathlib import Path
 from typing import Any
 
 from neox_train.checkpoint import commit
+from neox_train.checkpoint.journal import (
+    append_journal,
+    crc_cache_path,
+    journal_leftovers,
+    journal_path,
+    journal_queued,
+)
+from neox_train.checkpoint.publication import Publication, SyncSettings
 from neox_train.checkpoint.tags import sort_key, step_of_tag
 from neox_train.errors import one_line
 from neox_train.log import log
 
-JOURNAL_DIR = ".neox-sync"
 _STOP = "__stop__"
-
-
-@dataclass(frozen=True)
-class SyncSettings:
-    """What the worker needs; plain data so it crosses the spawn boundary."""
-
-    url: str
-    save_dir: str
-    run_id: str  # this run's id and this start's session: the worker publishes only while they own the prefix
-    session: str | None = None
-    credentials: str | None = None
-    node_rank: int = 0
-    num_nodes: int = 1  # nodes whose parts make one checkpoint (node-local storage), else 1
-    publisher: bool = True  # finalizes (manifest, COMPLETE, latest): global rank 0's worker
-    workers: int = 8
-    max_pending: int = 0  # >0: when more are waiting, superseded pending tags are skipped (kept locally)
-    retry_initial_s: float = 2.0
-    retry_max_s: float = 60.0
-    finalize_poll_s: float = 1.0
-    # A checkpoint waits this long for the other nodes' parts (or, on those nodes, for node 0's COMPLETE) before it
-    # is given up as failed; meanwhile the worker goes on with the next checkpoints.
-    await_other_nodes_s: float = 3600.0
-    # While the trainer writes a checkpoint, uploads wait (at most this long per wait) so that they do not compete
-    # with the save for the disk and the cores: the loop's stall is the one cost that reaches the GPUs.
-    yield_to_save_max_s: float = 120.0
 
 
 @dataclass
@@ -130,60 +111,6 @@ class SyncStatus:
             "retries": float(retries),
             "failures": float(self.failures),
         }
-
-
-def journal_path(save_dir: Path, node_rank: int) -> Path:
-    return Path(save_dir) / JOURNAL_DIR / f"journal-node{node_rank}.jsonl"
-
-
-def crc_cache_path(save_dir: Path, node_rank: int) -> Path:
-    return Path(save_dir) / JOURNAL_DIR / f"crc32c-node{node_rank}.json"
-
-
-def append_journal(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record) + "\n"
-    # One small O_APPEND write: atomic with respect to the other process appending to the same file. No fsync:
-    # the page cache survives a killed process, which is what the journal is for, and on ext4 an fsync right
-    # after a checkpoint write waits for that checkpoint's writeback (measured: ~15 ms added to every save). A
-    # journal lost with the machine costs nothing: tags with no record are handed over too (see journal_leftovers).
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
-
-
-def journal_queued(save_dir: Path, node_rank: int, tag: str) -> None:
-    """The trainer's record that `tag` is handed to the upload (background worker or inline)."""
-    append_journal(journal_path(save_dir, node_rank), {"queued": tag, "time": time.time()})
-
-
-JOURNAL_KINDS = ("queued", "published", "skipped", "failed")
-
-
-def journal_state(save_dir: Path, node_rank: int) -> dict[str, str]:
-    """tag -> the kind of its last journal record."""
-    path = journal_path(save_dir, node_rank)
-    if not path.is_file():
-        return {}
-    state: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line from a kill -9 mid-write
-        for kind in JOURNAL_KINDS:
-            if isinstance(rec.get(kind), str):
-                state[rec[kind]] = kind
-    return state
-
-
-def journal_leftovers(save_dir: Path, node_rank: int) -> list[str]:
-    """Complete local tags an earlier run (or this one) left unpublished, oldest first: their last journal record
-    is queued or failed, or they have none."""
-    state = journal_state(save_dir, node_rank)
-    return [t for t in commit.complete_tags(save_dir) if state.get(t) in (None, "queued", "failed")]
 
 
 class SyncWorker:
@@ -342,7 +269,8 @@ def _worker_main(settings: SyncSettings, tasks, status_q, saving=None, parent: i
 def _work(settings: SyncSettings, tasks, status_q, saving, parent: int | None) -> None:
     import signal
 
-    from neox_train.remote.storage import Crc32cCache, open_backend
+    from neox_train.remote import open_backend
+    from neox_train.remote.files import Crc32cCache
 
     # The trainer owns shutdown: on SIGTERM/Ctrl-C (sent to the whole process group) it saves, then flushes this
     # queue with a bounded wait and stops us itself.
@@ -497,57 +425,9 @@ def _work(settings: SyncSettings, tasks, status_q, saving, parent: int | None) -
 
 
 def verified_local_tags(backend, settings: SyncSettings) -> list[str]:
-    from neox_train.remote.rsync import verified_remote
+    from neox_train.checkpoint.publication import verified_remote
 
     save_dir = Path(settings.save_dir)
     return verified_remote(backend, save_dir, commit.complete_tags(save_dir), node_rank=settings.node_rank)
 
 
-class Publication:
-    """The steps of publishing one tag from this node, shared by the background worker and inline uploads."""
-
-    def __init__(self, backend, settings: SyncSettings, cache, *, gate=None):
-        from neox_train.checkpoint.owner import Identity
-
-        self.backend = backend
-        self.settings = settings
-        self.cache = cache
-        self.gate = gate
-        self.identity = Identity(settings.run_id, settings.session)
-
-    def upload(self, tag: str):
-        """This node's part of `tag`; returns the SyncResult."""
-        from neox_train.errors import StorageError
-        from neox_train.remote.rsync import upload_checkpoint_part
-
-        if not (Path(self.settings.save_dir) / tag).is_dir():
-            raise StorageError(f"checkpoint folder {Path(self.settings.save_dir) / tag} disappeared before it was "
-                               f"uploaded")
-        result = upload_checkpoint_part(Path(self.settings.save_dir), tag, self.backend, identity=self.identity,
-                                        node_rank=self.settings.node_rank, workers=self.settings.workers,
-                                        cache=self.cache, gate=self.gate)
-        self.cache.save()
-        return result
-
-    def try_complete(self, tag: str) -> bool:
-        """The publisher finalizes once every node's part is remote; other nodes see whether COMPLETE exists. True
-        once the tag is published."""
-        from neox_train.remote.rsync import COMPLETE, finalize_checkpoint
-
-        if self.settings.publisher:
-            return finalize_checkpoint(self.backend, tag, identity=self.identity, num_nodes=self.settings.num_nodes)
-        return self.backend.read_bytes(f"{tag}/{COMPLETE}") is not None
-
-    def publish(self, tag: str, *, timeout_s: float):
-        """Upload and wait (bounded) until published: the inline path. Returns the SyncResult."""
-        from neox_train.errors import StorageError
-
-        result = self.upload(tag)
-        deadline = time.monotonic() + timeout_s
-        while not self.try_complete(tag):
-            if time.monotonic() > deadline:
-                raise StorageError(f"{tag}: the other nodes' parts did not arrive within {timeout_s:.0f} s")
-            time.sleep(self.settings.finalize_poll_s)
-        append_journal(journal_path(Path(self.settings.save_dir), self.settings.node_rank),
-                       {"published": tag, "time": time.time()})
-        return result

@@ -7,9 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+from neox_train.checkpoint.publication import publish_checkpoints
 from neox_train.errors import StorageError
-from neox_train.remote.rsync import SyncResult, publish_checkpoints, sync, sync_down
-from neox_train.remote.storage import open_backend
+from neox_train.remote import open_backend
+from neox_train.checkpoint.publication import protect_published
+from neox_train.remote.rsync import SyncResult, sync, sync_down
 
 
 def _workers_arg(text: str) -> int:
@@ -78,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             result = publish_checkpoints(Path(args.src), open_backend(args.dst, credentials=args.credentials),
                                          workers=args.workers, progress=progress)
         else:
-            result = sync(args.src, args.dst, credentials=args.credentials, workers=args.workers, progress=progress)
+            # A plain copy never writes into a published checkpoint (those change only by publication).
+            result = sync(args.src, args.dst, credentials=args.credentials, workers=args.workers, progress=progress,
+                          guard=protect_published)
     except StorageError as e:
         print(f"neox-sync: error: {e}", file=sys.stderr)
         return 2

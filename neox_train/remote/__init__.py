@@ -1,1 +1,23 @@
 """Where checkpoints and data live remotely: storage backends (gs://, folders) and rsync between them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from neox_train.remote.base import Backend, parse_url
+from neox_train.remote.gcs import PROBE_DEADLINE_S, GcsBackend
+from neox_train.remote.local import LocalBackend
+
+
+def open_backend(url: str, *, credentials: str | None = None, start_up: bool = False) -> Backend:
+    """The backend for `url`. For gs:// this creates the client (credentials are checked now, the network is not
+    touched: call probe() for that). `start_up`: for the checks before training starts, which give up after
+    PROBE_DEADLINE_S instead of retrying for RETRY_DEADLINE_S (a bucket that cannot answer now fails the start in
+    seconds, with one line)."""
+    kind, where, prefix = parse_url(url)
+    if kind == "gs":
+        backend = GcsBackend(where, prefix, credentials=credentials)
+        if start_up:
+            backend.configure_retry(deadline_s=PROBE_DEADLINE_S)
+        return backend
+    return LocalBackend(Path(where))

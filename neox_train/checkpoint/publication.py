@@ -1,0 +1,580 @@
+"""Checkpoint publication to a bucket prefix, and fetching back: the protocol on top of rsync.
+
+A published checkpoint, relative to the backend root:
+
+    .neox-owner.json               the run (and session) that publishes under this prefix (owner.py)
+    <tag>/...files...              the same relative paths as SAVE_DIR/<tag>/ (minus the local marker)
+    <tag>/.parts/node-<k>.json     what node k uploaded: {"node", "run_id", "session", "files": {relpath: {size,
+                                   crc32c}}}
+    <tag>/manifest.json            the merged parts: {"tag", "step", "run_id", "num_nodes", "files"}
+    <tag>/COMPLETE                 {"tag", "step", "run_id"}: written last, only after a listing matched the manifest
+    latest                         the bare tag (DeepSpeed's format); moved after COMPLETE, and only forward
+
+So a reader that sees COMPLETE can trust the manifest, and every manifest file is there with its crc32c; a reader
+that sees no COMPLETE ignores the tag, whatever else is there. Nothing under a tag with COMPLETE is ever written
+or deleted again by any command here: a plain `neox-sync` refuses to write into a checkpoint folder
+(protect_published), and a publisher writes into a tag only while it owns the prefix and the tag has no COMPLETE
+(checked again right before each replacement and before the marker). Only locally complete tags (commit.py) are
+ever uploaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from neox_train.checkpoint import commit
+from neox_train.checkpoint.journal import append_journal, journal_path
+from neox_train.checkpoint.owner import OWNER, Identity, PrefixOwned, claim_if_unowned, fence, new_id
+from neox_train.checkpoint.tags import local_tags, sort_key, step_of_tag
+from neox_train.errors import StorageError
+from neox_train.remote.base import Backend, RemoteChanged, RemoteFile
+from neox_train.remote.files import Crc32cCache, crc32c_of_file, fsync_dir
+from neox_train.remote.rsync import (
+    Guard,
+    SyncResult,
+    check_relative,
+    first_mismatch,
+    hash_local,
+    parallel,
+    progress_bar,
+    upload_tree,
+)
+
+MANIFEST = "manifest.json"
+
+
+COMPLETE = "COMPLETE"
+
+
+LATEST = "latest"
+
+
+PARTS = ".parts"
+
+
+_LATEST_ATTEMPTS = 5
+
+
+class CheckpointConflict(StorageError):
+    """A write would change a published (COMPLETE) checkpoint, or a tag another run is publishing. Permanent:
+    retrying cannot help. Published checkpoints are immutable, so the local one stays local."""
+
+
+class CheckpointIncomplete(StorageError):
+    """A local tag is not a complete checkpoint (no or a damaged completeness marker): it is never published."""
+
+
+def _checkpoint_folders(names: Iterable[str]) -> dict[str, str]:
+    """Folders (relative to the listing's root, "" for the root itself) that belong to the checkpoint protocol,
+    with what they are: published (COMPLETE), or being published (a manifest or node parts, no COMPLETE yet)."""
+    out: dict[str, str] = {}
+    for name in names:
+        folder, _, base = name.rpartition("/")
+        if base == COMPLETE:
+            out[folder] = "a published checkpoint (it has COMPLETE)"
+        elif base == MANIFEST or folder == PARTS or folder.endswith(f"/{PARTS}"):
+            tag_folder = folder.rpartition("/")[0] if base != MANIFEST else folder
+            out.setdefault(tag_folder, "a checkpoint being published (it has node parts or a manifest)")
+    return out
+
+
+def protect_published(backend: Backend, prefix: str) -> Guard:
+    """The rule for `neox-sync SRC DST`: it never writes into a checkpoint folder, nor the `latest` pointer or owner
+    object next to them; those change only through the publication protocol (`neox-sync --checkpoints`)."""
+    lock = threading.Lock()
+    seen: dict[str, Any] = {}
+
+    def where(rel: str) -> str:
+        return f"{backend.url}/{prefix}{rel}".rstrip("/")
+
+    def rules(listing: dict[str, RemoteFile]) -> tuple[dict[str, str], set[str]]:
+        with lock:  # worked out once, from the one listing, by whichever upload thread asks first
+            if "protected" not in seen:
+                protected = _checkpoint_folders(n[len(prefix):] for n in listing)
+                parents = {f.rpartition("/")[0] for f in protected if f}
+                seen["protected"] = protected
+                seen["reserved"] = {f"{p}/{n}" if p else n for p in parents for n in (LATEST, OWNER)}
+            return seen["protected"], seen["reserved"]
+
+    def guard(rel: str, _have: RemoteFile | None, listing: dict[str, RemoteFile]) -> None:
+        protected, reserved = rules(listing)
+        for folder, what in protected.items():
+            if folder == "" or rel.startswith(folder + "/"):
+                raise CheckpointConflict(
+                    f"refusing to write {where(rel)}: {where(folder)} is {what}, and published checkpoints are never "
+                    f"changed (checkpoints are published with neox-sync --checkpoints SAVE_DIR URL)")
+        if rel in reserved:
+            raise CheckpointConflict(
+                f"refusing to write {where(rel)}: it is the checkpoint bookkeeping of that prefix (moved only by "
+                f"publication: neox-sync --checkpoints SAVE_DIR URL)")
+
+    return guard
+
+
+def _check_tag(tag: str) -> None:
+    if not tag or "/" in tag or "\\" in tag or tag.startswith(".") or tag == LATEST:
+        raise StorageError(f"checkpoint tag {tag!r} is not a plain folder name (valid: e.g. global_step100)")
+
+
+def _read_json(backend: Backend, name: str) -> dict[str, Any] | None:
+    raw = backend.read_bytes(name)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise StorageError(f"{backend.url}/{name} is not valid JSON ({e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise StorageError(f"{backend.url}/{name} has no \"files\" object (it was not written by neox-train)")
+    return data
+
+
+def _file_entry(meta: Any, where: str) -> tuple[int, str]:
+    try:
+        return int(meta["size"]), str(meta["crc32c"])
+    except (TypeError, KeyError, ValueError) as e:
+        raise StorageError(f"{where}: entry {meta!r} lacks an integer \"size\" and a \"crc32c\"") from e
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=True).encode()
+
+
+# Files every node's local rank 0 writes under `checkpoint.use_node_local_storage`: the (ZeRO-0/1/2) model states
+# and our side files. The same content on every node, but pickles are not byte-identical: node 0's copy is the
+# checkpoint's, the others stay local, or two nodes would race for one object name with different bytes. (ZeRO-3
+# names its per-rank files zero_pp_rank_N_..., which do not match.)
+NODE_REPLICATED = re.compile(r"^(mp_rank_\d+_model_states\.pt|config\.json|run\.json|tokenizer\.json|meta\.json)$")
+
+
+def _part_files(save_dir: Path, tag: str, node_rank: int) -> tuple[commit.TagStatus, list[tuple[str, Path]]]:
+    """The local tag's status and the files of it this node publishes. CheckpointIncomplete unless complete."""
+    folder = Path(save_dir) / tag
+    status = commit.inspect(save_dir, tag)
+    if not status.complete:
+        raise CheckpointIncomplete(f"{folder} is not a complete checkpoint ({status.problem}): only complete "
+                                   f"checkpoints are published")
+    files = commit.tag_files(folder)
+    for rel, path in files:
+        if rel in (MANIFEST, COMPLETE) or rel.startswith(f"{PARTS}/"):
+            raise StorageError(
+                f"{path}: {rel!r} is a name reserved for the published checkpoint's bookkeeping; rename it")
+    if node_rank > 0:
+        files = [(rel, path) for rel, path in files if not NODE_REPLICATED.match(rel)]
+    return status, files
+
+
+def upload_checkpoint_part(save_dir: Path, tag: str, backend: Backend, *, identity: Identity, node_rank: int = 0,
+                           workers: int = 8, cache: Crc32cCache | None = None,
+                           gate: Callable[[], None] | None = None) -> SyncResult:
+    """Upload this node's files of the complete local tag SAVE_DIR/<tag> to <tag>/ and record them in
+    <tag>/.parts/node-<node_rank>.json.
+
+    A tag that is COMPLETE remotely is never written: identical local files are a no-op, different ones a
+    CheckpointConflict. A tag another run has parts in is never written either (CheckpointConflict). Replacing a
+    file (left by an earlier, interrupted attempt of this run) happens only while `identity` still owns the
+    prefix and the tag is still not COMPLETE, checked right before each replacement.
+    """
+    _check_tag(tag)
+    status, files = _part_files(save_dir, tag, node_rank)
+    folder = Path(save_dir) / tag
+    cache = cache if cache is not None else Crc32cCache()
+    if status.files:  # the local commit hashed every file: no need to read them again
+        for rel, record in status.files.items():
+            if record.mtime_ns:
+                cache.put(folder.joinpath(*rel.split("/")), (record.size, record.mtime_ns), record.crc32c)
+    listing = backend.list(f"{tag}/")
+    if f"{tag}/{COMPLETE}" in listing:
+        return _check_already_published(folder, files, backend, tag, cache, workers)
+    for name in sorted(n for n in listing if n.startswith(f"{tag}/{PARTS}/")):
+        part = _read_json(backend, name)
+        if part is not None and part.get("run_id") != identity.run_id:
+            raise CheckpointConflict(
+                f"{backend.url}/{tag} is being published by run {part.get('run_id')} ({name} is its part), not by this "
+                f"run ({identity.run_id}); a tag has one publisher: this checkpoint stays local")
+
+    def guard(rel: str, have: RemoteFile | None, _listing: dict[str, RemoteFile] | None = None) -> None:
+        if have is None:
+            return  # a create-only write cannot harm anyone
+        fence(backend, identity, f"replace {tag}/{rel}")
+        if backend.stat(f"{tag}/{COMPLETE}") is not None:
+            raise CheckpointConflict(f"{backend.url}/{tag} was published meanwhile: its files are never replaced")
+
+    result, local = upload_tree(folder, backend, tag, workers=workers, cache=cache, progress=False, gate=gate,
+                             files=files, listing=listing, guard=guard)
+    part = {
+        "node": node_rank,
+        "run_id": identity.run_id,
+        "session": identity.session,
+        "files": {rel: {"size": size, "crc32c": crc} for rel, (size, crc) in sorted(local.items())},
+    }
+    name = f"{tag}/{PARTS}/node-{node_rank}.json"
+    earlier = listing.get(name)
+    if earlier is not None:
+        guard(f"{PARTS}/node-{node_rank}.json", earlier)
+    backend.write_bytes(name, _dumps(part), generation=0 if earlier is None else earlier.generation)
+    return result
+
+
+def _check_already_published(folder: Path, files: list[tuple[str, Path]], backend: Backend, tag: str,
+                             cache: Crc32cCache, workers: int) -> SyncResult:
+    manifest = _read_json(backend, f"{tag}/{MANIFEST}")
+    if manifest is None:
+        raise CheckpointConflict(f"{backend.url}/{tag} has {COMPLETE} but no {MANIFEST}; it is damaged, and this "
+                                 f"checkpoint cannot be published under its name")
+    local = hash_local(files, cache, workers)
+    for rel, (size, crc) in sorted(local.items()):
+        meta = manifest["files"].get(rel)
+        if meta is None or _file_entry(meta, f"{backend.url}/{tag}/{MANIFEST}") != (size, crc):
+            raise CheckpointConflict(
+                f"{backend.url}/{tag} is already published (COMPLETE) with different content ({folder / rel} is "
+                f"{'not in its manifest' if meta is None else 'different'}); a published checkpoint is never "
+                f"overwritten: this one stays local"
+            )
+    return SyncResult(files_skipped=len(local))
+
+
+def finalize_checkpoint(backend: Backend, tag: str, *, identity: Identity, num_nodes: int = 1) -> bool:
+    """Publish <tag> once every node's part is there: manifest, then COMPLETE, then `latest` (forward only).
+
+    False: some part is missing, or is left from an earlier start of this run (its node uploads this start's; poll
+    again). True: the tag is COMPLETE. Idempotent: on a COMPLETE tag only `latest` may move (forward). A part of
+    another run is a CheckpointConflict; a file the parts list but the bucket lacks or holds with another size or
+    crc32c is a StorageError, and nothing is published. `identity` must still own the prefix right before the
+    manifest and again right before the COMPLETE marker (PrefixOwned otherwise).
+    """
+    _check_tag(tag)
+    if num_nodes < 1:
+        raise StorageError(f"finalize {tag}: num_nodes={num_nodes} (valid: 1 or more)")
+    listing = backend.list(f"{tag}/")
+    if f"{tag}/{COMPLETE}" in listing:
+        _advance_latest(backend, tag)
+        return True
+    part_names = [f"{tag}/{PARTS}/node-{k}.json" for k in range(num_nodes)]
+    if any(name not in listing for name in part_names):
+        return False
+
+    files: dict[str, tuple[int, str]] = {}
+    for name in part_names:
+        part = _read_json(backend, name)
+        if part is None:  # deleted since the listing
+            return False
+        if part.get("run_id") != identity.run_id:
+            raise CheckpointConflict(f"cannot finalize {backend.url}/{tag}: {name} belongs to run "
+                                     f"{part.get('run_id')}, not this run ({identity.run_id})")
+        if identity.session is not None and part.get("session") != identity.session:
+            return False  # left by an earlier start of this run: its node uploads this start's part
+        for rel, meta in part["files"].items():
+            entry = _file_entry(meta, f"{backend.url}/{name}")
+            if files.setdefault(rel, entry) != entry:
+                raise StorageError(
+                    f"cannot finalize {backend.url}/{tag}: two nodes uploaded {rel} with different content")
+
+    mismatch = first_mismatch(listing, f"{tag}/", files)
+    if mismatch:
+        rel, found, size, crc = mismatch
+        raise StorageError(
+            f"cannot finalize {backend.url}/{tag}: {rel} is {found} remotely, its node uploaded size {size} "
+            f"crc32c {crc}", transient=True)
+    # Deterministic content (no timestamps): a finalize repeated after a lost response writes the same bytes.
+    manifest = {
+        "tag": tag,
+        "step": step_of_tag(tag),
+        "run_id": identity.run_id,
+        "num_nodes": num_nodes,
+        "files": {rel: {"size": size, "crc32c": crc} for rel, (size, crc) in sorted(files.items())},
+    }
+    fence(backend, identity, f"publish {tag}")
+    earlier = listing.get(f"{tag}/{MANIFEST}")
+    backend.write_bytes(f"{tag}/{MANIFEST}", _dumps(manifest), generation=0 if earlier is None else earlier.generation)
+    fence(backend, identity, f"publish {tag}")  # right before the irreversible marker
+    backend.write_bytes(f"{tag}/{COMPLETE}", _dumps({"tag": tag, "step": step_of_tag(tag), "run_id": identity.run_id}),
+                        generation=0)
+    _advance_latest(backend, tag)
+    return True
+
+
+def _advance_latest(backend: Backend, tag: str) -> None:
+    """Move `latest` to tag if that is forward, replacing exactly the pointer read (never a newer one)."""
+    for _ in range(_LATEST_ATTEMPTS):
+        got = backend.read(LATEST)
+        generation = 0
+        if got is not None:
+            current = got[0].decode("utf-8", "replace").strip()
+            if current == tag or sort_key(current) >= sort_key(tag):
+                return
+            generation = got[1]
+        try:
+            backend.write_bytes(LATEST, tag.encode(), generation=generation)
+            return
+        except RemoteChanged:
+            continue  # moved by another publisher meanwhile: look again
+    raise StorageError(f"{backend.url}/{LATEST} kept changing while {tag} was published", transient=True)
+
+
+def remote_checkpoints(backend: Backend, listing: dict[str, RemoteFile] | None = None) -> list[str]:
+    """Tags with both COMPLETE and a manifest, oldest step first."""
+    listing = backend.list("") if listing is None else listing
+    tags = [name[: -len(COMPLETE) - 1] for name in listing if name.endswith(f"/{COMPLETE}") and name.count("/") == 1]
+    return sorted((t for t in tags if f"{t}/{MANIFEST}" in listing), key=sort_key)
+
+
+def remote_latest(backend: Backend) -> str | None:
+    """The tag the `latest` pointer names when it is COMPLETE, else the newest COMPLETE tag, else None."""
+    pointer = backend.read_bytes(LATEST)
+    if pointer is not None:
+        tag = pointer.decode("utf-8", "replace").strip()
+        try:
+            _check_tag(tag)
+        except StorageError:
+            tag = ""
+        if tag and all(backend.read_bytes(f"{tag}/{name}") is not None for name in (COMPLETE, MANIFEST)):
+            return tag
+    tags = remote_checkpoints(backend)
+    return tags[-1] if tags else None
+
+
+def remote_manifest(backend: Backend, tag: str) -> dict[str, Any] | None:
+    """The manifest of a COMPLETE tag (None when the tag is not COMPLETE)."""
+    if backend.read_bytes(f"{tag}/{COMPLETE}") is None:
+        return None
+    return _read_json(backend, f"{tag}/{MANIFEST}")
+
+
+def verified_remote(backend: Backend, save_dir: Path, tags: Iterable[str], *, node_rank: int = 0) -> list[str]:
+    """The local tags whose files, as this node publishes them, are in the bucket under a COMPLETE tag exactly as
+    the local marker records them: what local retention may delete, whoever published it."""
+    listing = backend.list("")
+    published = set(remote_checkpoints(backend, listing))
+    out = []
+    for tag in tags:
+        if tag not in published:
+            continue
+        try:
+            status, files = _part_files(save_dir, tag, node_rank)
+        except StorageError:
+            continue
+        manifest = _read_json(backend, f"{tag}/{MANIFEST}")
+        if manifest is None:
+            continue
+        if status.files is not None:
+            local = {rel: (status.files[rel].size, status.files[rel].crc32c) for rel, _ in files}
+        else:
+            local = hash_local(files, Crc32cCache(), 4)
+        remote = {rel: _file_entry(meta, f"{backend.url}/{tag}/{MANIFEST}") for rel, meta in manifest["files"].items()}
+        if all(remote.get(rel) == entry for rel, entry in local.items()) and \
+                first_mismatch(listing, f"{tag}/", {rel: remote[rel] for rel in local}) is None:
+            out.append(tag)
+    return out
+
+
+def fetch_checkpoint(backend: Backend, tag: str, save_dir: Path, *, workers: int = 8, progress: bool = False) -> Path:
+    """Download COMPLETE checkpoint <tag> to SAVE_DIR/<tag>, verified against its manifest, commit it locally
+    (completeness marker from the manifest) and point SAVE_DIR/latest at it. Returns SAVE_DIR/<tag>.
+
+    Files go to SAVE_DIR/.<tag>.partial first and are renamed into place only when every one has the manifest's
+    size and crc32c and the marker is written, so SAVE_DIR/<tag> is never half there. Local files that already
+    match are reused.
+    """
+    _check_tag(tag)
+    where = f"{backend.url}/{tag}"
+    if backend.read_bytes(f"{tag}/{COMPLETE}") is None:
+        complete = remote_checkpoints(backend)
+        raise StorageError(
+            f"{where} is not a complete checkpoint (no {COMPLETE} marker: its upload never finished); "
+            f"complete ones: {', '.join(complete) if complete else 'none'}"
+        )
+    manifest = _read_json(backend, f"{tag}/{MANIFEST}")
+    if manifest is None:
+        raise StorageError(f"{where} has {COMPLETE} but no {MANIFEST}; it is damaged (fetch another tag)")
+    files = {rel: _file_entry(meta, f"{where}/{MANIFEST}") for rel, meta in manifest["files"].items()}
+    for rel in files:
+        check_relative(rel, f"{where}/{MANIFEST} entry {rel!r}")
+    # Fail before downloading gigabytes if the bucket no longer matches the manifest.
+    listing = backend.list(f"{tag}/")
+    mismatch = first_mismatch(listing, f"{tag}/", files)
+    if mismatch:
+        rel, found, size, crc = mismatch
+        raise StorageError(
+            f"{where}/{rel} is {found}, but the manifest says size {size} crc32c {crc}: the remote checkpoint "
+            f"is damaged (fetch another tag)"
+        )
+
+    save_dir = Path(save_dir)
+    final = save_dir / tag
+    partial = save_dir / f".{tag}.partial"
+
+    def matches(path: Path, size: int, crc: str) -> bool:
+        return path.is_file() and path.stat().st_size == size and crc32c_of_file(path) == crc
+
+    local_ok = {rel for rel, (size, crc) in files.items() if matches(final.joinpath(*rel.split("/")), size, crc)}
+    if len(local_ok) == len(files) and commit.inspect(save_dir, tag).complete:
+        commit.write_latest(save_dir, tag)
+        return final
+
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        partial.mkdir(parents=True)
+        for rel in local_ok:
+            src, dest = final.joinpath(*rel.split("/")), partial.joinpath(*rel.split("/"))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dest)
+            except OSError:
+                shutil.copy2(src, dest)
+        todo = sorted(rel for rel in files if rel not in local_ok)
+        with progress_bar(progress, sum(files[rel][0] for rel in todo), f"fetch {tag}") as bar:
+            def fetch(rel: str) -> None:
+                dest = partial.joinpath(*rel.split("/"))
+                backend.download_file(f"{tag}/{rel}", dest)
+                size, crc = files[rel]
+                with open(dest, "rb") as f:
+                    os.fsync(f.fileno())  # durable before the local marker says the tag is complete
+                got_size = dest.stat().st_size
+                got_crc = crc32c_of_file(dest)
+                if (got_size, got_crc) != (size, crc):
+                    raise StorageError(
+                        f"{where}/{rel} downloaded with size {got_size} crc32c {got_crc}, but the manifest says size "
+                        f"{size} crc32c {crc}; the checkpoint was not installed"
+                    )
+
+            parallel(fetch, todo, workers, lambda rel, _r: bar.update(files[rel][0]))
+        commit.write_marker_from_manifest(partial, tag, files, manifest.get("run_id"))
+        if final.exists():
+            old = save_dir / f".{tag}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            os.replace(partial, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(partial, final)
+        fsync_dir(save_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    commit.write_latest(save_dir, tag)
+    return final
+
+
+def publish_checkpoints(save_dir: Path, backend: Backend, *, workers: int = 8, progress: bool = False) -> SyncResult:
+    """Publish the complete SAVE_DIR/global_step* tags (single node: one part each), oldest first: what `neox-sync
+    --checkpoints` runs to finish uploads a training run left unpublished. Incomplete tags (a save that never
+    finished) are never published; tags that belong to another run than the prefix's owner, or that are already
+    published with other content, are left alone. Both kinds are listed in `not_published` with the reason.
+    Already COMPLETE identical tags cost a listing."""
+    save_dir = Path(save_dir)
+    if not save_dir.is_dir():
+        raise StorageError(f"{save_dir} is not a folder (expected a checkpoint save dir with global_step* folders)")
+    tags = local_tags(save_dir)
+    if not tags:
+        raise StorageError(f"{save_dir} has no global_step* checkpoint folders to publish")
+    total = SyncResult()
+    started = time.monotonic()
+    legacy_id = new_id()  # tags from before run ids: published as one run
+    for tag in tags:
+        status = commit.inspect(save_dir, tag)
+        if not status.complete:
+            total.not_published[tag] = f"not complete locally: {status.problem}"
+            continue
+        identity = Identity(status.run_id or legacy_id)
+        try:
+            claim_if_unowned(backend, identity, save_dir=str(save_dir))
+            part = upload_checkpoint_part(save_dir, tag, backend, identity=identity, workers=workers)
+            if not finalize_checkpoint(backend, tag, identity=identity, num_nodes=1):
+                raise StorageError(f"{backend.url}/{tag}: its part vanished while publishing")  # pragma: no cover
+        except (CheckpointConflict, PrefixOwned) as e:
+            total.not_published[tag] = str(e)
+            continue
+        total.published.append(tag)
+        for name in ("files_uploaded", "files_skipped", "bytes_uploaded", "retries"):
+            setattr(total, name, getattr(total, name) + getattr(part, name))
+        if progress:
+            print(f"neox-sync: published {tag} ({part.files_uploaded} uploaded, {part.files_skipped} skipped)",
+                  file=sys.stderr)
+    total.seconds = time.monotonic() - started
+    return total
+
+
+class Publication:
+    """The steps of publishing one tag from this node, shared by the background worker and inline uploads."""
+
+    def __init__(self, backend, settings: SyncSettings, cache, *, gate=None):
+        from neox_train.checkpoint.owner import Identity
+
+        self.backend = backend
+        self.settings = settings
+        self.cache = cache
+        self.gate = gate
+        self.identity = Identity(settings.run_id, settings.session)
+
+    def upload(self, tag: str):
+        """This node's part of `tag`; returns the SyncResult."""
+        from neox_train.checkpoint.publication import upload_checkpoint_part
+        from neox_train.errors import StorageError
+
+        if not (Path(self.settings.save_dir) / tag).is_dir():
+            raise StorageError(f"checkpoint folder {Path(self.settings.save_dir) / tag} disappeared before it was "
+                               f"uploaded")
+        result = upload_checkpoint_part(Path(self.settings.save_dir), tag, self.backend, identity=self.identity,
+                                        node_rank=self.settings.node_rank, workers=self.settings.workers,
+                                        cache=self.cache, gate=self.gate)
+        self.cache.save()
+        return result
+
+    def try_complete(self, tag: str) -> bool:
+        """The publisher finalizes once every node's part is remote; other nodes see whether COMPLETE exists. True
+        once the tag is published."""
+        from neox_train.checkpoint.publication import COMPLETE, finalize_checkpoint
+
+        if self.settings.publisher:
+            return finalize_checkpoint(self.backend, tag, identity=self.identity, num_nodes=self.settings.num_nodes)
+        return self.backend.read_bytes(f"{tag}/{COMPLETE}") is not None
+
+    def publish(self, tag: str, *, timeout_s: float):
+        """Upload and wait (bounded) until published: the inline path. Returns the SyncResult."""
+        from neox_train.errors import StorageError
+
+        result = self.upload(tag)
+        deadline = time.monotonic() + timeout_s
+        while not self.try_complete(tag):
+            if time.monotonic() > deadline:
+                raise StorageError(f"{tag}: the other nodes' parts did not arrive within {timeout_s:.0f} s")
+            time.sleep(self.settings.finalize_poll_s)
+        append_journal(journal_path(Path(self.settings.save_dir), self.settings.node_rank),
+                       {"published": tag, "time": time.time()})
+        return result
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    """What the worker needs; plain data so it crosses the spawn boundary."""
+
+    url: str
+    save_dir: str
+    run_id: str  # this run's id and this start's session: the worker publishes only while they own the prefix
+    session: str | None = None
+    credentials: str | None = None
+    node_rank: int = 0
+    num_nodes: int = 1  # nodes whose parts make one checkpoint (node-local storage), else 1
+    publisher: bool = True  # finalizes (manifest, COMPLETE, latest): global rank 0's worker
+    workers: int = 8
+    max_pending: int = 0  # >0: when more are waiting, superseded pending tags are skipped (kept locally)
+    retry_initial_s: float = 2.0
+    retry_max_s: float = 60.0
+    finalize_poll_s: float = 1.0
+    # A checkpoint waits this long for the other nodes' parts (or, on those nodes, for node 0's COMPLETE) before it
+    # is given up as failed; meanwhile the worker goes on with the next checkpoints.
+    await_other_nodes_s: float = 3600.0
+    # While the trainer writes a checkpoint, uploads wait (at most this long per wait) so that they do not compete
+    # with the save for the disk and the cores: the loop's stall is the one cost that reaches the GPUs.
+    yield_to_save_max_s: float = 120.0

@@ -1,0 +1,135 @@
+"""Local files as the remote layer sees them: crc32c in the form GCS reports, a persistent crc32c cache, atomic and durable writes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+import uuid
+from pathlib import Path
+
+import google_crc32c
+
+TMP_MARK = ".neox-tmp-"  # temporary files (atomic writes of the local backend, of local commits); never listed
+
+
+_READ_CHUNK = 1024 * 1024
+
+
+def crc32c_of_file(path: Path) -> str:
+    """The file's CRC32C as GCS reports it (base64 of the 4 big-endian bytes), read in 1 MiB chunks."""
+    checksum = google_crc32c.Checksum()
+    with open(path, "rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            checksum.update(chunk)
+    return base64.b64encode(checksum.digest()).decode("ascii")
+
+
+def stat_key(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def changed_since(path: Path, before: tuple[int, int]) -> bool:
+    try:
+        return stat_key(path) != before
+    except OSError:
+        return True
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename into it) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a reader (or a crash) sees the old content or the new, never a torn one,
+    and the new content is on disk when this returns (temporary file, fsync, rename, fsync of the folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+class Crc32cCache:
+    """CRC32C per file, keyed by (absolute path, size, mtime_ns) and persisted as JSON, so that re-syncing an
+    unchanged multi-GB checkpoint reads no file content (the rsync quick check; a rewrite changes mtime_ns).
+
+    Thread-safe: the sync threads share one cache. `hits` / `misses` count lookups since construction.
+    """
+
+    def __init__(self, path: Path | str | None = None):
+        self.path = Path(path) if path is not None else None
+        self.hits = 0
+        self.misses = 0
+        self._lock = threading.Lock()
+        self._dirty = False
+        self._entries: dict[str, tuple[int, int, str]] = {}
+        if self.path is not None and self.path.is_file():
+            try:
+                raw = json.loads(self.path.read_text())
+                self._entries = {k: (int(v[0]), int(v[1]), str(v[2])) for k, v in raw["files"].items()}
+            except (OSError, ValueError, KeyError, TypeError, IndexError):
+                self._entries = {}  # a damaged cache only costs re-reading the files
+
+    def get(self, path: Path | str) -> str:
+        path = Path(path).absolute()
+        st = os.stat(path)
+        key = str(path)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
+                self.hits += 1
+                return entry[2]
+            self.misses += 1
+        crc = crc32c_of_file(path)
+        with self._lock:
+            self._entries[key] = (st.st_size, st.st_mtime_ns, crc)
+            self._dirty = True
+        return crc
+
+    def peek(self, path: Path | str) -> str | None:
+        """The cached crc32c if the file is unchanged since it was hashed, else None; never reads the file."""
+        path = Path(path).absolute()
+        st = os.stat(path)
+        with self._lock:
+            entry = self._entries.get(str(path))
+        if entry is not None and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
+            return entry[2]
+        return None
+
+    def put(self, path: Path | str, size_mtime: tuple[int, int], crc: str) -> None:
+        """Record a crc32c computed elsewhere (while uploading) for the file as it was at `size_mtime`."""
+        with self._lock:
+            self._entries[str(Path(path).absolute())] = (size_mtime[0], size_mtime[1], crc)
+            self._dirty = True
+
+    def save(self) -> None:
+        """Write the cache (atomically), dropping entries of files that no longer exist (deleted checkpoints)."""
+        if self.path is None:
+            return
+        with self._lock:
+            live = {k: v for k, v in self._entries.items() if os.path.exists(k)}
+            if not self._dirty and len(live) == len(self._entries):
+                return
+            self._entries = live
+            payload = json.dumps({"files": {k: list(v) for k, v in live.items()}})
+            self._dirty = False
+        atomic_write(self.path, payload.encode())
+
+
+def crc32c_of_bytes(data: bytes) -> str:
+    return base64.b64encode(google_crc32c.Checksum(data).digest()).decode("ascii")
