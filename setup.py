@@ -27,11 +27,11 @@ setup(
     extras_require={"test": ["pytest>=8", "gcp-storage-emulator>=2024.8"]},
     entry_points={
         "console_scripts": [
-            "neox-train=neox_train.cli.train:train_main",
-            "neox-data=neox_train.cli.train:data_main",
+            "neox-train=neox_train.cli.train:main",
+            "neox-data=neox_train.cli.data:main",
             "neox-sync=neox_train.cli.sync:main",
-            "neox-launch=neox_train.launch.launcher:main",
-            "neox-convert-hf=neox_train.convert.to_hf:main",
+            "neox-launch=neox_train.cli.launch:main",
+            "neox-convert-hf=neox_train.cli.convert:main",
         ]
     },
 )

@@ -72,10 +72,13 @@ def build_trainer(values: dict[str, Any]):
     import torch
 
     from neox_train.checkpoint.owner import Identity, new_id
-    from neox_train.checkpoint.publisher import Publisher, Topology
+    from neox_train.checkpoint.publisher import Publisher
     from neox_train.config import from_dict
+    from neox_train.distributed import Topology, init_distributed
     from neox_train.log import setup_logging
-    from neox_train.train.trainer import Trainer, _quiet_deepspeed, init_distributed, load_data, prepare_run
+    from neox_train.train.plan import load_data, prepare_run
+    from neox_train.train.run import _quiet_deepspeed
+    from neox_train.train.trainer import Trainer
 
     run = from_dict(values, source="bench")
     plan = prepare_run(run, dp_size=1, on_gpu=torch.cuda.is_available())

@@ -47,7 +47,8 @@ def build_checkpoint(save_dir: Path, stage: int, shape: dict) -> None:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from neox_train.checkpoint import state as checkpoint
-    from neox_train.train.trainer import init_distributed, param_groups
+    from neox_train.distributed import init_distributed
+    from neox_train.model import param_groups
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     init_distributed()

@@ -61,7 +61,7 @@ def loader_rate(windows, split, *, seq_len: int, micro_batch: int, prefetch: int
     import torch
 
     from neox_train.data.loader import MicroBatchLoader
-    from neox_train.data.shards import SampleStream
+    from neox_train.data.windows import SampleStream
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     stream = SampleStream(split.train, seed=seed, micro_batch=micro_batch, dp_rank=0, dp_size=1)
@@ -79,7 +79,8 @@ def loader_rate(windows, split, *, seq_len: int, micro_batch: int, prefetch: int
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from neox_train.data.shards import PackedWindows, discover_shards, open_shard, split_windows
+    from neox_train.data.shards import discover_shards, open_shard
+    from neox_train.data.windows import PackedWindows, split_windows
 
     data_dir = args.data_dir or str(synthetic_shards(work / "tokens", vocab_size=args.vocab_size,
                                                      num_tokens=args.tokens, shards=args.shards))

@@ -65,7 +65,7 @@ def upcoming_batches(trainer, steps: int) -> list:
     """The micro-batches the trainer will take next (its loader's position), assembled and on the device now."""
     import torch
 
-    from neox_train.data.shards import SampleStream
+    from neox_train.data.windows import SampleStream
 
     stream = SampleStream(
         trainer.split.train, seed=trainer.plan.run.seed, micro_batch=trainer.micro_batch, dp_rank=trainer.rank,

@@ -6,6 +6,10 @@ SLURM runners do not: they start `mpirun ... neox-train` / `srun ... neox-train`
 decides the batch arithmetic, the rank decides who logs and uploads) and must not depend on mpi4py being built
 against the cluster's MPI, so it reads the variables mpirun and srun export themselves. The first host's address
 comes from MASTER_ADDR, which neox-launch puts into .deepspeed_env for these runners.
+
+Also here: the topology (node and local ranks), the process group's start, and the few integer collectives the
+start-up needs (agreeing on a checkpoint and on the run's identity). torch and DeepSpeed are imported inside the
+functions that need them: neox-launch and neox-sync read rank facts from this module without paying for torch.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from neox_train.errors import ConfigError
 
@@ -66,3 +71,71 @@ def launcher_env(environ: Mapping[str, str]) -> dict[str, str]:
     out.setdefault("MASTER_ADDR", environ.get("MASTER_ADDR", "127.0.0.1"))
     out["MASTER_PORT"] = environ.get("MASTER_PORT", str(DEFAULT_MASTER_PORT))
     return out
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed() -> None:
+    """The process group, with this process's rank variables in place (ranks.adopt_rank_env)."""
+    adopt_rank_env()
+    import deepspeed
+    import torch
+
+    if torch.cuda.is_available():
+        # Each rank owns cuda:LOCAL_RANK from the start: DeepSpeed binds the NCCL group to that device but only
+        # selects it inside deepspeed.initialize, and the collectives before that (the shared run id) would
+        # otherwise run on cuda:0 in every rank, which NCCL refuses.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    elif os.environ.get("NEOX_CPU_SHM_COMM", "0") != "1":
+        # On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce (~40 s on 2 cores, and again
+        # whenever ninja decides the command changed). gloo does the same job for CPU runs, which are for
+        # development and tests; NEOX_CPU_SHM_COMM=1 restores the op.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed()
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where this rank sits: global rank, rank on its node, its node's index, and the number of nodes."""
+
+    rank: int
+    local_rank: int
+    node_rank: int
+    num_nodes: int
+
+    @classmethod
+    def from_env(cls) -> "Topology":
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "0")) or 0)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        # DeepSpeed's launcher exports CROSS_RANK/CROSS_SIZE (node index/count); derive them otherwise.
+        node_rank = int(os.environ.get("CROSS_RANK", rank // local_size if local_size else 0))
+        num_nodes = int(os.environ.get("CROSS_SIZE", world // local_size if local_size else 1))
+        return cls(rank, local_rank, node_rank, max(num_nodes, 1))
+
+
+def comm_device():
+    """The device collectives run on: this rank's GPU (NCCL), else the CPU (gloo)."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def collective_ints(values: list[int], op: str) -> list[int]:
+    """broadcast from rank 0 ("broadcast") or element-wise minimum over ranks ("min") of a few integers."""
+    import torch
+
+    tensor = torch.tensor(values, dtype=torch.int64, device=comm_device())
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import deepspeed.comm as dist
+
+        if op == "broadcast":
+            dist.broadcast(tensor, src=0)
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return [int(v) for v in tensor.tolist()]

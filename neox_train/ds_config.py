@@ -220,10 +220,27 @@ def _choose_optimizer_impl(cfg: dict[str, Any], impl: str | None, *, on_gpu: boo
         notes.append(f"optimizer uses {kernel} ({source})")
 
 
-def zero_stage(cfg: dict[str, Any]) -> int:
+# What a DeepSpeed JSON says, read in one place: its ZeRO stage, its precision, what it offloads to CPU memory.
+OFFLOAD_NONE = "none"
+OFFLOAD_OPTIMIZER = "optimizer"
+OFFLOAD_ALL = "optimizer+parameters"
+
+
+def _zero_section(cfg: dict[str, Any]) -> dict[str, Any]:
     zero = cfg.get("zero_optimization")
-    return int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
+    return zero if isinstance(zero, dict) else {}
+
+
+def zero_stage(cfg: dict[str, Any]) -> int:
+    return int(_zero_section(cfg).get("stage", 0))
 
 
 def precision(cfg: dict[str, Any]) -> str:
+    """bf16, fp16 or fp32, as the JSON's bf16/fp16 sections say."""
     return "bf16" if _enabled(cfg, "bf16") else "fp16" if _enabled(cfg, "fp16") else "fp32"
+
+
+def offload(cfg: dict[str, Any]) -> str:
+    """OFFLOAD_NONE, OFFLOAD_OPTIMIZER or OFFLOAD_ALL (parameters imply the optimizer too)."""
+    zero = _zero_section(cfg)
+    return OFFLOAD_ALL if zero.get("offload_param") else OFFLOAD_OPTIMIZER if zero.get("offload_optimizer") else OFFLOAD_NONE

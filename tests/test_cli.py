@@ -8,7 +8,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from neox_train.cli.train import data_main, train_main
+from neox_train.cli.data import main as data_main
+from neox_train.cli.train import main as train_main
 
 from conftest import BIN, VOCAB, markov_tokens, tiny_run_config, train_env
 

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from neox_train.checkpoint import commit
-from neox_train.convert import to_hf as convert
+from neox_train.cli import convert
+from neox_train.convert import to_hf
 
 from conftest import (
     BIN,
@@ -203,7 +204,7 @@ def test_bf16_and_fp16_exports_verify_within_tolerance(trained, tmp_path, capfd)
 
 def test_verify_fails_and_installs_nothing_when_logits_disagree(trained, tmp_path, capfd, monkeypatch):
     run_dir = trained(2, 2, "bf16")
-    monkeypatch.setitem(convert.TOLERANCE, "bf16", 0.0)  # bf16 logits never equal the fp32 model's exactly
+    monkeypatch.setitem(to_hf.TOLERANCE, "bf16", 0.0)  # bf16 logits never equal the fp32 model's exactly
     code, _, err = run_convert(capfd, run_dir / "ckpt", "--out", tmp_path / "hf", "--dtype", "bf16", "--verify")
     assert code == 1
     assert error_line(err).startswith("neox-convert-hf: verify failed: max abs logit diff ")

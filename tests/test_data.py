@@ -9,17 +9,8 @@ import numpy as np
 import pytest
 
 from neox_train.data import shards as data
-from neox_train.data.shards import (
-    PackedWindows,
-    SampleStream,
-    ShardInfo,
-    discover_shards,
-    eval_batches,
-    open_shard,
-    read_meta,
-    split_windows,
-    validate_shards,
-)
+from neox_train.data.shards import ShardInfo, discover_shards, open_shard, read_meta, validate_shards
+from neox_train.data.windows import PackedWindows, SampleStream, eval_batches, split_windows
 from neox_train.errors import DataError
 
 

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from neox_train.convert.hf_init import check_hf_init
 from neox_train.errors import ConfigError
-from neox_train.model import build_model, hf_config, padded_vocab_size
+from neox_train.model import build_model, check_hf_init, hf_config, padded_vocab_size
 
 from conftest import BIN, VOCAB, run_train, test_ds_config, tiny_run_config, train_env
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from neox_train.cli.launch import main
 from neox_train.launch import hostfile, preflight
 from neox_train.launch.hostfile import HostfileError
-from neox_train.launch.launcher import deepspeed_env, main
+from neox_train.launch.launcher import deepspeed_env
 
 from conftest import BIN, REPO, test_ds_config, tiny_run_config
 from gcs import gcs_bucket, gcs_emulator  # noqa: F401  (fixtures)
@@ -404,8 +405,7 @@ SRUN_RANK3 = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID":
 
 
 def test_launcher_env_reads_mpirun_and_srun():
-    from neox_train.checkpoint.publisher import Topology
-    from neox_train.distributed import launcher_env
+    from neox_train.distributed import Topology, launcher_env
 
     got = launcher_env(OMPI_RANK1)
     assert got == {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",

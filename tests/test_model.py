@@ -66,7 +66,7 @@ def test_flops_per_token_is_megatron_formula():
 
 
 def test_weight_decay_groups_use_real_shapes_under_zero3():
-    from neox_train.train.trainer import param_groups
+    from neox_train.model import param_groups
 
     model = build_model(hf_config("neox-tiny", 256))
     groups = param_groups(model, 0.1)

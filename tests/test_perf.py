@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from neox_train.data.loader import MicroBatchLoader
-from neox_train.data.shards import PackedWindows, SampleStream, open_shard
+from neox_train.data.shards import open_shard
+from neox_train.data.windows import PackedWindows, SampleStream
 from neox_train.model import flops_per_token, hf_config
 from neox_train.train.metrics import Throughput
 from neox_train.train.perf import (

@@ -7,10 +7,11 @@ import json
 
 import pytest
 
+from neox_train.cli.launch import main
 from neox_train.config import load_run_config
+from neox_train.ds_config import OFFLOAD_ALL, OFFLOAD_NONE, OFFLOAD_OPTIMIZER
 from neox_train.launch import planner
-from neox_train.launch.launcher import main
-from neox_train.launch.planner import GIB, OFFLOAD_ALL, OFFLOAD_NONE, OFFLOAD_OPTIMIZER, PlanError, Variant
+from neox_train.launch.planner import GIB, PlanError, Variant
 
 # neox-1.2b (the Pythia-1.4B shape) with GPT-2's vocabulary padded to 50304: the published parameter count, and its
 # largest module, the untied output head (50304 x 2048).

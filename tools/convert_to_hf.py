@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from neox_train.convert.to_hf import main  # noqa: E402
+from neox_train.cli.convert import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,9 +10,7 @@ prefix for this run (owner.py) before anything is uploaded.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,26 +25,8 @@ from neox_train.checkpoint.owner import Identity
 from neox_train.checkpoint.publication import Publication, SyncSettings
 from neox_train.checkpoint.worker import SyncStatus, SyncWorker, is_transient, verified_local_tags
 from neox_train.config import RunConfig
+from neox_train.distributed import Topology
 from neox_train.log import log
-
-
-@dataclass(frozen=True)
-class Topology:
-    rank: int
-    local_rank: int
-    node_rank: int
-    num_nodes: int
-
-    @classmethod
-    def from_env(cls) -> "Topology":
-        rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "0")) or 0)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        # DeepSpeed's launcher exports CROSS_RANK/CROSS_SIZE (node index/count); derive them otherwise.
-        node_rank = int(os.environ.get("CROSS_RANK", rank // local_size if local_size else 0))
-        num_nodes = int(os.environ.get("CROSS_SIZE", world // local_size if local_size else 1))
-        return cls(rank, local_rank, node_rank, max(num_nodes, 1))
 
 
 def node_local_storage(ds_config: dict[str, Any]) -> bool:

@@ -39,6 +39,7 @@ from neox_train.checkpoint import state as checkpoint
 from neox_train.checkpoint.owner import Identity, new_id, valid_id
 from neox_train.checkpoint.tags import step_of_tag, tag_for_step
 from neox_train.config import RunConfig
+from neox_train.distributed import collective_ints
 from neox_train.errors import ConfigError
 from neox_train.log import log
 
@@ -163,27 +164,6 @@ def fetch_remote_checkpoint(url: str, run: RunConfig, tag: str) -> str:
     return tag
 
 
-def _comm_device():
-    import torch
-
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _collective(values: list[int], op: str) -> list[int]:
-    """broadcast from rank 0 ("broadcast") or element-wise minimum over ranks ("min") of a few integers."""
-    import torch
-
-    tensor = torch.tensor(values, dtype=torch.int64, device=_comm_device())
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import deepspeed.comm as dist
-
-        if op == "broadcast":
-            dist.broadcast(tensor, src=0)
-        else:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return [int(v) for v in tensor.tolist()]
-
-
 _NO_OPINION = 2**62  # a rank that owns no checkpoint folder: the minimum is the owners'
 
 
@@ -209,7 +189,7 @@ def _verified_step(save_dir: Path, point: ResumePoint, owner: bool) -> tuple[int
 def _agree_local(save_dir: Path, point: ResumePoint, owner: bool) -> tuple[int, str]:
     """Every rank's view of the verified local step: the owners' minimum, confirmed on each owner."""
     mine, said = _verified_step(save_dir, point, owner)
-    step = _collective([mine], "min")[0]
+    step = collective_ints([mine], "min")[0]
     if step == _NO_OPINION:
         step = _NONE
     if step >= 0 and owner and mine != step:
@@ -218,7 +198,7 @@ def _agree_local(save_dir: Path, point: ResumePoint, owner: bool) -> tuple[int, 
         ok = status.complete and not commit.verify(save_dir, status)
     else:
         ok = True
-    if step >= 0 and _collective([1 if ok else 0], "min")[0] == 0:
+    if step >= 0 and collective_ints([1 if ok else 0], "min")[0] == 0:
         raise checkpoint.CheckpointError(f"the nodes have no common intact checkpoint: global_step{step} is the newest "
                                          f"on one node and not intact on another; copy an intact tag to every node")
     return step, said
@@ -284,7 +264,7 @@ def finish(plan, point: ResumePoint, data_tokens: int, *, topo, node_local: bool
                                                      required=point.remote_only or step == _NONE)
         if told:
             log.warning("resume: %s", told)
-    chosen_remote = _collective([step_of_tag(remote_tag) if remote_tag else _NONE], "broadcast")[0]
+    chosen_remote = collective_ints([step_of_tag(remote_tag) if remote_tag else _NONE], "broadcast")[0]
     if chosen_remote >= 0:
         tag = tag_for_step(chosen_remote)
         newer = [t for t in commit.complete_tags(save_dir) if (step_of_tag(t) or 0) > chosen_remote]
@@ -300,7 +280,7 @@ def finish(plan, point: ResumePoint, data_tokens: int, *, topo, node_local: bool
 
     # The identity: the resumed checkpoint's run id (a fresh run draws one), a new session; rank 0's on every rank.
     run_id = (commit.inspect(save_dir, tag).run_id or remote_id) if rank0 and tag else None
-    ids = _collective([int(run_id if valid_id(run_id) else new_id(), 16), int(new_id(), 16)], "broadcast")
+    ids = collective_ints([int(run_id if valid_id(run_id) else new_id(), 16), int(new_id(), 16)], "broadcast")
     identity = Identity(f"{ids[0]:012x}", f"{ids[1]:012x}")
     if not tag:
         return plan, None, identity

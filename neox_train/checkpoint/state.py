@@ -23,6 +23,7 @@ import torch
 
 from neox_train.checkpoint import commit
 from neox_train.checkpoint.tags import tag_for_step
+from neox_train.ds_config import zero_stage
 from neox_train.errors import CheckpointError, ConfigError
 from neox_train.log import log
 
@@ -197,16 +198,13 @@ def check_compatible(
         )
 
 
-def _stage(ds_config: dict) -> int:
-    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
-
 
 def partitioning_change(saved: dict[str, Any], *, ds_config: dict, dp_size: int) -> str | None:
     """How the saved partitioning differs from this run's, when DeepSpeed cannot load it directly; else None.
 
     ZeRO-1..3 shard the optimizer state (ZeRO-3 also the weights) by data-parallel rank, so a change of either
     needs a universal checkpoint. ZeRO-0 keeps whole replicas: any rank count loads it."""
-    old_stage, new_stage = _stage(saved.get("ds_config", {})), _stage(ds_config)
+    old_stage, new_stage = zero_stage(saved.get("ds_config", {})), zero_stage(ds_config)
     old_dp = saved.get("dp_size")
     if (old_dp != dp_size or old_stage != new_stage) and max(old_stage, new_stage) >= 1:
         return f"saved at data-parallel size {old_dp} with ZeRO-{old_stage}, this run is {dp_size} with ZeRO-{new_stage}"
@@ -216,7 +214,7 @@ def partitioning_change(saved: dict[str, Any], *, ds_config: dict, dp_size: int)
 def universal_convertible(saved: dict[str, Any], ds_config: dict) -> bool:
     """deepspeed.checkpoint.ds_to_universal reads ZeRO-1..3 optimizer shards, and load_universal restores into a
     ZeRO-1..3 optimizer: ZeRO-0 on either side has nothing to convert from or into."""
-    return _stage(saved.get("ds_config", {})) >= 1 and _stage(ds_config) >= 1
+    return zero_stage(saved.get("ds_config", {})) >= 1 and zero_stage(ds_config) >= 1
 
 
 def read_saved_meta(save_dir: Path, tag: str) -> dict[str, Any] | None:

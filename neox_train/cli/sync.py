@@ -7,10 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from neox_train.checkpoint.publication import publish_checkpoints
-from neox_train.errors import StorageError
+from neox_train.checkpoint.publication import protect_published, publish_checkpoints
+from neox_train.errors import run_guarded
 from neox_train.remote import open_backend
-from neox_train.checkpoint.publication import protect_published
 from neox_train.remote.rsync import SyncResult, sync, sync_down
 
 
@@ -74,18 +73,18 @@ def _add_transfer_options(parser: argparse.ArgumentParser, what: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sync_parser().parse_args(argv)
+    return run_guarded("neox-sync", lambda: _sync(args))
+
+
+def _sync(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty()
-    try:
-        if args.checkpoints:
-            result = publish_checkpoints(Path(args.src), open_backend(args.dst, credentials=args.credentials),
-                                         workers=args.workers, progress=progress)
-        else:
-            # A plain copy never writes into a published checkpoint (those change only by publication).
-            result = sync(args.src, args.dst, credentials=args.credentials, workers=args.workers, progress=progress,
-                          guard=protect_published)
-    except StorageError as e:
-        print(f"neox-sync: error: {e}", file=sys.stderr)
-        return 2
+    if args.checkpoints:
+        result = publish_checkpoints(Path(args.src), open_backend(args.dst, credentials=args.credentials),
+                                     workers=args.workers, progress=progress)
+    else:
+        # A plain copy never writes into a published checkpoint (those change only by publication).
+        result = sync(args.src, args.dst, credentials=args.credentials, workers=args.workers, progress=progress,
+                      guard=protect_published)
     code = _report("neox-sync", result, args.json)
     left = [why for why in result.not_published.values() if not why.startswith("not complete locally")]
     for tag, why in result.not_published.items():
@@ -104,13 +103,13 @@ def add_download_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main_download(args: argparse.Namespace) -> int:
     """Bucket -> DIR; files already there with the remote size are skipped, so a rerun resumes."""
-    try:
+
+    def go() -> int:
         result = sync_down(open_backend(args.url, credentials=args.credentials), "", Path(args.dir),
                            workers=args.workers, skip_existing=True, verify=True, progress=sys.stderr.isatty())
-    except StorageError as e:
-        print(f"neox-data: error: {e}", file=sys.stderr)
-        return 2
-    return _report("neox-data download", result, args.json)
+        return _report("neox-data download", result, args.json)
+
+    return run_guarded("neox-data", go)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from neox_train.convert.source import CheckpointInfo, WeightSource, meta_model
+from neox_train.convert.source import CheckpointInfo
+from neox_train.convert.weights import WeightSource, meta_model
 from neox_train.errors import ConvertError, one_line
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

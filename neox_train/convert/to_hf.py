@@ -10,8 +10,6 @@ and renamed into place only when complete (and verified, with --verify), so --ou
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import shutil
 import sys
@@ -20,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from neox_train.cli.sync import main
 from neox_train.errors import VerifyFailed
 
 # Logit agreement demanded by --verify, as a fraction of the largest reference logit (at least 1): the DeepSpeed
@@ -28,67 +27,6 @@ from neox_train.errors import VerifyFailed
 # wrong config field or a vocabulary shift moves logits by the order of the logits themselves.
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 6e-2}
 VERIFY_BATCH, VERIFY_MAX_LEN, VERIFY_SEED = 2, 64, 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="neox-convert-hf",
-        description="Convert a neox-train DeepSpeed checkpoint (ZeRO 0-3, any number of ranks, a folder or gs://) "
-                    "to a HuggingFace GPTNeoX folder.",
-    )
-    p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help="a run's save dir (or one global_stepN folder), or a published gs://bucket/prefix / "
-                        "file:// URL (only COMPLETE checkpoints, verified against their manifest)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--tag", default="latest", metavar="TAG|latest", help="checkpoint tag (default: latest)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
-                   help="dtype of the saved weights (default: the run's training precision)")
-    p.add_argument("--verify", action="store_true",
-                   help="run the same tokens through the checkpoint's model and the export; fail unless logits agree")
-    p.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
-                   help="split safetensors above this size, with an index (default 2GB)")
-    p.add_argument("--unpad-vocab", action="store_true",
-                   help="cut the embedding rows padded beyond the tokenizer's vocabulary (default: keep them)")
-    p.add_argument("--tokenizer", metavar="FILE",
-                   help="tokenizer.json to include (default: the one in the checkpoint or the run's data_dir)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--credentials", metavar="FILE",
-                   help="service-account JSON for gs:// (default: GOOGLE_APPLICATION_CREDENTIALS)")
-    p.add_argument("--json", action="store_true", help="print a summary as one JSON object on stdout")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from neox_train.errors import ConfigError, ConvertError, StorageError
-
-    try:
-        with _stdout_to_stderr():
-            summary = convert(args)
-    except (ConvertError, ConfigError, StorageError) as e:
-        print(f"neox-convert-hf: error: {e}", file=sys.stderr)
-        return 2
-    except VerifyFailed as e:
-        print(f"neox-convert-hf: verify failed: {e}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(summary), flush=True)
-    return 0
-
-
-@contextlib.contextmanager
-def _stdout_to_stderr():
-    """Stdout carries only the --json object. DeepSpeed logs through a handler bound to stdout at import time and
-    zero_to_fp32 print()s, so the redirect is done on file descriptor 1 itself, for the whole conversion."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -105,7 +43,8 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def convert(args: argparse.Namespace) -> dict[str, Any]:
     from neox_train.convert.hf_export import DTYPES, parse_shard_size, print_step
-    from neox_train.convert.source import inspect_checkpoint, locate
+    from neox_train.convert.locate import locate
+    from neox_train.convert.source import inspect_checkpoint
     from neox_train.errors import ConvertError
 
     started = time.perf_counter()
@@ -164,7 +103,7 @@ def _export(args, info, dtype, dtype_name: str, out: Path, max_shard: int, *, so
         write_tokenizer,
         write_weights,
     )
-    from neox_train.convert.source import WeightSource
+    from neox_train.convert.weights import WeightSource
     from neox_train.errors import ConvertError
 
     tokenizer = find_tokenizer(args.tokenizer, info, local_save_dir=local_save_dir)
@@ -240,7 +179,7 @@ def _verify(info, plan, folder: Path, dtype_name: str, tokenizer_vocab: int | No
     from transformers.initialization import no_init_weights
 
     from neox_train.convert.hf_export import print_step
-    from neox_train.convert.source import WeightSource
+    from neox_train.convert.weights import WeightSource
 
     reference_weights = WeightSource(info, plan.module_names).open()
     state = {name: reference_weights.take(name, torch.float32) for name in plan.module_names}

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from neox_train.data.shards import PackedWindows, SampleStream
+from neox_train.data.windows import PackedWindows, SampleStream
 
 # How often a blocked thread or `next()` looks up to see whether the other side has gone away.
 _POLL_S = 0.1

@@ -14,8 +14,6 @@ command.txt.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import json
 import os
 import re
@@ -29,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import neox_train
-from neox_train.config import RunConfig, load_run_config
+from neox_train.cli.sync import main
+from neox_train.config import RunConfig
 from neox_train.distributed import DEFAULT_MASTER_PORT
 from neox_train.errors import ConfigError
 
@@ -47,70 +46,8 @@ FORWARDED_PREFIXES = ("NCCL_", "TORCH_NCCL_", "GLOO_", "NEOX_")
 _UNSAFE_ENV_VALUE = re.compile(r'["$`\\\n]')
 
 
-def launch_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="neox-launch", add_help=False, allow_abbrev=False,  # abbreviations would steal neox-train flags
-        description="Plan, check and launch neox-train through the deepspeed launcher. Other flags go to neox-train "
-                    "(see neox-train --help).",
-    )
-    p.add_argument("-h", "--help", action="store_true", help="show this help (and neox-train's flags) and exit")
-    where = p.add_argument_group("where to run")
-    where.add_argument("--gpus", type=int, help="GPUs in total (single node: this machine); with --hostfile, must "
-                                                "equal the slots selected")
-    where.add_argument("--hostfile", help="DeepSpeed hostfile: lines 'HOST slots=N', '#' comments")
-    where.add_argument("--include", default="", help="DeepSpeed's HOST[:SLOT,...][@HOST...]: only these hosts/slots")
-    where.add_argument("--exclude", default="", help="DeepSpeed's HOST[:SLOT,...][@HOST...]: all but these")
-    where.add_argument("--num-nodes", type=int, help="the first N hosts of the hostfile")
-    where.add_argument("--launcher", default="pdsh", choices=LAUNCHERS, help="multi-node runner (default pdsh)")
-    where.add_argument("--master-addr", help="address of the first node for torch.distributed (default: DeepSpeed "
-                                             "asks the first host for `hostname -I`)")
-    where.add_argument("--master-port", type=int, default=DEFAULT_MASTER_PORT, help="torch.distributed port")
-    where.add_argument("--ssh-port", type=int, help="sshd port on the hosts, when not 22")
-    where.add_argument("--no-ssh-check", action="store_true",
-                       help="skip the ssh reachability and code checks (DeepSpeed's and ours)")
-    plan = p.add_argument_group("memory plan")
-    plan.add_argument("--zero", default="auto", choices=("auto", "0", "1", "2", "3"),
-                      help="ZeRO stage: auto (the planner's choice) or force one (warns when it will not fit)")
-    plan.add_argument("--offload", action="store_true", help="with --zero 2 or 3: the CPU-offload variant")
-    plan.add_argument("--gpu-mem-gb", type=float, help="GPU memory in GiB (default: read from the device)")
-    modes = p.add_argument_group("what to do")
-    modes.add_argument("--plan", action="store_true", help="print the plan and exit (nothing is launched)")
-    modes.add_argument("--table", action="store_true", help="with --plan: a markdown table over --table-gpus x "
-                                                            "--table-mem-gb")
-    modes.add_argument("--table-gpus", default="1,2,4,8,16,64", help="GPU counts for --table")
-    modes.add_argument("--table-mem-gb", default="24,40,80", help="GPU memory sizes (GiB) for --table")
-    modes.add_argument("--check", action="store_true", help="run the pre-flight checks, print the table and exit")
-    modes.add_argument("--no-check", action="store_true", help="launch without the pre-flight checks")
-    modes.add_argument("--dry-run", action="store_true",
-                       help="write the launch folder and print the exact command instead of running it")
-    modes.add_argument("--json", action="store_true", help="--plan/--check/--dry-run: one JSON object on stdout")
-    p.add_argument("--launch-dir", metavar="DIR",
-                   help="where the resolved DeepSpeed JSON, hostfile and .deepspeed_env are written (default: "
-                        "SAVE_DIR/launch); every node reads the JSON, so with node-local checkpoint storage "
-                        "(checkpoint.use_node_local_storage) give a folder on a shared filesystem")
-    return p
-
-
-def _train_parser() -> argparse.ArgumentParser:
-    from neox_train.cli.train import train_parser
-
-    parser = train_parser()
-    parser.prog = "neox-launch"  # its errors then name the command the user typed
-    return parser
-
-
 # Flags the plan decides; the user's values are the planner's input, the plan's are what neox-train receives.
 _PLANNED = {"ds_config", "micro_batch", "grad_accum", "activation_checkpointing"}
-
-
-def run_config_from_args(ns: argparse.Namespace) -> RunConfig:
-    """The run config neox-train will build from the same flags: flags left at their default do not override."""
-    run = load_run_config(ns.config)
-    names = {f.name for f in dataclasses.fields(RunConfig)}
-    overrides = {k: v for k, v in vars(ns).items() if k in names and v is not None and v is not False}
-    if ns.no_background_upload:
-        overrides["background_upload"] = False
-    return run.replace(**overrides) if overrides else run
 
 
 def forwarded_train_args(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> list[str]:
@@ -344,13 +281,6 @@ def shell_line(command: list[str], env: dict[str, str]) -> str:
     return " ".join([f"{k}={shlex.quote(v)}" for k, v in env.items()] + [shlex.quote(c) for c in command])
 
 
-# -- main ---------------------------------------------------------------------------------------------------------
-def _print_help() -> None:
-    launch_parser().print_help()
-    print("\nneox-train flags (passed on):\n")
-    print(_train_parser().format_help().split("options:", 1)[-1])
-
-
 @dataclass(frozen=True)
 class Launch:
     """Everything a launch runs with, resolved before anything is written or started."""
@@ -405,64 +335,7 @@ def run_preflight(args: argparse.Namespace, launch: Launch, plan) -> list:
     return preflight.run_checks(ctx)
 
 
-def _run(argv: list[str] | None, out) -> int:
-    from neox_train.launch import preflight
-
-    args, rest = launch_parser().parse_known_args(argv)
-    if args.help:
-        with contextlib.redirect_stdout(out):
-            _print_help()
-        return 0
-    tparser = _train_parser()
-    targs = tparser.parse_args(rest)  # unknown flags: argparse's usage line and exit 2
-    if targs.describe:
-        raise ConfigError("--describe is neox-train's (it runs nothing): use `neox-launch --plan` for the launch plan")
-    run = run_config_from_args(targs)
-    if args.plan and args.table:
-        from neox_train.launch.planner import format_table
-
-        rows = plan_table(run, args)
-        print(json.dumps({"rows": rows}) if args.json else format_table(rows), file=out)
-        return 0
-
-    resources = resolve_resources(args)
-    req, plan = make_plan(run, args, resources)
-    for warning in plan.warnings:
-        print(f"neox-launch: warning: {warning}", file=sys.stderr)
-    if args.plan:
-        print(json.dumps(plan.to_dict()) if args.json else _plan_text(plan), file=out)
-        return 0
-
-    launch = prepare_launch(args, tparser, targs, run, resources, req, plan)
-    if args.check:
-        checks = run_preflight(args, launch, plan)
-        print(json.dumps(preflight.as_json(checks)) if args.json else preflight.format_checks(checks), file=out)
-        return 1 if any(c.failed for c in checks) else 0
-    if not (args.dry_run or args.no_check):
-        checks = run_preflight(args, launch, plan)
-        print(preflight.format_checks(checks), file=sys.stderr)
-        failed = [c for c in checks if c.failed]
-        if failed:
-            more = f" (and {len(failed) - 1} more above)" if len(failed) > 1 else ""
-            raise ConfigError(f"pre-flight failed: {failed[0].name}: {failed[0].detail}; fix: {failed[0].fix}{more}")
-
-    write_launch_dir(launch, plan)
-    for note in launch.env_notes:
-        print(f"neox-launch: {note}", file=sys.stderr)
-    if args.dry_run:
-        if args.json:
-            print(json.dumps({"command": launch.command, "env": launch.env_file_var,
-                              "launch_dir": str(launch.launch_dir), "deepspeed_env": launch.env,
-                              "plan": plan.to_dict()}), file=out)
-        else:
-            print(shell_line(launch.command, launch.env_file_var), file=out)
-        return 0
-    print(f"neox-launch: {plan.reason}", file=sys.stderr)
-    print(f"neox-launch: running {shell_line(launch.command, launch.env_file_var)}", file=sys.stderr, flush=True)
-    return _exec(launch.command, {**os.environ, **launch.env_file_var, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"})
-
-
-def _exec(command: list[str], env: dict[str, str]) -> int:
+def exec_launcher(command: list[str], env: dict[str, str]) -> int:
     """Run the deepspeed launcher; SIGINT/SIGTERM reach it (it stops the ranks on every node), its exit is ours."""
     proc = subprocess.Popen(command, env=env)
 
@@ -475,36 +348,6 @@ def _exec(command: list[str], env: dict[str, str]) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def _plan_text(plan) -> str:
-    d = plan.to_dict()
-    lines = [
-        f"ZeRO-{d['zero_stage']} (offload: {d['offload']}; DeepSpeed JSON from {d['ds_config']}), activation "
-        f"checkpointing {'on' if d['activation_checkpointing'] else 'off'}",
-        f"batch: micro {d['micro_batch']} x accumulation {d['grad_accum']} x {d['gpus']} GPUs = {d['train_batch']} "
-        f"sequences of {d['model']['seq_len']} tokens",
-        f"estimate: {d['est_gb_per_gpu']} GiB per GPU {d['est_breakdown_gb']}"
-        + (f" of {d['usable_gb_per_gpu']} usable" if d["usable_gb_per_gpu"] is not None else ""),
-        f"why: {d['reason']}",
-    ]
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from neox_train.errors import DataError, StorageError
-
-    try:
-        # DeepSpeed's logger writes to stdout (its accelerator notice on import, for one): stdout is kept for what
-        # this command prints itself, so `--json` output stays one parseable object.
-        out = sys.stdout
-        with contextlib.redirect_stdout(sys.stderr):
-            return _run(argv, out=out)
-    except (ConfigError, DataError, StorageError) as e:
-        print(f"neox-launch: error: {e}", file=sys.stderr)
-        return 2
-    except SystemExit as e:  # argparse: usage line already printed (exit 2), or --help
-        return e.code if isinstance(e.code, int) else 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,6 +24,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
+from neox_train.ds_config import OFFLOAD_ALL, OFFLOAD_NONE, OFFLOAD_OPTIMIZER, offload, zero_stage
 from neox_train.errors import ConfigError
 
 GIB = 2**30
@@ -39,9 +40,6 @@ DS_DEFAULT_PREFETCH_BUCKET = int(5e7)
 # DeepSpeed's estimators take a CPU-side safety factor; 1.5 is their own default.
 CPU_BUFFER_FACTOR = 1.5
 
-OFFLOAD_NONE = "none"
-OFFLOAD_OPTIMIZER = "optimizer"
-OFFLOAD_ALL = "optimizer+parameters"
 
 
 class PlanError(ConfigError):
@@ -95,11 +93,7 @@ class Variant:
 
     @classmethod
     def of_ds_config(cls, ds_cfg: dict[str, Any]) -> "Variant":
-        zero = ds_cfg.get("zero_optimization")
-        zero = zero if isinstance(zero, dict) else {}
-        offload = (OFFLOAD_ALL if zero.get("offload_param") else
-                   OFFLOAD_OPTIMIZER if zero.get("offload_optimizer") else OFFLOAD_NONE)
-        return cls(int(zero.get("stage", 0)), offload)
+        return cls(zero_stage(ds_cfg), offload(ds_cfg))
 
 
 OFFLOAD_VARIANTS = (Variant(2, OFFLOAD_OPTIMIZER), Variant(3, OFFLOAD_ALL))

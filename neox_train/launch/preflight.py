@@ -316,7 +316,8 @@ def check_host_memory(ctx: PreflightContext) -> list[Check]:
 def check_bucket(ctx: PreflightContext) -> list[Check]:
     if ctx.run.sync_to is None:
         return [_skip("bucket", "no --sync-to: checkpoints stay local")]
-    from neox_train.checkpoint.publisher import Topology, check_storage_access
+    from neox_train.checkpoint.publisher import check_storage_access
+    from neox_train.distributed import Topology
     from neox_train.errors import StorageError
 
     try:

@@ -1,19 +1,15 @@
 """The training loop on the DeepSpeed engine.
 
-`prepare_run` does every check that can fail (config, DeepSpeed JSON, data) before anything expensive;
-`Trainer` builds the engine and runs the loop. DeepSpeed owns gradient accumulation, clipping, the LR
-schedule, mixed precision and ZeRO; the loop only feeds micro-batches and decides when to log, evaluate
-and save.
+`Trainer` builds the engine (from a plan that train.plan has already checked) and runs the loop. DeepSpeed owns
+gradient accumulation, clipping, the LR schedule, mixed precision and ZeRO; the loop only feeds micro-batches and
+decides when to log, evaluate and save.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,173 +20,31 @@ import torch.nn.functional as F
 # model code (which imports torch._dynamo) under that patch fails.
 import transformers.models.gpt_neox.modeling_gpt_neox  # noqa: F401
 
-from neox_train.checkpoint import resume as resume_mod
 from neox_train.checkpoint import state as checkpoint
-from neox_train.checkpoint.owner import new_id
 from neox_train.checkpoint.publisher import (
     Publisher,
-    Topology,
-    check_prefix_owner,
-    check_storage_access,
     is_uploader,
     node_local_storage,
 )
-from neox_train.config import RunConfig
 from neox_train.data.loader import MicroBatchLoader
-from neox_train.data.shards import (
-    VALIDATION_CACHE,
-    PackedWindows,
-    SampleStream,
-    Split,
-    discover_shards,
-    eval_batches,
-    open_shard,
-    read_meta,
-    split_windows,
-    validate_shards,
-)
-from neox_train.distributed import adopt_rank_env
-from neox_train.ds_config import effective_ds_config, load_ds_config, precision, zero_stage
-from neox_train.errors import ConfigError, UnpublishedCheckpoints
-from neox_train.log import log, setup_logging
+from neox_train.data.windows import PackedWindows, SampleStream, Split, eval_batches
+from neox_train.distributed import Topology
+from neox_train.ds_config import precision, zero_stage
+from neox_train.log import log
 from neox_train.model import (
-    GPT2_VOCAB_SIZE,
     build_model,
     flops_per_token,
-    hf_config,
-    padded_vocab_size,
+    param_groups,
     parameter_counts,
     use_training_attention,
 )
 from neox_train.train.metrics import Metrics, Throughput
 from neox_train.train.perf import FlopsAccounting, StepTimer, device_name, memory_high_water, resolve_peak
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """Everything resolved before the engine exists: validated configs and the model shape."""
-
-    run: RunConfig
-    ds_config_path: Path
-    ds_config: dict[str, Any]
-    ds_notes: list[str]
-    dp_size: int
-    tokenizer_vocab_size: int
-    model_config: Any  # transformers GPTNeoXConfig
-
-    def describe(self) -> dict[str, Any]:
-        """The `--describe` object: effective configs, parameter counts and FLOPs per token."""
-        counts = parameter_counts(self.model_config)
-        return {
-            "run_config": self.run.to_dict(),
-            "ds_config_file": str(self.ds_config_path),
-            "ds_config": self.ds_config,
-            "ds_config_changes": self.ds_notes,
-            "data_parallel_size": self.dp_size,
-            "zero_stage": zero_stage(self.ds_config),
-            "precision": precision(self.ds_config),
-            "model": {
-                "preset": self.run.model,
-                "vocab_size": self.model_config.vocab_size,
-                "tokenizer_vocab_size": self.tokenizer_vocab_size,
-                "hidden_size": self.model_config.hidden_size,
-                "num_layers": self.model_config.num_hidden_layers,
-                "num_heads": self.model_config.num_attention_heads,
-                "intermediate_size": self.model_config.intermediate_size,
-                "seq_len": self.run.seq_len,
-            },
-            "params": {"total": counts.total, "non_embedding": counts.non_embedding},
-            "flops_per_token": flops_per_token(self.model_config, self.run.seq_len),
-            # With activation checkpointing the layers' forward runs twice: what HFU counts (MFU does not).
-            "hardware_flops_per_token": flops_per_token(
-                self.model_config, self.run.seq_len, activation_checkpointing=self.run.activation_checkpointing
-            ),
-            "tokens_per_step": self.ds_config["train_batch_size"] * self.run.seq_len,
-        }
-
+from neox_train.train.plan import RunPlan
 
 # How often ranks agree on a pending SIGTERM (one tiny all-reduce): rare enough to cost nothing, soon enough to
 # save well inside a scheduler's grace period.
 STOP_CHECK_STEPS = 10
-
-
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def prepare_run(run: RunConfig, *, dp_size: int, on_gpu: bool) -> RunPlan:
-    """Resolve and validate the run without touching data contents or building the model."""
-    ds_path, ds_base = load_ds_config(run.ds_config)
-    ds_cfg, notes = effective_ds_config(ds_base, run, dp_size=dp_size, on_gpu=on_gpu)
-    meta = read_meta(run.data_dir) if Path(run.data_dir).is_dir() else None
-    vocab = run.vocab_size or (int(meta["vocab_size"]) if meta and "vocab_size" in meta else GPT2_VOCAB_SIZE)
-    eos = meta.get("eos_token_id") if meta else None
-    model_cfg = hf_config(
-        run.model, padded_vocab_size(vocab, run.vocab_pad_multiple), eos_token_id=eos, attention=run.attention
-    )
-    if run.compile:
-        check_compile_backend(run.compile)
-    if run.init_from_hf:
-        from neox_train.convert.hf_init import check_hf_init
-
-        check_hf_init(run.init_from_hf, model_cfg, model_name=run.model)
-    return RunPlan(run, ds_path, ds_cfg, notes, dp_size, vocab, model_cfg)
-
-
-def check_compile_backend(backend: str) -> None:
-    """An unknown torch.compile backend fails here, not minutes later at the first forward."""
-    import torch._dynamo
-
-    known = torch._dynamo.list_backends(exclude_tags=())
-    if backend not in known:
-        raise ConfigError(f"compile={backend!r} is not a torch.compile backend (valid: {', '.join(known)})")
-
-
-def load_data(plan: RunPlan) -> tuple[PackedWindows, Split]:
-    """Discover, validate (dtype, emptiness, token ids < vocab) and pack the shards: fails before the engine exists."""
-    run = plan.run
-    paths = discover_shards(run.data_dir)
-    if run.max_shards is not None:
-        paths = paths[: run.max_shards]
-    validate_shards(paths, plan.tokenizer_vocab_size, cache_path=Path(run.data_dir) / VALIDATION_CACHE)
-    windows = PackedWindows([open_shard(p) for p in paths], run.seq_len)
-    split = split_windows(len(windows), run.val_fraction)
-    log.info(
-        "data: %d shards in %s, %d windows of %d tokens (%d train, %d validation)",
-        len(paths), run.data_dir, len(windows), run.seq_len, len(split.train), len(split.val),
-    )
-    return windows, split
-
-
-def init_distributed() -> None:
-    """The process group, with this process's rank variables in place (ranks.adopt_rank_env)."""
-    adopt_rank_env()
-    import deepspeed
-
-    if torch.cuda.is_available():
-        # Each rank owns cuda:LOCAL_RANK from the start: DeepSpeed binds the NCCL group to that device but only
-        # selects it inside deepspeed.initialize, and the collectives before that (the shared run id) would
-        # otherwise run on cuda:0 in every rank, which NCCL refuses.
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    elif os.environ.get("NEOX_CPU_SHM_COMM", "0") != "1":
-        # On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce (~40 s on 2 cores, and again
-        # whenever ninja decides the command changed). gloo does the same job for CPU runs, which are for
-        # development and tests; NEOX_CPU_SHM_COMM=1 restores the op.
-        import deepspeed.ops
-
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed()
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases and LayerNorm weights (1-D tensors), the GPT-NeoX/Megatron convention.
-
-    Under ZeRO-3 every parameter is an empty 1-D placeholder; its real shape is `ds_shape`."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class Trainer:
@@ -222,7 +76,7 @@ class Trainer:
         if run.init_from_hf and resume_tag:
             log.info("resuming from %s: init_from_hf=%s is not used (the checkpoint's weights win)", resume_tag, run.init_from_hf)
         if run.init_from_hf and not resume_tag:
-            from neox_train.convert.hf_init import load_hf_model
+            from neox_train.model import load_hf_model
 
             # from_pretrained partitions as it loads under ZeRO-3 (the HfDeepSpeedConfig above is alive).
             model = load_hf_model(run.init_from_hf, attention=plan.model_config._attn_implementation)
@@ -578,87 +432,3 @@ def _as_float(value: Any) -> float:
     return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
-def write_run_files(plan: RunPlan) -> None:
-    """The effective configs next to the checkpoints, so a run folder says how it was trained."""
-    save_dir = Path(plan.run.save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    (save_dir / "run_config.json").write_text(json.dumps(plan.run.to_dict(), indent=2) + "\n")
-    (save_dir / "ds_config.json").write_text(json.dumps(plan.ds_config, indent=2) + "\n")
-
-
-def run_training(run: RunConfig, *, resume: str | None, takeover: bool = False) -> dict[str, Any]:
-    """Entry for `neox-train` after argument parsing: validate, init, train, report."""
-    adopt_rank_env()  # before anything reads the rank (mpirun / srun ranks, single processes)
-    on_gpu = torch.cuda.is_available()
-    plan = prepare_run(run, dp_size=world_size_from_env(), on_gpu=on_gpu)
-    topo = Topology.from_env()
-    node_local = node_local_storage(plan.ds_config)
-    setup_logging(Path(run.log_dir), rank=topo.rank)
-    _quiet_deepspeed()
-    # Everything that can reject the input runs before process groups, model and engine exist.
-    point = resume_mod.locate(run, resume)
-    check_storage_access(run, topo, node_local)
-    if run.sync_to and topo.rank == 0:
-        inherited = point.run_id or (resume_mod.remote_run_id(point.remote, run.credentials) if point.remote_only
-                                     else None)
-        check_prefix_owner(run, topo, inherited or new_id(), takeover=takeover)
-    data = load_data(plan)
-    resume_mod.check(plan, point, data[0].num_tokens)
-    init_distributed()
-    # Verification, downloads from the bucket and universal-checkpoint conversion need the process group (the
-    # other ranks wait); so does agreeing on the run's identity.
-    plan, resume_tag, identity = resume_mod.finish(plan, point, data[0].num_tokens, topo=topo, node_local=node_local)
-    publisher = Publisher(run, topo, node_local=node_local, identity=identity)
-    try:
-        trainer = Trainer(plan, data, resume_tag=resume_tag, topo=topo, publisher=publisher)
-        resume_mod.after_load(plan, resume_tag, topo=topo, node_local=node_local)
-        if topo.rank == 0:
-            # Only now that the start succeeded: a start that failed leaves SAVE_DIR as it was.
-            write_run_files(plan)
-            log.info("run %s: effective run config: %s", identity.run_id, json.dumps(plan.run.to_dict()))
-            log.info("effective DeepSpeed config (%s): %s", plan.ds_config_path, json.dumps(plan.ds_config))
-            for note in plan.ds_notes:
-                log.info("DeepSpeed config change: %s", note)
-        publisher.claim(takeover=takeover)
-        if run.sync_to and plan.dp_size > 1:
-            import deepspeed.comm as dist
-
-            dist.barrier()  # every node's upload worker starts after the claim: its fences see this run's session
-        publisher.start()
-        previous = signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
-        try:
-            summary = trainer.train()
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-    except BaseException:
-        publisher.abort()
-        raise
-    if topo.rank == 0:
-        log.info("done: %s", json.dumps(summary))
-    sync = summary.get("sync")
-    if summary.get("stopped_unpublished"):
-        failed = list(sync["failed"].values()) if sync else []
-        last = failed[-1] if failed else (sync or {}).get("last_error", "")
-        raise UnpublishedCheckpoints(
-            f"stopped at step {summary['end_step']}: more than max_unpublished_checkpoints="
-            f"{run.max_unpublished_checkpoints} checkpoints could not be published to {run.sync_to} "
-            f"({', '.join(sync['unpublished']) if sync else 'see the log'}; last error: {last}); "
-            f"they are kept in {run.save_dir}: fix the cause, then `neox-sync --checkpoints {run.save_dir} "
-            f"{run.sync_to}` and continue with --resume latest")
-    if sync and sync["unpublished"]:
-        raise UnpublishedCheckpoints(
-            f"{len(sync['unpublished'])} checkpoint(s) not published to {run.sync_to}: {', '.join(sync['unpublished'])}"
-            f" (kept in {run.save_dir}; last error: {sync['last_error'] or 'timeout'}; `neox-sync --checkpoints {run.save_dir} "
-            f"{run.sync_to}` or the next run with --sync-to finishes them)"
-        )
-    return summary
-
-
-def _quiet_deepspeed() -> None:
-    """DeepSpeed logs its whole config and every op build at INFO; ours says what matters."""
-    import logging
-
-    level = os.environ.get("NEOX_DEEPSPEED_LOG_LEVEL", "WARNING").upper()
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(getattr(logging, level, logging.WARNING))

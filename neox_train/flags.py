@@ -1,0 +1,72 @@
+"""PLACEHOLDER"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from neox_train.config import OPTIMIZER_IMPLS, PRECISIONS, RunConfig, load_run_config
+from neox_train.model import ATTENTION_IMPLS
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="neox-train",
+        description="Train a GPT-NeoX model with the DeepSpeed engine. Run under `deepspeed` for several processes.",
+    )
+    p.add_argument("--config", default="production", help="run preset (test, production, demo) or a JSON file")
+    p.add_argument("--ds-config", help="DeepSpeed JSON: a name in ds_configs/ (zero0..zero3) or a path")
+    p.add_argument("--data-dir", help="folder of token shards (.npy/.npz, nested folders)")
+    p.add_argument("--save-dir", help="checkpoint folder")
+    p.add_argument("--log-dir", help="folder for training.log, metrics.jsonl and TensorBoard events")
+    p.add_argument("--max-steps", type=int, help="optimizer steps to train")
+    p.add_argument("--micro-batch", type=int, help="sequences per GPU per micro-step (overrides the DeepSpeed JSON)")
+    p.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (overrides the DeepSpeed JSON)")
+    p.add_argument("--mixed-precision", choices=PRECISIONS, help="bf16, fp16 or no (overrides the DeepSpeed JSON)")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence")
+    p.add_argument("--save-steps", type=int, help="checkpoint every N steps")
+    p.add_argument("--log-steps", type=int, help="log every N steps")
+    p.add_argument("--eval-steps", type=int, help="evaluate every N steps (0: never)")
+    p.add_argument("--seed", type=int, help="seed for model init and data order")
+    p.add_argument("--resume", metavar="latest|TAG|URL",
+                   help="continue from a checkpoint: latest or a tag in --save-dir, or the newest COMPLETE one at a "
+                        "gs:// or file:// URL (latest also falls back to --sync-to when --save-dir has none)")
+    p.add_argument("--sync-to", metavar="URL", help="publish checkpoints to gs://bucket/prefix, file:///path or a folder")
+    p.add_argument("--takeover", action="store_true",
+                   help="publish to a --sync-to prefix that another run owns (that run can no longer publish there; "
+                        "what it published stays as it is)")
+    p.add_argument("--credentials", metavar="FILE", help="service-account JSON for gs:// (default: GOOGLE_APPLICATION_CREDENTIALS)")
+    p.add_argument("--init-from-hf", metavar="DIR",
+                   help="start from a HuggingFace GPTNeoX folder's weights (continued pretraining; same shape as the preset)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute activations in backward: less memory, about a third more compute")
+    perf = p.add_argument_group("performance (each switch is measured in the README's Performance section)")
+    perf.add_argument("--optimizer-impl", choices=OPTIMIZER_IMPLS,
+                      help="AdamW kernel: torch, torch_fused (no build; the default) or deepspeed_fused "
+                           "(DeepSpeed FusedAdam, JIT-built with nvcc)")
+    perf.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                      help="torch.compile the model via engine.compile() (default backend: inductor)")
+    perf.add_argument("--attention", choices=ATTENTION_IMPLS,
+                      help="sdpa (default; FlashAttention on CUDA in bf16/fp16) or eager")
+    perf.add_argument("--vocab-pad-multiple", type=int, metavar="N",
+                      help="pad the vocabulary to a multiple of N (default 128; 1 = no padding)")
+    perf.add_argument("--prefetch", type=int, metavar="N", dest="prefetch_micro_batches",
+                      help="micro-batches assembled ahead in a background thread (default 2; 0 = in the loop)")
+    perf.add_argument("--peak-tflops", type=float, metavar="TFLOPS",
+                      help="peak TFLOP/s per device for MFU (default: the table for known GPUs; none on CPU)")
+    p.add_argument("--no-background-upload", action="store_true",
+                   help="upload inside save, blocking training (debugging); default: a background process")
+    p.add_argument("--describe", action="store_true", help="print the effective configuration as JSON and exit")
+    # The deepspeed launcher appends --local_rank=N; the rank itself comes from the environment.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def run_config_from_args(ns: argparse.Namespace) -> RunConfig:
+    """The run config neox-train will build from the same flags: flags left at their default do not override."""
+    run = load_run_config(ns.config)
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    overrides = {k: v for k, v in vars(ns).items() if k in names and v is not None and v is not False}
+    if ns.no_background_upload:
+        overrides["background_upload"] = False
+    return run.replace(**overrides) if overrides else run

@@ -1,0 +1,113 @@
+"""Everything a run needs resolved before anything expensive: validated configs, the model shape, the data.
+
+`prepare_run` checks the run and DeepSpeed configs and builds the model config without reading data or building
+the model; `load_data` then validates and packs the shards. Both fail with one line, before any process group,
+model or engine exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from neox_train.config import RunConfig
+from neox_train.data.shards import VALIDATION_CACHE, discover_shards, open_shard, read_meta, validate_shards
+from neox_train.data.windows import PackedWindows, Split, split_windows
+from neox_train.ds_config import effective_ds_config, load_ds_config, precision, zero_stage
+from neox_train.errors import ConfigError
+from neox_train.log import log
+from neox_train.model import (
+    GPT2_VOCAB_SIZE,
+    flops_per_token,
+    hf_config,
+    padded_vocab_size,
+    parameter_counts,
+)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything resolved before the engine exists: validated configs and the model shape."""
+
+    run: RunConfig
+    ds_config_path: Path
+    ds_config: dict[str, Any]
+    ds_notes: list[str]
+    dp_size: int
+    tokenizer_vocab_size: int
+    model_config: Any  # transformers GPTNeoXConfig
+
+    def describe(self) -> dict[str, Any]:
+        """The `--describe` object: effective configs, parameter counts and FLOPs per token."""
+        counts = parameter_counts(self.model_config)
+        return {
+            "run_config": self.run.to_dict(),
+            "ds_config_file": str(self.ds_config_path),
+            "ds_config": self.ds_config,
+            "ds_config_changes": self.ds_notes,
+            "data_parallel_size": self.dp_size,
+            "zero_stage": zero_stage(self.ds_config),
+            "precision": precision(self.ds_config),
+            "model": {
+                "preset": self.run.model,
+                "vocab_size": self.model_config.vocab_size,
+                "tokenizer_vocab_size": self.tokenizer_vocab_size,
+                "hidden_size": self.model_config.hidden_size,
+                "num_layers": self.model_config.num_hidden_layers,
+                "num_heads": self.model_config.num_attention_heads,
+                "intermediate_size": self.model_config.intermediate_size,
+                "seq_len": self.run.seq_len,
+            },
+            "params": {"total": counts.total, "non_embedding": counts.non_embedding},
+            "flops_per_token": flops_per_token(self.model_config, self.run.seq_len),
+            # With activation checkpointing the layers' forward runs twice: what HFU counts (MFU does not).
+            "hardware_flops_per_token": flops_per_token(
+                self.model_config, self.run.seq_len, activation_checkpointing=self.run.activation_checkpointing
+            ),
+            "tokens_per_step": self.ds_config["train_batch_size"] * self.run.seq_len,
+        }
+
+
+def prepare_run(run: RunConfig, *, dp_size: int, on_gpu: bool) -> RunPlan:
+    """Resolve and validate the run without touching data contents or building the model."""
+    ds_path, ds_base = load_ds_config(run.ds_config)
+    ds_cfg, notes = effective_ds_config(ds_base, run, dp_size=dp_size, on_gpu=on_gpu)
+    meta = read_meta(run.data_dir) if Path(run.data_dir).is_dir() else None
+    vocab = run.vocab_size or (int(meta["vocab_size"]) if meta and "vocab_size" in meta else GPT2_VOCAB_SIZE)
+    eos = meta.get("eos_token_id") if meta else None
+    model_cfg = hf_config(
+        run.model, padded_vocab_size(vocab, run.vocab_pad_multiple), eos_token_id=eos, attention=run.attention
+    )
+    if run.compile:
+        check_compile_backend(run.compile)
+    if run.init_from_hf:
+        from neox_train.model import check_hf_init
+
+        check_hf_init(run.init_from_hf, model_cfg, model_name=run.model)
+    return RunPlan(run, ds_path, ds_cfg, notes, dp_size, vocab, model_cfg)
+
+
+def check_compile_backend(backend: str) -> None:
+    """An unknown torch.compile backend fails here, not minutes later at the first forward."""
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ConfigError(f"compile={backend!r} is not a torch.compile backend (valid: {', '.join(known)})")
+
+
+def load_data(plan: RunPlan) -> tuple[PackedWindows, Split]:
+    """Discover, validate (dtype, emptiness, token ids < vocab) and pack the shards: fails before the engine exists."""
+    run = plan.run
+    paths = discover_shards(run.data_dir)
+    if run.max_shards is not None:
+        paths = paths[: run.max_shards]
+    validate_shards(paths, plan.tokenizer_vocab_size, cache_path=Path(run.data_dir) / VALIDATION_CACHE)
+    windows = PackedWindows([open_shard(p) for p in paths], run.seq_len)
+    split = split_windows(len(windows), run.val_fraction)
+    log.info(
+        "data: %d shards in %s, %d windows of %d tokens (%d train, %d validation)",
+        len(paths), run.data_dir, len(windows), run.seq_len, len(split.train), len(split.val),
+    )
+    return windows, split

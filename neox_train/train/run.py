@@ -1,0 +1,117 @@
+"""`neox-train` after its flags are parsed: the order in which a run is checked, started, trained and reported.
+
+Everything that can reject the input runs first (configs, resume point, bucket access and ownership, data), then
+the process group, the resume's verification and identity, the engine, the prefix claim, the upload worker, and
+the loop; a run that could not publish its checkpoints raises UnpublishedCheckpoints at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neox_train.checkpoint import resume as resume_mod
+from neox_train.checkpoint.owner import new_id
+from neox_train.checkpoint.publisher import (
+    Publisher,
+    check_prefix_owner,
+    check_storage_access,
+    node_local_storage,
+)
+from neox_train.config import RunConfig
+from neox_train.distributed import Topology, adopt_rank_env, init_distributed, world_size_from_env
+from neox_train.errors import UnpublishedCheckpoints
+from neox_train.log import log, setup_logging
+from neox_train.train.plan import RunPlan, load_data, prepare_run
+from neox_train.train.trainer import Trainer
+
+
+def write_run_files(plan: RunPlan) -> None:
+    """The effective configs next to the checkpoints, so a run folder says how it was trained."""
+    save_dir = Path(plan.run.save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    (save_dir / "run_config.json").write_text(json.dumps(plan.run.to_dict(), indent=2) + "\n")
+    (save_dir / "ds_config.json").write_text(json.dumps(plan.ds_config, indent=2) + "\n")
+
+
+def run_training(run: RunConfig, *, resume: str | None, takeover: bool = False) -> dict[str, Any]:
+    """Entry for `neox-train` after argument parsing: validate, init, train, report."""
+    adopt_rank_env()  # before anything reads the rank (mpirun / srun ranks, single processes)
+    on_gpu = torch.cuda.is_available()
+    plan = prepare_run(run, dp_size=world_size_from_env(), on_gpu=on_gpu)
+    topo = Topology.from_env()
+    node_local = node_local_storage(plan.ds_config)
+    setup_logging(Path(run.log_dir), rank=topo.rank)
+    _quiet_deepspeed()
+    # Everything that can reject the input runs before process groups, model and engine exist.
+    point = resume_mod.locate(run, resume)
+    check_storage_access(run, topo, node_local)
+    if run.sync_to and topo.rank == 0:
+        inherited = point.run_id or (resume_mod.remote_run_id(point.remote, run.credentials) if point.remote_only
+                                     else None)
+        check_prefix_owner(run, topo, inherited or new_id(), takeover=takeover)
+    data = load_data(plan)
+    resume_mod.check(plan, point, data[0].num_tokens)
+    init_distributed()
+    # Verification, downloads from the bucket and universal-checkpoint conversion need the process group (the
+    # other ranks wait); so does agreeing on the run's identity.
+    plan, resume_tag, identity = resume_mod.finish(plan, point, data[0].num_tokens, topo=topo, node_local=node_local)
+    publisher = Publisher(run, topo, node_local=node_local, identity=identity)
+    try:
+        trainer = Trainer(plan, data, resume_tag=resume_tag, topo=topo, publisher=publisher)
+        resume_mod.after_load(plan, resume_tag, topo=topo, node_local=node_local)
+        if topo.rank == 0:
+            # Only now that the start succeeded: a start that failed leaves SAVE_DIR as it was.
+            write_run_files(plan)
+            log.info("run %s: effective run config: %s", identity.run_id, json.dumps(plan.run.to_dict()))
+            log.info("effective DeepSpeed config (%s): %s", plan.ds_config_path, json.dumps(plan.ds_config))
+            for note in plan.ds_notes:
+                log.info("DeepSpeed config change: %s", note)
+        publisher.claim(takeover=takeover)
+        if run.sync_to and plan.dp_size > 1:
+            import deepspeed.comm as dist
+
+            dist.barrier()  # every node's upload worker starts after the claim: its fences see this run's session
+        publisher.start()
+        previous = signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
+        try:
+            summary = trainer.train()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    except BaseException:
+        publisher.abort()
+        raise
+    if topo.rank == 0:
+        log.info("done: %s", json.dumps(summary))
+    sync = summary.get("sync")
+    if summary.get("stopped_unpublished"):
+        failed = list(sync["failed"].values()) if sync else []
+        last = failed[-1] if failed else (sync or {}).get("last_error", "")
+        raise UnpublishedCheckpoints(
+            f"stopped at step {summary['end_step']}: more than max_unpublished_checkpoints="
+            f"{run.max_unpublished_checkpoints} checkpoints could not be published to {run.sync_to} "
+            f"({', '.join(sync['unpublished']) if sync else 'see the log'}; last error: {last}); "
+            f"they are kept in {run.save_dir}: fix the cause, then `neox-sync --checkpoints {run.save_dir} "
+            f"{run.sync_to}` and continue with --resume latest")
+    if sync and sync["unpublished"]:
+        raise UnpublishedCheckpoints(
+            f"{len(sync['unpublished'])} checkpoint(s) not published to {run.sync_to}: {', '.join(sync['unpublished'])}"
+            f" (kept in {run.save_dir}; last error: {sync['last_error'] or 'timeout'}; `neox-sync --checkpoints {run.save_dir} "
+            f"{run.sync_to}` or the next run with --sync-to finishes them)"
+        )
+    return summary
+
+
+def _quiet_deepspeed() -> None:
+    """DeepSpeed logs its whole config and every op build at INFO; ours says what matters."""
+    import logging
+
+    level = os.environ.get("NEOX_DEEPSPEED_LOG_LEVEL", "WARNING").upper()
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(getattr(logging, level, logging.WARNING))
