@@ -244,3 +244,15 @@ def offload(cfg: dict[str, Any]) -> str:
     """OFFLOAD_NONE, OFFLOAD_OPTIMIZER or OFFLOAD_ALL (parameters imply the optimizer too)."""
     zero = _zero_section(cfg)
     return OFFLOAD_ALL if zero.get("offload_param") else OFFLOAD_OPTIMIZER if zero.get("offload_optimizer") else OFFLOAD_NONE
+
+
+def checkpoint_bytes(total_params: int, precision: str, zero_stage: int) -> int:
+    """One DeepSpeed checkpoint, all ranks together: the module weights in the training dtype plus the optimizer
+    states (fp32 master weights and two Adam moments, 12 bytes a parameter; bf16 at ZeRO-0 keeps two bf16 moments
+    only, fp32 at ZeRO-0 two fp32 moments)."""
+    weight_bytes = 4 if precision == "fp32" else 2
+    if zero_stage == 0 and precision != "fp16":
+        optimizer = 8 if precision == "fp32" else 4
+    else:
+        optimizer = 12
+    return total_params * (weight_bytes + optimizer)

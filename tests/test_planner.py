@@ -10,8 +10,10 @@ import pytest
 from neox_train.cli.launch import main
 from neox_train.config import load_run_config
 from neox_train.ds_config import OFFLOAD_ALL, OFFLOAD_NONE, OFFLOAD_OPTIMIZER
-from neox_train.launch import planner
-from neox_train.launch.planner import GIB, PlanError, Variant
+from neox_train.launch import memory, planner
+from neox_train.launch.memory import Variant
+from neox_train.launch.planner import PlanError
+from neox_train.units import GIB
 
 # neox-1.2b (the Pythia-1.4B shape) with GPT-2's vocabulary padded to 50304: the published parameter count, and its
 # largest module, the untied output head (50304 x 2048).
@@ -28,7 +30,7 @@ def production():
 
 @pytest.fixture(scope="module")
 def shape():
-    return planner.model_shape("neox-1.2b", 50304)
+    return memory.model_shape("neox-1.2b", 50304)
 
 
 def hand_model_states(stage: int, offload: str, n: int) -> int:
@@ -56,7 +58,7 @@ def test_shape_is_the_published_model(shape):
                                      Variant(3, OFFLOAD_ALL)], ids=lambda v: v.ds_name)
 def test_model_states_match_hand_computed_bytes(shape, variant, n):
     nodes = -(-n // 8)
-    gpu, cpu = planner.model_state_bytes(variant, shape, gpus=n, nodes=nodes, precision="bf16")
+    gpu, cpu = memory.model_state_bytes(variant, shape, gpus=n, nodes=nodes, precision="bf16")
     assert gpu == hand_model_states(variant.stage, variant.offload, n)
     assert cpu > 0
 
@@ -64,7 +66,7 @@ def test_model_states_match_hand_computed_bytes(shape, variant, n):
 def test_model_states_literal_values(shape):
     """A few values computed by hand, so a change in DeepSpeed's estimators shows up here by number."""
     def gpu(variant, n):
-        return planner.model_state_bytes(variant, shape, gpus=n, nodes=1, precision="bf16")[0]
+        return memory.model_state_bytes(variant, shape, gpus=n, nodes=1, precision="bf16")[0]
 
     assert gpu(Variant(2), 8) == 6_012_253_184  # 2P + 18P/8
     assert gpu(Variant(1), 1) == 28_292_956_160  # 20P
@@ -73,39 +75,39 @@ def test_model_states_literal_values(shape):
 
 
 def test_stage0_and_fp32_accounting(shape):
-    bf16 = planner.model_state_bytes(Variant(0), shape, gpus=2, nodes=1, precision="bf16")[0]
-    fp32 = planner.model_state_bytes(Variant(0), shape, gpus=2, nodes=1, precision="fp32")[0]
+    bf16 = memory.model_state_bytes(Variant(0), shape, gpus=2, nodes=1, precision="bf16")[0]
+    fp32 = memory.model_state_bytes(Variant(0), shape, gpus=2, nodes=1, precision="fp32")[0]
     assert bf16 == 8 * P  # bf16 weights, grads and two bf16 Adam moments: DeepSpeed's stage-0 bf16 path
     assert fp32 == 16 * P  # fp32 weights, grads, two moments
     # fp32 at ZeRO-2: weights 4 bytes (whole), gradients 4 bytes (partitioned) instead of 2.
-    z2 = planner.model_state_bytes(Variant(2), shape, gpus=4, nodes=1, precision="fp32")[0]
+    z2 = memory.model_state_bytes(Variant(2), shape, gpus=4, nodes=1, precision="fp32")[0]
     assert z2 == 2 * P + 18 * P // 4 + 2 * P + 2 * P // 4
 
 
 def test_activation_and_logit_bytes_hand_computed(shape):
     sbh = 2048 * 4 * 2048  # seq x micro-batch x hidden
-    no_ckpt = planner.activation_bytes(shape, seq_len=2048, micro_batch=4, precision="bf16", checkpointing=False)
-    ckpt = planner.activation_bytes(shape, seq_len=2048, micro_batch=4, precision="bf16", checkpointing=True)
+    no_ckpt = memory.activation_bytes(shape, seq_len=2048, micro_batch=4, precision="bf16", checkpointing=False)
+    ckpt = memory.activation_bytes(shape, seq_len=2048, micro_batch=4, precision="bf16", checkpointing=True)
     assert no_ckpt == 24 * 34 * sbh + 4 * sbh == 13_757_317_120
     assert ckpt == 24 * 2 * sbh + 34 * sbh + 4 * sbh == 1_442_840_576
-    fp32 = planner.activation_bytes(shape, seq_len=2048, micro_batch=4, precision="fp32", checkpointing=False)
+    fp32 = memory.activation_bytes(shape, seq_len=2048, micro_batch=4, precision="fp32", checkpointing=False)
     assert fp32 == 2 * no_ckpt
-    assert planner.logits_bytes(shape, seq_len=2048, micro_batch=4) == 12 * 4 * 2048 * 50304 == 4_945_084_416
-    eager = planner.ModelShape(**{**shape.__dict__, "attention": "eager"})
+    assert memory.logits_bytes(shape, seq_len=2048, micro_batch=4) == 12 * 4 * 2048 * 50304 == 4_945_084_416
+    eager = memory.ModelShape(**{**shape.__dict__, "attention": "eager"})
     # Eager attention keeps the s x s scores, softmax and dropout per head: Korthikanti's 5*a*s^2*b per layer.
-    assert (planner.activation_bytes(eager, seq_len=2048, micro_batch=4, precision="bf16", checkpointing=False)
+    assert (memory.activation_bytes(eager, seq_len=2048, micro_batch=4, precision="bf16", checkpointing=False)
             - no_ckpt) == 24 * 5 * 16 * 2048 * 2048 * 4
 
 
 def test_comm_buffers_follow_the_json(production):
     req = planner.request_from_run(production, gpus=8, nodes=1, gpu_mem_gib=80, gpu_mem_source="test")
     def buffers(v):
-        return planner.comm_buffer_bytes(v, req.zero_section(v), precision="bf16", gpus=8)
+        return memory.comm_buffer_bytes(v, req.zero_section(v), precision="bf16", gpus=8)
 
     assert buffers(Variant(1)) == 500_000_000 * 2  # one bf16 bucket (overlap_comm off by default below stage 3)
     assert buffers(Variant(2)) == 2 * 500_000_000 * 2  # overlap_comm: double-buffered
     assert buffers(Variant(3)) == 2 * 500_000_000 * 2 + 50_000_000 * 2  # + the prefetch bucket
-    assert planner.comm_buffer_bytes(Variant(0), {}, precision="fp32", gpus=1) == 0  # one GPU: no all-reduce
+    assert memory.comm_buffer_bytes(Variant(0), {}, precision="fp32", gpus=1) == 0  # one GPU: no all-reduce
 
 
 # What the planner chooses for the production config (neox-1.2b, seq 2048, micro 4 x accumulation 4, bf16):
@@ -199,8 +201,8 @@ def test_forced_stage_warns_when_it_will_not_fit(production):
 
 
 def test_bf16_never_plans_stage0_but_fp32_does(production):
-    assert Variant(0) not in planner.ladder("bf16")
-    assert planner.ladder("fp32")[0] == Variant(0)
+    assert Variant(0) not in memory.ladder("bf16")
+    assert memory.ladder("fp32")[0] == Variant(0)
     small = production.replace(model="neox-160m", mixed_precision="no", seq_len=512)
     plan = planner.choose(planner.request_from_run(small, gpus=2, nodes=1, gpu_mem_gib=80, gpu_mem_source="test"))
     assert plan.variant == Variant(0) and plan.precision == "fp32"

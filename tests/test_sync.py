@@ -15,16 +15,14 @@ import pytest
 import neox_train.remote.files as storage
 from neox_train.checkpoint import commit
 from neox_train.checkpoint.commit import LATEST
+from neox_train.checkpoint.fetch import fetch_checkpoint, remote_checkpoints, remote_latest
 from neox_train.checkpoint.owner import Identity, PrefixOwned, claim
 from neox_train.checkpoint.publication import (
     COMPLETE,
     MANIFEST,
     CheckpointConflict,
     CheckpointIncomplete,
-    fetch_checkpoint,
     finalize_checkpoint,
-    remote_checkpoints,
-    remote_latest,
     upload_checkpoint_part,
 )
 from neox_train.cli.sync import add_download_arguments, main_download

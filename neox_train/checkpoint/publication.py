@@ -21,13 +21,10 @@ ever uploaded.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,15 +36,12 @@ from neox_train.checkpoint.owner import OWNER, Identity, PrefixOwned, claim_if_u
 from neox_train.checkpoint.tags import local_tags, sort_key, step_of_tag
 from neox_train.errors import StorageError
 from neox_train.remote.base import Backend, RemoteChanged, RemoteFile
-from neox_train.remote.files import Crc32cCache, crc32c_of_file, fsync_dir
+from neox_train.remote.files import Crc32cCache
 from neox_train.remote.rsync import (
     Guard,
     SyncResult,
-    check_relative,
     first_mismatch,
     hash_local,
-    parallel,
-    progress_bar,
     upload_tree,
 )
 
@@ -321,149 +315,6 @@ def _advance_latest(backend: Backend, tag: str) -> None:
         except RemoteChanged:
             continue  # moved by another publisher meanwhile: look again
     raise StorageError(f"{backend.url}/{LATEST} kept changing while {tag} was published", transient=True)
-
-
-def remote_checkpoints(backend: Backend, listing: dict[str, RemoteFile] | None = None) -> list[str]:
-    """Tags with both COMPLETE and a manifest, oldest step first."""
-    listing = backend.list("") if listing is None else listing
-    tags = [name[: -len(COMPLETE) - 1] for name in listing if name.endswith(f"/{COMPLETE}") and name.count("/") == 1]
-    return sorted((t for t in tags if f"{t}/{MANIFEST}" in listing), key=sort_key)
-
-
-def remote_latest(backend: Backend) -> str | None:
-    """The tag the `latest` pointer names when it is COMPLETE, else the newest COMPLETE tag, else None."""
-    pointer = backend.read_bytes(LATEST)
-    if pointer is not None:
-        tag = pointer.decode("utf-8", "replace").strip()
-        try:
-            _check_tag(tag)
-        except StorageError:
-            tag = ""
-        if tag and all(backend.read_bytes(f"{tag}/{name}") is not None for name in (COMPLETE, MANIFEST)):
-            return tag
-    tags = remote_checkpoints(backend)
-    return tags[-1] if tags else None
-
-
-def remote_manifest(backend: Backend, tag: str) -> dict[str, Any] | None:
-    """The manifest of a COMPLETE tag (None when the tag is not COMPLETE)."""
-    if backend.read_bytes(f"{tag}/{COMPLETE}") is None:
-        return None
-    return _read_json(backend, f"{tag}/{MANIFEST}")
-
-
-def verified_remote(backend: Backend, save_dir: Path, tags: Iterable[str], *, node_rank: int = 0) -> list[str]:
-    """The local tags whose files, as this node publishes them, are in the bucket under a COMPLETE tag exactly as
-    the local marker records them: what local retention may delete, whoever published it."""
-    listing = backend.list("")
-    published = set(remote_checkpoints(backend, listing))
-    out = []
-    for tag in tags:
-        if tag not in published:
-            continue
-        try:
-            status, files = _part_files(save_dir, tag, node_rank)
-        except StorageError:
-            continue
-        manifest = _read_json(backend, f"{tag}/{MANIFEST}")
-        if manifest is None:
-            continue
-        if status.files is not None:
-            local = {rel: (status.files[rel].size, status.files[rel].crc32c) for rel, _ in files}
-        else:
-            local = hash_local(files, Crc32cCache(), 4)
-        remote = {rel: _file_entry(meta, f"{backend.url}/{tag}/{MANIFEST}") for rel, meta in manifest["files"].items()}
-        if all(remote.get(rel) == entry for rel, entry in local.items()) and \
-                first_mismatch(listing, f"{tag}/", {rel: remote[rel] for rel in local}) is None:
-            out.append(tag)
-    return out
-
-
-def fetch_checkpoint(backend: Backend, tag: str, save_dir: Path, *, workers: int = 8, progress: bool = False) -> Path:
-    """Download COMPLETE checkpoint <tag> to SAVE_DIR/<tag>, verified against its manifest, commit it locally
-    (completeness marker from the manifest) and point SAVE_DIR/latest at it. Returns SAVE_DIR/<tag>.
-
-    Files go to SAVE_DIR/.<tag>.partial first and are renamed into place only when every one has the manifest's
-    size and crc32c and the marker is written, so SAVE_DIR/<tag> is never half there. Local files that already
-    match are reused.
-    """
-    _check_tag(tag)
-    where = f"{backend.url}/{tag}"
-    if backend.read_bytes(f"{tag}/{COMPLETE}") is None:
-        complete = remote_checkpoints(backend)
-        raise StorageError(
-            f"{where} is not a complete checkpoint (no {COMPLETE} marker: its upload never finished); "
-            f"complete ones: {', '.join(complete) if complete else 'none'}"
-        )
-    manifest = _read_json(backend, f"{tag}/{MANIFEST}")
-    if manifest is None:
-        raise StorageError(f"{where} has {COMPLETE} but no {MANIFEST}; it is damaged (fetch another tag)")
-    files = {rel: _file_entry(meta, f"{where}/{MANIFEST}") for rel, meta in manifest["files"].items()}
-    for rel in files:
-        check_relative(rel, f"{where}/{MANIFEST} entry {rel!r}")
-    # Fail before downloading gigabytes if the bucket no longer matches the manifest.
-    listing = backend.list(f"{tag}/")
-    mismatch = first_mismatch(listing, f"{tag}/", files)
-    if mismatch:
-        rel, found, size, crc = mismatch
-        raise StorageError(
-            f"{where}/{rel} is {found}, but the manifest says size {size} crc32c {crc}: the remote checkpoint "
-            f"is damaged (fetch another tag)"
-        )
-
-    save_dir = Path(save_dir)
-    final = save_dir / tag
-    partial = save_dir / f".{tag}.partial"
-
-    def matches(path: Path, size: int, crc: str) -> bool:
-        return path.is_file() and path.stat().st_size == size and crc32c_of_file(path) == crc
-
-    local_ok = {rel for rel, (size, crc) in files.items() if matches(final.joinpath(*rel.split("/")), size, crc)}
-    if len(local_ok) == len(files) and commit.inspect(save_dir, tag).complete:
-        commit.write_latest(save_dir, tag)
-        return final
-
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        partial.mkdir(parents=True)
-        for rel in local_ok:
-            src, dest = final.joinpath(*rel.split("/")), partial.joinpath(*rel.split("/"))
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(src, dest)
-            except OSError:
-                shutil.copy2(src, dest)
-        todo = sorted(rel for rel in files if rel not in local_ok)
-        with progress_bar(progress, sum(files[rel][0] for rel in todo), f"fetch {tag}") as bar:
-            def fetch(rel: str) -> None:
-                dest = partial.joinpath(*rel.split("/"))
-                backend.download_file(f"{tag}/{rel}", dest)
-                size, crc = files[rel]
-                with open(dest, "rb") as f:
-                    os.fsync(f.fileno())  # durable before the local marker says the tag is complete
-                got_size = dest.stat().st_size
-                got_crc = crc32c_of_file(dest)
-                if (got_size, got_crc) != (size, crc):
-                    raise StorageError(
-                        f"{where}/{rel} downloaded with size {got_size} crc32c {got_crc}, but the manifest says size "
-                        f"{size} crc32c {crc}; the checkpoint was not installed"
-                    )
-
-            parallel(fetch, todo, workers, lambda rel, _r: bar.update(files[rel][0]))
-        commit.write_marker_from_manifest(partial, tag, files, manifest.get("run_id"))
-        if final.exists():
-            old = save_dir / f".{tag}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(partial, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(partial, final)
-        fsync_dir(save_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    commit.write_latest(save_dir, tag)
-    return final
 
 
 def publish_checkpoints(save_dir: Path, backend: Backend, *, workers: int = 8, progress: bool = False) -> SyncResult:

@@ -124,7 +124,7 @@ def locate(run: RunConfig, resume: str | None) -> ResumePoint:
 
 def remote_run_id(url: str, credentials: str | None) -> str | None:
     """The run id of the newest COMPLETE checkpoint at url (what a resume from there inherits)."""
-    from neox_train.checkpoint.publication import remote_latest, remote_manifest
+    from neox_train.checkpoint.fetch import remote_latest, remote_manifest
     from neox_train.remote import open_backend
 
     backend = open_backend(url, credentials=credentials, start_up=True)
@@ -156,7 +156,7 @@ def check_resume(plan, tag: str, data_tokens: int) -> dict[str, Any] | None:
 
 def fetch_remote_checkpoint(url: str, run: RunConfig, tag: str) -> str:
     """Download COMPLETE checkpoint `tag` at `url` into save_dir (verified against its manifest)."""
-    from neox_train.checkpoint.publication import fetch_checkpoint
+    from neox_train.checkpoint.fetch import fetch_checkpoint
     from neox_train.remote import open_backend
 
     log.info("resume: downloading %s from %s", tag, url)
@@ -208,7 +208,7 @@ def _remote_choice(url: str, run: RunConfig, local_step: int, local_run_id: str 
                    ) -> tuple[str | None, str | None, str]:
     """On global rank 0: (the bucket tag to resume from, or None for the local one; its run id; a warning to log).
     `required`: the bucket is the only source (a URL was named, or nothing intact is local)."""
-    from neox_train.checkpoint.publication import remote_latest, remote_manifest
+    from neox_train.checkpoint.fetch import remote_latest, remote_manifest
     from neox_train.errors import StorageError
     from neox_train.remote import open_backend
 

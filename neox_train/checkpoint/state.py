@@ -26,24 +26,9 @@ from neox_train.checkpoint.tags import tag_for_step
 from neox_train.ds_config import zero_stage
 from neox_train.errors import CheckpointError, ConfigError
 from neox_train.log import log
+from neox_train.units import human_bytes
 
 CLIENT_STATE_VERSION = 1
-
-
-def checkpoint_bytes(total_params: int, precision: str, zero_stage: int) -> int:
-    """One DeepSpeed checkpoint, all ranks together: the module weights in the training dtype plus the optimizer
-    states (fp32 master weights and two Adam moments, 12 bytes a parameter; bf16 at ZeRO-0 keeps two bf16 moments
-    only, fp32 at ZeRO-0 two fp32 moments)."""
-    weight_bytes = 4 if precision == "fp32" else 2
-    if zero_stage == 0 and precision != "fp16":
-        optimizer = 8 if precision == "fp32" else 4
-    else:
-        optimizer = 12
-    return total_params * (weight_bytes + optimizer)
-
-
-def mib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 @dataclass(frozen=True)
@@ -141,13 +126,13 @@ def save_failed(save_dir: Path, tag: str, err: BaseException, expected_bytes: in
     free = shutil.disk_usage(save_dir if save_dir.exists() else save_dir.parent).free
     latest, _ = commit.read_latest(save_dir)
     kept = f"latest still names {latest}" if latest else "no earlier checkpoint exists"
-    need = f", the checkpoint needs about {mib(expected_bytes)}" if expected_bytes else ""
+    need = f", the checkpoint needs about {human_bytes(expected_bytes)}" if expected_bytes else ""
     text = " ".join(str(err).split())
     full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left" in text or \
         (expected_bytes is not None and free < expected_bytes) or "file write failed" in text
     if full:
         return CheckpointError(
-            f"cannot save checkpoint {tag} in {save_dir}: the disk is full ({mib(free)} free{need}); the partial "
+            f"cannot save checkpoint {tag} in {save_dir}: the disk is full ({human_bytes(free)} free{need}); the partial "
             f"{tag} was removed, {kept} and the earlier checkpoints are intact: free space (or lower keep_last_n, or "
             f"point --save-dir at a larger disk), then continue with --resume latest")
     return CheckpointError(f"cannot save checkpoint {tag} in {save_dir}: {type(err).__name__}: {text[:300]}; the "
@@ -159,7 +144,7 @@ def space_warning(save_dir: Path, tag: str, expected_bytes: int) -> str:
     free = shutil.disk_usage(save_dir if save_dir.exists() else save_dir.parent).free
     if free >= expected_bytes:
         return ""
-    return (f"the next checkpoint ({tag}, about {mib(expected_bytes)}) will not fit in {save_dir} ({mib(free)} "
+    return (f"the next checkpoint ({tag}, about {human_bytes(expected_bytes)}) will not fit in {save_dir} ({human_bytes(free)} "
             f"free): free space, lower keep_last_n, or point --save-dir at a larger disk")
 
 
@@ -196,7 +181,6 @@ def check_compatible(
             f"checkpoint {tag}: {change}, and a ZeRO-0 checkpoint (no partitioned fp32 optimizer state) can only be "
             f"resumed with ZeRO-0; resume it with its own ZeRO stage (any number of ranks), or with ZeRO-1..3 on both sides"
         )
-
 
 
 def partitioning_change(saved: dict[str, Any], *, ds_config: dict, dp_size: int) -> str | None:

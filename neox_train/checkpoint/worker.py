@@ -425,7 +425,7 @@ def _work(settings: SyncSettings, tasks, status_q, saving, parent: int | None) -
 
 
 def verified_local_tags(backend, settings: SyncSettings) -> list[str]:
-    from neox_train.checkpoint.publication import verified_remote
+    from neox_train.checkpoint.fetch import verified_remote
 
     save_dir = Path(settings.save_dir)
     return verified_remote(backend, save_dir, commit.complete_tags(save_dir), node_rank=settings.node_rank)

@@ -120,7 +120,7 @@ def locate(source: str, tag: str | None, *, credentials: str | None, scratch_par
 
 def _fetch_published(url: str, tag: str | None, *, credentials: str | None, scratch_parent: Path,
                      shown_as: str | None = None) -> Located:
-    from neox_train.checkpoint.publication import fetch_checkpoint, remote_checkpoints, remote_latest
+    from neox_train.checkpoint.fetch import fetch_checkpoint, remote_checkpoints, remote_latest
     from neox_train.remote import open_backend
 
     backend = open_backend(url, credentials=credentials)

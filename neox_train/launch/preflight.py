@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import neox_train
-from neox_train.ds_config import DS_CONFIG_DIR
+from neox_train.ds_config import DS_CONFIG_DIR, checkpoint_bytes
+from neox_train.units import human_bytes
 
 SSH_TIMEOUT_S = 30
 # The versions that decide numerics and checkpoint formats: they must match on every node.
@@ -261,17 +262,6 @@ def check_hosts(ctx: PreflightContext) -> list[Check]:
     return checks
 
 
-def checkpoint_bytes(plan, ds_config: dict[str, Any]) -> int:
-    """One DeepSpeed checkpoint: the module weights in the training dtype plus the optimizer states (fp32 master
-    weights and two Adam moments, 12 bytes a parameter; bf16 at ZeRO-0 keeps two bf16 moments only)."""
-    P = plan.shape.total_params
-    weight_bytes = 4 if plan.precision == "fp32" else 2
-    if plan.zero_stage == 0 and plan.precision != "fp16":
-        optimizer = 8 if plan.precision == "fp32" else 4
-    else:
-        optimizer = 12
-    return P * (weight_bytes + optimizer)
-
 
 def checkpoints_kept(run) -> int:
     """How many checkpoints can sit on local disk at once: keep_last_n plus the one being written (retention runs
@@ -279,9 +269,6 @@ def checkpoints_kept(run) -> int:
     total = -(-run.max_steps // run.save_steps) + 1
     return total if run.keep_last_n == 0 else min(run.keep_last_n + 1, total)
 
-
-def _size(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def check_disk(ctx: PreflightContext) -> list[Check]:
@@ -291,8 +278,8 @@ def check_disk(ctx: PreflightContext) -> list[Check]:
         existing = existing.parent
     free = shutil.disk_usage(existing).free
     n = checkpoints_kept(ctx.run)
-    need = n * checkpoint_bytes(ctx.plan, ctx.ds_config)
-    detail = f"{_size(free)} free at {existing}; {n} checkpoint(s) of {_size(need // n)} need {_size(need)}"
+    need = n * checkpoint_bytes(ctx.plan.shape.total_params, ctx.plan.precision, ctx.plan.zero_stage)
+    detail = f"{human_bytes(free)} free at {existing}; {n} checkpoint(s) of {human_bytes(need // n)} need {human_bytes(need)}"
     if free < need:
         return [_fail("disk", detail, "free space, point --save-dir at a larger disk, or lower keep_last_n in the run "
                                       "config")]

@@ -18,10 +18,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from neox_train.units import GIB
+
 if TYPE_CHECKING:
     import torch
 
-GIB = 2**30
 
 # (label, pattern over torch.cuda.get_device_name(), dense bf16 TFLOP/s). First match wins, so variants with a
 # different peak come before the generic name. Unlisted variants (H100 NVL, H200 NVL, GH200) match nothing and
@@ -186,3 +187,29 @@ def device_name(device: "torch.device") -> str | None:
     import torch
 
     return torch.cuda.get_device_name(device)
+
+
+def perf_text(v: dict[str, Any]) -> str:
+    """The performance part of the log line: rate, FLOP/s, utilisation, where the step's time went, memory."""
+    text = f"{v['tokens_per_s']:.0f} tokens/s, {v['step_time_s']:.3f} s/step, {v['tflops_per_gpu']:.3g} TFLOP/s/GPU"
+    if v.get("mfu") is not None:
+        text += f", MFU {100 * v['mfu']:.1f}%"
+        if v["hfu"] != v["mfu"]:
+            text += f" (HFU {100 * v['hfu']:.1f}%)"
+    step = v["step_time_s"]
+    if step > 0 and "data_wait_s" in v:
+        text += (f" | data {100 * v['data_wait_s'] / step:.1f}%, fwd+bwd {100 * v['fwd_bwd_s'] / step:.0f}%, "
+                 f"optimizer {100 * v['optimizer_s'] / step:.0f}%")
+    if v.get("checkpoint_stall_s"):
+        text += f", checkpoint stall {v['checkpoint_stall_s']:.2f} s"
+    if "gpu_mem_peak_gib" in v:
+        text += f" | peak GPU memory {v['gpu_mem_peak_gib']:.2f} GiB"
+    else:
+        text += f" | peak RSS {v['host_rss_peak_gib']:.2f} GiB"
+    return text
+
+
+def _as_float(value: Any) -> float:
+    if value is None:
+        return float("nan")
+    return float(value.item() if isinstance(value, torch.Tensor) else value)

@@ -29,7 +29,7 @@ from neox_train.checkpoint.publisher import (
 from neox_train.data.loader import MicroBatchLoader
 from neox_train.data.windows import PackedWindows, SampleStream, Split, eval_batches
 from neox_train.distributed import Topology
-from neox_train.ds_config import precision, zero_stage
+from neox_train.ds_config import checkpoint_bytes, precision, zero_stage
 from neox_train.log import log
 from neox_train.model import (
     build_model,
@@ -39,7 +39,15 @@ from neox_train.model import (
     use_training_attention,
 )
 from neox_train.train.metrics import Metrics, Throughput
-from neox_train.train.perf import FlopsAccounting, StepTimer, device_name, memory_high_water, resolve_peak
+from neox_train.train.perf import (
+    FlopsAccounting,
+    StepTimer,
+    _as_float,
+    device_name,
+    memory_high_water,
+    perf_text,
+    resolve_peak,
+)
 from neox_train.train.plan import RunPlan
 
 # How often ranks agree on a pending SIGTERM (one tiny all-reduce): rare enough to cost nothing, soon enough to
@@ -138,7 +146,7 @@ class Trainer:
         self.folder_owner = is_uploader(topo, node_local_storage(plan.ds_config))
         counts = parameter_counts(plan.model_config)
         # Until the first save has a real size: DeepSpeed's layout by parameter count, precision and stage.
-        self.checkpoint_bytes = checkpoint.checkpoint_bytes(counts.total, precision(plan.ds_config),
+        self.checkpoint_bytes = checkpoint_bytes(counts.total, precision(plan.ds_config),
                                                             zero_stage(plan.ds_config))
         self.stop_requested = False
         self.last_losses: dict[str, float | int] = {}  # the newest logged train / validation loss, for run.json
@@ -404,31 +412,5 @@ class Trainer:
         return {"published": status.published, "unpublished": status.unpublished, "stuck": status.stuck,
                 "skipped": status.skipped, "failed": status.failed, "failures": status.failures,
                 "last_error": status.last_error}
-
-
-def perf_text(v: dict[str, Any]) -> str:
-    """The performance part of the log line: rate, FLOP/s, utilisation, where the step's time went, memory."""
-    text = f"{v['tokens_per_s']:.0f} tokens/s, {v['step_time_s']:.3f} s/step, {v['tflops_per_gpu']:.3g} TFLOP/s/GPU"
-    if v.get("mfu") is not None:
-        text += f", MFU {100 * v['mfu']:.1f}%"
-        if v["hfu"] != v["mfu"]:
-            text += f" (HFU {100 * v['hfu']:.1f}%)"
-    step = v["step_time_s"]
-    if step > 0 and "data_wait_s" in v:
-        text += (f" | data {100 * v['data_wait_s'] / step:.1f}%, fwd+bwd {100 * v['fwd_bwd_s'] / step:.0f}%, "
-                 f"optimizer {100 * v['optimizer_s'] / step:.0f}%")
-    if v.get("checkpoint_stall_s"):
-        text += f", checkpoint stall {v['checkpoint_stall_s']:.2f} s"
-    if "gpu_mem_peak_gib" in v:
-        text += f" | peak GPU memory {v['gpu_mem_peak_gib']:.2f} GiB"
-    else:
-        text += f" | peak RSS {v['host_rss_peak_gib']:.2f} GiB"
-    return text
-
-
-def _as_float(value: Any) -> float:
-    if value is None:
-        return float("nan")
-    return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
