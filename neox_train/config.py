@@ -9,12 +9,11 @@ from and the effective result is printed and saved with the run.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from neox_train.errors import ConfigError
+from neox_train.errors import ConfigError, read_json_object
 from neox_train.model import ATTENTION_IMPLS, MODEL_PRESETS
 
 PRECISIONS = ("bf16", "fp16", "no")
@@ -249,14 +248,7 @@ def load_run_config(name_or_file: str) -> RunConfig:
         raise ConfigError(
             f"--config {name_or_file!r} is neither a preset ({', '.join(RUN_PRESETS)}) nor an existing JSON file"
         )
-    try:
-        values = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist (presets: {', '.join(RUN_PRESETS)})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"config file {path} is not valid JSON: {' '.join(str(e).split())}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"config file {path} must hold a JSON object of run-config fields, got {_type_name(values)}")
+    values = read_json_object(path, what=f"a JSON object of run-config fields, or a preset: {', '.join(RUN_PRESETS)}")
     base = values.pop("base", None)
     if base is not None and base not in RUN_PRESETS:
         raise ConfigError(f"config file {path}: base={base!r} is not a preset (valid: {', '.join(RUN_PRESETS)})")

@@ -8,12 +8,11 @@ config fails in a second with one line instead of after the model is built.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 from neox_train.config import RunConfig
-from neox_train.errors import ConfigError
+from neox_train.errors import ConfigError, read_json_object
 
 
 def _shipped_config_dir() -> Path:
@@ -50,12 +49,7 @@ def _find_auto(node: Any, where: str = "") -> list[str]:
 def load_ds_config(name_or_path: str) -> tuple[Path, dict[str, Any]]:
     """Read and sanity-check a DeepSpeed JSON; returns (path, dict)."""
     path = resolve_ds_config_path(name_or_path)
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {' '.join(str(e).split())}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"DeepSpeed config {path} must be a JSON object")
+    cfg = read_json_object(path, what="a DeepSpeed config: a JSON object in DeepSpeed's schema")
     problems = []
     autos = _find_auto(cfg)
     if autos:
@@ -127,6 +121,28 @@ def check_batch(
     return check_batch(dp_size=dp_size, train_batch=train_batch, micro_batch=None, grad_accum=1)
 
 
+def resolve_batch(base: dict[str, Any], run: RunConfig, *, dp_size: int) -> tuple[int, int, int, list[str]]:
+    """(train batch, micro-batch, accumulation, notes) at dp_size ranks: the run config's micro-batch and
+    accumulation over the JSON's; an override recomputes the global batch rather than failing on the JSON's."""
+    notes: list[str] = []
+    micro = run.micro_batch if run.micro_batch is not None else base.get("train_micro_batch_size_per_gpu")
+    accum = run.grad_accum if run.grad_accum is not None else base.get("gradient_accumulation_steps")
+    train_batch = base.get("train_batch_size")
+    if (run.micro_batch is not None or run.grad_accum is not None) and train_batch is not None:
+        notes.append(f"train_batch_size {train_batch} recomputed from the micro-batch/accumulation overrides")
+        train_batch = None
+    train_batch, micro, accum = check_batch(dp_size=dp_size, train_batch=train_batch, micro_batch=micro,
+                                            grad_accum=accum)
+    return train_batch, micro, accum, notes
+
+
+def run_precision(base: dict[str, Any], run: RunConfig) -> str:
+    """bf16, fp16 or fp32: the run config's mixed_precision over the JSON's."""
+    if run.mixed_precision is not None:
+        return {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}[run.mixed_precision]
+    return precision(base)
+
+
 def effective_ds_config(
     base: dict[str, Any], run: RunConfig, *, dp_size: int, on_gpu: bool
 ) -> tuple[dict[str, Any], list[str]]:
@@ -136,18 +152,7 @@ def effective_ds_config(
     follows the run's max_steps so the cosine reaches its floor at the last step.
     """
     cfg = copy.deepcopy(base)
-    notes: list[str] = []
-
-    micro = run.micro_batch if run.micro_batch is not None else cfg.get("train_micro_batch_size_per_gpu")
-    accum = run.grad_accum if run.grad_accum is not None else cfg.get("gradient_accumulation_steps")
-    train_batch = cfg.get("train_batch_size")
-    if (run.micro_batch is not None or run.grad_accum is not None) and train_batch is not None:
-        # An explicit override wins: recompute the global batch instead of failing on the JSON's stale value.
-        notes.append(f"train_batch_size {train_batch} recomputed from the micro-batch/accumulation overrides")
-        train_batch = None
-    train_batch, micro, accum = check_batch(
-        dp_size=dp_size, train_batch=train_batch, micro_batch=micro, grad_accum=accum
-    )
+    train_batch, micro, accum, notes = resolve_batch(cfg, run, dp_size=dp_size)
     cfg["train_batch_size"] = train_batch
     cfg["train_micro_batch_size_per_gpu"] = micro
     cfg["gradient_accumulation_steps"] = accum

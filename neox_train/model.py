@@ -11,12 +11,11 @@ config and `--describe` read presets from here without paying for them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from neox_train.errors import ConfigError
+from neox_train.errors import ConfigError, read_json_object
 
 if TYPE_CHECKING:  # torch and transformers load only when a model is built: `neox-data` and config checks stay fast
     import torch
@@ -211,12 +210,9 @@ def check_hf_init(hf_dir: str, model_config: Any, *, model_name: str) -> None:
     cfg_file = path / "config.json"
     if not path.is_dir():
         raise ConfigError(f"init_from_hf={hf_dir!r} is not a folder (expected a HuggingFace model folder with config.json)")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"init_from_hf={hf_dir!r} has no config.json: not a HuggingFace model folder") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"init_from_hf: {cfg_file} is not valid JSON: {' '.join(str(e).split())}") from None
+    cfg = read_json_object(cfg_file, what="a HuggingFace model config", missing_ok=True)
+    if cfg is None:
+        raise ConfigError(f"init_from_hf={hf_dir!r} has no config.json: not a HuggingFace model folder")
     if cfg.get("model_type") != "gpt_neox":
         raise ConfigError(f"init_from_hf: {cfg_file} has model_type={cfg.get('model_type')!r}; only 'gpt_neox' can initialise a NeoX run")
     if not any((path / f).is_file() for f in WEIGHT_FILES):

@@ -175,7 +175,7 @@ def test_read_meta(tmp_path: Path) -> None:
     (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 512, "eos_token_id": 0}))
     assert read_meta(tmp_path) == {"vocab_size": 512, "eos_token_id": 0}
     (tmp_path / "meta.json").write_text("{not json")
-    with pytest.raises(DataError, match="meta.json: not valid JSON"):
+    with pytest.raises(DataError, match="meta.json is not valid JSON"):
         read_meta(tmp_path)
     (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": "big"}))
     with pytest.raises(DataError, match="vocab_size is 'big'"):

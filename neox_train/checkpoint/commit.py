@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from neox_train.checkpoint.tags import local_tags, step_of_tag
+from neox_train.errors import NeoxError, read_json_object
 from neox_train.remote.files import TMP_MARK, atomic_write, crc32c_of_file, fsync_dir
 
 MARKER = ".neox-complete.json"
@@ -143,11 +144,11 @@ def read_latest(save_dir: Path) -> tuple[str | None, str]:
 
 
 def _read_json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object, or None for a missing or damaged file: here that only means "not complete"."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_json_object(path, what="a checkpoint file", missing_ok=True)
+    except NeoxError:
         return None
-    return data if isinstance(data, dict) else None
 
 
 def _legacy_status(tag_dir: Path, tag: str) -> TagStatus:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from neox_train.checkpoint.publication import COMPLETE, MANIFEST, _check_tag, _f
 from neox_train.checkpoint.tags import sort_key
 from neox_train.errors import StorageError
 from neox_train.remote.base import Backend, RemoteFile
-from neox_train.remote.files import Crc32cCache, crc32c_of_file, fsync_dir
+from neox_train.remote.files import Crc32cCache, crc32c_of_file, install_folder
 from neox_train.remote.rsync import (
     check_relative,
     first_mismatch,
@@ -155,14 +154,7 @@ def fetch_checkpoint(backend: Backend, tag: str, save_dir: Path, *, workers: int
 
             parallel(fetch, todo, workers, lambda rel, _r: bar.update(files[rel][0]))
         commit.write_marker_from_manifest(partial, tag, files, manifest.get("run_id"))
-        if final.exists():
-            old = save_dir / f".{tag}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(partial, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(partial, final)
-        fsync_dir(save_dir)
+        install_folder(partial, final)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

@@ -33,7 +33,7 @@ from typing import Any
 from neox_train.checkpoint import commit
 from neox_train.checkpoint.journal import append_journal, journal_path
 from neox_train.checkpoint.owner import OWNER, Identity, PrefixOwned, claim_if_unowned, fence, new_id
-from neox_train.checkpoint.tags import local_tags, sort_key, step_of_tag
+from neox_train.checkpoint.tags import CONFIG_JSON, DATA_SIDE_FILES, RUN_JSON, local_tags, sort_key, step_of_tag
 from neox_train.errors import StorageError
 from neox_train.remote.base import Backend, RemoteChanged, RemoteFile
 from neox_train.remote.files import Crc32cCache
@@ -149,7 +149,8 @@ def _dumps(obj: Any) -> bytes:
 # and our side files. The same content on every node, but pickles are not byte-identical: node 0's copy is the
 # checkpoint's, the others stay local, or two nodes would race for one object name with different bytes. (ZeRO-3
 # names its per-rank files zero_pp_rank_N_..., which do not match.)
-NODE_REPLICATED = re.compile(r"^(mp_rank_\d+_model_states\.pt|config\.json|run\.json|tokenizer\.json|meta\.json)$")
+NODE_REPLICATED = re.compile(
+    r"^(mp_rank_\d+_model_states\.pt|" + "|".join(re.escape(n) for n in (RUN_JSON, CONFIG_JSON, *DATA_SIDE_FILES)) + ")$")
 
 
 def _part_files(save_dir: Path, tag: str, node_rank: int) -> tuple[commit.TagStatus, list[tuple[str, Path]]]:

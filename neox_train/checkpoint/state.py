@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from neox_train.checkpoint import commit
-from neox_train.checkpoint.tags import tag_for_step
+from neox_train.checkpoint.tags import CONFIG_JSON, DATA_SIDE_FILES, RUN_JSON, read_tag_json, tag_for_step
 from neox_train.ds_config import zero_stage
 from neox_train.errors import CheckpointError, ConfigError
 from neox_train.log import log
@@ -70,11 +70,6 @@ def client_state(
     }
 
 
-# Copied from the data folder into every tag, so a checkpoint converted elsewhere (from a bucket) still carries the
-# tokenizer it was trained with.
-DATA_SIDE_FILES = ("tokenizer.json", "meta.json")
-
-
 def save(engine, save_dir: Path, state: TrainState, extra: dict[str, Any], *, owner: bool, run_id: str | None,
          losses: dict[str, Any] | None = None, expected_bytes: int | None = None) -> commit.TagStatus | None:
     """Save on every rank (DeepSpeed hangs otherwise); the rank that owns this node's folder (`owner`) then adds
@@ -106,11 +101,11 @@ def save(engine, save_dir: Path, state: TrainState, extra: dict[str, Any], *, ow
         engine.save_checkpoint(str(save_dir), tag=tag, client_state=extra, save_latest=False)
         if not owner:
             return None
-        (tag_dir / "config.json").write_text(json.dumps(extra["model_config"], indent=2, sort_keys=True) + "\n")
+        (tag_dir / CONFIG_JSON).write_text(json.dumps(extra["model_config"], indent=2, sort_keys=True) + "\n")
         run = {k: extra[k] for k in ("step", "consumed_samples", "dp_size", "data_tokens", "run_config", "ds_config")}
         run["run_id"] = run_id
         run.update(losses or {})  # train_loss, val_loss, val_loss_step: what the model card of an export reports
-        (tag_dir / "run.json").write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
+        (tag_dir / RUN_JSON).write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
         data_dir = Path(extra["run_config"].get("data_dir") or ".")
         for name in DATA_SIDE_FILES:
             if (data_dir / name).is_file():
@@ -203,15 +198,10 @@ def universal_convertible(saved: dict[str, Any], ds_config: dict) -> bool:
 
 def read_saved_meta(save_dir: Path, tag: str) -> dict[str, Any] | None:
     """run.json + config.json of a tag (None for a checkpoint without them, e.g. not written by neox-train)."""
-    meta_path = save_dir / tag / "run.json"
-    if not meta_path.is_file():
+    meta = read_tag_json(save_dir / tag, RUN_JSON, error=CheckpointError)
+    if meta is None:
         return None
-    try:
-        meta = json.loads(meta_path.read_text())
-        meta["model_config"] = json.loads((save_dir / tag / "config.json").read_text())
-    except (OSError, ValueError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {save_dir / tag}: its run.json/config.json cannot be read ({e}); it is "
-                              f"damaged") from e
+    meta["model_config"] = read_tag_json(save_dir / tag, CONFIG_JSON, error=CheckpointError) or {}
     return meta
 
 

@@ -21,14 +21,11 @@ import torch
 
 from neox_train.convert.source import CheckpointInfo
 from neox_train.convert.weights import WeightSource, meta_model
+from neox_train.data.shards import EOS_CANDIDATES, TOKENIZER_FILE
 from neox_train.errors import ConvertError, one_line
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-# Where prepare.py records the tokenizer next to the shards, and the end-of-text tokens it recognises.
-TOKENIZER_FILE = "tokenizer.json"
-META_FILE = "meta.json"
-EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>")
 
 
 # -- the plan: names, shapes, vocabulary ----------------------------------------------------------------------------

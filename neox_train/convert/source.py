@@ -7,7 +7,6 @@ fails in a second with one line (where the tag is: convert.locate; its weights: 
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import sys
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
-from neox_train.checkpoint.tags import step_of_tag
+from neox_train.checkpoint.tags import CONFIG_JSON, RUN_JSON, read_tag_json, step_of_tag
 from neox_train.ds_config import precision
 from neox_train.errors import ConvertError, one_line
 
@@ -103,7 +102,7 @@ def inspect_checkpoint(tag_dir: Path) -> CheckpointInfo:
         raise ConvertError(f"{states_path} has no 'module' entry: not a DeepSpeed model-states file")
 
     ds_config = states.get("ds_config") if isinstance(states.get("ds_config"), dict) else {}
-    run = _read_run_json(tag_dir) or {k: states[k] for k in ("step", "consumed_samples", "dp_size", "data_tokens",
+    run = read_tag_json(tag_dir, RUN_JSON, error=ConvertError) or {k: states[k] for k in ("step", "consumed_samples", "dp_size", "data_tokens",
                                                              "run_config", "ds_config") if k in states}
     if not ds_config:
         ds_config = run.get("ds_config") or {}
@@ -129,26 +128,10 @@ def inspect_checkpoint(tag_dir: Path) -> CheckpointInfo:
                           model_states=states_path)
 
 
-def _read_run_json(tag_dir: Path) -> dict[str, Any] | None:
-    path = tag_dir / "run.json"
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConvertError(f"{path} is not valid JSON ({one_line(err)})") from None
-    return data if isinstance(data, dict) else None
-
-
 def _read_model_config(tag_dir: Path, states: dict[str, Any], states_path: Path) -> dict[str, Any]:
     """The HF config the run trained: TAG/config.json (written by neox-train), else the client state's copy."""
-    path = tag_dir / "config.json"
-    if path.is_file():
-        try:
-            cfg = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ConvertError(f"{path} is not valid JSON ({one_line(err)})") from None
-    else:
+    cfg = read_tag_json(tag_dir, CONFIG_JSON, error=ConvertError)
+    if cfg is None:
         cfg = states.get("model_config")
         if not isinstance(cfg, dict):
             raise ConvertError(

@@ -20,6 +20,7 @@ from typing import Any
 
 from neox_train.cli.sync import main
 from neox_train.errors import VerifyFailed
+from neox_train.remote.files import install_folder
 
 # Logit agreement demanded by --verify, as a fraction of the largest reference logit (at least 1): the DeepSpeed
 # model runs in fp32, the export in its own dtype. fp32 differs only by summation order (~1e-6 seen); bf16/fp16
@@ -142,7 +143,7 @@ def _export(args, info, dtype, dtype_name: str, out: Path, max_shard: int, *, so
         losses = final_losses(info, local_save_dir=local_save_dir)
         write_model_card(staging, name=out.name, info=info, plan=plan, source=source, weights=weights_from,
                          losses=losses, tokenizer=tokenizer, verify=verify)
-        _install(staging, out)
+        install_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -157,18 +158,6 @@ def _export(args, info, dtype, dtype_name: str, out: Path, max_shard: int, *, so
         **{k: v for k, v in losses.items() if k != "source"},
         "verify": verify,
     }
-
-
-def _install(staging: Path, out: Path) -> None:
-    """Rename the finished folder into place; an existing --out (with --overwrite) is moved aside first and deleted
-    only once the new one is in place."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _verify(info, plan, folder: Path, dtype_name: str, tokenizer_vocab: int | None) -> dict[str, Any]:

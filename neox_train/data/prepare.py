@@ -22,13 +22,11 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from neox_train.data.shards import META_FILE
+from neox_train.data.shards import EOS_CANDIDATES, META_FILE, TOKENIZER_FILE
 from neox_train.errors import DataError
 
-EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>")
 SPECIAL_TOKENS = ("<|endoftext|>",)
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte must be a token, or byte-level BPE cannot encode all text
-TOKENIZER_FILE = "tokenizer.json"
 SHARD_PATTERN = re.compile(r"shard_\d{5,}\.npy")
 TEXT_SUFFIXES = (".txt", ".jsonl")
 ACCEPTED_INPUTS = "builtin:NAME, a .txt file, a .jsonl file, or a directory of them"

@@ -21,12 +21,17 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from neox_train.errors import DataError, one_line
+from neox_train.errors import DataError, one_line, read_json_object
+from neox_train.model import GPT2_VOCAB_SIZE
 
 SHARD_SUFFIXES = (".npy", ".npz")
 VALID_DTYPES = ("uint16", "uint32")
 NPZ_KEY = "input_ids"
+# What `neox-data prepare` writes next to the shards: its summary (written last: present means prepare finished),
+# and the tokenizer; and the end-of-text tokens it recognises in a tokenizer.
 META_FILE = "meta.json"
+TOKENIZER_FILE = "tokenizer.json"
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>")
 
 # Tokens scanned at once when computing a shard's max id: bounds memory to ~512 MB of int64 work space even for
 # a shard far larger than RAM.
@@ -236,6 +241,15 @@ def _first_at_least(array: np.ndarray, bound: int) -> int:
     raise AssertionError("no token at or above the bound")
 
 
+def resolve_vocab(vocab_size: int | None, data_dir: str | Path) -> tuple[int, dict[str, Any] | None]:
+    """The tokenizer's vocabulary (before padding) and the data's meta.json: the run's vocab_size, else meta.json's,
+    else GPT-2's 50257. neox-train and neox-launch's planner resolve it here alike."""
+    meta = read_meta(data_dir) if Path(data_dir).is_dir() else None
+    if vocab_size:
+        return vocab_size, meta
+    return (int(meta["vocab_size"]) if meta and "vocab_size" in meta else GPT2_VOCAB_SIZE), meta
+
+
 def read_meta(data_dir: str | Path) -> dict[str, Any] | None:
     """DATA_DIR/meta.json as written by `neox-data prepare`, or None when the folder has none.
 
@@ -243,14 +257,10 @@ def read_meta(data_dir: str | Path) -> dict[str, Any] | None:
     vocab_size and eos_token_id are checked here, because they are the ones training depends on.
     """
     path = Path(data_dir) / META_FILE
-    if not path.is_file():
+    meta = read_json_object(path, what="the meta.json `neox-data prepare` writes; re-run it, or delete the file",
+                            error=DataError, missing_ok=True)
+    if meta is None:
         return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON ({one_line(err)}); re-run `neox-data prepare` or delete it") from err
-    if not isinstance(meta, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     for key in ("vocab_size", "eos_token_id"):
         value = meta.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from neox_train.data.shards import resolve_vocab
+from neox_train.ds_config import resolve_batch, run_precision
 from neox_train.errors import ConfigError
 from neox_train.launch.memory import (
     ALL_VARIANTS,
@@ -246,43 +248,11 @@ def detect_gpu_memory() -> tuple[float | None, str]:
     return round(smallest.total_memory / GIB, 2), f"read from cuda ({len(props)} x {smallest.name})"
 
 
-def run_precision(run, ds_cfg: dict[str, Any]) -> str:
-    if run.mixed_precision is not None:
-        return {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}[run.mixed_precision]
-    from neox_train.ds_config import precision
-
-    return precision(ds_cfg)
-
-
-def configured_batch(run, ds_cfg: dict[str, Any], gpus: int) -> tuple[int, int]:
-    """(micro-batch, accumulation) as neox-train would resolve them at `gpus` ranks (run config over JSON)."""
-    from neox_train.ds_config import check_batch
-
-    micro = run.micro_batch if run.micro_batch is not None else ds_cfg.get("train_micro_batch_size_per_gpu")
-    accum = run.grad_accum if run.grad_accum is not None else ds_cfg.get("gradient_accumulation_steps")
-    train = None if (run.micro_batch is not None or run.grad_accum is not None) else ds_cfg.get("train_batch_size")
-    _, micro, accum = check_batch(dp_size=gpus, train_batch=train, micro_batch=micro, grad_accum=accum)
-    return micro, accum
-
-
-def tokenizer_vocab(run) -> int:
-    """As neox-train resolves it: the run's vocab_size, else the data's meta.json, else GPT-2's."""
-    from pathlib import Path
-
-    from neox_train.data.shards import read_meta
-    from neox_train.model import GPT2_VOCAB_SIZE
-
-    if run.vocab_size:
-        return run.vocab_size
-    meta = read_meta(run.data_dir) if Path(run.data_dir).is_dir() else None
-    return int(meta["vocab_size"]) if meta and "vocab_size" in meta else GPT2_VOCAB_SIZE
-
-
 def request_from_run(run, *, gpus: int, nodes: int, gpu_mem_gib: float | None, gpu_mem_source: str,
                      forced_stage: int | None = None, forced_offload: bool = False) -> PlanRequest:
     """Everything the planner needs, read from the run config and its DeepSpeed JSON."""
     from neox_train.ds_config import load_ds_config
-    from neox_train.model import VOCAB_PAD_MULTIPLE, padded_vocab_size
+    from neox_train.model import padded_vocab_size
 
     if forced_offload and forced_stage not in (2, 3):
         raise PlanError(f"--offload needs --zero 2 or 3 (the shipped offload variants are "
@@ -295,13 +265,12 @@ def request_from_run(run, *, gpus: int, nodes: int, gpu_mem_gib: float | None, g
         sections[variant] = shipped.get("zero_optimization", {"stage": variant.stage})
     # The run's own JSON speaks for its own variant (its bucket sizes, its offload device).
     sections[configured] = ds_cfg.get("zero_optimization", {"stage": configured.stage})
-    micro, accum = configured_batch(run, ds_cfg, gpus)
+    _, micro, accum, _ = resolve_batch(ds_cfg, run, dp_size=gpus)  # as neox-train resolves them
     return PlanRequest(
-        shape=model_shape(run.model, padded_vocab_size(tokenizer_vocab(run), getattr(run, "vocab_pad_multiple",
-                                                                                     VOCAB_PAD_MULTIPLE)),
-                          getattr(run, "attention", "sdpa")),
+        shape=model_shape(run.model, padded_vocab_size(resolve_vocab(run.vocab_size, run.data_dir)[0],
+                                                       run.vocab_pad_multiple), run.attention),
         seq_len=run.seq_len,
-        micro_batch=micro, grad_accum=accum, precision=run_precision(run, ds_cfg), gpus=gpus, nodes=nodes,
+        micro_batch=micro, grad_accum=accum, precision=run_precision(ds_cfg, run), gpus=gpus, nodes=nodes,
         gpu_mem_gib=gpu_mem_gib, gpu_mem_source=gpu_mem_source, configured=configured,
         configured_checkpointing=run.activation_checkpointing, forced_stage=forced_stage,
         forced_offload=forced_offload, zero_sections=sections,

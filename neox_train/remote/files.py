@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import threading
 import uuid
 from pathlib import Path
@@ -133,3 +134,18 @@ class Crc32cCache:
 
 def crc32c_of_bytes(data: bytes) -> str:
     return base64.b64encode(google_crc32c.Checksum(data).digest()).decode("ascii")
+
+
+def install_folder(staging: Path, final: Path) -> None:
+    """Rename a finished folder into place: an existing `final` is moved aside first and deleted only once the new
+    one is in place, so at every moment one complete folder (old or new) stands at `final`; the rename is made
+    durable."""
+    staging, final = Path(staging), Path(final)
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+    os.replace(staging, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -12,13 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from neox_train.config import RunConfig
-from neox_train.data.shards import VALIDATION_CACHE, discover_shards, open_shard, read_meta, validate_shards
+from neox_train.data.shards import (
+    VALIDATION_CACHE,
+    discover_shards,
+    open_shard,
+    resolve_vocab,
+    validate_shards,
+)
 from neox_train.data.windows import PackedWindows, Split, split_windows
 from neox_train.ds_config import effective_ds_config, load_ds_config, precision, zero_stage
 from neox_train.errors import ConfigError
 from neox_train.log import log
 from neox_train.model import (
-    GPT2_VOCAB_SIZE,
     flops_per_token,
     hf_config,
     padded_vocab_size,
@@ -73,8 +78,7 @@ def prepare_run(run: RunConfig, *, dp_size: int, on_gpu: bool) -> RunPlan:
     """Resolve and validate the run without touching data contents or building the model."""
     ds_path, ds_base = load_ds_config(run.ds_config)
     ds_cfg, notes = effective_ds_config(ds_base, run, dp_size=dp_size, on_gpu=on_gpu)
-    meta = read_meta(run.data_dir) if Path(run.data_dir).is_dir() else None
-    vocab = run.vocab_size or (int(meta["vocab_size"]) if meta and "vocab_size" in meta else GPT2_VOCAB_SIZE)
+    vocab, meta = resolve_vocab(run.vocab_size, run.data_dir)
     eos = meta.get("eos_token_id") if meta else None
     model_cfg = hf_config(
         run.model, padded_vocab_size(vocab, run.vocab_pad_multiple), eos_token_id=eos, attention=run.attention
