@@ -11,7 +11,7 @@ config and `--describe` read presets from here without paying for them.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,8 +81,8 @@ def use_training_attention(model: GPTNeoXForCausalLM) -> None:
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if TRAINING_SDPA not in AttentionInterface._global_mapping:
-        AttentionInterface.register(TRAINING_SDPA, sdpa_attention_forward)
+    # register() is transformers' public way in, and idempotent (it sets one key of the global mapping).
+    AttentionInterface.register(TRAINING_SDPA, sdpa_attention_forward)
     model.set_attn_implementation(TRAINING_SDPA)
 
 
@@ -162,10 +162,6 @@ def flops_per_token(config: GPTNeoXConfig, seq_len: int, *, activation_checkpoin
     layers = config.num_hidden_layers * (8 * h * h + 4 * h * f + 4 * seq_len * h)
     logits = 2 * h * config.vocab_size
     return 3 * (layers + logits) + (layers if activation_checkpointing else 0)
-
-
-def preset_summary(preset_name: str) -> dict:
-    return asdict(MODEL_PRESETS[preset_name])
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

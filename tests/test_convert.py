@@ -551,3 +551,21 @@ def test_command_line_entry_points(trained, tmp_path):
     assert good.returncode == 0, good.stderr
     summary = json.loads(good.stdout)  # the whole of stdout is the one object
     assert (summary["zero_stage"], summary["dtype"], summary["weight_files"]) == (3, "bf16", ["model.safetensors"])
+
+
+@pytest.mark.parametrize("stage,precision", [(1, "no"), (2, "bf16"), (3, "no")])
+def test_lazy_fp32_masters_equal_deepspeeds_eager_zero_to_fp32(trained, stage, precision):
+    """convert.masters is the one place that reaches into zero_to_fp32's module (a deferred torch.cat for ZeRO-1/2,
+    where DeepSpeed has no lazy mode of its own): what it hands out must be DeepSpeed's own result, bit for bit."""
+    from deepspeed.utils import zero_to_fp32
+
+    from neox_train.convert.masters import lazy_fp32_masters
+
+    nprocs = 2
+    tag_dir = _tag(trained(stage, nprocs, precision) / "ckpt")
+    eager = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    lazy, per_rank = lazy_fp32_masters(tag_dir, stage)
+    assert sorted(lazy) == sorted(eager) and len(per_rank) == nprocs
+    for name, tensor in eager.items():
+        got = lazy[name].contiguous()
+        assert got.dtype == torch.float32 and torch.equal(got, tensor), name

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from neox_train.data import shards as data
-from neox_train.data.shards import ShardInfo, discover_shards, open_shard, read_meta, validate_shards
+from neox_train.data.shards import discover_shards, open_shard, read_meta, validate_shards
 from neox_train.data.windows import PackedWindows, SampleStream, eval_batches, split_windows
 from neox_train.errors import DataError
 
@@ -150,21 +150,21 @@ def test_validate_shards_scans_in_chunks(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(data, "_MAX_CHUNK_TOKENS", 7)
     tokens = _tokens(100, "uint32")
     np.save(tmp_path / "ok.npy", tokens)
-    assert validate_shards([tmp_path / "ok.npy"], vocab_size=100)[0].max_token == 99
+    validate_shards([tmp_path / "ok.npy"], vocab_size=100)
+    with pytest.raises(DataError, match="token id 99 >= vocab size 99 at position 99"):  # in the last chunk
+        validate_shards([tmp_path / "ok.npy"], vocab_size=99)
     tokens[93] = 500
     np.save(tmp_path / "bad.npy", tokens)
     with pytest.raises(DataError, match="token id 500 >= vocab size 100 at position 93"):
         validate_shards([tmp_path / "bad.npy"], vocab_size=100)
 
 
-def test_validate_shards_reports_info(tmp_path: Path) -> None:
+def test_validate_shards_returns_the_opened_shards(tmp_path: Path) -> None:
     np.save(tmp_path / "a.npy", _tokens(100))
     np.savez(tmp_path / "b.npz", input_ids=np.array([1, 2, 999, 3], dtype=np.uint32))
-    infos = validate_shards(discover_shards(tmp_path), vocab_size=1000)
-    assert infos == [
-        ShardInfo(path=tmp_path / "a.npy", num_tokens=100, dtype="uint16", max_token=99),
-        ShardInfo(path=tmp_path / "b.npz", num_tokens=4, dtype="uint32", max_token=999),
-    ]
+    arrays = validate_shards(discover_shards(tmp_path), vocab_size=1000)
+    assert [(a.size, a.dtype.name) for a in arrays] == [(100, "uint16"), (4, "uint32")]
+    assert isinstance(arrays[0], np.memmap) and arrays[1].tolist() == [1, 2, 999, 3]
 
 
 # --- meta.json ---------------------------------------------------------------------------------------------
@@ -357,11 +357,11 @@ def test_validation_cache_skips_unchanged_shards_and_still_checks_vocab(tmp_path
     np.save(shard, np.arange(100, dtype=np.uint16))
     cache = tmp_path / ".neox-validated.json"
     first = validate_shards([shard], 200, cache_path=cache)
-    assert first[0].max_token == 99 and cache.is_file()
+    assert first[0].size == 100 and list(json.loads(cache.read_text()).values()) == [99]
     # A cached max is trusted only for the same size and mtime: poison it and see it used, then invalidated.
     entry = json.loads(cache.read_text())
     cache.write_text(json.dumps({k: 7 for k in entry}))
-    assert validate_shards([shard], 200, cache_path=cache)[0].max_token == 7
+    validate_shards([shard], 50, cache_path=cache)  # the poisoned max (7) is below 50: passes without a rescan
     with pytest.raises(DataError, match="token id 50 >= vocab size 50 at position 50"):
         validate_shards([shard], 50)
     np.save(shard, np.arange(300, dtype=np.uint16))
@@ -388,3 +388,23 @@ def test_batch_gathers_the_same_windows_as_indexing(tmp_path: Path) -> None:
     with pytest.raises(IndexError, match=f"window {len(w)} out of range for {len(w)} windows"):
         w.batch([0, len(w)])
     assert w.batch([]).shape == (0, 11)
+
+
+def test_load_data_opens_every_shard_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compressed .npz is decompressed on open: validating and then packing must not open (and inflate) it twice."""
+    import neox_train.data.shards as shards
+    from neox_train.config import from_dict
+    from neox_train.train import plan as plan_mod
+
+    np.save(tmp_path / "a.npy", _tokens(200))
+    np.savez_compressed(tmp_path / "b.npz", input_ids=_tokens(300))
+    opened: list[Path] = []
+    real = shards.open_shard
+    monkeypatch.setattr(shards, "open_shard", lambda p: opened.append(Path(p)) or real(p))
+    monkeypatch.setattr(plan_mod, "open_shard", shards.open_shard, raising=False)
+    run = from_dict({"model": "neox-tiny", "seq_len": 16, "vocab_size": 1000, "data_dir": str(tmp_path),
+                     "ds_config": "zero0", "mixed_precision": "no"})
+    plan = plan_mod.prepare_run(run, dp_size=1, on_gpu=False)
+    windows, _ = plan_mod.load_data(plan)
+    assert sorted(opened) == [tmp_path / "a.npy", tmp_path / "b.npz"]
+    assert windows.num_tokens == 500

@@ -14,7 +14,6 @@ import os
 import struct
 import sys
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +40,6 @@ _PROGRESS_MIN_SHARDS = 20
 _PROGRESS_MIN_TOKENS = 100_000_000
 _ZIP_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # the 30-byte local file header of a zip member
 _ZIP_LOCAL_MAGIC = b"PK\x03\x04"
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    path: Path
-    num_tokens: int
-    dtype: str
-    max_token: int
 
 
 def discover_shards(data_dir: str | Path) -> list[Path]:
@@ -196,8 +187,10 @@ def _save_validation_cache(cache_path: Path | None, cache: dict[str, int]) -> No
         tmp.unlink(missing_ok=True)  # a read-only dataset folder: validate again next time
 
 
-def validate_shards(paths: list[Path], vocab_size: int, *, cache_path: Path | None = None) -> list[ShardInfo]:
+def validate_shards(paths: list[Path], vocab_size: int, *, cache_path: Path | None = None) -> list[np.ndarray]:
     """Open every shard and check it before training starts, so a bad file fails in seconds, not hours in.
+    Returns the opened shards (memory maps), which the windows are then cut from: each file is opened (and a
+    compressed .npz inflated) once.
 
     An out-of-range id would otherwise surface as a CUDA device-side assert in the embedding lookup, with no
     hint of which file holds it. The max id of each shard is cached in `cache_path` by (path, size, mtime), so
@@ -210,7 +203,6 @@ def validate_shards(paths: list[Path], vocab_size: int, *, cache_path: Path | No
     keys = [_cache_key(Path(p)) for p in paths]
     total = sum(a.size for a, k in zip(arrays, keys) if k not in cache)
     show = len(arrays) > _PROGRESS_MIN_SHARDS or total > _PROGRESS_MIN_TOKENS
-    infos = []
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="validate shards", file=sys.stderr, disable=not show)
     with bar:
         for path, array, key in zip(paths, arrays, keys):
@@ -228,9 +220,8 @@ def validate_shards(paths: list[Path], vocab_size: int, *, cache_path: Path | No
                     f"shard {path}: token id {int(array[at])} >= vocab size {vocab_size} at position {at} "
                     f"(valid ids are 0..{vocab_size - 1})"
                 )
-            infos.append(ShardInfo(Path(path), num_tokens=int(array.size), dtype=array.dtype.name, max_token=max_token))
     _save_validation_cache(cache_path, cache)
-    return infos
+    return arrays
 
 
 def _first_at_least(array: np.ndarray, bound: int) -> int:

@@ -39,10 +39,6 @@ class Metrics:
                 self._writer.add_scalar(f"{kind}/{name}", value, step)
         self._jsonl.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
 
-    def flush(self) -> None:
-        if self.enabled:
-            self._writer.flush()
-
     def close(self) -> None:
         if self.enabled:
             self._writer.close()

@@ -209,7 +209,8 @@ def perf_text(v: dict[str, Any]) -> str:
     return text
 
 
-def _as_float(value: Any) -> float:
+def as_float(value: Any) -> float:
+    """A number, a 0-d tensor (DeepSpeed's grad norm) or None (nan) as a float."""
     if value is None:
         return float("nan")
-    return float(value.item() if isinstance(value, torch.Tensor) else value)
+    return float(value.item() if hasattr(value, "item") else value)

@@ -15,7 +15,6 @@ from neox_train.config import RunConfig
 from neox_train.data.shards import (
     VALIDATION_CACHE,
     discover_shards,
-    open_shard,
     resolve_vocab,
     validate_shards,
 )
@@ -107,8 +106,8 @@ def load_data(plan: RunPlan) -> tuple[PackedWindows, Split]:
     paths = discover_shards(run.data_dir)
     if run.max_shards is not None:
         paths = paths[: run.max_shards]
-    validate_shards(paths, plan.tokenizer_vocab_size, cache_path=Path(run.data_dir) / VALIDATION_CACHE)
-    windows = PackedWindows([open_shard(p) for p in paths], run.seq_len)
+    shards = validate_shards(paths, plan.tokenizer_vocab_size, cache_path=Path(run.data_dir) / VALIDATION_CACHE)
+    windows = PackedWindows(shards, run.seq_len)
     split = split_windows(len(windows), run.val_fraction)
     log.info(
         "data: %d shards in %s, %d windows of %d tokens (%d train, %d validation)",

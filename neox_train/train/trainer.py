@@ -42,7 +42,7 @@ from neox_train.train.metrics import Metrics, Throughput
 from neox_train.train.perf import (
     FlopsAccounting,
     StepTimer,
-    _as_float,
+    as_float,
     device_name,
     memory_high_water,
     perf_text,
@@ -187,7 +187,7 @@ class Trainer:
             timer.end("optimizer", started)
             total += loss.detach()
         if want_grad_norm and grad_norm is None:
-            grad_norm = _as_float(self.engine.get_global_grad_norm())
+            grad_norm = as_float(self.engine.get_global_grad_norm())
         return total / self.grad_accum, grad_norm
 
     @property
