@@ -60,9 +60,9 @@ def test_prepare_builtin_pydoc(pydoc_prepared) -> None:
     assert discover_shards(out) == result.shards
     infos = validate_shards(result.shards, vocab_size=512)
     assert all(info.dtype == "uint16" for info in infos)
-    assert [info.num_tokens for info in infos[:-1]] == [50_000] * (len(infos) - 1)
-    assert 0 < infos[-1].num_tokens <= 50_000
-    assert sum(info.num_tokens for info in infos) == result.num_tokens
+    assert [info.size for info in infos[:-1]] == [50_000] * (len(infos) - 1)
+    assert 0 < infos[-1].size <= 50_000
+    assert sum(info.size for info in infos) == result.num_tokens
 
     tokens = np.concatenate([open_shard(p) for p in result.shards])
     assert int((tokens == 0).sum()) == result.num_documents  # one end-of-text per document

@@ -163,3 +163,12 @@ def test_a_complete_tag_never_queued_is_handed_over_and_a_torn_one_is_not(tmp_pa
     worker = SyncWorker(settings(save_dir, bucket))
     assert worker.start() == ["global_step5"]
     assert worker.close(timeout_s=60, progress=False).published == ["global_step5"]
+
+
+def test_step_0_is_a_published_step():
+    """`step_of_tag(tag) or -1` once turned global_step0 into -1 (no step published)."""
+    from neox_train.checkpoint.worker import SyncStatus
+
+    status = SyncStatus(pending=["global_step0"])
+    status.record_published("global_step0", lag_s=0.1, bytes_uploaded=1, files_uploaded=1, files_skipped=0)
+    assert status.last_published_step == 0 and status.pending == []

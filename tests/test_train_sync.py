@@ -205,3 +205,15 @@ def test_sigterm_saves_flushes_and_resumes(tmp_path, token_dir):
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == tags[0]
     proc = run_train(["--config", str(run), "--resume", "latest", "--max-steps", str(int(tags[0][11:]) + 2)])
     assert f"resumed from {tmp_path / 'ckpt' / tags[0]}" in proc.stderr
+
+
+def test_the_training_bar_is_closed_before_uploads_are_flushed(tmp_path, token_dir):
+    """The train bar stayed open while the end-of-run upload flush logged and drew its own bar, so the end of every
+    demo printed the train bar again between (and glued onto) the upload lines."""
+    bucket = tmp_path / "bucket"
+    # A save every step: training outruns the upload worker's start, so uploads are pending when the loop ends.
+    run = tiny_run_config(tmp_path, token_dir, max_steps=6, save_steps=1, eval_steps=0, sync_to=str(bucket))
+    proc = run_train(["--config", str(run)])
+    err = proc.stderr.replace("\r", "\n")
+    flush = err.index("sync: waiting up to")
+    assert "train:" not in err[flush:], err[flush - 500:]

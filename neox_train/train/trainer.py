@@ -380,16 +380,22 @@ class Trainer:
                     log.warning("stop requested (SIGTERM) at step %d: saving and flushing uploads", self.step)
                     summary["stopped_by_signal"] = True
                     break
+            stuck = summary.get("stopped_unpublished", False)
+            if final and self.last_saved_step != self.step and not stuck:
+                self.save()
+        except BaseException:
             if final:
-                stuck = summary.get("stopped_unpublished", False)
-                if self.last_saved_step != self.step and not stuck:
-                    self.save()
-                # Stopping because nothing gets published: a short flush, not the full upload_timeout_s.
-                summary["sync"] = self.finish_uploads(timeout_s=min(60.0, run.upload_timeout_s) if stuck else None)
+                self.close()
+            raise
         finally:
             bar.close()
             redirect.__exit__(None, None, None)
-            if final:
+        if final:
+            try:
+                # Only once the training bar is closed: the flush logs and draws a bar of its own. Stopping because
+                # nothing gets published: a short flush, not the full upload_timeout_s.
+                summary["sync"] = self.finish_uploads(timeout_s=min(60.0, run.upload_timeout_s) if stuck else None)
+            finally:
                 self.close()
         summary["end_step"] = self.step
         return summary
