@@ -43,7 +43,7 @@ def run(config: str, nprocs: int, steps: int, log_steps: int, workdir: Path) -> 
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"bench: {' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
-    records = [json.loads(l) for l in (logs / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (logs / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"][1:]  # first interval includes warm-up
     return {
         "processes": nprocs,
@@ -77,7 +77,8 @@ def main() -> int:
         print(json.dumps(result))
     else:
         for r in (one, two):
-            print(f"{r['processes']} process(es): {r['tokens_per_s']:.0f} tokens/s, {r['step_time_s']:.3f} s/step", file=sys.stderr)
+            print(f"{r['processes']} process(es): {r['tokens_per_s']:.0f} tokens/s, {r['step_time_s']:.3f} s/step",
+                  file=sys.stderr)
         print(f"2-process / 1-process tokens/s: {result['scaling_2_over_1']:.2f}x", file=sys.stderr)
     return 0
 

@@ -42,7 +42,7 @@ def train(tmp: Path, name: str, steps: int, save_steps: int, sync_to: str | None
     proc = subprocess.run(args, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"bench: training ({name}) failed:\n{proc.stderr[-4000:]}")
-    records = [json.loads(l) for l in (tmp / f"logs-{name}" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp / f"logs-{name}" / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if r["kind"] == "checkpoint"]
 
 
@@ -116,10 +116,12 @@ def main() -> int:
         print(json.dumps(result))
     else:
         stall, throughput = result["checkpoint_stall"], result["upload_throughput"]
-        print(f"checkpoint stall (median): {stall['off_median_s']:.3f} s without sync, {stall['on_median_s']:.3f} s with "
-              f"background sync ({stall['on_over_off']:.3f}x, {stall['saves']} saves per side)", file=sys.stderr)
-        print(f"upload: ours {throughput['ours_mb_s']:.1f} MB/s, transfer_manager {throughput['transfer_manager_mb_s']:.1f} "
-              f"MB/s (median ratio {throughput['ours_over_transfer_manager']:.2f}x over {throughput['rounds']} rounds) for "
+        print(f"checkpoint stall (median): {stall['off_median_s']:.3f} s without sync, "
+              f"{stall['on_median_s']:.3f} s with background sync ({stall['on_over_off']:.3f}x, {stall['saves']} saves "
+              f"per side)", file=sys.stderr)
+        print(f"upload: ours {throughput['ours_mb_s']:.1f} MB/s, transfer_manager "
+              f"{throughput['transfer_manager_mb_s']:.1f} MB/s (median ratio "
+              f"{throughput['ours_over_transfer_manager']:.2f}x over {throughput['rounds']} rounds) for "
               f"{throughput['files']} files, "
               f"{throughput['bytes'] / 1e6:.1f} MB", file=sys.stderr)
     return 0

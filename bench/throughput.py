@@ -37,7 +37,8 @@ from _harness import (
     timed_block,
 )
 
-RATE_KEYS = ("tokens_per_s", "tokens_per_s_per_gpu", "tflops_per_gpu", "hfu_tflops_per_gpu", "mfu", "hfu", "step_time_s")
+RATE_KEYS = ("tokens_per_s", "tokens_per_s_per_gpu", "tflops_per_gpu", "hfu_tflops_per_gpu", "mfu", "hfu",
+             "step_time_s")
 BREAKDOWN_KEYS = ("data_wait_s", "fwd_bwd_s", "optimizer_s", "other_s", "data_wait_frac")
 MEMORY_KEYS = ("gpu_mem_peak_gib", "gpu_mem_reserved_peak_gib", "host_rss_peak_gib")
 
@@ -62,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-steps", type=int, help="steps per metrics record (default: steps // 6)")
     p.add_argument("--warmup-intervals", type=int, default=1, help="log intervals left out of the medians")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="run-config field (repeatable)")
-    p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device for MFU (default: the table; none on CPU)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="peak TFLOP/s per device for MFU (default: the table; none on CPU)")
     p.add_argument("--compare", metavar="KEY=V1,V2", help="interleave one Trainer per value of a run-config field")
     p.add_argument("--block", type=int, default=5, help="steps per timed block (--compare)")
     p.add_argument("--rounds", type=int, default=4, help="timed rounds (--compare)")
@@ -181,7 +183,8 @@ def compare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_in_scratch("throughput", lambda tmp: compare(args, tmp) if args.compare else one_configuration(args, tmp))
+    measure = compare if args.compare else one_configuration
+    return run_in_scratch("throughput", lambda tmp: measure(args, tmp))
 
 
 if __name__ == "__main__":

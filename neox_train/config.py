@@ -22,100 +22,67 @@ PRECISIONS = ("bf16", "fp16", "no")
 OPTIMIZER_IMPLS = ("torch", "torch_fused", "deepspeed_fused")
 
 
+def _f(default: Any, doc: str) -> Any:
+    """A run-config field with its documentation (field_docs() reads it; README and --help quote it)."""
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = field(default="custom", metadata={"doc": "Label of this run config (preset name or file stem)."})
-    model: str = field(default="neox-1.2b", metadata={"doc": "Model preset, one of neox_train.model.MODEL_PRESETS."})
-    seq_len: int = field(default=2048, metadata={"doc": "Tokens per training sequence (<= the preset's max_seq_len)."})
-    vocab_size: int | None = field(
-        default=None,
-        metadata={"doc": "Tokenizer vocabulary before padding to a multiple of 128; null = the data's meta.json, "
-                         "else GPT-2's 50257."},
-    )
-    ds_config: str = field(
-        default="zero2",
-        metadata={"doc": "DeepSpeed JSON: a name in ds_configs/ (zero0..zero3, zero2_offload) or a path."},
-    )
-    micro_batch: int | None = field(default=None, metadata={"doc": "Sequences per GPU per micro-step; null = DeepSpeed JSON."})
-    grad_accum: int | None = field(default=None, metadata={"doc": "Micro-steps per optimizer step; null = DeepSpeed JSON."})
-    mixed_precision: str | None = field(default=None, metadata={"doc": "bf16, fp16 or no; null = DeepSpeed JSON."})
-    max_steps: int = field(default=10000, metadata={"doc": "Optimizer steps to train (also the cosine schedule length)."})
-    warmup_steps: int | None = field(default=None, metadata={"doc": "LR warmup steps; null = DeepSpeed JSON."})
-    save_steps: int = field(default=500, metadata={"doc": "Save a checkpoint every this many optimizer steps (and at the end)."})
-    log_steps: int = field(default=100, metadata={"doc": "Log loss, lr, grad norm and throughput every this many steps."})
-    eval_steps: int = field(default=500, metadata={"doc": "Evaluate on the held-out split every this many steps; 0 = never."})
-    eval_batches: int = field(default=20, metadata={"doc": "Micro-batches per rank in one evaluation."})
-    keep_last_n: int = field(default=3, metadata={"doc": "Local checkpoints kept; older ones are deleted; 0 = keep all."})
-    val_fraction: float = field(default=0.01, metadata={"doc": "Fraction of windows held out for validation, in [0, 0.5]."})
-    max_shards: int | None = field(default=None, metadata={"doc": "Use only the first N shards (sorted); null = all."})
-    activation_checkpointing: bool = field(
-        default=False, metadata={"doc": "Recompute activations in backward: less memory, ~33% more compute."}
-    )
-    attention: str = field(
-        default="sdpa",
-        metadata={"doc": "Attention kernel: sdpa (torch scaled_dot_product_attention, FlashAttention on CUDA in bf16/fp16) "
-                         "or eager (transformers' matmul-softmax-matmul, for comparison)."},
-    )
-    vocab_pad_multiple: int = field(
-        default=128,
-        metadata={"doc": "Pad the embedding and output layer to a multiple of this many tokens (tensor-core friendly "
-                         "logits matmul; 50257 -> 50304); 1 = no padding. Part of the model shape."},
-    )
-    optimizer_impl: str | None = field(
-        default=None,
-        metadata={"doc": "AdamW kernel: torch (for-each), torch_fused (fused CUDA/CPU kernel, no build) or deepspeed_fused "
-                         "(DeepSpeed FusedAdam, JIT-built with nvcc on GPU); null = torch_fused unless the JSON sets "
-                         "torch_adam."},
-    )
-    compile: str | None = field(
-        default=None,
-        metadata={"doc": "torch.compile backend for the model through engine.compile(): inductor (fast kernels; minutes "
-                         "to compile), aot_eager/eager (debugging); null = no compilation."},
-    )
-    prefetch_micro_batches: int = field(
-        default=2,
-        metadata={"doc": "Micro-batches assembled ahead by a background thread (pinned memory and non-blocking "
-                         "copies on CUDA); 0 = assemble each one in the loop."},
-    )
-    peak_tflops: float | None = field(
-        default=None,
-        metadata={"doc": "Peak TFLOP/s per device that MFU divides by; null = the built-in table for known GPUs in "
-                         "bf16/fp16 (MFU is null on CPU and unknown devices)."},
-    )
-    init_from_hf: str | None = field(
-        default=None,
-        metadata={"doc": "Start from the weights of a HuggingFace GPTNeoX folder (continued pretraining); its shape must "
-                         "match `model` and the padded vocabulary. Ignored when resuming (the checkpoint wins)."},
-    )
-    seed: int = field(default=1234, metadata={"doc": "Seeds model init and the data order."})
-    data_dir: str = field(default="data/training", metadata={"doc": "Folder of token shards (.npy/.npz, nested)."})
-    save_dir: str = field(default="checkpoints", metadata={"doc": "Folder for DeepSpeed checkpoints (tags global_stepN)."})
-    log_dir: str = field(default="logs", metadata={"doc": "Folder for training.log, metrics.jsonl and TensorBoard events."})
-    sync_to: str | None = field(
-        default=None,
-        metadata={"doc": "Where checkpoints are published: gs://bucket/prefix, file:///path or a local folder; null = nowhere."},
-    )
-    credentials: str | None = field(
-        default=None,
-        metadata={"doc": "Service-account JSON for gs://; null = GOOGLE_APPLICATION_CREDENTIALS or application default."},
-    )
-    background_upload: bool = field(
-        default=True,
-        metadata={"doc": "Upload in a background process (true) or inside save, blocking the loop (false: debugging)."},
-    )
-    upload_timeout_s: float = field(
-        default=1800.0, metadata={"doc": "At exit, wait at most this long for pending uploads before giving up (non-zero exit)."}
-    )
-    max_unpublished_checkpoints: int = field(
-        default=5,
-        metadata={"doc": "Stop training (exit 1, checkpoints kept locally) once more than this many checkpoints could "
-                         "not be published (given up, or still waiting), so a bucket that refuses every upload does "
-                         "not fill the disk for days; 0 = never stop."},
-    )
-    max_pending_uploads: int = field(
-        default=0,
-        metadata={"doc": "If more checkpoints than this wait for upload, skip the superseded ones (kept locally); 0 = never skip."},
-    )
+    name: str = _f("custom", "Label of this run config (preset name or file stem).")
+    model: str = _f("neox-1.2b", "Model preset, one of neox_train.model.MODEL_PRESETS.")
+    seq_len: int = _f(2048, "Tokens per training sequence (<= the preset's max_seq_len).")
+    vocab_size: int | None = _f(None, "Tokenizer vocabulary before padding to a multiple of 128; null = the data's "
+                                      "meta.json, else GPT-2's 50257.")
+    ds_config: str = _f("zero2", "DeepSpeed JSON: a name in ds_configs/ (zero0..zero3, zero2_offload) or a path.")
+    micro_batch: int | None = _f(None, "Sequences per GPU per micro-step; null = DeepSpeed JSON.")
+    grad_accum: int | None = _f(None, "Micro-steps per optimizer step; null = DeepSpeed JSON.")
+    mixed_precision: str | None = _f(None, "bf16, fp16 or no; null = DeepSpeed JSON.")
+    max_steps: int = _f(10000, "Optimizer steps to train (also the cosine schedule length).")
+    warmup_steps: int | None = _f(None, "LR warmup steps; null = DeepSpeed JSON.")
+    save_steps: int = _f(500, "Save a checkpoint every this many optimizer steps (and at the end).")
+    log_steps: int = _f(100, "Log loss, lr, grad norm and throughput every this many steps.")
+    eval_steps: int = _f(500, "Evaluate on the held-out split every this many steps; 0 = never.")
+    eval_batches: int = _f(20, "Micro-batches per rank in one evaluation.")
+    keep_last_n: int = _f(3, "Local checkpoints kept; older ones are deleted; 0 = keep all.")
+    val_fraction: float = _f(0.01, "Fraction of windows held out for validation, in [0, 0.5].")
+    max_shards: int | None = _f(None, "Use only the first N shards (sorted); null = all.")
+    activation_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~33% more compute.")
+    attention: str = _f("sdpa", "Attention kernel: sdpa (torch scaled_dot_product_attention, FlashAttention on CUDA "
+                                "in bf16/fp16) or eager (transformers' matmul-softmax-matmul, for comparison).")
+    vocab_pad_multiple: int = _f(128, "Pad the embedding and output layer to a multiple of this many tokens "
+                                      "(tensor-core friendly logits matmul; 50257 -> 50304); 1 = no padding. Part of "
+                                      "the model shape.")
+    optimizer_impl: str | None = _f(None, "AdamW kernel: torch (for-each), torch_fused (fused CUDA/CPU kernel, no "
+                                          "build) or deepspeed_fused (DeepSpeed FusedAdam, JIT-built with nvcc on "
+                                          "GPU); null = torch_fused unless the JSON sets torch_adam.")
+    compile: str | None = _f(None, "torch.compile backend for the model through engine.compile(): inductor (fast "
+                                   "kernels; minutes to compile), aot_eager/eager (debugging); null = no compilation.")
+    prefetch_micro_batches: int = _f(2, "Micro-batches assembled ahead by a background thread (pinned memory and "
+                                        "non-blocking copies on CUDA); 0 = assemble each one in the loop.")
+    peak_tflops: float | None = _f(None, "Peak TFLOP/s per device that MFU divides by; null = the built-in table for "
+                                         "known GPUs in bf16/fp16 (MFU is null on CPU and unknown devices).")
+    init_from_hf: str | None = _f(None, "Start from the weights of a HuggingFace GPTNeoX folder (continued "
+                                        "pretraining); its shape must match `model` and the padded vocabulary. "
+                                        "Ignored when resuming (the checkpoint wins).")
+    seed: int = _f(1234, "Seeds model init and the data order.")
+    data_dir: str = _f("data/training", "Folder of token shards (.npy/.npz, nested).")
+    save_dir: str = _f("checkpoints", "Folder for DeepSpeed checkpoints (tags global_stepN).")
+    log_dir: str = _f("logs", "Folder for training.log, metrics.jsonl and TensorBoard events.")
+    sync_to: str | None = _f(None, "Where checkpoints are published: gs://bucket/prefix, file:///path or a local "
+                                   "folder; null = nowhere.")
+    credentials: str | None = _f(None, "Service-account JSON for gs://; null = GOOGLE_APPLICATION_CREDENTIALS or "
+                                       "application default.")
+    background_upload: bool = _f(True, "Upload in a background process (true) or inside save, blocking the loop "
+                                       "(false: debugging).")
+    upload_timeout_s: float = _f(1800.0, "At exit, wait at most this long for pending uploads before giving up "
+                                         "(non-zero exit).")
+    max_unpublished_checkpoints: int = _f(5, "Stop training (exit 1, checkpoints kept locally) once more than this "
+                                             "many checkpoints could not be published (given up, or waiting while "
+                                             "every attempt fails), so a bucket that refuses every upload does not "
+                                             "fill the disk for days; 0 = never stop.")
+    max_pending_uploads: int = _f(0, "If more checkpoints than this wait for upload, skip the superseded ones (kept "
+                                     "locally); 0 = never skip.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,71 +124,82 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+# The rules, by kind: (fields, lower bound) for integers; the allowed values of each choice field.
+_INTS = [(("seq_len", "max_steps", "save_steps", "log_steps", "eval_batches", "vocab_pad_multiple"), 1),
+         (("eval_steps", "keep_last_n", "seed", "max_pending_uploads", "max_unpublished_checkpoints",
+           "prefetch_micro_batches"), 0)]
+_OPTIONAL_INTS = [(("micro_batch", "grad_accum", "max_shards", "warmup_steps"), 1),  # DeepSpeed needs warmup >= 1
+                  (("vocab_size",), 2)]
+_CHOICES = {"attention": (ATTENTION_IMPLS, False), "mixed_precision": (PRECISIONS, True),
+            "optimizer_impl": (OPTIMIZER_IMPLS, True)}  # field -> (valid values, null allowed)
+_BOOLS = ("activation_checkpointing", "background_upload")
+_OPTIONAL_STRINGS = ("sync_to", "credentials", "init_from_hf", "compile")
+_STRINGS = ("name", "ds_config", "data_dir", "save_dir", "log_dir")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int_problems(values: dict[str, Any]) -> list[str]:
+    out = []
+    for optional, rules in ((False, _INTS), (True, _OPTIONAL_INTS)):
+        for names, lo in rules:
+            for name in names:
+                v = values.get(name)
+                if v is None and optional:
+                    continue
+                if not _is_int(v):
+                    out.append(f"{name}={v!r} must be an integer >= {lo}" + (" or null" if optional else ""))
+                elif v < lo:
+                    out.append(f"{name}={v} is out of range: must be >= {lo}")
+    return out
+
+
+def _model_problems(values: dict[str, Any]) -> list[str]:
+    model, seq = values.get("model"), values.get("seq_len")
+    if model not in MODEL_PRESETS:
+        return [f"model={model!r} is not a preset (valid: {', '.join(MODEL_PRESETS)})"]
+    max_seq = MODEL_PRESETS[model].max_seq_len
+    return [f"seq_len={seq} exceeds {model}'s max_seq_len {max_seq}"] if _is_int(seq) and seq > max_seq else []
+
+
+def _number_problems(values: dict[str, Any]) -> list[str]:
+    out = []
+    peak, vf, ut = values.get("peak_tflops"), values.get("val_fraction"), values.get("upload_timeout_s")
+    if peak is not None and not (_is_number(peak) and peak > 0):
+        out.append(f"peak_tflops={peak!r} must be a number of TFLOP/s > 0 or null")
+    if not (_is_number(vf) and 0.0 <= vf <= 0.5):
+        out.append(f"val_fraction={vf!r} is out of range: must be a number in [0, 0.5]")
+    if not (_is_number(ut) and ut >= 0):
+        out.append(f"upload_timeout_s={ut!r} must be a number of seconds >= 0")
+    return out
+
+
+def _kind_problems(values: dict[str, Any]) -> list[str]:
+    out = []
+    for name, (valid, nullable) in _CHOICES.items():
+        v = values.get(name)
+        if not (v is None and nullable) and v not in valid:
+            out.append(f"{name}={v!r} is not valid (valid: {', '.join(valid)}{' or null' if nullable else ''})")
+    out += [f"{n}={values.get(n)!r} must be true or false" for n in _BOOLS if not isinstance(values.get(n), bool)]
+    out += [f"{n}={values.get(n)!r} must be a non-empty string or null" for n in _OPTIONAL_STRINGS
+            if values.get(n) is not None and (not isinstance(values.get(n), str) or not values.get(n))]
+    out += [f"{n}={values.get(n)!r} must be a non-empty string (got {_type_name(values.get(n))})" for n in _STRINGS
+            if not isinstance(values.get(n), str) or not values.get(n)]
+    return out
+
+
 def validate(values: dict[str, Any]) -> list[str]:
     """Every problem with `values`, each naming the field, the value and what is valid (empty list: fine)."""
-    problems: list[str] = []
-    unknown = sorted(set(values) - set(_FIELD_NAMES))
-    for key in unknown:
-        problems.append(f"unknown field '{key}' (valid fields: {', '.join(_FIELD_NAMES)})")
-
-    def check_int(name: str, lo: int, optional: bool = False) -> None:
-        v = values.get(name)
-        if v is None and optional:
-            return
-        if isinstance(v, bool) or not isinstance(v, int):
-            problems.append(f"{name}={v!r} must be an integer >= {lo}" + (" or null" if optional else ""))
-        elif v < lo:
-            problems.append(f"{name}={v} is out of range: must be >= {lo}")
-
-    for name in ("seq_len", "max_steps", "save_steps", "log_steps", "eval_batches"):
-        check_int(name, 1)
-    for name in ("eval_steps", "keep_last_n", "seed", "max_pending_uploads", "max_unpublished_checkpoints"):
-        check_int(name, 0)
-    for name in ("micro_batch", "grad_accum", "max_shards"):
-        check_int(name, 1, optional=True)
-    check_int("vocab_pad_multiple", 1)
-    check_int("prefetch_micro_batches", 0)
-    check_int("warmup_steps", 1, optional=True)  # DeepSpeed requires a positive warmup
-    check_int("vocab_size", 2, optional=True)
-
-    model = values.get("model")
-    if model not in MODEL_PRESETS:
-        problems.append(f"model={model!r} is not a preset (valid: {', '.join(MODEL_PRESETS)})")
-    else:
-        seq = values.get("seq_len")
-        max_seq = MODEL_PRESETS[model].max_seq_len
-        if isinstance(seq, int) and not isinstance(seq, bool) and seq > max_seq:
-            problems.append(f"seq_len={seq} exceeds {model}'s max_seq_len {max_seq}")
-    mp = values.get("mixed_precision")
-    if mp is not None and mp not in PRECISIONS:
-        problems.append(f"mixed_precision={mp!r} is not valid (valid: {', '.join(PRECISIONS)} or null)")
-    attention = values.get("attention")
-    if attention not in ATTENTION_IMPLS:
-        problems.append(f"attention={attention!r} is not valid (valid: {', '.join(ATTENTION_IMPLS)})")
-    impl = values.get("optimizer_impl")
-    if impl is not None and impl not in OPTIMIZER_IMPLS:
-        problems.append(f"optimizer_impl={impl!r} is not valid (valid: {', '.join(OPTIMIZER_IMPLS)} or null)")
-    peak = values.get("peak_tflops")
-    if peak is not None and (isinstance(peak, bool) or not isinstance(peak, (int, float)) or not peak > 0):
-        problems.append(f"peak_tflops={peak!r} must be a number of TFLOP/s > 0 or null")
-    vf = values.get("val_fraction")
-    if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0.0 <= vf <= 0.5:
-        problems.append(f"val_fraction={vf!r} is out of range: must be a number in [0, 0.5]")
-    for name in ("activation_checkpointing", "background_upload"):
-        if not isinstance(values.get(name), bool):
-            problems.append(f"{name}={values.get(name)!r} must be true or false")
-    ut = values.get("upload_timeout_s")
-    if isinstance(ut, bool) or not isinstance(ut, (int, float)) or ut < 0:
-        problems.append(f"upload_timeout_s={ut!r} must be a number of seconds >= 0")
-    for name in ("sync_to", "credentials", "init_from_hf", "compile"):
-        v = values.get(name)
-        if v is not None and (not isinstance(v, str) or not v):
-            problems.append(f"{name}={v!r} must be a non-empty string or null")
-    for name in ("name", "ds_config", "data_dir", "save_dir", "log_dir"):
-        v = values.get(name)
-        if not isinstance(v, str) or not v:
-            problems.append(f"{name}={v!r} must be a non-empty string (got {_type_name(v)})")
-    return problems
+    unknown = [f"unknown field '{key}' (valid fields: {', '.join(_FIELD_NAMES)})"
+               for key in sorted(set(values) - set(_FIELD_NAMES))]
+    return unknown + _int_problems(values) + _model_problems(values) + _number_problems(values) + \
+        _kind_problems(values)
 
 
 def from_dict(values: dict[str, Any], *, source: str = "run config") -> RunConfig:

@@ -169,7 +169,8 @@ def effective_ds_config(
         else:
             cfg["fp16"] = fp16
     if _enabled(cfg, "fp16") and not on_gpu:
-        raise ConfigError("mixed precision fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16): use bf16 or no")
+        raise ConfigError("mixed precision fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16): use bf16 "
+                          "or no")
 
     sched = cfg.get("scheduler")
     if isinstance(sched, dict) and isinstance(sched.get("params"), dict):
@@ -198,7 +199,8 @@ def _choose_optimizer_impl(cfg: dict[str, Any], impl: str | None, *, on_gpu: boo
     offload = isinstance(cfg.get("zero_optimization"), dict) and "offload_optimizer" in cfg["zero_optimization"]
     is_adam = isinstance(opt, dict) and str(opt.get("type", "")).lower() in ADAM_TYPES
     if impl is not None and (not is_adam or offload):
-        why = "the optimizer is offloaded (DeepSpeedCPUAdam)" if is_adam else "the DeepSpeed JSON's optimizer is not Adam/AdamW"
+        why = ("the optimizer is offloaded (DeepSpeedCPUAdam)" if is_adam
+               else "the DeepSpeed JSON's optimizer is not Adam/AdamW")
         raise ConfigError(f"optimizer_impl={impl!r} cannot apply: {why}; remove optimizer_impl or change the JSON")
     if not is_adam or offload:
         return
@@ -248,7 +250,9 @@ def precision(cfg: dict[str, Any]) -> str:
 def offload(cfg: dict[str, Any]) -> str:
     """OFFLOAD_NONE, OFFLOAD_OPTIMIZER or OFFLOAD_ALL (parameters imply the optimizer too)."""
     zero = _zero_section(cfg)
-    return OFFLOAD_ALL if zero.get("offload_param") else OFFLOAD_OPTIMIZER if zero.get("offload_optimizer") else OFFLOAD_NONE
+    if zero.get("offload_param"):
+        return OFFLOAD_ALL
+    return OFFLOAD_OPTIMIZER if zero.get("offload_optimizer") else OFFLOAD_NONE
 
 
 def checkpoint_bytes(total_params: int, precision: str, zero_stage: int) -> int:

@@ -99,3 +99,11 @@ def run_guarded(prog: str, fn: Callable[[], int]) -> int:
     except NeoxError as e:
         print(f"{prog}: {e.label}: {e}", file=sys.stderr)
         return e.exit_code
+
+
+def is_transient(err: BaseException) -> bool:
+    """Worth retrying: a StorageError marked transient. Everything else (no permission, a conflict, a bug) would
+    fail the same way again."""
+    from neox_train.errors import StorageError
+
+    return isinstance(err, StorageError) and err.transient

@@ -31,13 +31,16 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="latest|TAG|URL",
                    help="continue from a checkpoint: latest or a tag in --save-dir, or the newest COMPLETE one at a "
                         "gs:// or file:// URL (latest also falls back to --sync-to when --save-dir has none)")
-    p.add_argument("--sync-to", metavar="URL", help="publish checkpoints to gs://bucket/prefix, file:///path or a folder")
+    p.add_argument("--sync-to", metavar="URL",
+                   help="publish checkpoints to gs://bucket/prefix, file:///path or a folder")
     p.add_argument("--takeover", action="store_true",
                    help="publish to a --sync-to prefix that another run owns (that run can no longer publish there; "
                         "what it published stays as it is)")
-    p.add_argument("--credentials", metavar="FILE", help="service-account JSON for gs:// (default: GOOGLE_APPLICATION_CREDENTIALS)")
+    p.add_argument("--credentials", metavar="FILE",
+                   help="service-account JSON for gs:// (default: GOOGLE_APPLICATION_CREDENTIALS)")
     p.add_argument("--init-from-hf", metavar="DIR",
-                   help="start from a HuggingFace GPTNeoX folder's weights (continued pretraining; same shape as the preset)")
+                   help="start from a HuggingFace GPTNeoX folder's weights (continued pretraining; same shape as the "
+                        "preset)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute activations in backward: less memory, about a third more compute")
     perf = p.add_argument_group("performance (each switch is measured in the README's Performance section)")

@@ -1,4 +1,5 @@
-"""The package logger (`neox_train`) and how each rank logs: INFO to stderr and training.log on rank 0, warnings elsewhere."""
+"""The package logger (`neox_train`) and how each rank logs: INFO to stderr and training.log on rank 0, warnings
+elsewhere."""
 
 from __future__ import annotations
 

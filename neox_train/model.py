@@ -183,7 +183,8 @@ SHAPE_FIELDS = (
 )
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 def _rotary(cfg: dict[str, Any], key: str) -> Any:
@@ -205,12 +206,14 @@ def check_hf_init(hf_dir: str, model_config: Any, *, model_name: str) -> None:
     path = Path(hf_dir)
     cfg_file = path / "config.json"
     if not path.is_dir():
-        raise ConfigError(f"init_from_hf={hf_dir!r} is not a folder (expected a HuggingFace model folder with config.json)")
+        raise ConfigError(f"init_from_hf={hf_dir!r} is not a folder (expected a HuggingFace model folder with "
+                          f"config.json)")
     cfg = read_json_object(cfg_file, what="a HuggingFace model config", missing_ok=True)
     if cfg is None:
         raise ConfigError(f"init_from_hf={hf_dir!r} has no config.json: not a HuggingFace model folder")
     if cfg.get("model_type") != "gpt_neox":
-        raise ConfigError(f"init_from_hf: {cfg_file} has model_type={cfg.get('model_type')!r}; only 'gpt_neox' can initialise a NeoX run")
+        raise ConfigError(f"init_from_hf: {cfg_file} has model_type={cfg.get('model_type')!r}; only 'gpt_neox' can "
+                          f"initialise a NeoX run")
     if not any((path / f).is_file() for f in WEIGHT_FILES):
         raise ConfigError(f"init_from_hf={hf_dir!r} holds no weights (expected one of {', '.join(WEIGHT_FILES)})")
     ours = model_config.to_dict()

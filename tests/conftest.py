@@ -126,7 +126,8 @@ def run_in_own_group(cmd: list[str], *, env: dict[str, str], timeout: float, cwd
     return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
 
 
-def run_train(args: list[str], *, nprocs: int = 1, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+def run_train(args: list[str], *, nprocs: int = 1, timeout: int = 300,
+              check: bool = True) -> subprocess.CompletedProcess:
     """`neox-train ARGS`, or `deepspeed --num_gpus N neox-train ARGS` for several CPU ranks on localhost."""
     exe = str(BIN / "neox-train")
     if nprocs == 1:

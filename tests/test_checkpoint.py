@@ -111,7 +111,8 @@ def test_read_latest_never_raises(tmp_path, content, why):
     assert (tag, why in problem) == (("global_step3" if not why else None), True)
 
 
-MODEL = {"vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256}
+MODEL = {"vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "intermediate_size": 256}
 
 
 def saved(dp, stage, **model):

@@ -29,7 +29,8 @@ def test_describe_production():
     assert d["flops_per_token"] == pytest.approx(72 * 24 * 2048**2 * (1 + 2048 / (6 * 2048) + 50304 / (12 * 24 * 2048)))
     assert d["zero_stage"] == 2 and d["precision"] == "bf16"
     ds = d["ds_config"]
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 4, 16)
+    batch = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
+    assert batch == (4, 4, 16)
     assert d["run_config"]["save_steps"] == 500 and d["run_config"]["log_steps"] == 100
     assert d["tokens_per_step"] == 16 * 2048
 
@@ -52,7 +53,7 @@ def test_describe_applies_overrides_and_world_size(monkeypatch):
 def _error_line(capsys, argv: list[str], main=train_main) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    lines = [l for l in err if l.startswith(("neox-train: error:", "neox-data: error:"))]
+    lines = [line for line in err if line.startswith(("neox-train: error:", "neox-data: error:"))]
     assert len(lines) == 1, err
     assert "Traceback" not in "\n".join(err)
     return lines[0]
@@ -100,7 +101,8 @@ def _bad_shard_dir(tmp_path, kind: str):
 
 @pytest.mark.parametrize(
     "kind,needle",
-    [("dtype", "float32"), ("vocab", f"token id {VOCAB + 7} >= vocab size {VOCAB}"), ("empty", "empty"), ("unreadable", "bad.npy")],
+    [("dtype", "float32"), ("vocab", f"token id {VOCAB + 7} >= vocab size {VOCAB}"), ("empty", "empty"),
+     ("unreadable", "bad.npy")],
 )
 def test_bad_shard_fails_before_training(capsys, tmp_path, kind, needle):
     data, bad = _bad_shard_dir(tmp_path, kind)

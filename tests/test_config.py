@@ -10,7 +10,8 @@ from neox_train.errors import ConfigError
 
 def test_seed_presets():
     prod = load_run_config("production")
-    assert (prod.model, prod.micro_batch, prod.grad_accum, prod.save_steps, prod.log_steps) == ("neox-1.2b", 4, 4, 500, 100)
+    got = (prod.model, prod.micro_batch, prod.grad_accum, prod.save_steps, prod.log_steps)
+    assert got == ("neox-1.2b", 4, 4, 500, 100)
     test = load_run_config("test")
     assert test.max_steps == 1000 and test.save_steps == 200 and test.log_steps == 25
     demo = load_run_config("demo")

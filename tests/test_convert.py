@@ -345,8 +345,8 @@ def test_convert_from_the_emulated_bucket(trained, tmp_path, capfd, gcs_emulator
     # ...and with none left there is nothing to convert.
     bucket.blob(f"run/global_step{TRAINED_SAVE_AT}/COMPLETE").delete()
     code, _, err = run_convert(capfd, url, "--out", tmp_path / "incomplete")
-    assert code == 2 and error_line(err) == (f"neox-convert-hf: error: {url}: no COMPLETE checkpoint there (a published "
-                                             f"checkpoint counts once its COMPLETE marker exists)")
+    assert code == 2 and error_line(err) == (f"neox-convert-hf: error: {url}: no COMPLETE checkpoint there (a "
+                                             f"published checkpoint counts once its COMPLETE marker exists)")
     code, _, err = run_convert(capfd, url, "--out", tmp_path / "incomplete", "--tag", f"global_step{STEPS}")
     assert code == 2 and "is not a COMPLETE published checkpoint" in error_line(err)
     assert not list(tmp_path.glob(".neox-convert-fetch-*")) and not (tmp_path / "damaged").exists()
@@ -473,7 +473,8 @@ def _marked_and_flipped(d: Path) -> Path:
 # case: (make the input in a tmp folder -> CHECKPOINT, extra args, expected text of the one line)
 BAD = {
     "marked-truncated": (_marked_and_truncated, ("--tag", f"global_step{STEPS}"),
-                         f"global_step{STEPS} is damaged or incomplete: zero_pp_rank_1_mp_rank_00_optim_states.pt has "),
+                         f"global_step{STEPS} is damaged or incomplete: zero_pp_rank_1_mp_rank_00_optim_states.pt "
+                         f"has "),
     "marked-changed": (_marked_and_flipped, ("--tag", f"global_step{STEPS}"),
                        f"global_step{STEPS} is damaged or incomplete: zero_pp_rank_1_mp_rank_00_optim_states.pt has "),
     "not-a-checkpoint": (_not_a_checkpoint, (), "is not a DeepSpeed checkpoint folder: no 'latest' file"),

@@ -77,7 +77,8 @@ def test_overrides_win_and_are_reported(tmp_path):
     _, base = load_ds_config("zero2")
     run = load_run_config("production").replace(micro_batch=2, grad_accum=8, mixed_precision="no", max_steps=77)
     eff, notes = effective_ds_config({**base, "train_batch_size": 16}, run, dp_size=2, on_gpu=False)
-    assert (eff["train_batch_size"], eff["train_micro_batch_size_per_gpu"], eff["gradient_accumulation_steps"]) == (32, 2, 8)
+    batch = (eff["train_batch_size"], eff["train_micro_batch_size_per_gpu"], eff["gradient_accumulation_steps"])
+    assert batch == (32, 2, 8)
     assert eff["bf16"]["enabled"] is False and "fp16" not in eff
     assert eff["scheduler"]["params"]["total_num_steps"] == 77
     assert eff["optimizer"]["params"]["torch_adam"] is True  # CPU: no FusedAdam build
@@ -91,7 +92,8 @@ def test_json_batch_mismatch_is_caught_before_deepspeed(tmp_path):
     path = _write(tmp_path, cfg)
     _, loaded = load_ds_config(path)
     run = load_run_config("production").replace(ds_config=path, micro_batch=None, grad_accum=None)
-    with pytest.raises(ConfigError, match="train_batch_size=10 but micro_batch 4 x grad_accum 4 x data-parallel size 1 = 16"):
+    message = "train_batch_size=10 but micro_batch 4 x grad_accum 4 x data-parallel size 1 = 16"
+    with pytest.raises(ConfigError, match=message):
         effective_ds_config(loaded, run, dp_size=1, on_gpu=True)
 
 

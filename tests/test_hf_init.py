@@ -32,7 +32,8 @@ def hf_dir(tmp_path_factory) -> Path:
 def _hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     from transformers import GPTNeoXForCausalLM
 
-    return {k: v.float() for k, v in GPTNeoXForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).state_dict().items()}
+    model = GPTNeoXForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    return {k: v.float() for k, v in model.state_dict().items()}
 
 
 @pytest.mark.slow
@@ -77,8 +78,10 @@ def test_shape_mismatch_isone_line(tmp_path, hf_dir):
         (lambda d: None, "is not a folder"),
         (lambda d: d.mkdir(), "has no config.json"),
         (lambda d: (d.mkdir(), (d / "config.json").write_text("{")), "not valid JSON"),
-        (lambda d: (d.mkdir(), (d / "config.json").write_text(json.dumps({"model_type": "llama"}))), "model_type='llama'"),
-        (lambda d: (d.mkdir(), (d / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))), "holds no weights"),
+        (lambda d: (d.mkdir(), (d / "config.json").write_text(json.dumps({"model_type": "llama"}))),
+         "model_type='llama'"),
+        (lambda d: (d.mkdir(), (d / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))),
+         "holds no weights"),
     ],
     ids=["missing", "no-config", "bad-json", "not-neox", "no-weights"],
 )

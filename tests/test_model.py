@@ -31,7 +31,8 @@ def test_neox_1_2b_parameter_count_matches_pythia_1_4b():
 
 def test_flagship_shape():
     cfg = hf_config("neox-1.2b", 50304)
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size) == (2048, 24, 16, 8192)
+    shape = (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size)
+    assert shape == (2048, 24, 16, 8192)
     assert cfg.rope_parameters["partial_rotary_factor"] == 0.25
     assert cfg.use_parallel_residual and not cfg.tie_word_embeddings
     assert cfg.max_position_embeddings == 2048
@@ -54,11 +55,11 @@ def test_tiny_model_uses_sdpa_and_runs():
 
 def test_flops_per_token_is_megatron_formula():
     cfg = hf_config("neox-1.2b", 50304)
-    l, h, s, v = 24, 2048, 2048, 50304
-    megatron = 72 * l * h * h * (1 + s / (6 * h) + v / (12 * l * h))
+    L, h, s, v = 24, 2048, 2048, 50304
+    megatron = 72 * L * h * h * (1 + s / (6 * h) + v / (12 * L * h))
     assert flops_per_token(cfg, s) == pytest.approx(megatron, rel=1e-12)
     # Megatron's count with recompute: the layers' forward runs again, the logits layer does not.
-    recompute = 96 * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))
+    recompute = 96 * L * h * h * (1 + s / (6 * h) + v / (16 * L * h))
     assert flops_per_token(cfg, s, activation_checkpointing=True) == pytest.approx(recompute, rel=1e-12)
     # 6N is the usual shorthand; the exact count exceeds it by the attention-score term.
     n = parameter_counts(cfg).non_embedding

@@ -1,7 +1,8 @@
 """Ranks started by Open MPI's mpirun, as `neox-launch --launcher openmpi` starts them through DeepSpeed's OpenMPI
 runner (which sets no RANK/WORLD_SIZE and leaves discovery to mpi4py, not installed here): neox-train takes its
 rank from mpirun's own variables and MASTER_ADDR from the environment, so the processes train one job together
-instead of each training alone into the same folder. Open MPI comes from Debian (the shared system-tools fixture installs it
+instead of each training alone into the same folder. Open MPI comes from Debian (the shared system-tools fixture
+installs it
 where missing)."""
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def test_node_local_parts_are_published_together_and_resume_from_the_bucket(
     bucket = direct_client(gcs_emulator.url).bucket(gcs_bucket)
     names = {b.name[len("nodelocal/"):] for b in bucket.list_blobs(prefix="nodelocal/")}
     for tag in ("global_step2", "global_step4"):
-        assert f"{tag}/COMPLETE" in names and f"{tag}/.parts/node-0.json" in names and f"{tag}/.parts/node-1.json" in names
+        assert {f"{tag}/COMPLETE", f"{tag}/.parts/node-0.json", f"{tag}/.parts/node-1.json"} <= set(names)
         manifest = json.loads(bucket.blob(f"nodelocal/{tag}/manifest.json").download_as_bytes())
         shards = sorted(f for f in manifest["files"] if f.endswith("optim_states.pt"))
         assert len(shards) == 2, manifest["files"]  # both nodes' parts in one checkpoint

@@ -182,7 +182,8 @@ def windows(tmp_path: Path) -> PackedWindows:
 
 
 def _stream(windows: PackedWindows, *, rank: int = 0, dp: int = 1, consumed: int = 0, micro: int = 5) -> SampleStream:
-    return SampleStream(range(len(windows)), seed=3, micro_batch=micro, dp_rank=rank, dp_size=dp, consumed_samples=consumed)
+    return SampleStream(range(len(windows)), seed=3, micro_batch=micro, dp_rank=rank, dp_size=dp,
+                        consumed_samples=consumed)
 
 
 @pytest.mark.parametrize("prefetch", [1, 3])

@@ -271,8 +271,8 @@ def test_two_nodes_publish_once_both_parts_are_there(backend, tmp_path: Path) ->
                                             "run.json": b"{}"})
     # Under use_node_local_storage node 1 writes its own copy of the model states and side files too (same weights,
     # other bytes): the checkpoint takes node 0's.
-    save_checkpoint(node1, "global_step4", {"mp_rank_00_model_states.pt": b"m-node1", "zero_pp_rank_1_optim_states.pt": b"11",
-                                            "run.json": b'{"x": 1}'})
+    save_checkpoint(node1, "global_step4", {"mp_rank_00_model_states.pt": b"m-node1",
+                                            "zero_pp_rank_1_optim_states.pt": b"11", "run.json": b'{"x": 1}'})
     claim(backend, RUN, takeover=False, save_dir=str(node0))
     upload_checkpoint_part(node0, "global_step4", backend, identity=RUN, node_rank=0)
     assert finalize_checkpoint(backend, "global_step4", identity=RUN, num_nodes=2) is False
@@ -572,7 +572,8 @@ def test_neox_sync_checkpoints_publishes_a_save_dir(tmp_path: Path, capsys: pyte
     assert json.loads(backend.read_bytes(".neox-owner.json"))["run_id"] == RUN.run_id
 
 
-def test_neox_sync_checkpoints_never_publishes_a_half_written_tag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_neox_sync_checkpoints_never_publishes_a_half_written_tag(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
     """Defect: the crash-recovery command published every global_step* folder, torn ones included, as COMPLETE and
     moved `latest` onto them; resume from the bucket then failed, and that step could never be published again."""
     save = tmp_path / "save"

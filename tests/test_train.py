@@ -108,7 +108,8 @@ def test_resume_is_exact(trained_run, tmp_path, stage, nprocs, precision, tol):
     resumed_dir = tmp_path / "resumed"
     copy_checkpoint(tmp / "ckpt", resumed_dir, f"global_step{SAVE_AT}")
     proc = run_train(
-        ["--config", str(run), "--save-dir", str(resumed_dir), "--log-dir", str(tmp_path / "logs"), "--resume", "latest"],
+        ["--config", str(run), "--save-dir", str(resumed_dir), "--log-dir", str(tmp_path / "logs"),
+         "--resume", "latest"],
         nprocs=nprocs,
     )
     assert f"resumed from {resumed_dir / f'global_step{SAVE_AT}'}: step {SAVE_AT}" in proc.stderr
@@ -176,7 +177,8 @@ def test_prefetch_off_gives_identical_training_and_peak_gives_mfu(trained_run, t
                "--prefetch", "0", "--peak-tflops", "0.5"])
     straight, got = read_metrics(tmp / "logs"), read_metrics(tmp_path / "logs")
     assert [got[s]["loss"] for s in sorted(got)] == [straight[s]["loss"] for s in sorted(straight)]
-    assert [got[s]["consumed_samples"] for s in sorted(got)] == [straight[s]["consumed_samples"] for s in sorted(straight)]
+    assert [got[s]["consumed_samples"] for s in sorted(got)] == [straight[s]["consumed_samples"]
+                                                                 for s in sorted(straight)]
     for r in got.values():
         assert r["mfu"] == pytest.approx(r["tflops_per_gpu"] / 0.5) and r["hfu"] == r["mfu"]
     assert "MFU against --peak-tflops 0.5" in (tmp_path / "logs" / "training.log").read_text()

@@ -12,7 +12,15 @@ from typing import Any
 
 from neox_train.checkpoint import commit
 from neox_train.checkpoint.commit import LATEST
-from neox_train.checkpoint.publication import COMPLETE, MANIFEST, _check_tag, _file_entry, _part_files, _read_json
+from neox_train.checkpoint.publication import (
+    COMPLETE,
+    MANIFEST,
+    SyncSettings,
+    _check_tag,
+    _file_entry,
+    _part_files,
+    _read_json,
+)
 from neox_train.checkpoint.tags import sort_key
 from neox_train.errors import StorageError
 from neox_train.remote.base import Backend, RemoteFile
@@ -160,3 +168,10 @@ def fetch_checkpoint(backend: Backend, tag: str, save_dir: Path, *, workers: int
         raise
     commit.write_latest(save_dir, tag)
     return final
+
+
+def verified_local_tags(backend, settings: SyncSettings) -> list[str]:
+    from neox_train.checkpoint.fetch import verified_remote
+
+    save_dir = Path(settings.save_dir)
+    return verified_remote(backend, save_dir, commit.complete_tags(save_dir), node_rank=settings.node_rank)

@@ -149,8 +149,8 @@ def _dumps(obj: Any) -> bytes:
 # and our side files. The same content on every node, but pickles are not byte-identical: node 0's copy is the
 # checkpoint's, the others stay local, or two nodes would race for one object name with different bytes. (ZeRO-3
 # names its per-rank files zero_pp_rank_N_..., which do not match.)
-NODE_REPLICATED = re.compile(
-    r"^(mp_rank_\d+_model_states\.pt|" + "|".join(re.escape(n) for n in (RUN_JSON, CONFIG_JSON, *DATA_SIDE_FILES)) + ")$")
+_SIDE_FILES = "|".join(re.escape(n) for n in (RUN_JSON, CONFIG_JSON, *DATA_SIDE_FILES))
+NODE_REPLICATED = re.compile(rf"^(mp_rank_\d+_model_states\.pt|{_SIDE_FILES})$")
 
 
 def _part_files(save_dir: Path, tag: str, node_rank: int) -> tuple[commit.TagStatus, list[tuple[str, Path]]]:

@@ -75,33 +75,48 @@ def locate(run: RunConfig, resume: str | None) -> ResumePoint:
     if "://" in resume:
         return ResumePoint(named=True, remote=resume, remote_only=True)
     if resume == "latest":
-        if complete:
-            tags = [s.tag for s in reversed(complete)]
-            pointer, why = commit.read_latest(save_dir)
-            note = ""
-            if pointer != tags[0]:
-                named = next((s for s in statuses if s.tag == pointer), None)
-                if pointer is None:
-                    reason = why
-                elif named is None:
-                    reason = f"names {pointer}, which does not exist"
-                elif not named.complete:
-                    reason = f"names {pointer}, which is incomplete ({named.problem})"
-                else:
-                    reason = f"names {pointer}, older than the newest complete checkpoint"
-                note = f"{save_dir / 'latest'} {reason}: resuming from the newest complete checkpoint {tags[0]}"
-            return ResumePoint(tuple(tags), remote=run.sync_to, note=note, run_id=complete[-1].run_id)
-        torn = "; ".join(f"{s.tag}: {s.problem}" for s in statuses[-3:])
-        if run.sync_to:
-            note = f"no complete checkpoint in {save_dir} ({torn}); resuming from {run.sync_to}" if statuses else ""
-            return ResumePoint(remote=run.sync_to, remote_only=True, note=note)
-        if statuses:
-            raise ConfigError(
-                f"--resume latest: no complete checkpoint in {save_dir} ({torn}): nothing to resume, and a run from "
-                f"step 0 would replace those folders; to start over, run without --resume (the incomplete folders "
-                f"are replaced as their steps are saved again)")
-        raise ConfigError(f"--resume latest: no checkpoint in {save_dir} (no global_stepN folder); start without "
-                          f"--resume")
+        return _locate_latest(run, save_dir, statuses)
+    return _locate_named(resume, save_dir, statuses)
+
+
+def _latest_note(save_dir: Path, statuses: list[commit.TagStatus], newest: str) -> str:
+    """What is wrong with SAVE_DIR/latest when it does not name the newest complete tag ("" when it does)."""
+    pointer, why = commit.read_latest(save_dir)
+    if pointer == newest:
+        return ""
+    named = next((s for s in statuses if s.tag == pointer), None)
+    if pointer is None:
+        reason = why
+    elif named is None:
+        reason = f"names {pointer}, which does not exist"
+    elif not named.complete:
+        reason = f"names {pointer}, which is incomplete ({named.problem})"
+    else:
+        reason = f"names {pointer}, older than the newest complete checkpoint"
+    return f"{save_dir / 'latest'} {reason}: resuming from the newest complete checkpoint {newest}"
+
+
+def _locate_latest(run: RunConfig, save_dir: Path, statuses: list[commit.TagStatus]) -> ResumePoint:
+    complete = [s for s in statuses if s.complete]
+    if complete:
+        tags = [s.tag for s in reversed(complete)]
+        return ResumePoint(tuple(tags), remote=run.sync_to, note=_latest_note(save_dir, statuses, tags[0]),
+                           run_id=complete[-1].run_id)
+    torn = "; ".join(f"{s.tag}: {s.problem}" for s in statuses[-3:])
+    if run.sync_to:
+        note = f"no complete checkpoint in {save_dir} ({torn}); resuming from {run.sync_to}" if statuses else ""
+        return ResumePoint(remote=run.sync_to, remote_only=True, note=note)
+    if statuses:
+        raise ConfigError(
+            f"--resume latest: no complete checkpoint in {save_dir} ({torn}): nothing to resume, and a run from "
+            f"step 0 would replace those folders; to start over, run without --resume (the incomplete folders "
+            f"are replaced as their steps are saved again)")
+    raise ConfigError(f"--resume latest: no checkpoint in {save_dir} (no global_stepN folder); start without "
+                      f"--resume")
+
+
+def _locate_named(resume: str, save_dir: Path, statuses: list[commit.TagStatus]) -> ResumePoint:
+    complete = [s for s in statuses if s.complete]
     named = next((s for s in statuses if s.tag == resume), None)
     have = _names([s.tag for s in complete]) if complete else "none"
     torn = [s.tag for s in statuses if not s.complete]
@@ -308,13 +323,15 @@ def to_universal(save_dir: Path, tag: str) -> Path:
     shutil.rmtree(out, ignore_errors=True)  # a half-written conversion from a crash
     started = time.perf_counter()
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
-           "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", str(min(4, os.cpu_count() or 1)),
+           "--output_folder", str(out), "--inject_missing_state",
+           "--num_extract_workers", str(min(4, os.cpu_count() or 1)),
            "--num_merge_workers", str(min(2, os.cpu_count() or 1))]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         shutil.rmtree(out, ignore_errors=True)
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConfigError(f"converting {src} to a universal checkpoint failed ({last}); the original checkpoint is untouched")
+        raise ConfigError(f"converting {src} to a universal checkpoint failed ({last}); the original checkpoint is "
+                          f"untouched")
     done.write_text(tag + "\n")
     log.info("resume: universal checkpoint %s written in %.1f s", out, time.perf_counter() - started)
     return out

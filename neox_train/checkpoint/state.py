@@ -127,9 +127,9 @@ def save_failed(save_dir: Path, tag: str, err: BaseException, expected_bytes: in
         (expected_bytes is not None and free < expected_bytes) or "file write failed" in text
     if full:
         return CheckpointError(
-            f"cannot save checkpoint {tag} in {save_dir}: the disk is full ({human_bytes(free)} free{need}); the partial "
-            f"{tag} was removed, {kept} and the earlier checkpoints are intact: free space (or lower keep_last_n, or "
-            f"point --save-dir at a larger disk), then continue with --resume latest")
+            f"cannot save checkpoint {tag} in {save_dir}: the disk is full ({human_bytes(free)} free{need}); the "
+            f"partial {tag} was removed, {kept} and the earlier checkpoints are intact: free space (or lower "
+            f"keep_last_n, or point --save-dir at a larger disk), then continue with --resume latest")
     return CheckpointError(f"cannot save checkpoint {tag} in {save_dir}: {type(err).__name__}: {text[:300]}; the "
                            f"partial {tag} was removed, {kept} and the earlier checkpoints are intact")
 
@@ -139,8 +139,8 @@ def space_warning(save_dir: Path, tag: str, expected_bytes: int) -> str:
     free = shutil.disk_usage(save_dir if save_dir.exists() else save_dir.parent).free
     if free >= expected_bytes:
         return ""
-    return (f"the next checkpoint ({tag}, about {human_bytes(expected_bytes)}) will not fit in {save_dir} ({human_bytes(free)} "
-            f"free): free space, lower keep_last_n, or point --save-dir at a larger disk")
+    return (f"the next checkpoint ({tag}, about {human_bytes(expected_bytes)}) will not fit in {save_dir} "
+            f"({human_bytes(free)} free): free space, lower keep_last_n, or point --save-dir at a larger disk")
 
 
 # Run-config fields that decide which windows `consumed_samples` points at: changing one on resume would
@@ -156,9 +156,11 @@ def check_compatible(
     DeepSpeed. `saved` is the tag's run.json plus its config.json under "model_config"."""
     keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     old_model = saved.get("model_config", {})
-    diffs = [f"{k} {old_model.get(k)} -> {model_config.get(k)}" for k in keys if old_model.get(k) != model_config.get(k)]
+    diffs = [f"{k} {old_model.get(k)} -> {model_config.get(k)}" for k in keys
+             if old_model.get(k) != model_config.get(k)]
     if diffs:
-        raise ConfigError(f"checkpoint {tag} holds a different model ({'; '.join(diffs)}): resume with the same model preset and vocab")
+        raise ConfigError(f"checkpoint {tag} holds a different model ({'; '.join(diffs)}): resume with the same model "
+                          f"preset and vocab")
     if run_config is not None:
         old_run = saved.get("run_config", {})
         diffs = [f"{k} {old_run.get(k)!r} -> {run_config.get(k)!r}" for k in DATA_ORDER_FIELDS
@@ -174,7 +176,8 @@ def check_compatible(
     if change is not None and not universal_convertible(saved, ds_config):
         raise ConfigError(
             f"checkpoint {tag}: {change}, and a ZeRO-0 checkpoint (no partitioned fp32 optimizer state) can only be "
-            f"resumed with ZeRO-0; resume it with its own ZeRO stage (any number of ranks), or with ZeRO-1..3 on both sides"
+            f"resumed with ZeRO-0; resume it with its own ZeRO stage (any number of ranks), or with ZeRO-1..3 on both "
+            f"sides"
         )
 
 
@@ -186,7 +189,8 @@ def partitioning_change(saved: dict[str, Any], *, ds_config: dict, dp_size: int)
     old_stage, new_stage = zero_stage(saved.get("ds_config", {})), zero_stage(ds_config)
     old_dp = saved.get("dp_size")
     if (old_dp != dp_size or old_stage != new_stage) and max(old_stage, new_stage) >= 1:
-        return f"saved at data-parallel size {old_dp} with ZeRO-{old_stage}, this run is {dp_size} with ZeRO-{new_stage}"
+        return (f"saved at data-parallel size {old_dp} with ZeRO-{old_stage}, this run is {dp_size} with "
+                f"ZeRO-{new_stage}")
     return None
 
 

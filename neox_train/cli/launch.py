@@ -138,7 +138,8 @@ def _run(argv: list[str] | None, out) -> int:
         return 0
     print(f"neox-launch: {plan.reason}", file=sys.stderr)
     print(f"neox-launch: running {shell_line(launch.command, launch.env_file_var)}", file=sys.stderr, flush=True)
-    return exec_launcher(launch.command, {**os.environ, **launch.env_file_var, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"})
+    env = {**os.environ, **launch.env_file_var, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    return exec_launcher(launch.command, env)
 
 
 def _plan_text(plan) -> str:

@@ -102,8 +102,9 @@ def inspect_checkpoint(tag_dir: Path) -> CheckpointInfo:
         raise ConvertError(f"{states_path} has no 'module' entry: not a DeepSpeed model-states file")
 
     ds_config = states.get("ds_config") if isinstance(states.get("ds_config"), dict) else {}
-    run = read_tag_json(tag_dir, RUN_JSON, error=ConvertError) or {k: states[k] for k in ("step", "consumed_samples", "dp_size", "data_tokens",
-                                                             "run_config", "ds_config") if k in states}
+    run = read_tag_json(tag_dir, RUN_JSON, error=ConvertError) or {
+        k: states[k] for k in ("step", "consumed_samples", "dp_size", "data_tokens", "run_config", "ds_config")
+        if k in states}
     if not ds_config:
         ds_config = run.get("ds_config") or {}
     stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))

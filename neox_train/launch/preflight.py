@@ -279,7 +279,8 @@ def check_disk(ctx: PreflightContext) -> list[Check]:
     free = shutil.disk_usage(existing).free
     n = checkpoints_kept(ctx.run)
     need = n * checkpoint_bytes(ctx.plan.shape.total_params, ctx.plan.precision, ctx.plan.zero_stage)
-    detail = f"{human_bytes(free)} free at {existing}; {n} checkpoint(s) of {human_bytes(need // n)} need {human_bytes(need)}"
+    detail = (f"{human_bytes(free)} free at {existing}; {n} checkpoint(s) of {human_bytes(need // n)} need "
+              f"{human_bytes(need)}")
     if free < need:
         return [_fail("disk", detail, "free space, point --save-dir at a larger disk, or lower keep_last_n in the run "
                                       "config")]

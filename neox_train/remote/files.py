@@ -1,4 +1,5 @@
-"""Local files as the remote layer sees them: crc32c in the form GCS reports, a persistent crc32c cache, atomic and durable writes."""
+"""Local files as the remote layer sees them: crc32c in the form GCS reports, a persistent crc32c cache, atomic and
+durable writes, folders swapped into place."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""A gs://bucket/prefix through google-cloud-storage: its transfers, retries and checksums, with our settings and one-line errors."""
+"""A gs://bucket/prefix through google-cloud-storage: its transfers, retries and checksums are the library's; this
+module chooses their settings and turns its many exception types into one-line StorageErrors."""
 
 from __future__ import annotations
 

@@ -27,7 +27,8 @@ class Metrics:
             log_dir.mkdir(parents=True, exist_ok=True)
             # purge_step: after a resume, TensorBoard drops the events a crashed run wrote past the checkpoint,
             # so the curve has no doubled steps.
-            self._writer = SummaryWriter(log_dir=str(log_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self._writer = SummaryWriter(log_dir=str(log_dir / "tensorboard"),
+                                         purge_step=start_step + 1 if start_step else None)
             self._jsonl = open(log_dir / "metrics.jsonl", "a", buffering=1)
 
     def record(self, step: int, kind: str, values: dict[str, Any]) -> None:

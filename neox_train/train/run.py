@@ -101,8 +101,8 @@ def run_training(run: RunConfig, *, resume: str | None, takeover: bool = False) 
     if sync and sync["unpublished"]:
         raise UnpublishedCheckpoints(
             f"{len(sync['unpublished'])} checkpoint(s) not published to {run.sync_to}: {', '.join(sync['unpublished'])}"
-            f" (kept in {run.save_dir}; last error: {sync['last_error'] or 'timeout'}; `neox-sync --checkpoints {run.save_dir} "
-            f"{run.sync_to}` or the next run with --sync-to finishes them)"
+            f" (kept in {run.save_dir}; last error: {sync['last_error'] or 'timeout'}; `neox-sync --checkpoints "
+            f"{run.save_dir} {run.sync_to}` or the next run with --sync-to finishes them)"
         )
     return summary
 

@@ -82,7 +82,8 @@ class Trainer:
 
             self._hf_ds_config = HfDeepSpeedConfig(plan.ds_config)
         if run.init_from_hf and resume_tag:
-            log.info("resuming from %s: init_from_hf=%s is not used (the checkpoint's weights win)", resume_tag, run.init_from_hf)
+            log.info("resuming from %s: init_from_hf=%s is not used (the checkpoint's weights win)", resume_tag,
+                     run.init_from_hf)
         if run.init_from_hf and not resume_tag:
             from neox_train.model import load_hf_model
 
@@ -116,7 +117,8 @@ class Trainer:
         if resume_tag:
             tag = resume_tag
             state = checkpoint.load(self.engine, self.save_dir, tag)
-            log.info("resumed from %s: step %d, %d samples consumed", self.save_dir / tag, state.step, state.consumed_samples)
+            log.info("resumed from %s: step %d, %d samples consumed", self.save_dir / tag, state.step,
+                     state.consumed_samples)
         self.step = state.step
         self.device = torch.device(self.engine.device)
         stream = SampleStream(
@@ -268,7 +270,8 @@ class Trainer:
     def apply_retention(self) -> None:
         if not self.folder_owner:
             return
-        deleted = checkpoint.apply_retention(self.save_dir, self.plan.run.keep_last_n, may_delete=self.publisher.may_delete)
+        deleted = checkpoint.apply_retention(self.save_dir, self.plan.run.keep_last_n,
+                                             may_delete=self.publisher.may_delete)
         if deleted:
             log.info("removed local checkpoint(s) %s (keep_last_n=%d)", ", ".join(deleted), self.plan.run.keep_last_n)
 
@@ -364,7 +367,8 @@ class Trainer:
                     ev = self.evaluate()
                     if ev:
                         self.metrics.record(self.step, "eval", ev)
-                        log.info("step %d: validation loss=%.4f perplexity=%.2f", self.step, ev["loss"], ev["perplexity"])
+                        log.info("step %d: validation loss=%.4f perplexity=%.2f", self.step, ev["loss"],
+                                 ev["perplexity"])
                         summary["val_loss"] = ev["loss"]
                         self.last_losses.update(val_loss=ev["loss"], val_loss_step=self.step)
                     throughput.restart()
