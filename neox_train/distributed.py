@@ -80,6 +80,8 @@ def world_size_from_env() -> int:
 def init_distributed() -> None:
     """The process group, with this process's rank variables in place (ranks.adopt_rank_env)."""
     adopt_rank_env()
+    # Deferred (here and below): torch and deepspeed (~3 s) load only in processes that train; neox-launch and
+    # neox-sync use this module's topology and ports without them.
     import deepspeed
     import torch
 
@@ -121,14 +123,14 @@ class Topology:
 
 def comm_device():
     """The device collectives run on: this rank's GPU (NCCL), else the CPU (gloo)."""
-    import torch
+    import torch  # deferred: see init_distributed
 
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def collective_ints(values: list[int], op: str) -> list[int]:
     """broadcast from rank 0 ("broadcast") or element-wise minimum over ranks ("min") of a few integers."""
-    import torch
+    import torch  # deferred: see init_distributed
 
     tensor = torch.tensor(values, dtype=torch.int64, device=comm_device())
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

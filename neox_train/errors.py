@@ -104,6 +104,5 @@ def run_guarded(prog: str, fn: Callable[[], int]) -> int:
 def is_transient(err: BaseException) -> bool:
     """Worth retrying: a StorageError marked transient. Everything else (no permission, a conflict, a bug) would
     fail the same way again."""
-    from neox_train.errors import StorageError
 
     return isinstance(err, StorageError) and err.transient

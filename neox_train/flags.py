@@ -1,4 +1,5 @@
-"""PLACEHOLDER"""
+"""neox-train's flags, and the one mapping from flags to run-config overrides (neox-train, and neox-launch for the
+neox-train flags it passes through)."""
 
 from __future__ import annotations
 

@@ -78,7 +78,7 @@ def use_training_attention(model: GPTNeoXForCausalLM) -> None:
     """Switch a model built with attention "sdpa" to the mask-free training name (see TRAINING_SDPA)."""
     if model.config._attn_implementation != "sdpa":
         return
-    from transformers import AttentionInterface
+    from transformers import AttentionInterface  # deferred: see the module docstring (here and below)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     # register() is transformers' public way in, and idempotent (it sets one key of the global mapping).
@@ -90,7 +90,7 @@ def hf_config(
     preset_name: str, vocab_size: int, *, eos_token_id: int | None = None, attention: str = "sdpa"
 ) -> GPTNeoXConfig:
     """The transformers config for a preset; `vocab_size` is the (already padded) embedding size."""
-    from transformers import GPTNeoXConfig
+    from transformers import GPTNeoXConfig  # deferred: see the module docstring
 
     p = MODEL_PRESETS[preset_name]
     return GPTNeoXConfig(
@@ -114,7 +114,7 @@ def hf_config(
 
 def build_model(config: GPTNeoXConfig, *, device: str | torch.device | None = None) -> GPTNeoXForCausalLM:
     """Instantiate the model (on `device`; "meta" gives a shape-only model for counting)."""
-    import torch
+    import torch  # deferred: see the module docstring
     from transformers import GPTNeoXForCausalLM
 
     if device is None:
@@ -232,7 +232,7 @@ def check_hf_init(hf_dir: str, model_config: Any, *, model_name: str) -> None:
 def load_hf_model(hf_dir: str, *, attention: str | None = None):
     """The folder's model in fp32 (DeepSpeed casts to bf16 and keeps fp32 masters as the config says), with the
     run's attention kernel (the run config's `attention`), not whatever the folder was exported with."""
-    import torch
+    import torch  # deferred: see the module docstring
     from transformers import GPTNeoXForCausalLM
 
     kwargs = {"attn_implementation": attention} if attention else {}

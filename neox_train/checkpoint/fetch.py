@@ -171,7 +171,5 @@ def fetch_checkpoint(backend: Backend, tag: str, save_dir: Path, *, workers: int
 
 
 def verified_local_tags(backend, settings: SyncSettings) -> list[str]:
-    from neox_train.checkpoint.fetch import verified_remote
-
     save_dir = Path(settings.save_dir)
     return verified_remote(backend, save_dir, commit.complete_tags(save_dir), node_rank=settings.node_rank)

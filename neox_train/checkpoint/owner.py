@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from neox_train.checkpoint.tags import sort_key
 from neox_train.errors import StorageError
 from neox_train.remote.base import Backend, RemoteChanged
 
@@ -110,8 +111,6 @@ def _died_here(record: dict[str, Any]) -> bool:
 
 
 def _has_published(backend: Backend) -> list[str]:
-    from neox_train.checkpoint.tags import sort_key
-
     tags = [n[: -len("/COMPLETE")] for n in backend.list("") if n.endswith("/COMPLETE") and n.count("/") == 1]
     return sorted(tags, key=sort_key)
 

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from neox_train.checkpoint import commit
-from neox_train.checkpoint.journal import append_journal, journal_path
 from neox_train.checkpoint.owner import OWNER, Identity, PrefixOwned, claim_if_unowned, fence, new_id
 from neox_train.checkpoint.tags import CONFIG_JSON, DATA_SIDE_FILES, RUN_JSON, local_tags, sort_key, step_of_tag
 from neox_train.errors import StorageError
@@ -355,56 +354,6 @@ def publish_checkpoints(save_dir: Path, backend: Backend, *, workers: int = 8, p
                   file=sys.stderr)
     total.seconds = time.monotonic() - started
     return total
-
-
-class Publication:
-    """The steps of publishing one tag from this node, shared by the background worker and inline uploads."""
-
-    def __init__(self, backend, settings: SyncSettings, cache, *, gate=None):
-        from neox_train.checkpoint.owner import Identity
-
-        self.backend = backend
-        self.settings = settings
-        self.cache = cache
-        self.gate = gate
-        self.identity = Identity(settings.run_id, settings.session)
-
-    def upload(self, tag: str):
-        """This node's part of `tag`; returns the SyncResult."""
-        from neox_train.checkpoint.publication import upload_checkpoint_part
-        from neox_train.errors import StorageError
-
-        if not (Path(self.settings.save_dir) / tag).is_dir():
-            raise StorageError(f"checkpoint folder {Path(self.settings.save_dir) / tag} disappeared before it was "
-                               f"uploaded")
-        result = upload_checkpoint_part(Path(self.settings.save_dir), tag, self.backend, identity=self.identity,
-                                        node_rank=self.settings.node_rank, workers=self.settings.workers,
-                                        cache=self.cache, gate=self.gate)
-        self.cache.save()
-        return result
-
-    def try_complete(self, tag: str) -> bool:
-        """The publisher finalizes once every node's part is remote; other nodes see whether COMPLETE exists. True
-        once the tag is published."""
-        from neox_train.checkpoint.publication import COMPLETE, finalize_checkpoint
-
-        if self.settings.publisher:
-            return finalize_checkpoint(self.backend, tag, identity=self.identity, num_nodes=self.settings.num_nodes)
-        return self.backend.read_bytes(f"{tag}/{COMPLETE}") is not None
-
-    def publish(self, tag: str, *, timeout_s: float):
-        """Upload and wait (bounded) until published: the inline path. Returns the SyncResult."""
-        from neox_train.errors import StorageError
-
-        result = self.upload(tag)
-        deadline = time.monotonic() + timeout_s
-        while not self.try_complete(tag):
-            if time.monotonic() > deadline:
-                raise StorageError(f"{tag}: the other nodes' parts did not arrive within {timeout_s:.0f} s")
-            time.sleep(self.settings.finalize_poll_s)
-        append_journal(journal_path(Path(self.settings.save_dir), self.settings.node_rank),
-                       {"published": tag, "time": time.time()})
-        return result
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from tqdm import tqdm
+
 from neox_train.checkpoint.fetch import verified_local_tags
 from neox_train.checkpoint.journal import (
     append_journal,
@@ -39,14 +41,17 @@ from neox_train.checkpoint.journal import (
     journal_path,
     journal_queued,
 )
-from neox_train.checkpoint.owner import Identity
-from neox_train.checkpoint.publication import Publication, SyncSettings
+from neox_train.checkpoint.owner import Identity, check_start, claim
+from neox_train.checkpoint.publication import SyncSettings
 from neox_train.checkpoint.tags import sort_key, step_of_tag
-from neox_train.checkpoint.worker import _STOP, _worker_main
+from neox_train.checkpoint.worker import _STOP, Publication, _worker_main
 from neox_train.config import RunConfig
 from neox_train.distributed import Topology
 from neox_train.errors import is_transient
 from neox_train.log import log
+from neox_train.remote import open_backend
+from neox_train.remote.base import process_retries
+from neox_train.remote.files import Crc32cCache
 
 
 def node_local_storage(ds_config: dict[str, Any]) -> bool:
@@ -64,7 +69,6 @@ def check_storage_access(run: RunConfig, topo: Topology, node_local: bool) -> No
     training. Raises StorageError with one line."""
     if run.sync_to is None or not is_uploader(topo, node_local):
         return
-    from neox_train.remote import open_backend
 
     open_backend(run.sync_to, credentials=run.credentials).probe()
 
@@ -74,8 +78,6 @@ def check_prefix_owner(run: RunConfig, topo: Topology, run_id: str, *, takeover:
     another run owns it; the claim itself comes once the checkpoint is loaded (Publisher.claim)."""
     if run.sync_to is None or topo.rank != 0:
         return
-    from neox_train.checkpoint.owner import check_start
-    from neox_train.remote import open_backend
 
     check_start(open_backend(run.sync_to, credentials=run.credentials, start_up=True), run_id, takeover=takeover)
 
@@ -106,8 +108,6 @@ class Publisher:
         and `takeover` is off."""
         if self.run.sync_to is None or self.topo.rank != 0:
             return
-        from neox_train.checkpoint.owner import claim
-        from neox_train.remote import open_backend
 
         warning = claim(open_backend(self.run.sync_to, credentials=self.run.credentials, start_up=True),
                         self.identity, takeover=takeover, save_dir=self.run.save_dir)
@@ -123,8 +123,6 @@ class Publisher:
             self.worker = SyncWorker(self.settings)
             self.worker.start()
             return
-        from neox_train.remote import open_backend
-        from neox_train.remote.files import Crc32cCache
 
         backend = open_backend(self.settings.url, credentials=self.settings.credentials)
         cache = Crc32cCache(crc_cache_path(Path(self.run.save_dir), self.settings.node_rank))
@@ -182,7 +180,6 @@ class Publisher:
     def metrics(self) -> dict[str, float]:
         """The sync/* metrics; `retries` counts every retried storage request: the worker's and this process's
         own (start-up probe, ownership checks, inline uploads)."""
-        from neox_train.remote.base import process_retries
 
         status = self.poll()
         return status.metrics(retries=status.worker_retries + process_retries())
@@ -365,7 +362,6 @@ class SyncWorker:
     def close(self, timeout_s: float, *, progress: bool = True) -> SyncStatus:
         """Flush: let the worker finish every queued tag, up to timeout_s; then stop it. Returns the final status
         (status.unpublished lists what was not published; the journal keeps it for the next run or neox-sync)."""
-        from tqdm import tqdm
 
         try:
             self._tasks.send(_STOP)

@@ -34,14 +34,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import deepspeed.comm as dist
+
 from neox_train.checkpoint import commit
 from neox_train.checkpoint import state as checkpoint
+from neox_train.checkpoint.fetch import fetch_checkpoint, remote_latest, remote_manifest
 from neox_train.checkpoint.owner import Identity, new_id, valid_id
+from neox_train.checkpoint.publisher import is_uploader
 from neox_train.checkpoint.tags import step_of_tag, tag_for_step
 from neox_train.config import RunConfig
 from neox_train.distributed import collective_ints
-from neox_train.errors import ConfigError
+from neox_train.errors import ConfigError, StorageError
 from neox_train.log import log
+from neox_train.remote import open_backend
 
 UNIVERSAL_SUFFIX = "_universal"
 _NONE = -1  # no checkpoint
@@ -139,8 +144,6 @@ def _locate_named(resume: str, save_dir: Path, statuses: list[commit.TagStatus])
 
 def remote_run_id(url: str, credentials: str | None) -> str | None:
     """The run id of the newest COMPLETE checkpoint at url (what a resume from there inherits)."""
-    from neox_train.checkpoint.fetch import remote_latest, remote_manifest
-    from neox_train.remote import open_backend
 
     backend = open_backend(url, credentials=credentials, start_up=True)
     tag = remote_latest(backend)
@@ -171,8 +174,6 @@ def check_resume(plan, tag: str, data_tokens: int) -> dict[str, Any] | None:
 
 def fetch_remote_checkpoint(url: str, run: RunConfig, tag: str) -> str:
     """Download COMPLETE checkpoint `tag` at `url` into save_dir (verified against its manifest)."""
-    from neox_train.checkpoint.fetch import fetch_checkpoint
-    from neox_train.remote import open_backend
 
     log.info("resume: downloading %s from %s", tag, url)
     fetch_checkpoint(open_backend(url, credentials=run.credentials), tag, Path(run.save_dir), progress=True)
@@ -223,9 +224,6 @@ def _remote_choice(url: str, run: RunConfig, local_step: int, local_run_id: str 
                    ) -> tuple[str | None, str | None, str]:
     """On global rank 0: (the bucket tag to resume from, or None for the local one; its run id; a warning to log).
     `required`: the bucket is the only source (a URL was named, or nothing intact is local)."""
-    from neox_train.checkpoint.fetch import remote_latest, remote_manifest
-    from neox_train.errors import StorageError
-    from neox_train.remote import open_backend
 
     try:
         backend = open_backend(url, credentials=run.credentials, start_up=not required)
@@ -254,9 +252,6 @@ def _remote_choice(url: str, run: RunConfig, local_step: int, local_run_id: str 
 def finish(plan, point: ResumePoint, data_tokens: int, *, topo, node_local: bool):
     """Phase 3, on every rank: returns (plan, tag to load or None, Identity) — the plan gains `load_universal` when
     the tag was converted."""
-    import deepspeed.comm as dist
-
-    from neox_train.checkpoint.publisher import is_uploader
 
     run = plan.run
     save_dir = Path(run.save_dir)
@@ -342,9 +337,6 @@ def after_load(plan, tag: str | None, *, topo, node_local: bool) -> None:
     size); a crash before that save simply converts again."""
     if not (tag and tag.endswith(UNIVERSAL_SUFFIX)):
         return
-    import deepspeed.comm as dist
-
-    from neox_train.checkpoint.publisher import is_uploader
 
     dist.barrier()
     if is_uploader(topo, node_local):

@@ -5,9 +5,10 @@ would steal time from the step that feeds the GPU. Why spawn: a forked child wou
 and the gRPC/HTTP sessions of the parent, none of which survive a fork; the storage client is created here, in
 the child, after it starts.
 
-The child takes tags from a task queue, uploads them oldest first (`Publication`), reports each outcome on a
-status queue and journals it ({"published"|"skipped"|"failed": tag}). While the trainer is inside a save
-(`save_gate`), it waits, so its disk reads and hashing do not compete with the save's writes.
+The child takes tags from a task queue, uploads them oldest first (`Publication`: the steps of publishing one
+tag, shared with the inline path that runs without a worker), reports each outcome on a status queue and journals
+it ({"published"|"skipped"|"failed": tag}). While the trainer is inside a save (`save_gate`), it waits, so its disk
+reads and hashing do not compete with the save's writes.
 
 Failures are of two kinds (StorageError.transient): a transient one (the network, a 5xx, an object that changed
 underneath) is retried with backoff, and the queue waits; a permanent one (no permission, a deleted bucket, a
@@ -19,12 +20,17 @@ killed trainer never leaves an orphan uploading.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import threading
 import time
 import traceback
 from collections import deque
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from neox_train.checkpoint.fetch import verified_local_tags
 from neox_train.checkpoint.journal import (
@@ -32,8 +38,16 @@ from neox_train.checkpoint.journal import (
     crc_cache_path,
     journal_path,
 )
-from neox_train.checkpoint.publication import Publication, SyncSettings
-from neox_train.errors import is_transient, one_line
+from neox_train.checkpoint.owner import Identity
+from neox_train.checkpoint.publication import (
+    COMPLETE,
+    SyncSettings,
+    finalize_checkpoint,
+    upload_checkpoint_part,
+)
+from neox_train.errors import StorageError, is_transient, one_line
+from neox_train.remote import open_backend
+from neox_train.remote.files import Crc32cCache
 
 _STOP = "__stop__"
 
@@ -64,8 +78,6 @@ def _worker_main(settings: SyncSettings, tasks, status_q, saving=None, parent: i
 
 
 def _work(settings: SyncSettings, tasks, status_q, saving, parent: int | None) -> None:
-    from neox_train.remote import open_backend
-
     parent = parent if parent is not None else os.getppid()
     _detach_from_the_loop()
     if os.getppid() != parent:
@@ -84,10 +96,6 @@ def _work(settings: SyncSettings, tasks, status_q, saving, parent: int | None) -
 def _detach_from_the_loop() -> None:
     """What makes this a well-behaved background process: it leaves shutdown to the trainer, yields the CPU to it,
     and dies with it."""
-    import signal
-    import threading
-
-    from tqdm import tqdm
 
     # The trainer owns shutdown: on SIGTERM/Ctrl-C (sent to the whole process group) it saves, then flushes this
     # queue with a bounded wait and stops us itself.
@@ -104,11 +112,54 @@ def _detach_from_the_loop() -> None:
     try:
         # If the trainer is killed (-9, OOM killer), die with it instead of retrying uploads as an orphan that
         # would race the next run's worker; the journal hands the unfinished tags to that run. Linux only.
-        import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+class Publication:
+    """The steps of publishing one tag from this node, shared by the background worker and inline uploads."""
+
+    def __init__(self, backend, settings: SyncSettings, cache, *, gate=None):
+        self.backend = backend
+        self.settings = settings
+        self.cache = cache
+        self.gate = gate
+        self.identity = Identity(settings.run_id, settings.session)
+
+    def upload(self, tag: str):
+        """This node's part of `tag`; returns the SyncResult."""
+
+        if not (Path(self.settings.save_dir) / tag).is_dir():
+            raise StorageError(f"checkpoint folder {Path(self.settings.save_dir) / tag} disappeared before it was "
+                               f"uploaded")
+        result = upload_checkpoint_part(Path(self.settings.save_dir), tag, self.backend, identity=self.identity,
+                                        node_rank=self.settings.node_rank, workers=self.settings.workers,
+                                        cache=self.cache, gate=self.gate)
+        self.cache.save()
+        return result
+
+    def try_complete(self, tag: str) -> bool:
+        """The publisher finalizes once every node's part is remote; other nodes see whether COMPLETE exists. True
+        once the tag is published."""
+
+        if self.settings.publisher:
+            return finalize_checkpoint(self.backend, tag, identity=self.identity, num_nodes=self.settings.num_nodes)
+        return self.backend.read_bytes(f"{tag}/{COMPLETE}") is not None
+
+    def publish(self, tag: str, *, timeout_s: float):
+        """Upload and wait (bounded) until published: the inline path. Returns the SyncResult."""
+
+        result = self.upload(tag)
+        deadline = time.monotonic() + timeout_s
+        while not self.try_complete(tag):
+            if time.monotonic() > deadline:
+                raise StorageError(f"{tag}: the other nodes' parts did not arrive within {timeout_s:.0f} s")
+            time.sleep(self.settings.finalize_poll_s)
+        append_journal(journal_path(Path(self.settings.save_dir), self.settings.node_rank),
+                       {"published": tag, "time": time.time()})
+        return result
 
 
 class _Uploads:
@@ -116,8 +167,6 @@ class _Uploads:
     permanent ones up, and watch the tags whose other nodes' parts (or node 0's COMPLETE) are still to come."""
 
     def __init__(self, settings: SyncSettings, backend, tasks, status_q, saving, parent: int):
-        from neox_train.remote.files import Crc32cCache
-
         self.settings, self.backend, self.tasks, self.status_q, self.parent = settings, backend, tasks, status_q, parent
         save_dir = Path(settings.save_dir)
         self.jpath = journal_path(save_dir, settings.node_rank)
@@ -256,5 +305,3 @@ class _Uploads:
             # Flushing at exit: after a few attempts give up on this tag; it stays in the journal.
             self.pending.popleft()
             self.attempt = 0
-
-

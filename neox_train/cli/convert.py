@@ -8,7 +8,6 @@ import json
 import os
 import sys
 
-from neox_train.convert.to_hf import convert
 from neox_train.errors import run_guarded
 
 
@@ -45,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> int:
         with _stdout_to_stderr():
+            # Deferred: torch, safetensors and transformers (~1.3 s) load only once the flags parsed; inside the
+            # redirect, so nothing they print at import reaches the --json stdout.
+            from neox_train.convert.to_hf import convert
+
             summary = convert(args)
         if args.json:
             print(json.dumps(summary), flush=True)
@@ -66,3 +69,7 @@ def _stdout_to_stderr():
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

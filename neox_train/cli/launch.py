@@ -10,7 +10,8 @@ import sys
 
 from neox_train.distributed import DEFAULT_MASTER_PORT
 from neox_train.errors import ConfigError, run_guarded
-from neox_train.flags import run_config_from_args
+from neox_train.flags import run_config_from_args, train_parser
+from neox_train.launch import preflight
 from neox_train.launch.launcher import (
     BIN,
     LAUNCHERS,
@@ -23,6 +24,7 @@ from neox_train.launch.launcher import (
     shell_line,
     write_launch_dir,
 )
+from neox_train.launch.planner import format_table
 
 
 def launch_parser() -> argparse.ArgumentParser:
@@ -70,8 +72,6 @@ def launch_parser() -> argparse.ArgumentParser:
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    from neox_train.flags import train_parser
-
     parser = train_parser()
     parser.prog = "neox-launch"  # its errors then name the command the user typed
     return parser
@@ -85,8 +85,6 @@ def _print_help() -> None:
 
 
 def _run(argv: list[str] | None, out) -> int:
-    from neox_train.launch import preflight
-
     args, rest = launch_parser().parse_known_args(argv)
     if args.help:
         with contextlib.redirect_stdout(out):
@@ -98,8 +96,6 @@ def _run(argv: list[str] | None, out) -> int:
         raise ConfigError("--describe is neox-train's (it runs nothing): use `neox-launch --plan` for the launch plan")
     run = run_config_from_args(targs)
     if args.plan and args.table:
-        from neox_train.launch.planner import format_table
-
         rows = plan_table(run, args)
         print(json.dumps({"rows": rows}) if args.json else format_table(rows), file=out)
         return 0
@@ -168,3 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_guarded("neox-launch", go)
     except SystemExit as e:  # argparse: usage line already printed (exit 2), or --help
         return e.code if isinstance(e.code, int) else 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

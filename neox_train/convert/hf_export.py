@@ -18,6 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub.serialization._base import parse_size_to_int
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+from tqdm import tqdm
+from transformers import GenerationConfig, GPTNeoXConfig, PreTrainedTokenizerFast
+from transformers.core_model_loading import revert_weight_conversion
 
 from neox_train.convert.source import CheckpointInfo
 from neox_train.convert.weights import WeightSource, meta_model
@@ -52,7 +59,6 @@ class ExportPlan:
 
 def plan_export(info: CheckpointInfo, dtype: torch.dtype, vocab_size: int | None) -> ExportPlan:
     """What will be written, from a shape-only model: nothing is allocated."""
-    from transformers.core_model_loading import revert_weight_conversion
 
     model = meta_model(info.model_config)
     state = model.state_dict()
@@ -86,7 +92,6 @@ def plan_export(info: CheckpointInfo, dtype: torch.dtype, vocab_size: int | None
 
 def parse_shard_size(text: str) -> int:
     """'2GB', '500MB', '10GiB' or a byte count, as huggingface_hub reads max_shard_size."""
-    from huggingface_hub.serialization._base import parse_size_to_int
 
     try:
         size = int(text) if text.isdigit() else parse_size_to_int(text)
@@ -104,9 +109,6 @@ def write_weights(source: WeightSource, plan: ExportPlan, out_dir: Path, max_sha
 
     The split is huggingface_hub's (the one save_pretrained uses), computed on shape-only tensors; then each
     shard's tensors are taken from the source in the output dtype, written, and freed. Peak memory: one shard."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-    from tqdm import tqdm
 
     shapes_only = {plan.disk_names[n]: torch.empty(plan.shapes[n], dtype=plan.dtype, device="meta")
                    for n in plan.module_names}
@@ -191,8 +193,6 @@ def find_tokenizer(explicit: str | None, info: CheckpointInfo, *, local_save_dir
 
 
 def _load_tokenizer_info(path: Path, *, explicit: bool) -> TokenizerInfo:
-    from tokenizers import Tokenizer
-
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as err:  # the Rust side raises a bare Exception for missing and malformed files alike
@@ -218,7 +218,6 @@ def check_tokenizer(tok: TokenizerInfo, model_vocab: int, eos_token_id: int | No
 def write_tokenizer(tok: TokenizerInfo, out_dir: Path, *, model_max_length: int) -> list[str]:
     """tokenizer.json + tokenizer_config.json via transformers (what AutoTokenizer reads back). GPT-NeoX convention:
     the end-of-text token is also bos and unk; prepare.py encodes without special tokens, so does this tokenizer."""
-    from transformers import PreTrainedTokenizerFast
 
     special = {k: tok.eos_token for k in ("eos_token", "bos_token", "unk_token")} if tok.eos_token else {}
     hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(tok.path), model_max_length=model_max_length, **special)
@@ -240,7 +239,6 @@ def write_tokenizer(tok: TokenizerInfo, out_dir: Path, *, model_max_length: int)
 def write_configs(info: CheckpointInfo, plan: ExportPlan, out_dir: Path, *, eos_token_id: int | None):
     """config.json and generation_config.json for inference: the checkpoint's config with the output dtype and
     vocabulary, and the KV cache on (training turns it off)."""
-    from transformers import GenerationConfig, GPTNeoXConfig
 
     values = dict(info.model_config)
     for key in ("_name_or_path", "transformers_version"):

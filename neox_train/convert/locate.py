@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Callable
 
 from neox_train.checkpoint import commit
+from neox_train.checkpoint.fetch import fetch_checkpoint, remote_checkpoints, remote_latest
 from neox_train.checkpoint.tags import TAG_RE, local_tags
 from neox_train.errors import ConvertError
+from neox_train.remote import open_backend
 
 
 @dataclass
@@ -120,9 +122,6 @@ def locate(source: str, tag: str | None, *, credentials: str | None, scratch_par
 
 def _fetch_published(url: str, tag: str | None, *, credentials: str | None, scratch_parent: Path,
                      shown_as: str | None = None) -> Located:
-    from neox_train.checkpoint.fetch import fetch_checkpoint, remote_checkpoints, remote_latest
-    from neox_train.remote import open_backend
-
     backend = open_backend(url, credentials=credentials)
     if tag is None:
         tag = remote_latest(backend)

@@ -18,8 +18,28 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from neox_train.cli.sync import main
-from neox_train.errors import VerifyFailed
+import torch
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers.initialization import no_init_weights
+
+from neox_train.convert.hf_export import (
+    DTYPES,
+    check_tokenizer,
+    final_losses,
+    find_tokenizer,
+    parse_shard_size,
+    plan_export,
+    print_step,
+    tokens_seen,
+    write_configs,
+    write_model_card,
+    write_tokenizer,
+    write_weights,
+)
+from neox_train.convert.locate import locate
+from neox_train.convert.source import inspect_checkpoint
+from neox_train.convert.weights import WeightSource
+from neox_train.errors import ConvertError, VerifyFailed
 from neox_train.remote.files import install_folder
 
 # Logit agreement demanded by --verify, as a fraction of the largest reference logit (at least 1): the DeepSpeed
@@ -31,8 +51,6 @@ VERIFY_BATCH, VERIFY_MAX_LEN, VERIFY_SEED = 2, 64, 0
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    from neox_train.errors import ConvertError
-
     if out.exists() and not overwrite:
         raise ConvertError(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
     if out.exists() and not out.is_dir():
@@ -43,11 +61,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def convert(args: argparse.Namespace) -> dict[str, Any]:
-    from neox_train.convert.hf_export import DTYPES, parse_shard_size, print_step
-    from neox_train.convert.locate import locate
-    from neox_train.convert.source import inspect_checkpoint
-    from neox_train.errors import ConvertError
-
     started = time.perf_counter()
     out = Path(args.out).expanduser().absolute()
     _check_out(out, args.overwrite)
@@ -73,7 +86,6 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
 
 def _vocabulary(args, info, tokenizer) -> tuple[int | None, int | None]:
     """(output vocab size or None to keep the padding, the tokenizer's vocab size as the run knew it)."""
-    from neox_train.errors import ConvertError
 
     run_cfg = info.run.get("run_config") or {}
     known = run_cfg.get("vocab_size") or (tokenizer.vocab_size if tokenizer else None)
@@ -92,21 +104,6 @@ def _vocabulary(args, info, tokenizer) -> tuple[int | None, int | None]:
 
 def _export(args, info, dtype, dtype_name: str, out: Path, max_shard: int, *, source: str,
             local_save_dir: Path | None) -> dict[str, Any]:
-    from neox_train.convert.hf_export import (
-        check_tokenizer,
-        final_losses,
-        find_tokenizer,
-        plan_export,
-        print_step,
-        tokens_seen,
-        write_configs,
-        write_model_card,
-        write_tokenizer,
-        write_weights,
-    )
-    from neox_train.convert.weights import WeightSource
-    from neox_train.errors import ConvertError
-
     tokenizer = find_tokenizer(args.tokenizer, info, local_save_dir=local_save_dir)
     vocab_out, tokenizer_vocab = _vocabulary(args, info, tokenizer)
     plan = plan_export(info, dtype, vocab_out)
@@ -163,12 +160,6 @@ def _export(args, info, dtype, dtype_name: str, out: Path, max_shard: int, *, so
 def _verify(info, plan, folder: Path, dtype_name: str, tokenizer_vocab: int | None) -> dict[str, Any]:
     """The same token batch through (a) GPTNeoXForCausalLM rebuilt from the DeepSpeed checkpoint in fp32 (a fresh
     read of the checkpoint, not the tensors just written) and (b) the export loaded by AutoModelForCausalLM."""
-    import torch
-    from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
-    from transformers.initialization import no_init_weights
-
-    from neox_train.convert.hf_export import print_step
-    from neox_train.convert.weights import WeightSource
 
     reference_weights = WeightSource(info, plan.module_names).open()
     state = {name: reference_weights.take(name, torch.float32) for name in plan.module_names}
@@ -207,6 +198,3 @@ def _verify(info, plan, folder: Path, dtype_name: str, tokenizer_vocab: int | No
                            f"nothing was written to the output folder")
     return result
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -18,10 +18,12 @@ import sys
 from typing import Any
 
 import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from neox_train.convert.masters import lazy_fp32_masters
 from neox_train.convert.source import CheckpointInfo, stdout_to_stderr, torch_load
 from neox_train.errors import ConvertError, one_line
+from neox_train.model import param_groups
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
@@ -122,7 +124,6 @@ class WeightSource:
             groups = [[flat] for flat in opt["fp32_groups_flat"]]  # split below by the group's shapes
         else:
             return None
-        from neox_train.model import param_groups
 
         model = meta_model(self.info.model_config)
         names = {id(p): n for n, p in model.named_parameters()}
@@ -223,7 +224,6 @@ class WeightSource:
 
 def meta_model(model_config: dict[str, Any]):
     """A shape-only GPTNeoXForCausalLM of the config (no memory): names, shapes and which tensors are embeddings."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     cfg = GPTNeoXConfig.from_dict(model_config)
     with torch.device("meta"):

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -38,7 +39,6 @@ _ENCODE_BATCH_DOCS = 1000
 
 def _pydoc_topics() -> Iterator[str]:
     """The Python reference documentation shipped with CPython (~465k chars): a corpus that needs no download."""
-    from pydoc_data.topics import topics
 
     for key in sorted(topics):
         if topics[key].strip():

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import neox_train
-from neox_train.cli.sync import main
 from neox_train.config import RunConfig
 from neox_train.distributed import DEFAULT_MASTER_PORT
+from neox_train.ds_config import effective_ds_config, load_ds_config
 from neox_train.errors import ConfigError
+from neox_train.launch import hostfile, planner, preflight
 
 BIN = Path(sys.executable).parent
 LAUNCH_SUBDIR = "launch"
@@ -84,14 +84,12 @@ class Resources:
 
 
 def _local_gpu_count() -> int:
-    import torch
+    import torch  # deferred (~1.3 s): neox-launch's flag and hostfile errors come before torch loads
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def resolve_resources(args: argparse.Namespace) -> Resources:
-    from neox_train.launch import hostfile
-
     if args.gpus is not None and args.gpus < 1:
         raise ConfigError(f"--gpus {args.gpus} must be >= 1")
     if not args.hostfile:
@@ -118,7 +116,7 @@ def resolve_resources(args: argparse.Namespace) -> Resources:
         raise ConfigError("--launcher openmpi runs every slot of the hostfile (DeepSpeed's OpenMPI runner refuses "
                           "--include/--exclude/--num-nodes): write a hostfile of the hosts to use")
     if args.launcher == "slurm":
-        from deepspeed.launcher.multinode_runner import SlurmRunner
+        from deepspeed.launcher.multinode_runner import SlurmRunner  # deferred (~1.7 s): only for --launcher slurm
 
         try:
             SlurmRunner.validate_active_resources(active)
@@ -130,8 +128,6 @@ def resolve_resources(args: argparse.Namespace) -> Resources:
 
 # -- the plan -----------------------------------------------------------------------------------------------------
 def make_plan(run: RunConfig, args: argparse.Namespace, resources: Resources):
-    from neox_train.launch import planner
-
     if args.gpu_mem_gb is not None:
         if args.gpu_mem_gb <= 0:
             raise ConfigError(f"--gpu-mem-gb {args.gpu_mem_gb:g} must be a positive number of GiB")
@@ -150,8 +146,6 @@ def make_plan(run: RunConfig, args: argparse.Namespace, resources: Resources):
 
 
 def plan_table(run: RunConfig, args: argparse.Namespace) -> list[dict[str, Any]]:
-    from neox_train.launch import planner
-
     def numbers(flag: str, text: str, kind):
         try:
             values = [kind(x) for x in text.split(",") if x.strip()]
@@ -185,7 +179,7 @@ def deepspeed_env(environ: dict[str, str], cwd: Path) -> tuple[dict[str, str], l
     merged in and win over what is derived here, since they were written on purpose."""
     notes: list[str] = []
     path_parts = [str(BIN)] + [p for p in environ.get("PATH", "").split(":") if p and p != str(BIN)]
-    package_root = str(Path(neox_train.__file__).resolve().parent.parent)
+    package_root = str(Path(__file__).resolve().parents[2])  # the folder holding neox_train/
     pythonpath = [str(cwd), package_root] + [p for p in environ.get("PYTHONPATH", "").split(":") if p]
     env: dict[str, str] = {
         # The virtualenv first: pdsh's remote shell starts with the system PATH.
@@ -230,8 +224,6 @@ def rendezvous_env(env: dict[str, str], args: argparse.Namespace, resources: Res
 # -- the command --------------------------------------------------------------------------------------------------
 def deepspeed_command(args: argparse.Namespace, resources: Resources, launch_dir: Path,
                       train_args: list[str]) -> list[str]:
-    from neox_train.launch import hostfile
-
     deepspeed = BIN / "deepspeed"
     cmd = [str(deepspeed) if deepspeed.exists() else "deepspeed"]
     if resources.pool is None:
@@ -264,8 +256,6 @@ def planned_train_args(plan, launch_dir: Path) -> list[str]:
 
 
 def write_launch_dir(launch: Launch, plan) -> None:
-    from neox_train.launch import hostfile
-
     d = launch.launch_dir
     d.mkdir(parents=True, exist_ok=True)
     (d / "ds_config.json").write_text(json.dumps(launch.ds_config, indent=2) + "\n")
@@ -298,10 +288,7 @@ class Launch:
 
 def prepare_launch(args: argparse.Namespace, tparser: argparse.ArgumentParser, targs: argparse.Namespace,
                    run: RunConfig, resources: Resources, req, plan) -> Launch:
-    import torch
-
-    from neox_train.ds_config import effective_ds_config, load_ds_config
-    from neox_train.launch import hostfile, planner
+    import torch  # deferred (~1.3 s): see _local_gpu_count
 
     _, base = load_ds_config(run.ds_config)
     ds_cfg = planner.resolved_ds_config(base, plan, req)
@@ -326,8 +313,6 @@ def prepare_launch(args: argparse.Namespace, tparser: argparse.ArgumentParser, t
 
 
 def run_preflight(args: argparse.Namespace, launch: Launch, plan) -> list:
-    from neox_train.launch import preflight
-
     ctx = preflight.PreflightContext(
         run=launch.run, plan=plan, ds_config=launch.effective, gpus_per_node=launch.resources.gpus_per_node,
         hosts=launch.resources.hosts, launcher=args.launcher, ssh_port=args.ssh_port,
@@ -349,6 +334,3 @@ def exec_launcher(command: list[str], env: dict[str, str]) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from neox_train.ds_config import OFFLOAD_ALL, OFFLOAD_NONE, OFFLOAD_OPTIMIZER, offload, zero_stage
+from neox_train.model import build_model, count_parameters, hf_config
 from neox_train.units import GIB
 
 # Kept free on every GPU: the CUDA context, cuBLAS/NCCL workspaces (~1 GiB) and 10% for allocator fragmentation
@@ -58,7 +59,6 @@ class ModelShape:
 @functools.lru_cache(maxsize=16)
 def model_shape(preset: str, padded_vocab: int, attention: str = "sdpa") -> ModelShape:
     """Counts from the real transformers model built on the meta device (no weights allocated)."""
-    from neox_train.model import build_model, count_parameters, hf_config
 
     cfg = hf_config(preset, padded_vocab)
     model = build_model(cfg, device="meta")
@@ -119,6 +119,7 @@ def model_state_bytes(variant: Variant, shape: ModelShape, *, gpus: int, nodes: 
     16-bit weights + 18 bytes (2 16-bit grads, 4 fp32 grads, 4 fp32 weights, 8 Adam moments), partitioned over
     the GPUs as each stage says. Stages 0 and 1 have no estimator and are written out against the same accounting.
     """
+    # Deferred: deepspeed (~1.7 s at import) loads only when the planner estimates, not for `neox-launch --help`.
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 

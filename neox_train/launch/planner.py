@@ -11,11 +11,12 @@ Units: "GB" in names and output means GiB (2**30 bytes), the unit torch and nvid
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 from neox_train.data.shards import resolve_vocab
-from neox_train.ds_config import resolve_batch, run_precision
+from neox_train.ds_config import load_ds_config, resolve_batch, run_precision
 from neox_train.errors import ConfigError
 from neox_train.launch.memory import (
     ALL_VARIANTS,
@@ -31,6 +32,7 @@ from neox_train.launch.memory import (
     model_shape,
     usable_bytes,
 )
+from neox_train.model import padded_vocab_size
 from neox_train.units import GIB
 
 # GPUs per node assumed where no hostfile says otherwise (the planner table for 16 and 64 GPUs).
@@ -238,7 +240,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 # -- from a run config --------------------------------------------------------------------------------------------
 def detect_gpu_memory() -> tuple[float | None, str]:
     """(GiB of the smallest visible GPU, where the number came from); (None, why) without CUDA."""
-    import torch
+    import torch  # deferred (~1.3 s): neox-launch --help and flag errors answer before torch loads
 
     if not torch.cuda.is_available():
         return None, "no CUDA device and no --gpu-mem-gb"
@@ -251,8 +253,6 @@ def detect_gpu_memory() -> tuple[float | None, str]:
 def request_from_run(run, *, gpus: int, nodes: int, gpu_mem_gib: float | None, gpu_mem_source: str,
                      forced_stage: int | None = None, forced_offload: bool = False) -> PlanRequest:
     """Everything the planner needs, read from the run config and its DeepSpeed JSON."""
-    from neox_train.ds_config import load_ds_config
-    from neox_train.model import padded_vocab_size
 
     if forced_offload and forced_stage not in (2, 3):
         raise PlanError(f"--offload needs --zero 2 or 3 (the shipped offload variants are "
@@ -280,7 +280,6 @@ def request_from_run(run, *, gpus: int, nodes: int, gpu_mem_gib: float | None, g
 def resolved_ds_config(base: dict[str, Any], plan: Plan, req: PlanRequest) -> dict[str, Any]:
     """The run's DeepSpeed JSON with the planned ZeRO section and batch: its optimizer, schedule and precision
     stay the user's; only zero_optimization comes from the shipped variant when the plan changed the stage."""
-    import copy
 
     cfg = copy.deepcopy(base)
     cfg["zero_optimization"] = copy.deepcopy(req.zero_section(plan.variant))

@@ -15,11 +15,17 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import neox_train
+import psutil
+
+from neox_train.checkpoint.publisher import check_storage_access
+from neox_train.distributed import Topology
 from neox_train.ds_config import DS_CONFIG_DIR, checkpoint_bytes
+from neox_train.errors import StorageError
+from neox_train.launch.hostfile import ranks_elsewhere
 from neox_train.units import human_bytes
 
 SSH_TIMEOUT_S = 30
@@ -70,10 +76,9 @@ def code_fingerprint(package: Path | None = None) -> str:
     """A short hash of the package's source (every module of every sub-package; `package` defaults to the installed
     neox_train), its shipped DeepSpeed JSONs and the versions of the packages that decide numerics: equal on two
     nodes means they run the same code."""
-    from importlib import metadata
 
     h = hashlib.sha256()
-    package = Path(package) if package is not None else Path(neox_train.__file__).resolve().parent
+    package = Path(package) if package is not None else Path(__file__).resolve().parents[1]
     sources = sorted(p for p in package.rglob("*.py") if "__pycache__" not in p.parts)
     for path in sources:
         h.update(path.relative_to(package).as_posix().encode())
@@ -92,8 +97,8 @@ def code_fingerprint(package: Path | None = None) -> str:
 
 # -- the checks ---------------------------------------------------------------------------------------------------
 def check_torch() -> list[Check]:
-    from importlib import metadata
-
+    # Deferred (in each check below too): torch and deepspeed (~3 s) load only when the checks run, not when
+    # neox-launch starts.
     import torch
 
     ds = metadata.version("deepspeed")
@@ -105,13 +110,11 @@ def check_torch() -> list[Check]:
 
 
 def _ranks_elsewhere(ctx: PreflightContext) -> bool:
-    from neox_train.launch.hostfile import ranks_elsewhere
-
     return ranks_elsewhere(ctx.hosts)
 
 
 def check_gpus(ctx: PreflightContext) -> list[Check]:
-    import torch
+    import torch  # deferred: see check_torch
 
     if _ranks_elsewhere(ctx):
         return [_skip("GPUs", "this machine is not among the hostfile's hosts: their GPUs are not checked from here")]
@@ -137,7 +140,7 @@ def check_gpus(ctx: PreflightContext) -> list[Check]:
 
 
 def check_bf16(ctx: PreflightContext) -> list[Check]:
-    import torch
+    import torch  # deferred: see check_torch
 
     if ctx.plan.precision != "bf16":
         return [_skip("bf16", f"not used (precision {ctx.plan.precision})")]
@@ -166,7 +169,7 @@ def needed_ops(ds_config: dict[str, Any], *, on_gpu: bool) -> list[str]:
 
 
 def check_ops(ctx: PreflightContext) -> list[Check]:
-    import torch
+    import torch  # deferred: see check_torch
     from deepspeed.accelerator import get_accelerator
 
     ops = needed_ops(ctx.ds_config, on_gpu=torch.cuda.is_available())
@@ -291,7 +294,6 @@ def check_disk(ctx: PreflightContext) -> list[Check]:
 def check_host_memory(ctx: PreflightContext) -> list[Check]:
     if ctx.plan.variant.offload == "none":
         return []
-    import psutil
 
     need = ctx.plan.chosen.cpu_per_node
     have = psutil.virtual_memory().total
@@ -304,9 +306,6 @@ def check_host_memory(ctx: PreflightContext) -> list[Check]:
 def check_bucket(ctx: PreflightContext) -> list[Check]:
     if ctx.run.sync_to is None:
         return [_skip("bucket", "no --sync-to: checkpoints stay local")]
-    from neox_train.checkpoint.publisher import check_storage_access
-    from neox_train.distributed import Topology
-    from neox_train.errors import StorageError
 
     try:
         # As global rank 0 does at the start of training: write and delete a probe object.

@@ -12,6 +12,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
+import google.auth
+import google.cloud.storage.blob as blob_module
+import requests
+from google.api_core import exceptions as api
+from google.api_core.exceptions import NotFound, PreconditionFailed
+from google.api_core.retry import Retry
+from google.auth import exceptions as auth
+from google.auth.credentials import AnonymousCredentials
+from google.auth.exceptions import DefaultCredentialsError
+from google.cloud import storage
+from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
+from google.cloud.storage.retry import DEFAULT_RETRY
+from google.oauth2 import credentials as user_credentials
+from google.oauth2 import service_account
+
 from neox_train.errors import StorageError, one_line
 from neox_train.remote.base import PROBE_PREFIX, RemoteChanged, RemoteFile, note_retry
 from neox_train.remote.files import TMP_MARK, changed_since, crc32c_of_bytes, crc32c_of_file, stat_key
@@ -25,7 +40,6 @@ CHUNK_SIZE = 100 * 1024 * 1024  # the client library's own default: fewer round 
 def _multipart_limit() -> int:
     """Up to this size google-cloud-storage sends one multipart request, above it a resumable upload (its module
     constant, read at call time so it stays the library's truth)."""
-    import google.cloud.storage.blob as blob_module
 
     return int(getattr(blob_module, "_MAX_MULTIPART_SIZE", 8 * 1024 * 1024))
 
@@ -46,9 +60,6 @@ def _join(*parts: str) -> str:
 def _load_credentials(path: str):
     """Credentials from a JSON key file, checked now so that a typo fails before training starts, not at the first
     upload. Service-account keys, and gcloud's authorized-user files. Returns (credentials, project or None)."""
-    from google.cloud import storage
-    from google.oauth2 import credentials as user_credentials
-    from google.oauth2 import service_account
 
     file = Path(path).expanduser()
     if not file.is_file():
@@ -76,10 +87,6 @@ def _load_credentials(path: str):
 
 
 def _make_client(url: str, credentials: str | None):
-    from google.auth.credentials import AnonymousCredentials
-    from google.auth.exceptions import DefaultCredentialsError
-    from google.cloud import storage
-
     if credentials:
         creds, project = _load_credentials(credentials)
     else:
@@ -89,8 +96,6 @@ def _make_client(url: str, credentials: str | None):
         return storage.Client(project=project or os.environ.get("GOOGLE_CLOUD_PROJECT", "neox-emulator"),
                               credentials=AnonymousCredentials())
     if creds is None:
-        import google.auth
-
         env = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
         if env and not Path(env).expanduser().is_file():
             raise StorageError(f"credentials file {env} (from GOOGLE_APPLICATION_CREDENTIALS) does not exist")
@@ -130,8 +135,6 @@ class GcsBackend:
                         initial_s: float = 1.0, maximum_s: float = 60.0) -> None:
         """The retry policy: DEFAULT_RETRY's predicate (429, 5xx, resets, timeouts) with exponential backoff from
         initial_s to maximum_s, until deadline_s. Tests shorten it; production keeps the library's backoff."""
-        from google.api_core.retry import Retry
-        from google.cloud.storage.retry import DEFAULT_RETRY
 
         def policy(deadline: float) -> Retry:
             return Retry(predicate=DEFAULT_RETRY._predicate, initial=initial_s, maximum=maximum_s, multiplier=2.0,
@@ -165,10 +168,6 @@ class GcsBackend:
                 deadline_s: float | None = None) -> Iterator[None]:
         """Map the client's exceptions to one-line StorageErrors, transient or permanent. `missing`: what a 404
         means for this call."""
-        import requests
-        from google.api_core import exceptions as api
-        from google.auth import exceptions as auth
-        from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 
         where = self._where(name)
         try:
@@ -230,8 +229,6 @@ class GcsBackend:
         return None if blob is None else self._remote(name, blob)
 
     def upload_file(self, local: Path, name: str, *, crc32c: str | None, generation: int | None) -> RemoteFile:
-        from google.api_core.exceptions import PreconditionFailed
-
         local = Path(local)
         try:
             before = stat_key(local)
@@ -260,8 +257,6 @@ class GcsBackend:
         except OSError as e:  # the local file vanished or is unreadable
             raise StorageError(f"cannot upload {local} to {self._where(name)}: {one_line(e)}") from e
         except StorageError as e:
-            from google.cloud.storage.exceptions import DataCorruption
-
             if isinstance(e.__cause__, DataCorruption):
                 # The object landed with bytes other than those read: remove that generation (ours), or every
                 # retry would meet a refusal ("different content") instead of uploading again.
@@ -316,8 +311,6 @@ class GcsBackend:
             tmp.unlink(missing_ok=True)
 
     def read_bytes(self, name: str) -> bytes | None:
-        from google.api_core.exceptions import NotFound
-
         try:
             with self._errors("read", name):
                 return self.bucket.blob(self._name(name)).download_as_bytes(
@@ -328,8 +321,6 @@ class GcsBackend:
             raise
 
     def read(self, name: str) -> tuple[bytes, int] | None:
-        from google.api_core.exceptions import NotFound, PreconditionFailed
-
         for _ in range(5):  # the object may be replaced between the two requests: read that generation or again
             current = self.stat(name)
             if current is None:
@@ -349,8 +340,6 @@ class GcsBackend:
         raise RemoteChanged(f"{self._where(name)} kept changing while it was read; retry")
 
     def write_bytes(self, name: str, data: bytes, *, generation: int | None) -> RemoteFile:
-        from google.api_core.exceptions import PreconditionFailed
-
         blob = self.bucket.blob(self._name(name))
         try:
             with self._errors("write", name):
@@ -361,8 +350,6 @@ class GcsBackend:
         return self._remote(name, blob)
 
     def delete(self, name: str, *, generation: int | None) -> None:
-        from google.api_core.exceptions import NotFound, PreconditionFailed
-
         try:
             with self._errors("delete", name):
                 self.bucket.blob(self._name(name)).delete(if_generation_match=generation, retry=self.retry,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import fcntl
 import os
 import threading
 import uuid
@@ -40,8 +41,6 @@ class LocalBackend:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        import fcntl
-
         self.root.mkdir(parents=True, exist_ok=True)
         with self._thread_lock:
             fd = os.open(self.root, os.O_RDONLY)  # flock on the folder itself: no lock file among the objects

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from torch.utils.tensorboard import SummaryWriter
+
 from neox_train.train.perf import StepTimer, breakdown
 
 
@@ -22,8 +24,6 @@ class Metrics:
         self._writer = None
         self._jsonl = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             log_dir.mkdir(parents=True, exist_ok=True)
             # purge_step: after a resume, TensorBoard drops the events a crashed run wrote past the checkpoint,
             # so the curve has no doubled steps.

@@ -16,13 +16,11 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
 
 from neox_train.units import GIB
-
-if TYPE_CHECKING:
-    import torch
-
 
 # (label, pattern over torch.cuda.get_device_name(), dense bf16 TFLOP/s). First match wins, so variants with a
 # different peak come before the generic name. Unlisted variants (H100 NVL, H200 NVL, GH200) match nothing and
@@ -116,8 +114,6 @@ class StepTimer:
         self._device = device
 
     def _event(self) -> Any:
-        import torch
-
         event = self._free_events.pop() if self._free_events else torch.cuda.Event(enable_timing=True)
         event.record(torch.cuda.current_stream(self._device))
         return event
@@ -173,8 +169,6 @@ def memory_high_water(device: "torch.device") -> dict[str, float]:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     out = {"host_rss_peak_gib": rss / GIB}
     if device.type == "cuda":
-        import torch
-
         out["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
         out["gpu_mem_reserved_peak_gib"] = torch.cuda.max_memory_reserved(device) / GIB
     return out
@@ -184,7 +178,6 @@ def device_name(device: "torch.device") -> str | None:
     """torch's name for a CUDA device (what the peak table matches), None for anything else."""
     if device.type != "cuda":
         return None
-    import torch
 
     return torch.cuda.get_device_name(device)
 

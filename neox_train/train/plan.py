@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch._dynamo
+
 from neox_train.config import RunConfig
 from neox_train.data.shards import (
     VALIDATION_CACHE,
@@ -23,6 +25,7 @@ from neox_train.ds_config import effective_ds_config, load_ds_config, precision,
 from neox_train.errors import ConfigError
 from neox_train.log import log
 from neox_train.model import (
+    check_hf_init,
     flops_per_token,
     hf_config,
     padded_vocab_size,
@@ -85,15 +88,12 @@ def prepare_run(run: RunConfig, *, dp_size: int, on_gpu: bool) -> RunPlan:
     if run.compile:
         check_compile_backend(run.compile)
     if run.init_from_hf:
-        from neox_train.model import check_hf_init
-
         check_hf_init(run.init_from_hf, model_cfg, model_name=run.model)
     return RunPlan(run, ds_path, ds_cfg, notes, dp_size, vocab, model_cfg)
 
 
 def check_compile_backend(backend: str) -> None:
     """An unknown torch.compile backend fails here, not minutes later at the first forward."""
-    import torch._dynamo
 
     known = torch._dynamo.list_backends(exclude_tags=())
     if backend not in known:

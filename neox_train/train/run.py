@@ -8,12 +8,15 @@ the loop; a run that could not publish its checkpoints raises UnpublishedCheckpo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 from pathlib import Path
 from typing import Any
 
+import deepspeed.comm as dist
 import torch
+from deepspeed.utils import logger as ds_logger
 
 from neox_train.checkpoint import resume as resume_mod
 from neox_train.checkpoint.owner import new_id
@@ -74,8 +77,6 @@ def run_training(run: RunConfig, *, resume: str | None, takeover: bool = False) 
                 log.info("DeepSpeed config change: %s", note)
         publisher.claim(takeover=takeover)
         if run.sync_to and plan.dp_size > 1:
-            import deepspeed.comm as dist
-
             dist.barrier()  # every node's upload worker starts after the claim: its fences see this run's session
         publisher.start()
         previous = signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
@@ -109,9 +110,7 @@ def run_training(run: RunConfig, *, resume: str | None, takeover: bool = False) 
 
 def _quiet_deepspeed() -> None:
     """DeepSpeed logs its whole config and every op build at INFO; ours says what matters."""
-    import logging
 
     level = os.environ.get("NEOX_DEEPSPEED_LOG_LEVEL", "WARNING").upper()
-    from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(getattr(logging, level, logging.WARNING))

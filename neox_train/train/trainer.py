@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import deepspeed.comm as dist
 import torch
 import torch.nn.functional as F
-
-# Imported here, not lazily inside build_model: zero.Init patches tensor constructors, and importing transformers'
-# model code (which imports torch._dynamo) under that patch fails.
-import transformers.models.gpt_neox.modeling_gpt_neox  # noqa: F401
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from neox_train.checkpoint import state as checkpoint
 from neox_train.checkpoint.publisher import (
@@ -32,12 +31,10 @@ from neox_train.distributed import Topology
 from neox_train.ds_config import checkpoint_bytes, precision, zero_stage
 from neox_train.log import log
 from neox_train.model import (
-    build_model,
     flops_per_token,
-    param_groups,
     parameter_counts,
-    use_training_attention,
 )
+from neox_train.train.engine import build_engine
 from neox_train.train.metrics import Metrics, Throughput
 from neox_train.train.perf import (
     FlopsAccounting,
@@ -62,7 +59,6 @@ class Trainer:
     ):
         """Build the engine and load `resume_tag` (verified by resume.finish). The run's identity comes with the
         publisher (it is the same whether or not anything is synced)."""
-        import deepspeed
 
         self.plan = plan
         run = plan.run
@@ -71,45 +67,7 @@ class Trainer:
         self.save_dir = Path(run.save_dir)
         self.windows, self.split = data
 
-        torch.manual_seed(run.seed)  # same init on every rank; DeepSpeed also broadcasts from rank 0
-        weight_decay = float(plan.ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0))
-        if zero_stage(plan.ds_config) == 3:
-            # Partition parameters as they are created (a 1.2B fp32 model per rank would not fit in host RAM x8),
-            # the way transformers does it: under a bare zero.Init the HF weight init would run on empty partitions
-            # and RoPE buffers would be cast to bf16. HfDeepSpeedConfig must stay alive (transformers keeps a weakref).
-            from transformers import GPTNeoXForCausalLM
-            from transformers.integrations import HfDeepSpeedConfig
-
-            self._hf_ds_config = HfDeepSpeedConfig(plan.ds_config)
-        if run.init_from_hf and resume_tag:
-            log.info("resuming from %s: init_from_hf=%s is not used (the checkpoint's weights win)", resume_tag,
-                     run.init_from_hf)
-        if run.init_from_hf and not resume_tag:
-            from neox_train.model import load_hf_model
-
-            # from_pretrained partitions as it loads under ZeRO-3 (the HfDeepSpeedConfig above is alive).
-            model = load_hf_model(run.init_from_hf, attention=plan.model_config._attn_implementation)
-            log.info("initialised the model from the HuggingFace folder %s", run.init_from_hf)
-        elif zero_stage(plan.ds_config) == 3:
-            model = GPTNeoXForCausalLM._from_config(plan.model_config)
-        else:
-            model = build_model(plan.model_config)
-        use_training_attention(model)
-        if run.activation_checkpointing:
-            # Every layer (the all-or-nothing recompute that flops_per_token counts for HFU).
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, weight_decay), config=plan.ds_config
-        )
-        if run.compile:
-            # In place (nn.Module.compile): parameter names, and so checkpoints, stay those of the eager model.
-            self.engine.compile(backend=run.compile)
-            log.info("model compiled with torch.compile backend %r (the first steps include compilation)", run.compile)
-        if not resume_tag and self.engine.lr_scheduler is not None:
-            # DeepSpeed creates the scheduler at iteration -1 and steps it after each optimizer step, so step 1 and
-            # step 2 would both run at the warmup start and the last step would miss the floor. One step now aligns
-            # optimizer step s with scheduler iteration s-1. A resume restores the iteration from the checkpoint.
-            self.engine.lr_scheduler.step()
+        self.engine, self._hf_ds_config = build_engine(plan, resume_tag=resume_tag)
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
         self.grad_accum = self.engine.gradient_accumulation_steps()
 
@@ -148,8 +106,7 @@ class Trainer:
         self.folder_owner = is_uploader(topo, node_local_storage(plan.ds_config))
         counts = parameter_counts(plan.model_config)
         # Until the first save has a real size: DeepSpeed's layout by parameter count, precision and stage.
-        self.checkpoint_bytes = checkpoint_bytes(counts.total, precision(plan.ds_config),
-                                                            zero_stage(plan.ds_config))
+        self.checkpoint_bytes = checkpoint_bytes(counts.total, precision(plan.ds_config), zero_stage(plan.ds_config))
         self.stop_requested = False
         self.last_losses: dict[str, float | int] = {}  # the newest logged train / validation loss, for run.json
         self._announced = False  # the "training ..." line, once even when train() runs in slices
@@ -204,8 +161,6 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        import deepspeed.comm as dist
-
         self.engine.eval()
         kw = dict(micro_batch=self.micro_batch, dp_size=self.plan.dp_size, max_batches=self.plan.run.eval_batches)
         mine = eval_batches(self.split.val, dp_rank=self.rank, **kw)
@@ -227,8 +182,6 @@ class Trainer:
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "sequences": int(sums[1].item())}
 
     def _global_mean(self, value: torch.Tensor) -> float:
-        import deepspeed.comm as dist
-
         value = value.clone().float()
         dist.all_reduce(value)
         return (value / self.plan.dp_size).item()
@@ -282,14 +235,7 @@ class Trainer:
         limit = self.plan.run.max_unpublished_checkpoints
         if not limit or self.plan.run.sync_to is None:
             return False
-        over = self.publisher.enabled and len(self.publisher.poll().stuck) > limit
-        if self.plan.dp_size == 1:
-            return over
-        import deepspeed.comm as dist
-
-        flag = torch.tensor([1.0 if over else 0.0], device=self.engine.device)
-        dist.all_reduce(flag)
-        return flag.item() > 0
+        return self._any_rank(self.publisher.enabled and len(self.publisher.poll().stuck) > limit)
 
     def log_sync_status(self) -> None:
         if not self.publisher.enabled:
@@ -298,11 +244,13 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         """A SIGTERM seen by any rank stops all of them at the same step (each must call save_checkpoint)."""
-        if self.plan.dp_size == 1:
-            return self.stop_requested
-        import deepspeed.comm as dist
+        return self._any_rank(self.stop_requested)
 
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.engine.device)
+    def _any_rank(self, mine: bool) -> bool:
+        """True on every rank when it is true on any (one tiny all-reduce; none with a single rank)."""
+        if self.plan.dp_size == 1:
+            return mine
+        flag = torch.tensor([1.0 if mine else 0.0], device=self.engine.device)
         dist.all_reduce(flag)
         return flag.item() > 0
 
@@ -310,8 +258,6 @@ class Trainer:
         """Train to max_steps (or to `until_step`, for benchmarks that run the loop in slices).
 
         `final`: save the last step, flush uploads and close the loader and metrics at the end."""
-        from tqdm import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
 
         run = self.plan.run
         end = run.max_steps if until_step is None else min(until_step, run.max_steps)
