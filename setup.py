@@ -23,8 +23,13 @@ setup(
         "tensorboard>=2.16",
         "google-cloud-storage>=3.13,<4",  # crc32c_checksum_value appeared in 3.13
         "tqdm>=4.66",
+        # Imported directly (pre-flight's host memory; the gs:// backend's network errors), not only through
+        # deepspeed and google-cloud-storage.
+        "psutil>=5.9",
+        "requests>=2.31",
     ],
-    extras_require={"test": ["pytest>=8", "gcp-storage-emulator>=2024.8"]},
+    # ruff pinned: its findings are part of CI's verdict, so a new release cannot fail a run by itself.
+    extras_require={"test": ["pytest>=8", "gcp-storage-emulator>=2024.8", "pyyaml>=6", "ruff==0.17.6"]},
     entry_points={
         "console_scripts": [
             "neox-train=neox_train.cli.train:main",

@@ -10,7 +10,7 @@ fi
 stamp=.venv/.neox-setup-stamp
 want=$(cat setup.py | sha256sum | cut -d' ' -f1)
 # The probe runs from / so it sees the installed package, not this folder.
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && (cd / && "$OLDPWD/.venv/bin/python" -c "import neox_train, deepspeed, tokenizers, google.cloud.storage") 2>/dev/null; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x .venv/bin/ruff ] && (cd / && "$OLDPWD/.venv/bin/python" -c "import neox_train, deepspeed, tokenizers, google.cloud.storage") 2>/dev/null; then
   echo "setup.sh: .venv is up to date" >&2
   exit 0
 fi
