@@ -81,6 +81,11 @@ class RunConfig:
                                              "many checkpoints could not be published (given up, or waiting while "
                                              "every attempt fails), so a bucket that refuses every upload does not "
                                              "fill the disk for days; 0 = never stop.")
+    async_save: bool = _f(True, "Save checkpoints asynchronously: the loop waits only while the state is copied to "
+                                "host memory, a background writer per rank writes the files; falls back to "
+                                "synchronous saves (one WARNING) when host memory is short.")
+    preemption_grace_s: float = _f(30.0, "Seconds between SIGTERM and the scheduler's SIGKILL (GCE Spot: 30): after "
+                                         "the final save, what is left of them goes to uploading that checkpoint.")
     max_pending_uploads: int = _f(0, "If more checkpoints than this wait for upload, skip the superseded ones (kept "
                                      "locally); 0 = never skip.")
 
@@ -132,7 +137,7 @@ _OPTIONAL_INTS = [(("micro_batch", "grad_accum", "max_shards", "warmup_steps"), 
                   (("vocab_size",), 2)]
 _CHOICES = {"attention": (ATTENTION_IMPLS, False), "mixed_precision": (PRECISIONS, True),
             "optimizer_impl": (OPTIMIZER_IMPLS, True)}  # field -> (valid values, null allowed)
-_BOOLS = ("activation_checkpointing", "background_upload")
+_BOOLS = ("activation_checkpointing", "background_upload", "async_save")
 _OPTIONAL_STRINGS = ("sync_to", "credentials", "init_from_hf", "compile")
 _STRINGS = ("name", "ds_config", "data_dir", "save_dir", "log_dir")
 
@@ -177,6 +182,9 @@ def _number_problems(values: dict[str, Any]) -> list[str]:
         out.append(f"val_fraction={vf!r} is out of range: must be a number in [0, 0.5]")
     if not (_is_number(ut) and ut >= 0):
         out.append(f"upload_timeout_s={ut!r} must be a number of seconds >= 0")
+    grace = values.get("preemption_grace_s")
+    if not (_is_number(grace) and grace > 0):
+        out.append(f"preemption_grace_s={grace!r} must be a number of seconds > 0 (GCE Spot gives 30)")
     return out
 
 
@@ -208,7 +216,7 @@ def from_dict(values: dict[str, Any], *, source: str = "run config") -> RunConfi
     problems = validate(merged)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
-    for name in ("val_fraction", "upload_timeout_s", "peak_tflops"):
+    for name in ("val_fraction", "upload_timeout_s", "peak_tflops", "preemption_grace_s"):
         if isinstance(merged[name], int) and not isinstance(merged[name], bool):
             merged[name] = float(merged[name])
     return RunConfig(**merged)

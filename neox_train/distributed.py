@@ -141,3 +141,40 @@ def collective_ints(values: list[int], op: str) -> list[int]:
         else:
             dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
     return [int(v) for v in tensor.tolist()]
+
+
+class Control:
+    """The ranks' per-step agreement (a pending SIGTERM, a checkpoint still being written) on a CPU group.
+
+    gloo sums a few integers of host memory: no device tensor, so no host-device synchronisation and no place in
+    the GPU streams. That is what lets the loop agree after every step without a cost anyone can measure
+    (bench/save_bench.py measures it). One rank needs no group at all."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.group = None
+        if world_size > 1:
+            import torch.distributed as tdist  # deferred: see init_distributed
+
+            self.group = tdist.new_group(backend="gloo")  # a collective: every rank builds it at the same point
+
+    def sum(self, values: list[int]) -> list[int]:
+        """Element-wise sum over ranks."""
+        if self.group is None:
+            return list(values)
+        import torch  # deferred: see init_distributed
+        import torch.distributed as tdist
+
+        tensor = torch.tensor(values, dtype=torch.int64)
+        tdist.all_reduce(tensor, group=self.group)
+        return [int(v) for v in tensor.tolist()]
+
+    def gather(self, obj: object) -> list[object]:
+        """Every rank's `obj` (small, picklable), in rank order, on every rank."""
+        if self.group is None:
+            return [obj]
+        import torch.distributed as tdist  # deferred: see init_distributed
+
+        out: list[object] = [None] * self.world_size
+        tdist.all_gather_object(out, obj, group=self.group)
+        return out

@@ -265,3 +265,24 @@ def checkpoint_bytes(total_params: int, precision: str, zero_stage: int) -> int:
     else:
         optimizer = 12
     return total_params * (weight_bytes + optimizer)
+
+
+# Host memory an asynchronous save's snapshot may take, as a share of what is available when the run starts: the rest
+# stays for the data loader, the upload worker and the page cache. Over it, saves are synchronous.
+SNAPSHOT_MEMORY_SHARE = 0.8
+
+
+def snapshot_bytes_per_node(total_params: int, precision: str, zero_stage: int, *, ranks_per_node: int,
+                            world_size: int) -> int:
+    """Host memory an asynchronous save's snapshot holds on the busiest node, the one with data-parallel rank 0.
+
+    ZeRO-0 keeps every state on rank 0. ZeRO-1/2 write the module weights from rank 0 and split the optimizer
+    states over the ranks. ZeRO-3 splits both."""
+    total = checkpoint_bytes(total_params, precision, zero_stage)
+    share = min(ranks_per_node, world_size) / max(world_size, 1)
+    if zero_stage == 0:
+        return total
+    if zero_stage == 3:
+        return int(total * share)
+    weights = total_params * (4 if precision == "fp32" else 2)
+    return weights + int((total - weights) * share)

@@ -58,6 +58,14 @@ def train_parser() -> argparse.ArgumentParser:
                       help="micro-batches assembled ahead in a background thread (default 2; 0 = in the loop)")
     perf.add_argument("--peak-tflops", type=float, metavar="TFLOPS",
                       help="peak TFLOP/s per device for MFU (default: the table for known GPUs; none on CPU)")
+    save = p.add_mutually_exclusive_group()
+    save.add_argument("--async-save", action="store_true", default=None, dest="async_save",
+                      help="save checkpoints in the background: the loop waits only for the copy to host memory "
+                           "(the default, where host memory allows)")
+    save.add_argument("--no-async-save", action="store_false", dest="async_save",
+                      help="save checkpoints synchronously: the loop waits until the files are on disk")
+    p.add_argument("--preemption-grace-s", type=float, metavar="S",
+                   help="seconds from SIGTERM to SIGKILL (default 30, GCE Spot): the final save, then uploading it")
     p.add_argument("--no-background-upload", action="store_true",
                    help="upload inside save, blocking training (debugging); default: a background process")
     p.add_argument("--describe", action="store_true", help="print the effective configuration as JSON and exit")
@@ -71,6 +79,8 @@ def run_config_from_args(ns: argparse.Namespace) -> RunConfig:
     run = load_run_config(ns.config)
     names = {f.name for f in dataclasses.fields(RunConfig)}
     overrides = {k: v for k, v in vars(ns).items() if k in names and v is not None and v is not False}
+    if ns.async_save is False:
+        overrides["async_save"] = False
     if ns.no_background_upload:
         overrides["background_upload"] = False
     return run.replace(**overrides) if overrides else run

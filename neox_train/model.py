@@ -43,6 +43,8 @@ class ModelPreset:
 MODEL_PRESETS: dict[str, ModelPreset] = {
     # The flagship: the Pythia-1.4B shape (1.2B parameters without the two embedding matrices).
     "neox-1.2b": ModelPreset(hidden_size=2048, num_layers=24, num_heads=16, intermediate_size=8192, max_seq_len=2048),
+    # The Pythia-410M shape: about 5 GB of checkpoint with Adam state (the checkpoint benchmarks).
+    "neox-410m": ModelPreset(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096, max_seq_len=2048),
     # The Pythia-160M shape, for quick GPU experiments.
     "neox-160m": ModelPreset(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, max_seq_len=2048),
     # Small enough to learn something on 2 CPU cores in a few minutes (the README demo).

@@ -88,3 +88,15 @@ def test_dataloader_bench():
     assert r["headroom"] == pytest.approx(r["loader_samples_per_s"]["prefetch_2"] / consumed)
     assert r["data_wait_frac"] == r["model"]["prefetch_2"]["data_wait_frac"]
     assert r["goal_met"] == (r["data_wait_frac"] < 0.01)
+
+
+def test_save_bench_stall_and_agreement():
+    r = bench("save_bench.py", "stall", *TINY, "--stages", "0,2", "--rounds", "1", "--block", "2")
+    assert r["bench"] == "save" and r["mode"] == "stall" and [s["zero_stage"] for s in r["stages"]] == [0, 2]
+    for stage in r["stages"]:
+        assert len(stage["stall_s"]["sync"]) == len(stage["stall_s"]["async"]) == 1
+        assert stage["stall_async_over_sync"] > 0 and stage["write_over_dd"] > 0
+        assert stage["write_gb_per_s"]["dd_oflag_direct"] > 0 and stage["checkpoint_gb"] > 0
+        assert set(stage["tokens_per_s"]) == {"none", "sync", "async"}
+    r = bench("save_bench.py", "agree", "--calls", "200")
+    assert r["mode"] == "agree" and r["ranks"] == 2 and 0 < r["us_per_step"] < 100_000

@@ -201,7 +201,7 @@ def test_sigterm_saves_flushes_and_resumes(tmp_path, token_dir):
     assert trainer.returncode == 143, err[-3000:]
     assert "stop requested (SIGTERM)" in err
     tags = bucket_tags(bucket)
-    assert len(tags) == 1 and int(tags[0][11:]) % 10 == 0
+    assert len(tags) == 1  # the step the ranks stopped at (they agree after every step)
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == tags[0]
     proc = run_train(["--config", str(run), "--resume", "latest", "--max-steps", str(int(tags[0][11:]) + 2)])
     assert f"resumed from {tmp_path / 'ckpt' / tags[0]}" in proc.stderr

@@ -81,14 +81,28 @@ def _hash_and_sync(path: Path) -> FileRecord:
     return FileRecord(size=st.st_size, crc32c=crc32c_of_file(path), mtime_ns=st.st_mtime_ns)
 
 
-def commit(save_dir: Path, tag: str, *, run_id: str | None, workers: int = HASH_WORKERS) -> TagStatus:
+def commit(save_dir: Path, tag: str, *, run_id: str | None, workers: int = HASH_WORKERS,
+           known: dict[str, FileRecord] | None = None) -> TagStatus:
     """Make SAVE_DIR/TAG a complete checkpoint: fsync and hash its files, write its marker, point `latest` at it.
-    Call once every rank's files of the tag are written (after `engine.save_checkpoint` returned)."""
+    Call once every rank's files of the tag are written (after `engine.save_checkpoint` returned).
+
+    `known`: records of files their writer already fsynced and hashed (writer.DirectFile); a file whose size and
+    mtime still match is taken as it is, never read again."""
     save_dir = Path(save_dir)
     tag_dir = save_dir / tag
     files = tag_files(tag_dir)
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(files))), thread_name_prefix="neox-commit") as pool:
-        records = dict(zip((rel for rel, _ in files), pool.map(_hash_and_sync, (p for _, p in files))))
+    known = known or {}
+    records: dict[str, FileRecord] = {}
+    todo: list[tuple[str, Path]] = []
+    for rel, path in files:
+        record = known.get(rel)
+        st = path.stat()
+        if record is not None and (record.size, record.mtime_ns) == (st.st_size, st.st_mtime_ns):
+            records[rel] = record
+        else:
+            todo.append((rel, path))
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo))), thread_name_prefix="neox-commit") as pool:
+        records.update(zip((rel for rel, _ in todo), pool.map(_hash_and_sync, (p for _, p in todo))))
     _write_marker(tag_dir, tag, run_id, records)
     write_latest(save_dir, tag)
     return TagStatus(tag, True, run_id=run_id, files=records)

@@ -23,13 +23,12 @@ on disk.
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing as mp
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tqdm import tqdm
 
@@ -132,12 +131,13 @@ class Publisher:
             if tag not in self.status.published:
                 self._publish_inline(tag)
 
-    def committed(self, tag: str) -> None:
-        """A tag is complete on local disk: hand it to the worker, or upload it now when background is off."""
+    def committed(self, tag: str, *, first: bool = False) -> None:
+        """A tag is complete on local disk: hand it to the worker, or upload it now when background is off.
+        `first`: upload it before the older tags still queued (the preemption save, inside its budget)."""
         if not self.enabled:
             return
         if self.worker is not None:
-            self.worker.submit(tag)
+            self.worker.submit(tag, first=first)
             return
         journal_queued(Path(self.run.save_dir), self.settings.node_rank, tag)
         self._publish_inline(tag)
@@ -161,16 +161,11 @@ class Publisher:
         log.info("sync: published %s to %s inline (%d bytes, %.1f s)", tag, self.settings.url,
                  result.bytes_uploaded, self.status.last_lag_s)
 
-    @contextlib.contextmanager
-    def saving(self) -> Iterator[None]:
-        """Around engine.save_checkpoint: the background worker holds its uploads until the save is written."""
+    def hold_uploads(self, saving: bool) -> None:
+        """While a save is written (in the loop or in the background), the worker holds its next file: the save
+        gets the disk and the cores (bounded by yield_to_save_max_s)."""
         if self.worker is not None:
-            self.worker.set_saving(True)
-        try:
-            yield
-        finally:
-            if self.worker is not None:
-                self.worker.set_saving(False)
+            self.worker.set_saving(saving)
 
     def poll(self) -> SyncStatus:
         if self.worker is not None:
@@ -296,21 +291,21 @@ class SyncWorker:
             log.info("sync: resuming %d unfinished upload(s) from the journal: %s", len(leftover), ", ".join(leftover))
         return leftover
 
-    def submit(self, tag: str) -> None:
-        self._submit(tag, committed_at=time.time(), journal=True)
+    def submit(self, tag: str, *, first: bool = False) -> None:
+        self._submit(tag, committed_at=time.time(), journal=True, first=first)
 
     def set_saving(self, saving: bool) -> None:
         """The trainer is (no longer) writing a checkpoint: the worker holds its next file until the save is done."""
         (self._saving.set if saving else self._saving.clear)()
 
-    def _submit(self, tag: str, *, committed_at: float, journal: bool) -> None:
+    def _submit(self, tag: str, *, committed_at: float, journal: bool, first: bool = False) -> None:
         if tag in self._submitted:
             return
         if journal:
             journal_queued(Path(self.settings.save_dir), self.settings.node_rank, tag)
         self._submitted.add(tag)
         self.status.pending.append(tag)
-        self._tasks.send({"tag": tag, "committed_at": committed_at})
+        self._tasks.send({"tag": tag, "committed_at": committed_at, "first": first})
 
     def poll(self) -> SyncStatus:
         """Apply every status message that has arrived; never blocks."""

@@ -70,11 +70,44 @@ def client_state(
     }
 
 
+def prepare_tag(save_dir: Path, tag: str) -> None:
+    """On the folder's owner, before any rank writes `tag`: a complete tag is never written over (a damaged one is
+    moved aside, kept for inspection), and a torn earlier save of this step is removed (its files must not mix in).
+    """
+    tag_dir = save_dir / tag
+    existing = commit.inspect(save_dir, tag)
+    if existing.complete:
+        problem = commit.verify(save_dir, existing)
+        if not problem:
+            raise CheckpointError(f"{tag_dir} is already a complete checkpoint; refusing to write over it")
+        # A tag the resume skipped as damaged: kept for inspection, out of the way of this step's new save.
+        aside = save_dir / f"{tag}.damaged-{uuid.uuid4().hex[:8]}"
+        os.replace(tag_dir, aside)
+        log.warning("moved the damaged checkpoint %s (%s) aside to %s", tag_dir, problem, aside.name)
+    commit.remove_incomplete(save_dir, tag)
+
+
+def write_side_files(tag_dir: Path, extra: dict[str, Any], *, run_id: str | None,
+                     losses: dict[str, Any] | None) -> None:
+    """Our files next to DeepSpeed's: config.json (the HF model config), run.json (run + DeepSpeed config, run id,
+    the newest losses) and the data's tokenizer files, so a tag folder is self-describing."""
+    (tag_dir / CONFIG_JSON).write_text(json.dumps(extra["model_config"], indent=2, sort_keys=True) + "\n")
+    run = {k: extra[k] for k in ("step", "consumed_samples", "dp_size", "data_tokens", "run_config", "ds_config")}
+    run["run_id"] = run_id
+    run.update(losses or {})  # train_loss, val_loss, val_loss_step: what the model card of an export reports
+    (tag_dir / RUN_JSON).write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
+    data_dir = Path(extra["run_config"].get("data_dir") or ".")
+    for name in DATA_SIDE_FILES:
+        if (data_dir / name).is_file():
+            shutil.copy2(data_dir / name, tag_dir / name)
+
+
 def save(engine, save_dir: Path, state: TrainState, extra: dict[str, Any], *, owner: bool, run_id: str | None,
          losses: dict[str, Any] | None = None, expected_bytes: int | None = None) -> commit.TagStatus | None:
-    """Save on every rank (DeepSpeed hangs otherwise); the rank that owns this node's folder (`owner`) then adds
-    the JSON side files and commits the tag (fsync, completeness marker, `latest`). Returns the committed status on
-    the owner, None elsewhere.
+    """A synchronous save with whatever checkpoint engine `engine` has (the trainer goes through saver.Saver).
+    Every rank must call it (DeepSpeed hangs otherwise); the rank that owns this node's folder (`owner`) then adds
+    the side files and commits the tag (fsync, completeness marker, `latest`). Returns the committed status on the
+    owner, None elsewhere.
 
     DeepSpeed is told not to write `latest` itself: it would point at the tag before our side files and the marker
     exist, and a kill in between would leave `latest` on a torn checkpoint. When `save_checkpoint` returns, every
@@ -87,37 +120,20 @@ def save(engine, save_dir: Path, state: TrainState, extra: dict[str, Any], *, ow
     tag = tag_for_step(state.step)
     tag_dir = save_dir / tag
     if owner:
-        existing = commit.inspect(save_dir, tag)
-        if existing.complete:
-            problem = commit.verify(save_dir, existing)
-            if not problem:
-                raise CheckpointError(f"{tag_dir} is already a complete checkpoint; refusing to write over it")
-            # A tag the resume skipped as damaged: kept for inspection, out of the way of this step's new save.
-            aside = save_dir / f"{tag}.damaged-{uuid.uuid4().hex[:8]}"
-            os.replace(tag_dir, aside)
-            log.warning("moved the damaged checkpoint %s (%s) aside to %s", tag_dir, problem, aside.name)
-        commit.remove_incomplete(save_dir, tag)  # a torn earlier save of this step: its files must not mix in
+        prepare_tag(save_dir, tag)
     try:
         engine.save_checkpoint(str(save_dir), tag=tag, client_state=extra, save_latest=False)
         if not owner:
             return None
-        (tag_dir / CONFIG_JSON).write_text(json.dumps(extra["model_config"], indent=2, sort_keys=True) + "\n")
-        run = {k: extra[k] for k in ("step", "consumed_samples", "dp_size", "data_tokens", "run_config", "ds_config")}
-        run["run_id"] = run_id
-        run.update(losses or {})  # train_loss, val_loss, val_loss_step: what the model card of an export reports
-        (tag_dir / RUN_JSON).write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
-        data_dir = Path(extra["run_config"].get("data_dir") or ".")
-        for name in DATA_SIDE_FILES:
-            if (data_dir / name).is_file():
-                shutil.copy2(data_dir / name, tag_dir / name)
+        write_side_files(tag_dir, extra, run_id=run_id, losses=losses)
         return commit.commit(save_dir, tag, run_id=run_id)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError from its zip writer
         shutil.rmtree(tag_dir, ignore_errors=True)
         raise save_failed(save_dir, tag, e, expected_bytes) from e
 
 
-def save_failed(save_dir: Path, tag: str, err: BaseException, expected_bytes: int | None) -> CheckpointError:
-    """The one line for a save that could not be written."""
+def save_failed(save_dir: Path, tag: str, err: BaseException | str, expected_bytes: int | None) -> CheckpointError:
+    """The one line for a save that could not be written (`err`: the exception, or a writer's one-line report)."""
     free = shutil.disk_usage(save_dir if save_dir.exists() else save_dir.parent).free
     latest, _ = commit.read_latest(save_dir)
     kept = f"latest still names {latest}" if latest else "no earlier checkpoint exists"
@@ -130,7 +146,8 @@ def save_failed(save_dir: Path, tag: str, err: BaseException, expected_bytes: in
             f"cannot save checkpoint {tag} in {save_dir}: the disk is full ({human_bytes(free)} free{need}); the "
             f"partial {tag} was removed, {kept} and the earlier checkpoints are intact: free space (or lower "
             f"keep_last_n, or point --save-dir at a larger disk), then continue with --resume latest")
-    return CheckpointError(f"cannot save checkpoint {tag} in {save_dir}: {type(err).__name__}: {text[:300]}; the "
+    kind = f"{type(err).__name__}: " if isinstance(err, BaseException) else ""
+    return CheckpointError(f"cannot save checkpoint {tag} in {save_dir}: {kind}{text[:300]}; the "
                            f"partial {tag} was removed, {kept} and the earlier checkpoints are intact")
 
 

@@ -237,6 +237,8 @@ class _Uploads:
                 item = self.tasks.recv()
                 if item == _STOP:
                     self.stopping = True
+                elif item.get("first"):
+                    self.pending.appendleft(item)  # the preemption save: its budget is seconds, the backlog waits
                 else:
                     self.pending.append(item)
                 ready = self.tasks.poll(0)

@@ -19,7 +19,14 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from neox_train.ds_config import OFFLOAD_ALL, OFFLOAD_NONE, OFFLOAD_OPTIMIZER, offload, zero_stage
+from neox_train.ds_config import (
+    OFFLOAD_ALL,
+    OFFLOAD_NONE,
+    OFFLOAD_OPTIMIZER,
+    offload,
+    snapshot_bytes_per_node,
+    zero_stage,
+)
 from neox_train.model import build_model, count_parameters, hf_config
 from neox_train.units import GIB
 
@@ -229,7 +236,8 @@ class Estimate:
     comm_buffers: int
     activations: int
     logits: int
-    cpu_per_node: int
+    cpu_per_node: int  # model states on the host (DeepSpeed's estimate) + the asynchronous save's snapshot
+    snapshot_per_node: int = 0
 
     @property
     def total(self) -> int:
@@ -248,6 +256,9 @@ class Estimate:
 def estimate(variant: Variant, shape: ModelShape, *, zero_section: dict[str, Any], seq_len: int, micro_batch: int,
              grad_accum: int, precision: str, gpus: int, nodes: int, checkpointing: bool) -> Estimate:
     gpu_states, cpu = model_state_bytes(variant, shape, gpus=gpus, nodes=nodes, precision=precision)
+    # async_save (the default) copies the rank's share of the model states to host memory at every save.
+    snapshot = snapshot_bytes_per_node(shape.total_params, precision if precision != "no" else "fp32", variant.stage,
+                                       ranks_per_node=-(-gpus // nodes), world_size=gpus)
     return Estimate(
         variant=variant, activation_checkpointing=checkpointing, micro_batch=micro_batch, grad_accum=grad_accum,
         model_states=gpu_states,
@@ -255,7 +266,8 @@ def estimate(variant: Variant, shape: ModelShape, *, zero_section: dict[str, Any
         activations=activation_bytes(shape, seq_len=seq_len, micro_batch=micro_batch, precision=precision,
                                      checkpointing=checkpointing),
         logits=logits_bytes(shape, seq_len=seq_len, micro_batch=micro_batch),
-        cpu_per_node=cpu,
+        cpu_per_node=cpu + snapshot,
+        snapshot_per_node=snapshot,
     )
 
 

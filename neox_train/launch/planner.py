@@ -106,6 +106,9 @@ class Plan:
             "est_gb_per_gpu": _gb(self.chosen.total),
             "est_breakdown_gb": self.chosen.breakdown_gb(),
             "est_cpu_gb_per_node": _gb(self.chosen.cpu_per_node),
+            "est_cpu_breakdown_gb": {
+                "model_states": _gb(self.chosen.cpu_per_node - self.chosen.snapshot_per_node),
+                "checkpoint_snapshot": _gb(self.chosen.snapshot_per_node)},
             "gpu_mem_gb": self.gpu_mem_gib,
             "gpu_mem_source": self.gpu_mem_source,
             "usable_gb_per_gpu": usable,

@@ -23,7 +23,7 @@ import psutil
 
 from neox_train.checkpoint.publisher import check_storage_access
 from neox_train.distributed import Topology
-from neox_train.ds_config import DS_CONFIG_DIR, checkpoint_bytes
+from neox_train.ds_config import DS_CONFIG_DIR, SNAPSHOT_MEMORY_SHARE, checkpoint_bytes
 from neox_train.errors import StorageError
 from neox_train.launch.hostfile import ranks_elsewhere
 from neox_train.units import human_bytes
@@ -292,14 +292,23 @@ def check_disk(ctx: PreflightContext) -> list[Check]:
 
 
 def check_host_memory(ctx: PreflightContext) -> list[Check]:
-    if ctx.plan.variant.offload == "none":
-        return []
-
-    need = ctx.plan.chosen.cpu_per_node
+    """Offload needs its host memory (fail without it); the asynchronous save's snapshot only gets a note: without
+    the memory the run saves synchronously (slower saves, nothing lost)."""
+    chosen = ctx.plan.chosen
     have = psutil.virtual_memory().total
-    detail = f"offload needs ~{need / 2**30:.1f} GiB of host memory per node, this one has {have / 2**30:.1f} GiB"
-    if have < need:
-        return [_fail("host memory", detail, "use more GPUs (ZeRO-3 without offload) or nodes with more memory")]
+    snapshot = chosen.snapshot_per_node if ctx.run.async_save else 0
+    states = chosen.cpu_per_node - chosen.snapshot_per_node
+    gib = 2**30
+    if ctx.plan.variant.offload != "none":
+        detail = f"offload needs ~{states / gib:.1f} GiB of host memory per node, this one has {have / gib:.1f} GiB"
+        if have < states:
+            return [_fail("host memory", detail, "use more GPUs (ZeRO-3 without offload) or nodes with more memory")]
+    else:
+        detail = f"this node has {have / gib:.1f} GiB"
+    if snapshot:
+        fits = (states if ctx.plan.variant.offload != "none" else 0) + snapshot <= SNAPSHOT_MEMORY_SHARE * have
+        detail += (f"; asynchronous saves snapshot ~{snapshot / gib:.1f} GiB per node"
+                   + ("" if fits else " (too much: saves will be synchronous, with a WARNING)"))
     return [_pass("host memory", detail)]
 
 

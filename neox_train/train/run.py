@@ -79,7 +79,7 @@ def run_training(run: RunConfig, *, resume: str | None, takeover: bool = False) 
         if run.sync_to and plan.dp_size > 1:
             dist.barrier()  # every node's upload worker starts after the claim: its fences see this run's session
         publisher.start()
-        previous = signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
+        previous = signal.signal(signal.SIGTERM, lambda *_: trainer.request_stop())
         try:
             summary = trainer.train()
         finally:

@@ -20,20 +20,14 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from neox_train.checkpoint import state as checkpoint
-from neox_train.checkpoint.publisher import (
-    Publisher,
-    is_uploader,
-    node_local_storage,
-)
+from neox_train.checkpoint.publisher import Publisher
 from neox_train.data.loader import MicroBatchLoader
 from neox_train.data.windows import PackedWindows, SampleStream, Split, eval_batches
-from neox_train.distributed import Topology
-from neox_train.ds_config import checkpoint_bytes, precision, zero_stage
+from neox_train.distributed import Control, Topology
+from neox_train.ds_config import precision, zero_stage
 from neox_train.log import log
-from neox_train.model import (
-    flops_per_token,
-    parameter_counts,
-)
+from neox_train.model import flops_per_token
+from neox_train.train.checkpoints import Checkpoints
 from neox_train.train.engine import build_engine
 from neox_train.train.metrics import Metrics, Throughput
 from neox_train.train.perf import (
@@ -46,10 +40,6 @@ from neox_train.train.perf import (
     resolve_peak,
 )
 from neox_train.train.plan import RunPlan
-
-# How often ranks agree on a pending SIGTERM (one tiny all-reduce): rare enough to cost nothing, soon enough to
-# save well inside a scheduler's grace period.
-STOP_CHECK_STEPS = 10
 
 
 class Trainer:
@@ -100,14 +90,13 @@ class Trainer:
         self.last_saved_step = state.step if resume_tag else -1
         self.topo = topo
         self.publisher = publisher
-        # The rank that owns this node's checkpoint folder: it commits each tag, uploads it and deletes old ones
-        # (each node's own files with node-local storage), so deletion can wait until it has seen them verified
-        # remote.
-        self.folder_owner = is_uploader(topo, node_local_storage(plan.ds_config))
-        counts = parameter_counts(plan.model_config)
-        # Until the first save has a real size: DeepSpeed's layout by parameter count, precision and stage.
-        self.checkpoint_bytes = checkpoint_bytes(counts.total, precision(plan.ds_config), zero_stage(plan.ds_config))
+        # The ranks agree after every step (a SIGTERM, a save still being written) on a CPU group: no device sync.
+        self.control = Control(plan.dp_size)
+        self.checkpoints = Checkpoints(self.engine, plan, topo=topo, publisher=publisher, metrics=self.metrics,
+                                       control=self.control, on_gpu=self.device.type == "cuda",
+                                       data_tokens=self.windows.num_tokens)
         self.stop_requested = False
+        self.stop_signal_at: float | None = None  # when the first SIGTERM arrived (the preemption budget starts)
         self.last_losses: dict[str, float | int] = {}  # the newest logged train / validation loss, for run.json
         self._announced = False  # the "training ..." line, once even when train() runs in slices
 
@@ -187,72 +176,28 @@ class Trainer:
         return (value / self.plan.dp_size).item()
 
     # -- the loop -----------------------------------------------------------------------------------------------
-    def save(self) -> float:
-        """Save and commit a checkpoint; returns the seconds the loop stalled for it."""
-        started = time.perf_counter()
-        tag = checkpoint.tag_for_step(self.step)
-        if self.folder_owner:
-            warning = checkpoint.space_warning(self.save_dir, tag, self.checkpoint_bytes)
-            if warning:
-                log.warning("%s", warning)
-        extra = checkpoint.client_state(
-            state=checkpoint.TrainState(self.step, self.loader.consumed_samples),
-            run_config=self.plan.run.to_dict(), ds_config=self.plan.ds_config,
-            model_config=self.plan.model_config.to_dict(), dp_size=self.plan.dp_size,
-            data_tokens=self.windows.num_tokens,
-        )
-        # The upload worker holds off while the files are written: the save gets the disk and cores to itself.
-        with self.publisher.saving():
-            committed = checkpoint.save(
-                self.engine, self.save_dir, checkpoint.TrainState(self.step, self.loader.consumed_samples), extra,
-                owner=self.folder_owner, run_id=self.publisher.identity.run_id, losses=self.last_losses,
-                expected_bytes=self.checkpoint_bytes,
-            )
-        if committed is not None and committed.files:
-            self.checkpoint_bytes = sum(f.size for f in committed.files.values())
+    def request_stop(self) -> None:
+        """The SIGTERM handler: stop at the end of this step, on every rank (the per-step agreement)."""
+        self.stop_requested = True
+        if self.stop_signal_at is None:
+            self.stop_signal_at = time.monotonic()
+
+    def save(self, *, asynchronous: bool | None = None, first: bool = False) -> float:
+        """Save this step; returns the seconds the loop was blocked (see train.checkpoints)."""
         self.last_saved_step = self.step
-        saved = time.perf_counter()
-        self.publisher.committed(tag)
-        stall = time.perf_counter() - started
-        # stall_s: all the loop lost to this save; submit_s: the part the sync hand-off (or inline upload) took.
-        self.metrics.record(self.step, "checkpoint", {"stall_s": stall, "submit_s": time.perf_counter() - saved})
-        log.info("saved checkpoint %s in %.2f s", self.save_dir / tag, stall)
-        self.apply_retention()
-        return stall
-
-    def apply_retention(self) -> None:
-        if not self.folder_owner:
-            return
-        deleted = checkpoint.apply_retention(self.save_dir, self.plan.run.keep_last_n,
-                                             may_delete=self.publisher.may_delete)
-        if deleted:
-            log.info("removed local checkpoint(s) %s (keep_last_n=%d)", ", ".join(deleted), self.plan.run.keep_last_n)
-
-    def too_many_unpublished(self) -> bool:
-        """After a save, on every rank: are more than max_unpublished_checkpoints checkpoints kept locally because
-        publishing fails? Only the uploader ranks know; one tiny all-reduce per save makes every rank stop at the
-        same step."""
-        limit = self.plan.run.max_unpublished_checkpoints
-        if not limit or self.plan.run.sync_to is None:
-            return False
-        return self._any_rank(self.publisher.enabled and len(self.publisher.poll().stuck) > limit)
+        return self.checkpoints.save(self.step, self.loader.consumed_samples, self.last_losses,
+                                     asynchronous=asynchronous, first=first)
 
     def log_sync_status(self) -> None:
         if not self.publisher.enabled:
             return
         self.metrics.record(self.step, "sync", self.publisher.metrics())
 
-    def _stop_agreed(self) -> bool:
-        """A SIGTERM seen by any rank stops all of them at the same step (each must call save_checkpoint)."""
-        return self._any_rank(self.stop_requested)
-
-    def _any_rank(self, mine: bool) -> bool:
-        """True on every rank when it is true on any (one tiny all-reduce; none with a single rank)."""
-        if self.plan.dp_size == 1:
-            return mine
-        flag = torch.tensor([1.0 if mine else 0.0], device=self.engine.device)
-        dist.all_reduce(flag)
-        return flag.item() > 0
+    def _agree(self) -> tuple[bool, int]:
+        """After every step, on every rank: (a SIGTERM reached some rank, ranks still writing the save in flight).
+        One sum of two integers over the gloo control group; nothing at all with one rank."""
+        stop, writing = self.control.sum([int(self.stop_requested), self.checkpoints.saver.writing()])
+        return stop > 0, writing
 
     def train(self, *, until_step: int | None = None, final: bool = True) -> dict[str, Any]:
         """Train to max_steps (or to `until_step`, for benchmarks that run the loop in slices).
@@ -323,16 +268,17 @@ class Trainer:
                 if self.step % run.save_steps == 0:
                     throughput.add_checkpoint_stall(self.save())
                     throughput.restart()
-                    if self.too_many_unpublished():
+                    if self.checkpoints.too_many_unpublished():
                         summary["stopped_unpublished"] = True
                         break
-                if self.step % STOP_CHECK_STEPS == 0 and self._stop_agreed():
+                stop, writing = self._agree()
+                throughput.add_checkpoint_stall(self.checkpoints.poll(writing))
+                if stop:
                     log.warning("stop requested (SIGTERM) at step %d: saving and flushing uploads", self.step)
                     summary["stopped_by_signal"] = True
                     break
-            stuck = summary.get("stopped_unpublished", False)
-            if final and self.last_saved_step != self.step and not stuck:
-                self.save()
+            if final:
+                self._final_save(summary)
         except BaseException:
             if final:
                 self.close()
@@ -342,13 +288,30 @@ class Trainer:
             redirect.__exit__(None, None, None)
         if final:
             try:
-                # Only once the training bar is closed: the flush logs and draws a bar of its own. Stopping because
-                # nothing gets published: a short flush, not the full upload_timeout_s.
-                summary["sync"] = self.finish_uploads(timeout_s=min(60.0, run.upload_timeout_s) if stuck else None)
+                # Only once the training bar is closed: the flush logs and draws a bar of its own.
+                self._flush_uploads(summary)
             finally:
                 self.close()
         summary["end_step"] = self.step
         return summary
+
+    def _final_save(self, summary: dict[str, Any]) -> None:
+        """The save in flight committed, then this step saved unless it is (or publishing is stuck)."""
+        self.checkpoints.drain()
+        if self.last_saved_step != self.step and not summary.get("stopped_unpublished"):
+            # The loop is over: nothing to overlap with, so no snapshot; a preemption save goes first in line.
+            self.save(asynchronous=False, first=summary.get("stopped_by_signal", False))
+
+    def _flush_uploads(self, summary: dict[str, Any]) -> None:
+        """Bounded: by the preemption budget after a SIGTERM; to a short flush when nothing gets published."""
+        run = self.plan.run
+        timeout = min(60.0, run.upload_timeout_s) if summary.get("stopped_unpublished") else None
+        preempted = summary.get("stopped_by_signal") and self.stop_signal_at is not None
+        if preempted:
+            timeout = self.checkpoints.upload_budget(self.stop_signal_at)
+        summary["sync"] = self.checkpoints.finish_uploads(self.step, timeout_s=timeout)
+        if preempted and self.is_rank0:
+            summary["preemption"] = self.checkpoints.preemption_summary(self.stop_signal_at, summary["sync"])
 
     def perf_values(self, reading: dict[str, float]) -> dict[str, Any]:
         """A Throughput reading plus TFLOP/s, MFU/HFU and the memory high-water mark."""
@@ -357,16 +320,3 @@ class Trainer:
     def close(self) -> None:
         self.loader.close()
         self.metrics.close()
-
-    def finish_uploads(self, *, timeout_s: float | None = None) -> dict[str, Any] | None:
-        """Flush pending uploads (bounded), then retention for what became verified remote; report what is left."""
-        if not self.publisher.enabled:
-            return None
-        status = self.publisher.close(timeout_s)
-        self.metrics.record(self.step, "sync", self.publisher.metrics())
-        self.apply_retention()
-        return {"published": status.published, "unpublished": status.unpublished, "stuck": status.stuck,
-                "skipped": status.skipped, "failed": status.failed, "failures": status.failures,
-                "last_error": status.last_error}
-
-

@@ -1,0 +1,154 @@
+"""A save from the trainer's side: start it (the loop waits only for the snapshot when it is asynchronous), learn at
+a step boundary that every rank's files are durable, then commit it. At most one save is in flight.
+
+The protocol, on top of the local commit (commit.py):
+
+  1. every rank: `begin` waits for the save still in flight, if any (`in_flight_wait_s`). The folder's owner
+     clears the tag. Then `engine.save_checkpoint(save_latest=False)` runs through our checkpoint engine:
+     - synchronous: the files are written, fsynced and hashed before it returns;
+     - asynchronous: the state is snapshotted into host buffers and a writer thread writes the files.
+  2. every step, the ranks sum "still writing" over the control group (distributed.Control, with the stop flag);
+  3. when nobody is writing, every rank calls `finish` at the same step. The ranks exchange their files' records
+     (size, crc32c, mtime) and errors. The owner writes the side files and the completeness marker from those
+     records (no file is read again), then `latest`. Only then does the trainer hand the tag to the upload worker.
+
+A kill -9 at any point before the marker leaves the tag without one: resume never uses it, publication never sees
+it, and `latest` still names the previous complete checkpoint. A failed write on any rank removes the partial tag
+and raises the same one-line CheckpointError on every rank.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from neox_train.checkpoint import commit
+from neox_train.checkpoint.engine import NeoxCheckpointEngine, WriteBatch
+from neox_train.checkpoint.snapshot import available_host_memory
+from neox_train.checkpoint.state import prepare_tag, save_failed, write_side_files
+from neox_train.checkpoint.tags import tag_for_step
+from neox_train.distributed import Control
+from neox_train.ds_config import SNAPSHOT_MEMORY_SHARE
+from neox_train.log import log
+from neox_train.units import human_bytes
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """A committed save: what the loop lost to it and how fast the files went to disk."""
+
+    tag: str
+    status: commit.TagStatus | None  # the committed tag on the folder's owner, None on the other ranks
+    stall_s: float  # the loop was blocked: waiting for the previous save, snapshot or write, hand-offs
+    in_flight_wait_s: float  # the part of stall_s spent waiting for the previous save
+    write_s: float  # the slowest rank's background (or inline) writing
+    bytes_written: int  # all ranks together
+    asynchronous: bool
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_written / 1e9 / self.write_s if self.write_s > 0 else 0.0
+
+    def metrics(self) -> dict[str, float]:
+        return {"stall_s": self.stall_s, "write_s": self.write_s, "gb_per_s": self.gb_per_s,
+                "in_flight_wait_s": self.in_flight_wait_s, "bytes": float(self.bytes_written),
+                "async": float(self.asynchronous)}
+
+
+def choose_async(wanted: bool, snapshot_bytes_per_node: int) -> bool:
+    """Asynchronous saves when asked for and the snapshot fits in host memory; else synchronous, with one WARNING."""
+    if not wanted:
+        return False
+    available = available_host_memory()
+    if snapshot_bytes_per_node <= SNAPSHOT_MEMORY_SHARE * available:
+        return True
+    log.warning("checkpoints are saved synchronously (the loop waits for the disk): an asynchronous save needs "
+                "about %s of host memory per node for its snapshot, %s is available (async_save uses at most %.0f%%)",
+                human_bytes(snapshot_bytes_per_node), human_bytes(available), 100 * SNAPSHOT_MEMORY_SHARE)
+    return False
+
+
+class Saver:
+    def __init__(self, ds_engine, ckpt_engine: NeoxCheckpointEngine, save_dir: Path, *, owner: bool,
+                 run_id: str | None, control: Control, asynchronous: bool):
+        self.ds_engine = ds_engine
+        self.ckpt = ckpt_engine
+        self.save_dir = Path(save_dir)
+        self.owner = owner
+        self.run_id = run_id
+        self.control = control
+        self.asynchronous = asynchronous
+        self._flight: dict[str, Any] | None = None  # the save being written: tag, batch, side-file inputs, timings
+
+    @property
+    def in_flight(self) -> bool:
+        return self._flight is not None
+
+    def writing(self) -> int:
+        """1 while this rank's files of the save in flight are still being written (the per-step agreement)."""
+        return int(self._flight is not None and not self._flight["batch"].done.is_set())
+
+    def begin(self, step: int, extra: dict[str, Any], *, losses: dict[str, Any], expected_bytes: int | None,
+              asynchronous: bool | None = None) -> SaveResult | None:
+        """Start saving `step` on every rank. Returns the previous save's result when this call had to finish it
+        first (its in_flight_wait_s says how long that took); a synchronous save is finished by `finish()` at
+        once by the caller."""
+        previous = None
+        waited = 0.0
+        if self._flight is not None:
+            started = time.perf_counter()
+            self._flight["batch"].done.wait()
+            waited = time.perf_counter() - started
+            previous = self.finish()
+        started = time.perf_counter()
+        tag = tag_for_step(step)
+        if self.owner:
+            prepare_tag(self.save_dir, tag)
+        self.ckpt.asynchronous = self.asynchronous if asynchronous is None else asynchronous
+        try:
+            self.ds_engine.save_checkpoint(str(self.save_dir), tag=tag, client_state=extra, save_latest=False)
+        except (OSError, RuntimeError) as e:  # DeepSpeed's own writes (folders, its recovery script) can fail too
+            if self.owner:
+                shutil.rmtree(self.save_dir / tag, ignore_errors=True)
+            raise save_failed(self.save_dir, tag, e, expected_bytes) from e
+        batch: WriteBatch = self.ckpt.batch
+        self._flight = {"tag": tag, "batch": batch, "extra": extra, "losses": dict(losses), "expected": expected_bytes,
+                        "blocked": time.perf_counter() - started, "waited": waited}
+        return previous
+
+    def wait_and_finish(self) -> SaveResult:
+        """Block until this rank's files are written, then finish the save (every rank calls this at one point)."""
+        self._flight["batch"].done.wait()
+        return self.finish()
+
+    def finish(self) -> SaveResult:
+        """Commit the save in flight; every rank calls it at the same step, once no rank is writing."""
+        flight, self._flight = self._flight, None
+        started = time.perf_counter()
+        batch: WriteBatch = flight["batch"]
+        tag, tag_dir = flight["tag"], self.save_dir / flight["tag"]
+        reports = self.control.gather({"error": batch.error, "records": batch.records, "write_s": batch.write_s,
+                                       "bytes": batch.bytes_written})
+        errors = [r["error"] for r in reports if r["error"]]
+        status = None
+        if errors:
+            if self.owner:
+                shutil.rmtree(tag_dir, ignore_errors=True)
+            raise save_failed(self.save_dir, tag, errors[0], flight["expected"])
+        if self.owner:
+            known: dict[str, commit.FileRecord] = {}
+            for r in reports:
+                known.update(r["records"])
+            try:
+                write_side_files(tag_dir, flight["extra"], run_id=self.run_id, losses=flight["losses"])
+                status = commit.commit(self.save_dir, tag, run_id=self.run_id, known=known)
+            except OSError as e:
+                shutil.rmtree(tag_dir, ignore_errors=True)
+                raise save_failed(self.save_dir, tag, e, flight["expected"]) from e
+        return SaveResult(
+            tag=tag, status=status, stall_s=flight["blocked"] + flight["waited"] + time.perf_counter() - started,
+            in_flight_wait_s=flight["waited"], write_s=max(r["write_s"] for r in reports),
+            bytes_written=sum(r["bytes"] for r in reports), asynchronous=batch.asynchronous)

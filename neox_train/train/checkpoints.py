@@ -1,0 +1,170 @@
+"""The trainer's checkpoints: start a save, commit it once every rank's files are durable, hand it to the upload
+worker, keep the last N, and the preemption budget. The loop (trainer.py) decides when; this decides how.
+
+Metrics (`checkpoint/*`, when a save is committed):
+- stall_s: the seconds the loop was blocked by this save (snapshot or write, the commit, the wait for the previous);
+- write_s: the slowest rank's writing;
+- gb_per_s: all ranks' bytes over write_s;
+- in_flight_wait_s: the part of stall_s spent waiting for the previous save.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from neox_train.checkpoint import commit
+from neox_train.checkpoint import state as checkpoint
+from neox_train.checkpoint.engine import install
+from neox_train.checkpoint.publisher import Publisher, is_uploader, node_local_storage
+from neox_train.checkpoint.saver import Saver, SaveResult, choose_async
+from neox_train.checkpoint.tags import step_of_tag
+from neox_train.distributed import Control, Topology
+from neox_train.ds_config import checkpoint_bytes, precision, snapshot_bytes_per_node, zero_stage
+from neox_train.log import log
+from neox_train.model import parameter_counts
+from neox_train.train.metrics import Metrics
+from neox_train.train.plan import RunPlan
+from neox_train.units import human_bytes
+
+# Seconds of the preemption budget kept back for exiting (closing the worker, the summary, the process teardown).
+EXIT_RESERVE_S = 2.0
+
+
+class Checkpoints:
+    def __init__(self, engine, plan: RunPlan, *, topo: Topology, publisher: Publisher, metrics: Metrics,
+                 control: Control, on_gpu: bool, data_tokens: int):
+        self.plan = plan
+        self.save_dir = Path(plan.run.save_dir)
+        self.publisher = publisher
+        self.metrics = metrics
+        self.control = control
+        self.data_tokens = data_tokens
+        # The rank that owns this node's checkpoint folder: it commits each tag, uploads it and deletes old ones
+        # (each node's own files with node-local storage), so deletion can wait until it has seen them verified
+        # remote.
+        self.folder_owner = is_uploader(topo, node_local_storage(plan.ds_config))
+        params = parameter_counts(plan.model_config).total
+        ds = plan.ds_config
+        # Until the first save has a real size: DeepSpeed's layout by parameter count, precision and stage.
+        self.checkpoint_bytes = checkpoint_bytes(params, precision(ds), zero_stage(ds))
+        per_node = max(1, plan.dp_size // max(topo.num_nodes, 1))
+        self.snapshot_bytes = snapshot_bytes_per_node(params, precision(ds), zero_stage(ds), ranks_per_node=per_node,
+                                                      world_size=plan.dp_size)
+        asynchronous = choose_async(plan.run.async_save, self.snapshot_bytes)
+        self.saver = Saver(engine, install(engine, pin_memory=on_gpu), self.save_dir, owner=self.folder_owner,
+                           run_id=publisher.identity.run_id, control=control, asynchronous=asynchronous)
+        self.last_tag: str | None = None
+        self.committed_at = 0.0  # time.monotonic() of the newest local commit
+
+    # -- saves --------------------------------------------------------------------------------------------------
+    def save(self, step: int, consumed_samples: int, losses: dict[str, Any], *,
+             asynchronous: bool | None = None, first: bool = False) -> float:
+        """Save `step` (every rank); returns the seconds the loop was blocked. A synchronous save (or
+        `asynchronous=False`) is committed before this returns; an asynchronous one at a later step (`poll`)."""
+        started = time.perf_counter()
+        tag = checkpoint.tag_for_step(step)
+        if self.folder_owner:
+            warning = checkpoint.space_warning(self.save_dir, tag, self.checkpoint_bytes)
+            if warning:
+                log.warning("%s", warning)
+        plan = self.plan
+        state = checkpoint.TrainState(step, consumed_samples)
+        extra = checkpoint.client_state(
+            state=state, run_config=plan.run.to_dict(), ds_config=plan.ds_config,
+            model_config=plan.model_config.to_dict(), dp_size=plan.dp_size, data_tokens=self.data_tokens,
+        )
+        self.publisher.hold_uploads(True)
+        previous = self.saver.begin(step, extra, losses=losses, expected_bytes=self.checkpoint_bytes,
+                                    asynchronous=asynchronous)
+        if previous is not None:
+            self._committed(previous)
+        if not self.saver.ckpt.asynchronous:
+            self._committed(self.saver.finish(), first=first)
+        return time.perf_counter() - started
+
+    def poll(self, writing: int) -> float:
+        """After the per-step agreement (`writing`: ranks still writing): commit a finished save; the seconds spent."""
+        if not self.saver.in_flight or writing:
+            return 0.0
+        started = time.perf_counter()
+        self._committed(self.saver.finish())
+        return time.perf_counter() - started
+
+    def drain(self) -> float:
+        """Wait for the save in flight and commit it (the end of training, a stop)."""
+        if not self.saver.in_flight:
+            return 0.0
+        started = time.perf_counter()
+        self._committed(self.saver.wait_and_finish())
+        return time.perf_counter() - started
+
+    def _committed(self, result: SaveResult, *, first: bool = False) -> None:
+        if not self.saver.in_flight:
+            self.publisher.hold_uploads(False)
+        if result.status is not None and result.status.files:
+            self.checkpoint_bytes = sum(f.size for f in result.status.files.values())
+        handed = time.perf_counter()
+        self.publisher.committed(result.tag, first=first)
+        values = {**result.metrics(), "submit_s": time.perf_counter() - handed}
+        self.metrics.record(step_of_tag(result.tag), "checkpoint", values)  # at the saved step, whenever committed
+        mode = "asynchronously" if result.asynchronous else "synchronously"
+        log.info("saved checkpoint %s %s: the loop waited %.2f s (previous save %.2f s), writing took %.2f s "
+                 "(%s at %.2f GB/s)", self.save_dir / result.tag, mode, result.stall_s, result.in_flight_wait_s,
+                 result.write_s, human_bytes(result.bytes_written), result.gb_per_s)
+        self.last_tag = result.tag
+        self.committed_at = time.monotonic()
+        self.apply_retention()
+
+    # -- retention, uploads -------------------------------------------------------------------------------------
+    def apply_retention(self) -> None:
+        if not self.folder_owner:
+            return
+        deleted = checkpoint.apply_retention(self.save_dir, self.plan.run.keep_last_n,
+                                             may_delete=self.publisher.may_delete)
+        if deleted:
+            log.info("removed local checkpoint(s) %s (keep_last_n=%d)", ", ".join(deleted), self.plan.run.keep_last_n)
+
+    def too_many_unpublished(self) -> bool:
+        """After a save, on every rank: are more than max_unpublished_checkpoints checkpoints kept locally because
+        publishing fails? Only the uploader ranks know; one sum over the control group makes every rank stop at the
+        same step."""
+        limit = self.plan.run.max_unpublished_checkpoints
+        if not limit or self.plan.run.sync_to is None:
+            return False
+        stuck = self.publisher.enabled and len(self.publisher.poll().stuck) > limit
+        return self.control.sum([int(stuck)])[0] > 0
+
+    def finish_uploads(self, step: int, *, timeout_s: float | None = None) -> dict[str, Any] | None:
+        """Flush pending uploads (bounded), then retention for what became verified remote; report what is left."""
+        if not self.publisher.enabled:
+            return None
+        status = self.publisher.close(timeout_s)
+        self.metrics.record(step, "sync", self.publisher.metrics())
+        self.apply_retention()
+        return {"published": status.published, "unpublished": status.unpublished, "stuck": status.stuck,
+                "skipped": status.skipped, "failed": status.failed, "failures": status.failures,
+                "last_error": status.last_error}
+
+    def preemption_summary(self, signal_at: float, sync: dict[str, Any] | None) -> dict[str, Any]:
+        """What fit in the grace period after SIGTERM: saved locally, published, seconds used."""
+        used = time.monotonic() - signal_at
+        tag = self.last_tag
+        saved = tag is not None and (not self.folder_owner or commit.inspect(self.save_dir, tag).complete)
+        published = None if self.plan.run.sync_to is None else bool(sync and tag in sync["published"])
+        out = {"tag": tag, "saved_locally": saved, "published": published, "seconds_used": round(used, 2),
+               "saved_after_s": round(self.committed_at - signal_at, 2) if saved else None,
+               "budget_s": self.plan.run.preemption_grace_s}
+
+        def yes(v: bool | None) -> str:
+            return "n/a (no --sync-to)" if v is None else ("yes" if v else "no")
+
+        log.warning("preemption: %s saved locally: %s, published: %s, %.1f s of the %.0f s grace period used",
+                    tag or "nothing", yes(saved), yes(published), used, self.plan.run.preemption_grace_s)
+        return out
+
+    def upload_budget(self, signal_at: float) -> float:
+        """Seconds left for uploading after a preemption save."""
+        left = self.plan.run.preemption_grace_s - (time.monotonic() - signal_at) - EXIT_RESERVE_S
+        return max(0.0, min(left, self.plan.run.upload_timeout_s))
