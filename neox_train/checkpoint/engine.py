@@ -42,6 +42,7 @@ ENGINE_NAME = "NeoxCheckpointEngine"
 # Testing aid: the background writer sleeps this long before each file, so a test can kill -9 a rank or request
 # the next save while a write is certainly in flight. Inert unless set.
 WRITE_DELAY_ENV = "NEOX_TEST_WRITE_DELAY_S"
+WRITER_NICE = 10
 
 
 @dataclass
@@ -146,6 +147,12 @@ class NeoxCheckpointEngine(CheckpointEngine):
             self._thread.start()
 
     def _writer_loop(self) -> None:
+        try:
+            # Below the training threads (nice is per thread on Linux, and the chunk writers inherit it): where the
+            # host cores also train (CPU runs, the data loader) the loop wins and the write takes the idle time.
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+        except (AttributeError, OSError):
+            pass  # not Linux, or not allowed: the writer runs at the loop's priority
         while True:
             batch, state, path = self._jobs.get()
             if state is _END:
