@@ -96,7 +96,7 @@ def test_save_bench_stall_and_agreement():
     for stage in r["stages"]:
         assert len(stage["stall_s"]["sync"]) == len(stage["stall_s"]["async"]) == 1
         assert stage["stall_async_over_sync"] > 0 and stage["write_over_dd"] > 0
-        assert stage["write_gb_per_s"]["dd_oflag_direct"] > 0 and stage["checkpoint_gb"] > 0
+        assert min(stage["write_gb_per_s"]["dd_oflag_direct"]) > 0 and stage["checkpoint_gb"] > 0
         assert set(stage["tokens_per_s"]) == {"none", "sync", "async"}
     r = bench("save_bench.py", "agree", "--calls", "200")
     assert r["mode"] == "agree" and r["ranks"] == 2 and 0 < r["us_per_step"] < 100_000
