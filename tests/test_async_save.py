@@ -188,6 +188,7 @@ def _write_delay_env(seconds: float) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow  # starts neox-train (8-16 s)
 def test_the_loop_trains_on_while_a_save_is_written_and_the_next_save_waits(tmp_path, token_dir):
     """A save every 2 steps with a slow writer (0.6 s before each file): steps after a save are logged before
     that save is committed, each save waits for the one in flight, and every tag ends complete."""
@@ -239,6 +240,7 @@ def test_kill_9_during_the_background_write_keeps_the_previous_checkpoint(tmp_pa
     assert (ckpt / "global_step8" / MARKER).is_file() and (ckpt / "latest").read_text() == "global_step8"
 
 
+@pytest.mark.slow  # starts neox-train (8-16 s)
 def test_kill_9_of_a_slow_background_write_then_resume(tmp_path, token_dir):
     """One rank, a writer slowed to 5 s a file: the kill certainly lands mid-write."""
     run = tiny_run_config(tmp_path, token_dir, max_steps=40, save_steps=4, eval_steps=0)
@@ -263,6 +265,7 @@ def test_kill_9_of_a_slow_background_write_then_resume(tmp_path, token_dir):
     assert (ckpt / "global_step8" / MARKER).is_file() and (ckpt / "latest").read_text() == "global_step9"
 
 
+@pytest.mark.slow  # starts neox-train (8-16 s)
 def test_short_host_memory_falls_back_to_synchronous_saves(tmp_path, token_dir):
     run = tiny_run_config(tmp_path, token_dir, max_steps=4, save_steps=2, eval_steps=0)
     env = train_env()
@@ -308,6 +311,7 @@ def test_sigterm_at_a_random_step_saves_that_step_within_the_budget(tmp_path, to
     assert elapsed < 30, f"the stop took {elapsed:.1f} s, over the 30 s budget"
 
 
+@pytest.mark.slow  # starts neox-train (8-16 s)
 def test_the_upload_worker_sees_a_tag_only_after_its_marker(tmp_path, token_dir):
     """Every tag is journaled for upload (handed to the worker) only after its completeness marker exists."""
     bucket = tmp_path / "bucket"
