@@ -88,6 +88,37 @@ def test_direct_file_writes_what_torch_save_writes_with_its_crc32c(tmp_path, dir
         path.unlink(missing_ok=True)
 
 
+def test_a_filesystem_that_refuses_o_direct_writes_gets_the_buffered_path(tmp_path, monkeypatch):
+    """Some filesystems accept O_DIRECT at open and fail the first write with EINVAL: the file is started over
+    buffered, and its bytes and crc32c are still right."""
+    import errno
+
+    from neox_train.checkpoint import writer
+
+    real = writer._write_all
+    refused = []
+
+    def refuse_direct_once(fd, view):
+        if not refused and fcntl_direct(fd):
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(fd, view)
+
+    def fcntl_direct(fd):
+        import fcntl
+
+        return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+
+    monkeypatch.setattr(writer, "_write_all", refuse_direct_once)
+    state = {**_state(), "big": torch.randn(3 * (1 << 20) + 5)}
+    out = DirectFile(tmp_path / "f.pt", ChunkBuffers(chunk_bytes=1 << 20))
+    torch.save(state, out)
+    record = out.close()
+    assert refused and not out.direct
+    path = tmp_path / "f.pt"
+    assert path.read_bytes() == _buffer_save(state) and record.crc32c == crc32c_of_file(path)
+
+
 # -- the snapshot -----------------------------------------------------------------------------------------------
 def test_snapshot_keeps_the_layout_and_is_independent_of_the_live_state():
     from deepspeed.checkpoint.utils import clone_tensors_for_torch_save

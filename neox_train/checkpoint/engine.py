@@ -160,13 +160,16 @@ class NeoxCheckpointEngine(CheckpointEngine):
                     batch.write_s = time.perf_counter() - batch.write_started
                 batch.done.set()
                 continue
-            if not batch.write_started:
-                batch.write_started = time.perf_counter()
-            delay = float(os.environ.get(WRITE_DELAY_ENV) or 0)
-            if delay:
-                time.sleep(delay)
-            if not batch.error:  # after a failed file the rest of the tag is not written (it is removed anyway)
-                self._write(batch, state, path)
+            try:
+                if not batch.write_started:
+                    batch.write_started = time.perf_counter()
+                delay = float(os.environ.get(WRITE_DELAY_ENV) or 0)
+                if delay:
+                    time.sleep(delay)
+                if not batch.error:  # after a failed file the rest of the tag is not written (it is removed anyway)
+                    self._write(batch, state, path)
+            except Exception as e:  # noqa: BLE001 - the thread must live to set `done`, or every rank waits forever
+                batch.error = batch.error or f"{path}: {one_line(e)}"
             del state  # the snapshot's tensors are pooled buffers: dropping the dict frees nothing big
 
     def wait(self, timeout: float | None = None) -> bool:

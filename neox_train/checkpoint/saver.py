@@ -32,6 +32,7 @@ from neox_train.checkpoint.state import prepare_tag, save_failed, write_side_fil
 from neox_train.checkpoint.tags import tag_for_step
 from neox_train.distributed import Control
 from neox_train.ds_config import SNAPSHOT_MEMORY_SHARE
+from neox_train.errors import CheckpointError
 from neox_train.log import log
 from neox_train.units import human_bytes
 
@@ -105,8 +106,15 @@ class Saver:
             previous = self.finish()
         started = time.perf_counter()
         tag = tag_for_step(step)
+        refused: CheckpointError | None = None
         if self.owner:
-            prepare_tag(self.save_dir, tag)
+            try:
+                prepare_tag(self.save_dir, tag)
+            except CheckpointError as e:
+                refused = e
+        if self.control.sum([int(refused is not None)])[0]:  # every rank stops, none waits in DeepSpeed's barrier
+            raise refused or CheckpointError(f"cannot save checkpoint {tag}: the rank that owns its folder refused "
+                                             f"(its log says why)")
         self.ckpt.asynchronous = self.asynchronous if asynchronous is None else asynchronous
         try:
             self.ds_engine.save_checkpoint(str(self.save_dir), tag=tag, client_state=extra, save_latest=False)
@@ -138,6 +146,7 @@ class Saver:
             if self.owner:
                 shutil.rmtree(tag_dir, ignore_errors=True)
             raise save_failed(self.save_dir, tag, errors[0], flight["expected"])
+        failure: CheckpointError | None = None
         if self.owner:
             known: dict[str, commit.FileRecord] = {}
             for r in reports:
@@ -147,7 +156,11 @@ class Saver:
                 status = commit.commit(self.save_dir, tag, run_id=self.run_id, known=known)
             except OSError as e:
                 shutil.rmtree(tag_dir, ignore_errors=True)
-                raise save_failed(self.save_dir, tag, e, flight["expected"]) from e
+                failure = save_failed(self.save_dir, tag, e, flight["expected"])
+        # The owner's commit can fail alone (its disk): every rank stops with the same line.
+        failed = [f for f in self.control.gather(str(failure) if failure else "") if f]
+        if failed:
+            raise failure or CheckpointError(failed[0])
         return SaveResult(
             tag=tag, status=status, stall_s=flight["blocked"] + flight["waited"] + time.perf_counter() - started,
             in_flight_wait_s=flight["waited"], write_s=max(r["write_s"] for r in reports),

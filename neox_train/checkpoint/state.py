@@ -116,6 +116,9 @@ def save(engine, save_dir: Path, state: TrainState, extra: dict[str, Any], *, ow
     A save that fails (a full disk, an I/O error) removes its partial tag and raises CheckpointError: `latest`
     and every earlier checkpoint are untouched.
     """
+    if getattr(getattr(engine, "checkpoint_engine", None), "name", "") == "NeoxCheckpointEngine":
+        # Its writes report errors to the Saver and may still be running when save_checkpoint returns.
+        raise RuntimeError("state.save is the synchronous path of DeepSpeed's own engines; use checkpoint.saver")
     save_dir = Path(save_dir)
     tag = tag_for_step(state.step)
     tag_dir = save_dir / tag

@@ -94,6 +94,7 @@ class DirectFile:
         self.size = 0
         self.current = 0  # which buffer fills
         self.fill = 0
+        self._written = 0  # bytes on disk so far (padding included)
         self._pending: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -131,7 +132,7 @@ class DirectFile:
             self.buffers.arrays[index][length:padded] = 0
         out = memoryview(self.buffers.maps[index])[:padded]
         if last:
-            _write_all(self.fd, out)
+            self._write_out(out)
         else:
             self._pending = threading.Thread(target=self._write_chunk, args=(out,), name="neox-ckpt-write",
                                              daemon=True)
@@ -139,9 +140,23 @@ class DirectFile:
         self.current = 1 - index
         self.fill = 0
 
-    def _write_chunk(self, view: memoryview) -> None:
+    def _write_out(self, view: memoryview) -> None:
         try:
             _write_all(self.fd, view)
+        except OSError as e:
+            # Some filesystems accept O_DIRECT at open and refuse the writes: start over buffered (only the first
+            # chunk can meet this, so nothing is lost; the padding is truncated in close()).
+            if not (self.direct and e.errno == errno.EINVAL and self._written == 0):
+                raise
+            os.close(self.fd)
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.direct = False
+            _write_all(self.fd, view)
+        self._written += len(view)
+
+    def _write_chunk(self, view: memoryview) -> None:
+        try:
+            self._write_out(view)
         except BaseException as e:  # noqa: BLE001 - re-raised in the writing thread by _wait
             self._error = e
 
@@ -159,7 +174,7 @@ class DirectFile:
             if self.fill:
                 self._hand_off(last=True)
             self._wait()
-            if self.direct:
+            if self._written != self.size:  # the zero padding of the last O_DIRECT block
                 os.ftruncate(self.fd, self.size)
             os.fsync(self.fd)
             st = os.fstat(self.fd)

@@ -53,6 +53,11 @@ class Checkpoints:
         self.snapshot_bytes = snapshot_bytes_per_node(params, precision(ds), zero_stage(ds), ranks_per_node=per_node,
                                                       world_size=plan.dp_size)
         asynchronous = choose_async(plan.run.async_save, self.snapshot_bytes)
+        # One mode for every rank: the commit's collectives come at the same point only when all save alike.
+        if control.sum([int(not asynchronous)])[0] and asynchronous:
+            asynchronous = False
+            log.warning("checkpoints are saved synchronously: another node has too little host memory for the "
+                        "asynchronous save's snapshot (see its WARNING)")
         self.saver = Saver(engine, install(engine, pin_memory=on_gpu), self.save_dir, owner=self.folder_owner,
                            run_id=publisher.identity.run_id, control=control, asynchronous=asynchronous)
         self.last_tag: str | None = None
