@@ -272,13 +272,14 @@ def checkpoint_bytes(total_params: int, precision: str, zero_stage: int) -> int:
 SNAPSHOT_MEMORY_SHARE = 0.8
 
 
-def snapshot_bytes_per_node(total_params: int, precision: str, zero_stage: int, *, ranks_per_node: int,
+def snapshot_bytes_per_node(total_params: int, precision: str, zero_stage: int, *, num_nodes: int,
                             world_size: int) -> int:
     """Host memory an asynchronous save's snapshot holds on the busiest node, the one with data-parallel rank 0.
 
     ZeRO-0 keeps every state on rank 0. ZeRO-1/2 write the module weights from rank 0 and split the optimizer
     states over the ranks. ZeRO-3 splits both."""
     total = checkpoint_bytes(total_params, precision, zero_stage)
+    ranks_per_node = -(-world_size // max(num_nodes, 1))  # the busiest node when they do not divide evenly
     share = min(ranks_per_node, world_size) / max(world_size, 1)
     if zero_stage == 0:
         return total

@@ -14,7 +14,6 @@ Either way the file is fsynced before `close` returns.
 
 from __future__ import annotations
 
-import base64
 import ctypes
 import errno
 import mmap
@@ -27,6 +26,7 @@ import google_crc32c._crc32c
 import numpy as np
 
 from neox_train.checkpoint.commit import FileRecord
+from neox_train.remote.files import crc32c_text
 
 ALIGN = 4096  # O_DIRECT wants buffer address, file offset and length aligned to the logical block size
 CHUNK_BYTES = 32 << 20  # large enough that a write costs far more than its syscall; two of them per writer
@@ -180,7 +180,7 @@ class DirectFile:
             st = os.fstat(self.fd)
         finally:
             self.abort()
-        return FileRecord(size=st.st_size, crc32c=base64.b64encode(self.crc.to_bytes(4, "big")).decode("ascii"),
+        return FileRecord(size=st.st_size, crc32c=crc32c_text(self.crc.to_bytes(4, "big")),
                           mtime_ns=st.st_mtime_ns)
 
     def abort(self) -> None:

@@ -258,7 +258,7 @@ def estimate(variant: Variant, shape: ModelShape, *, zero_section: dict[str, Any
     gpu_states, cpu = model_state_bytes(variant, shape, gpus=gpus, nodes=nodes, precision=precision)
     # async_save (the default) copies the rank's share of the model states to host memory at every save.
     snapshot = snapshot_bytes_per_node(shape.total_params, precision if precision != "no" else "fp32", variant.stage,
-                                       ranks_per_node=-(-gpus // nodes), world_size=gpus)
+                                       num_nodes=nodes, world_size=gpus)
     return Estimate(
         variant=variant, activation_checkpointing=checkpointing, micro_batch=micro_batch, grad_accum=grad_accum,
         model_states=gpu_states,

@@ -19,13 +19,18 @@ TMP_MARK = ".neox-tmp-"  # temporary files (atomic writes of the local backend, 
 _READ_CHUNK = 1024 * 1024
 
 
+def crc32c_text(digest: bytes) -> str:
+    """A crc32c's 4 big-endian bytes in the form GCS reports (base64)."""
+    return base64.b64encode(digest).decode("ascii")
+
+
 def crc32c_of_file(path: Path) -> str:
     """The file's CRC32C as GCS reports it (base64 of the 4 big-endian bytes), read in 1 MiB chunks."""
     checksum = google_crc32c.Checksum()
     with open(path, "rb") as f:
         while chunk := f.read(_READ_CHUNK):
             checksum.update(chunk)
-    return base64.b64encode(checksum.digest()).decode("ascii")
+    return crc32c_text(checksum.digest())
 
 
 def stat_key(path: Path) -> tuple[int, int]:
@@ -134,7 +139,7 @@ class Crc32cCache:
 
 
 def crc32c_of_bytes(data: bytes) -> str:
-    return base64.b64encode(google_crc32c.Checksum(data).digest()).decode("ascii")
+    return crc32c_text(google_crc32c.Checksum(data).digest())
 
 
 def install_folder(staging: Path, final: Path) -> None:

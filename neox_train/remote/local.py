@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import os
 import threading
@@ -15,7 +14,15 @@ import google_crc32c
 
 from neox_train.errors import StorageError, one_line
 from neox_train.remote.base import PROBE_PREFIX, RemoteChanged, RemoteFile
-from neox_train.remote.files import _READ_CHUNK, TMP_MARK, Crc32cCache, changed_since, crc32c_of_bytes, stat_key
+from neox_train.remote.files import (
+    _READ_CHUNK,
+    TMP_MARK,
+    Crc32cCache,
+    changed_since,
+    crc32c_of_bytes,
+    crc32c_text,
+    stat_key,
+)
 
 
 class LocalBackend:
@@ -95,7 +102,7 @@ class LocalBackend:
                 fout.write(chunk)
             fout.flush()
             os.fsync(fout.fileno())
-        got = base64.b64encode(checksum.digest()).decode("ascii")
+        got = crc32c_text(checksum.digest())
         if expect_crc32c is not None and got != expect_crc32c:
             tmp.unlink(missing_ok=True)
             raise StorageError(

@@ -49,8 +49,7 @@ class Checkpoints:
         ds = plan.ds_config
         # Until the first save has a real size: DeepSpeed's layout by parameter count, precision and stage.
         self.checkpoint_bytes = checkpoint_bytes(params, precision(ds), zero_stage(ds))
-        per_node = max(1, plan.dp_size // max(topo.num_nodes, 1))
-        self.snapshot_bytes = snapshot_bytes_per_node(params, precision(ds), zero_stage(ds), ranks_per_node=per_node,
+        self.snapshot_bytes = snapshot_bytes_per_node(params, precision(ds), zero_stage(ds), num_nodes=topo.num_nodes,
                                                       world_size=plan.dp_size)
         asynchronous = choose_async(plan.run.async_save, self.snapshot_bytes)
         # One mode for every rank: the commit's collectives come at the same point only when all save alike.
