@@ -17,6 +17,8 @@ from neox_train.errors import ConfigError, read_json_object
 from neox_train.model import ATTENTION_IMPLS, MODEL_PRESETS
 
 PRECISIONS = ("bf16", "fp16", "no")
+# --resume auto: latest where a complete checkpoint exists (here or at sync_to), else step 0 (the supervisor's)
+RESUME_AUTO = "auto"
 # torch: torch.optim.AdamW with torch's default kernel (for-each on CUDA); torch_fused: its fused kernel (CUDA and
 # CPU, no build); deepspeed_fused: DeepSpeed's FusedAdam, JIT-compiled at start (nvcc on a GPU machine).
 OPTIMIZER_IMPLS = ("torch", "torch_fused", "deepspeed_fused")
@@ -86,6 +88,21 @@ class RunConfig:
                                 "synchronous saves (one WARNING) when host memory is short.")
     preemption_grace_s: float = _f(30.0, "Seconds between SIGTERM and the scheduler's SIGKILL (GCE Spot: 30): after "
                                          "the final save, what is left of them goes to uploading that checkpoint.")
+    hang_timeout_s: float | None = _f(None, "Seconds a rank may go without completing an optimizer step before its "
+                                            "watchdog prints every thread's stack and exits it with code 75 (a hang); "
+                                            "null = the larger of 10x the median step time and 300 s. The first step "
+                                            "gets 3x that (+1800 s with compile), saves and evaluations more.")
+    loss_guard: bool = _f(True, "Skip the update of a step whose loss or gradient norm is not finite, or whose loss "
+                                "is above loss_spike_factor x the running median, on every rank; roll back after "
+                                "max_bad_steps such steps in a row.")
+    loss_spike_factor: float = _f(2.0, "A step's loss above this many times the median of the last "
+                                       "loss_spike_window losses is a spike; 0 = check only for NaN/inf.")
+    loss_spike_window: int = _f(100, "Accepted steps in the spike check's running median (the check starts once it "
+                                     "is full).")
+    max_bad_steps: int = _f(3, "Bad steps in a row before rolling back to the newest complete checkpoint before them "
+                               "and skipping the data consumed since; 0 = never roll back.")
+    max_rollbacks: int = _f(3, "Rollbacks a run start may make; one more streak of bad steps stops the run (exit 1, "
+                               "diverged).")
     max_pending_uploads: int = _f(0, "If more checkpoints than this wait for upload, skip the superseded ones (kept "
                                      "locally); 0 = never skip.")
 
@@ -130,14 +147,15 @@ def _type_name(value: Any) -> str:
 
 
 # The rules, by kind: (fields, lower bound) for integers; the allowed values of each choice field.
-_INTS = [(("seq_len", "max_steps", "save_steps", "log_steps", "eval_batches", "vocab_pad_multiple"), 1),
+_INTS = [(("seq_len", "max_steps", "save_steps", "log_steps", "eval_batches", "vocab_pad_multiple",
+           "loss_spike_window"), 1),
          (("eval_steps", "keep_last_n", "seed", "max_pending_uploads", "max_unpublished_checkpoints",
-           "prefetch_micro_batches"), 0)]
+           "prefetch_micro_batches", "max_bad_steps", "max_rollbacks"), 0)]
 _OPTIONAL_INTS = [(("micro_batch", "grad_accum", "max_shards", "warmup_steps"), 1),  # DeepSpeed needs warmup >= 1
                   (("vocab_size",), 2)]
 _CHOICES = {"attention": (ATTENTION_IMPLS, False), "mixed_precision": (PRECISIONS, True),
             "optimizer_impl": (OPTIMIZER_IMPLS, True)}  # field -> (valid values, null allowed)
-_BOOLS = ("activation_checkpointing", "background_upload", "async_save")
+_BOOLS = ("activation_checkpointing", "background_upload", "async_save", "loss_guard")
 _OPTIONAL_STRINGS = ("sync_to", "credentials", "init_from_hf", "compile")
 _STRINGS = ("name", "ds_config", "data_dir", "save_dir", "log_dir")
 
@@ -182,6 +200,12 @@ def _number_problems(values: dict[str, Any]) -> list[str]:
         out.append(f"val_fraction={vf!r} is out of range: must be a number in [0, 0.5]")
     if not (_is_number(ut) and ut >= 0):
         out.append(f"upload_timeout_s={ut!r} must be a number of seconds >= 0")
+    hang = values.get("hang_timeout_s")
+    if hang is not None and not (_is_number(hang) and hang > 0):
+        out.append(f"hang_timeout_s={hang!r} must be a number of seconds > 0 or null (automatic)")
+    factor = values.get("loss_spike_factor")
+    if not (_is_number(factor) and (factor == 0 or factor > 1)):
+        out.append(f"loss_spike_factor={factor!r} must be a number > 1, or 0 (no spike check)")
     grace = values.get("preemption_grace_s")
     if not (_is_number(grace) and grace > 0):
         out.append(f"preemption_grace_s={grace!r} must be a number of seconds > 0 (GCE Spot gives 30)")
@@ -216,7 +240,8 @@ def from_dict(values: dict[str, Any], *, source: str = "run config") -> RunConfi
     problems = validate(merged)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
-    for name in ("val_fraction", "upload_timeout_s", "peak_tflops", "preemption_grace_s"):
+    for name in ("val_fraction", "upload_timeout_s", "peak_tflops", "preemption_grace_s", "hang_timeout_s",
+                 "loss_spike_factor"):
         if isinstance(merged[name], int) and not isinstance(merged[name], bool):
             merged[name] = float(merged[name])
     return RunConfig(**merged)

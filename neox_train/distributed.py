@@ -77,8 +77,9 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed() -> None:
-    """The process group, with this process's rank variables in place (ranks.adopt_rank_env)."""
+def init_distributed(timeout_s: float | None = None) -> None:
+    """The process group, with this process's rank variables in place (ranks.adopt_rank_env). `timeout_s`: every
+    collective's timeout (train.watchdog sets it above the hang watchdog's allowance); None: DeepSpeed's 30 min."""
     adopt_rank_env()
     # Deferred (here and below): torch and deepspeed (~3 s) load only in processes that train; neox-launch and
     # neox-sync use this module's topology and ports without them.
@@ -97,7 +98,12 @@ def init_distributed() -> None:
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed()
+    if timeout_s is None:
+        deepspeed.init_distributed()
+    else:
+        from datetime import timedelta
+
+        deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
 
 
 @dataclass(frozen=True)
@@ -150,13 +156,18 @@ class Control:
     the GPU streams. That is what lets the loop agree after every step without a cost anyone can measure
     (bench/save_bench.py measures it). One rank needs no group at all."""
 
-    def __init__(self, world_size: int):
+    def __init__(self, world_size: int, *, timeout_s: float | None = None):
         self.world_size = world_size
         self.group = None
         if world_size > 1:
+            from datetime import timedelta
+
             import torch.distributed as tdist  # deferred: see init_distributed
 
-            self.group = tdist.new_group(backend="gloo")  # a collective: every rank builds it at the same point
+            # A collective: every rank builds it at the same point. Its timeout, like the main group's, lies above
+            # the hang watchdog's allowance.
+            self.group = tdist.new_group(backend="gloo",
+                                         timeout=timedelta(seconds=timeout_s) if timeout_s else None)
 
     def sum(self, values: list[int]) -> list[int]:
         """Element-wise sum over ranks."""
@@ -168,6 +179,18 @@ class Control:
         tensor = torch.tensor(values, dtype=torch.int64)
         tdist.all_reduce(tensor, group=self.group)
         return [int(v) for v in tensor.tolist()]
+
+    def sum_floats(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks in float64 (integers up to 2**53 stay exact; a NaN anywhere is NaN
+        everywhere)."""
+        if self.group is None:
+            return [float(v) for v in values]
+        import torch  # deferred: see init_distributed
+        import torch.distributed as tdist
+
+        tensor = torch.tensor(values, dtype=torch.float64)
+        tdist.all_reduce(tensor, group=self.group)
+        return tensor.tolist()
 
     def gather(self, obj: object) -> list[object]:
         """Every rank's `obj` (small, picklable), in rank order, on every rank."""

@@ -64,6 +64,14 @@ class UnpublishedCheckpoints(NeoxError):
     exit_code = 1
 
 
+class RunDiverged(NeoxError):
+    """The loss guard's streaks of bad steps outlasted its rollbacks (or there was no checkpoint to go back to): a
+    restart would diverge the same way."""
+
+    exit_code = 1
+    label = "diverged"
+
+
 def one_line(err: BaseException) -> str:
     """`Type: message` on one line (for errors of other libraries quoted inside ours)."""
     text = " ".join(str(err).split())

@@ -29,9 +29,11 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-steps", type=int, help="log every N steps")
     p.add_argument("--eval-steps", type=int, help="evaluate every N steps (0: never)")
     p.add_argument("--seed", type=int, help="seed for model init and data order")
-    p.add_argument("--resume", metavar="latest|TAG|URL",
+    p.add_argument("--resume", metavar="latest|auto|TAG|URL",
                    help="continue from a checkpoint: latest or a tag in --save-dir, or the newest COMPLETE one at a "
-                        "gs:// or file:// URL (latest also falls back to --sync-to when --save-dir has none)")
+                        "gs:// or file:// URL (latest also falls back to --sync-to when --save-dir has none); auto: "
+                        "like latest, but a start from step 0 when there is no checkpoint anywhere yet (what the "
+                        "supervisor restarts with)")
     p.add_argument("--sync-to", metavar="URL",
                    help="publish checkpoints to gs://bucket/prefix, file:///path or a folder")
     p.add_argument("--takeover", action="store_true",
@@ -66,6 +68,17 @@ def train_parser() -> argparse.ArgumentParser:
                       help="save checkpoints synchronously: the loop waits until the files are on disk")
     p.add_argument("--preemption-grace-s", type=float, metavar="S",
                    help="seconds from SIGTERM to SIGKILL (default 30, GCE Spot): the final save, then uploading it")
+    heal = p.add_argument_group("self-healing (see docs/training.md)")
+    heal.add_argument("--hang-timeout-s", type=float, metavar="S",
+                      help="a rank with no optimizer step for S seconds prints its stacks and exits (code 75); "
+                           "default: max(10x the median step, 300 s)")
+    heal.add_argument("--no-loss-guard", action="store_true",
+                      help="apply every update, even with a NaN/inf or spiking loss (default: skip them, roll back "
+                           "after --max-bad-steps in a row)")
+    heal.add_argument("--loss-spike-factor", type=float, metavar="K",
+                      help="a loss above K x the running median is a spike (default 2; 0 = NaN/inf only)")
+    heal.add_argument("--max-bad-steps", type=int, metavar="M",
+                      help="bad steps in a row before a rollback (default 3; 0 = never roll back)")
     p.add_argument("--no-background-upload", action="store_true",
                    help="upload inside save, blocking training (debugging); default: a background process")
     p.add_argument("--describe", action="store_true", help="print the effective configuration as JSON and exit")
@@ -81,6 +94,8 @@ def run_config_from_args(ns: argparse.Namespace) -> RunConfig:
     overrides = {k: v for k, v in vars(ns).items() if k in names and v is not None and v is not False}
     if ns.async_save is False:
         overrides["async_save"] = False
+    if ns.no_loss_guard:
+        overrides["loss_guard"] = False
     if ns.no_background_upload:
         overrides["background_upload"] = False
     return run.replace(**overrides) if overrides else run

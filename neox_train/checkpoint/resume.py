@@ -42,7 +42,7 @@ from neox_train.checkpoint.fetch import fetch_checkpoint, remote_latest, remote_
 from neox_train.checkpoint.owner import Identity, new_id, valid_id
 from neox_train.checkpoint.publisher import is_uploader
 from neox_train.checkpoint.tags import step_of_tag, tag_for_step
-from neox_train.config import RunConfig
+from neox_train.config import RESUME_AUTO, RunConfig
 from neox_train.distributed import collective_ints
 from neox_train.errors import ConfigError, StorageError
 from neox_train.log import log
@@ -59,6 +59,7 @@ class ResumePoint:
     named: bool = False  # the user named the tag (or URL): damage is an error, not a fallback
     remote: str | None = None  # the bucket: the source when remote_only, else compared with (--resume latest)
     remote_only: bool = False
+    fresh_if_none: bool = False  # --resume auto: no checkpoint in the bucket either means a start from step 0
     note: str = ""  # what is wrong with SAVE_DIR/latest, for the one WARNING line
     run_id: str | None = None  # the id this resume inherits, as far as known before the download
 
@@ -81,6 +82,8 @@ def locate(run: RunConfig, resume: str | None) -> ResumePoint:
         return ResumePoint(named=True, remote=resume, remote_only=True)
     if resume == "latest":
         return _locate_latest(run, save_dir, statuses)
+    if resume == RESUME_AUTO:
+        return _locate_auto(run, save_dir, statuses)
     return _locate_named(resume, save_dir, statuses)
 
 
@@ -118,6 +121,18 @@ def _locate_latest(run: RunConfig, save_dir: Path, statuses: list[commit.TagStat
             f"are replaced as their steps are saved again)")
     raise ConfigError(f"--resume latest: no checkpoint in {save_dir} (no global_stepN folder); start without "
                       f"--resume")
+
+
+def _locate_auto(run: RunConfig, save_dir: Path, statuses: list[commit.TagStatus]) -> ResumePoint:
+    """`latest` where a complete checkpoint exists (here, else at sync_to); else a start from step 0, which replaces
+    incomplete folders as their steps are saved again."""
+    if any(s.complete for s in statuses):
+        return _locate_latest(run, save_dir, statuses)
+    if run.sync_to:
+        return ResumePoint(remote=run.sync_to, remote_only=True, fresh_if_none=True)
+    if statuses:
+        log.info("resume auto: no complete checkpoint in %s yet: starting from step 0", save_dir)
+    return ResumePoint()
 
 
 def _locate_named(resume: str, save_dir: Path, statuses: list[commit.TagStatus]) -> ResumePoint:
@@ -220,8 +235,8 @@ def _agree_local(save_dir: Path, point: ResumePoint, owner: bool) -> tuple[int, 
     return step, said
 
 
-def _remote_choice(url: str, run: RunConfig, local_step: int, local_run_id: str | None, *, required: bool
-                   ) -> tuple[str | None, str | None, str]:
+def _remote_choice(url: str, run: RunConfig, local_step: int, local_run_id: str | None, *, required: bool,
+                   fresh_if_none: bool = False) -> tuple[str | None, str | None, str]:
     """On global rank 0: (the bucket tag to resume from, or None for the local one; its run id; a warning to log).
     `required`: the bucket is the only source (a URL was named, or nothing intact is local)."""
 
@@ -235,6 +250,9 @@ def _remote_choice(url: str, run: RunConfig, local_step: int, local_run_id: str 
         return None, None, f"could not look for a newer checkpoint in {url} ({e}); resuming from the local one"
     run_id = manifest.get("run_id") if manifest else None
     if required:
+        if tag is None and fresh_if_none:
+            return None, None, (f"--resume auto: no checkpoint in {run.save_dir} nor under {url} yet: starting "
+                                f"from step 0")
         if tag is None:
             raise checkpoint.CheckpointError(f"--resume: no COMPLETE checkpoint under {url} (a checkpoint counts once "
                                              f"its COMPLETE marker exists)")
@@ -271,7 +289,8 @@ def finish(plan, point: ResumePoint, data_tokens: int, *, topo, node_local: bool
     if point.remote and rank0:
         local_run_id = commit.inspect(save_dir, tag_for_step(step)).run_id if step >= 0 else None
         remote_tag, remote_id, told = _remote_choice(point.remote, run, step, local_run_id,
-                                                     required=point.remote_only or step == _NONE)
+                                                     required=point.remote_only or step == _NONE,
+                                                     fresh_if_none=point.fresh_if_none)
         if told:
             log.warning("resume: %s", told)
     chosen_remote = collective_ints([step_of_tag(remote_tag) if remote_tag else _NONE], "broadcast")[0]

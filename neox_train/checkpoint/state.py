@@ -37,6 +37,7 @@ class TrainState:
 
     step: int
     consumed_samples: int
+    guard: dict[str, Any] | None = None  # the loss guard's window and counters (train.guard)
 
 
 def rng_state() -> dict[str, Any]:
@@ -61,6 +62,7 @@ def client_state(
         "neox_train_version": CLIENT_STATE_VERSION,
         "step": state.step,
         "consumed_samples": state.consumed_samples,
+        "guard": state.guard,
         "dp_size": dp_size,
         "data_tokens": data_tokens,
         "run_config": run_config,
@@ -238,7 +240,8 @@ def load(engine, save_dir: Path, tag: str) -> TrainState:
     if saved.get("neox_train_version") != CLIENT_STATE_VERSION:
         raise ConfigError(f"checkpoint {save_dir / tag} was not written by neox-train (no data position in it)")
     set_rng_state(saved["rng"])
-    return TrainState(step=int(saved["step"]), consumed_samples=int(saved["consumed_samples"]))
+    return TrainState(step=int(saved["step"]), consumed_samples=int(saved["consumed_samples"]),
+                      guard=saved.get("guard"))
 
 
 def apply_retention(save_dir: Path, keep_last_n: int, *, may_delete: Callable[[str], bool] | None = None) -> list[str]:

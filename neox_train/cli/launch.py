@@ -8,6 +8,7 @@ import json
 import os
 import sys
 
+from neox_train.config import RESUME_AUTO
 from neox_train.distributed import DEFAULT_MASTER_PORT
 from neox_train.errors import ConfigError, run_guarded
 from neox_train.flags import run_config_from_args, train_parser
@@ -15,16 +16,21 @@ from neox_train.launch import preflight
 from neox_train.launch.launcher import (
     BIN,
     LAUNCHERS,
+    deepspeed_command,
     exec_launcher,
+    forwarded_train_args,
     make_plan,
     plan_table,
+    planned_train_args,
     prepare_launch,
     resolve_resources,
     run_preflight,
     shell_line,
+    write_env_file,
     write_launch_dir,
 )
 from neox_train.launch.planner import format_table
+from neox_train.launch.supervisor import Job, Supervisor, kill_pattern
 
 
 def launch_parser() -> argparse.ArgumentParser:
@@ -64,6 +70,12 @@ def launch_parser() -> argparse.ArgumentParser:
     modes.add_argument("--dry-run", action="store_true",
                        help="write the launch folder and print the exact command instead of running it")
     modes.add_argument("--json", action="store_true", help="--plan/--check/--dry-run: one JSON object on stdout")
+    heal = p.add_argument_group("self-healing")
+    heal.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                      help="when a rank crashes, is killed or hangs: stop the whole job and start it again from its "
+                           "newest complete checkpoint, up to N times (default 0: the job ends with the failure)")
+    heal.add_argument("--restart-backoff-s", type=float, default=10.0, metavar="S",
+                      help="seconds before the first restart, doubling for each further one (at most 300)")
     p.add_argument("--launch-dir", metavar="DIR",
                    help="where the resolved DeepSpeed JSON, hostfile and .deepspeed_env are written (default: "
                         "SAVE_DIR/launch); every node reads the JSON, so with node-local checkpoint storage "
@@ -100,6 +112,10 @@ def _run(argv: list[str] | None, out) -> int:
         print(json.dumps({"rows": rows}) if args.json else format_table(rows), file=out)
         return 0
 
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts {args.max_restarts} must be >= 0 (0: no restarts)")
+    if args.restart_backoff_s < 0:
+        raise ConfigError(f"--restart-backoff-s {args.restart_backoff_s:g} must be a number of seconds >= 0")
     resources = resolve_resources(args)
     req, plan = make_plan(run, args, resources)
     for warning in plan.warnings:
@@ -135,7 +151,28 @@ def _run(argv: list[str] | None, out) -> int:
     print(f"neox-launch: {plan.reason}", file=sys.stderr)
     print(f"neox-launch: running {shell_line(launch.command, launch.env_file_var)}", file=sys.stderr, flush=True)
     env = {**os.environ, **launch.env_file_var, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    if args.max_restarts:
+        return supervise(args, tparser, targs, launch, plan, env)
     return exec_launcher(launch.command, env)
+
+
+def supervise(args, tparser, targs, launch, plan, env: dict[str, str]) -> int:
+    """The job under the supervisor: restarts resume with --resume auto; each attempt's number reaches every rank
+    through .deepspeed_env (the other nodes) and the environment (this one)."""
+    restart_args = argparse.Namespace(**{**vars(targs), "resume": RESUME_AUTO})
+    restart_command = deepspeed_command(args, launch.resources, launch.launch_dir,
+                                        forwarded_train_args(tparser, restart_args)
+                                        + planned_train_args(plan, launch.launch_dir))
+
+    def env_for(attempt: int, extra: dict[str, str]) -> dict[str, str]:
+        write_env_file(launch.launch_dir, {**launch.env, **extra})
+        return {**env, **extra}
+
+    job = Job(command_for=lambda n: launch.command if n == 0 else restart_command, env_for=env_for,
+              launch_dir=launch.launch_dir, kill_pattern=kill_pattern(launch.launch_dir / "ds_config.json"),
+              hosts=launch.resources.hosts, launcher=args.launcher, ssh_port=args.ssh_port)
+    return Supervisor(job, max_restarts=args.max_restarts, backoff_s=args.restart_backoff_s,
+                      preemption_grace_s=launch.run.preemption_grace_s).run()
 
 
 def _plan_text(plan) -> str:

@@ -262,9 +262,13 @@ def write_launch_dir(launch: Launch, plan) -> None:
     (d / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
     if launch.resources.pool is not None:
         hostfile.write_hostfile(launch.resources.pool, d / "hostfile")
-    # DeepSpeed splits each line at the first '=' and fails on a line without one: no comments, no blank lines.
-    (d / ".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in launch.env.items()))
+    write_env_file(d, launch.env)
     (d / "command.txt").write_text(shell_line(launch.command, launch.env_file_var) + "\n")
+
+
+def write_env_file(launch_dir: Path, env: dict[str, str]) -> None:
+    # DeepSpeed splits each line at the first '=' and fails on a line without one: no comments, no blank lines.
+    (launch_dir / ".deepspeed_env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
 
 
 def shell_line(command: list[str], env: dict[str, str]) -> str:

@@ -63,7 +63,7 @@ class Checkpoints:
         self.committed_at = 0.0  # time.monotonic() of the newest local commit
 
     # -- saves --------------------------------------------------------------------------------------------------
-    def save(self, step: int, consumed_samples: int, losses: dict[str, Any], *,
+    def save(self, step: int, consumed_samples: int, losses: dict[str, Any], *, guard: dict[str, Any] | None = None,
              asynchronous: bool | None = None, first: bool = False) -> float:
         """Save `step` (every rank); returns the seconds the loop was blocked. A synchronous save (or
         `asynchronous=False`) is committed before this returns; an asynchronous one at a later step (`poll`)."""
@@ -74,7 +74,7 @@ class Checkpoints:
             if warning:
                 log.warning("%s", warning)
         plan = self.plan
-        state = checkpoint.TrainState(step, consumed_samples)
+        state = checkpoint.TrainState(step, consumed_samples, guard=guard)
         extra = checkpoint.client_state(
             state=state, run_config=plan.run.to_dict(), ds_config=plan.ds_config,
             model_config=plan.model_config.to_dict(), dp_size=plan.dp_size, data_tokens=self.data_tokens,

@@ -18,6 +18,7 @@ import deepspeed.comm as dist
 import torch
 from deepspeed.utils import logger as ds_logger
 
+from neox_train import health
 from neox_train.checkpoint import resume as resume_mod
 from neox_train.checkpoint.owner import new_id
 from neox_train.checkpoint.publisher import (
@@ -28,10 +29,11 @@ from neox_train.checkpoint.publisher import (
 )
 from neox_train.config import RunConfig
 from neox_train.distributed import Topology, adopt_rank_env, init_distributed, world_size_from_env
-from neox_train.errors import UnpublishedCheckpoints
+from neox_train.errors import NeoxError, UnpublishedCheckpoints, one_line
 from neox_train.log import log, setup_logging
 from neox_train.train.plan import RunPlan, load_data, prepare_run
 from neox_train.train.trainer import Trainer
+from neox_train.train.watchdog import HangLimits, Watchdog
 
 
 def write_run_files(plan: RunPlan) -> None:
@@ -43,8 +45,24 @@ def write_run_files(plan: RunPlan) -> None:
 
 
 def run_training(run: RunConfig, *, resume: str | None, takeover: bool = False) -> dict[str, Any]:
-    """Entry for `neox-train` after argument parsing: validate, init, train, report."""
+    """Entry for `neox-train` after argument parsing: validate, init, train, report. The hang watchdog is armed
+    from here on, and the rank's fate goes to its status file when a supervisor asked for one (health.py)."""
     adopt_rank_env()  # before anything reads the rank (mpirun / srun ranks, single processes)
+    watchdog = Watchdog(HangLimits.from_run(run), rank=int(os.environ.get("RANK", "0"))).start()
+    try:
+        summary = _run_training(run, resume=resume, takeover=takeover, watchdog=watchdog)
+    except NeoxError as e:  # a deliberate stop: bad input, a diverged run, checkpoints that cannot be published
+        watchdog.finish(health.STOPPED, exit_code=e.exit_code, detail=f"{e.label}: {e}")
+        raise
+    except BaseException as e:
+        watchdog.finish(health.FAILED, exit_code=1, detail=one_line(e))
+        raise
+    preempted = bool(summary.get("stopped_by_signal"))
+    watchdog.finish(health.DONE, exit_code=143 if preempted else 0, detail="preempted (SIGTERM)" if preempted else "")
+    return summary
+
+
+def _run_training(run: RunConfig, *, resume: str | None, takeover: bool, watchdog: Watchdog) -> dict[str, Any]:
     on_gpu = torch.cuda.is_available()
     plan = prepare_run(run, dp_size=world_size_from_env(), on_gpu=on_gpu)
     topo = Topology.from_env()
@@ -60,13 +78,15 @@ def run_training(run: RunConfig, *, resume: str | None, takeover: bool = False) 
         check_prefix_owner(run, topo, inherited or new_id(), takeover=takeover)
     data = load_data(plan)
     resume_mod.check(plan, point, data[0].num_tokens)
-    init_distributed()
+    init_distributed(timeout_s=watchdog.limits.collective_s)
+    if topo.rank == 0:
+        log.info("watchdog: %s", watchdog.limits.describe())
     # Verification, downloads from the bucket and universal-checkpoint conversion need the process group (the
     # other ranks wait); so does agreeing on the run's identity.
     plan, resume_tag, identity = resume_mod.finish(plan, point, data[0].num_tokens, topo=topo, node_local=node_local)
     publisher = Publisher(run, topo, node_local=node_local, identity=identity)
     try:
-        trainer = Trainer(plan, data, resume_tag=resume_tag, topo=topo, publisher=publisher)
+        trainer = Trainer(plan, data, resume_tag=resume_tag, topo=topo, publisher=publisher, watchdog=watchdog)
         resume_mod.after_load(plan, resume_tag, topo=topo, node_local=node_local)
         if topo.rank == 0:
             # Only now that the start succeeded: a start that failed leaves SAVE_DIR as it was.

@@ -19,16 +19,22 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from neox_train import health
+from neox_train.checkpoint import commit
 from neox_train.checkpoint import state as checkpoint
 from neox_train.checkpoint.publisher import Publisher
+from neox_train.checkpoint.tags import step_of_tag, tag_for_step
 from neox_train.data.loader import MicroBatchLoader
 from neox_train.data.windows import PackedWindows, SampleStream, Split, eval_batches
 from neox_train.distributed import Control, Topology
 from neox_train.ds_config import precision, zero_stage
+from neox_train.errors import RunDiverged
 from neox_train.log import log
 from neox_train.model import flops_per_token
 from neox_train.train.checkpoints import Checkpoints
 from neox_train.train.engine import build_engine
+from neox_train.train.faults import Faults
+from neox_train.train.guard import LossGuard, UpdateSwitch
 from neox_train.train.metrics import Metrics, Throughput
 from neox_train.train.perf import (
     FlopsAccounting,
@@ -40,15 +46,26 @@ from neox_train.train.perf import (
     resolve_peak,
 )
 from neox_train.train.plan import RunPlan
+from neox_train.train.watchdog import HangLimits, Watchdog
+
+
+class StepOutcome:
+    """What the guard made of the step just taken (the loss is the mean over every rank; None: guard off)."""
+
+    __slots__ = ("loss", "skipped", "reason")
+
+    def __init__(self, loss: float | None = None, skipped: bool = False, reason: str = ""):
+        self.loss, self.skipped, self.reason = loss, skipped, reason
 
 
 class Trainer:
     def __init__(
         self, plan: RunPlan, data: tuple[PackedWindows, Split], *, resume_tag: str | None, topo: Topology,
-        publisher: Publisher,
+        publisher: Publisher, watchdog: Watchdog | None = None,
     ):
         """Build the engine and load `resume_tag` (verified by resume.finish). The run's identity comes with the
-        publisher (it is the same whether or not anything is synced)."""
+        publisher (it is the same whether or not anything is synced). `watchdog`: the rank's hang watchdog, armed
+        since the process started (None: an unarmed one, for benchmarks that build a Trainer themselves)."""
 
         self.plan = plan
         run = plan.run
@@ -68,6 +85,14 @@ class Trainer:
             log.info("resumed from %s: step %d, %d samples consumed", self.save_dir / tag, state.step,
                      state.consumed_samples)
         self.step = state.step
+        self.watchdog = watchdog or Watchdog(HangLimits.from_run(run), rank=self.rank)
+        self.watchdog.started_at_step(state.step)
+        self.guard = LossGuard(run)
+        self.guard.load_state_dict(state.guard)
+        self.switch = UpdateSwitch(self.engine)
+        self.switch.active = self.guard.enabled
+        self.faults = Faults(self.rank)
+        self.outcome = StepOutcome()
         self.device = torch.device(self.engine.device)
         stream = SampleStream(
             self.split.train, seed=run.seed, micro_batch=self.micro_batch,
@@ -91,7 +116,7 @@ class Trainer:
         self.topo = topo
         self.publisher = publisher
         # The ranks agree after every step (a SIGTERM, a save still being written) on a CPU group: no device sync.
-        self.control = Control(plan.dp_size)
+        self.control = Control(plan.dp_size, timeout_s=self.watchdog.limits.collective_s)
         self.checkpoints = Checkpoints(self.engine, plan, topo=topo, publisher=publisher, metrics=self.metrics,
                                        control=self.control, on_gpu=self.device.type == "cuda",
                                        data_tokens=self.windows.num_tokens)
@@ -99,6 +124,21 @@ class Trainer:
         self.stop_signal_at: float | None = None  # when the first SIGTERM arrived (the preemption budget starts)
         self.last_losses: dict[str, float | int] = {}  # the newest logged train / validation loss, for run.json
         self._announced = False  # the "training ..." line, once even when train() runs in slices
+        self._agreed: tuple[bool, int] = (False, 0)  # this step's agreement: (stop, ranks still writing a save)
+        self._save_deferred = False  # a save fell on a bad step: it happens at the next good one
+        self._record_restart(state.step if resume_tag else 0)
+
+    def _record_restart(self, start_step: int) -> None:
+        """Under the supervisor, after a restart: run/restarts and run/steps_lost (cumulative) at the resumed step."""
+        restarts = int(os.environ.get(health.RESTARTS_ENV, "0") or 0)
+        if not restarts or not self.is_rank0:
+            return
+        reached = int(os.environ.get(health.PREVIOUS_STEP_ENV, "0") or 0)
+        lost = max(0, reached - start_step)
+        total = int(os.environ.get(health.STEPS_LOST_ENV, "0") or 0) + lost
+        self.metrics.record(start_step, "run", {"restarts": restarts, "steps_lost": total})
+        log.warning("restart %d: resumed at step %d; the previous start reached step %d, so %d step(s) are trained "
+                    "again (%d over all restarts)", restarts, start_step, reached, lost, total)
 
     # -- one optimizer step -------------------------------------------------------------------------------------
     def _tensor(self, indices: list[int]) -> torch.Tensor:
@@ -118,25 +158,62 @@ class Trainer:
         total = torch.zeros((), device=self.engine.device)
         grad_norm = None
         timer = self.timer
+        factor = None
+        if self.faults:  # the testing aid (train.faults): inert unless NEOX_FAULT is set
+            self.faults.before_step(self.step + 1)
+            factor = self.faults.loss_factor(self.step + 1)
         for micro in range(self.grad_accum):
             waited = time.perf_counter()
             batch = self.loader.next()
             timer.add_host("data_wait", time.perf_counter() - waited)
             started = timer.begin()
             loss = self._loss(batch)
+            if factor is not None:
+                loss = loss * factor
             self.engine.backward(loss)
             timer.end("fwd_bwd", started)
+            total += loss.detach()
             started = timer.begin()
-            if want_grad_norm and micro == self.grad_accum - 1 and self._own_grad_norm:
+            last = micro == self.grad_accum - 1
+            if last:
+                # Before DeepSpeed applies the update: every rank agrees on the step (and the guard judges it).
+                self._agree(total)
+            if want_grad_norm and last and self._own_grad_norm:
                 grad_norm = self._full_grad_norm()
             # On the accumulation boundary this is the optimizer step (with ZeRO, also the gradient reduction
             # that did not overlap backward); on the other micro-steps DeepSpeed's bookkeeping only.
             self.engine.step()
             timer.end("optimizer", started)
-            total += loss.detach()
+        self._judged()
         if want_grad_norm and grad_norm is None:
             grad_norm = as_float(self.engine.get_global_grad_norm())
         return total / self.grad_accum, grad_norm
+
+    def _agree(self, total: torch.Tensor) -> None:
+        """At the accumulation boundary, on every rank: one float64 sum over the gloo control group (nothing at all
+        with one rank) of (a SIGTERM reached this rank, this rank still writes a save, with the guard: this rank's
+        loss of the step). The loss costs one host-device sync; the guard's verdict decides the update."""
+        values = [float(self.stop_requested), float(self.checkpoints.saver.writing())]
+        if self.guard.enabled:
+            values.append(total.item() / self.grad_accum)
+        out = self.control.sum_floats(values)
+        self._agreed = (out[0] > 0, int(out[1]))
+        if self.guard.enabled:
+            loss = out[2] / self.plan.dp_size
+            verdict = self.guard.judge(loss)
+            self.switch.skip, self.switch.reason = verdict.bad, verdict.reason
+            self.outcome = StepOutcome(loss)
+
+    def _judged(self) -> None:
+        """After the optimizer step: was the update applied? (The guard skipped it, or DeepSpeed did: a non-finite
+        gradient norm.)"""
+        if not self.guard.enabled:
+            return
+        skipped, reason = self.switch.skip, self.switch.reason
+        if not skipped and not self.engine.was_step_applied():
+            skipped, reason = True, "non-finite gradient norm (DeepSpeed skipped the update)"
+        self.switch.skip, self.switch.reason = False, ""
+        self.outcome.skipped, self.outcome.reason = skipped, reason
 
     @property
     def _own_grad_norm(self) -> bool:
@@ -185,19 +262,49 @@ class Trainer:
     def save(self, *, asynchronous: bool | None = None, first: bool = False) -> float:
         """Save this step; returns the seconds the loop was blocked (see train.checkpoints)."""
         self.last_saved_step = self.step
-        return self.checkpoints.save(self.step, self.loader.consumed_samples, self.last_losses,
-                                     asynchronous=asynchronous, first=first)
+        with self.watchdog.phase("save"):
+            return self.checkpoints.save(self.step, self.loader.consumed_samples, self.last_losses,
+                                         guard=self.guard.state_dict(), asynchronous=asynchronous, first=first)
+
+    def _roll_back(self) -> None:
+        """After max_bad_steps bad steps in a row: weights, optimizer and LR schedule back to the newest complete
+        checkpoint before the streak, the data position where it is (the windows consumed since are skipped), the
+        step counter going on; then that state is saved, so a resume sees what this run sees."""
+        guard, run = self.guard, self.plan.run
+        first_bad, last_bad = guard.streak_start, self.step
+        if guard.rollbacks >= guard.max_rollbacks:
+            raise RunDiverged(
+                f"step {last_bad}: {guard.streak} bad steps in a row (from step {first_bad}; {self.outcome.reason}) "
+                f"after {guard.rollbacks} rollback(s), the most max_rollbacks={guard.max_rollbacks} allows; the run "
+                f"diverges: its checkpoints are kept in {self.save_dir}")
+        with self.watchdog.phase("rollback"):
+            self.checkpoints.drain()
+            mine = [step_of_tag(t) for t in commit.complete_tags(self.save_dir)]
+            mine = max((s for s in mine if s is not None and s < first_bad), default=-1)
+            target = min(int(v) for v in self.control.gather(mine))  # with node-local folders: on every node
+            if target < 0:
+                raise RunDiverged(
+                    f"step {last_bad}: {guard.streak} bad steps in a row (from step {first_bad}; "
+                    f"{self.outcome.reason}) and no complete checkpoint before step {first_bad} in {self.save_dir} "
+                    f"to roll back to (save_steps={run.save_steps})")
+            tag = tag_for_step(target)
+            state = checkpoint.load(self.engine, self.save_dir, tag)
+        skipped_from, skipped_to = state.consumed_samples, self.loader.consumed_samples
+        guard.rolled_back(skipped_to - skipped_from)
+        log.warning(
+            "rollback %d: %d bad steps in a row (steps %d-%d; %s): weights, optimizer and LR schedule are back at %s; "
+            "the data consumed since is skipped: samples [%d, %d) (%d sequences); training goes on at step %d",
+            guard.rollbacks, last_bad - first_bad + 1, first_bad, last_bad, self.outcome.reason, tag, skipped_from,
+            skipped_to, skipped_to - skipped_from, self.step)
+        self.metrics.record(self.step, "guard", {**guard.counters(), "rollback_to_step": target,
+                                                 "skipped_from_sample": skipped_from, "skipped_to_sample": skipped_to})
+        self._save_deferred = False
+        self.save()
 
     def log_sync_status(self) -> None:
         if not self.publisher.enabled:
             return
         self.metrics.record(self.step, "sync", self.publisher.metrics())
-
-    def _agree(self) -> tuple[bool, int]:
-        """After every step, on every rank: (a SIGTERM reached some rank, ranks still writing the save in flight).
-        One sum of two integers over the gloo control group; nothing at all with one rank."""
-        stop, writing = self.control.sum([int(self.stop_requested), self.checkpoints.saver.writing()])
-        return stop > 0, writing
 
     def train(self, *, until_step: int | None = None, final: bool = True) -> dict[str, Any]:
         """Train to max_steps (or to `until_step`, for benchmarks that run the loop in slices).
@@ -229,14 +336,16 @@ class Trainer:
                 log_now = (self.step + 1) % run.log_steps == 0 or self.step + 1 == run.max_steps
                 lr = float(self.engine.get_lr()[0])  # the rate this step uses (the scheduler moves in step())
                 loss, grad_norm = self.train_step(want_grad_norm=log_now)
-                loss_sum += loss
-                loss_count += 1
                 self.step += 1
+                self.watchdog.beat(self.step)
                 throughput.step()
                 bar.update(1)
+                if self._after_update(throughput):
+                    loss_sum += loss
+                    loss_count += 1
                 if log_now:
                     values = {
-                        "loss": self._global_mean(loss_sum / loss_count),
+                        "loss": self._global_mean(loss_sum / loss_count) if loss_count else float("nan"),
                         "lr": lr,
                         "grad_norm": grad_norm,
                         "consumed_samples": self.loader.consumed_samples,
@@ -255,7 +364,8 @@ class Trainer:
                     self.last_losses["train_loss"] = values["loss"]
                     summary["tokens_per_s"] = values["tokens_per_s"]
                 if run.eval_steps and self.step % run.eval_steps == 0 and len(self.split.val):
-                    ev = self.evaluate()
+                    with self.watchdog.phase("eval"):
+                        ev = self.evaluate()
                     if ev:
                         self.metrics.record(self.step, "eval", ev)
                         log.info("step %d: validation loss=%.4f perplexity=%.2f", self.step, ev["loss"],
@@ -265,14 +375,13 @@ class Trainer:
                     throughput.restart()
                 if log_now:
                     self.log_sync_status()
-                if self.step % run.save_steps == 0:
-                    throughput.add_checkpoint_stall(self.save())
-                    throughput.restart()
-                    if self.checkpoints.too_many_unpublished():
-                        summary["stopped_unpublished"] = True
-                        break
-                stop, writing = self._agree()
-                throughput.add_checkpoint_stall(self.checkpoints.poll(writing))
+                saved = self._save_if_due(throughput)
+                if saved and self.checkpoints.too_many_unpublished():
+                    summary["stopped_unpublished"] = True
+                    break
+                stop, writing = self._agreed
+                if not saved:  # a save begun this step is not polled before the next agreement counts it
+                    throughput.add_checkpoint_stall(self.checkpoints.poll(writing))
                 if stop:
                     log.warning("stop requested (SIGTERM) at step %d: saving and flushing uploads", self.step)
                     summary["stopped_by_signal"] = True
@@ -288,16 +397,48 @@ class Trainer:
             redirect.__exit__(None, None, None)
         if final:
             try:
-                # Only once the training bar is closed: the flush logs and draws a bar of its own.
+                # Only once the training bar is closed: the flush logs and draws a bar of its own. It is bounded by
+                # its own timeouts, so the watchdog stands down.
+                self.watchdog.disarm()
                 self._flush_uploads(summary)
             finally:
                 self.close()
         summary["end_step"] = self.step
         return summary
 
+    def _after_update(self, throughput: Throughput) -> bool:
+        """The guard's bookkeeping of the step just taken (a rollback when a streak calls for it); True when the
+        step's loss counts in the logged mean (its update was applied)."""
+        outcome = self.outcome
+        roll_back = self.guard.enabled and self.guard.record(self.step, outcome.loss, outcome.skipped)
+        if outcome.skipped:
+            log.warning("step %d: update skipped on every rank: %s (%d bad step(s) in a row)", self.step,
+                        outcome.reason, self.guard.streak)
+            bad = outcome.loss if outcome.loss is not None and math.isfinite(outcome.loss) else None
+            self.metrics.record(self.step, "guard", {**self.guard.counters(), "bad_loss": bad})
+        if roll_back:
+            self._roll_back()
+            throughput.restart()
+        return not outcome.skipped
+
+    def _save_if_due(self, throughput: Throughput) -> bool:
+        """Save when save_steps says so, except within a streak of bad steps (then at the first good step, so the
+        newest checkpoint stays the one a rollback returns to). True when a save began."""
+        due = self.step % self.plan.run.save_steps == 0 or self._save_deferred
+        if not due or self.last_saved_step == self.step:
+            return False
+        if self.guard.streak:
+            self._save_deferred = True
+            return False
+        self._save_deferred = False
+        throughput.add_checkpoint_stall(self.save())
+        throughput.restart()
+        return True
+
     def _final_save(self, summary: dict[str, Any]) -> None:
         """The save in flight committed, then this step saved unless it is (or publishing is stuck)."""
-        self.checkpoints.drain()
+        with self.watchdog.phase("save"):
+            self.checkpoints.drain()
         if self.last_saved_step != self.step and not summary.get("stopped_unpublished"):
             # The loop is over: nothing to overlap with, so no snapshot; a preemption save goes first in line.
             self.save(asynchronous=False, first=summary.get("stopped_by_signal", False))
