@@ -4,6 +4,7 @@
 #   ./launcher/start_training.sh --config production --gpus 2
 #   ./launcher/start_training.sh --config production --gpus 2 --resume latest --max-steps 20000
 #   ./launcher/start_training.sh --config production --hostfile hosts.txt --no-background-upload
+#   ./launcher/start_training.sh --config production --gpus 8 --max-restarts 5     # restart after crashes and hangs
 #
 # It is neox-launch with the seed's defaults (--config production, --gpus 1 when neither --gpus nor --hostfile is
 # given): neox-launch plans the ZeRO stage for the GPUs, runs the pre-flight checks (the seed's "validate setup"),
@@ -32,6 +33,7 @@ usage: start_training.sh [--config NAME|FILE] [--gpus N | --hostfile FILE] [--ma
   --max-steps N            optimizer steps to train
   --resume latest|TAG|URL  continue from a checkpoint
   --no-background-upload   upload checkpoints inside the save (debugging)
+  --max-restarts N         restart the job after a crash or hang, up to N times (neox-launch's supervisor)
 
 Everything else goes to neox-launch (see: neox-launch --help).
 EOF

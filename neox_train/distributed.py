@@ -160,9 +160,9 @@ class Control:
         self.world_size = world_size
         self.group = None
         if world_size > 1:
-            from datetime import timedelta
+            from datetime import timedelta  # deferred with torch (see init_distributed): only processes that train
 
-            import torch.distributed as tdist  # deferred: see init_distributed
+            import torch.distributed as tdist
 
             # A collective: every rank builds it at the same point. Its timeout, like the main group's, lies above
             # the hang watchdog's allowance.

@@ -126,15 +126,15 @@ def run_in_own_group(cmd: list[str], *, env: dict[str, str], timeout: float, cwd
     return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
 
 
-def run_train(args: list[str], *, nprocs: int = 1, timeout: int = 300,
-              check: bool = True) -> subprocess.CompletedProcess:
+def run_train(args: list[str], *, nprocs: int = 1, timeout: int = 300, check: bool = True,
+              extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`neox-train ARGS`, or `deepspeed --num_gpus N neox-train ARGS` for several CPU ranks on localhost."""
     exe = str(BIN / "neox-train")
     if nprocs == 1:
         cmd = [exe, *args]
     else:
         cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(_free_port()), exe, *args]
-    proc = run_in_own_group(cmd, env=train_env(), timeout=timeout)
+    proc = run_in_own_group(cmd, env={**train_env(), **(extra_env or {})}, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

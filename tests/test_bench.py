@@ -100,3 +100,10 @@ def test_save_bench_stall_and_agreement():
         assert set(stage["tokens_per_s"]) == {"none", "sync", "async"}
     r = bench("save_bench.py", "agree", "--calls", "200")
     assert r["mode"] == "agree" and r["ranks"] == 2 and 0 < r["us_per_step"] < 100_000
+
+
+def test_heal_bench_alternates_guard_and_watchdog_on_and_off():
+    r = bench("heal_bench.py", *TINY, "--block", "2", "--rounds", "2")
+    assert r["bench"] == "heal" and r["goal"] == 1.01 and len(r["ratios"]) == 2
+    assert 0.2 < r["ratio_median"] < 5 and r["on_step_s_median"] > 0 and r["off_step_s_median"] > 0
+    assert r["guard_skipped_updates"] == 0  # a healthy run: the guard judged every step and skipped none

@@ -250,7 +250,7 @@ def test_the_same_step_dying_twice_gives_up_with_a_summary(tmp_path, capsys):
     assert code != 0 and summary["restarts"] == 1 and len(summary["attempts"]) == 2
     assert "without progress" in summary["result"]
     err = capsys.readouterr().err
-    assert "gave up: attempts 0 and 1 both failed at step 4 without progress" in err
+    assert "gave up: attempts 0 and 1 both failed (crash) at step 4 without progress" in err
     assert "attempt 0: crash" in err and "attempt 1: crash" in err
 
 
@@ -289,3 +289,11 @@ def test_the_kill_pattern_matches_the_ranks_command_lines_but_not_its_own_text(t
     assert re.search(pattern, rank)
     assert not re.search(pattern, f"sh -c pkill -KILL -f '{pattern}'")
     assert not re.search(pattern, rank.replace("run.1", "runx1"))  # the dot is literal
+
+
+def test_two_different_faults_at_one_step_are_not_a_repeating_one():
+    kill = sup.Attempt(0, 0.0, kind="crash", step=6, start_step=0)
+    hang = sup.Attempt(1, 0.0, kind="hang", step=6, start_step=4)
+    assert not sup.no_progress(kill, hang)
+    assert sup.no_progress(hang, sup.Attempt(2, 0.0, kind="hang", step=6, start_step=4))
+    assert not sup.no_progress(hang, sup.Attempt(2, 0.0, kind="hang", step=7, start_step=4))

@@ -16,7 +16,7 @@ PACKAGE = REPO / "neox_train"
 # Bottom to top. A unit (a top-level module or a sub-package) imports only units of lower layers, and its own
 # modules; two units of one layer never import each other. This is the order the README's layout tour gives.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "log", "units"),
+    ("errors", "log", "units", "health"),
     ("model", "distributed"),
     ("config",),
     ("ds_config", "flags"),

@@ -137,6 +137,9 @@ class Saver:
         flight, self._flight = self._flight, None
         started = time.perf_counter()
         batch: WriteBatch = flight["batch"]
+        # Immediate when the agreement said so; were a caller ever to call early, this rank still reports only
+        # files it has finished (a marker listing a half-written set would be a torn checkpoint).
+        batch.done.wait()
         tag, tag_dir = flight["tag"], self.save_dir / flight["tag"]
         reports = self.control.gather({"error": batch.error, "records": batch.records, "write_s": batch.write_s,
                                        "bytes": batch.bytes_written})

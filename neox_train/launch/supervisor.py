@@ -98,7 +98,10 @@ def _signal_name(number: int) -> str:
 
 
 def no_progress(previous: Attempt, last: Attempt) -> bool:
-    """Two failed attempts in a row, the second no further than the first: the same fault at the same place."""
+    """Two failed attempts in a row that failed alike (both crashes, or both hangs) and the second no further than
+    the first: the same fault at the same place. (A kill and then a hang at one step are two faults.)"""
+    if previous.kind != last.kind:
+        return False
     if previous.step is None and last.step is None:
         return True  # both died before a single rank reported a step
     return previous.step is not None and last.step is not None and last.step <= previous.step
@@ -147,8 +150,8 @@ class Supervisor:
             if len(self.attempts) >= 2 and no_progress(self.attempts[-2], attempt):
                 where = f"step {attempt.step}" if attempt.step is not None else "start-up"
                 return attempt.exit_code or 1, (
-                    f"gave up: attempts {number - 1} and {number} both failed at {where} without progress (a fault "
-                    f"that repeats, not a transient one: a restart cannot help)")
+                    f"gave up: attempts {number - 1} and {number} both failed ({attempt.kind}) at {where} without "
+                    f"progress (a fault that repeats, not a transient one: a restart cannot help)")
             wait = min(self.backoff_s * 2 ** (number), MAX_BACKOFF_S)
             self.say(f"attempt {number} failed ({attempt.kind}: {attempt.cause}); restarting from the newest "
                      f"complete checkpoint in {wait:g} s (restart {number + 1} of at most {self.max_restarts})")
@@ -246,7 +249,7 @@ class Supervisor:
             attempt.kind, attempt.cause = "stopped", f"rank {first.rank} stopped deliberately: {first.detail}"
             attempt.exit_code = first.exit_code or code
         elif by_state.get(health.HUNG):
-            first = by_state[health.HUNG][0]
+            first = min(by_state[health.HUNG], key=lambda s: s.updated_at)
             attempt.kind, attempt.cause = "hang", first.detail
         elif failure and self._stale:
             attempt.kind, attempt.cause = "hang", failure
@@ -254,7 +257,8 @@ class Supervisor:
             attempt.kind, attempt.cause = "preempted", "the ranks were sent SIGTERM (saved and stopped)"
         else:
             silent = [s for s in statuses.values() if s.state in health.ALIVE]
-            crashed = by_state.get(health.FAILED, [])
+            # The first to fail is the cause; the others' errors follow from it (a peer gone from a collective).
+            crashed = sorted(by_state.get(health.FAILED, []), key=lambda s: s.updated_at)
             if silent:
                 who = ", ".join(f"rank {s.rank} (pid {s.pid} on {s.host})" for s in silent)
                 attempt.cause = f"{who} ended without a word (killed by a signal: kill -9, the OOM killer, a lost " \

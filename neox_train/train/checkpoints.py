@@ -36,6 +36,7 @@ class Checkpoints:
     def __init__(self, engine, plan: RunPlan, *, topo: Topology, publisher: Publisher, metrics: Metrics,
                  control: Control, on_gpu: bool, data_tokens: int):
         self.plan = plan
+        self.engine = engine
         self.save_dir = Path(plan.run.save_dir)
         self.publisher = publisher
         self.metrics = metrics
@@ -103,6 +104,18 @@ class Checkpoints:
         started = time.perf_counter()
         self._committed(self.saver.wait_and_finish())
         return time.perf_counter() - started
+
+    def load_newest_before(self, step: int) -> tuple[str, checkpoint.TrainState] | None:
+        """The loss guard's rollback, on every rank: the save in flight committed, then the newest complete tag
+        before `step` that every node holds (node-local folders differ) loaded into the engine; None when none."""
+        self.drain()
+        mine = [step_of_tag(t) for t in commit.complete_tags(self.save_dir)]
+        newest = max((s for s in mine if s is not None and s < step), default=-1)
+        target = min(int(v) for v in self.control.gather(newest))
+        if target < 0:
+            return None
+        tag = checkpoint.tag_for_step(target)
+        return tag, checkpoint.load(self.engine, self.save_dir, tag)
 
     def _committed(self, result: SaveResult, *, first: bool = False) -> None:
         if not self.saver.in_flight:

@@ -27,6 +27,18 @@ from typing import Any
 
 import torch
 
+from neox_train.errors import RunDiverged
+from neox_train.log import log
+
+
+@dataclass
+class StepOutcome:
+    """What the guard made of the step just taken (the loss is the mean over every rank; None: guard off)."""
+
+    loss: float | None = None
+    skipped: bool = False
+    reason: str = ""
+
 
 @dataclass
 class Verdict:
@@ -92,6 +104,31 @@ class LossGuard:
         self.skipped_updates = int(state.get("skipped_updates", 0))
         self.rollbacks = int(state.get("rollbacks", 0))
         self.skipped_samples = int(state.get("skipped_samples", 0))
+
+
+def roll_back(guard: LossGuard, *, step: int, reason: str, checkpoints, consumed_samples: int, metrics) -> None:
+    """Weights, optimizer and LR schedule back to the newest complete checkpoint before the streak (on every rank);
+    the data position stays where it is, so the windows consumed since are skipped, and the step counter goes on.
+    RunDiverged when max_rollbacks are spent or no checkpoint lies before the streak."""
+    first_bad = guard.streak_start
+    what = f"step {step}: {guard.streak} bad steps in a row (from step {first_bad}; {reason})"
+    if guard.rollbacks >= guard.max_rollbacks:
+        raise RunDiverged(f"{what} after {guard.rollbacks} rollback(s), the most max_rollbacks={guard.max_rollbacks} "
+                          f"allows; the run diverges: its checkpoints are kept in {checkpoints.save_dir}")
+    loaded = checkpoints.load_newest_before(first_bad)
+    if loaded is None:
+        raise RunDiverged(f"{what} and no complete checkpoint before step {first_bad} in {checkpoints.save_dir} to "
+                          f"roll back to (save_steps={checkpoints.plan.run.save_steps})")
+    tag, state = loaded
+    skipped_from, skipped_to = state.consumed_samples, consumed_samples
+    guard.rolled_back(skipped_to - skipped_from)
+    log.warning(
+        "rollback %d: %d bad steps in a row (steps %d-%d; %s): weights, optimizer and LR schedule are back at %s; the "
+        "data consumed since is skipped: samples [%d, %d) (%d sequences); training goes on at step %d",
+        guard.rollbacks, step - first_bad + 1, first_bad, step, reason, tag, skipped_from, skipped_to,
+        skipped_to - skipped_from, step)
+    metrics.record(step, "guard", {**guard.counters(), "rollback_to_step": state.step,
+                                   "skipped_from_sample": skipped_from, "skipped_to_sample": skipped_to})
 
 
 class UpdateSwitch:

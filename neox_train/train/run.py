@@ -87,6 +87,8 @@ def _run_training(run: RunConfig, *, resume: str | None, takeover: bool, watchdo
     publisher = Publisher(run, topo, node_local=node_local, identity=identity)
     try:
         trainer = Trainer(plan, data, resume_tag=resume_tag, topo=topo, publisher=publisher, watchdog=watchdog)
+        if topo.rank == 0:
+            record_restart(trainer.metrics, trainer.step)
         resume_mod.after_load(plan, resume_tag, topo=topo, node_local=node_local)
         if topo.rank == 0:
             # Only now that the start succeeded: a start that failed leaves SAVE_DIR as it was.
@@ -126,6 +128,20 @@ def _run_training(run: RunConfig, *, resume: str | None, takeover: bool, watchdo
             f"{run.save_dir} {run.sync_to}` or the next run with --sync-to finishes them)"
         )
     return summary
+
+
+def record_restart(metrics, start_step: int) -> None:
+    """Under the supervisor, after a restart: run/restarts and run/steps_lost (all restarts so far) at the step
+    resumed from, and one WARNING line."""
+    restarts = int(os.environ.get(health.RESTARTS_ENV, "0") or 0)
+    if not restarts:
+        return
+    reached = int(os.environ.get(health.PREVIOUS_STEP_ENV, "0") or 0)
+    lost = max(0, reached - start_step)
+    total = int(os.environ.get(health.STEPS_LOST_ENV, "0") or 0) + lost
+    metrics.record(start_step, "run", {"restarts": restarts, "steps_lost": total})
+    log.warning("restart %d: resumed at step %d; the previous start reached step %d, so %d step(s) are trained again "
+                "(%d over all restarts)", restarts, start_step, reached, lost, total)
 
 
 def _quiet_deepspeed() -> None:

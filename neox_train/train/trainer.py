@@ -19,22 +19,19 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from neox_train import health
-from neox_train.checkpoint import commit
 from neox_train.checkpoint import state as checkpoint
 from neox_train.checkpoint.publisher import Publisher
-from neox_train.checkpoint.tags import step_of_tag, tag_for_step
 from neox_train.data.loader import MicroBatchLoader
-from neox_train.data.windows import PackedWindows, SampleStream, Split, eval_batches
+from neox_train.data.windows import PackedWindows, SampleStream, Split
 from neox_train.distributed import Control, Topology
 from neox_train.ds_config import precision, zero_stage
-from neox_train.errors import RunDiverged
 from neox_train.log import log
 from neox_train.model import flops_per_token
 from neox_train.train.checkpoints import Checkpoints
 from neox_train.train.engine import build_engine
+from neox_train.train.evaluation import evaluate
 from neox_train.train.faults import Faults
-from neox_train.train.guard import LossGuard, UpdateSwitch
+from neox_train.train.guard import LossGuard, StepOutcome, UpdateSwitch, roll_back
 from neox_train.train.metrics import Metrics, Throughput
 from neox_train.train.perf import (
     FlopsAccounting,
@@ -47,15 +44,6 @@ from neox_train.train.perf import (
 )
 from neox_train.train.plan import RunPlan
 from neox_train.train.watchdog import HangLimits, Watchdog
-
-
-class StepOutcome:
-    """What the guard made of the step just taken (the loss is the mean over every rank; None: guard off)."""
-
-    __slots__ = ("loss", "skipped", "reason")
-
-    def __init__(self, loss: float | None = None, skipped: bool = False, reason: str = ""):
-        self.loss, self.skipped, self.reason = loss, skipped, reason
 
 
 class Trainer:
@@ -125,20 +113,9 @@ class Trainer:
         self.last_losses: dict[str, float | int] = {}  # the newest logged train / validation loss, for run.json
         self._announced = False  # the "training ..." line, once even when train() runs in slices
         self._agreed: tuple[bool, int] = (False, 0)  # this step's agreement: (stop, ranks still writing a save)
+        self._saved_since_agreement = False  # a save began after it (a rollback's, a scheduled one)
         self._save_deferred = False  # a save fell on a bad step: it happens at the next good one
-        self._record_restart(state.step if resume_tag else 0)
 
-    def _record_restart(self, start_step: int) -> None:
-        """Under the supervisor, after a restart: run/restarts and run/steps_lost (cumulative) at the resumed step."""
-        restarts = int(os.environ.get(health.RESTARTS_ENV, "0") or 0)
-        if not restarts or not self.is_rank0:
-            return
-        reached = int(os.environ.get(health.PREVIOUS_STEP_ENV, "0") or 0)
-        lost = max(0, reached - start_step)
-        total = int(os.environ.get(health.STEPS_LOST_ENV, "0") or 0) + lost
-        self.metrics.record(start_step, "run", {"restarts": restarts, "steps_lost": total})
-        log.warning("restart %d: resumed at step %d; the previous start reached step %d, so %d step(s) are trained "
-                    "again (%d over all restarts)", restarts, start_step, reached, lost, total)
 
     # -- one optimizer step -------------------------------------------------------------------------------------
     def _tensor(self, indices: list[int]) -> torch.Tensor:
@@ -198,6 +175,7 @@ class Trainer:
             values.append(total.item() / self.grad_accum)
         out = self.control.sum_floats(values)
         self._agreed = (out[0] > 0, int(out[1]))
+        self._saved_since_agreement = False
         if self.guard.enabled:
             loss = out[2] / self.plan.dp_size
             verdict = self.guard.judge(loss)
@@ -225,27 +203,10 @@ class Trainer:
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.nn.utils.get_total_norm(grads).item()) if grads else float("nan")
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        self.engine.eval()
-        kw = dict(micro_batch=self.micro_batch, dp_size=self.plan.dp_size, max_batches=self.plan.run.eval_batches)
-        mine = eval_batches(self.split.val, dp_rank=self.rank, **kw)
-        # Every rank must run the same number of forwards (ZeRO-3 gathers parameters collectively inside
-        # forward). With a tiny validation split high ranks can get no batch: they run a weight-0 forward.
-        n_forwards = len(eval_batches(self.split.val, dp_rank=0, **kw))
-        sums = torch.zeros(2, device=self.engine.device, dtype=torch.float64)
-        for i in range(n_forwards):
-            indices = mine[i] if i < len(mine) else []
-            loss = self._loss(self._tensor(indices or [self.split.val[0]]))
-            if indices:
-                sums[0] += loss.double() * len(indices)
-                sums[1] += len(indices)
-        dist.all_reduce(sums)
-        self.engine.train()
-        if sums[1] == 0:
-            return {}
-        loss = (sums[0] / sums[1]).item()
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "sequences": int(sums[1].item())}
+        return evaluate(self.engine, lambda indices: self._loss(self._tensor(indices)), self.split.val,
+                        micro_batch=self.micro_batch, dp_size=self.plan.dp_size, rank=self.rank,
+                        max_batches=self.plan.run.eval_batches)
 
     def _global_mean(self, value: torch.Tensor) -> float:
         value = value.clone().float()
@@ -262,42 +223,17 @@ class Trainer:
     def save(self, *, asynchronous: bool | None = None, first: bool = False) -> float:
         """Save this step; returns the seconds the loop was blocked (see train.checkpoints)."""
         self.last_saved_step = self.step
+        self._saved_since_agreement = True
         with self.watchdog.phase("save"):
             return self.checkpoints.save(self.step, self.loader.consumed_samples, self.last_losses,
                                          guard=self.guard.state_dict(), asynchronous=asynchronous, first=first)
 
     def _roll_back(self) -> None:
-        """After max_bad_steps bad steps in a row: weights, optimizer and LR schedule back to the newest complete
-        checkpoint before the streak, the data position where it is (the windows consumed since are skipped), the
-        step counter going on; then that state is saved, so a resume sees what this run sees."""
-        guard, run = self.guard, self.plan.run
-        first_bad, last_bad = guard.streak_start, self.step
-        if guard.rollbacks >= guard.max_rollbacks:
-            raise RunDiverged(
-                f"step {last_bad}: {guard.streak} bad steps in a row (from step {first_bad}; {self.outcome.reason}) "
-                f"after {guard.rollbacks} rollback(s), the most max_rollbacks={guard.max_rollbacks} allows; the run "
-                f"diverges: its checkpoints are kept in {self.save_dir}")
+        """After max_bad_steps bad steps in a row (see train.guard.roll_back); then that state is saved, so a resume
+        sees what this run sees."""
         with self.watchdog.phase("rollback"):
-            self.checkpoints.drain()
-            mine = [step_of_tag(t) for t in commit.complete_tags(self.save_dir)]
-            mine = max((s for s in mine if s is not None and s < first_bad), default=-1)
-            target = min(int(v) for v in self.control.gather(mine))  # with node-local folders: on every node
-            if target < 0:
-                raise RunDiverged(
-                    f"step {last_bad}: {guard.streak} bad steps in a row (from step {first_bad}; "
-                    f"{self.outcome.reason}) and no complete checkpoint before step {first_bad} in {self.save_dir} "
-                    f"to roll back to (save_steps={run.save_steps})")
-            tag = tag_for_step(target)
-            state = checkpoint.load(self.engine, self.save_dir, tag)
-        skipped_from, skipped_to = state.consumed_samples, self.loader.consumed_samples
-        guard.rolled_back(skipped_to - skipped_from)
-        log.warning(
-            "rollback %d: %d bad steps in a row (steps %d-%d; %s): weights, optimizer and LR schedule are back at %s; "
-            "the data consumed since is skipped: samples [%d, %d) (%d sequences); training goes on at step %d",
-            guard.rollbacks, last_bad - first_bad + 1, first_bad, last_bad, self.outcome.reason, tag, skipped_from,
-            skipped_to, skipped_to - skipped_from, self.step)
-        self.metrics.record(self.step, "guard", {**guard.counters(), "rollback_to_step": target,
-                                                 "skipped_from_sample": skipped_from, "skipped_to_sample": skipped_to})
+            roll_back(self.guard, step=self.step, reason=self.outcome.reason, checkpoints=self.checkpoints,
+                      consumed_samples=self.loader.consumed_samples, metrics=self.metrics)
         self._save_deferred = False
         self.save()
 
@@ -375,12 +311,11 @@ class Trainer:
                     throughput.restart()
                 if log_now:
                     self.log_sync_status()
-                saved = self._save_if_due(throughput)
-                if saved and self.checkpoints.too_many_unpublished():
+                if self._save_if_due(throughput) and self.checkpoints.too_many_unpublished():
                     summary["stopped_unpublished"] = True
                     break
                 stop, writing = self._agreed
-                if not saved:  # a save begun this step is not polled before the next agreement counts it
+                if not self._saved_since_agreement:  # `writing` counted the ranks before that save began
                     throughput.add_checkpoint_stall(self.checkpoints.poll(writing))
                 if stop:
                     log.warning("stop requested (SIGTERM) at step %d: saving and flushing uploads", self.step)
