@@ -27,9 +27,15 @@ setup(
         # deepspeed and google-cloud-storage.
         "psutil>=5.9",
         "requests>=2.31",
+        # neox-data prepare's inputs: Parquet and HF `save_to_disk` folders (Arrow), .jsonl.zst.
+        "pyarrow>=15",
+        "zstandard>=0.22",
     ],
     # ruff pinned: its findings are part of CI's verdict, so a new release cannot fail a run by itself.
-    extras_require={"test": ["pytest>=8", "gcp-storage-emulator>=2024.8", "pyyaml>=6", "ruff==0.17.6"]},
+    # megatron-core reads back the indexed datasets prepare writes; datasets makes the save_to_disk folders the
+    # tests read and is what bench/prepare_bench.py compares against.
+    extras_require={"test": ["pytest>=8", "gcp-storage-emulator>=2024.8", "pyyaml>=6", "ruff==0.17.6",
+                             "megatron-core==0.16.1", "datasets==5.2.0"]},
     entry_points={
         "console_scripts": [
             "neox-train=neox_train.cli.train:main",

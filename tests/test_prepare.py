@@ -10,15 +10,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from neox_train.data.prepare import (
-    BUILTIN_CORPORA,
-    add_prepare_arguments,
-    iter_documents,
-    main_prepare,
-    prepare,
-    train_tokenizer,
-)
+from neox_train.data.prepare import add_prepare_arguments, main_prepare, prepare, train_tokenizer
 from neox_train.data.shards import discover_shards, open_shard, read_meta, validate_shards
+from neox_train.data.sources import BUILTIN_CORPORA, iter_documents
 from neox_train.errors import DataError
 
 
@@ -52,8 +46,11 @@ def test_prepare_builtin_pydoc(pydoc_prepared) -> None:
         "num_tokens": result.num_tokens,
         "num_documents": result.num_documents,
         "dtype": "uint16",
+        "format": "shards",
+        "files": [p.name for p in result.shards],
         "shards": [p.name for p in result.shards],
         "inputs": ["builtin:pydoc"],
+        "text_key": "text",
     }
 
     # The folder is exactly what training reads.
@@ -110,8 +107,8 @@ def test_iter_documents_txt_jsonl_and_directory(tmp_path: Path) -> None:
     ("line", "pattern"),
     [
         ('{"text": "ok"', r"invalid JSON"),
-        ('{"body": "no text field"}', r'string "text" field, got keys \[\'body\'\]'),
-        ('{"text": 42}', r'"text" of type int'),
+        ('{"body": "no text field"}', r"string 'text' field \(--text-key\), got keys \['body'\]"),
+        ('{"text": 42}', r"'text' of type int"),
         ('["text"]', r"got a JSON list"),
     ],
 )
@@ -129,9 +126,9 @@ def test_bad_inputs(tmp_path: Path) -> None:
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     cases = {
-        str(tmp_path / "missing.txt"): r"missing\.txt does not exist \(accepted: builtin:NAME, a \.txt file",
+        str(tmp_path / "missing.txt"): r"missing\.txt does not exist \(accepted: builtin:NAME, a \.txt, \.jsonl",
         str(tmp_path / "data.csv"): r"data\.csv: unsupported kind '\.csv' \(accepted:",
-        str(tmp_path / "empty_dir"): r"empty_dir: directory holds no \.txt or \.jsonl files",
+        str(tmp_path / "empty_dir"): r"empty_dir: folder holds no \.txt, \.jsonl, .* files",
         "builtin:nope": r"builtin:nope: unknown builtin corpus \(valid: builtin:pydoc\)",
         str(tmp_path / "latin1.txt"): r"latin1\.txt: cannot read as UTF-8",
     }

@@ -1,52 +1,49 @@
-"""`neox-data prepare`: text / JSON-lines documents -> a byte-level BPE tokenizer -> uint16/uint32 token shards.
+"""`neox-data prepare`: documents (data.sources: text, JSON lines plain/gz/zst, Parquet, HF save_to_disk) -> a
+byte-level BPE tokenizer -> token shards, or one gpt-neox/Megatron indexed dataset (`--format indexed`).
 
-The output folder is exactly what training reads: shard_00000.npy, shard_00001.npy, ... (documents
-concatenated, each followed by the end-of-text token), tokenizer.json, and meta.json. meta.json is written
-last, so its presence means a prepare finished; training takes the vocabulary size from it.
+The output folder is exactly what training reads: shard_00000.npy, shard_00001.npy, ... or data.bin + data.idx
+(documents concatenated, each followed by the end-of-text token), tokenizer.json, and meta.json. meta.json is
+written last, so its presence means a prepare finished; training takes the vocabulary size from it.
+
+Tokenization runs in `--workers` processes (data.encode), in order: the same input gives byte-identical output
+whatever the worker count. Everything is written into OUTPUT/.prepare-staging first; an interrupted prepare
+(killed, out of time) continues from its last checkpoint there (data.writers) when run again with the same
+inputs, tokenizer and options.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
-import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from pydoc_data.topics import topics
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+from neox_train.data.encode import Encoder
+from neox_train.data.indexed import dtype_for_vocab
 from neox_train.data.shards import EOS_CANDIDATES, META_FILE, TOKENIZER_FILE
+from neox_train.data.sources import ACCEPTED_INPUTS, BUILTIN_CORPORA, iter_documents
+from neox_train.data.writers import SHARD_PATTERN, ResumableIndexedWriter, ShardWriter
 from neox_train.errors import DataError
 
 SPECIAL_TOKENS = ("<|endoftext|>",)
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte must be a token, or byte-level BPE cannot encode all text
-SHARD_PATTERN = re.compile(r"shard_\d{5,}\.npy")
-TEXT_SUFFIXES = (".txt", ".jsonl")
-ACCEPTED_INPUTS = "builtin:NAME, a .txt file, a .jsonl file, or a directory of them"
+FORMATS = ("shards", "indexed")
+PROGRESS_FILE = "progress.json"
+SLOW_ENV = "NEOX_PREPARE_SLOW_S"  # testing aid: seconds of sleep after every batch (inert unless set)
 
 # Documents handed to encode_batch at once: large enough for the Rust side to use every core, small enough
 # that a batch of long documents does not hold gigabytes of Encoding objects.
 _ENCODE_BATCH_DOCS = 1000
-
-
-def _pydoc_topics() -> Iterator[str]:
-    """The Python reference documentation shipped with CPython (~465k chars): a corpus that needs no download."""
-
-    for key in sorted(topics):
-        if topics[key].strip():
-            yield topics[key]
-
-
-# "builtin:NAME" inputs: corpora available offline on every machine, for smoke tests and demos.
-BUILTIN_CORPORA: dict[str, Callable[[], Iterator[str]]] = {"pydoc": _pydoc_topics}
 
 
 @dataclass(frozen=True)
@@ -58,80 +55,8 @@ class PrepareResult:
     num_tokens: int
     shards: list[Path]
     seconds: float
-
-
-def iter_documents(inputs: list[str]) -> Iterator[str]:
-    """Documents from every input in order; each call starts over, so the corpus can be read twice.
-
-    An input is "builtin:NAME"; a .txt file (the whole file is one document); a .jsonl file (one JSON object
-    per line with a string "text" field, blank lines skipped); or a directory, whose .txt/.jsonl files are
-    read recursively in sorted relative-path order. Empty documents are skipped: they would add nothing
-    but an end-of-text token.
-    """
-    for spec in inputs:
-        if spec.startswith("builtin:"):
-            name = spec.removeprefix("builtin:")
-            if name not in BUILTIN_CORPORA:
-                valid = ", ".join(f"builtin:{n}" for n in BUILTIN_CORPORA)
-                raise DataError(f"input {spec}: unknown builtin corpus (valid: {valid})")
-            yield from BUILTIN_CORPORA[name]()
-            continue
-        path = Path(spec)
-        if path.is_dir():
-            files = sorted(
-                (p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES and p.is_file()),
-                key=lambda p: p.relative_to(path).as_posix(),
-            )
-            if not files:
-                raise DataError(f"input {path}: directory holds no .txt or .jsonl files")
-            for file in files:
-                yield from _file_documents(file)
-        elif not path.exists():
-            raise DataError(f"input {path} does not exist (accepted: {ACCEPTED_INPUTS})")
-        elif path.suffix.lower() in TEXT_SUFFIXES:
-            yield from _file_documents(path)
-        else:
-            kind = path.suffix or "(no suffix)"
-            raise DataError(f"input {path}: unsupported kind {kind!r} (accepted: {ACCEPTED_INPUTS})")
-
-
-def _file_documents(path: Path) -> Iterator[str]:
-    if path.suffix.lower() == ".txt":
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise DataError(f"{path}: cannot read as UTF-8 text ({type(err).__name__}: {err})") from err
-        if text.strip():
-            yield text
-        return
-    line_no = 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{line_no}: invalid JSON ({err.msg} at column {err.colno})") from err
-                text = record.get("text") if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise DataError(
-                        f'{path}:{line_no}: expected a JSON object with a string "text" field, '
-                        f"got {_describe(record)}"
-                    )
-                if text.strip():
-                    yield text
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}:{line_no + 1}: cannot read as UTF-8 text ({type(err).__name__})") from err
-
-
-def _describe(record: object) -> str:
-    if not isinstance(record, dict):
-        return f"a JSON {type(record).__name__}"
-    if "text" not in record:
-        return f"keys {sorted(record)[:10]}"
-    return f'"text" of type {type(record["text"]).__name__}'
+    format: str = "shards"
+    resumed_documents: int = 0  # documents an interrupted earlier prepare had already done
 
 
 def train_tokenizer(documents: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -189,43 +114,24 @@ def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-class _ShardWriter:
-    """Cuts a stream of token arrays into shard files of exactly shard_tokens tokens (the last one shorter)."""
-
-    def __init__(self, output_dir: Path, shard_tokens: int, dtype: np.dtype):
-        self.output_dir = output_dir
-        self.shard_tokens = shard_tokens
-        self.dtype = dtype
-        self.shards: list[Path] = []
-        self._pending: list[np.ndarray] = []
-        self._pending_tokens = 0
-
-    def add(self, tokens: np.ndarray) -> None:
-        while tokens.size:
-            take = min(tokens.size, self.shard_tokens - self._pending_tokens)
-            self._pending.append(tokens[:take])
-            self._pending_tokens += take
-            tokens = tokens[take:]
-            if self._pending_tokens == self.shard_tokens:
-                self.flush()
-
-    def flush(self) -> None:
-        if not self._pending_tokens:
-            return
-        path = self.output_dir / f"shard_{len(self.shards):05d}.npy"
-        np.save(path, np.concatenate(self._pending).astype(self.dtype, copy=False))
-        self.shards.append(path)
-        self._pending, self._pending_tokens = [], 0
-
-
 def _remove_previous_output(output_dir: Path) -> None:
-    """Delete shards and meta.json from an earlier prepare here, so a smaller re-run leaves no stale shard.
-
-    Only files prepare itself writes are touched (shard_NNNNN.npy, meta.json); anything else stays.
-    """
+    """Delete what an earlier prepare wrote here (shards, data.bin/.idx, meta.json), so a smaller re-run leaves
+    nothing stale. Anything else stays."""
     for path in output_dir.iterdir():
-        if path.is_file() and (SHARD_PATTERN.fullmatch(path.name) or path.name == META_FILE):
+        if path.is_file() and (SHARD_PATTERN.fullmatch(path.name) or path.name in (META_FILE, "data.bin", "data.idx")):
             path.unlink()
+
+
+@dataclass(frozen=True)
+class Options:
+    inputs: tuple[str, ...]
+    tokenizer_path: Path | None
+    vocab_size: int
+    shard_tokens: int
+    format: str
+    text_key: str
+    workers: int
+    progress: bool
 
 
 def prepare(
@@ -236,88 +142,162 @@ def prepare(
     vocab_size: int = 8192,
     shard_tokens: int = 50_000_000,
     progress: bool = True,
+    format: str = "shards",
+    text_key: str = "text",
+    workers: int = 1,
 ) -> PrepareResult:
-    """Tokenize `inputs` into OUTPUT/shard_NNNNN.npy + tokenizer.json + meta.json.
+    """Tokenize `inputs` into OUTPUT/shard_NNNNN.npy (or data.bin/.idx) + tokenizer.json + meta.json.
 
     Without tokenizer_path a BPE tokenizer of vocab_size is trained on the same documents first (a second pass
     over the inputs); with it, that tokenizer is used as is (vocab_size is ignored) and copied next to the
-    shards, so the folder is self-contained. Tokens are encoded without the tokenizer's own special-token
+    output, so the folder is self-contained. Tokens are encoded without the tokenizer's own special-token
     template (no BOS), and the end-of-text id is appended after every document.
     """
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     started = time.perf_counter()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    opts = Options(tuple(inputs), Path(tokenizer_path) if tokenizer_path else None, vocab_size, shard_tokens,
+                   format, text_key, workers, progress)
     # Everything is written to a staging folder first and moved in only when the whole input was tokenized, so
-    # a bad document halfway through leaves the previous shards, tokenizer and meta.json untouched.
+    # a bad document halfway through leaves the previous output untouched. An interruption leaves the staging
+    # folder for the next run to continue from.
     staging = output_dir / ".prepare-staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging.mkdir(exist_ok=True)
     try:
-        result = _prepare_into(inputs, staging, tokenizer_path, vocab_size, shard_tokens, progress)
-        _remove_previous_output(output_dir)
-        shards = []
-        for shard in result["shards"]:
-            os.replace(staging / shard, output_dir / shard)
-            shards.append(output_dir / shard)
-        os.replace(staging / TOKENIZER_FILE, output_dir / TOKENIZER_FILE)
-        os.replace(staging / META_FILE, output_dir / META_FILE)  # last: meta.json present == prepare finished
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        meta = _prepare_into(opts, staging)
+    except DataError:
+        shutil.rmtree(staging, ignore_errors=True)  # bad input fails the same way again: nothing to resume
+        raise
+    _remove_previous_output(output_dir)
+    outputs = []
+    for name in meta["files"]:
+        os.replace(staging / name, output_dir / name)
+        outputs.append(output_dir / name)
+    os.replace(staging / TOKENIZER_FILE, output_dir / TOKENIZER_FILE)
+    os.replace(staging / META_FILE, output_dir / META_FILE)  # last: meta.json present == prepare finished
+    shutil.rmtree(staging, ignore_errors=True)
     return PrepareResult(
-        output_dir=output_dir,
-        tokenizer_path=output_dir / TOKENIZER_FILE,
-        vocab_size=result["vocab_size"],
-        num_documents=result["num_documents"],
-        num_tokens=result["num_tokens"],
-        shards=shards,
-        seconds=time.perf_counter() - started,
-    )
+        output_dir=output_dir, tokenizer_path=output_dir / TOKENIZER_FILE, vocab_size=meta["vocab_size"],
+        num_documents=meta["num_documents"], num_tokens=meta["num_tokens"], shards=outputs,
+        seconds=time.perf_counter() - started, format=format, resumed_documents=meta["resumed_documents"])
 
 
-def _prepare_into(
-    inputs: list[str], staging: Path, tokenizer_path: Path | None, vocab_size: int, shard_tokens: int, progress: bool
-) -> dict:
-    """Tokenizer, shards and meta.json into `staging`; returns the meta dict."""
+def _signature(opts: Options) -> str:
+    """What must match for a staging folder to be continued: inputs (with sizes and times), options, tokenizer."""
+    def stat(spec: str) -> list:
+        path = Path(spec)
+        if not path.exists():
+            return [spec]
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        return [spec] + [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+    tokenizer = hashlib.sha256(opts.tokenizer_path.read_bytes()).hexdigest() if opts.tokenizer_path and \
+        opts.tokenizer_path.is_file() else None
+    key = {"inputs": [stat(s) for s in opts.inputs], "tokenizer": tokenizer, "vocab_size": opts.vocab_size,
+           "shard_tokens": opts.shard_tokens, "format": opts.format, "text_key": opts.text_key}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _resume_state(staging: Path, signature: str) -> dict | None:
+    path = staging / PROGRESS_FILE
+    try:
+        state = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        state = None
+    if state and state.get("signature") == signature and (staging / TOKENIZER_FILE).is_file():
+        return state
+    for child in staging.iterdir():  # another prepare's leftovers: start over
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    return None
+
+
+def _write_progress(staging: Path, state: dict) -> None:
+    tmp = staging / f"{PROGRESS_FILE}.tmp"
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, staging / PROGRESS_FILE)
+
+
+def _prepare_into(opts: Options, staging: Path) -> dict:
+    """Tokenizer, output files and meta.json into `staging`; returns the meta dict."""
+    signature = _signature(opts)
+    state = _resume_state(staging, signature)
     out_tokenizer = staging / TOKENIZER_FILE
-    if tokenizer_path is None:
-        tokenizer = train_tokenizer(_progress(iter_documents(inputs), "train tokenizer", progress), vocab_size)
-        tokenizer.save(str(out_tokenizer))
-        source = out_tokenizer
-    else:
-        source = Path(tokenizer_path)
-        tokenizer = _load_tokenizer(source)
-        shutil.copyfile(source, out_tokenizer)
+    if state is None:
+        if opts.tokenizer_path is None:
+            docs = _progress(iter_documents(list(opts.inputs), text_key=opts.text_key), "train tokenizer",
+                             opts.progress)
+            train_tokenizer(docs, opts.vocab_size).save(str(out_tokenizer))
+        else:
+            _load_tokenizer(opts.tokenizer_path)  # a bad file fails here, with its name
+            shutil.copyfile(opts.tokenizer_path, out_tokenizer)
+    source = opts.tokenizer_path or out_tokenizer
+    tokenizer = _load_tokenizer(out_tokenizer)
     eos_id = _eos_id(tokenizer, source)
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-    dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
-
-    writer = _ShardWriter(staging, shard_tokens, dtype)
-    num_documents = num_tokens = 0
-    eos = np.array([eos_id], dtype=np.int64)
-    for batch in _batched(_progress(iter_documents(inputs), "tokenize", progress), _ENCODE_BATCH_DOCS):
-        encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
-        ids = np.concatenate([part for enc in encodings for part in (np.asarray(enc.ids, dtype=np.int64), eos)])
-        writer.add(ids)
-        num_documents += len(batch)
-        num_tokens += ids.size
-    writer.flush()
+    dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32) if opts.format == "shards" else \
+        dtype_for_vocab(vocab)
+    state = state or {"signature": signature, "documents": 0, "carry": 0, "writer": None}
+    resumed = int(state["documents"])
+    if resumed:
+        print(f"neox-data: continuing an interrupted prepare: {resumed:,} documents already done", file=sys.stderr)
+    writer = ShardWriter(staging, opts.shard_tokens, dtype, state["writer"]) if opts.format == "shards" else \
+        ResumableIndexedWriter(staging, dtype, state["writer"])
+    _write_progress(staging, {**state, "writer": writer.state()})
+    num_documents, carry = _tokenize(opts, out_tokenizer, eos_id, writer, staging, state)
     if num_documents == 0:
-        raise DataError(f"inputs {inputs} hold no non-empty documents; nothing to tokenize")
-
-    meta = {
-        "vocab_size": vocab,
-        "tokenizer": TOKENIZER_FILE,
-        "eos_token_id": eos_id,
-        "num_tokens": num_tokens,
-        "num_documents": num_documents,
-        "dtype": dtype.name,
-        "shards": [p.name for p in writer.shards],
-        "inputs": list(inputs),
-    }
+        raise DataError(f"inputs {list(opts.inputs)} hold no non-empty documents; nothing to tokenize")
+    files = writer.finish()
+    meta = {"vocab_size": vocab, "tokenizer": TOKENIZER_FILE, "eos_token_id": eos_id,
+            "num_tokens": writer.durable_tokens, "num_documents": num_documents, "dtype": dtype.name,
+            "format": opts.format, "files": files, "inputs": list(opts.inputs), "text_key": opts.text_key}
+    if opts.format == "shards":
+        meta["shards"] = files
     (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return meta
+    return {**meta, "resumed_documents": resumed}
+
+
+def _tokenize(opts: Options, tokenizer_path: Path, eos_id: int, writer, staging: Path, state: dict
+              ) -> tuple[int, int]:
+    """Encode the documents after the checkpoint into `writer`, checkpointing as it goes; (documents, carry)."""
+    skip, carry = int(state["documents"]), int(state["carry"])
+    docs = iter_documents(list(opts.inputs), text_key=opts.text_key)
+    for _ in range(skip):  # done before the interruption: read, not encoded again
+        if next(docs, None) is None:
+            raise DataError(f"inputs {list(opts.inputs)} hold fewer documents than the interrupted prepare did; "
+                            f"remove {staging} to start over")
+    encoder = Encoder(tokenizer_path, eos_id, opts.workers)
+    slow = float(os.environ.get(SLOW_ENV, "0") or 0)  # a testing aid: time for a kill between checkpoints
+    bar = tqdm(desc="tokenize", unit="doc", file=sys.stderr, disable=not opts.progress, initial=skip,
+               dynamic_ncols=True, mininterval=1.0)
+    done, tokens_total, started = skip, writer.durable_tokens, time.perf_counter()  # absolute stream offsets
+    try:
+        for tokens, lengths in encoder.map(_batched(docs, _ENCODE_BATCH_DOCS)):
+            if carry:  # the first document's first tokens are in the last finished shard already
+                tokens, lengths = tokens[carry:], lengths.copy()
+                lengths[0] -= carry
+                carry = 0
+            ends = tokens_total + np.cumsum(lengths)
+            writer.add(tokens, lengths)
+            tokens_total = int(ends[-1]) if ends.size else tokens_total
+            done += int(lengths.size)
+            bar.update(int(lengths.size))
+            bar.set_postfix(tok_s=f"{(tokens_total - state.get('tokens', 0)) / (time.perf_counter() - started):.3g}")
+            if writer.checkpoint_due:
+                durable = writer.durable_tokens
+                whole = int(np.searchsorted(ends, durable, side="right"))  # documents that end inside it
+                before = int(ends[whole - 1]) if whole else tokens_total - int(lengths.sum())
+                _write_progress(staging, {"signature": state["signature"], "documents": done - lengths.size + whole,
+                                          "carry": durable - before, "tokens": durable, "writer": writer.state()})
+            if slow:
+                time.sleep(slow)
+    finally:
+        encoder.close()
+        bar.close()
+    return done, 0
 
 
 def _vocab_size_arg(text: str) -> int:
@@ -342,7 +322,13 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
                         help=f"documents: {ACCEPTED_INPUTS} (builtin: {', '.join(BUILTIN_CORPORA)})")
     parser.add_argument("--output", required=True, metavar="DIR",
-                        help="folder for shard_*.npy, tokenizer.json and meta.json")
+                        help="folder for shard_*.npy (or data.bin/.idx), tokenizer.json and meta.json")
+    parser.add_argument("--format", choices=FORMATS, default="shards",
+                        help="shards: our .npy shards (default); indexed: one gpt-neox/Megatron data.bin + data.idx")
+    parser.add_argument("--text-key", default="text", metavar="KEY",
+                        help="the text field of JSON lines, the text column of Parquet / HF datasets (default text)")
+    parser.add_argument("--workers", type=_positive_int_arg, default=os.cpu_count() or 1, metavar="N",
+                        help="tokenizer processes (default: one per core); the output is the same for any N")
     parser.add_argument("--tokenizer", metavar="FILE", help="use this tokenizer.json instead of training one")
     parser.add_argument("--vocab-size", type=_vocab_size_arg, default=8192, metavar="N",
                         help="BPE vocabulary to train (default 8192; ignored with --tokenizer)")
@@ -360,10 +346,14 @@ def main_prepare(args: argparse.Namespace) -> int:
         vocab_size=args.vocab_size,
         shard_tokens=args.shard_tokens,
         progress=sys.stderr.isatty(),
+        format=args.format,
+        text_key=args.text_key,
+        workers=args.workers,
     )
     print(
         f"prepared {result.num_documents:,} documents -> {result.num_tokens:,} tokens in {len(result.shards)} "
-        f"shard(s) under {result.output_dir} (vocab {result.vocab_size}, {result.seconds:.1f}s)",
+        f"file(s) under {result.output_dir} ({result.format}, vocab {result.vocab_size}, {result.seconds:.1f}s"
+        f"{f', continuing after {result.resumed_documents:,} documents' if result.resumed_documents else ''})",
         file=sys.stderr,
     )
     if args.json:

@@ -1,6 +1,7 @@
 """Token shards on disk: found, opened as memory maps, validated, and described by the prepared meta.json.
 
-Shards are `.npy` / `.npz` files of uint16/uint32 token ids (what `neox-data prepare` writes), opened as
+Shards are `.npy` / `.npz` files of uint16/uint32 token ids (what `neox-data prepare` writes), or gpt-neox/Megatron
+indexed datasets (PREFIX.bin + PREFIX.idx, data.indexed; a shard is then the .bin), opened as
 memory maps so a multi-gigabyte dataset costs page cache, not process memory. They are read in sorted path order
 (data.windows cuts them into training windows). There are no document boundaries to respect: documents are
 separated by the end-of-text token written by prepare, as in GPT-NeoX.
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from neox_train.data import indexed
 from neox_train.errors import DataError, one_line, read_json_object
 from neox_train.model import GPT2_VOCAB_SIZE
 
@@ -43,25 +45,34 @@ _ZIP_LOCAL_MAGIC = b"PK\x03\x04"
 
 
 def discover_shards(data_dir: str | Path) -> list[Path]:
-    """Every .npy/.npz under data_dir, nested folders included, sorted by relative path.
+    """Every .npy/.npz and indexed dataset (its .bin) under data_dir, nested folders included, sorted by relative
+    path; or the one indexed dataset data_dir names (PREFIX, PREFIX.bin or PREFIX.idx).
 
     Sorting by the relative path string (not by filesystem order) makes the token order, and so the windows,
     identical on every machine and every rank.
     """
     root = Path(data_dir)
+    prefix = indexed.prefix_of(root)
+    if prefix is not None and not root.is_dir():
+        return [prefix.with_suffix(".bin")]
     if not root.is_dir():
         raise DataError(
-            f"data dir {root} does not exist or is not a directory (expected a folder of .npy/.npz shards; "
-            f"make one with: neox-data prepare --input TEXT_OR_JSONL... --output {root})"
+            f"data dir {root} does not exist or is not a directory (expected a folder of .npy/.npz shards or "
+            f"PREFIX.bin/.idx pairs, or the PREFIX of one; make one with: neox-data prepare --input "
+            f"TEXT_OR_JSONL... --output {root})"
         )
     # Hidden folders are never data: `.prepare-staging/` left by a killed prepare must not be trained on.
-    shards = [
-        p for p in root.rglob("*")
-        if p.suffix.lower() in SHARD_SUFFIXES and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    ]
+    found = [p for p in root.rglob("*")
+             if p.suffix.lower() in (*SHARD_SUFFIXES, ".bin", ".idx") and p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    for p in found:
+        other = p.with_suffix(".idx" if p.suffix == ".bin" else ".bin")
+        if p.suffix in (".bin", ".idx") and not other.is_file():
+            raise DataError(f"{p} has no {other.name} beside it (an indexed dataset is a PREFIX.bin + PREFIX.idx "
+                            f"pair)")
+    shards = [p for p in found if p.suffix != ".idx"]
     if not shards:
-        raise DataError(f"no token shards (.npy/.npz) found under {root}")
+        raise DataError(f"no token shards (.npy/.npz, or .bin/.idx pairs) found under {root}")
     return sorted(shards, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -76,6 +87,8 @@ def open_shard(path: Path) -> np.ndarray:
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    if suffix == ".bin":
+        return indexed.open_indexed(path.with_suffix("")).tokens
     if suffix not in SHARD_SUFFIXES:
         valid = ", ".join(SHARD_SUFFIXES)
         raise DataError(f"{path}: not a token shard (suffix {suffix or '(none)'!r}; valid: {valid})")
@@ -208,11 +221,17 @@ def validate_shards(paths: list[Path], vocab_size: int, *, cache_path: Path | No
         for path, array, key in zip(paths, arrays, keys):
             max_token = cache.get(key)
             if max_token is None:
-                max_token = 0
+                max_token = min_token = 0
                 for start in range(0, array.size, _MAX_CHUNK_TOKENS):
                     chunk = array[start:start + _MAX_CHUNK_TOKENS]
                     max_token = max(max_token, int(chunk.max()))
+                    if array.dtype.kind == "i":  # the signed dtypes of indexed datasets
+                        min_token = min(min_token, int(chunk.min()))
                     bar.update(chunk.size)
+                if min_token < 0:
+                    at = int(np.flatnonzero(array < 0)[0])
+                    raise DataError(f"shard {path}: negative token id {int(array[at])} at position {at} (valid ids "
+                                    f"are 0..{vocab_size - 1})")
                 cache[key] = max_token
             if max_token >= vocab_size:
                 at = _first_at_least(array, vocab_size)

@@ -106,7 +106,8 @@ def load_data(plan: RunPlan) -> tuple[PackedWindows, Split]:
     paths = discover_shards(run.data_dir)
     if run.max_shards is not None:
         paths = paths[: run.max_shards]
-    shards = validate_shards(paths, plan.tokenizer_vocab_size, cache_path=Path(run.data_dir) / VALIDATION_CACHE)
+    folder = Path(run.data_dir) if Path(run.data_dir).is_dir() else Path(run.data_dir).parent  # or an indexed PREFIX
+    shards = validate_shards(paths, plan.tokenizer_vocab_size, cache_path=folder / VALIDATION_CACHE)
     windows = PackedWindows(shards, run.seq_len)
     split = split_windows(len(windows), run.val_fraction)
     log.info(
