@@ -9,6 +9,7 @@ from and the effective result is printed and saved with the run.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,13 @@ class RunConfig:
                                         "pretraining); its shape must match `model` and the padded vocabulary. "
                                         "Ignored when resuming (the checkpoint wins).")
     seed: int = _f(1234, "Seeds model init and the data order.")
-    data_dir: str = _f("data/training", "Folder of token shards (.npy/.npz, nested).")
+    data_dir: str = _f("data/training", "Folder of token shards (.npy/.npz, nested) and/or gpt-neox/Megatron "
+                                        "indexed datasets (PREFIX.bin + .idx), or one indexed PREFIX.")
+    data: list[dict[str, Any]] | None = _f(None, "A weighted mixture instead of data_dir: [{\"path\": ..., "
+                                                 "\"weight\": ..., \"name\": optional}, ...]. A weight is the "
+                                                 "share of training samples drawn from that dataset.")
+    allow_data_change: bool = _f(False, "Resume although `data` (the mixture's paths or weights) differs from the "
+                                        "checkpoint's: the data position then continues in the new mixture.")
     save_dir: str = _f("checkpoints", "Folder for DeepSpeed checkpoints (tags global_stepN).")
     log_dir: str = _f("logs", "Folder for training.log, metrics.jsonl and TensorBoard events.")
     sync_to: str | None = _f(None, "Where checkpoints are published: gs://bucket/prefix, file:///path or a local "
@@ -108,6 +115,10 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def data_paths(self) -> list[str]:
+        """Where the training data lives: the mixture's paths, else data_dir."""
+        return [entry["path"] for entry in self.data] if self.data else [self.data_dir]
 
     def replace(self, **changes: Any) -> "RunConfig":
         """A validated copy with `changes` (command-line overrides); the original is never mutated."""
@@ -155,7 +166,7 @@ _OPTIONAL_INTS = [(("micro_batch", "grad_accum", "max_shards", "warmup_steps"), 
                   (("vocab_size",), 2)]
 _CHOICES = {"attention": (ATTENTION_IMPLS, False), "mixed_precision": (PRECISIONS, True),
             "optimizer_impl": (OPTIMIZER_IMPLS, True)}  # field -> (valid values, null allowed)
-_BOOLS = ("activation_checkpointing", "background_upload", "async_save", "loss_guard")
+_BOOLS = ("activation_checkpointing", "background_upload", "async_save", "loss_guard", "allow_data_change")
 _OPTIONAL_STRINGS = ("sync_to", "credentials", "init_from_hf", "compile")
 _STRINGS = ("name", "ds_config", "data_dir", "save_dir", "log_dir")
 
@@ -226,12 +237,42 @@ def _kind_problems(values: dict[str, Any]) -> list[str]:
     return out
 
 
+def _mixture_problems(values: dict[str, Any]) -> list[str]:
+    data = values.get("data")
+    if data is None:
+        return []
+    valid = 'a non-empty list of {"path": "...", "weight": number > 0, "name": optional string}'
+    if not isinstance(data, list) or not data:
+        return [f"data={data!r} must be {valid}, or null (use data_dir)"]
+    out, names = [], []
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            out.append(f"data[{i}]={entry!r} must be an object ({valid})")
+            continue
+        unknown = sorted(set(entry) - {"path", "weight", "name"})
+        path, weight = entry.get("path"), entry.get("weight")
+        if unknown:
+            out.append(f"data[{i}] has unknown key(s) {', '.join(unknown)} (valid: path, weight, name)")
+        if not isinstance(path, str) or not path:
+            out.append(f"data[{i}].path={path!r} must be a non-empty string")
+        if not (_is_number(weight) and weight > 0 and math.isfinite(weight)):
+            out.append(f"data[{i}].weight={weight!r} must be a number > 0 (the share of samples drawn from it)")
+        name = entry.get("name", Path(path).name if isinstance(path, str) else None)
+        if not isinstance(name, str) or not name:
+            out.append(f"data[{i}].name={name!r} must be a non-empty string")
+        names.append(name)
+    duplicates = sorted({n for n in names if names.count(n) > 1 and isinstance(n, str)})
+    if duplicates:
+        out.append(f"data: the names {', '.join(duplicates)} appear twice; give each dataset its own \"name\"")
+    return out
+
+
 def validate(values: dict[str, Any]) -> list[str]:
     """Every problem with `values`, each naming the field, the value and what is valid (empty list: fine)."""
     unknown = [f"unknown field '{key}' (valid fields: {', '.join(_FIELD_NAMES)})"
                for key in sorted(set(values) - set(_FIELD_NAMES))]
     return unknown + _int_problems(values) + _model_problems(values) + _number_problems(values) + \
-        _kind_problems(values)
+        _kind_problems(values) + _mixture_problems(values)
 
 
 def from_dict(values: dict[str, Any], *, source: str = "run config") -> RunConfig:

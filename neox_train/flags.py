@@ -34,6 +34,8 @@ def train_parser() -> argparse.ArgumentParser:
                         "gs:// or file:// URL (latest also falls back to --sync-to when --save-dir has none); auto: "
                         "like latest, but a start from step 0 when there is no checkpoint anywhere yet (what the "
                         "supervisor restarts with)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="resume although the data mixture (paths, weights) changed since the checkpoint")
     p.add_argument("--sync-to", metavar="URL",
                    help="publish checkpoints to gs://bucket/prefix, file:///path or a folder")
     p.add_argument("--takeover", action="store_true",

@@ -98,7 +98,9 @@ def write_side_files(tag_dir: Path, extra: dict[str, Any], *, run_id: str | None
     run["run_id"] = run_id
     run.update(losses or {})  # train_loss, val_loss, val_loss_step: what the model card of an export reports
     (tag_dir / RUN_JSON).write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
-    data_dir = Path(extra["run_config"].get("data_dir") or ".")
+    run = extra["run_config"]
+    # The tokenizer and meta.json beside the data (the mixture's first dataset), for the HF export.
+    data_dir = Path((run.get("data") or [{}])[0].get("path") or run.get("data_dir") or ".")
     for name in DATA_SIDE_FILES:
         if (data_dir / name).is_file():
             shutil.copy2(data_dir / name, tag_dir / name)
@@ -167,7 +169,7 @@ def space_warning(save_dir: Path, tag: str, expected_bytes: int) -> str:
 
 # Run-config fields that decide which windows `consumed_samples` points at: changing one on resume would
 # silently continue on different data.
-DATA_ORDER_FIELDS = ("seq_len", "seed", "val_fraction", "max_shards")
+DATA_ORDER_FIELDS = ("seq_len", "seed", "val_fraction", "max_shards", "data")
 
 
 def check_compatible(
@@ -185,14 +187,18 @@ def check_compatible(
                           f"preset and vocab")
     if run_config is not None:
         old_run = saved.get("run_config", {})
-        diffs = [f"{k} {old_run.get(k)!r} -> {run_config.get(k)!r}" for k in DATA_ORDER_FIELDS
+        allowed = run_config.get("allow_data_change")
+        fields = [k for k in DATA_ORDER_FIELDS if not (allowed and k == "data")]
+        diffs = [f"{k} {old_run.get(k)!r} -> {run_config.get(k)!r}" for k in fields
                  if k in old_run and old_run.get(k) != run_config.get(k)]
-        if data_tokens is not None and saved.get("data_tokens") not in (None, data_tokens):
+        if data_tokens is not None and saved.get("data_tokens") not in (None, data_tokens) and not allowed:
             diffs.append(f"data tokens {saved['data_tokens']} -> {data_tokens}")
         if diffs:
+            mixture = " (a changed mixture: --allow-data-change continues in the new one)" if \
+                any(d.startswith(("data ", "data tokens")) for d in diffs) else ""
             raise ConfigError(
                 f"checkpoint {tag} was trained on a different data order ({'; '.join(diffs)}): its data position would "
-                f"point at other samples; resume with the same data and settings"
+                f"point at other samples; resume with the same data and settings{mixture}"
             )
     change = partitioning_change(saved, ds_config=ds_config, dp_size=dp_size)
     if change is not None and not universal_convertible(saved, ds_config):

@@ -243,6 +243,12 @@ def validate_shards(paths: list[Path], vocab_size: int, *, cache_path: Path | No
     return arrays
 
 
+def max_token_ids(paths: list[Path], cache_path: Path | None) -> list[int | None]:
+    """Each shard's largest token id as the validation cache holds it (validate_shards fills it)."""
+    cache = _load_validation_cache(cache_path)
+    return [cache.get(_cache_key(Path(p))) for p in paths]
+
+
 def _first_at_least(array: np.ndarray, bound: int) -> int:
     for start in range(0, array.size, _MAX_CHUNK_TOKENS):
         hits = np.flatnonzero(array[start:start + _MAX_CHUNK_TOKENS] >= bound)

@@ -270,7 +270,7 @@ def request_from_run(run, *, gpus: int, nodes: int, gpu_mem_gib: float | None, g
     sections[configured] = ds_cfg.get("zero_optimization", {"stage": configured.stage})
     _, micro, accum, _ = resolve_batch(ds_cfg, run, dp_size=gpus)  # as neox-train resolves them
     return PlanRequest(
-        shape=model_shape(run.model, padded_vocab_size(resolve_vocab(run.vocab_size, run.data_dir)[0],
+        shape=model_shape(run.model, padded_vocab_size(resolve_vocab(run.vocab_size, run.data_paths()[0])[0],
                                                        run.vocab_pad_multiple), run.attention),
         seq_len=run.seq_len,
         micro_batch=micro, grad_accum=accum, precision=run_precision(ds_cfg, run), gpus=gpus, nodes=nodes,

@@ -8,11 +8,34 @@ from collections.abc import Callable
 import deepspeed.comm as dist
 import torch
 
-from neox_train.data.windows import eval_batches
+from neox_train.data.mixture import MixtureSplit
+from neox_train.data.windows import Split, eval_batches
+
+
+def evaluate_split(engine, loss_of: Callable[[list[int]], torch.Tensor], split: Split | MixtureSplit,
+                   **kw) -> dict[str, float]:
+    """evaluate() over the split's validation windows; for a mixture, per dataset (`loss/NAME`) and overall (the
+    mean over every validation sequence evaluated)."""
+    if not isinstance(split, MixtureSplit):
+        return evaluate(engine, loss_of, split.val, **kw)
+    out: dict[str, float] = {}
+    total = weighted = 0.0
+    for part in split.parts:
+        if not len(part.val):
+            continue
+        ev = evaluate(engine, loss_of, part.val, **kw)
+        if ev:
+            out[f"loss/{part.name}"] = ev["loss"]
+            total += ev["sequences"]
+            weighted += ev["loss"] * ev["sequences"]
+    if not total:
+        return {}
+    loss = weighted / total
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "sequences": int(total), **out}
 
 
 @torch.no_grad()
-def evaluate(engine, loss_of: Callable[[list[int]], torch.Tensor], val: list[int], *, micro_batch: int,
+def evaluate(engine, loss_of: Callable[[list[int]], torch.Tensor], val: range, *, micro_batch: int,
              dp_size: int, rank: int, max_batches: int) -> dict[str, float]:
     """{loss, perplexity, sequences} over up to `max_batches` micro-batches per rank ({} without windows).
     `loss_of(indices)`: the mean loss of those windows (the trainer's forward)."""

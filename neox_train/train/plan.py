@@ -14,6 +14,7 @@ from typing import Any
 import torch._dynamo
 
 from neox_train.config import RunConfig
+from neox_train.data.mixture import MixtureSplit, MixtureWindows, Part, epochs_by, epochs_line
 from neox_train.data.shards import (
     VALIDATION_CACHE,
     discover_shards,
@@ -80,7 +81,7 @@ def prepare_run(run: RunConfig, *, dp_size: int, on_gpu: bool) -> RunPlan:
     """Resolve and validate the run without touching data contents or building the model."""
     ds_path, ds_base = load_ds_config(run.ds_config)
     ds_cfg, notes = effective_ds_config(ds_base, run, dp_size=dp_size, on_gpu=on_gpu)
-    vocab, meta = resolve_vocab(run.vocab_size, run.data_dir)
+    vocab, meta = resolve_vocab(run.vocab_size, run.data_paths()[0])
     eos = meta.get("eos_token_id") if meta else None
     model_cfg = hf_config(
         run.model, padded_vocab_size(vocab, run.vocab_pad_multiple), eos_token_id=eos, attention=run.attention
@@ -100,18 +101,39 @@ def check_compile_backend(backend: str) -> None:
         raise ConfigError(f"compile={backend!r} is not a torch.compile backend (valid: {', '.join(known)})")
 
 
-def load_data(plan: RunPlan) -> tuple[PackedWindows, Split]:
-    """Discover, validate (dtype, emptiness, token ids < vocab) and pack the shards: fails before the engine exists."""
+def load_data(plan: RunPlan) -> tuple[PackedWindows | MixtureWindows, Split | MixtureSplit]:
+    """Discover, validate (dtype, emptiness, token ids < vocab) and pack the shards of data_dir, or of every
+    dataset of the mixture: fails before the engine exists."""
     run = plan.run
-    paths = discover_shards(run.data_dir)
+    if not run.data:
+        windows, split, paths = _load_one(plan, run.data_dir)
+        log.info("data: %d shards in %s, %d windows of %d tokens (%d train, %d validation)",
+                 len(paths), run.data_dir, len(windows), run.seq_len, len(split.train), len(split.val))
+        return windows, split
+    parts, base = [], 0
+    total = sum(float(e["weight"]) for e in run.data)
+    for entry in run.data:
+        windows, split, paths = _load_one(plan, entry["path"])
+        name = entry.get("name") or Path(entry["path"]).name
+        parts.append(Part(name, entry["path"], float(entry["weight"]) / total, base, windows,
+                          range(base + split.train.start, base + split.train.stop),
+                          range(base + split.val.start, base + split.val.stop)))
+        log.info("data %s: %d shards in %s, %d windows of %d tokens (%d train, %d validation), weight %.3g",
+                 name, len(paths), entry["path"], len(windows), run.seq_len, len(split.train), len(split.val),
+                 parts[-1].weight)
+        base += len(windows)
+    mixture = MixtureSplit(parts)
+    samples = run.max_steps * int(plan.ds_config["train_batch_size"])
+    log.info("data mixture: %s", epochs_line(epochs_by(mixture, samples), run.max_steps))
+    return MixtureWindows(parts), mixture
+
+
+def _load_one(plan: RunPlan, data_dir: str) -> tuple[PackedWindows, Split, list[Path]]:
+    run = plan.run
+    paths = discover_shards(data_dir)
     if run.max_shards is not None:
         paths = paths[: run.max_shards]
-    folder = Path(run.data_dir) if Path(run.data_dir).is_dir() else Path(run.data_dir).parent  # or an indexed PREFIX
+    folder = Path(data_dir) if Path(data_dir).is_dir() else Path(data_dir).parent  # or an indexed PREFIX
     shards = validate_shards(paths, plan.tokenizer_vocab_size, cache_path=folder / VALIDATION_CACHE)
     windows = PackedWindows(shards, run.seq_len)
-    split = split_windows(len(windows), run.val_fraction)
-    log.info(
-        "data: %d shards in %s, %d windows of %d tokens (%d train, %d validation)",
-        len(paths), run.data_dir, len(windows), run.seq_len, len(split.train), len(split.val),
-    )
-    return windows, split
+    return windows, split_windows(len(windows), run.val_fraction), paths

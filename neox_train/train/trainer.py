@@ -22,14 +22,15 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from neox_train.checkpoint import state as checkpoint
 from neox_train.checkpoint.publisher import Publisher
 from neox_train.data.loader import MicroBatchLoader
-from neox_train.data.windows import PackedWindows, SampleStream, Split
+from neox_train.data.mixture import MixtureSplit, MixtureWindows, make_stream
+from neox_train.data.windows import PackedWindows, Split
 from neox_train.distributed import Control, Topology
 from neox_train.ds_config import precision, zero_stage
 from neox_train.log import log
 from neox_train.model import flops_per_token
 from neox_train.train.checkpoints import Checkpoints
 from neox_train.train.engine import build_engine
-from neox_train.train.evaluation import evaluate
+from neox_train.train.evaluation import evaluate_split
 from neox_train.train.faults import Faults
 from neox_train.train.guard import LossGuard, StepOutcome, UpdateSwitch, roll_back
 from neox_train.train.metrics import Metrics, Throughput
@@ -48,7 +49,8 @@ from neox_train.train.watchdog import HangLimits, Watchdog
 
 class Trainer:
     def __init__(
-        self, plan: RunPlan, data: tuple[PackedWindows, Split], *, resume_tag: str | None, topo: Topology,
+        self, plan: RunPlan, data: tuple[PackedWindows | MixtureWindows, Split | MixtureSplit], *,
+        resume_tag: str | None, topo: Topology,
         publisher: Publisher, watchdog: Watchdog | None = None,
     ):
         """Build the engine and load `resume_tag` (verified by resume.finish). The run's identity comes with the
@@ -82,10 +84,8 @@ class Trainer:
         self.faults = Faults(self.rank)
         self.outcome = StepOutcome()
         self.device = torch.device(self.engine.device)
-        stream = SampleStream(
-            self.split.train, seed=run.seed, micro_batch=self.micro_batch,
-            dp_rank=self.rank, dp_size=plan.dp_size, consumed_samples=state.consumed_samples,
-        )
+        stream = make_stream(self.split, seed=run.seed, micro_batch=self.micro_batch, dp_rank=self.rank,
+                             dp_size=plan.dp_size, consumed_samples=state.consumed_samples)
         self.loader = MicroBatchLoader(self.windows, stream, device=self.device, prefetch=run.prefetch_micro_batches)
         self.timer = StepTimer(self.device)
         peak = resolve_peak(device_name(self.device), precision(plan.ds_config), run.peak_tflops)
@@ -204,9 +204,9 @@ class Trainer:
         return float(torch.nn.utils.get_total_norm(grads).item()) if grads else float("nan")
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.engine, lambda indices: self._loss(self._tensor(indices)), self.split.val,
-                        micro_batch=self.micro_batch, dp_size=self.plan.dp_size, rank=self.rank,
-                        max_batches=self.plan.run.eval_batches)
+        return evaluate_split(self.engine, lambda indices: self._loss(self._tensor(indices)), self.split,
+                              micro_batch=self.micro_batch, dp_size=self.plan.dp_size, rank=self.rank,
+                              max_batches=self.plan.run.eval_batches)
 
     def _global_mean(self, value: torch.Tensor) -> float:
         value = value.clone().float()
@@ -304,8 +304,10 @@ class Trainer:
                         ev = self.evaluate()
                     if ev:
                         self.metrics.record(self.step, "eval", ev)
-                        log.info("step %d: validation loss=%.4f perplexity=%.2f", self.step, ev["loss"],
-                                 ev["perplexity"])
+                        per = "".join(f", {k.removeprefix('loss/')} {v:.4f}" for k, v in ev.items()
+                                      if k.startswith("loss/"))
+                        log.info("step %d: validation loss=%.4f perplexity=%.2f%s", self.step, ev["loss"],
+                                 ev["perplexity"], per)
                         summary["val_loss"] = ev["loss"]
                         self.last_losses.update(val_loss=ev["loss"], val_loss_step=self.step)
                     throughput.restart()

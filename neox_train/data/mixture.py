@@ -1,0 +1,166 @@
+"""Weighted mixtures of datasets: `data: [{"path": ..., "weight": ...}, ...]` in the run config.
+
+A weight is the share of training samples drawn from that dataset: with weights 0.7 and 0.3, 7 of every 10
+samples come from the first. (Weights are normalised, so 7 and 3 mean the same.) A dataset smaller than its share
+repeats (each pass in a new seeded order); a larger one is not seen whole by max_steps. The run says at start how
+many epochs of each it will see.
+
+Which dataset global sample p comes from is fixed by the weights alone, with no randomness: dataset d's k-th sample
+sits at time (k + 0.5) / w_d, and samples are taken in time order (ties: the lower dataset index). So every window
+of samples holds each dataset within one sample of its share, the order is the same on every machine, and it
+does not depend on how far the run goes. Dataset d's k-th sample is its window perm_{d,e}[k mod n_d] with
+e = k // n_d and perm_{d,e} = default_rng([seed, d, e]).permutation(n_d) over its training windows. Sample
+positions are global and split across ranks exactly as a single dataset's (data.windows.SampleStream), so a
+resumed run (at any rank count) draws the same samples from the same datasets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from neox_train.data.windows import PackedWindows, SampleStream, Split, _check_ranks
+from neox_train.errors import DataError
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    path: str
+    weight: float  # normalised: the parts' weights sum to 1
+    base: int  # its first window in the mixture's index space
+    windows: PackedWindows
+    train: range  # window indices in the mixture's index space
+    val: range
+
+
+class MixtureWindows:
+    """The datasets' windows side by side in one index space (part d's window i is index base_d + i)."""
+
+    def __init__(self, parts: list[Part]):
+        self.parts = parts
+        self.seq_len = parts[0].windows.seq_len
+        self._bases = np.array([p.base for p in parts], dtype=np.int64)
+        self.num_tokens = sum(p.windows.num_tokens for p in parts)
+        self._len = parts[-1].base + len(parts[-1].windows)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def batch(self, indices: Sequence[int], out: np.ndarray | None = None) -> np.ndarray:
+        shape = (len(indices), self.seq_len + 1)
+        if out is None:
+            out = np.empty(shape, dtype=np.int64)
+        idx = np.asarray(indices, dtype=np.int64)
+        owner = np.searchsorted(self._bases, idx, side="right") - 1
+        for d in np.unique(owner).tolist():
+            rows = np.flatnonzero(owner == d)
+            out[rows] = self.parts[d].windows.batch((idx[rows] - self._bases[d]).tolist())
+        return out
+
+
+@dataclass(frozen=True)
+class MixtureSplit:
+    parts: list[Part]
+
+    @property
+    def val(self) -> range:
+        """Every part's validation windows (for "is there anything to evaluate")."""
+        return range(sum(len(p.val) for p in self.parts))
+
+
+def blend(weights: Sequence[float], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """For global samples 0..n-1: (the dataset of each, its ordinal within that dataset). A prefix of the same
+    infinite sequence for any n."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    ids, ordinals, times = [], [], []
+    for d, wd in enumerate(w):
+        count = math.ceil((n + len(w)) * wd) + 2  # every event up to the n-th overall (count(t) >= t - D/2)
+        k = np.arange(count, dtype=np.int64)
+        ids.append(np.full(count, d, dtype=np.int64))
+        ordinals.append(k)
+        times.append((k + 0.5) / wd)
+    ids_all, ord_all, t_all = np.concatenate(ids), np.concatenate(ordinals), np.concatenate(times)
+    order = np.lexsort((ids_all, t_all))[:n]
+    return ids_all[order], ord_all[order]
+
+
+class MixtureStream:
+    """SampleStream's contract (consumed_samples, next_micro_batch) over a mixture."""
+
+    def __init__(self, split: MixtureSplit, *, seed: int, micro_batch: int, dp_rank: int, dp_size: int,
+                 consumed_samples: int = 0):
+        _check_ranks(micro_batch, dp_rank, dp_size)
+        for p in split.parts:
+            if not len(p.train):
+                raise DataError(f"dataset {p.name} ({p.path}) has no training windows (its data is shorter than "
+                                f"two windows, or val_fraction takes them all)")
+        self.parts = split.parts
+        self.weights = [p.weight for p in split.parts]
+        self.seed, self.micro_batch, self.dp_rank, self.dp_size = seed, micro_batch, dp_rank, dp_size
+        self._consumed = consumed_samples
+        self._ids = self._ordinals = np.empty(0, dtype=np.int64)
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    @property
+    def consumed_samples(self) -> int:
+        return self._consumed
+
+    def _ensure(self, n: int) -> None:
+        if n > self._ids.size:
+            self._ids, self._ordinals = blend(self.weights, max(n, 2 * self._ids.size, 1 << 16))
+
+    def _perm(self, d: int, epoch: int) -> np.ndarray:
+        key = (d, epoch)
+        perm = self._perms.get(key)
+        if perm is None:
+            for old in [k for k in self._perms if k[0] == d and k[1] < epoch - 1]:
+                del self._perms[old]
+            perm = np.random.default_rng([self.seed, d, epoch]).permutation(len(self.parts[d].train))
+            self._perms[key] = perm
+        return perm
+
+    def samples(self, first: int, count: int) -> list[int]:
+        """Window indices of global samples first .. first+count-1."""
+        self._ensure(first + count)
+        ids, ordinals = self._ids[first:first + count], self._ordinals[first:first + count]
+        out = np.empty(count, dtype=np.int64)
+        for d in np.unique(ids).tolist():
+            rows = np.flatnonzero(ids == d)
+            n = len(self.parts[d].train)
+            k = ordinals[rows]
+            for epoch in np.unique(k // n).tolist():
+                sel = rows[(k // n) == epoch]
+                out[sel] = self.parts[d].train.start + self._perm(d, epoch)[ordinals[sel] % n]
+        return out.tolist()
+
+    def next_micro_batch(self) -> list[int]:
+        first = self._consumed + self.dp_rank * self.micro_batch
+        self._consumed += self.micro_batch * self.dp_size
+        return self.samples(first, self.micro_batch)
+
+
+def epochs_by(split: MixtureSplit, total_samples: int) -> list[dict]:
+    """Each dataset's samples, share and epochs over the first `total_samples` samples (what max_steps draws)."""
+    ids, _ = blend([p.weight for p in split.parts], total_samples)
+    counts = np.bincount(ids, minlength=len(split.parts))
+    return [{"name": p.name, "path": p.path, "weight": p.weight, "train_windows": len(p.train),
+             "samples": int(c), "epochs": int(c) / len(p.train) if len(p.train) else float("inf")}
+            for p, c in zip(split.parts, counts)]
+
+
+def epochs_line(rows: list[dict], max_steps: int) -> str:
+    return "; ".join(f"{r['name']} (weight {r['weight']:.3g}): {r['samples']:,} samples by max_steps={max_steps} = "
+                     f"{r['epochs']:.2f} epochs of its {r['train_windows']:,} windows"
+                     + (" (repeats)" if r["epochs"] > 1 else "") for r in rows)
+
+
+def make_stream(split: Split | MixtureSplit, **kw) -> SampleStream | MixtureStream:
+    """The training sample stream of one dataset's split, or of a mixture's."""
+    if isinstance(split, MixtureSplit):
+        return MixtureStream(split, **kw)
+    return SampleStream(split.train, **kw)
