@@ -10,6 +10,9 @@
    --block steps (A B / B A); the samples/s the model consumes and the trainer's own data-wait fraction (the time
    the loop blocked on the loader, over the step time) for each.
 
+--mixture N splits the synthetic tokens into N datasets drawn with weights N, N-1, ..., 1 (run config `data`): the
+loader then runs the mixture's sampler and window lookup, the trainers train on the mixture.
+
 headroom = loader samples/s / model samples/s (how much faster the loader is than the model needs it). Goal: data
 wait under 1% of the step. Synthetic shards are freshly written, so they sit in the page cache; a first epoch over
 a dataset larger than RAM also reads from disk. Prints one JSON line.
@@ -50,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shards", type=int, default=8)
     p.add_argument("--tokens", type=int, default=8_000_000, help="synthetic tokens in all shards together")
     p.add_argument("--data-dir", help="token shards (default: synthetic shards in a temporary folder)")
+    p.add_argument("--mixture", type=int, default=1, metavar="N", help="N synthetic datasets, weights N..1")
     args = p.parse_args(argv)
     if args.prefetch < 1:
         p.error("--prefetch must be >= 1 (prefetch 0 is always measured as the baseline)")
@@ -61,10 +65,10 @@ def loader_rate(windows, split, *, seq_len: int, micro_batch: int, prefetch: int
     import torch
 
     from neox_train.data.loader import MicroBatchLoader
-    from neox_train.data.windows import SampleStream
+    from neox_train.data.mixture import make_stream
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    stream = SampleStream(split.train, seed=seed, micro_batch=micro_batch, dp_rank=0, dp_size=1)
+    stream = make_stream(split, seed=seed, micro_batch=micro_batch, dp_rank=0, dp_size=1)
     loader = MicroBatchLoader(windows, stream, device=device, prefetch=prefetch)
     try:
         loader.next()  # thread start-up and first touch are not the steady state
@@ -79,13 +83,27 @@ def loader_rate(windows, split, *, seq_len: int, micro_batch: int, prefetch: int
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    from neox_train.data.mixture import MixtureSplit, MixtureWindows, Part
     from neox_train.data.shards import discover_shards, open_shard
     from neox_train.data.windows import PackedWindows, split_windows
 
-    data_dir = args.data_dir or str(synthetic_shards(work / "tokens", vocab_size=args.vocab_size,
-                                                     num_tokens=args.tokens, shards=args.shards))
-    windows = PackedWindows([open_shard(p) for p in discover_shards(data_dir)], args.seq_len)
-    split = split_windows(len(windows), 0.0)
+    n = max(1, args.mixture)
+    folders = [args.data_dir] if args.data_dir and n == 1 else [
+        str(synthetic_shards(work / f"tokens{i}", vocab_size=args.vocab_size, num_tokens=args.tokens // n,
+                             shards=max(1, args.shards // n), seed=i)) for i in range(n)]
+    data_dir = folders[0]
+    weights = [float(n - i) for i in range(n)]
+    if n == 1:
+        windows = PackedWindows([open_shard(p) for p in discover_shards(data_dir)], args.seq_len)
+        split = split_windows(len(windows), 0.0)
+    else:
+        parts, base = [], 0
+        for i, folder in enumerate(folders):
+            w = PackedWindows([open_shard(p) for p in discover_shards(folder)], args.seq_len)
+            parts.append(Part(f"d{i}", folder, weights[i] / sum(weights), base, w, range(base, base + len(w)),
+                              range(0)))
+            base += len(w)
+        windows, split = MixtureWindows(parts), MixtureSplit(parts)
     rates: dict[str, list[float]] = {"prefetch_0": [], f"prefetch_{args.prefetch}": []}
     for order in abba(args.loader_rounds, [0, args.prefetch]):
         for prefetch in order:
@@ -106,6 +124,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         )
         if args.data_dir is None:
             values["vocab_size"] = args.vocab_size
+        if n > 1:
+            values["data"] = [{"path": f, "weight": w} for f, w in zip(folders, weights)]
         trainers[prefetch] = (build_trainer(values), Path(values["log_dir"]))
     times: dict[int, list[float]] = {p: [] for p in trainers}
     try:
@@ -134,7 +154,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     chosen = f"prefetch_{args.prefetch}"
     return {
         "preset": args.preset, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
-        "precision": args.precision, "shards": len(discover_shards(data_dir)), "windows": len(windows),
+        "precision": args.precision, "datasets": n, "weights": weights,
+        "shards": sum(len(discover_shards(f)) for f in folders), "windows": len(windows),
         "loader_samples_per_s": loader,
         "model": model,
         "headroom": loader[chosen] / model[chosen]["samples_per_s"],

@@ -107,3 +107,19 @@ def test_heal_bench_alternates_guard_and_watchdog_on_and_off():
     assert r["bench"] == "heal" and r["goal"] == 1.01 and len(r["ratios"]) == 2
     assert 0.2 < r["ratio_median"] < 5 and r["on_step_s_median"] > 0 and r["off_step_s_median"] > 0
     assert r["guard_skipped_updates"] == 0  # a healthy run: the guard judged every step and skipped none
+
+
+def test_prepare_bench_against_datasets_map():
+    r = bench("prepare_bench.py", "--mb", "2", "--rounds", "1", "--workers", "2")
+    assert r["bench"] == "prepare" and r["same_tokens"] and r["tokens"] > 100_000
+    assert r["prepare_tokens_per_s"] > 0 and r["datasets_map_tokens_per_s"] > 0 and r["ratio"] > 0
+    assert 0 < r["prepare_peak_rss_gib"] < 8 and 0 < r["datasets_map_peak_rss_gib"] < 8
+
+
+def test_data_startup_bench_on_a_small_dataset():
+    r = bench("data_startup.py", "--tokens", "5000000", "--keep-page-cache", timeout=600)
+    assert r["bench"] == "data_startup" and r["tokens"] == 5_000_000
+    for kind in ("shards", "indexed"):
+        for phase in ("cold", "warm"):
+            assert 0 < r[kind][phase]["first_step_s"] < 120 and r[kind][phase]["peak_rss_gib"] > 0
+        assert r[kind]["page_cache_dropped"] is False
