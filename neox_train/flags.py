@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 
 from neox_train.config import OPTIMIZER_IMPLS, PRECISIONS, RunConfig, load_run_config
+from neox_train.errors import ConfigError
 from neox_train.model import ATTENTION_IMPLS
 
 
@@ -92,6 +93,9 @@ def train_parser() -> argparse.ArgumentParser:
 def run_config_from_args(ns: argparse.Namespace) -> RunConfig:
     """The run config neox-train will build from the same flags: flags left at their default do not override."""
     run = load_run_config(ns.config)
+    if ns.data_dir and run.data:
+        raise ConfigError(f"--data-dir {ns.data_dir}: the config {ns.config} trains on a mixture (`data`); give one "
+                          f"or the other (edit `data` to change the mixture)")
     names = {f.name for f in dataclasses.fields(RunConfig)}
     overrides = {k: v for k, v in vars(ns).items() if k in names and v is not None and v is not False}
     if ns.async_save is False:

@@ -115,10 +115,10 @@ def test_damaged_indexed_datasets_are_one_line(tmp_path, kw, message):
     assert "\n" not in str(err.value) and str(tmp_path / "bad") in str(err.value)
 
 
-def test_a_lone_bin_and_bad_token_ids_are_refused(tmp_path):
+def test_a_lone_bin_is_skipped_and_bad_token_ids_are_refused(tmp_path):
     (tmp_path / "lone").mkdir()
-    (tmp_path / "lone" / "x.bin").write_bytes(b"\0\0")
-    with pytest.raises(DataError, match=r"x\.bin has no x\.idx beside it"):
+    (tmp_path / "lone" / "pytorch_model.bin").write_bytes(b"\0\0")  # someone else's .bin: skipped, not data
+    with pytest.raises(DataError, match=r"no token shards \(\.npy/\.npz, or \.bin/\.idx pairs\) found"):
         discover_shards(tmp_path / "lone")
     for name, docs, vocab, message in (("big", ([1, 2], [300]), 256, r"big\.bin: token id 300 >= vocab size 256 "
                                                                      r"at position 2"),
@@ -224,3 +224,41 @@ def test_prepare_cli_formats_and_text_key(tmp_path, pydoc_both):
     assert summary["format"] == "indexed" and summary["num_documents"] == len(DOCS)
     assert "(indexed, vocab 512" in proc.stderr
     assert sys.executable  # the console script ran in this environment
+
+
+def test_a_prefix_with_dots_and_megatron_caches_beside_it(tmp_path):
+    """`c4.en_text_document` is a PREFIX (not `c4` + a suffix), and Megatron-Core's index caches in
+    PREFIX/cache/ are never read as shards."""
+    prefix = tmp_path / "c4.en_text_document"
+    writer = indexed.IndexedWriter(prefix, np.uint16)
+    writer.add_document(np.arange(50))
+    writer.close()
+    cache = tmp_path / "c4.en_text_document" / "cache" / "GPTDataset_indices"
+    cache.mkdir(parents=True)
+    np.save(cache / "abc-shuffle_index.npy", np.arange(10, dtype=np.uint32))
+    for spec in (prefix, Path(f"{prefix}.bin"), Path(f"{prefix}.idx")):
+        assert discover_shards(spec) == [Path(f"{prefix}.bin")]
+    assert discover_shards(tmp_path) == [Path(f"{prefix}.bin")]
+    assert np.array_equal(open_shard(Path(f"{prefix}.bin")), np.arange(50))
+
+
+def test_a_kill_while_moving_the_output_in_is_finished_by_the_next_run(tmp_path, pydoc_both, monkeypatch):
+    from neox_train.data import prepare as prep
+
+    tok = pydoc_both[0].tokenizer_path
+    reference = prepare(["builtin:pydoc"], tmp_path / "ref", tokenizer_path=tok, shard_tokens=30_000, progress=False)
+    real, calls = os.replace, []
+
+    def dying_replace(src, dst):
+        calls.append(src)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # stopped after two files were moved in
+        real(src, dst)
+
+    monkeypatch.setattr(prep.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(["builtin:pydoc"], tmp_path / "out", tokenizer_path=tok, shard_tokens=30_000, progress=False)
+    monkeypatch.setattr(prep.os, "replace", real)
+    again = prepare(["builtin:pydoc"], tmp_path / "out", tokenizer_path=tok, shard_tokens=30_000, progress=False)
+    assert _files(again.output_dir) == _files(reference.output_dir)
+    assert not (tmp_path / "out" / ".prepare-staging").exists()

@@ -143,3 +143,16 @@ def test_neox_data_info(tmp_path, token_dir, second_dataset):
     bad = subprocess.run([str(BIN / "neox-data"), "info", str(tmp_path / "nope")], capture_output=True, text=True,
                          env=train_env(), timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("neox-data: error: data dir")
+
+
+def test_a_mixture_of_two_tokenizers_and_data_dir_with_a_mixture_are_refused(tmp_path, token_dir):
+    from neox_train.data.prepare import prepare
+
+    a = prepare(["builtin:pydoc"], tmp_path / "a", vocab_size=300, progress=False)
+    b = prepare(["builtin:pydoc"], tmp_path / "b", vocab_size=400, progress=False)
+    run = tiny_run_config(tmp_path, token_dir, vocab_size=512,
+                          data=[{"path": str(a.output_dir), "weight": 1}, {"path": str(b.output_dir), "weight": 1}])
+    proc = run_train(["--config", str(run)], check=False)
+    assert proc.returncode == 2 and "the mixture's datasets were tokenized differently" in proc.stderr
+    proc = run_train(["--config", str(run), "--data-dir", str(token_dir)], check=False)
+    assert proc.returncode == 2 and "trains on a mixture (`data`); give one or the other" in proc.stderr

@@ -53,19 +53,33 @@ class IndexedDataset:
         return max(int(self.doc_idx.size) - 1, 0)
 
 
+def bin_path(prefix: Path) -> Path:
+    """PREFIX.bin. (Not with_suffix: a prefix may hold dots of its own, `c4.en_text_document`.)"""
+    return Path(f"{prefix}.bin")
+
+
+def idx_path(prefix: Path) -> Path:
+    return Path(f"{prefix}.idx")
+
+
+def strip(path: Path) -> Path:
+    """PREFIX of PREFIX.bin / PREFIX.idx (only that ending is removed)."""
+    text = str(path)
+    return Path(text[:-4]) if text.endswith((".bin", ".idx")) else Path(path)
+
+
 def prefix_of(path: Path) -> Path | None:
     """PREFIX for `PREFIX`, `PREFIX.bin` or `PREFIX.idx` when both files exist; else None."""
-    path = Path(path)
-    base = path.with_suffix("") if path.suffix in (".bin", ".idx") else path
-    return base if base.with_suffix(".bin").is_file() and base.with_suffix(".idx").is_file() else None
+    base = strip(Path(path))
+    return base if bin_path(base).is_file() and idx_path(base).is_file() else None
 
 
 def open_indexed(prefix: Path) -> IndexedDataset:
     """Read and check PREFIX.idx, memory-map PREFIX.bin; DataError (one line naming the file) when anything is off."""
     prefix = Path(prefix)
-    idx, bin_path = prefix.with_suffix(".idx"), prefix.with_suffix(".bin")
+    idx, bin_file = idx_path(prefix), bin_path(prefix)
     try:
-        idx_size, bin_size = idx.stat().st_size, bin_path.stat().st_size
+        idx_size, bin_size = idx.stat().st_size, bin_file.stat().st_size
         with open(idx, "rb") as f:
             raw = f.read(_HEADER.size)
     except OSError as e:
@@ -87,21 +101,21 @@ def open_indexed(prefix: Path) -> IndexedDataset:
         raise DataError(f"{idx}: {idx_size} bytes, but its header's {n} sequences and {m} document entries need "
                         f"{expected} (a truncated or multimodal index)")
     if bin_size % dtype.itemsize:
-        raise DataError(f"{bin_path}: {bin_size} bytes is not a whole number of {dtype.name} tokens")
+        raise DataError(f"{bin_file}: {bin_size} bytes is not a whole number of {dtype.name} tokens")
     sizes = _map(idx, np.int32, _HEADER.size, n)
     pointers = _map(idx, np.int64, _HEADER.size + 4 * n, n)
     doc_idx = _map(idx, np.int64, _HEADER.size + 12 * n, m)
     if n:
         end = int(pointers[-1]) + int(sizes[-1]) * dtype.itemsize
         if int(pointers[0]) != 0 or end != bin_size or int(sizes[-1]) < 0:
-            raise DataError(f"{idx}: its pointers cover bytes {int(pointers[0])}..{end} of {bin_path}, which holds "
+            raise DataError(f"{idx}: its pointers cover bytes {int(pointers[0])}..{end} of {bin_file}, which holds "
                             f"{bin_size} bytes (valid: sequences back to back from byte 0 to the end; was .bin "
                             f"replaced or truncated?)")
     if m and (int(doc_idx[0]) != 0 or int(doc_idx[-1]) != n):
         raise DataError(f"{idx}: document index runs {int(doc_idx[0])}..{int(doc_idx[-1])}; valid: 0..{n}")
     if bin_size == 0:
-        raise DataError(f"{bin_path}: the dataset holds no tokens")
-    tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(bin_size // dtype.itemsize,))
+        raise DataError(f"{bin_file}: the dataset holds no tokens")
+    tokens = np.memmap(bin_file, dtype=dtype, mode="r", shape=(bin_size // dtype.itemsize,))
     return IndexedDataset(prefix, dtype, sizes, pointers, doc_idx, tokens)
 
 
@@ -124,7 +138,7 @@ class IndexedWriter:
             raise ValueError(f"dtype {dtype} cannot be written (valid: {VALID_CODES})")
         self.prefix = Path(prefix)
         self.dtype = np.dtype(dtype)
-        self._bin = open(self.prefix.with_suffix(".bin"), "wb")
+        self._bin = open(bin_path(self.prefix), "wb")
         self._sizes: list[int] = []
 
     def add_document(self, tokens: np.ndarray) -> None:
@@ -144,7 +158,7 @@ def write_index(prefix: Path, dtype: np.dtype, sizes: np.ndarray) -> Path:
     if sizes.size > 1:
         np.cumsum(sizes[:-1].astype(np.int64) * dtype.itemsize, out=pointers[1:])
     doc_idx = np.arange(sizes.size + 1, dtype=np.int64)
-    with open(Path(prefix).with_suffix(".idx"), "wb") as f:
+    with open(idx_path(Path(prefix)), "wb") as f:
         f.write(_HEADER.pack(MAGIC, VERSION, CODES[dtype], sizes.size, doc_idx.size))
         f.write(sizes.tobytes())
         f.write(pointers.tobytes())

@@ -38,7 +38,7 @@ def describe(path: str, *, name: str | None = None, weight: float | None = None)
     documents: int | None = 0
     for f in files:
         if f.suffix == ".bin":
-            documents += indexed.open_indexed(f.with_suffix("")).documents
+            documents += indexed.open_indexed(indexed.strip(f)).documents
         else:
             documents = None
             break

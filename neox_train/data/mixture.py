@@ -16,7 +16,6 @@ resumed run (at any rank count) draws the same samples from the same datasets.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,21 +71,70 @@ class MixtureSplit:
         return range(sum(len(p.val) for p in self.parts))
 
 
+SLAB = 1 << 16  # the blend is built in slabs of this much time (about that many samples): memory stays flat
+
+
+class Blend:
+    """Which dataset each global sample comes from, and its ordinal there: dataset d's k-th sample sits at time
+    (k + 0.5) / w_d, samples in time order (ties: the lower dataset). Built a slab of time at a time: dataset d
+    has K_d(t) = ceil(t * w_d - 0.5) samples before time t, so slab s (times [s*SLAB, (s+1)*SLAB)) starts at
+    sample sum_d K_d(s*SLAB), and any position is found without building what comes before it."""
+
+    def __init__(self, weights: Sequence[float]):
+        w = np.asarray(weights, dtype=np.float64)
+        self.w = w / w.sum()
+        self._slab: tuple[int, int, np.ndarray, np.ndarray] | None = None  # (slab, start, ids, ordinals)
+
+    def before(self, t: float) -> np.ndarray:
+        """Samples of each dataset before time t."""
+        return np.maximum(np.ceil(t * self.w - 0.5), 0).astype(np.int64)
+
+    def start(self, slab: int) -> int:
+        return int(self.before(slab * SLAB).sum())
+
+    def slab_of(self, position: int) -> int:
+        s = position // SLAB
+        while s > 0 and self.start(s) > position:
+            s -= 1
+        while self.start(s + 1) <= position:
+            s += 1
+        return s
+
+    def slab(self, s: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """(its first position, dataset of each sample, ordinal of each sample)."""
+        if self._slab is not None and self._slab[0] == s:
+            return self._slab[1:]
+        lo, hi = self.before(s * SLAB), self.before((s + 1) * SLAB)
+        ids = np.concatenate([np.full(h - a, d, dtype=np.int64) for d, (a, h) in enumerate(zip(lo, hi))])
+        ordinals = np.concatenate([np.arange(a, h, dtype=np.int64) for a, h in zip(lo, hi)])
+        order = np.lexsort((ids, (ordinals + 0.5) / self.w[ids]))
+        self._slab = (s, int(lo.sum()), ids[order], ordinals[order])
+        return self._slab[1:]
+
+    def take(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(datasets, ordinals) of samples first .. first+count-1."""
+        ids, ords = [], []
+        s, need = self.slab_of(first), count
+        while need:
+            start, slab_ids, slab_ords = self.slab(s)
+            a = max(first - start, 0)
+            b = min(a + need, slab_ids.size)
+            ids.append(slab_ids[a:b])
+            ords.append(slab_ords[a:b])
+            need -= b - a
+            s += 1
+        return (np.concatenate(ids), np.concatenate(ords)) if ids else (np.empty(0, np.int64), np.empty(0, np.int64))
+
+    def counts(self, n: int) -> np.ndarray:
+        """Samples of each dataset among the first n."""
+        s = self.slab_of(n)
+        start, ids, _ = self.slab(s)
+        return self.before(s * SLAB) + np.bincount(ids[:n - start], minlength=self.w.size)
+
+
 def blend(weights: Sequence[float], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """For global samples 0..n-1: (the dataset of each, its ordinal within that dataset). A prefix of the same
-    infinite sequence for any n."""
-    w = np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
-    ids, ordinals, times = [], [], []
-    for d, wd in enumerate(w):
-        count = math.ceil((n + len(w)) * wd) + 2  # every event up to the n-th overall (count(t) >= t - D/2)
-        k = np.arange(count, dtype=np.int64)
-        ids.append(np.full(count, d, dtype=np.int64))
-        ordinals.append(k)
-        times.append((k + 0.5) / wd)
-    ids_all, ord_all, t_all = np.concatenate(ids), np.concatenate(ordinals), np.concatenate(times)
-    order = np.lexsort((ids_all, t_all))[:n]
-    return ids_all[order], ord_all[order]
+    """For global samples 0..n-1: (the dataset of each, its ordinal within that dataset)."""
+    return Blend(weights).take(0, n)
 
 
 class MixtureStream:
@@ -103,16 +151,12 @@ class MixtureStream:
         self.weights = [p.weight for p in split.parts]
         self.seed, self.micro_batch, self.dp_rank, self.dp_size = seed, micro_batch, dp_rank, dp_size
         self._consumed = consumed_samples
-        self._ids = self._ordinals = np.empty(0, dtype=np.int64)
+        self._blend = Blend(self.weights)
         self._perms: dict[tuple[int, int], np.ndarray] = {}
 
     @property
     def consumed_samples(self) -> int:
         return self._consumed
-
-    def _ensure(self, n: int) -> None:
-        if n > self._ids.size:
-            self._ids, self._ordinals = blend(self.weights, max(n, 2 * self._ids.size, 1 << 16))
 
     def _perm(self, d: int, epoch: int) -> np.ndarray:
         key = (d, epoch)
@@ -126,8 +170,7 @@ class MixtureStream:
 
     def samples(self, first: int, count: int) -> list[int]:
         """Window indices of global samples first .. first+count-1."""
-        self._ensure(first + count)
-        ids, ordinals = self._ids[first:first + count], self._ordinals[first:first + count]
+        ids, ordinals = self._blend.take(first, count)
         out = np.empty(count, dtype=np.int64)
         for d in np.unique(ids).tolist():
             rows = np.flatnonzero(ids == d)
@@ -146,8 +189,7 @@ class MixtureStream:
 
 def epochs_by(split: MixtureSplit, total_samples: int) -> list[dict]:
     """Each dataset's samples, share and epochs over the first `total_samples` samples (what max_steps draws)."""
-    ids, _ = blend([p.weight for p in split.parts], total_samples)
-    counts = np.bincount(ids, minlength=len(split.parts))
+    counts = Blend([p.weight for p in split.parts]).counts(total_samples)
     return [{"name": p.name, "path": p.path, "weight": p.weight, "train_windows": len(p.train),
              "samples": int(c), "epochs": int(c) / len(p.train) if len(p.train) else float("inf")}
             for p, c in zip(split.parts, counts)]

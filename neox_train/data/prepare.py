@@ -44,6 +44,7 @@ SLOW_ENV = "NEOX_PREPARE_SLOW_S"  # testing aid: seconds of sleep after every ba
 # Documents handed to encode_batch at once: large enough for the Rust side to use every core, small enough
 # that a batch of long documents does not hold gigabytes of Encoding objects.
 _ENCODE_BATCH_DOCS = 1000
+_ENCODE_BATCH_CHARS = 4_000_000  # and at most this much text: 2N batches in flight stay bounded for long documents
 
 
 @dataclass(frozen=True)
@@ -103,23 +104,37 @@ def _progress(documents: Iterable[str], desc: str, enabled: bool) -> Iterable[st
     return tqdm(documents, desc=desc, unit="doc", file=sys.stderr)
 
 
-def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+def _batched(items: Iterable[str], size: int, chars: int = _ENCODE_BATCH_CHARS) -> Iterator[list[str]]:
     batch: list[str] = []
+    held = 0
     for item in items:
         batch.append(item)
-        if len(batch) == size:
+        held += len(item)
+        if len(batch) == size or held >= chars:
             yield batch
-            batch = []
+            batch, held = [], 0
     if batch:
         yield batch
 
 
-def _remove_previous_output(output_dir: Path) -> None:
+def _remove_previous_output(output_dir: Path, keep: set[str] = frozenset()) -> None:
     """Delete what an earlier prepare wrote here (shards, data.bin/.idx, meta.json), so a smaller re-run leaves
-    nothing stale. Anything else stays."""
+    nothing stale; `keep`: files this prepare already moved in. Anything else stays."""
     for path in output_dir.iterdir():
-        if path.is_file() and (SHARD_PATTERN.fullmatch(path.name) or path.name in (META_FILE, "data.bin", "data.idx")):
+        ours = SHARD_PATTERN.fullmatch(path.name) or path.name in (META_FILE, "data.bin", "data.idx")
+        if path.is_file() and ours and path.name not in keep:
             path.unlink()
+
+
+def _finished(staging: Path, signature: str) -> dict | None:
+    """The meta of a prepare that finished writing into `staging` but was stopped while moving it in."""
+    try:
+        state = json.loads((staging / PROGRESS_FILE).read_text())
+        if state.get("signature") == signature and state.get("finished"):
+            return {**json.loads((staging / META_FILE).read_text()), "resumed_documents": state["documents"]}
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
 
 
 @dataclass(frozen=True)
@@ -168,14 +183,16 @@ def prepare(
     staging = output_dir / ".prepare-staging"
     staging.mkdir(exist_ok=True)
     try:
-        meta = _prepare_into(opts, staging)
+        meta = _finished(staging, _signature(opts)) or _prepare_into(opts, staging)
     except DataError:
         shutil.rmtree(staging, ignore_errors=True)  # bad input fails the same way again: nothing to resume
         raise
-    _remove_previous_output(output_dir)
+    # The move, restartable: a kill halfway leaves progress "finished", and the next run only completes it.
+    _remove_previous_output(output_dir, keep=set(meta["files"]) - {p.name for p in staging.iterdir()})
     outputs = []
     for name in meta["files"]:
-        os.replace(staging / name, output_dir / name)
+        if (staging / name).exists():
+            os.replace(staging / name, output_dir / name)
         outputs.append(output_dir / name)
     os.replace(staging / TOKENIZER_FILE, output_dir / TOKENIZER_FILE)
     os.replace(staging / META_FILE, output_dir / META_FILE)  # last: meta.json present == prepare finished
@@ -208,11 +225,24 @@ def _resume_state(staging: Path, signature: str) -> dict | None:
         state = json.loads(path.read_text()) if path.is_file() else None
     except (OSError, ValueError):
         state = None
-    if state and state.get("signature") == signature and (staging / TOKENIZER_FILE).is_file():
+    if state and state.get("signature") == signature and (staging / TOKENIZER_FILE).is_file() and \
+            not state.get("finished") and _files_hold(staging, state):
         return state
     for child in staging.iterdir():  # another prepare's leftovers: start over
         shutil.rmtree(child) if child.is_dir() else child.unlink()
     return None
+
+
+def _files_hold(staging: Path, state: dict) -> bool:
+    """The checkpoint's files are all there, at least as long as it says (else start over)."""
+    writer = state.get("writer") or {}
+    if any(not (staging / name).is_file() for name in writer.get("shards", [])):
+        return False
+    if "documents" in writer:  # the indexed writer: data.bin and its sizes side file
+        data, sizes = staging / "data.bin", staging / "data.sizes"
+        return data.is_file() and sizes.is_file() and sizes.stat().st_size >= 4 * writer["documents"] and \
+            data.stat().st_size >= writer["durable_tokens"] * writer.get("itemsize", 1)
+    return True
 
 
 def _write_progress(staging: Path, state: dict) -> None:
@@ -257,6 +287,7 @@ def _prepare_into(opts: Options, staging: Path) -> dict:
     if opts.format == "shards":
         meta["shards"] = files
     (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    _write_progress(staging, {"signature": signature, "documents": num_documents, "finished": True})
     return {**meta, "resumed_documents": resumed}
 
 
@@ -327,7 +358,7 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shards: our .npy shards (default); indexed: one gpt-neox/Megatron data.bin + data.idx")
     parser.add_argument("--text-key", default="text", metavar="KEY",
                         help="the text field of JSON lines, the text column of Parquet / HF datasets (default text)")
-    parser.add_argument("--workers", type=_positive_int_arg, default=os.cpu_count() or 1, metavar="N",
+    parser.add_argument("--workers", type=_positive_int_arg, default=len(os.sched_getaffinity(0)), metavar="N",
                         help="tokenizer processes (default: one per core); the output is the same for any N")
     parser.add_argument("--tokenizer", metavar="FILE", help="use this tokenizer.json instead of training one")
     parser.add_argument("--vocab-size", type=_vocab_size_arg, default=8192, metavar="N",

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from neox_train.data import indexed
 from neox_train.errors import DataError, one_line, read_json_object
+from neox_train.log import log
 from neox_train.model import GPT2_VOCAB_SIZE
 
 SHARD_SUFFIXES = (".npy", ".npz")
@@ -53,8 +54,10 @@ def discover_shards(data_dir: str | Path) -> list[Path]:
     """
     root = Path(data_dir)
     prefix = indexed.prefix_of(root)
-    if prefix is not None and not root.is_dir():
-        return [prefix.with_suffix(".bin")]
+    if prefix is not None:
+        # An indexed PREFIX wins over a folder of the same name (Megatron-Core keeps its index caches in
+        # PREFIX/cache/).
+        return [indexed.bin_path(prefix)]
     if not root.is_dir():
         raise DataError(
             f"data dir {root} does not exist or is not a directory (expected a folder of .npy/.npz shards or "
@@ -62,15 +65,24 @@ def discover_shards(data_dir: str | Path) -> list[Path]:
             f"TEXT_OR_JSONL... --output {root})"
         )
     # Hidden folders are never data: `.prepare-staging/` left by a killed prepare must not be trained on.
+    # Megatron-Core's index caches (PREFIX/cache/GPTDataset_indices/*.npy) are not data either.
     found = [p for p in root.rglob("*")
              if p.suffix.lower() in (*SHARD_SUFFIXES, ".bin", ".idx") and p.is_file()
-             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+             and not any(part.startswith(".") or part == "cache" for part in p.relative_to(root).parts[:-1])
+             and not p.name.startswith(".")]
+    shards = []
     for p in found:
-        other = p.with_suffix(".idx" if p.suffix == ".bin" else ".bin")
-        if p.suffix in (".bin", ".idx") and not other.is_file():
-            raise DataError(f"{p} has no {other.name} beside it (an indexed dataset is a PREFIX.bin + PREFIX.idx "
-                            f"pair)")
-    shards = [p for p in found if p.suffix != ".idx"]
+        if p.suffix in (".bin", ".idx"):
+            prefix = indexed.strip(p)
+            other = indexed.idx_path(prefix) if p.suffix == ".bin" else indexed.bin_path(prefix)
+            if not other.is_file():
+                # A lone .bin is someone else's file (pytorch_model.bin, ...): said once, not trained on.
+                log.warning("%s has no %s beside it: skipped (an indexed dataset is a PREFIX.bin + PREFIX.idx "
+                            "pair)", p, other.name)
+                continue
+            if p.suffix == ".idx":
+                continue
+        shards.append(p)
     if not shards:
         raise DataError(f"no token shards (.npy/.npz, or .bin/.idx pairs) found under {root}")
     return sorted(shards, key=lambda p: p.relative_to(root).as_posix())
@@ -88,7 +100,7 @@ def open_shard(path: Path) -> np.ndarray:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".bin":
-        return indexed.open_indexed(path.with_suffix("")).tokens
+        return indexed.open_indexed(indexed.strip(path)).tokens
     if suffix not in SHARD_SUFFIXES:
         valid = ", ".join(SHARD_SUFFIXES)
         raise DataError(f"{path}: not a token shard (suffix {suffix or '(none)'!r}; valid: {valid})")
@@ -256,9 +268,12 @@ def _chunks(array: np.ndarray):
         left = array.size
         while left:
             view = buffer[:min(left, buffer.size)]
-            got = f.readinto(memoryview(view).cast("B"))
-            if got != view.nbytes:
-                raise DataError(f"{mapped.filename}: shorter than its header says ({left} tokens missing)")
+            raw, filled = memoryview(view).cast("B"), 0
+            while filled < raw.nbytes:  # a read may return less (FUSE mounts do): read on until full or the end
+                got = f.readinto(raw[filled:])
+                if not got:
+                    raise DataError(f"{mapped.filename}: shorter than its header says ({left} tokens missing)")
+                filled += got
             yield view
             left -= view.size
 

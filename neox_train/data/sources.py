@@ -176,15 +176,26 @@ def _parquet_documents(path: Path, text_key: str) -> Iterator[str]:
     names = parquet.schema_arrow.names
     if text_key not in names:
         raise _column_error(path, text_key, names)
-    for batch in parquet.iter_batches(batch_size=_ARROW_BATCH_ROWS, columns=[text_key]):
+    batches = parquet.iter_batches(batch_size=_ARROW_BATCH_ROWS, columns=[text_key])
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as err:  # a damaged row group: pyarrow's ArrowInvalid / OSError
+            raise DataError(f"{path}: cannot read a row group ({type(err).__name__}: {err})") from err
+        if batch is None:
+            return
         yield from _texts(path, batch.column(0), text_key)
 
 
 def _hf_saved_documents(path: Path, text_key: str) -> Iterator[str]:
     import pyarrow as pa  # deferred: only Arrow inputs need it
 
-    state = json.loads((path / "state.json").read_text())
-    files = [path / f["filename"] for f in state.get("_data_files", [])]
+    try:
+        state = json.loads((path / "state.json").read_text())
+        files = [path / f["filename"] for f in state.get("_data_files", [])]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise DataError(f"{path / 'state.json'}: not the state.json HF datasets' save_to_disk writes "
+                        f"({type(err).__name__}: {err})") from err
     if not files:
         raise DataError(f"{path}: state.json lists no data files (not a complete save_to_disk folder)")
     for file in files:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from neox_train.data.indexed import write_index
+from neox_train.data.indexed import bin_path, write_index
 
 SHARD_PATTERN = re.compile(r"shard_\d{5,}\.npy")
 INDEXED_PREFIX = "data"  # the indexed dataset is OUTPUT/data.bin + OUTPUT/data.idx
@@ -81,11 +81,11 @@ class ResumableIndexedWriter:
         self.durable_tokens = int((state or {}).get("durable_tokens", 0))
         documents = int((state or {}).get("documents", 0))
         # Back to the last checkpoint: whatever was appended after it is written again.
-        for path, length in ((self.prefix.with_suffix(".bin"), self.durable_tokens * self.dtype.itemsize),
+        for path, length in ((bin_path(self.prefix), self.durable_tokens * self.dtype.itemsize),
                              (self._sizes_path, documents * 4)):
             with open(path, "ab") as f:
                 f.truncate(length)
-        self._bin = open(self.prefix.with_suffix(".bin"), "ab")  # noqa: SIM115 - closed in finish()
+        self._bin = open(bin_path(self.prefix), "ab")  # noqa: SIM115 - closed in finish()
         self._sizes = open(self._sizes_path, "ab")  # noqa: SIM115
         self.documents = documents
         self._since = 0
@@ -106,7 +106,7 @@ class ResumableIndexedWriter:
             os.fsync(f.fileno())
         self._since = 0
         self.checkpoint_due = False
-        return {"durable_tokens": self.durable_tokens, "documents": self.documents}
+        return {"durable_tokens": self.durable_tokens, "documents": self.documents, "itemsize": self.dtype.itemsize}
 
     def finish(self) -> list[str]:
         self._bin.close()

@@ -7,6 +7,7 @@ model or engine exists.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,14 +17,16 @@ import torch._dynamo
 from neox_train.config import RunConfig
 from neox_train.data.mixture import MixtureSplit, MixtureWindows, Part, epochs_by, epochs_line
 from neox_train.data.shards import (
+    TOKENIZER_FILE,
     VALIDATION_CACHE,
     discover_shards,
+    read_meta,
     resolve_vocab,
     validate_shards,
 )
 from neox_train.data.windows import PackedWindows, Split, split_windows
 from neox_train.ds_config import effective_ds_config, load_ds_config, precision, zero_stage
-from neox_train.errors import ConfigError
+from neox_train.errors import ConfigError, DataError
 from neox_train.log import log
 from neox_train.model import (
     check_hf_init,
@@ -110,6 +113,7 @@ def load_data(plan: RunPlan) -> tuple[PackedWindows | MixtureWindows, Split | Mi
         log.info("data: %d shards in %s, %d windows of %d tokens (%d train, %d validation)",
                  len(paths), run.data_dir, len(windows), run.seq_len, len(split.train), len(split.val))
         return windows, split
+    check_one_tokenizer([e["path"] for e in run.data])
     parts, base = [], 0
     total = sum(float(e["weight"]) for e in run.data)
     for entry in run.data:
@@ -126,6 +130,30 @@ def load_data(plan: RunPlan) -> tuple[PackedWindows | MixtureWindows, Split | Mi
     samples = run.max_steps * int(plan.ds_config["train_batch_size"])
     log.info("data mixture: %s", epochs_line(epochs_by(mixture, samples), run.max_steps))
     return MixtureWindows(parts), mixture
+
+
+def check_one_tokenizer(paths: list[str]) -> None:
+    """A mixture's datasets must share the tokenizer (the same id must mean the same token): their meta.json files
+    agree on vocabulary, end-of-text id and tokenizer.json. A dataset without meta.json (a Megatron PREFIX) cannot
+    be checked: one WARNING."""
+    seen: dict[tuple, list[str]] = {}
+    unchecked = []
+    for path in paths:
+        meta = read_meta(path) if Path(path).is_dir() else None
+        if meta is None:
+            unchecked.append(path)
+            continue
+        tokenizer = Path(path) / str(meta.get("tokenizer") or TOKENIZER_FILE)
+        digest = hashlib.sha256(tokenizer.read_bytes()).hexdigest()[:12] if tokenizer.is_file() else None
+        seen.setdefault((meta.get("vocab_size"), meta.get("eos_token_id"), digest), []).append(path)
+    if len(seen) > 1:
+        kinds = "; ".join(f"{', '.join(p)}: vocab {k[0]}, end-of-text {k[1]}, tokenizer.json {k[2] or 'none'}"
+                          for k, p in seen.items())
+        raise DataError(f"the mixture's datasets were tokenized differently ({kinds}): prepare them with one "
+                        f"tokenizer (neox-data prepare --tokenizer FILE)")
+    if unchecked and len(paths) > 1:
+        log.warning("data: %s hold(s) no meta.json, so nothing shows they share the tokenizer of the other datasets",
+                    ", ".join(unchecked))
 
 
 def _load_one(plan: RunPlan, data_dir: str) -> tuple[PackedWindows, Split, list[Path]]:
