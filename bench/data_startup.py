@@ -109,10 +109,12 @@ def start_up(data: Path, work: Path, name: str) -> dict[str, Any]:
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    sets = {"shards": work / "shards", "indexed": work / "indexed"}
+    sets = {k: work / k for k in args.only}
     t = time.perf_counter()
-    write_shards(sets["shards"], args.tokens)
-    write_indexed(sets["indexed"], args.tokens)
+    if "shards" in sets:
+        write_shards(sets["shards"], args.tokens)
+    if "indexed" in sets:
+        write_indexed(sets["indexed"], args.tokens)
     small = work / "small"
     write_shards(small, 1_000_000, files=1)
     made_s = time.perf_counter() - t
@@ -136,6 +138,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=2_000_000_000)
+    p.add_argument("--only", nargs="+", choices=("shards", "indexed"), default=["shards", "indexed"],
+                   help="which formats to measure (default both)")
     p.add_argument("--keep-page-cache", action="store_true", help="do not drop the page cache for the cold runs")
     p.add_argument("--keep", metavar="DIR", help="write the datasets here and keep them (default: a temporary folder)")
     args = p.parse_args(argv)
