@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from neox_train import health
+from neox_train.checkpoint.commit import MARKER
 
 from conftest import (
     BIN,
@@ -62,6 +63,15 @@ def _wait_for_step(proc: subprocess.Popen, status: Path, attempt: int, rank: int
     raise AssertionError(f"attempt {attempt} rank {rank} never reached step {step}")
 
 
+def _wait_for_checkpoint(proc: subprocess.Popen, save_dir: Path, step: int, timeout: float = 120) -> None:
+    """Until global_stepN is committed (its completeness marker), so a kill lands after it."""
+    marker = save_dir / f"global_step{step}" / MARKER
+    deadline = time.monotonic() + timeout
+    while not marker.is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, f"global_step{step} was never committed"
+        time.sleep(0.05)
+
+
 def _attempts(launch_dir: Path) -> dict:
     return json.loads((launch_dir / "attempts.json").read_text())
 
@@ -84,6 +94,7 @@ def test_a_killed_rank_and_a_hung_rank_are_restarted_and_the_losses_are_exact(tm
     proc = _launch(["--gpus", 2, "--zero", 1, "--config", run, "--max-restarts", 2, "--restart-backoff-s", 1,
                     "--master-port", _free_port()], cwd=tmp_path, env=env)
     victim = _wait_for_step(proc, status, 0, 1, TRAINED_SAVE_AT + 1)
+    _wait_for_checkpoint(proc, tmp_path / "ckpt", TRAINED_SAVE_AT)
     killed_at = time.time()
     os.kill(victim.pid, signal.SIGKILL)
     stopped = _wait_for_step(proc, status, 1, 0, TRAINED_SAVE_AT + 2)
@@ -199,6 +210,7 @@ def test_two_nodes_restart_on_both_after_a_kill_on_one(ssh_cluster, tmp_path, to
                    cwd=tmp_path, env=env)
     status = tmp_path / "ckpt" / "launch" / "status"
     victim = _wait_for_step(proc, status, 0, 1, 3, timeout=400)  # rank 1 runs on node1, under its sshd
+    _wait_for_checkpoint(proc, tmp_path / "ckpt", 2)
     killed_at = time.time()
     os.kill(victim.pid, signal.SIGKILL)
     code, out = _finish(proc, timeout=500)
