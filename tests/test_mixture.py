@@ -88,6 +88,7 @@ def _mixture_run(tmp_path, token_dir, second, weights=(3, 1), **kw):
     return tiny_run_config(tmp_path, token_dir, data=data, max_steps=6, save_steps=3, eval_steps=3, **kw)
 
 
+@pytest.mark.slow
 def test_a_mixture_trains_reports_per_dataset_validation_and_resumes_exactly(tmp_path, token_dir, second_dataset):
     run = _mixture_run(tmp_path, token_dir, second_dataset)
     first = run_train(["--config", str(run)])
