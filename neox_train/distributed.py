@@ -170,15 +170,8 @@ class Control:
                                          timeout=timedelta(seconds=timeout_s) if timeout_s else None)
 
     def sum(self, values: list[int]) -> list[int]:
-        """Element-wise sum over ranks."""
-        if self.group is None:
-            return list(values)
-        import torch  # deferred: see init_distributed
-        import torch.distributed as tdist
-
-        tensor = torch.tensor(values, dtype=torch.int64)
-        tdist.all_reduce(tensor, group=self.group)
-        return [int(v) for v in tensor.tolist()]
+        """Element-wise sum over ranks of small integers (counts, flags: exact in float64)."""
+        return [int(v) for v in self.sum_floats(values)]
 
     def sum_floats(self, values: list[float]) -> list[float]:
         """Element-wise sum over ranks in float64 (integers up to 2**53 stay exact; a NaN anywhere is NaN

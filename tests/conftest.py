@@ -111,18 +111,24 @@ def train_env() -> dict[str, str]:
     return env
 
 
+def communicate_or_kill(p: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """(stdout, stderr) of a process started in its own group (start_new_session); past `timeout` the whole group
+    is killed and the test fails with the stderr tail."""
+    try:
+        return p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        _, stderr = p.communicate()
+        raise AssertionError(f"{' '.join(map(str, p.args))} timed out after {timeout} s\n{stderr[-6000:]}") from None
+
+
 def run_in_own_group(cmd: list[str], *, env: dict[str, str], timeout: float, cwd: Path | None = None
                      ) -> subprocess.CompletedProcess:
     """Run cmd in its own process group, so a hung run's ranks die with the launcher instead of outliving the test:
     on timeout the whole group is killed and the test fails with the command's stderr tail."""
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
                           start_new_session=True) as p:
-        try:
-            stdout, stderr = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            stdout, stderr = p.communicate()
-            raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s\n{stderr[-6000:]}") from None
+        stdout, stderr = communicate_or_kill(p, timeout)
     return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
 
 

@@ -21,6 +21,7 @@ from conftest import (
     TRAINED_SAVE_AT,
     TRAINED_STEPS,
     _free_port,
+    communicate_or_kill,
     copy_checkpoint,
     read_metrics,
     run_train,
@@ -41,12 +42,7 @@ def _launch(args: list, *, cwd: Path, env: dict[str, str] | None = None) -> subp
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 400) -> tuple[int, str]:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"neox-launch timed out\n{err[-6000:]}") from None
+    out, err = communicate_or_kill(proc, timeout)
     return proc.returncode, out + err
 
 

@@ -22,7 +22,6 @@ from neox_train.data.shards import (
     VALIDATION_CACHE,
     discover_shards,
     max_token_ids,
-    open_shard,
     read_meta,
     validate_shards,
 )
@@ -30,10 +29,10 @@ from neox_train.data.shards import (
 
 def describe(path: str, *, name: str | None = None, weight: float | None = None) -> dict[str, Any]:
     files = discover_shards(path)
-    arrays = [open_shard(f) for f in files]
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
-    # The validation scan with an unbounded vocabulary: every id passes, the max per file is cached.
-    validate_shards(files, 2**63 - 1, cache_path=folder / VALIDATION_CACHE)
+    # The validation scan with an unbounded vocabulary: every id passes, the max per file is cached; it opens
+    # (memory-maps) every file and hands the arrays back.
+    arrays = validate_shards(files, 2**63 - 1, cache_path=folder / VALIDATION_CACHE)
     max_ids = max_token_ids(files, folder / VALIDATION_CACHE)
     documents: int | None = 0
     for f in files:

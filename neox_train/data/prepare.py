@@ -183,7 +183,8 @@ def prepare(
     staging = output_dir / ".prepare-staging"
     staging.mkdir(exist_ok=True)
     try:
-        meta = _finished(staging, _signature(opts)) or _prepare_into(opts, staging)
+        signature = _signature(opts)
+        meta = _finished(staging, signature) or _prepare_into(opts, staging, signature)
     except DataError:
         shutil.rmtree(staging, ignore_errors=True)  # bad input fails the same way again: nothing to resume
         raise
@@ -251,9 +252,8 @@ def _write_progress(staging: Path, state: dict) -> None:
     os.replace(tmp, staging / PROGRESS_FILE)
 
 
-def _prepare_into(opts: Options, staging: Path) -> dict:
+def _prepare_into(opts: Options, staging: Path, signature: str) -> dict:
     """Tokenizer, output files and meta.json into `staging`; returns the meta dict."""
-    signature = _signature(opts)
     state = _resume_state(staging, signature)
     out_tokenizer = staging / TOKENIZER_FILE
     if state is None:
@@ -277,7 +277,7 @@ def _prepare_into(opts: Options, staging: Path) -> dict:
     writer = ShardWriter(staging, opts.shard_tokens, dtype, state["writer"]) if opts.format == "shards" else \
         ResumableIndexedWriter(staging, dtype, state["writer"])
     _write_progress(staging, {**state, "writer": writer.state()})
-    num_documents, carry = _tokenize(opts, out_tokenizer, eos_id, writer, staging, state)
+    num_documents = _tokenize(opts, out_tokenizer, eos_id, writer, staging, state)
     if num_documents == 0:
         raise DataError(f"inputs {list(opts.inputs)} hold no non-empty documents; nothing to tokenize")
     files = writer.finish()
@@ -291,9 +291,8 @@ def _prepare_into(opts: Options, staging: Path) -> dict:
     return {**meta, "resumed_documents": resumed}
 
 
-def _tokenize(opts: Options, tokenizer_path: Path, eos_id: int, writer, staging: Path, state: dict
-              ) -> tuple[int, int]:
-    """Encode the documents after the checkpoint into `writer`, checkpointing as it goes; (documents, carry)."""
+def _tokenize(opts: Options, tokenizer_path: Path, eos_id: int, writer, staging: Path, state: dict) -> int:
+    """Encode the documents after the checkpoint into `writer`, checkpointing as it goes; the documents in all."""
     skip, carry = int(state["documents"]), int(state["carry"])
     docs = iter_documents(list(opts.inputs), text_key=opts.text_key)
     for _ in range(skip):  # done before the interruption: read, not encoded again
@@ -328,7 +327,7 @@ def _tokenize(opts: Options, tokenizer_path: Path, eos_id: int, writer, staging:
     finally:
         encoder.close()
         bar.close()
-    return done, 0
+    return done
 
 
 def _vocab_size_arg(text: str) -> int:

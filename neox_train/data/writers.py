@@ -52,8 +52,10 @@ class ShardWriter:
         if not self._pending_tokens:
             return
         name = f"shard_{len(self.shards):05d}.npy"
-        np.save(self.folder / name, np.concatenate(self._pending).astype(self.dtype, copy=False))
-        _fsync(self.folder / name)
+        with open(self.folder / name, "wb") as f:
+            np.save(f, np.concatenate(self._pending).astype(self.dtype, copy=False))
+            f.flush()
+            os.fsync(f.fileno())
         self.shards.append(name)
         self.durable_tokens += self._pending_tokens
         self._pending, self._pending_tokens = [], 0
@@ -116,10 +118,3 @@ class ResumableIndexedWriter:
         self._sizes_path.unlink()
         return [f"{INDEXED_PREFIX}.bin", f"{INDEXED_PREFIX}.idx"]
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -195,7 +195,7 @@ class Supervisor:
         attempt.exit_code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
         self._update(attempt)
         self._classify(attempt, failure)
-        if len(self.attempts) >= 1:
+        if self.attempts:
             before = self.attempts[-1]
             if attempt.start_step is not None and before.step is not None:
                 before.steps_lost = max(0, before.step - attempt.start_step)
@@ -372,7 +372,5 @@ def kill_pattern(ds_config_path: Path) -> str:
     """An extended regular expression for the command lines of the job's ranks (and their node launchers): every
     one carries `--ds-config LAUNCH_DIR/ds_config.json`. The bracket keeps the pattern from matching its own text
     in the remote shell that runs pkill."""
-    special = set(".[]()*+?{}|^$\\")
-    escaped = "".join(f"[{c}]" if c in special and c not in "]\\^" else (f"\\{c}" if c in "]\\^" else c)
-                      for c in str(ds_config_path))
+    escaped = "".join(f"\\{c}" if c in ".[]()*+?{}|^$\\" else c for c in str(ds_config_path))
     return f"[-]-ds-config {escaped}"

@@ -103,7 +103,7 @@ class Trainer:
         self.last_saved_step = state.step if resume_tag else -1
         self.topo = topo
         self.publisher = publisher
-        # The ranks agree after every step (a SIGTERM, a save still being written) on a CPU group: no device sync.
+        # Once a step, before its update, the ranks agree on a CPU group (no device tensor in the collective).
         self.control = Control(plan.dp_size, timeout_s=self.watchdog.limits.collective_s)
         self.checkpoints = Checkpoints(self.engine, plan, topo=topo, publisher=publisher, metrics=self.metrics,
                                        control=self.control, on_gpu=self.device.type == "cuda",
