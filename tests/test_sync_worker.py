@@ -172,3 +172,80 @@ def test_step_0_is_a_published_step():
     status = SyncStatus(pending=["global_step0"])
     status.record_published("global_step0", lag_s=0.1, bytes_uploaded=1, files_uploaded=1, files_skipped=0)
     assert status.last_published_step == 0 and status.pending == []
+
+
+def test_a_sigterm_to_the_job_while_the_worker_starts_does_not_stop_it(tmp_path):
+    """Defect (CI, the SIGTERM-at-a-random-step test): the scheduler signals the whole process group. The worker
+    ignored SIGTERM only once its own code ran, seconds after spawn on a busy machine; a SIGTERM before that killed
+    it, and the trainer's next submit died with BrokenPipeError, so the preemption save was never published."""
+    import os
+    import signal
+
+    save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
+    tags = make_tags(save_dir, [3])
+    worker = SyncWorker(settings(save_dir, bucket))
+    worker.start(resume_journal=False)
+    os.kill(worker.pid, signal.SIGTERM)  # at once: the child is still starting the interpreter
+    os.kill(worker.pid, signal.SIGINT)  # Ctrl-C reaches the whole group too
+    worker.submit(tags[0])
+    status = worker.close(timeout_s=120, progress=False)
+    assert status.published == tags and status.worker_restarts == 0
+    assert (bucket / "global_step3" / "COMPLETE").is_file()
+
+
+def test_a_worker_killed_from_outside_is_restarted_with_what_was_pending(tmp_path, caplog):
+    """The OOM killer (or a person) kills the upload process: the trainer's calls never raise, the worker is
+    started again, and every checkpoint it had not published is published, in order."""
+    import logging
+    import os
+    import signal
+    import time
+
+    save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
+    tags = make_tags(save_dir, [1, 2, 3])
+    worker = SyncWorker(settings(save_dir, bucket))
+    worker.start(resume_journal=False)
+    worker.set_saving(True)  # hold uploads: tags 1 and 2 are queued, unpublished, when the kill comes
+    worker.submit(tags[0])
+    worker.submit(tags[1])
+    dead = worker.pid
+    os.kill(dead, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while worker.alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with caplog.at_level(logging.ERROR, logger="neox_train"):
+        worker.submit(tags[2])  # must not raise: the worker is restarted with 1, 2 and then 3
+        worker.set_saving(False)  # the new process sees the trainer's current save state
+        status = worker.close(timeout_s=120, progress=False)
+    assert worker.pid != dead
+    assert status.published == tags and status.pending == [] and status.worker_restarts == 1
+    assert sorted(p.parent.name for p in bucket.glob("*/COMPLETE")) == tags
+    assert journal_leftovers(save_dir, 0) == []
+    assert any("upload worker died (killed by SIGKILL)" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_a_worker_that_keeps_dying_is_restarted_with_backoff_and_never_blocks(tmp_path):
+    """A worker that dies again at once is not respawned in a loop: the next start waits (doubling), and the
+    trainer's calls return at once meanwhile."""
+    import os
+    import signal
+    import time
+
+    save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
+    tags = make_tags(save_dir, [1])
+    worker = SyncWorker(settings(save_dir, bucket))
+    worker.start(resume_journal=False)
+    for expected in (1, 2):
+        os.kill(worker.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while worker.alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        started = time.monotonic()
+        worker.poll()
+        assert time.monotonic() - started < 1.0
+        if expected == 1:
+            assert worker.status.worker_restarts == 1 and worker.alive
+    assert worker.status.worker_restarts == 1 and not worker.alive, "restarted again without waiting"
+    worker.submit(tags[0])  # queued while the worker is down: not lost
+    assert worker.status.pending == tags
+    worker.kill()

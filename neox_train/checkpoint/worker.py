@@ -101,6 +101,9 @@ def _detach_from_the_loop() -> None:
     # queue with a bounded wait and stops us itself.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SyncWorker started this process with both blocked (a signal before this line must not kill it either): what
+    # is pending is now discarded, as ignored.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     # tqdm's default lock is a multiprocessing RLock (a named semaphore); if this process is SIGKILLed, the
     # resource tracker then warns about it leaking at the trainer's exit. A thread lock is all we need here.
     tqdm.set_lock(threading.RLock())
