@@ -9,7 +9,7 @@ from neox_train.checkpoint import commit
 from neox_train.checkpoint.journal import journal_leftovers
 from neox_train.checkpoint.owner import Identity, claim
 from neox_train.checkpoint.publication import SyncSettings
-from neox_train.checkpoint.publisher import SyncWorker
+from neox_train.checkpoint.uploader import SyncWorker
 from neox_train.remote import open_backend
 
 RUN = Identity("0123456789ab", "000000000001")
@@ -167,7 +167,7 @@ def test_a_complete_tag_never_queued_is_handed_over_and_a_torn_one_is_not(tmp_pa
 
 def test_step_0_is_a_published_step():
     """`step_of_tag(tag) or -1` once turned global_step0 into -1 (no step published)."""
-    from neox_train.checkpoint.publisher import SyncStatus
+    from neox_train.checkpoint.uploader import SyncStatus
 
     status = SyncStatus(pending=["global_step0"])
     status.record_published("global_step0", lag_s=0.1, bytes_uploaded=1, files_uploaded=1, files_skipped=0)

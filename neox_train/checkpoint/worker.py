@@ -1,4 +1,4 @@
-"""The upload process itself: what runs inside the spawn-started child that `publisher.SyncWorker` starts per node.
+"""The upload process itself: what runs inside the spawn-started child that `uploader.SyncWorker` starts per node.
 
 Why a process and not a thread: hashing and HTTP in Python hold the GIL in bursts; in the training process they
 would steal time from the step that feeds the GPU. Why spawn: a forked child would inherit CUDA and NCCL state
