@@ -217,3 +217,37 @@ def test_the_training_bar_is_closed_before_uploads_are_flushed(tmp_path, token_d
     err = proc.stderr.replace("\r", "\n")
     flush = err.index("sync: waiting up to")
     assert "train:" not in err[flush:], err[flush - 500:]
+
+
+def test_a_killed_upload_worker_is_restarted_and_the_run_publishes_everything(tmp_path, token_dir):
+    """The OOM killer takes the upload process (not the trainer): training goes on, the trainer starts a new
+    worker with what was unpublished, and every checkpoint ends up published."""
+    import psutil
+
+    bucket = tmp_path / "bucket"
+    run = tiny_run_config(tmp_path, token_dir, ds_config=str(test_ds_config(tmp_path, 0)), max_steps=8, save_steps=2,
+                          eval_steps=0, sync_to=str(bucket))
+    env = {**train_env(), "NEOX_FAULT": "slow@step=3,count=6,seconds=1"}  # steps 3-8: time for the kill
+    err_path = tmp_path / "train.err"
+    with open(err_path, "w") as err:
+        trainer = subprocess.Popen([str(BIN / "neox-train"), "--config", str(run)], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 180
+        while "sync: published global_step2" not in err_path.read_text() and time.monotonic() < deadline:
+            assert trainer.poll() is None, err_path.read_text()[-3000:]
+            time.sleep(0.1)
+        workers = [c for c in psutil.Process(trainer.pid).children()
+                   if "spawn_main" in " ".join(c.cmdline()) and "resource_tracker" not in " ".join(c.cmdline())]
+        assert len(workers) == 1, [c.cmdline() for c in workers]
+        workers[0].kill()
+        assert trainer.wait(timeout=180) == 0, err_path.read_text()[-3000:]
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+    stderr = err_path.read_text()
+    assert "sync: the upload worker died (killed by SIGKILL)" in stderr, stderr[-3000:]
+    assert bucket_tags(bucket) == ["global_step2", "global_step4", "global_step6", "global_step8"]
+    assert (bucket / "latest").read_text().strip() == "global_step8"
+    sync = read_metrics(tmp_path / "logs", kind="sync")
+    assert sync[max(sync)]["worker_restarts"] == 1 and sync[max(sync)]["pending"] == 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,9 @@ class SyncWorker:
         """Start the process; tags an interrupted earlier run left unpublished are queued first."""
         self._launch()
         self._started = True
+        # The worker dies with the thread that started it (PR_SET_PDEATHSIG is per thread, worker.py), so only this
+        # thread, the trainer's main loop, ever starts a new one.
+        self._owner = threading.get_ident()
         leftover = journal_leftovers(Path(self.settings.save_dir), self.settings.node_rank) if resume_journal else []
         for tag in leftover:
             self._submit(tag, committed_at=time.time(), journal=False)
@@ -198,7 +202,7 @@ class SyncWorker:
     def _restart_if_dead(self) -> None:
         """A worker that died while it was wanted is replaced (once the backoff allows) and handed every task not
         yet published, in the order they came, before anything new."""
-        if not self._started or self._stopped or self._proc.is_alive():
+        if not self._started or self._stopped or self._proc.is_alive() or threading.get_ident() != self._owner:
             return
         code = self._proc.exitcode
         if code == 0:
