@@ -124,6 +124,7 @@ class SyncWorker:
         self._stopped = False  # close() or kill(): a dead process is expected from here on
         self._restart_at = 0.0  # monotonic time before which no new process is started
         self._restart_wait_s = 0.0
+        self._owner: int | None = None  # the thread that started the worker
         self._new_process()
 
     def _new_process(self) -> None:
