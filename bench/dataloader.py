@@ -83,7 +83,7 @@ def loader_rate(windows, split, *, seq_len: int, micro_batch: int, prefetch: int
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from neox_train.data.mixture import MixtureSplit, MixtureWindows, Part
+    from neox_train.data.mixture import combine
     from neox_train.data.shards import discover_shards, open_shard
     from neox_train.data.windows import PackedWindows, split_windows
 
@@ -97,13 +97,11 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         windows = PackedWindows([open_shard(p) for p in discover_shards(data_dir)], args.seq_len)
         split = split_windows(len(windows), 0.0)
     else:
-        parts, base = [], 0
+        datasets = []
         for i, folder in enumerate(folders):
             w = PackedWindows([open_shard(p) for p in discover_shards(folder)], args.seq_len)
-            parts.append(Part(f"d{i}", folder, weights[i] / sum(weights), base, w, range(base, base + len(w)),
-                              range(0)))
-            base += len(w)
-        windows, split = MixtureWindows(parts), MixtureSplit(parts)
+            datasets.append((f"d{i}", folder, weights[i], w, split_windows(len(w), 0.0)))
+        windows, split = combine(datasets)
     rates: dict[str, list[float]] = {"prefetch_0": [], f"prefetch_{args.prefetch}": []}
     for order in abba(args.loader_rounds, [0, args.prefetch]):
         for prefetch in order:

@@ -71,6 +71,19 @@ class MixtureSplit:
         return range(sum(len(p.val) for p in self.parts))
 
 
+def combine(datasets: Sequence[tuple[str, str, float, PackedWindows, Split]]) -> tuple[MixtureWindows, MixtureSplit]:
+    """(name, path, weight, windows, split) of each dataset -> the mixture: the parts side by side in one index
+    space, their weights normalised to sum to 1."""
+    total = sum(weight for _, _, weight, _, _ in datasets)
+    parts, base = [], 0
+    for name, path, weight, windows, split in datasets:
+        parts.append(Part(name, path, weight / total, base, windows,
+                          range(base + split.train.start, base + split.train.stop),
+                          range(base + split.val.start, base + split.val.stop)))
+        base += len(windows)
+    return MixtureWindows(parts), MixtureSplit(parts)
+
+
 SLAB = 1 << 16  # the blend is built in slabs of this much time (about that many samples): memory stays flat
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch._dynamo
 
 from neox_train.config import RunConfig
-from neox_train.data.mixture import MixtureSplit, MixtureWindows, Part, epochs_by, epochs_line
+from neox_train.data.mixture import MixtureSplit, MixtureWindows, combine, epochs_by, epochs_line
 from neox_train.data.shards import (
     TOKENIZER_FILE,
     VALIDATION_CACHE,
@@ -114,22 +114,19 @@ def load_data(plan: RunPlan) -> tuple[PackedWindows | MixtureWindows, Split | Mi
                  len(paths), run.data_dir, len(windows), run.seq_len, len(split.train), len(split.val))
         return windows, split
     check_one_tokenizer([e["path"] for e in run.data])
-    parts, base = [], 0
     total = sum(float(e["weight"]) for e in run.data)
+    datasets = []
     for entry in run.data:
         windows, split, paths = _load_one(plan, entry["path"])
         name = entry.get("name") or Path(entry["path"]).name
-        parts.append(Part(name, entry["path"], float(entry["weight"]) / total, base, windows,
-                          range(base + split.train.start, base + split.train.stop),
-                          range(base + split.val.start, base + split.val.stop)))
+        datasets.append((name, entry["path"], float(entry["weight"]), windows, split))
         log.info("data %s: %d shards in %s, %d windows of %d tokens (%d train, %d validation), weight %.3g",
                  name, len(paths), entry["path"], len(windows), run.seq_len, len(split.train), len(split.val),
-                 parts[-1].weight)
-        base += len(windows)
-    mixture = MixtureSplit(parts)
+                 float(entry["weight"]) / total)
+    windows, mixture = combine(datasets)
     samples = run.max_steps * int(plan.ds_config["train_batch_size"])
     log.info("data mixture: %s", epochs_line(epochs_by(mixture, samples), run.max_steps))
-    return MixtureWindows(parts), mixture
+    return windows, mixture
 
 
 def check_one_tokenizer(paths: list[str]) -> None:
