@@ -126,15 +126,24 @@ def _remove_previous_output(output_dir: Path, keep: set[str] = frozenset()) -> N
             path.unlink()
 
 
-def _finished(staging: Path, signature: str) -> dict | None:
-    """The meta of a prepare that finished writing into `staging` but was stopped while moving it in."""
+def _progress_of(staging: Path, signature: str) -> dict | None:
+    """The progress this same prepare (same inputs and options) left in `staging`, or None."""
     try:
         state = json.loads((staging / PROGRESS_FILE).read_text())
-        if state.get("signature") == signature and state.get("finished"):
-            return {**json.loads((staging / META_FILE).read_text()), "resumed_documents": state["documents"]}
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and state.get("signature") == signature else None
+
+
+def _finished(staging: Path, signature: str) -> dict | None:
+    """The meta of a prepare that finished writing into `staging` but was stopped while moving it in."""
+    state = _progress_of(staging, signature)
+    if not (state and state.get("finished")):
+        return None
+    try:
+        return {**json.loads((staging / META_FILE).read_text()), "resumed_documents": state["documents"]}
     except (OSError, ValueError, KeyError):
-        pass
-    return None
+        return None
 
 
 @dataclass(frozen=True)
@@ -221,13 +230,8 @@ def _signature(opts: Options) -> str:
 
 
 def _resume_state(staging: Path, signature: str) -> dict | None:
-    path = staging / PROGRESS_FILE
-    try:
-        state = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
-        state = None
-    if state and state.get("signature") == signature and (staging / TOKENIZER_FILE).is_file() and \
-            not state.get("finished") and _files_hold(staging, state):
+    state = _progress_of(staging, signature)
+    if state and (staging / TOKENIZER_FILE).is_file() and not state.get("finished") and _files_hold(staging, state):
         return state
     for child in staging.iterdir():  # another prepare's leftovers: start over
         shutil.rmtree(child) if child.is_dir() else child.unlink()
