@@ -138,10 +138,9 @@ def _progress_of(staging: Path, signature: str) -> dict | None:
 def _finished(staging: Path, signature: str) -> dict | None:
     """The meta of a prepare that finished writing into `staging` but was stopped while moving it in."""
     state = _progress_of(staging, signature)
-    if not (state and state.get("finished")):
-        return None
     try:
-        return {**json.loads((staging / META_FILE).read_text()), "resumed_documents": state["documents"]}
+        return {**json.loads((staging / META_FILE).read_text()), "resumed_documents": state["documents"]} \
+            if state and state.get("finished") else None
     except (OSError, ValueError, KeyError):
         return None
 
