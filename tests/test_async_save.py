@@ -22,9 +22,13 @@ import numpy as np
 import pytest
 import torch
 
-from neox_train.checkpoint.commit import MARKER
+from neox_train.checkpoint import commit
+from neox_train.checkpoint.commit import MARKER, FileRecord
+from neox_train.checkpoint.engine import NeoxCheckpointEngine
+from neox_train.checkpoint.saver import Saver
 from neox_train.checkpoint.snapshot import SnapshotPool, snapshot
 from neox_train.checkpoint.writer import ChunkBuffers, DirectFile
+from neox_train.distributed import Control
 from neox_train.remote.files import crc32c_of_file
 
 from conftest import (
@@ -357,3 +361,54 @@ def test_the_upload_worker_sees_a_tag_only_after_its_marker(tmp_path, token_dir)
     for tag, at in queued.items():
         assert (tmp_path / "ckpt" / tag / MARKER).stat().st_mtime <= at + 1e-3, tag
         assert (bucket / tag / "COMPLETE").is_file()
+
+
+# -- the commit across nodes --------------------------------------------------------------------------------------
+class _OneFileEngine:
+    """DeepSpeed's part of a save, in small: the model-states file through our checkpoint engine (create, save,
+    commit), as every node's local rank 0 writes it under `checkpoint.use_node_local_storage`."""
+
+    def __init__(self, ckpt):
+        self.ckpt = ckpt
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo
+
+        info = CheckpointCommitInfo(tag=tag, save_dir=save_dir, save_latest=save_latest)
+        self.ckpt.create(info)
+        Path(save_dir, tag).mkdir(parents=True, exist_ok=True)
+        path = Path(save_dir, tag, "mp_rank_00_model_states.pt")
+        self.ckpt.save({"module": {"w": torch.arange(64.0)}, "step": 2}, str(path))
+        self.ckpt.commit(info)
+
+
+class _SecondNode(Control):
+    """The control group as rank 0 sees it with a second node (rank 1, its local rank 0): that node wrote its own
+    copy of the model states on its own disk, with the same name and size and, within one tick of the clock that
+    stamps file times, the same mtime, but other bytes (pickles of one state are not byte-identical)."""
+
+    def __init__(self):
+        super().__init__(1)
+
+    def gather(self, obj):
+        if isinstance(obj, dict) and "records" in obj:
+            other = {rel: FileRecord(r.size, "AAAAAA==", r.mtime_ns) for rel, r in obj["records"].items()}
+            return [obj, {**obj, "records": other, "disk": 1}]
+        return [obj, type(obj)()]
+
+
+@pytest.mark.parametrize("asynchronous", [True, False], ids=["async", "sync"])
+def test_node_local_commit_records_only_its_own_disks_files(tmp_path, asynchronous):
+    """With node-local storage every node's folder holds a file of the same name: the owner's marker must hash its
+    own, never take another node's record of its own copy (the upload then failed at every attempt: 'the local
+    file changed during the upload', and a resume would call the checkpoint damaged)."""
+    ckpt = NeoxCheckpointEngine()
+    saver = Saver(_OneFileEngine(ckpt), ckpt, tmp_path, owner=True, run_id="run-1", control=_SecondNode(),
+                  asynchronous=asynchronous, disk=0)
+    extra = {"model_config": {}, "step": 2, "consumed_samples": 16, "dp_size": 2, "data_tokens": 0,
+             "run_config": {"data_dir": str(tmp_path / "no-data")}, "ds_config": {}}
+    saver.begin(2, extra, losses={}, expected_bytes=None)
+    status = saver.wait_and_finish().status
+    path = tmp_path / "global_step2" / "mp_rank_00_model_states.pt"
+    assert status.files["mp_rank_00_model_states.pt"].crc32c == crc32c_of_file(path)
+    assert commit.verify(tmp_path, commit.inspect(tmp_path, "global_step2")) == ""

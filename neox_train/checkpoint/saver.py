@@ -9,8 +9,9 @@ The protocol, on top of the local commit (commit.py):
      - asynchronous: the state is snapshotted into host buffers and a writer thread writes the files.
   2. every step, the ranks sum "still writing" over the control group (distributed.Control, with the stop flag);
   3. when nobody is writing, every rank calls `finish` at the same step. The ranks exchange their files' records
-     (size, crc32c, mtime) and errors. The owner writes the side files and the completeness marker from those
-     records (no file is read again), then `latest`. Only then does the trainer hand the tag to the upload worker.
+     (size, crc32c, mtime) and errors. The owner writes the side files and the completeness marker from the
+     records of the files in its own folder (no file is read again), then `latest`. Only then does the trainer
+     hand the tag to the upload worker.
 
 A kill -9 at any point before the marker leaves the tag without one: resume never uses it, publication never sees
 it, and `latest` still names the previous complete checkpoint. A failed write on any rank removes the partial tag
@@ -74,7 +75,7 @@ def choose_async(wanted: bool, snapshot_bytes_per_node: int) -> bool:
 
 class Saver:
     def __init__(self, ds_engine, ckpt_engine: NeoxCheckpointEngine, save_dir: Path, *, owner: bool,
-                 run_id: str | None, control: Control, asynchronous: bool):
+                 run_id: str | None, control: Control, asynchronous: bool, disk: int = 0):
         self.ds_engine = ds_engine
         self.ckpt = ckpt_engine
         self.save_dir = Path(save_dir)
@@ -82,6 +83,9 @@ class Saver:
         self.run_id = run_id
         self.control = control
         self.asynchronous = asynchronous
+        # Which folder this rank's files land in: its node's with node-local storage, else 0 (one shared folder).
+        # Every node's local rank 0 then writes files of the same names (the model states) with other bytes.
+        self.disk = disk
         self._flight: dict[str, Any] | None = None  # the save being written: tag, batch, side-file inputs, timings
 
     @property
@@ -142,7 +146,7 @@ class Saver:
         batch.done.wait()
         tag, tag_dir = flight["tag"], self.save_dir / flight["tag"]
         reports = self.control.gather({"error": batch.error, "records": batch.records, "write_s": batch.write_s,
-                                       "bytes": batch.bytes_written})
+                                       "bytes": batch.bytes_written, "disk": self.disk})
         errors = [r["error"] for r in reports if r["error"]]
         status = None
         if errors:
@@ -151,9 +155,12 @@ class Saver:
             raise save_failed(self.save_dir, tag, errors[0], flight["expected"])
         failure: CheckpointError | None = None
         if self.owner:
+            # Only the records of files in this folder: another node's record of its own copy (same name, same
+            # size, and within one tick of the file clock the same mtime) would put its crc32c in this marker.
             known: dict[str, commit.FileRecord] = {}
             for r in reports:
-                known.update(r["records"])
+                if r["disk"] == self.disk:
+                    known.update(r["records"])
             try:
                 write_side_files(tag_dir, flight["extra"], run_id=self.run_id, losses=flight["losses"])
                 status = commit.commit(self.save_dir, tag, run_id=self.run_id, known=known)

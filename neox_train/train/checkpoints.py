@@ -45,7 +45,8 @@ class Checkpoints:
         # The rank that owns this node's checkpoint folder: it commits each tag, uploads it and deletes old ones
         # (each node's own files with node-local storage), so deletion can wait until it has seen them verified
         # remote.
-        self.folder_owner = is_uploader(topo, node_local_storage(plan.ds_config))
+        node_local = node_local_storage(plan.ds_config)
+        self.folder_owner = is_uploader(topo, node_local)
         params = parameter_counts(plan.model_config).total
         ds = plan.ds_config
         # Until the first save has a real size: DeepSpeed's layout by parameter count, precision and stage.
@@ -59,7 +60,8 @@ class Checkpoints:
             log.warning("checkpoints are saved synchronously: another node has too little host memory for the "
                         "asynchronous save's snapshot (see its WARNING)")
         self.saver = Saver(engine, install(engine, pin_memory=on_gpu), self.save_dir, owner=self.folder_owner,
-                           run_id=publisher.identity.run_id, control=control, asynchronous=asynchronous)
+                           run_id=publisher.identity.run_id, control=control, asynchronous=asynchronous,
+                           disk=topo.node_rank if node_local else 0)
         self.last_tag: str | None = None
         self.committed_at = 0.0  # time.monotonic() of the newest local commit
 
@@ -161,8 +163,8 @@ class Checkpoints:
         self.metrics.record(step, "sync", self.publisher.metrics())
         self.apply_retention()
         return {"published": status.published, "unpublished": status.unpublished, "stuck": status.stuck,
-                "skipped": status.skipped, "failed": status.failed, "failures": status.failures,
-                "last_error": status.last_error}
+                "skipped": status.skipped, "failed": status.failed,
+                "failures": status.failures, "last_error": status.last_error}
 
     def preemption_summary(self, signal_at: float, sync: dict[str, Any] | None) -> dict[str, Any]:
         """What fit in the grace period after SIGTERM: saved locally, published, seconds used."""
