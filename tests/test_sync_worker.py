@@ -3,6 +3,7 @@ failures that never block the queue, and what earlier processes published."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from neox_train.checkpoint import commit
@@ -252,3 +253,23 @@ def test_a_worker_that_keeps_dying_is_restarted_with_backoff_and_never_blocks(tm
     worker.submit(tags[0])  # queued while the worker is down: not lost
     assert worker.status.pending == tags
     worker.kill()
+
+
+def test_a_second_node_at_exit_hands_its_uploaded_parts_to_node_0_without_waiting(tmp_path):
+    """With node-local storage, a node other than 0 uploads its part; node 0 publishes the checkpoint. At exit that
+    node is done once its parts are up: it never waits for a COMPLETE that node 0 may have given up on (it sat out
+    the whole upload timeout, and the launcher with it), and it does not call the checkpoint unpublished."""
+    save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
+    tags = make_tags(save_dir, [2, 4])
+    worker = SyncWorker(settings(save_dir, bucket, node_rank=1, num_nodes=2, publisher=False))
+    worker.start()
+    for tag in tags:
+        worker.submit(tag)
+    started = time.monotonic()
+    status = worker.close(timeout_s=60, progress=False)
+    assert time.monotonic() - started < 15
+    assert status.handed == tags and status.unpublished == [] and status.published == []
+    for tag in tags:
+        assert (bucket / tag / ".parts" / "node-1.json").is_file() and not (bucket / tag / "COMPLETE").exists()
+    # Still in the journal: the next start sees node 0's verdict (COMPLETE remote, or uploads the part again).
+    assert journal_leftovers(save_dir, 1) == tags

@@ -6,7 +6,9 @@ Its contract, all non-blocking:
   poll()            drains status messages into a `SyncStatus`: pending, published (verified remote, COMPLETE
                     present), failed (for good: kept locally), skipped, lag, bytes, retries; and starts a worker
                     that died again.
-  close(timeout_s)  flush: wait for the queue to drain with a progress bar, bounded; returns what is left.
+  close(timeout_s)  flush: wait for the queue to drain with a progress bar, bounded; returns what is left. On a
+                    node other than 0 (node-local storage) the flush ends once its parts are uploaded: they are
+                    `handed` to node 0, which publishes.
 
 Journal (SAVE_DIR/.neox-sync/journal-node<k>.jsonl, append-only JSON lines, journal.py): {"queued": tag} written
 here before the task is handed over, {"published"|"skipped"|"failed": tag} by the worker. At start, a tag is
@@ -45,6 +47,8 @@ class SyncStatus:
     published: list[str] = field(default_factory=list)  # verified remote: by this process or, found at start, earlier
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # given up for good in this process: tag -> why
+    # At exit on a node other than 0 (node-local storage): this node's part is remote, node 0 publishes the tag.
+    handed: list[str] = field(default_factory=list)
     last_published_step: int = -1
     last_lag_s: float = float("nan")
     bytes_uploaded: int = 0
@@ -254,6 +258,13 @@ class SyncWorker:
             for tag in msg["tags"]:
                 if tag not in st.published:
                     st.published.append(tag)
+        elif kind == "handed":
+            tag = msg["tag"]
+            if tag in st.pending:
+                st.pending.remove(tag)
+            st.handed.append(tag)
+            log.info("sync: %s: this node's part is uploaded to %s; node 0 publishes the checkpoint (its log says "
+                     "whether it did)", tag, self.settings.url)
         elif kind == "skipped":
             tag = msg["tag"]
             if tag in st.pending:

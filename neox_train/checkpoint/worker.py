@@ -206,6 +206,9 @@ class _Uploads:
             self.take_tasks()
             if self.stopping and not self.pending and not self.awaiting:
                 return
+            if self.stopping and not self.pending and not self.settings.publisher:
+                self.hand_over()
+                return
             if os.getppid() != self.parent:
                 return  # the trainer died (kill -9): what is unpublished stays in the journal for the next run
             self.poll_awaiting()
@@ -218,6 +221,21 @@ class _Uploads:
                 time.sleep(min(0.5, self.next_try - time.monotonic()))
                 continue
             self.attempt_oldest()
+
+    def hand_over(self) -> None:
+        """Exiting on a node other than 0: its parts are remote, and finishing the checkpoints is node 0's work.
+        Waiting here for a COMPLETE that node 0 may have given up on would hold this node (and the launcher) for
+        the whole upload timeout. The journal keeps them queued: the next start sees what node 0 did."""
+        for tag, (task, _since) in list(self.awaiting.items()):
+            try:
+                done = self.publication.try_complete(tag)
+            except Exception:  # noqa: BLE001 - only a last look: the part is uploaded either way
+                done = False
+            if done:
+                self.published(task, task["result"])
+            else:
+                self.send({"kind": "handed", "tag": tag})
+        self.awaiting.clear()
 
     def report_verified(self) -> None:
         """What earlier processes published is verified remote too: local retention may delete it (the trainer

@@ -163,7 +163,7 @@ class Checkpoints:
         self.metrics.record(step, "sync", self.publisher.metrics())
         self.apply_retention()
         return {"published": status.published, "unpublished": status.unpublished, "stuck": status.stuck,
-                "skipped": status.skipped, "failed": status.failed,
+                "skipped": status.skipped, "handed": status.handed, "failed": status.failed,
                 "failures": status.failures, "last_error": status.last_error}
 
     def preemption_summary(self, signal_at: float, sync: dict[str, Any] | None) -> dict[str, Any]:
