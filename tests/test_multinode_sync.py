@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from neox_train.checkpoint import commit
+
 from conftest import BIN, _free_port, read_metrics, run_in_own_group, test_ds_config, tiny_run_config, train_env
 from gcs import direct_client, gcs_bucket, gcs_emulator  # noqa: F401  (fixtures)
 from sshd import SshCluster, SshdUnavailable
@@ -74,6 +76,8 @@ def test_node_local_parts_are_published_together_and_resume_from_the_bucket(
     for disk, rank in ((save_dir, 0), (node1_disk, 1)):
         shards = sorted(p.name for p in (disk / "global_step4").glob("*optim_states.pt"))
         assert len(shards) == 1 and f"rank_{rank}_" in shards[0], (disk, shards)
+        for tag in ("global_step2", "global_step4"):  # each node's marker describes the files on its own disk
+            assert commit.verify(disk, commit.inspect(disk, tag)) == "", (disk, tag)
 
     bucket = direct_client(gcs_emulator.url).bucket(gcs_bucket)
     names = {b.name[len("nodelocal/"):] for b in bucket.list_blobs(prefix="nodelocal/")}
