@@ -45,6 +45,12 @@ def is_uploader(topo: Topology, node_local: bool) -> bool:
     return topo.local_rank == 0 if node_local else topo.rank == 0
 
 
+def folder_node(topo: Topology, node_local: bool) -> int:
+    """Which checkpoint folder this rank's files are in: its node's with node-local storage, else 0 (one folder
+    every node shares). The node-<k> of the journal, the crc32c cache and the uploaded part."""
+    return topo.node_rank if node_local else 0
+
+
 def check_storage_access(run: RunConfig, topo: Topology, node_local: bool) -> None:
     """Prove credentials, bucket and write permission now (probe object written and deleted), not after hours of
     training. Raises StorageError with one line."""
@@ -75,7 +81,7 @@ class Publisher:
             run_id=identity.run_id,
             session=identity.session,
             credentials=run.credentials,
-            node_rank=topo.node_rank if node_local else 0,
+            node_rank=folder_node(topo, node_local),
             num_nodes=topo.num_nodes if node_local else 1,
             publisher=topo.rank == 0,
             max_pending=run.max_pending_uploads,

@@ -83,8 +83,8 @@ class Saver:
         self.run_id = run_id
         self.control = control
         self.asynchronous = asynchronous
-        # Which folder this rank's files land in: its node's with node-local storage, else 0 (one shared folder).
-        # Every node's local rank 0 then writes files of the same names (the model states) with other bytes.
+        # Which folder this rank's files land in (publisher.folder_node). With node-local storage every node's
+        # local rank 0 writes files of the same names (the model states) with other bytes.
         self.disk = disk
         self._flight: dict[str, Any] | None = None  # the save being written: tag, batch, side-file inputs, timings
 

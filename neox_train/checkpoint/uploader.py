@@ -60,10 +60,14 @@ class SyncStatus:
     worker_restarts: int = 0  # times the upload process died and was started again
     last_error: str = ""
 
-    def record_published(self, tag: str, *, lag_s: float, bytes_uploaded: int, files_uploaded: int,
-                         files_skipped: int) -> None:
+    def settle(self, tag: str) -> None:
+        """The worker is done with `tag` (published, failed, skipped or handed): no longer pending."""
         if tag in self.pending:
             self.pending.remove(tag)
+
+    def record_published(self, tag: str, *, lag_s: float, bytes_uploaded: int, files_uploaded: int,
+                         files_skipped: int) -> None:
+        self.settle(tag)
         self.failed.pop(tag, None)
         self.failing = False
         if tag not in self.published:
@@ -76,8 +80,7 @@ class SyncStatus:
         self.files_skipped += files_skipped
 
     def record_failed(self, tag: str, error: str) -> None:
-        if tag in self.pending:
-            self.pending.remove(tag)
+        self.settle(tag)
         self.failed[tag] = error
         self.last_error = error
 
@@ -260,15 +263,13 @@ class SyncWorker:
                     st.published.append(tag)
         elif kind == "handed":
             tag = msg["tag"]
-            if tag in st.pending:
-                st.pending.remove(tag)
+            st.settle(tag)
             st.handed.append(tag)
             log.info("sync: %s: this node's part is uploaded to %s; node 0 publishes the checkpoint (its log says "
                      "whether it did)", tag, self.settings.url)
         elif kind == "skipped":
             tag = msg["tag"]
-            if tag in st.pending:
-                st.pending.remove(tag)
+            st.settle(tag)
             st.skipped.append(tag)
             log.warning("sync: skipped superseded checkpoint %s (backlog over max_pending); it stays on local disk",
                         tag)

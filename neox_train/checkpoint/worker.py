@@ -204,11 +204,11 @@ class _Uploads:
         self.report_verified()
         while True:
             self.take_tasks()
-            if self.stopping and not self.pending and not self.awaiting:
-                return
-            if self.stopping and not self.pending and not self.settings.publisher:
-                self.hand_over()
-                return
+            if self.stopping and not self.pending:
+                if not self.settings.publisher:
+                    self.hand_over()
+                if not self.awaiting:
+                    return
             if os.getppid() != self.parent:
                 return  # the trainer died (kill -9): what is unpublished stays in the journal for the next run
             self.poll_awaiting()
@@ -226,15 +226,10 @@ class _Uploads:
         """Exiting on a node other than 0: its parts are remote, and finishing the checkpoints is node 0's work.
         Waiting here for a COMPLETE that node 0 may have given up on would hold this node (and the launcher) for
         the whole upload timeout. The journal keeps them queued: the next start sees what node 0 did."""
-        for tag, (task, _since) in list(self.awaiting.items()):
-            try:
-                done = self.publication.try_complete(tag)
-            except Exception:  # noqa: BLE001 - only a last look: the part is uploaded either way
-                done = False
-            if done:
-                self.published(task, task["result"])
-            else:
-                self.send({"kind": "handed", "tag": tag})
+        self.next_poll = 0.0
+        self.poll_awaiting()  # a last look: what node 0 has published by now is reported as published
+        for tag in self.awaiting:
+            self.send({"kind": "handed", "tag": tag})
         self.awaiting.clear()
 
     def report_verified(self) -> None:

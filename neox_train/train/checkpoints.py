@@ -17,7 +17,7 @@ from typing import Any
 from neox_train.checkpoint import commit
 from neox_train.checkpoint import state as checkpoint
 from neox_train.checkpoint.engine import install
-from neox_train.checkpoint.publisher import Publisher, is_uploader, node_local_storage
+from neox_train.checkpoint.publisher import Publisher, folder_node, is_uploader, node_local_storage
 from neox_train.checkpoint.saver import Saver, SaveResult, choose_async
 from neox_train.checkpoint.tags import step_of_tag
 from neox_train.distributed import Control, Topology
@@ -61,7 +61,7 @@ class Checkpoints:
                         "asynchronous save's snapshot (see its WARNING)")
         self.saver = Saver(engine, install(engine, pin_memory=on_gpu), self.save_dir, owner=self.folder_owner,
                            run_id=publisher.identity.run_id, control=control, asynchronous=asynchronous,
-                           disk=topo.node_rank if node_local else 0)
+                           disk=folder_node(topo, node_local))
         self.last_tag: str | None = None
         self.committed_at = 0.0  # time.monotonic() of the newest local commit
 
