@@ -23,6 +23,7 @@ import torch
 
 from neox_train.checkpoint import commit
 from neox_train.checkpoint.tags import CONFIG_JSON, DATA_SIDE_FILES, RUN_JSON, read_tag_json, tag_for_step
+from neox_train.data.shards import dataset_folder
 from neox_train.ds_config import zero_stage
 from neox_train.errors import CheckpointError, ConfigError
 from neox_train.log import log
@@ -100,7 +101,7 @@ def write_side_files(tag_dir: Path, extra: dict[str, Any], *, run_id: str | None
     (tag_dir / RUN_JSON).write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
     run = extra["run_config"]
     # The tokenizer and meta.json beside the data (the mixture's first dataset), for the HF export.
-    data_dir = Path((run.get("data") or [{}])[0].get("path") or run.get("data_dir") or ".")
+    data_dir = dataset_folder((run.get("data") or [{}])[0].get("path") or run.get("data_dir") or ".")
     for name in DATA_SIDE_FILES:
         if (data_dir / name).is_file():
             shutil.copy2(data_dir / name, tag_dir / name)

@@ -20,6 +20,7 @@ from neox_train.data import indexed
 from neox_train.data.mixture import epochs_by, epochs_line
 from neox_train.data.shards import (
     VALIDATION_CACHE,
+    dataset_folder,
     discover_shards,
     max_token_ids,
     read_meta,
@@ -29,7 +30,7 @@ from neox_train.data.shards import (
 
 def describe(path: str, *, name: str | None = None, weight: float | None = None) -> dict[str, Any]:
     files = discover_shards(path)
-    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    folder = dataset_folder(path)
     # The validation scan with an unbounded vocabulary: every id passes, the max per file is cached; it opens
     # (memory-maps) every file and hands the arrays back.
     arrays = validate_shards(files, 2**63 - 1, cache_path=folder / VALIDATION_CACHE)
@@ -41,7 +42,7 @@ def describe(path: str, *, name: str | None = None, weight: float | None = None)
         else:
             documents = None
             break
-    meta = read_meta(folder) if Path(path).is_dir() else None
+    meta = read_meta(path)
     if documents is None and meta and meta.get("num_documents") is not None:
         documents = int(meta["num_documents"])
     return {"name": name or Path(path).name, "path": str(path), "weight": weight,

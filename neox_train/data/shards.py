@@ -292,22 +292,34 @@ def _first_at_least(array: np.ndarray, bound: int) -> int:
     raise AssertionError("no token at or above the bound")
 
 
-def resolve_vocab(vocab_size: int | None, data_dir: str | Path) -> tuple[int, dict[str, Any] | None]:
+def dataset_folder(data_path: str | Path) -> Path:
+    """The folder that holds a dataset's meta.json and tokenizer.json however the dataset is named: the folder
+    itself, or the one beside an indexed PREFIX, PREFIX.bin or PREFIX.idx (a PREFIX wins over a folder of its name,
+    as in discover_shards). Every reader of a dataset's side files finds them here, so no naming skips a check."""
+    prefix = indexed.prefix_of(Path(data_path))
+    return prefix.parent if prefix is not None else Path(data_path)
+
+
+def resolve_vocab(vocab_size: int | None, data_path: str | Path) -> tuple[int, dict[str, Any] | None]:
     """The tokenizer's vocabulary (before padding) and the data's meta.json: the run's vocab_size, else meta.json's,
-    else GPT-2's 50257. neox-train and neox-launch's planner resolve it here alike."""
-    meta = read_meta(data_dir) if Path(data_dir).is_dir() else None
+    else GPT-2's 50257. neox-train and neox-launch's planner resolve it here alike, for any naming of the data."""
+    meta = read_meta(data_path)
     if vocab_size:
         return vocab_size, meta
     return (int(meta["vocab_size"]) if meta and "vocab_size" in meta else GPT2_VOCAB_SIZE), meta
 
 
-def read_meta(data_dir: str | Path) -> dict[str, Any] | None:
-    """DATA_DIR/meta.json as written by `neox-data prepare`, or None when the folder has none.
+def read_meta(data_path: str | Path) -> dict[str, Any] | None:
+    """The meta.json `neox-data prepare` wrote for the dataset at data_path (a folder, or an indexed PREFIX,
+    PREFIX.bin or PREFIX.idx: see dataset_folder), or None when there is none.
 
     Keys: vocab_size, tokenizer, eos_token_id, num_tokens, num_documents, dtype, shards, inputs. Only
     vocab_size and eos_token_id are checked here, because they are the ones training depends on.
     """
-    path = Path(data_dir) / META_FILE
+    folder = dataset_folder(data_path)
+    if not folder.is_dir():
+        return None  # no such dataset: discover_shards says so, in one line naming the path
+    path = folder / META_FILE
     meta = read_json_object(path, what="the meta.json `neox-data prepare` writes; re-run it, or delete the file",
                             error=DataError, missing_ok=True)
     if meta is None:
@@ -317,5 +329,3 @@ def read_meta(data_dir: str | Path) -> dict[str, Any] | None:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise DataError(f"{path}: {key} is {value!r}; valid: a non-negative integer")
     return meta
-
-

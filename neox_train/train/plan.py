@@ -19,6 +19,7 @@ from neox_train.data.mixture import MixtureSplit, MixtureWindows, combine, epoch
 from neox_train.data.shards import (
     TOKENIZER_FILE,
     VALIDATION_CACHE,
+    dataset_folder,
     discover_shards,
     read_meta,
     resolve_vocab,
@@ -136,11 +137,11 @@ def check_one_tokenizer(paths: list[str]) -> None:
     seen: dict[tuple, list[str]] = {}
     unchecked = []
     for path in paths:
-        meta = read_meta(path) if Path(path).is_dir() else None
+        meta = read_meta(path)
         if meta is None:
             unchecked.append(path)
             continue
-        tokenizer = Path(path) / str(meta.get("tokenizer") or TOKENIZER_FILE)
+        tokenizer = dataset_folder(path) / str(meta.get("tokenizer") or TOKENIZER_FILE)
         digest = hashlib.sha256(tokenizer.read_bytes()).hexdigest()[:12] if tokenizer.is_file() else None
         seen.setdefault((meta.get("vocab_size"), meta.get("eos_token_id"), digest), []).append(path)
     if len(seen) > 1:
@@ -158,7 +159,7 @@ def _load_one(plan: RunPlan, data_dir: str) -> tuple[PackedWindows, Split, list[
     paths = discover_shards(data_dir)
     if run.max_shards is not None:
         paths = paths[: run.max_shards]
-    folder = Path(data_dir) if Path(data_dir).is_dir() else Path(data_dir).parent  # or an indexed PREFIX
+    folder = dataset_folder(data_dir)  # or beside an indexed PREFIX
     shards = validate_shards(paths, plan.tokenizer_vocab_size, cache_path=folder / VALIDATION_CACHE)
     windows = PackedWindows(shards, run.seq_len)
     return windows, split_windows(len(windows), run.val_fraction), paths
