@@ -15,6 +15,7 @@ import pytest
 import neox_train.remote.files as storage
 from neox_train.checkpoint import commit
 from neox_train.checkpoint.commit import LATEST
+from neox_train.checkpoint.copy_rules import protect_published
 from neox_train.checkpoint.fetch import fetch_checkpoint, remote_checkpoints, remote_latest
 from neox_train.checkpoint.owner import Identity, PrefixOwned, claim
 from neox_train.checkpoint.publication import (
@@ -617,14 +618,23 @@ def test_plain_sync_never_changes_a_published_checkpoint(strict_backend, tmp_pat
     touch_later(optim)
     assert sync_main([str(save), backend.url]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "refusing to write" in err and "published checkpoint" in err
+    assert err.count("\n") == 1 and "refusing to copy" in err and "neox-sync --checkpoints" in err
     assert {name: (f.size, f.crc32c) for name, f in backend.list("").items()} == before
+    # The per-write guard stands behind the up-front check (a tag published while a copy runs).
+    guard = protect_published(backend, "")
+    with pytest.raises(CheckpointConflict, match="published checkpoint"):
+        guard("global_step2/zero/optim_states.pt", backend.stat("global_step2/zero/optim_states.pt"),
+              backend.list(""))
     fetch_checkpoint(backend, "global_step2", tmp_path / "check")  # still matches its manifest
-    # Elsewhere under the prefix, a plain sync still works, and replaces only what it listed.
+    # Nor does it write anything else into the run's prefix; next to it, a plain sync works and replaces only what
+    # it listed.
     other = make_tree(tmp_path / "other", {"notes/a.txt": b"1"})
-    assert sync_main([str(other), backend.url]) == 0
+    assert sync_main([str(other), backend.url]) == 2
+    assert "belongs to run" in capsys.readouterr().err
+    beside = backend.url.rstrip("/") + "-notes"
+    assert sync_main([str(other), beside]) == 0
     (other / "notes" / "a.txt").write_bytes(b"2")
-    assert sync_main([str(other), backend.url]) == 0 and backend.read_bytes("notes/a.txt") == b"2"
+    assert sync_main([str(other), beside]) == 0 and open_backend(beside).read_bytes("notes/a.txt") == b"2"
 
 
 def test_neox_data_download_skips_existing(backend, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

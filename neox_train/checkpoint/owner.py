@@ -30,7 +30,8 @@ from typing import Any
 
 from neox_train.checkpoint.tags import sort_key
 from neox_train.errors import StorageError
-from neox_train.remote.base import Backend, RemoteChanged
+from neox_train.remote import open_backend
+from neox_train.remote.base import Backend, RemoteChanged, parse_url
 
 OWNER = ".neox-owner.json"
 _CLAIM_ATTEMPTS = 5
@@ -189,3 +190,19 @@ def fence(backend: Backend, identity: Identity, what: str) -> None:
     if identity.session is not None and record.get("session") != identity.session:
         raise PrefixOwned(f"cannot {what} in {backend.url}: a newer start of this run ({describe(record)}) publishes "
                           f"there now (a second launch?); this process's checkpoints stay local")
+
+
+def owner_at_or_above(url: str, *, credentials: str | None = None) -> dict[str, Any] | None:
+    """The owner record of the run whose prefix holds `url` (an owner object at `url` or in a folder above it), or
+    None: where a plain copy must not write."""
+    kind, where, prefix = parse_url(url)
+    if kind == "gs":
+        parts = prefix.split("/") if prefix else []
+        levels = [f"gs://{where}/{'/'.join(parts[:i])}".rstrip("/") for i in range(len(parts) + 1)]
+    else:
+        levels = [str(p) for p in reversed([Path(where), *Path(where).parents])]
+    for level in levels:
+        record, _ = read_owner(open_backend(level, credentials=credentials))
+        if record is not None:
+            return record
+    return None

@@ -12,8 +12,8 @@ A published checkpoint, relative to the backend root:
 
 So a reader that sees COMPLETE can trust the manifest, and every manifest file is there with its crc32c; a reader
 that sees no COMPLETE ignores the tag, whatever else is there. Nothing under a tag with COMPLETE is ever written
-or deleted again by any command here: a plain `neox-sync` refuses to write into a checkpoint folder
-(protect_published), and a publisher writes into a tag only while it owns the prefix and the tag has no COMPLETE
+or deleted again by any command here: a plain `neox-sync` writes no checkpoint shape and nothing into a run's prefix
+(copy_rules.py), and a publisher writes into a tag only while it owns the prefix and the tag has no COMPLETE
 (checked again right before each replacement and before the marker). Only locally complete tags (commit.py) are
 ever uploaded.
 """
@@ -23,21 +23,19 @@ from __future__ import annotations
 import json
 import re
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from neox_train.checkpoint import commit
-from neox_train.checkpoint.owner import OWNER, Identity, PrefixOwned, claim_if_unowned, fence, new_id
+from neox_train.checkpoint.owner import Identity, PrefixOwned, claim_if_unowned, fence, new_id
 from neox_train.checkpoint.tags import CONFIG_JSON, DATA_SIDE_FILES, RUN_JSON, local_tags, sort_key, step_of_tag
 from neox_train.errors import StorageError
 from neox_train.remote.base import Backend, RemoteChanged, RemoteFile
 from neox_train.remote.files import Crc32cCache
 from neox_train.remote.rsync import (
-    Guard,
     SyncResult,
     first_mismatch,
     hash_local,
@@ -66,53 +64,6 @@ class CheckpointConflict(StorageError):
 
 class CheckpointIncomplete(StorageError):
     """A local tag is not a complete checkpoint (no or a damaged completeness marker): it is never published."""
-
-
-def _checkpoint_folders(names: Iterable[str]) -> dict[str, str]:
-    """Folders (relative to the listing's root, "" for the root itself) that belong to the checkpoint protocol,
-    with what they are: published (COMPLETE), or being published (a manifest or node parts, no COMPLETE yet)."""
-    out: dict[str, str] = {}
-    for name in names:
-        folder, _, base = name.rpartition("/")
-        if base == COMPLETE:
-            out[folder] = "a published checkpoint (it has COMPLETE)"
-        elif base == MANIFEST or folder == PARTS or folder.endswith(f"/{PARTS}"):
-            tag_folder = folder.rpartition("/")[0] if base != MANIFEST else folder
-            out.setdefault(tag_folder, "a checkpoint being published (it has node parts or a manifest)")
-    return out
-
-
-def protect_published(backend: Backend, prefix: str) -> Guard:
-    """The rule for `neox-sync SRC DST`: it never writes into a checkpoint folder, nor the `latest` pointer or owner
-    object next to them; those change only through the publication protocol (`neox-sync --checkpoints`)."""
-    lock = threading.Lock()
-    seen: dict[str, Any] = {}
-
-    def where(rel: str) -> str:
-        return f"{backend.url}/{prefix}{rel}".rstrip("/")
-
-    def rules(listing: dict[str, RemoteFile]) -> tuple[dict[str, str], set[str]]:
-        with lock:  # worked out once, from the one listing, by whichever upload thread asks first
-            if "protected" not in seen:
-                protected = _checkpoint_folders(n[len(prefix):] for n in listing)
-                parents = {f.rpartition("/")[0] for f in protected if f}
-                seen["protected"] = protected
-                seen["reserved"] = {f"{p}/{n}" if p else n for p in parents for n in (LATEST, OWNER)}
-            return seen["protected"], seen["reserved"]
-
-    def guard(rel: str, _have: RemoteFile | None, listing: dict[str, RemoteFile]) -> None:
-        protected, reserved = rules(listing)
-        for folder, what in protected.items():
-            if folder == "" or rel.startswith(folder + "/"):
-                raise CheckpointConflict(
-                    f"refusing to write {where(rel)}: {where(folder)} is {what}, and published checkpoints are never "
-                    f"changed (checkpoints are published with neox-sync --checkpoints SAVE_DIR URL)")
-        if rel in reserved:
-            raise CheckpointConflict(
-                f"refusing to write {where(rel)}: it is the checkpoint bookkeeping of that prefix (moved only by "
-                f"publication: neox-sync --checkpoints SAVE_DIR URL)")
-
-    return guard
 
 
 def _check_tag(tag: str) -> None:
@@ -169,6 +120,26 @@ def _part_files(save_dir: Path, tag: str, node_rank: int) -> tuple[commit.TagSta
     return status, files
 
 
+def _check_against_marker(folder: Path, records: dict[str, commit.FileRecord], cache: Crc32cCache) -> None:
+    """A file unchanged since the commit hashed it (same size and mtime) is taken at the marker's crc32c; one that
+    was touched since is read again and must still hash to it: a tag is published only as it was saved."""
+    for rel, record in sorted(records.items()):
+        path = folder.joinpath(*rel.split("/"))
+        try:
+            st = path.stat()
+            if record.mtime_ns and (st.st_size, st.st_mtime_ns) == (record.size, record.mtime_ns):
+                cache.put(path, (record.size, record.mtime_ns), record.crc32c)
+                continue
+            crc = cache.get(path)
+        except OSError as e:
+            raise CheckpointIncomplete(f"{path} cannot be read ({e.strerror or e}): {folder.name} is not "
+                                       f"published") from e
+        if crc != record.crc32c:
+            raise CheckpointIncomplete(
+                f"{path} has crc32c {crc} but was saved with {record.crc32c} (its completeness marker): the file "
+                f"changed after the save, so {folder.name} is damaged and is never published; it stays on local disk")
+
+
 def upload_checkpoint_part(save_dir: Path, tag: str, backend: Backend, *, identity: Identity, node_rank: int = 0,
                            workers: int = 8, cache: Crc32cCache | None = None,
                            gate: Callable[[], None] | None = None) -> SyncResult:
@@ -185,9 +156,7 @@ def upload_checkpoint_part(save_dir: Path, tag: str, backend: Backend, *, identi
     folder = Path(save_dir) / tag
     cache = cache if cache is not None else Crc32cCache()
     if status.files:  # the local commit hashed every file: no need to read them again
-        for rel, record in status.files.items():
-            if record.mtime_ns:
-                cache.put(folder.joinpath(*rel.split("/")), (record.size, record.mtime_ns), record.crc32c)
+        _check_against_marker(folder, status.files, cache)
     listing = backend.list(f"{tag}/")
     if f"{tag}/{COMPLETE}" in listing:
         return _check_already_published(folder, files, backend, tag, cache, workers)
@@ -343,7 +312,7 @@ def publish_checkpoints(save_dir: Path, backend: Backend, *, workers: int = 8, p
             part = upload_checkpoint_part(save_dir, tag, backend, identity=identity, workers=workers)
             if not finalize_checkpoint(backend, tag, identity=identity, num_nodes=1):
                 raise StorageError(f"{backend.url}/{tag}: its part vanished while publishing")  # pragma: no cover
-        except (CheckpointConflict, PrefixOwned) as e:
+        except (CheckpointConflict, CheckpointIncomplete, PrefixOwned) as e:
             total.not_published[tag] = str(e)
             continue
         total.published.append(tag)

@@ -7,9 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-from neox_train.checkpoint.publication import protect_published, publish_checkpoints
+from neox_train.checkpoint.copy_rules import check_plain_copy, protect_published
+from neox_train.checkpoint.owner import owner_at_or_above
+from neox_train.checkpoint.publication import publish_checkpoints
 from neox_train.errors import run_guarded
 from neox_train.remote import open_backend
+from neox_train.remote.base import parse_url
 from neox_train.remote.rsync import SyncResult, sync, sync_down
 
 
@@ -82,6 +85,10 @@ def _sync(args: argparse.Namespace) -> int:
         result = publish_checkpoints(Path(args.src), open_backend(args.dst, credentials=args.credentials),
                                      workers=args.workers, progress=progress)
     else:
+        if not args.src.startswith("gs://") and Path(parse_url(args.src)[1]).is_dir():
+            # An upload: nothing shaped like a checkpoint, nothing into a run's prefix, refused before any byte.
+            check_plain_copy(Path(parse_url(args.src)[1]), open_backend(args.dst, credentials=args.credentials),
+                             owner_at_or_above(args.dst, credentials=args.credentials))
         # A plain copy never writes into a published checkpoint (those change only by publication).
         result = sync(args.src, args.dst, credentials=args.credentials, workers=args.workers, progress=progress,
                       guard=protect_published)

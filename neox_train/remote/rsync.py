@@ -5,7 +5,7 @@ everything else is sent in parallel, and the result is checked against a fresh l
 remote". Nothing remote is ever deleted by a sync, and every write is conditional on the generation the listing
 showed (a new name is created only if still absent), so two writers never silently overwrite each other. A caller
 may pass a guard that refuses some writes (`neox-sync` refuses to write into published checkpoints: see
-checkpoint.publication.protect_published).
+checkpoint.copy_rules.protect_published).
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def sync_up(local_dir: Path, backend: Backend, remote_prefix: str, *, workers: i
 
     With a persistent `cache`, an unchanged file costs a stat, not a read. Never deletes remote files. `guard`
     (backend, prefix) -> a Guard that may refuse writes (`neox-sync` passes the rule that protects published
-    checkpoints, checkpoint.publication.protect_published).
+    checkpoints, checkpoint.copy_rules.protect_published).
     """
     return upload_tree(local_dir, backend, remote_prefix, workers=workers, cache=cache, progress=progress,
                        guard=guard(backend, dir_prefix(remote_prefix)) if guard else None)[0]
