@@ -60,7 +60,7 @@ class ExportPlan:
 def plan_export(info: CheckpointInfo, dtype: torch.dtype, vocab_size: int | None) -> ExportPlan:
     """What will be written, from a shape-only model: nothing is allocated."""
 
-    model = meta_model(info.model_config)
+    model = meta_model(info)
     state = model.state_dict()
     padded = int(info.model_config["vocab_size"])
     vocab = padded if vocab_size is None else vocab_size

@@ -62,6 +62,7 @@ class CheckpointInfo:
     model_config: dict[str, Any]
     run: dict[str, Any]  # run.json (or the same keys from the client state): step, consumed_samples, run_config, ...
     model_states: Path  # the file holding the module (rank 0's for ZeRO-3)
+    config_source: str = CONFIG_JSON  # where model_config was read: config.json, or the client state's copy
 
     @property
     def step(self) -> int | None:
@@ -123,17 +124,18 @@ def inspect_checkpoint(tag_dir: Path) -> CheckpointInfo:
             f"finished writing it (convert another tag)"
         )
 
-    model_config = _read_model_config(tag_dir, states, states_path)
+    model_config, config_source = _read_model_config(tag_dir, states, states_path)
     return CheckpointInfo(tag_dir=tag_dir, tag=tag_dir.name, stage=stage, dp_size=dp_size,
                           precision=precision(ds_config), model_config=model_config, run=run,
-                          model_states=states_path)
+                          model_states=states_path, config_source=config_source)
 
 
-def _read_model_config(tag_dir: Path, states: dict[str, Any], states_path: Path) -> dict[str, Any]:
-    """The HF config the run trained: TAG/config.json (written by neox-train), else the client state's copy."""
-    cfg = read_tag_json(tag_dir, CONFIG_JSON, error=ConvertError)
+def _read_model_config(tag_dir: Path, states: dict[str, Any], states_path: Path) -> tuple[dict[str, Any], str]:
+    """The HF config the run trained, and where it was read: TAG/config.json (written by neox-train), else the
+    client state's copy."""
+    cfg, where = read_tag_json(tag_dir, CONFIG_JSON, error=ConvertError), CONFIG_JSON
     if cfg is None:
-        cfg = states.get("model_config")
+        cfg, where = states.get("model_config"), f"{states_path.name}'s client state"
         if not isinstance(cfg, dict):
             raise ConvertError(
                 f"{tag_dir} holds no model config (no config.json, and no 'model_config' in {states_path.name}'s "
@@ -142,7 +144,7 @@ def _read_model_config(tag_dir: Path, states: dict[str, Any], states_path: Path)
     if cfg.get("model_type") != "gpt_neox":
         raise ConvertError(f"{tag_dir}: model config has model_type={cfg.get('model_type')!r}; only 'gpt_neox' "
                            f"converts")
-    return cfg
+    return cfg, where
 
 
 # -- the weights --------------------------------------------------------------------------------------------------

@@ -118,7 +118,7 @@ def _export(args, info, dtype, dtype_name: str, out: Path, max_shard: int, *, so
         print_step("no tokenizer recorded with this run (checked the tag folder and the run's data_dir): "
                    "the export has none; pass --tokenizer FILE to include one")
 
-    source_weights = WeightSource(info, plan.module_names).open()
+    source_weights = WeightSource(info).open()
     weights_from, masters = source_weights.description, source_weights.masters
     print_step(f"weights: {weights_from}")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def _verify(info, plan, folder: Path, dtype_name: str, tokenizer_vocab: int | No
     """The same token batch through (a) GPTNeoXForCausalLM rebuilt from the DeepSpeed checkpoint in fp32 (a fresh
     read of the checkpoint, not the tensors just written) and (b) the export loaded by AutoModelForCausalLM."""
 
-    reference_weights = WeightSource(info, plan.module_names).open()
+    reference_weights = WeightSource(info).open()
     state = {name: reference_weights.take(name, torch.float32) for name in plan.module_names}
     reference_weights.close()
     with no_init_weights():  # the weights are assigned below; random init of a large model costs seconds

@@ -26,6 +26,8 @@ from neox_train.errors import ConvertError, one_line
 from neox_train.model import param_groups
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+# The config fields that decide the tensors' shapes: quoted when a checkpoint's weights and config disagree.
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
 
 
 class _PageDropper:
@@ -65,9 +67,11 @@ class WeightSource:
     """The checkpoint's weights by HF parameter name, fp32 where masters exist. Single use: `take(name)` returns a
     tensor that owns its memory and may release the source bytes behind it."""
 
-    def __init__(self, info: CheckpointInfo, names: list[str]):
+    def __init__(self, info: CheckpointInfo):
         self.info = info
-        self.expected = names
+        self._model = meta_model(info)
+        # name -> the shape the config implies: what the checkpoint's tensors must be
+        self.expected = {name: tuple(t.shape) for name, t in self._model.state_dict().items()}
         self.dropper = _PageDropper()
         self._lazy: dict[str, Any] = {}  # name -> tensor or zero_to_fp32 GatheredTensor
         self._module: dict[str, torch.Tensor] = {}  # training-precision module weights, for the consistency check
@@ -83,18 +87,32 @@ class WeightSource:
             self._open_stage0()
         else:
             self._open_zero()
-        missing = [n for n in self.expected if n not in self._lazy]
-        extra = [n for n in self._lazy if n not in self.expected]
-        if missing or extra:
-            raise ConvertError(
-                f"{info.tag_dir}: its weights do not match its model config (missing: "
-                f"{', '.join(missing[:4]) or 'none'}; unexpected: {', '.join(extra[:4]) or 'none'})"
-            )
+            self._check_layout(self._lazy, f"its ZeRO-{info.stage} fp32 master weights")
         return self
+
+    def _check_layout(self, tensors: dict[str, Any], what: str) -> None:
+        """The tensors the config implies, each of the shape it implies, and no others; on shapes alone (no byte is
+        read), before anything is written. Weights of another model would otherwise export with exit 0: into a
+        folder transformers rejects, or with the embedding silently cut to the config's vocabulary."""
+        cfg, where = self.info.model_config, f"checkpoint {self.info.tag_dir}"
+        said = f"its {self.info.config_source} ({', '.join(f'{k}={cfg.get(k)}' for k in SHAPE_KEYS)})"
+        missing = [n for n in self.expected if n not in tensors]
+        extra = [n for n in tensors if n not in self.expected]
+        if missing or extra:
+            raise ConvertError(f"{where}: the tensors in {what} are not the ones {said} implies: missing "
+                               f"{_some(missing)}; unexpected {_some(extra)}")
+        wrong = [(n, list(tensors[n].shape), list(s)) for n, s in self.expected.items()
+                 if tuple(tensors[n].shape) != s]
+        if wrong:
+            (name, got, want), more = wrong[0], len(wrong) - 1
+            others = f" ({more} more tensor{'s differ' if more > 1 else ' differs'})" if more else ""
+            raise ConvertError(f"{where}: {name} has shape {got} in {what}, but {said} expects {want}; the config "
+                               f"and the weights are of different models{others}")
 
     def _open_stage0(self) -> None:
         states = torch_load(self.info.model_states)
         module = states["module"]
+        self._check_layout(module, self.info.model_states.name)  # before the masters are matched to the names
         self._module = dict(module)
         masters = self._stage0_masters(states)
         # module and masters live in the same file: one span
@@ -125,7 +143,7 @@ class WeightSource:
         else:
             return None
 
-        model = meta_model(self.info.model_config)
+        model = self._model
         names = {id(p): n for n, p in model.named_parameters()}
         layout = [[(names[id(p)], tuple(p.shape)) for p in g["params"]] for g in param_groups(model, 0.0)]
         layout = [g for g in layout if g] if len(layout) != len(groups) else layout
@@ -222,9 +240,20 @@ class WeightSource:
         self._mapped.clear()
 
 
-def meta_model(model_config: dict[str, Any]):
-    """A shape-only GPTNeoXForCausalLM of the config (no memory): names, shapes and which tensors are embeddings."""
+def _some(names: list[str]) -> str:
+    if not names:
+        return "none"
+    return f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''} ({len(names)} in all)"
 
-    cfg = GPTNeoXConfig.from_dict(model_config)
-    with torch.device("meta"):
-        return GPTNeoXForCausalLM(cfg)
+
+def meta_model(info: CheckpointInfo):
+    """A shape-only GPTNeoXForCausalLM of the checkpoint's config (no memory): names, shapes and which tensors are
+    embeddings; a config transformers cannot build a model of is one line naming it."""
+
+    try:
+        cfg = GPTNeoXConfig.from_dict(info.model_config)
+        with torch.device("meta"):
+            return GPTNeoXForCausalLM(cfg)
+    except Exception as err:  # transformers' validators raise ValueError/TypeError subclasses, torch RuntimeError
+        raise ConvertError(f"checkpoint {info.tag_dir}: transformers cannot build a GPTNeoX model from its "
+                           f"{info.config_source} ({one_line(err)})") from None
