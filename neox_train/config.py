@@ -90,6 +90,10 @@ class RunConfig:
                                              "many checkpoints could not be published (given up, or waiting while "
                                              "every attempt fails), so a bucket that refuses every upload does not "
                                              "fill the disk for days; 0 = never stop.")
+    unreachable_warning_s: float = _f(60.0, "Seconds the storage endpoint may fail every request (refused, "
+                                            "silent, 5xx) before one WARNING names it and the unpublished "
+                                            "checkpoints; from then on those count toward "
+                                            "max_unpublished_checkpoints.")
     async_save: bool = _f(True, "Save checkpoints asynchronously: the loop waits only while the state is copied to "
                                 "host memory, a background writer per rank writes the files; falls back to "
                                 "synchronous saves (one WARNING) when host memory is short.")
@@ -220,6 +224,9 @@ def _number_problems(values: dict[str, Any]) -> list[str]:
     grace = values.get("preemption_grace_s")
     if not (_is_number(grace) and grace > 0):
         out.append(f"preemption_grace_s={grace!r} must be a number of seconds > 0 (GCE Spot gives 30)")
+    quiet = values.get("unreachable_warning_s")
+    if not (_is_number(quiet) and quiet > 0):
+        out.append(f"unreachable_warning_s={quiet!r} must be a number of seconds > 0 (default 60)")
     return out
 
 
@@ -282,7 +289,7 @@ def from_dict(values: dict[str, Any], *, source: str = "run config") -> RunConfi
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
     for name in ("val_fraction", "upload_timeout_s", "peak_tflops", "preemption_grace_s", "hang_timeout_s",
-                 "loss_spike_factor"):
+                 "loss_spike_factor", "unreachable_warning_s"):
         if isinstance(merged[name], int) and not isinstance(merged[name], bool):
             merged[name] = float(merged[name])
     return RunConfig(**merged)

@@ -5,15 +5,22 @@ written into a prefix a run owns, no second process in a save dir a live one hol
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
+
+import pytest
 
 from neox_train.checkpoint import commit
 from neox_train.checkpoint.fetch import remote_checkpoints
-from neox_train.checkpoint.owner import Identity, claim
+from neox_train.checkpoint.owner import OWNER, Identity, claim
 from neox_train.cli.sync import main as sync_main
 from neox_train.remote import open_backend
 
+from conftest import BIN, run_train, tiny_run_config, train_env
 from gcs import gcs_bucket, gcs_emulator  # noqa: F401
 
 RUN = Identity("00000000abcd", "000000000001")
@@ -110,3 +117,100 @@ def test_plain_sync_rules_hold_for_folder_destinations(tmp_path: Path, capsys) -
     (save / "notes" / "latest").write_text("global_step9")
     assert sync_main([str(save), str(dest)]) == 2
     assert "latest" in capsys.readouterr().err
+
+
+# -- the same command twice, Ctrl-C ---------------------------------------------------------------------------
+class Background:
+    """`neox-train ARGS` in the background, in its own process group (a failing test kills all of it), its output
+    in a file (a pipe nobody reads would fill and block the run)."""
+
+    def __init__(self, args: list[str], out: Path, extra_env: dict[str, str] | None = None):
+        self.out = out
+        with open(out, "w") as f:
+            self.proc = subprocess.Popen([str(BIN / "neox-train"), *args], stdout=f, stderr=subprocess.STDOUT,
+                                         text=True, env={**train_env(), **(extra_env or {})}, start_new_session=True)
+        self.pid = self.proc.pid
+
+    def text(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def wait_for(self, what: str, check, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the run ended ({self.proc.returncode}) before {what}: {self.text()[-4000:]}")
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: {self.text()[-4000:]}"
+            time.sleep(0.1)
+
+    def finish(self, timeout: float) -> tuple[int, str]:
+        """(exit status, output); past `timeout` the group is killed and the test fails."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.pid, signal.SIGKILL)
+            self.proc.wait()
+            raise AssertionError(f"the run did not end within {timeout} s: {self.text()[-4000:]}") from None
+        return self.proc.returncode, self.text()
+
+    def __enter__(self) -> Background:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def published(remote: Path) -> list[str]:
+    return sorted((p.parent.name for p in remote.glob("global_step*/COMPLETE")), key=lambda t: int(t[11:]))
+
+
+SLOW = {"NEOX_FAULT": "slow@step=1,count=1000,seconds=0.25"}  # a run that lives long enough to be acted on
+
+
+@pytest.mark.slow
+def test_a_second_launch_is_refused_and_ctrl_c_saves_like_sigterm(tmp_path: Path, token_dir: Path) -> None:
+    """Defects 2 and 3. The same command started twice in one save dir: the second claimed the prefix and died at
+    its first save, and the first could publish nothing more (PrefixOwned, exit 1). Ctrl-C gave KeyboardInterrupt
+    tracebacks, saved nothing and exited 130. Now the second is refused before it claims anything; a first Ctrl-C
+    saves the step, publishes it and exits 130; a second one stops at once with one line."""
+    remote = tmp_path / "bucket"
+    run = tiny_run_config(tmp_path, token_dir, max_steps=400, save_steps=4, eval_steps=0, sync_to=str(remote))
+    args = ["--config", str(run), "--resume", "auto"]  # the command a supervisor (or a person) repeats
+    with Background(args, tmp_path / "first.log", SLOW) as first:
+        first.wait_for("the first published checkpoint", lambda: published(remote))
+        owner = (remote / OWNER).read_bytes()
+        second = run_train(args, check=False, timeout=180)
+        assert second.returncode == 2, second.stderr[-3000:]
+        line = [x for x in second.stderr.splitlines() if x.startswith("neox-train:")]
+        assert len(line) == 1 and "is in use by another live process" in line[0] and f"pid {first.pid}" in line[0]
+        assert "Traceback" not in second.stderr
+        assert (remote / OWNER).read_bytes() == owner, "the refused launch touched the prefix's owner"
+        first.proc.send_signal(signal.SIGINT)  # Ctrl-C (to the process: a terminal sends it to the group alike)
+        code, err = first.finish(120)
+    assert code == 130, err[-6000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-4000:]
+    saved = (tmp_path / "ckpt" / "latest").read_text()
+    assert "Ctrl-C: saving step" in err and f"stop requested (SIGINT) at step {saved[11:]}" in err
+    assert published(remote)[-1] == saved, "the interrupted step was not published"
+    assert (remote / "latest").read_text() == saved
+
+    # Resumed, then Ctrl-C twice: stopped at once, one line saying what was not saved.
+    with Background(args, tmp_path / "again.log", SLOW) as again:
+        again.wait_for("training to resume", lambda: "training neox-tiny" in again.text())
+        time.sleep(1.0)
+        again.proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 30
+        while "Ctrl-C: saving step" not in again.text():  # the first was handled: the second is a second
+            assert time.monotonic() < deadline, again.text()[-3000:]
+            time.sleep(0.005)
+        again.proc.send_signal(signal.SIGINT)
+        code, err = again.finish(60)
+    assert code == 130, err[-4000:]
+    said = [x[x.index("neox-train:"):] for x in err.splitlines() if "second Ctrl-C" in x]
+    at = int(err.split("Ctrl-C: saving step ")[1].split()[0])
+    newest = (tmp_path / "ckpt" / "latest").read_text()
+    assert len(said) == 1 and said[0].startswith(
+        f"neox-train: second Ctrl-C: stopped at once; step {at} was not saved (the newest complete checkpoint is "
+        f"{newest} in {tmp_path / 'ckpt'})"), err[-3000:]  # then what is not published yet, if anything
+    assert int(newest[11:]) < at and "Traceback" not in err and "leaked" not in err, err[-3000:]

@@ -348,3 +348,6 @@ class SyncSettings:
     # While the trainer writes a checkpoint, uploads wait (at most this long per wait) so that they do not compete
     # with the save for the disk and the cores: the loop's stall is the one cost that reaches the GPUs.
     yield_to_save_max_s: float = 120.0
+    # Requests failing this long with none getting through (a refused or silent endpoint): one WARNING, and the
+    # waiting checkpoints count as stuck for max_unpublished_checkpoints (RunConfig.unreachable_warning_s).
+    unreachable_warning_s: float = 60.0

@@ -85,6 +85,7 @@ class Publisher:
             num_nodes=topo.num_nodes if node_local else 1,
             publisher=topo.rank == 0,
             max_pending=run.max_pending_uploads,
+            unreachable_warning_s=run.unreachable_warning_s,
         )
         self.worker: SyncWorker | None = None
         self.status = SyncStatus()
@@ -175,18 +176,37 @@ class Publisher:
             return False  # this rank cannot know; uploader ranks do the deleting
         return tag in self.poll().published
 
+    def verified_now(self) -> list[str]:
+        """Local tags verified in the bucket, asked of the bucket now (what the worker reported may not have
+        arrived yet: a restart's first save comes before it). For making room on a full disk, so not on a hot
+        path; [] when this rank does not upload or the bucket cannot answer."""
+        if not self.enabled:
+            return []
+        known = list(self.poll().published)
+        try:
+            backend = open_backend(self.settings.url, credentials=self.settings.credentials, start_up=True)
+            known += verified_local_tags(backend, self.settings)
+        except Exception as e:  # noqa: BLE001 - a bucket that cannot answer: nothing more is deleted
+            log.warning("sync: cannot check which local checkpoints are in %s: %s", self.settings.url, e)
+        return known
+
     def abort(self) -> None:
         """Training failed: stop the worker without flushing (the journal keeps what is unpublished)."""
         if self.worker is not None:
             self.worker.kill()
 
-    def close(self, timeout_s: float | None = None) -> SyncStatus:
-        """Flush with a bounded wait (upload_timeout_s unless told); the status lists what is still unpublished."""
+    def close(self, timeout_s: float | None = None, *, cutoff=None) -> SyncStatus:
+        """Flush with a bounded wait (upload_timeout_s unless told, and `cutoff`: see SyncWorker.close); the status
+        lists what is still unpublished."""
         if self.worker is not None:
             timeout_s = self.run.upload_timeout_s if timeout_s is None else timeout_s
             pending = len(self.worker.poll().pending)
             if pending:
                 log.info("sync: waiting up to %.0f s for %d pending upload(s) to %s", timeout_s, pending,
                          self.settings.url)
-            self.status = self.worker.close(timeout_s)
+            self.status = self.worker.close(timeout_s, cutoff=cutoff)
+            if self.status.unpublished and cutoff is not None and cutoff() is not None:
+                log.warning("sync: stopped by a signal during the upload flush: %s not published to %s (journaled: "
+                            "the next start, or neox-sync --checkpoints, publishes them)",
+                            ", ".join(self.status.unpublished), self.settings.url)
         return self.status

@@ -142,7 +142,7 @@ def save(engine, save_dir: Path, state: TrainState, extra: dict[str, Any], *, ow
 
 def save_failed(save_dir: Path, tag: str, err: BaseException | str, expected_bytes: int | None) -> CheckpointError:
     """The one line for a save that could not be written (`err`: the exception, or a writer's one-line report)."""
-    free = shutil.disk_usage(save_dir if save_dir.exists() else save_dir.parent).free
+    free = free_bytes(save_dir)
     latest, _ = commit.read_latest(save_dir)
     kept = f"latest still names {latest}" if latest else "no earlier checkpoint exists"
     need = f", the checkpoint needs about {human_bytes(expected_bytes)}" if expected_bytes else ""
@@ -159,9 +159,17 @@ def save_failed(save_dir: Path, tag: str, err: BaseException | str, expected_byt
                            f"partial {tag} was removed, {kept} and the earlier checkpoints are intact")
 
 
+def free_bytes(save_dir: Path) -> int:
+    return shutil.disk_usage(save_dir if save_dir.exists() else save_dir.parent).free
+
+
+def remove_tag(save_dir: Path, tag: str) -> None:
+    shutil.rmtree(Path(save_dir) / tag, ignore_errors=True)
+
+
 def space_warning(save_dir: Path, tag: str, expected_bytes: int) -> str:
     """"" when the next checkpoint fits on the disk of save_dir, else the warning to log."""
-    free = shutil.disk_usage(save_dir if save_dir.exists() else save_dir.parent).free
+    free = free_bytes(save_dir)
     if free >= expected_bytes:
         return ""
     return (f"the next checkpoint ({tag}, about {human_bytes(expected_bytes)}) will not fit in {save_dir} "
@@ -261,5 +269,5 @@ def apply_retention(save_dir: Path, keep_last_n: int, *, may_delete: Callable[[s
     latest, _ = commit.read_latest(save_dir)
     doomed = [t for t in tags[:-keep_last_n] if t != latest and (may_delete is None or may_delete(t))]
     for tag in doomed:
-        shutil.rmtree(save_dir / tag, ignore_errors=True)
+        remove_tag(save_dir, tag)
     return doomed

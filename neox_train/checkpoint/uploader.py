@@ -24,6 +24,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,12 +284,24 @@ class SyncWorker:
             st.last_error = msg["error"]
             log.warning("sync: %s failed (attempt %d, retrying in %.0f s): %s", msg["tag"], msg["attempt"],
                         msg["retry_in_s"], msg["error"])
+        elif kind == "unreachable":
+            st.failing = True  # what waits is stuck now: max_unpublished_checkpoints applies as to any failure
+            st.last_error = msg["error"]
+            log.warning("sync: %s has not answered for %.0f s (every request fails: %s); %d checkpoint(s) "
+                        "unpublished (%s), kept on local disk while uploads keep retrying; training stops once more "
+                        "than max_unpublished_checkpoints are stuck", msg["endpoint"], msg["seconds"], msg["error"],
+                        len(st.unpublished), ", ".join(st.unpublished) or "none yet")
+        elif kind == "reachable":
+            st.failing = False
+            log.info("sync: %s answers again; uploads continue", self.settings.url)
         elif kind == "fatal":
             st.last_error = msg["error"]
             log.error("sync: worker cannot continue: %s", msg["error"])
 
-    def close(self, timeout_s: float, *, progress: bool = True) -> SyncStatus:
-        """Flush: let the worker finish every queued tag, up to timeout_s; then stop it. Returns the final status
+    def close(self, timeout_s: float, *, progress: bool = True,
+              cutoff: Callable[[], float | None] | None = None) -> SyncStatus:
+        """Flush: let the worker finish every queued tag, up to timeout_s and, once `cutoff()` names a monotonic
+        time (a stop signal arrived meanwhile), up to then; then stop it. Returns the final status
         (status.unpublished lists what was not published; the journal keeps it for the next run or neox-sync)."""
 
         self.poll()  # a worker that died gets its chance to flush too
@@ -298,7 +311,10 @@ class SyncWorker:
         total = len(self.status.pending)
         bar = tqdm(total=total, desc="upload", unit="ckpt", disable=not progress or total == 0)
         while self._proc.is_alive() and time.monotonic() < deadline:
-            self._proc.join(timeout=0.5)
+            limit = cutoff() if cutoff is not None else None
+            if limit is not None:
+                deadline = min(deadline, limit)
+            self._proc.join(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
             self.poll()
             bar.n = total - len(self.status.pending)
             bar.refresh()

@@ -171,6 +171,7 @@ class _Uploads:
 
     def __init__(self, settings: SyncSettings, backend, tasks, status_q, saving, parent: int):
         self.settings, self.backend, self.tasks, self.status_q, self.parent = settings, backend, tasks, status_q, parent
+        self.send_lock = threading.Lock()
         save_dir = Path(settings.save_dir)
         self.jpath = journal_path(save_dir, settings.node_rank)
         gate = save_gate(saving, settings.yield_to_save_max_s) if saving is not None else None
@@ -185,9 +186,33 @@ class _Uploads:
 
     def send(self, msg: dict[str, Any]) -> None:
         try:
-            self.status_q.send({**msg, "retries": self.backend.retries})
+            with self.send_lock:  # the endpoint watch sends from its own thread
+                self.status_q.send({**msg, "retries": self.backend.retries})
         except (BrokenPipeError, ConnectionError, EOFError) as e:
             raise _TrainerGone() from e
+
+    def watch_endpoint(self) -> None:
+        """A thread: the storage client retries a refused or silent endpoint for minutes inside one request, so the
+        loop above learns of an outage only at the retry deadline. Once requests have failed with none getting
+        through for unreachable_warning_s, say so (the trainer warns and counts the waiting checkpoints as stuck,
+        so max_unpublished_checkpoints applies); say again when one gets through."""
+        failing_for = getattr(self.backend, "failing_for", None)
+        if failing_for is None:
+            return  # a folder: no retries to hide an outage
+        reported = False
+        while True:
+            time.sleep(min(1.0, self.settings.unreachable_warning_s / 4))
+            seconds, error = failing_for()
+            try:
+                if not reported and seconds >= self.settings.unreachable_warning_s:
+                    self.send({"kind": "unreachable", "seconds": seconds, "error": error,
+                               "endpoint": getattr(self.backend, "host", self.settings.url)})
+                    reported = True
+                elif reported and seconds == 0:
+                    self.send({"kind": "reachable"})
+                    reported = False
+            except _TrainerGone:
+                return
 
     def give_up(self, task: dict[str, Any], err: BaseException | str) -> None:
         error = err if isinstance(err, str) else one_line(err)
@@ -201,6 +226,7 @@ class _Uploads:
                    "files_skipped": result.files_skipped})
 
     def run(self) -> None:
+        threading.Thread(target=self.watch_endpoint, name="neox-sync-endpoint", daemon=True).start()
         self.report_verified()
         while True:
             self.take_tasks()

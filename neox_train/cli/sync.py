@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from neox_train.checkpoint.copy_rules import check_plain_copy, protect_published
+from neox_train.checkpoint.lock import lock_save_dir
 from neox_train.checkpoint.owner import owner_at_or_above
 from neox_train.checkpoint.publication import publish_checkpoints
 from neox_train.errors import run_guarded
@@ -82,8 +83,16 @@ def main(argv: list[str] | None = None) -> int:
 def _sync(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty()
     if args.checkpoints:
-        result = publish_checkpoints(Path(args.src), open_backend(args.dst, credentials=args.credentials),
-                                     workers=args.workers, progress=progress)
+        # The run training in SAVE_DIR publishes its own checkpoints: a second publisher is refused.
+        lock = lock_save_dir(args.src, why="its training run publishes these checkpoints itself; run neox-sync "
+                             "--checkpoints once it has stopped", wait_s=0, read_only_ok=True) \
+            if Path(args.src).is_dir() else None
+        try:
+            result = publish_checkpoints(Path(args.src), open_backend(args.dst, credentials=args.credentials),
+                                         workers=args.workers, progress=progress)
+        finally:
+            if lock is not None:
+                lock.release()
     else:
         if not args.src.startswith("gs://") and Path(parse_url(args.src)[1]).is_dir():
             # An upload: nothing shaped like a checkpoint, nothing into a run's prefix, refused before any byte.

@@ -25,14 +25,16 @@ def main(argv: list[str] | None = None) -> int:
             plan = prepare_run(run, dp_size=world_size_from_env(), on_gpu=torch.cuda.is_available())
             print(json.dumps(plan.describe(), indent=2))
             return 0
-        from neox_train.train.run import run_training
+        from neox_train.train.run import exit_code, run_training
 
-        summary = run_training(run, resume=args.resume, takeover=args.takeover)
-        # Stopped by SIGTERM (checkpoint saved and flushed): 128+15, so a scheduler sees a preempted job, not a
-        # finished one.
-        return 143 if summary.get("stopped_by_signal") else 0
+        return exit_code(run_training(run, resume=args.resume, takeover=args.takeover))
 
-    return run_guarded("neox-train", go)
+    try:
+        return run_guarded("neox-train", go)
+    except KeyboardInterrupt:  # Ctrl-C before the loop's handlers (start-up) or after them: nothing to save
+        print("neox-train: interrupted (Ctrl-C) before training began or after it ended: nothing new was saved; the "
+              "checkpoints already in the save dir are intact", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -324,9 +324,22 @@ def run_preflight(args: argparse.Namespace, launch: Launch, plan) -> list:
     return preflight.run_checks(ctx)
 
 
+def start_launcher(command: list[str], **popen_args) -> subprocess.Popen:
+    """Start the deepspeed launcher with SIGINT ignored. Ctrl-C reaches every process of the job: the ranks save
+    and exit (train.run.stop_signals), deepspeed's per-node launch.py stops them with SIGTERM; the `deepspeed`
+    runner on top has no handler of its own on one node and would die with a KeyboardInterrupt traceback, leaving
+    the launch.py below it orphaned. An ignored signal stays ignored across exec (a handled one does not), so
+    launch.py and the ranks, which install their own handlers, are unaffected."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return subprocess.Popen(command, **popen_args)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def exec_launcher(command: list[str], env: dict[str, str]) -> int:
     """Run the deepspeed launcher; SIGINT/SIGTERM reach it (it stops the ranks on every node), its exit is ours."""
-    proc = subprocess.Popen(command, env=env)
+    proc = start_launcher(command, env=env)
 
     def forward(signum, _frame):
         proc.send_signal(signum)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import IO
 
 from neox_train import health
+from neox_train.launch.launcher import start_launcher
 
 POLL_S = 0.5
 EXIT_GRACE_S = 5.0  # after a rank reports its failure: the launcher's own exit, with its last lines, before ours
@@ -176,8 +177,8 @@ class Supervisor:
         log_path = self.job.launch_dir / f"attempt-{number}.log"
         self.say(f"attempt {number}: {shlex.join(command)} (output also in {log_path})")
         with open(log_path, "a", buffering=1) as log_file:
-            proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    start_new_session=True)
+            proc = start_launcher(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  start_new_session=True)
             self._proc = proc
             tees = [threading.Thread(target=_tee, args=(src, dst, log_file), daemon=True)
                     for src, dst in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -128,6 +129,8 @@ class GcsBackend:
         self.chunk_size = CHUNK_SIZE
         self.timeout = REQUEST_TIMEOUT_S
         self.retries = 0
+        self.failing_since: float | None = None  # monotonic time of the first retried failure since the last success
+        self.last_failure = ""
         self._retries_lock = threading.Lock()
         self.configure_retry()
 
@@ -144,10 +147,20 @@ class GcsBackend:
         self.retry = policy(deadline_s)
         self.probe_retry = policy(probe_deadline_s)
 
-    def _count_retry(self, _exc: BaseException) -> None:
+    def _count_retry(self, exc: BaseException) -> None:
         with self._retries_lock:
             self.retries += 1
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
+            self.last_failure = one_line(exc)
         note_retry()
+
+    def failing_for(self) -> tuple[float, str]:
+        """(seconds since requests began failing with no success since, the last failure); (0, "") while they get
+        through. The upload worker warns from this when an endpoint is down, long before a retry deadline ends."""
+        with self._retries_lock:
+            since, last = self.failing_since, self.last_failure
+        return (0.0, "") if since is None else (time.monotonic() - since, last)
 
     @property
     def host(self) -> str:
@@ -172,6 +185,8 @@ class GcsBackend:
         where = self._where(name)
         try:
             yield
+            with self._retries_lock:
+                self.failing_since = None  # a request got through
         except (StorageError, api.PreconditionFailed):
             raise  # 412 is an answer for the caller of a conditional write, not an error
         except api.RetryError as e:

@@ -11,6 +11,7 @@ Metrics (`checkpoint/*`, when a save is committed):
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ class Checkpoints:
         self.engine = engine
         self.save_dir = Path(plan.run.save_dir)
         self.publisher = publisher
+        self.is_rank0 = topo.rank == 0
         self.metrics = metrics
         self.control = control
         self.data_tokens = data_tokens
@@ -74,6 +76,8 @@ class Checkpoints:
         tag = checkpoint.tag_for_step(step)
         if self.folder_owner:
             warning = checkpoint.space_warning(self.save_dir, tag, self.checkpoint_bytes)
+            if warning:
+                warning = self.make_room(tag)
             if warning:
                 log.warning("%s", warning)
         plan = self.plan
@@ -145,6 +149,32 @@ class Checkpoints:
         if deleted:
             log.info("removed local checkpoint(s) %s (keep_last_n=%d)", ", ".join(deleted), self.plan.run.keep_last_n)
 
+    def make_room(self, tag: str) -> str:
+        """Before a save that will not fit: retention first (keep_last_n, as after every save), then local tags
+        verified in the bucket, oldest first, never the newest complete one nor the one `latest` names; each
+        removal is said. Returns the space warning still standing ("" once the save fits)."""
+        self.apply_retention()
+        warning = checkpoint.space_warning(self.save_dir, tag, self.checkpoint_bytes)
+        if not warning or self.plan.run.sync_to is None:
+            return warning
+        complete = commit.complete_tags(self.save_dir)
+        latest, _ = commit.read_latest(self.save_dir)
+        verified = set(self.publisher.verified_now())
+        removed = []
+        for old in complete[:-1]:
+            if not warning:
+                break
+            if old == latest or old not in verified:
+                continue
+            checkpoint.remove_tag(self.save_dir, old)
+            removed.append(old)
+            warning = checkpoint.space_warning(self.save_dir, tag, self.checkpoint_bytes)
+        if removed:
+            log.warning("removed local checkpoint(s) %s to make room for %s: each is verified in %s (%s free now)",
+                        ", ".join(removed), tag, self.plan.run.sync_to,
+                        human_bytes(checkpoint.free_bytes(self.save_dir)))
+        return warning
+
     def too_many_unpublished(self) -> bool:
         """After a save, on every rank: are more than max_unpublished_checkpoints checkpoints kept locally because
         publishing fails? Only the uploader ranks know; one sum over the control group makes every rank stop at the
@@ -155,11 +185,34 @@ class Checkpoints:
         stuck = self.publisher.enabled and len(self.publisher.poll().stuck) > limit
         return self.control.sum([int(stuck)])[0] > 0
 
-    def finish_uploads(self, step: int, *, timeout_s: float | None = None) -> dict[str, Any] | None:
-        """Flush pending uploads (bounded), then retention for what became verified remote; report what is left."""
+    def flush_at_exit(self, step: int, summary: dict[str, Any], *, signal_at: Callable[[], float | None],
+                      signal_name: Callable[[], str]) -> None:
+        """The end-of-run flush into summary["sync"]. Bounded: by the preemption budget after a stop signal, even
+        one that arrives during the flush (`signal_at`: when the first came, None before); to a short flush when
+        nothing gets published."""
+        run = self.plan.run
+        timeout = min(60.0, run.upload_timeout_s) if summary.get("stopped_unpublished") else None
+        preempted = summary.get("stopped_by_signal") and signal_at() is not None
+        if preempted:
+            timeout = self.upload_budget(signal_at())
+
+        def cutoff() -> float | None:
+            at = signal_at()
+            return None if at is None else time.monotonic() + self.upload_budget(at)
+
+        summary["sync"] = self.finish_uploads(step, timeout_s=timeout, cutoff=cutoff)
+        if signal_at() is not None and not preempted:  # the signal came during the flush
+            summary["stopped_by_signal"] = signal_name()
+        if preempted and self.is_rank0:
+            summary["preemption"] = self.preemption_summary(signal_at(), summary["sync"])
+
+    def finish_uploads(self, step: int, *, timeout_s: float | None = None,
+                       cutoff: Callable[[], float | None] | None = None) -> dict[str, Any] | None:
+        """Flush pending uploads (bounded, and by `cutoff`: a monotonic time the flush must end by, looked at while
+        it waits), then retention for what became verified remote; report what is left."""
         if not self.publisher.enabled:
             return None
-        status = self.publisher.close(timeout_s)
+        status = self.publisher.close(timeout_s, cutoff=cutoff)
         self.metrics.record(step, "sync", self.publisher.metrics())
         self.apply_retention()
         return {"published": status.published, "unpublished": status.unpublished, "stuck": status.stuck,

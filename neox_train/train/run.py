@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +21,15 @@ import torch
 from deepspeed.utils import logger as ds_logger
 
 from neox_train import health
+from neox_train.checkpoint import commit
 from neox_train.checkpoint import resume as resume_mod
+from neox_train.checkpoint.lock import lock_save_dir
 from neox_train.checkpoint.owner import new_id
 from neox_train.checkpoint.publisher import (
     Publisher,
     check_prefix_owner,
     check_storage_access,
+    is_uploader,
     node_local_storage,
 )
 from neox_train.config import RunConfig
@@ -34,6 +39,9 @@ from neox_train.log import log, setup_logging
 from neox_train.train.plan import RunPlan, load_data, prepare_run
 from neox_train.train.trainer import Trainer
 from neox_train.train.watchdog import HangLimits, Watchdog
+
+SECOND_RUN = ("a second run there would overwrite its checkpoints and take its bucket prefix: wait for it to finish, "
+              "stop it (Ctrl-C saves and exits), or use another --save-dir")
 
 
 def write_run_files(plan: RunPlan) -> None:
@@ -54,12 +62,63 @@ def run_training(run: RunConfig, *, resume: str | None, takeover: bool = False) 
     except NeoxError as e:  # a deliberate stop: bad input, a diverged run, checkpoints that cannot be published
         watchdog.finish(health.STOPPED, exit_code=e.exit_code, detail=f"{e.label}: {e}")
         raise
+    except SystemExit as e:  # a second Ctrl-C
+        watchdog.finish(health.STOPPED, exit_code=int(e.code or 0), detail="stopped at once by a second Ctrl-C")
+        raise
     except BaseException as e:
         watchdog.finish(health.FAILED, exit_code=1, detail=one_line(e))
         raise
-    preempted = bool(summary.get("stopped_by_signal"))
-    watchdog.finish(health.DONE, exit_code=143 if preempted else 0, detail="preempted (SIGTERM)" if preempted else "")
+    code = exit_code(summary)
+    watchdog.finish(health.DONE, exit_code=code, detail=f"stopped by {summary['stopped_by_signal']}" if code else "")
     return summary
+
+
+def exit_code(summary: dict[str, Any]) -> int:
+    """0 for a finished run; stopped by a signal (checkpoint saved and flushed): 128 + the signal, so a scheduler
+    sees a preempted (143) or interrupted (130) job, not a finished one."""
+    name = summary.get("stopped_by_signal")
+    return 128 + int(getattr(signal, name)) if isinstance(name, str) else 0
+
+
+@contextmanager
+def stop_signals(trainer: Trainer, topo: Topology) -> Iterator[None]:
+    """SIGTERM and a first Ctrl-C (SIGINT): save this step, flush uploads within preemption_grace_s, exit. A second
+    Ctrl-C: stop at once, with one line saying what was not saved. Handlers write with os.write: the logging lock
+    may be held by the very code they interrupt."""
+    run = trainer.plan.run
+
+    def say(text: str) -> None:
+        if topo.rank == 0:
+            os.write(2, f"neox-train: {text}\n".encode())
+
+    def on_term(_signum, _frame) -> None:
+        trainer.request_stop("SIGTERM")
+
+    def on_int(_signum, _frame) -> None:
+        if trainer.stop_requested and trainer.stop_signal == "SIGINT":
+            latest, _ = commit.read_latest(Path(run.save_dir))
+            if latest == f"global_step{trainer.step}":
+                saved = f"step {trainer.step} is saved ({latest} in {run.save_dir})"
+            else:
+                saved = (f"step {trainer.step} was not saved (the newest complete checkpoint is {latest or 'none'} "
+                         f"in {run.save_dir})")
+            unpublished = trainer.publisher.status.unpublished
+            say(f"second Ctrl-C: stopped at once; {saved}"
+                + (f"; not published yet: {', '.join(unpublished)} (journaled: the next start publishes them)"
+                   if unpublished else ""))
+            # Unwinds now (finally blocks stop the upload worker and drop the save dir lock), saving nothing more.
+            raise SystemExit(130)
+        say(f"Ctrl-C: saving step {trainer.step} at the end of this step and flushing uploads (at most "
+            f"{run.preemption_grace_s:g} s); press Ctrl-C again to stop at once without saving")
+        trainer.request_stop("SIGINT")
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_term),
+                signal.SIGINT: signal.signal(signal.SIGINT, on_int)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def _run_training(run: RunConfig, *, resume: str | None, takeover: bool, watchdog: Watchdog) -> dict[str, Any]:
@@ -78,6 +137,22 @@ def _run_training(run: RunConfig, *, resume: str | None, takeover: bool, watchdo
         check_prefix_owner(run, topo, inherited or new_id(), takeover=takeover)
     data = load_data(plan)
     resume_mod.check(plan, point, data[0].num_tokens)
+    # Before the prefix is claimed or a file written: one live process per save dir (a second launch is refused).
+    lock = lock_save_dir(run.save_dir, why=SECOND_RUN) if is_uploader(topo, node_local) else None
+    try:
+        summary = _train(run, plan, data, point, topo, node_local, takeover=takeover, watchdog=watchdog)
+    except BaseException:
+        if lock is not None:
+            lock.release(failed_start=True)
+        raise
+    if lock is not None:
+        lock.release()
+    return summary
+
+
+def _train(run: RunConfig, plan: RunPlan, data, point, topo: Topology, node_local: bool, *, takeover: bool,
+           watchdog: Watchdog) -> dict[str, Any]:
+    """From the process group on: the engine, the claim, the upload worker, the loop and the end-of-run report."""
     init_distributed(timeout_s=watchdog.limits.collective_s)
     if topo.rank == 0:
         log.info("watchdog: %s", watchdog.limits.describe())
@@ -101,11 +176,8 @@ def _run_training(run: RunConfig, *, resume: str | None, takeover: bool, watchdo
         if run.sync_to and plan.dp_size > 1:
             dist.barrier()  # every node's upload worker starts after the claim: its fences see this run's session
         publisher.start()
-        previous = signal.signal(signal.SIGTERM, lambda *_: trainer.request_stop())
-        try:
+        with stop_signals(trainer, topo):
             summary = trainer.train()
-        finally:
-            signal.signal(signal.SIGTERM, previous)
     except BaseException:
         publisher.abort()
         raise

@@ -110,6 +110,7 @@ class Trainer:
                                        data_tokens=self.windows.num_tokens)
         self.stop_requested = False
         self.stop_signal_at: float | None = None  # when the first SIGTERM arrived (the preemption budget starts)
+        self.stop_signal = "SIGTERM"  # which signal asked for the stop (Ctrl-C's SIGINT behaves the same)
         self.last_losses: dict[str, float | int] = {}  # the newest logged train / validation loss, for run.json
         self._announced = False  # the "training ..." line, once even when train() runs in slices
         self._agreed: tuple[bool, int] = (False, 0)  # this step's agreement: (stop, ranks still writing a save)
@@ -214,11 +215,13 @@ class Trainer:
         return (value / self.plan.dp_size).item()
 
     # -- the loop -----------------------------------------------------------------------------------------------
-    def request_stop(self) -> None:
-        """The SIGTERM handler: stop at the end of this step, on every rank (the per-step agreement)."""
+    def request_stop(self, signal_name: str = "SIGTERM") -> None:
+        """The SIGTERM (and first Ctrl-C) handler: stop at the end of this step, on every rank (the per-step
+        agreement); during the end-of-run flush, cut the flush to the preemption budget."""
         self.stop_requested = True
         if self.stop_signal_at is None:
             self.stop_signal_at = time.monotonic()
+            self.stop_signal = signal_name
 
     def save(self, *, asynchronous: bool | None = None, first: bool = False) -> float:
         """Save this step; returns the seconds the loop was blocked (see train.checkpoints)."""
@@ -320,8 +323,9 @@ class Trainer:
                 if not self._saved_since_agreement:  # `writing` counted the ranks before that save began
                     throughput.add_checkpoint_stall(self.checkpoints.poll(writing))
                 if stop:
-                    log.warning("stop requested (SIGTERM) at step %d: saving and flushing uploads", self.step)
-                    summary["stopped_by_signal"] = True
+                    log.warning("stop requested (%s) at step %d: saving and flushing uploads",
+                                self.stop_signal if self.stop_requested else "a signal on another rank", self.step)
+                    summary["stopped_by_signal"] = self.stop_signal
                     break
             if final:
                 self._final_save(summary)
@@ -337,7 +341,8 @@ class Trainer:
                 # Only once the training bar is closed: the flush logs and draws a bar of its own. It is bounded by
                 # its own timeouts, so the watchdog stands down.
                 self.watchdog.disarm()
-                self._flush_uploads(summary)
+                self.checkpoints.flush_at_exit(self.step, summary, signal_at=lambda: self.stop_signal_at,
+                                               signal_name=lambda: self.stop_signal)
             finally:
                 self.close()
         summary["end_step"] = self.step
@@ -379,17 +384,6 @@ class Trainer:
         if self.last_saved_step != self.step and not summary.get("stopped_unpublished"):
             # The loop is over: nothing to overlap with, so no snapshot; a preemption save goes first in line.
             self.save(asynchronous=False, first=summary.get("stopped_by_signal", False))
-
-    def _flush_uploads(self, summary: dict[str, Any]) -> None:
-        """Bounded: by the preemption budget after a SIGTERM; to a short flush when nothing gets published."""
-        run = self.plan.run
-        timeout = min(60.0, run.upload_timeout_s) if summary.get("stopped_unpublished") else None
-        preempted = summary.get("stopped_by_signal") and self.stop_signal_at is not None
-        if preempted:
-            timeout = self.checkpoints.upload_budget(self.stop_signal_at)
-        summary["sync"] = self.checkpoints.finish_uploads(self.step, timeout_s=timeout)
-        if preempted and self.is_rank0:
-            summary["preemption"] = self.checkpoints.preemption_summary(self.stop_signal_at, summary["sync"])
 
     def perf_values(self, reading: dict[str, float]) -> dict[str, Any]:
         """A Throughput reading plus TFLOP/s, MFU/HFU and the memory high-water mark."""
