@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,11 +18,13 @@ import pytest
 from neox_train.checkpoint import commit
 from neox_train.checkpoint.fetch import remote_checkpoints
 from neox_train.checkpoint.owner import OWNER, Identity, claim
+from neox_train.checkpoint.publication import SyncSettings
+from neox_train.checkpoint.uploader import SyncWorker
 from neox_train.cli.sync import main as sync_main
 from neox_train.remote import open_backend
 
 from conftest import BIN, run_train, tiny_run_config, train_env
-from gcs import gcs_bucket, gcs_emulator  # noqa: F401
+from gcs import FaultProxy, gcs_bucket, gcs_emulator  # noqa: F401
 
 RUN = Identity("00000000abcd", "000000000001")
 
@@ -214,3 +217,99 @@ def test_a_second_launch_is_refused_and_ctrl_c_saves_like_sigterm(tmp_path: Path
         f"neox-train: second Ctrl-C: stopped at once; step {at} was not saved (the newest complete checkpoint is "
         f"{newest} in {tmp_path / 'ckpt'})"), err[-3000:]  # then what is not published yet, if anything
     assert int(newest[11:]) < at and "Traceback" not in err and "leaked" not in err, err[-3000:]
+
+
+# -- a dead endpoint, SIGTERM during the end-of-run flush -----------------------------------------------------
+def test_a_refused_endpoint_is_warned_of_and_its_checkpoints_count_as_stuck(gcs_bucket, tmp_path: Path,
+                                                                            caplog) -> None:
+    """Defect 5 at the worker: connections refused made every request retry inside the client for its whole
+    deadline (10 minutes) before the trainer heard of a failure: no warning, and max_unpublished_checkpoints never
+    counted the waiting checkpoints. Now one WARNING names the endpoint and the unpublished checkpoints after
+    unreachable_warning_s, and from then on they are stuck (the limit applies)."""
+    save = tmp_path / "save"
+    tags = [committed_tag(save, 2).name, committed_tag(save, 4).name]
+    url = f"gs://{gcs_bucket}/run"
+    claim(open_backend(url), RUN, takeover=False, save_dir=str(save))
+    proxy = FaultProxy(os.environ["STORAGE_EMULATOR_HOST"], lifetime_s=120)
+    proxy.close()  # nothing listens there now: every connection is refused
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STORAGE_EMULATOR_HOST", proxy.url)  # the worker process inherits it
+        worker = SyncWorker(SyncSettings(url=url, save_dir=str(save), run_id=RUN.run_id, session=RUN.session,
+                                         unreachable_warning_s=2.0))
+        worker.start(resume_journal=False)
+    try:
+        started = time.monotonic()
+        for tag in tags:
+            worker.submit(tag)
+        with caplog.at_level("WARNING", logger="neox_train"):
+            while not worker.poll().failing:
+                assert time.monotonic() - started < 60, "no word of the dead endpoint within a minute"
+                time.sleep(0.1)
+        seconds = time.monotonic() - started
+        assert worker.status.stuck == tags  # what max_unpublished_checkpoints counts
+        said = [r.getMessage() for r in caplog.records if "has not answered" in r.getMessage()]
+        assert len(said) == 1 and proxy.url.removeprefix("http://") in said[0] and "2 checkpoint(s) unpublished" \
+            in said[0] and "global_step2, global_step4" in said[0], said
+        assert seconds < 2.0 + 15, f"warned after {seconds:.1f} s"
+    finally:
+        status = worker.close(timeout_s=1, progress=False)
+    assert status.unpublished == tags and not status.published
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_flush_to_a_dead_endpoint_exits_within_the_grace(gcs_bucket, tmp_path: Path,
+                                                                            token_dir: Path) -> None:
+    """Defects 4 and 5 in a run: the endpoint refuses connections from mid-run. It was silent for minutes, and a
+    SIGTERM during the end-of-run flush left the process alive past 150 s (the flush waited for upload_timeout_s).
+    Now the run warns within unreachable_warning_s, and exits within preemption_grace_s of the SIGTERM saying what
+    stays unpublished."""
+    url = f"gs://{gcs_bucket}/run"
+    proxy = FaultProxy(os.environ["STORAGE_EMULATOR_HOST"], lifetime_s=600, max_requests=100_000)
+    grace = 6.0
+    run = tiny_run_config(tmp_path, token_dir, max_steps=30, save_steps=4, eval_steps=0, sync_to=url,
+                          unreachable_warning_s=2.0, preemption_grace_s=grace, max_unpublished_checkpoints=0,
+                          upload_timeout_s=1800.0)
+    direct = open_backend(url)
+    with Background(["--config", str(run)], tmp_path / "run.log",
+                    {**SLOW, "STORAGE_EMULATOR_HOST": proxy.url}) as job:
+        job.wait_for("the first published checkpoint", lambda: remote_checkpoints(direct))
+        proxy.close()
+        closed = time.monotonic()
+        job.wait_for("the dead endpoint's warning", lambda: "has not answered for" in job.text(), timeout=60)
+        warned = time.monotonic() - closed
+        job.wait_for("the end-of-run flush", lambda: "sync: waiting up to" in job.text(), timeout=120)
+        job.proc.send_signal(signal.SIGTERM)
+        term = time.monotonic()
+        code, out = job.finish(60)
+        exited = time.monotonic() - term
+    print(f"warned {warned:.1f} s after the endpoint died; exited {exited:.1f} s after SIGTERM")  # for the notes
+    assert warned < 2.0 + 15, f"the warning came {warned:.1f} s after the endpoint died"
+    assert exited < grace + 3, f"exited {exited:.1f} s after SIGTERM (grace {grace} s)"
+    assert code == 1 and "Traceback" not in out, out[-4000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("neox-train: error:") and "not published" in last and "global_step28" in last, last
+    assert "stopped by a signal during the upload flush" in out
+    published_now = remote_checkpoints(direct)
+    assert "global_step28" not in published_now and (tmp_path / "ckpt" / "global_step28").is_dir()
+
+
+def test_checkpoints_sync_refuses_a_save_dir_a_live_process_holds(tmp_path: Path, capsys) -> None:
+    """A hand-run `neox-sync --checkpoints` while the run in that save dir is alive would be a second publisher of
+    the same tags: refused with one line naming the holder; a read-only copy of a save dir (nothing trains there)
+    still publishes."""
+    save = tmp_path / "save"
+    committed_tag(save, 2)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from neox_train.checkpoint.lock import lock_save_dir; "
+         "lock_save_dir(sys.argv[1], why='x'); print('held', flush=True); time.sleep(120)", str(save)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert sync_main([str(save), str(tmp_path / "bucket"), "--checkpoints"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"pid {holder.pid}" in err and "publishes these checkpoints itself" in err
+        assert not (tmp_path / "bucket").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sync_main([str(save), str(tmp_path / "bucket"), "--checkpoints"]) == 0  # the holder is gone

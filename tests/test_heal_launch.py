@@ -144,22 +144,26 @@ def test_the_same_step_failing_twice_stops_with_a_summary(tmp_path, token_dir):
     print(f"\nthe same step failing twice: stopped after {time.monotonic() - started:.1f} s, 2 attempts")
 
 
-def test_sigterm_to_the_supervisor_saves_once_and_never_restarts(tmp_path, token_dir):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_to_the_supervisor_saves_once_and_never_restarts(tmp_path, token_dir, sig):
+    """SIGINT is Ctrl-C (issue 20, 3): it printed KeyboardInterrupt tracebacks from every rank and the deepspeed
+    runner, and saved nothing. Now it behaves as SIGTERM does, with 128 + its number as the exit status."""
     run = tiny_run_config(tmp_path, token_dir, ds_config=str(test_ds_config(tmp_path, 0)), max_steps=10_000,
                           save_steps=1000, eval_steps=0, log_steps=1, hang_timeout_s=HANG_S)
     proc = _launch(["--gpus", 2, "--zero", 0, "--config", run, "--max-restarts", 3, "--restart-backoff-s", 1,
                     "--master-port", _free_port()], cwd=tmp_path, env={**train_env(), "NEOX_FAULT": _slow(0.1, 0)})
     at = _wait_for_step(proc, tmp_path / "ckpt" / "launch" / "status", 0, 0, 5).step
-    proc.send_signal(signal.SIGTERM)  # the supervisor only: it passes it on
+    proc.send_signal(sig)  # the supervisor only: it passes it on
     code, out = _finish(proc, timeout=120)
-    assert code == 143, out[-4000:]
+    assert code == 128 + sig, out[-4000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-4000:]
     summary = _attempts(tmp_path / "ckpt" / "launch")
     assert [a["kind"] for a in summary["attempts"]] == ["preempted"]
     assert not (tmp_path / "ckpt" / "launch" / "status" / "attempt-1").exists()
     tags = sorted(p.name for p in (tmp_path / "ckpt").glob("global_step*"))
     assert len(tags) == 1 and at <= int(tags[0].removeprefix("global_step")) <= at + 3, tags
     assert (tmp_path / "ckpt" / "latest").read_text() == tags[0]
-    assert out.count("stop requested (SIGTERM)") >= 1 and "attempt 1:" not in out
+    assert out.count(f"stop requested ({sig.name})") >= 1 and "attempt 1:" not in out
 
 
 def test_a_nan_is_skipped_and_a_spike_rolls_back_and_a_resume_sees_the_same_data(tmp_path, token_dir):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from neox_train.cli.sync import main as sync_main
+
 from conftest import read_metrics, run_train, test_ds_config, tiny_run_config
 
 pytestmark = pytest.mark.slow  # real training processes (~4 s each)
@@ -154,13 +156,15 @@ def test_a_damaged_named_tag_is_one_line_and_a_failed_start_writes_nothing(base_
 
 # -- defect 8: the disk fills during a save ---------------------------------------------------------------------
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 2.6 MiB tmpfs: room for one tiny checkpoint (1.6 MiB) and the run files, not for two."""
+def small_disk(tmp_path, request):
+    """A 2.6 MiB tmpfs: room for one tiny checkpoint (1.6 MiB) and the run files, not for two (another size with
+    indirect parametrization: the tmpfs size= value)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
     mount = tmp_path / "small-disk"
     mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2600k", "tmpfs", str(mount)], capture_output=True,
+    size = getattr(request, "param", "2600k")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
                           text=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
@@ -190,3 +194,50 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(s
     proc = run_train(["--config", str(run), "--save-dir", str(roomy), "--log-dir", str(log_dir), "--resume", "latest"])
     assert f"resumed from {roomy / 'global_step3'}" in proc.stderr
     assert sorted(read_metrics(log_dir)) == [4, 5, 6]
+
+
+@pytest.mark.parametrize("small_disk", ["4200k"], indirect=True)  # two tiny checkpoints fit, three do not
+def test_a_restart_on_a_full_disk_makes_room_from_checkpoints_verified_in_the_bucket(small_disk, base_run, tmp_path,
+                                                                                      token_dir):
+    """Defect (issue 20, 6): with `latest` intact and the bucket working, a restart failed at its first save, every
+    time: the local tags already verified in the bucket were kept (retention runs after a save, and keep_last_n
+    does not count what could go). Now a save that will not fit first deletes verified tags, oldest first, never
+    the newest complete one, and says so."""
+    base, _ = base_run
+    bucket = tmp_path / "bucket"
+    assert sync_main([str(base / "ckpt"), str(bucket), "--checkpoints"]) == 0  # global_step3 and 6, verified
+    save = small_disk / "ckpt"
+    shutil.copytree(base / "ckpt", save, symlinks=True)
+    run = tiny_run_config(tmp_path, token_dir, ds_config=str(test_ds_config(tmp_path, 0)), max_steps=9,
+                          save_steps=SAVE_AT, save_dir=str(save), sync_to=str(bucket), keep_last_n=0)
+    proc = run_train(["--config", str(run), "--resume", "latest"], check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    said = [w for w in warnings_of(proc) if "to make room for global_step9" in w]
+    assert len(said) == 1 and "removed local checkpoint(s) global_step3 " in said[0] and str(bucket) in said[0]
+    assert sorted(p.name for p in save.glob("global_step*")) == ["global_step6", "global_step9"]
+    assert (save / "latest").read_text() == "global_step9"
+    assert (bucket / "global_step3" / "COMPLETE").is_file() and (bucket / "global_step9" / "COMPLETE").is_file()
+
+
+def test_a_read_only_save_dir_is_one_line_before_training(tmp_path, token_dir):
+    """Defect (issue 20, 9): a read-only save dir gave an OSError traceback from writing run_config.json once the
+    engine was up. Now it is one line naming the folder, exit 2, before the process group and the engine."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a read-only tmpfs needs root")
+    ro = tmp_path / "read-only"
+    ro.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        for save in (ro, ro / "ckpt"):  # the folder itself, or one that cannot be created
+            run = tiny_run_config(tmp_path, token_dir, save_dir=str(save))
+            proc = run_train(["--config", str(run)], check=False, timeout=120)
+            assert proc.returncode == 2, proc.stderr[-3000:]
+            line = last_line(proc)
+            assert line.startswith("neox-train: error: save dir") and str(save) in line and "not writable" in line
+            assert "Read-only file system" in line and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+            assert "training neox-tiny" not in proc.stderr  # refused before the loop
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True)

@@ -48,6 +48,7 @@ from neox_train.checkpoint.publication import (
 from neox_train.errors import StorageError, is_transient, one_line
 from neox_train.remote import open_backend
 from neox_train.remote.files import Crc32cCache
+from neox_train.remote.rsync import SyncResult
 
 _STOP = "__stop__"
 
@@ -135,6 +136,10 @@ class Publication:
         """This node's part of `tag`; returns the SyncResult."""
 
         if not (Path(self.settings.save_dir) / tag).is_dir():
+            if self.backend.stat(f"{tag}/{COMPLETE}") is not None:
+                # Deleted locally because it is verified in the bucket (retention, or room made for a save on a full
+                # disk, while it still waited in this queue): published already.
+                return SyncResult()
             raise StorageError(f"checkpoint folder {Path(self.settings.save_dir) / tag} disappeared before it was "
                                f"uploaded")
         result = upload_checkpoint_part(Path(self.settings.save_dir), tag, self.backend, identity=self.identity,

@@ -243,6 +243,7 @@ class Supervisor:
         if self._signal is not None:
             attempt.kind, attempt.cause = "preempted", f"{_signal_name(self._signal)} to the supervisor: passed on " \
                                                        f"to the job ({describe_exit(code)})"
+            attempt.exit_code = 128 + self._signal  # the shell's convention for the signal that stopped the job
         elif code == 0 and not failure:
             attempt.kind, attempt.cause = "done", "finished"
         elif by_state.get(health.STOPPED):
