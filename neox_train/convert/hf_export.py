@@ -28,7 +28,7 @@ from transformers.core_model_loading import revert_weight_conversion
 
 from neox_train.convert.source import CheckpointInfo
 from neox_train.convert.weights import WeightSource, meta_model
-from neox_train.data.shards import EOS_CANDIDATES, TOKENIZER_FILE
+from neox_train.data.shards import EOS_CANDIDATES, TOKENIZER_FILE, dataset_folder
 from neox_train.errors import ConvertError, one_line
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -185,7 +185,9 @@ def find_tokenizer(explicit: str | None, info: CheckpointInfo, *, local_save_dir
         return _load_tokenizer_info(path, explicit=True)
     candidates = [info.tag_dir / TOKENIZER_FILE]
     data_dir = (info.run.get("run_config") or {}).get("data_dir")
-    candidates += [d / TOKENIZER_FILE for d in resolve_run_path(data_dir, info, local_save_dir=local_save_dir)]
+    # The dataset's folder however it was named (a folder, or an indexed PREFIX beside its tokenizer.json).
+    candidates += [dataset_folder(d) / TOKENIZER_FILE
+                   for d in resolve_run_path(data_dir, info, local_save_dir=local_save_dir)]
     for path in candidates:
         if path.is_file():
             return _load_tokenizer_info(path, explicit=False)
