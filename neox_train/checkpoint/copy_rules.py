@@ -58,16 +58,16 @@ def check_plain_copy(src_dir: Path, backend: Backend, owned_above: dict[str, Any
     (protect_published), for what changes while the copy runs."""
     advice = ("checkpoints are published only by `neox-sync --checkpoints SAVE_DIR URL`, which uploads complete tags "
               "whose every file matches its save-time crc32c; a plain neox-sync copies other files")
-    if owned_above is not None:
-        raise CheckpointConflict(
-            f"refusing to write into {backend.url}: it belongs to {describe(owned_above)} (a training run publishes "
-            f"there) and a plain copy never writes into a run's prefix; copy to another prefix ({advice})")
     dst_is_tag = step_of_tag(backend.url.rstrip("/").rpartition("/")[2]) is not None
     files = [rel for rel, _ in local_files(Path(src_dir))]
     for rel in files:
         why = _reserved(rel, dst_is_tag)
         if why:
             raise CheckpointConflict(f"refusing to copy {Path(src_dir) / rel} to {backend.url}/{rel}: {why}; {advice}")
+    if owned_above is not None:
+        raise CheckpointConflict(
+            f"refusing to write into {backend.url}: it belongs to {describe(owned_above)} (a training run publishes "
+            f"there) and a plain copy never writes into a run's prefix; copy to another prefix ({advice})")
     owned = sorted(n[: -len(OWNER)].rstrip("/") for n in backend.list("") if n.rpartition("/")[2] == OWNER)
     for rel in files:
         for folder in owned:

@@ -182,11 +182,13 @@ def upload_checkpoint_part(save_dir: Path, tag: str, backend: Backend, *, identi
         "session": identity.session,
         "files": {rel: {"size": size, "crc32c": crc} for rel, (size, crc) in sorted(local.items())},
     }
-    name = f"{tag}/{PARTS}/node-{node_rank}.json"
+    name, data = f"{tag}/{PARTS}/node-{node_rank}.json", _dumps(part)
     earlier = listing.get(name)
     if earlier is not None:
+        if backend.read_bytes(name) == data:
+            return result  # already there as it would be written: never rewritten
         guard(f"{PARTS}/node-{node_rank}.json", earlier)
-    backend.write_bytes(name, _dumps(part), generation=0 if earlier is None else earlier.generation)
+    backend.write_bytes(name, data, generation=0 if earlier is None else earlier.generation)
     return result
 
 
@@ -259,13 +261,28 @@ def finalize_checkpoint(backend: Backend, tag: str, *, identity: Identity, num_n
         "files": {rel: {"size": size, "crc32c": crc} for rel, (size, crc) in sorted(files.items())},
     }
     fence(backend, identity, f"publish {tag}")
-    earlier = listing.get(f"{tag}/{MANIFEST}")
-    backend.write_bytes(f"{tag}/{MANIFEST}", _dumps(manifest), generation=0 if earlier is None else earlier.generation)
+    _write_manifest(backend, tag, _dumps(manifest), listed=f"{tag}/{MANIFEST}" in listing)
     fence(backend, identity, f"publish {tag}")  # right before the irreversible marker
     backend.write_bytes(f"{tag}/{COMPLETE}", _dumps({"tag": tag, "step": step_of_tag(tag), "run_id": identity.run_id}),
                         generation=0)
     _advance_latest(backend, tag)
     return True
+
+
+def _write_manifest(backend: Backend, tag: str, data: bytes, *, listed: bool) -> None:
+    """The manifest, written once: created if absent; left alone when it already holds these bytes (another
+    publisher of the same run and tag got there first, or an earlier attempt's response was lost); replaced only
+    when it differs (an interrupted earlier start's), and only while the tag has no COMPLETE."""
+    name = f"{tag}/{MANIFEST}"
+    if not listed:
+        backend.write_bytes(name, data, generation=0)  # a create; the same bytes already there count as written
+        return
+    got = backend.read(name)
+    if got is not None and got[0] == data:
+        return
+    if backend.stat(f"{tag}/{COMPLETE}") is not None:
+        raise CheckpointConflict(f"{backend.url}/{tag} was published meanwhile: its manifest is never replaced")
+    backend.write_bytes(name, data, generation=0 if got is None else got[1])
 
 
 def _advance_latest(backend: Backend, tag: str) -> None:
