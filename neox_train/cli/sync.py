@@ -84,8 +84,9 @@ def _sync(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty()
     if args.checkpoints:
         # The run training in SAVE_DIR publishes its own checkpoints: a second publisher is refused.
-        lock = lock_save_dir(args.src, why="its training run publishes these checkpoints itself; run neox-sync "
-                             "--checkpoints once it has stopped", wait_s=0, read_only_ok=True) \
+        lock = lock_save_dir(args.src, why="that process (its training run, or another neox-sync --checkpoints) "
+                             "publishes these checkpoints itself; run this once it has stopped", wait_s=0,
+                             read_only_ok=True) \
             if Path(args.src).is_dir() else None
         try:
             result = publish_checkpoints(Path(args.src), open_backend(args.dst, credentials=args.credentials),
