@@ -90,8 +90,8 @@ class RunConfig:
                                              "many checkpoints could not be published (given up, or waiting while "
                                              "every attempt fails), so a bucket that refuses every upload does not "
                                              "fill the disk for days; 0 = never stop.")
-    unreachable_warning_s: float = _f(60.0, "Seconds the storage endpoint may fail every request (refused, "
-                                            "silent, 5xx) before one WARNING names it and the unpublished "
+    unreachable_warning_s: float = _f(30.0, "Seconds the storage endpoint may fail every request (refused, timed "
+                                            "out, 5xx) before one WARNING names it and the unpublished "
                                             "checkpoints; from then on those count toward "
                                             "max_unpublished_checkpoints.")
     async_save: bool = _f(True, "Save checkpoints asynchronously: the loop waits only while the state is copied to "
@@ -226,7 +226,7 @@ def _number_problems(values: dict[str, Any]) -> list[str]:
         out.append(f"preemption_grace_s={grace!r} must be a number of seconds > 0 (GCE Spot gives 30)")
     quiet = values.get("unreachable_warning_s")
     if not (_is_number(quiet) and quiet > 0):
-        out.append(f"unreachable_warning_s={quiet!r} must be a number of seconds > 0 (default 60)")
+        out.append(f"unreachable_warning_s={quiet!r} must be a number of seconds > 0 (default 30)")
     return out
 
 

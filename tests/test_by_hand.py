@@ -24,7 +24,7 @@ from neox_train.cli.sync import main as sync_main
 from neox_train.remote import open_backend
 
 from conftest import BIN, run_train, tiny_run_config, train_env
-from gcs import FaultProxy, gcs_bucket, gcs_emulator  # noqa: F401
+from gcs import FaultProxy, free_port, gcs_bucket, gcs_emulator  # noqa: F401
 
 RUN = Identity("00000000abcd", "000000000001")
 
@@ -127,10 +127,11 @@ class Background:
     """`neox-train ARGS` in the background, in its own process group (a failing test kills all of it), its output
     in a file (a pipe nobody reads would fill and block the run)."""
 
-    def __init__(self, args: list[str], out: Path, extra_env: dict[str, str] | None = None):
+    def __init__(self, args: list[str], out: Path, extra_env: dict[str, str] | None = None, *,
+                 program: str = "neox-train", cwd: Path | None = None):
         self.out = out
         with open(out, "w") as f:
-            self.proc = subprocess.Popen([str(BIN / "neox-train"), *args], stdout=f, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen([str(BIN / program), *args], stdout=f, stderr=subprocess.STDOUT, cwd=cwd,
                                          text=True, env={**train_env(), **(extra_env or {})}, start_new_session=True)
         self.pid = self.proc.pid
 
@@ -198,8 +199,9 @@ def test_a_second_launch_is_refused_and_ctrl_c_saves_like_sigterm(tmp_path: Path
     assert published(remote)[-1] == saved, "the interrupted step was not published"
     assert (remote / "latest").read_text() == saved
 
-    # Resumed, then Ctrl-C twice: stopped at once, one line saying what was not saved.
-    with Background(args, tmp_path / "again.log", SLOW) as again:
+    # Resumed, then Ctrl-C twice: stopped at once, one line saying what was not saved. (Steps of a second: the
+    # second Ctrl-C comes well inside the step the first one arrived in, however loaded the machine.)
+    with Background(args, tmp_path / "again.log", {"NEOX_FAULT": "slow@step=1,count=1000,seconds=1.5"}) as again:
         again.wait_for("training to resume", lambda: "training neox-tiny" in again.text())
         time.sleep(1.0)
         again.proc.send_signal(signal.SIGINT)
@@ -250,7 +252,7 @@ def test_a_refused_endpoint_is_warned_of_and_its_checkpoints_count_as_stuck(gcs_
         said = [r.getMessage() for r in caplog.records if "has not answered" in r.getMessage()]
         assert len(said) == 1 and proxy.url.removeprefix("http://") in said[0] and "2 checkpoint(s) unpublished" \
             in said[0] and "global_step2, global_step4" in said[0], said
-        assert seconds < 2.0 + 15, f"warned after {seconds:.1f} s"
+        assert seconds < 2.0 + 30, f"warned after {seconds:.1f} s"
     finally:
         status = worker.close(timeout_s=1, progress=False)
     assert status.unpublished == tags and not status.published
@@ -283,8 +285,8 @@ def test_sigterm_during_the_flush_to_a_dead_endpoint_exits_within_the_grace(gcs_
         code, out = job.finish(60)
         exited = time.monotonic() - term
     print(f"warned {warned:.1f} s after the endpoint died; exited {exited:.1f} s after SIGTERM")  # for the notes
-    assert warned < 2.0 + 15, f"the warning came {warned:.1f} s after the endpoint died"
-    assert exited < grace + 3, f"exited {exited:.1f} s after SIGTERM (grace {grace} s)"
+    assert warned < 2.0 + 30, f"the warning came {warned:.1f} s after the endpoint died"
+    assert exited < grace + 10, f"exited {exited:.1f} s after SIGTERM (grace {grace} s)"
     assert code == 1 and "Traceback" not in out, out[-4000:]
     last = out.strip().splitlines()[-1]
     assert last.startswith("neox-train: error:") and "not published" in last and "global_step28" in last, last
@@ -313,3 +315,20 @@ def test_checkpoints_sync_refuses_a_save_dir_a_live_process_holds(tmp_path: Path
         holder.kill()
         holder.wait()
     assert sync_main([str(save), str(tmp_path / "bucket"), "--checkpoints"]) == 0  # the holder is gone
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_neox_launch_without_the_supervisor(tmp_path: Path, token_dir: Path) -> None:
+    """Plain `neox-launch` (no --max-restarts): Ctrl-C goes to the whole job; the ranks save the step and the
+    launch exits 130 (deepspeed's launch.py exits 1 after a signal, which read as a crash), with no tracebacks."""
+    run = tiny_run_config(tmp_path, token_dir, max_steps=400, save_steps=1000, eval_steps=0)
+    log = tmp_path / "logs" / "training.log"
+    with Background(["--gpus", "2", "--zero", "0", "--config", str(run), "--master-port", str(free_port())],
+                    tmp_path / "launch.log", SLOW, program="neox-launch", cwd=tmp_path) as job:
+        job.wait_for("step 2", lambda: log.exists() and "step 2:" in log.read_text())
+        job.proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C does to neox-launch
+        code, out = job.finish(120)
+    assert code == 130, out[-4000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-4000:]
+    saved = (tmp_path / "ckpt" / "latest").read_text()
+    assert f"stop requested (SIGINT) at step {saved[11:]}" in log.read_text()

@@ -2,8 +2,8 @@
 
 Checkpoints reach a bucket only through the publication protocol (publication.py: complete local tags, verified
 against their save-time crc32c, manifest, COMPLETE, `latest` forward only, under the prefix's owner). A plain copy
-is checked before it uploads anything (check_plain_copy) and guarded per write (protect_published) against what
-changes while it runs.
+is checked before it uploads anything (check_plain_copy), and each write is checked again (protect_published)
+against the listing the copy works from.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ def _checkpoint_folders(names: Iterable[str]) -> dict[str, str]:
 
 
 def _reserved(rel: str, dst_is_tag: bool) -> str:
-    """Why a plain copy may not write `rel` (relative to the destination), or "" when it may. Publication names,
-    and anything shaped like a checkpoint tag, are written only by the publication protocol."""
+    """Why a plain copy may not write `rel` (relative to the destination; `dst_is_tag`: the destination lies in a
+    tag folder), or "" when it may. Publication names, and anything shaped like a checkpoint tag, are written only
+    by the publication protocol."""
     parts = rel.split("/")
     folders, base = parts[:-1], parts[-1]
     if PARTS in folders:
@@ -54,11 +55,10 @@ def check_plain_copy(src_dir: Path, backend: Backend, owned_above: dict[str, Any
     """Before a plain `neox-sync SRC DST` uploads anything: CheckpointConflict (one line) when it would write a
     checkpoint's shape (a tag folder, COMPLETE, manifest, `latest`, the owner object, node parts) or write into a
     prefix a run owns (`owned_above`: the owner record found at DST or a folder above it, else None; owned folders
-    below DST come from the listing). Nothing is uploaded then. The same names stay guarded per write
-    (protect_published), for what changes while the copy runs."""
+    below DST come from the listing). Nothing is uploaded then; protect_published checks each write again."""
     advice = ("checkpoints are published only by `neox-sync --checkpoints SAVE_DIR URL`, which uploads complete tags "
               "whose every file matches its save-time crc32c; a plain neox-sync copies other files")
-    dst_is_tag = step_of_tag(backend.url.rstrip("/").rpartition("/")[2]) is not None
+    dst_is_tag = any(step_of_tag(part) is not None for part in backend.url.split("/"))  # e.g. .../global_step5/x
     files = [rel for rel, _ in local_files(Path(src_dir))]
     for rel in files:
         why = _reserved(rel, dst_is_tag)

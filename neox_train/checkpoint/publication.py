@@ -367,4 +367,4 @@ class SyncSettings:
     yield_to_save_max_s: float = 120.0
     # Requests failing this long with none getting through (a refused or silent endpoint): one WARNING, and the
     # waiting checkpoints count as stuck for max_unpublished_checkpoints (RunConfig.unreachable_warning_s).
-    unreachable_warning_s: float = 60.0
+    unreachable_warning_s: float = 30.0

@@ -136,9 +136,7 @@ class Publication:
         """This node's part of `tag`; returns the SyncResult."""
 
         if not (Path(self.settings.save_dir) / tag).is_dir():
-            if self.backend.stat(f"{tag}/{COMPLETE}") is not None:
-                # Deleted locally because it is verified in the bucket (retention, or room made for a save on a full
-                # disk, while it still waited in this queue): published already.
+            if self.gone_because_published(tag):
                 return SyncResult()
             raise StorageError(f"checkpoint folder {Path(self.settings.save_dir) / tag} disappeared before it was "
                                f"uploaded")
@@ -147,6 +145,12 @@ class Publication:
                                         cache=self.cache, gate=self.gate)
         self.cache.save()
         return result
+
+    def gone_because_published(self, tag: str) -> bool:
+        """The local folder is gone and the bucket has the tag COMPLETE: it was deleted because it is verified there
+        (retention, or room made for a save on a full disk, while it waited in this queue or was being read)."""
+        return not (Path(self.settings.save_dir) / tag).is_dir() and \
+            self.backend.stat(f"{tag}/{COMPLETE}") is not None
 
     def try_complete(self, tag: str) -> bool:
         """The publisher finalizes once every node's part is remote; other nodes see whether COMPLETE exists. True
@@ -329,8 +333,14 @@ class _Uploads:
             result = self.publication.upload(tag)
             done = self.publication.try_complete(tag)
         except Exception as e:  # noqa: BLE001 - one failure must never kill the worker
-            self.failed_attempt(task, e)
-            return
+            try:
+                published = self.publication.gone_because_published(tag)
+            except Exception:  # noqa: BLE001 - the bucket cannot say: the failure stands
+                published = False
+            if not published:
+                self.failed_attempt(task, e)
+                return
+            result, done = SyncResult(), True
         self.attempt = 0
         self.pending.popleft()
         if done:

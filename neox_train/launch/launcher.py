@@ -338,16 +338,26 @@ def start_launcher(command: list[str], **popen_args) -> subprocess.Popen:
 
 
 def exec_launcher(command: list[str], env: dict[str, str]) -> int:
-    """Run the deepspeed launcher; SIGINT/SIGTERM reach it (it stops the ranks on every node), its exit is ours."""
-    proc = start_launcher(command, env=env)
+    """Run the deepspeed launcher in a process group of its own. SIGINT/SIGTERM to neox-launch go to the whole job,
+    as a scheduler's or a terminal's would (the ranks save and stop; deepspeed's launchers stop them on every node,
+    waiting at most 30 s before SIGKILL). The exit is the launcher's, except after such a signal: then 128 + the
+    signal (deepspeed's launch.py exits 1 after stopping ranks on a signal, which would read as a crash)."""
+    proc = start_launcher(command, env=env, start_new_session=True)
+    received: list[int] = []
 
     def forward(signum, _frame):
-        proc.send_signal(signum)
+        received.append(signum)
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass  # the job is already gone
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return proc.wait()
+        code = proc.wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    code = 128 - code if code < 0 else code
+    return 128 + received[0] if received and code in (0, 1) else code
 

@@ -243,7 +243,8 @@ class Supervisor:
         if self._signal is not None:
             attempt.kind, attempt.cause = "preempted", f"{_signal_name(self._signal)} to the supervisor: passed on " \
                                                        f"to the job ({describe_exit(code)})"
-            attempt.exit_code = 128 + self._signal  # the shell's convention for the signal that stopped the job
+            if statuses and all(s.state == health.DONE for s in statuses.values()):
+                attempt.exit_code = 128 + self._signal  # saved and stopped: the shell's code for that signal
         elif code == 0 and not failure:
             attempt.kind, attempt.cause = "done", "finished"
         elif by_state.get(health.STOPPED):

@@ -23,7 +23,7 @@ from deepspeed.utils import logger as ds_logger
 from neox_train import health
 from neox_train.checkpoint import commit
 from neox_train.checkpoint import resume as resume_mod
-from neox_train.checkpoint.lock import lock_save_dir
+from neox_train.checkpoint.lock import RESTART_WAIT_S, WAIT_S, check_free, lock_save_dir
 from neox_train.checkpoint.owner import new_id
 from neox_train.checkpoint.publisher import (
     Publisher,
@@ -130,6 +130,9 @@ def _run_training(run: RunConfig, *, resume: str | None, takeover: bool, watchdo
     _quiet_deepspeed()
     # Everything that can reject the input runs before process groups, model and engine exist.
     point = resume_mod.locate(run, resume)
+    owns_folder = is_uploader(topo, node_local)
+    if owns_folder:
+        check_free(run.save_dir, why=SECOND_RUN)  # a second launch: refused before the data and the bucket
     check_storage_access(run, topo, node_local)
     if run.sync_to and topo.rank == 0:
         inherited = point.run_id or (resume_mod.remote_run_id(point.remote, run.credentials) if point.remote_only
@@ -138,7 +141,9 @@ def _run_training(run: RunConfig, *, resume: str | None, takeover: bool, watchdo
     data = load_data(plan)
     resume_mod.check(plan, point, data[0].num_tokens)
     # Before the prefix is claimed or a file written: one live process per save dir (a second launch is refused).
-    lock = lock_save_dir(run.save_dir, why=SECOND_RUN) if is_uploader(topo, node_local) else None
+    restarted = health.attempt() > 0  # the supervisor's previous attempt may still be going down
+    lock = lock_save_dir(run.save_dir, why=SECOND_RUN, wait_s=RESTART_WAIT_S if restarted else WAIT_S) \
+        if owns_folder else None
     try:
         summary = _train(run, plan, data, point, topo, node_local, takeover=takeover, watchdog=watchdog)
     except BaseException:
