@@ -202,8 +202,7 @@ def test_a_second_launch_is_refused_and_ctrl_c_saves_like_sigterm(tmp_path: Path
     # Resumed, then Ctrl-C twice: stopped at once, one line saying what was not saved. (Steps of a second: the
     # second Ctrl-C comes well inside the step the first one arrived in, however loaded the machine.)
     with Background(args, tmp_path / "again.log", {"NEOX_FAULT": "slow@step=1,count=1000,seconds=1.5"}) as again:
-        again.wait_for("training to resume", lambda: "training neox-tiny" in again.text())
-        time.sleep(1.0)
+        again.wait_for("a step after the resume", lambda: " INFO step " in again.text().partition("training neox")[2])
         again.proc.send_signal(signal.SIGINT)
         deadline = time.monotonic() + 30
         while "Ctrl-C: saving step" not in again.text():  # the first was handled: the second is a second
