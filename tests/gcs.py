@@ -174,6 +174,18 @@ def gcs_bucket(gcs_emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> str:
     return create_bucket(gcs_emulator.url)
 
 
+@pytest.fixture(params=["gs", "file"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path):
+    """The same contract on both implementations: a bucket prefix on the emulator (behind the enforcing layer), or a
+    local folder (tmp_path/remote)."""
+    from neox_train.remote import open_backend
+
+    if request.param == "gs":
+        bucket = request.getfixturevalue("gcs_bucket")
+        return fast_retry(open_backend(f"gs://{bucket}/runs/r1"))
+    return open_backend(str(tmp_path / "remote"))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # fault proxy (and, with enforce_preconditions, the precondition layer every Emulator has in front)
 

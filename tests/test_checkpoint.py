@@ -120,9 +120,16 @@ def saved(dp, stage, **model):
 
 
 def test_compatible_resume_passes():
-    check_compatible(saved(2, 2), model_config=MODEL, ds_config={"zero_optimization": {"stage": 2}}, dp_size=2, tag="t")
-    # ZeRO-0 holds whole optimizer state on every rank: the rank count may change.
-    check_compatible(saved(2, 0), model_config=MODEL, ds_config={"zero_optimization": {"stage": 0}}, dp_size=1, tag="t")
+    """The same model, stage and rank count resumes as it is (nothing to convert); so does ZeRO-0 at another rank
+    count, which holds whole optimizer state on every rank. The same ZeRO-0 checkpoint under ZeRO-2 is refused, so
+    the pass is not vacuous."""
+    zero2, zero0 = {"zero_optimization": {"stage": 2}}, {"zero_optimization": {"stage": 0}}
+    assert check_compatible(saved(2, 2), model_config=MODEL, ds_config=zero2, dp_size=2, tag="t") is None
+    assert partitioning_change(saved(2, 2), ds_config=zero2, dp_size=2) is None
+    assert check_compatible(saved(2, 0), model_config=MODEL, ds_config=zero0, dp_size=1, tag="t") is None
+    assert partitioning_change(saved(2, 0), ds_config=zero0, dp_size=1) is None
+    with pytest.raises(ConfigError, match="ZeRO-0 checkpoint"):
+        check_compatible(saved(2, 0), model_config=MODEL, ds_config=zero2, dp_size=1, tag="t")
 
 
 def test_different_model_refused():

@@ -155,4 +155,4 @@ def test_neox_data_bad_input(capsys, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": "oops"}\n')
     line = _error_line(capsys, ["prepare", "--input", str(bad), "--output", str(tmp_path / "o")], main=data_main)
-    assert "bad.jsonl" in line and "2" in line
+    assert f"{bad}:2: expected a JSON object with a string 'text' field" in line  # the file and line named

@@ -5,6 +5,9 @@ position, failures, shutdown). The CUDA paths (pinned buffers, side-stream copie
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -161,10 +164,30 @@ def test_throughput_reports_phases_and_stalls_and_restart_drops_both():
     assert tp.read_and_reset()["checkpoint_stall_s"] == 0.0  # reported once
 
 
+_HIGH_WATER_PROBE = """
+import json, os, pathlib, torch
+from neox_train.train.perf import memory_high_water
+def hwm():
+    line = next(x for x in pathlib.Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024 / 2**30
+first, k1 = memory_high_water(torch.device("cpu")), hwm()
+block = bytearray(os.urandom(16)) * (256 * 2**20 // 16)  # 256 MiB, every page written
+second, k2 = memory_high_water(torch.device("cpu")), hwm()
+print(json.dumps([first, k1, second, k2]))
+"""
+
+
 def test_memory_high_water_on_cpu():
-    mem = memory_high_water(CPU)
-    assert set(mem) == {"host_rss_peak_gib"}
-    assert 0.01 < mem["host_rss_peak_gib"] < 1024
+    """The peak is the process's, in GiB (the kernel's VmHWM agrees), and it rises with memory really touched. In a
+    process of its own: the test process's peak is whatever earlier tests left."""
+    out = subprocess.run([sys.executable, "-c", _HIGH_WATER_PROBE], capture_output=True, text=True, check=True)
+    first, k1, second, k2 = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(first) == {"host_rss_peak_gib"}
+    assert first["host_rss_peak_gib"] == pytest.approx(k1, abs=0.05)  # ru_maxrss and VmHWM count a little apart
+    assert second["host_rss_peak_gib"] == pytest.approx(k2, abs=0.05)
+    # 256 MiB touched: the peak rises by that. (ru_maxrss also keeps the forked parent's size from before exec, so
+    # the first reading may sit a little above the kernel's VmHWM of the new image.)
+    assert 0.24 <= k2 - k1 < 0.6 and second["host_rss_peak_gib"] - first["host_rss_peak_gib"] > 0.2
 
 
 # --- the prefetching loader ---------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from neox_train.remote.local import LocalBackend
 
 from gcs import (  # noqa: F401
     FaultProxy,
+    backend,
     direct_client,
     fast_retry,
     force_resumable,
@@ -94,15 +95,6 @@ def test_crc32c_cache_survives_a_damaged_file(tmp_path: Path) -> None:
     (tmp_path / "crc.json").write_text("{not json")
     (tmp_path / "f").write_bytes(b"abc")
     assert Crc32cCache(tmp_path / "crc.json").get(tmp_path / "f") == crc32c_of_file(tmp_path / "f")
-
-
-@pytest.fixture(params=["gs", "file"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path):
-    """The same contract on both implementations: a bucket prefix on the emulator, or a folder."""
-    if request.param == "gs":
-        bucket = request.getfixturevalue("gcs_bucket")
-        return fast_retry(open_backend(f"gs://{bucket}/run1/ckpt"))
-    return open_backend(f"file://{tmp_path / 'remote'}")
 
 
 def test_backend_contract(backend, tmp_path: Path) -> None:

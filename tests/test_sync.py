@@ -34,7 +34,16 @@ from neox_train.remote.files import Crc32cCache, crc32c_of_file
 from neox_train.remote.local import LocalBackend
 from neox_train.remote.rsync import sync, sync_down, sync_up
 
-from gcs import FaultProxy, direct_client, fast_retry, force_resumable, gcs_bucket, gcs_emulator, strict_backend  # noqa: F401
+from gcs import (  # noqa: F401
+    FaultProxy,
+    backend,
+    direct_client,
+    fast_retry,
+    force_resumable,
+    gcs_bucket,
+    gcs_emulator,
+    strict_backend,
+)
 
 TREE = {"a.bin": b"A" * 300, "sub/b.bin": b"B" * 20, "sub/deeper/c.json": b"{}", "sub/deeper/empty": b""}
 
@@ -55,14 +64,6 @@ def touch_later(path: Path) -> None:
     """Make a rewrite visible to the mtime check even on a coarse-clock filesystem."""
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10_000_000))
-
-
-@pytest.fixture(params=["gs", "file"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path):
-    if request.param == "gs":
-        bucket = request.getfixturevalue("gcs_bucket")
-        return fast_retry(open_backend(f"gs://{bucket}/runs/r1"))
-    return open_backend(str(tmp_path / "remote"))
 
 
 class Recorder:

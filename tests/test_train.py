@@ -153,7 +153,10 @@ def test_performance_accounting_reaches_metrics_tensorboard_and_log(trained_run,
         parts = r["data_wait_s"] + r["fwd_bwd_s"] + r["optimizer_s"] + r["other_s"]
         assert parts == pytest.approx(r["step_time_s"]) and r["other_s"] > -1e-6
         assert r["fwd_bwd_s"] > 0 and r["optimizer_s"] > 0 and 0 <= r["data_wait_frac"] < 0.5
-        assert 0.05 < r["host_rss_peak_gib"] < 64
+        # A process that imported torch and DeepSpeed holds a few hundred MiB; a tiny model adds little.
+        assert 0.2 < r["host_rss_peak_gib"] < 4
+    peaks = [train[s]["host_rss_peak_gib"] for s in sorted(train)]
+    assert peaks == sorted(peaks), "a high-water mark never falls (the current RSS would)"
     # The save at SAVE_AT stalls the loop after that step's record: the next record reports the snapshot, a later
     # one the asynchronous commit; together they are the save's checkpoint/stall_s, counted once.
     assert train[SAVE_AT]["checkpoint_stall_s"] == 0 and train[SAVE_AT + 1]["checkpoint_stall_s"] > 0
