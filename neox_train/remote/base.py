@@ -141,13 +141,3 @@ def parse_url(url: str) -> tuple[str, str, str]:
     if scheme:
         raise StorageError(f"{url}: unsupported URL scheme {scheme.group(1)!r} (valid: {_URL_FORMS})")
     return "file", str(Path(url).expanduser().resolve()), ""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# gs://
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# file://
-
-
