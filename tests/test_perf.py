@@ -5,9 +5,7 @@ position, failures, shutdown). The CUDA paths (pinned buffers, side-stream copie
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+import os
 import time
 from pathlib import Path
 
@@ -164,30 +162,25 @@ def test_throughput_reports_phases_and_stalls_and_restart_drops_both():
     assert tp.read_and_reset()["checkpoint_stall_s"] == 0.0  # reported once
 
 
-_HIGH_WATER_PROBE = """
-import json, os, pathlib, torch
-from neox_train.train.perf import memory_high_water
-def hwm():
-    line = next(x for x in pathlib.Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+def _proc_status_gib(key: str) -> float:
+    """A figure of /proc/self/status (VmHWM: the kernel's peak resident set; VmRSS: the current one), in GiB."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(f"{key}:"))
     return int(line.split()[1]) * 1024 / 2**30
-first, k1 = memory_high_water(torch.device("cpu")), hwm()
-block = bytearray(os.urandom(16)) * (256 * 2**20 // 16)  # 256 MiB, every page written
-second, k2 = memory_high_water(torch.device("cpu")), hwm()
-print(json.dumps([first, k1, second, k2]))
-"""
 
 
 def test_memory_high_water_on_cpu():
-    """The peak is the process's, in GiB (the kernel's VmHWM agrees), and it rises with memory really touched. In a
-    process of its own: the test process's peak is whatever earlier tests left."""
-    out = subprocess.run([sys.executable, "-c", _HIGH_WATER_PROBE], capture_output=True, text=True, check=True)
-    first, k1, second, k2 = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(first) == {"host_rss_peak_gib"}
-    assert first["host_rss_peak_gib"] == pytest.approx(k1, abs=0.05)  # ru_maxrss and VmHWM count a little apart
-    assert second["host_rss_peak_gib"] == pytest.approx(k2, abs=0.05)
-    # 256 MiB touched: the peak rises by that. (ru_maxrss also keeps the forked parent's size from before exec, so
-    # the first reading may sit a little above the kernel's VmHWM of the new image.)
-    assert 0.24 <= k2 - k1 < 0.6 and second["host_rss_peak_gib"] - first["host_rss_peak_gib"] > 0.2
+    """The peak is this process's, in GiB: after touching enough memory to set a new peak whatever earlier tests
+    left, it has risen by about that much and agrees with the kernel's VmHWM."""
+    before = memory_high_water(CPU)
+    assert set(before) == {"host_rss_peak_gib"}
+    assert before["host_rss_peak_gib"] >= _proc_status_gib("VmRSS") - 0.01  # a peak is never below the present
+    extra = max(0.0, _proc_status_gib("VmHWM") - _proc_status_gib("VmRSS")) + 0.25
+    block = bytearray(os.urandom(16)) * int(extra * 2**30 // 16)  # every page written
+    after = memory_high_water(CPU)["host_rss_peak_gib"]
+    hwm = _proc_status_gib("VmHWM")
+    del block
+    assert after == pytest.approx(hwm, abs=0.05)
+    assert after - before["host_rss_peak_gib"] >= 0.2, (before, after)
 
 
 # --- the prefetching loader ---------------------------------------------------------------------------------------
