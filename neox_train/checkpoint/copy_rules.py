@@ -27,7 +27,7 @@ def _checkpoint_folders(names: Iterable[str]) -> dict[str, str]:
     for name in names:
         folder, _, base = name.rpartition("/")
         if base == OWNER:
-            out[folder] = "a prefix a training run owns (it has the owner object)"
+            out[folder] = f"owned by a training run (it has {OWNER})"
         elif base == COMPLETE:
             out[folder] = "a published checkpoint (it has COMPLETE)"
         elif base == MANIFEST or folder == PARTS or folder.endswith(f"/{PARTS}"):
@@ -54,8 +54,9 @@ def _reserved(rel: str, dst_is_tag: bool) -> str:
 def check_plain_copy(src_dir: Path, backend: Backend, owned_above: dict[str, Any] | None = None) -> None:
     """Before a plain `neox-sync SRC DST` uploads anything: CheckpointConflict (one line) when it would write a
     checkpoint's shape (a tag folder, COMPLETE, manifest, `latest`, the owner object, node parts) or write into a
-    prefix a run owns (`owned_above`: the owner record found at DST or a folder above it, else None; owned folders
-    below DST come from the listing). Nothing is uploaded then; protect_published checks each write again."""
+    prefix a run owns or a checkpoint folder (`owned_above`: the owner record found at DST or a folder above it,
+    else None; the folders below DST come from the listing). Nothing is uploaded then; protect_published checks
+    each write again."""
     advice = ("checkpoints are published only by `neox-sync --checkpoints SAVE_DIR URL`, which uploads complete tags "
               "whose every file matches its save-time crc32c; a plain neox-sync copies other files")
     dst_is_tag = any(step_of_tag(part) is not None for part in backend.url.split("/"))  # e.g. .../global_step5/x
@@ -68,14 +69,13 @@ def check_plain_copy(src_dir: Path, backend: Backend, owned_above: dict[str, Any
         raise CheckpointConflict(
             f"refusing to write into {backend.url}: it belongs to {describe(owned_above)} (a training run publishes "
             f"there) and a plain copy never writes into a run's prefix; copy to another prefix ({advice})")
-    owned = sorted(n[: -len(OWNER)].rstrip("/") for n in backend.list("") if n.rpartition("/")[2] == OWNER)
+    protected = _checkpoint_folders(backend.list(""))  # the same folders protect_published guards per write
     for rel in files:
-        for folder in owned:
+        for folder, what in protected.items():
             if folder == "" or rel.startswith(folder + "/"):
                 where = f"{backend.url}/{folder}".rstrip("/")
-                raise CheckpointConflict(f"refusing to write {backend.url}/{rel}: {where} is owned by a training run "
-                                         f"({where}/{OWNER}) and a plain copy never writes into a run's prefix; "
-                                         f"{advice}")
+                raise CheckpointConflict(f"refusing to write {backend.url}/{rel}: {where} is {what}, and a plain copy "
+                                         f"never writes into a run's prefix or a checkpoint; {advice}")
 
 
 def protect_published(backend: Backend, prefix: str) -> Guard:

@@ -55,9 +55,11 @@ def valid_id(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 12 and all(c in "0123456789abcdef" for c in value)
 
 
-def read_owner(backend: Backend) -> tuple[dict[str, Any] | None, int]:
-    """(the owner record, its generation); (None, 0) when the prefix has no owner yet."""
-    got = backend.read(OWNER)
+def read_owner(backend: Backend, folder: str = "") -> tuple[dict[str, Any] | None, int]:
+    """(the owner record of the prefix, or of `folder` below it; its generation); (None, 0) when it has no owner
+    yet."""
+    name = f"{folder}/{OWNER}" if folder else OWNER
+    got = backend.read(name)
     if got is None:
         return None, 0
     data, generation = got
@@ -66,7 +68,7 @@ def read_owner(backend: Backend) -> tuple[dict[str, Any] | None, int]:
     except ValueError:
         record = None
     if not isinstance(record, dict) or not valid_id(record.get("run_id")):
-        raise StorageError(f"{backend.url}/{OWNER} is not an owner record written by neox-train; remove it by hand "
+        raise StorageError(f"{backend.url}/{name} is not an owner record written by neox-train; remove it by hand "
                            f"if nothing publishes there")
     return record, generation
 
@@ -197,12 +199,11 @@ def owner_at_or_above(url: str, *, credentials: str | None = None) -> dict[str, 
     None: where a plain copy must not write."""
     kind, where, prefix = parse_url(url)
     if kind == "gs":
-        parts = prefix.split("/") if prefix else []
-        levels = [f"gs://{where}/{'/'.join(parts[:i])}".rstrip("/") for i in range(len(parts) + 1)]
+        root, parts = open_backend(f"gs://{where}", credentials=credentials), prefix.split("/") if prefix else []
     else:
-        levels = [str(p) for p in reversed([Path(where), *Path(where).parents])]
-    for level in levels:
-        record, _ = read_owner(open_backend(level, credentials=credentials))
+        root, parts = open_backend("/"), Path(where).parts[1:]
+    for depth in range(len(parts) + 1):  # one backend (one client) for every level, the root first
+        record, _ = read_owner(root, "/".join(parts[:depth]))
         if record is not None:
             return record
     return None

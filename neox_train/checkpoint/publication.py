@@ -171,8 +171,7 @@ def upload_checkpoint_part(save_dir: Path, tag: str, backend: Backend, *, identi
         if have is None:
             return  # a create-only write cannot harm anyone
         fence(backend, identity, f"replace {tag}/{rel}")
-        if backend.stat(f"{tag}/{COMPLETE}") is not None:
-            raise CheckpointConflict(f"{backend.url}/{tag} was published meanwhile: its files are never replaced")
+        _not_published(backend, tag)
 
     result, local = upload_tree(folder, backend, tag, workers=workers, cache=cache, progress=False, gate=gate,
                              files=files, listing=listing, guard=guard)
@@ -182,13 +181,9 @@ def upload_checkpoint_part(save_dir: Path, tag: str, backend: Backend, *, identi
         "session": identity.session,
         "files": {rel: {"size": size, "crc32c": crc} for rel, (size, crc) in sorted(local.items())},
     }
-    name, data = f"{tag}/{PARTS}/node-{node_rank}.json", _dumps(part)
-    earlier = listing.get(name)
-    if earlier is not None:
-        if backend.read_bytes(name) == data:
-            return result  # already there as it would be written: never rewritten
-        guard(f"{PARTS}/node-{node_rank}.json", earlier)
-    backend.write_bytes(name, data, generation=0 if earlier is None else earlier.generation)
+    rel = f"{PARTS}/node-{node_rank}.json"
+    _write_once(backend, f"{tag}/{rel}", _dumps(part), listed=f"{tag}/{rel}" in listing,
+                before_replace=lambda: guard(rel, listing[f"{tag}/{rel}"]))
     return result
 
 
@@ -261,7 +256,8 @@ def finalize_checkpoint(backend: Backend, tag: str, *, identity: Identity, num_n
         "files": {rel: {"size": size, "crc32c": crc} for rel, (size, crc) in sorted(files.items())},
     }
     fence(backend, identity, f"publish {tag}")
-    _write_manifest(backend, tag, _dumps(manifest), listed=f"{tag}/{MANIFEST}" in listing)
+    _write_once(backend, f"{tag}/{MANIFEST}", _dumps(manifest), listed=f"{tag}/{MANIFEST}" in listing,
+                before_replace=lambda: _not_published(backend, tag))
     fence(backend, identity, f"publish {tag}")  # right before the irreversible marker
     backend.write_bytes(f"{tag}/{COMPLETE}", _dumps({"tag": tag, "step": step_of_tag(tag), "run_id": identity.run_id}),
                         generation=0)
@@ -269,20 +265,25 @@ def finalize_checkpoint(backend: Backend, tag: str, *, identity: Identity, num_n
     return True
 
 
-def _write_manifest(backend: Backend, tag: str, data: bytes, *, listed: bool) -> None:
-    """The manifest, written once: created if absent; left alone when it already holds these bytes (another
-    publisher of the same run and tag got there first, or an earlier attempt's response was lost); replaced only
-    when it differs (an interrupted earlier start's), and only while the tag has no COMPLETE."""
-    name = f"{tag}/{MANIFEST}"
+def _write_once(backend: Backend, name: str, data: bytes, *, listed: bool,
+                before_replace: Callable[[], None]) -> None:
+    """A manifest or node part, written once: created if the listing showed none; left alone when it already holds
+    these bytes (another publisher of the same run and tag got there first, or an earlier attempt's response was
+    lost); replaced only when it differs (an interrupted earlier start's), after `before_replace` (the fence and
+    the COMPLETE check) let it."""
     if not listed:
         backend.write_bytes(name, data, generation=0)  # a create; the same bytes already there count as written
         return
     got = backend.read(name)
     if got is not None and got[0] == data:
         return
-    if backend.stat(f"{tag}/{COMPLETE}") is not None:
-        raise CheckpointConflict(f"{backend.url}/{tag} was published meanwhile: its manifest is never replaced")
+    before_replace()
     backend.write_bytes(name, data, generation=0 if got is None else got[1])
+
+
+def _not_published(backend: Backend, tag: str) -> None:
+    if backend.stat(f"{tag}/{COMPLETE}") is not None:
+        raise CheckpointConflict(f"{backend.url}/{tag} was published meanwhile: its files are never replaced")
 
 
 def _advance_latest(backend: Backend, tag: str) -> None:

@@ -135,22 +135,30 @@ class Publication:
     def upload(self, tag: str):
         """This node's part of `tag`; returns the SyncResult."""
 
-        if not (Path(self.settings.save_dir) / tag).is_dir():
-            if self.gone_because_published(tag):
+        try:
+            if not (Path(self.settings.save_dir) / tag).is_dir():
+                raise StorageError(f"checkpoint folder {Path(self.settings.save_dir) / tag} disappeared before it "
+                                   f"was uploaded")
+            result = upload_checkpoint_part(Path(self.settings.save_dir), tag, self.backend, identity=self.identity,
+                                            node_rank=self.settings.node_rank, workers=self.settings.workers,
+                                            cache=self.cache, gate=self.gate)
+        except Exception:
+            # Deleted locally (before or while it was read) because it is verified in the bucket: retention, or room
+            # made for a save on a full disk, while it waited in the queue. Published, not failed.
+            if self._gone_because_published(tag):
                 return SyncResult()
-            raise StorageError(f"checkpoint folder {Path(self.settings.save_dir) / tag} disappeared before it was "
-                               f"uploaded")
-        result = upload_checkpoint_part(Path(self.settings.save_dir), tag, self.backend, identity=self.identity,
-                                        node_rank=self.settings.node_rank, workers=self.settings.workers,
-                                        cache=self.cache, gate=self.gate)
+            raise
         self.cache.save()
         return result
 
-    def gone_because_published(self, tag: str) -> bool:
-        """The local folder is gone and the bucket has the tag COMPLETE: it was deleted because it is verified there
-        (retention, or room made for a save on a full disk, while it waited in this queue or was being read)."""
-        return not (Path(self.settings.save_dir) / tag).is_dir() and \
-            self.backend.stat(f"{tag}/{COMPLETE}") is not None
+    def _gone_because_published(self, tag: str) -> bool:
+        """The local folder is gone and the bucket has the tag COMPLETE (False when the bucket cannot say)."""
+        if (Path(self.settings.save_dir) / tag).is_dir():
+            return False
+        try:
+            return self.backend.stat(f"{tag}/{COMPLETE}") is not None
+        except Exception:  # noqa: BLE001 - the bucket cannot say: the upload's own failure stands
+            return False
 
     def try_complete(self, tag: str) -> bool:
         """The publisher finalizes once every node's part is remote; other nodes see whether COMPLETE exists. True
@@ -333,14 +341,8 @@ class _Uploads:
             result = self.publication.upload(tag)
             done = self.publication.try_complete(tag)
         except Exception as e:  # noqa: BLE001 - one failure must never kill the worker
-            try:
-                published = self.publication.gone_because_published(tag)
-            except Exception:  # noqa: BLE001 - the bucket cannot say: the failure stands
-                published = False
-            if not published:
-                self.failed_attempt(task, e)
-                return
-            result, done = SyncResult(), True
+            self.failed_attempt(task, e)
+            return
         self.attempt = 0
         self.pending.popleft()
         if done:

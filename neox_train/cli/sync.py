@@ -13,7 +13,6 @@ from neox_train.checkpoint.owner import owner_at_or_above
 from neox_train.checkpoint.publication import publish_checkpoints
 from neox_train.errors import run_guarded
 from neox_train.remote import open_backend
-from neox_train.remote.base import parse_url
 from neox_train.remote.rsync import SyncResult, sync, sync_down
 
 
@@ -95,13 +94,13 @@ def _sync(args: argparse.Namespace) -> int:
             if lock is not None:
                 lock.release()
     else:
-        if not args.src.startswith("gs://") and Path(parse_url(args.src)[1]).is_dir():
+        def check(src_dir: Path, backend) -> None:
             # An upload: nothing shaped like a checkpoint, nothing into a run's prefix, refused before any byte.
-            check_plain_copy(Path(parse_url(args.src)[1]), open_backend(args.dst, credentials=args.credentials),
-                             owner_at_or_above(args.dst, credentials=args.credentials))
+            check_plain_copy(src_dir, backend, owner_at_or_above(args.dst, credentials=args.credentials))
+
         # A plain copy never writes into a published checkpoint (those change only by publication).
         result = sync(args.src, args.dst, credentials=args.credentials, workers=args.workers, progress=progress,
-                      guard=protect_published)
+                      guard=protect_published, check=check)
     code = _report("neox-sync", result, args.json)
     left = [why for why in result.not_published.values() if not why.startswith("not complete locally")]
     for tag, why in result.not_published.items():

@@ -268,9 +268,12 @@ def sync_down(backend: Backend, remote_prefix: str, local_dir: Path, *, workers:
 
 
 def sync(src: str, dst: str, *, credentials: str | None = None, workers: int = 8, progress: bool = False,
-         guard: Callable[[Backend, str], Guard] | None = None) -> SyncResult:
+         guard: Callable[[Backend, str], Guard] | None = None,
+         check: Callable[[Path, Backend], None] | None = None) -> SyncResult:
     """`neox-sync SRC DST`: local -> gs://, gs:// -> local, or local -> local. Downloads skip local files of the
-    remote size (gsutil rsync's size check); uploads skip remote files of equal size and crc32c."""
+    remote size (gsutil rsync's size check); uploads skip remote files of equal size and crc32c. `check` (source
+    folder, destination backend) runs before an upload and may refuse it whole; it shares the upload's backend, so
+    a folder destination's files are hashed once."""
     skind, swhere, _ = parse_url(src)
     dkind, dwhere, _ = parse_url(dst)
     if skind == "gs" and dkind == "gs":
@@ -283,8 +286,10 @@ def sync(src: str, dst: str, *, credentials: str | None = None, workers: int = 8
         raise StorageError(f"{src}: no such folder (the source must be a local folder or a gs:// URL)")
     if dkind == "file" and (Path(dwhere) == src_dir or src_dir in Path(dwhere).parents):
         raise StorageError(f"{dst} is inside {src}: copying a folder into itself would never end")
-    return sync_up(src_dir, open_backend(dst, credentials=credentials), "", workers=workers, progress=progress,
-                   guard=guard)
+    backend = open_backend(dst, credentials=credentials)
+    if check is not None:
+        check(src_dir, backend)
+    return sync_up(src_dir, backend, "", workers=workers, progress=progress, guard=guard)
 
 
 # ----------------------------------------------------------------------------------------------------------------
