@@ -67,34 +67,13 @@ def parse_compare(spec: str) -> tuple[str, list[Any]]:
     return key, values
 
 
-def build_trainer(values: dict[str, Any]):
-    """A Trainer for these run-config values, built like `neox-train` builds it (same checks, same engine)."""
-    import torch
-
-    from neox_train.checkpoint.owner import Identity, new_id
-    from neox_train.checkpoint.publisher import Publisher
+def build_session(values: dict[str, Any]):
+    """A training session for these run-config values, started as `neox-train` starts one (train.session: the same
+    checks, engine, lock and publisher). Stop it with `session.close()`."""
     from neox_train.config import from_dict
-    from neox_train.distributed import Topology, init_distributed
-    from neox_train.log import setup_logging
-    from neox_train.train.plan import load_data, prepare_run
-    from neox_train.train.run import _quiet_deepspeed
-    from neox_train.train.trainer import Trainer
+    from neox_train.train.session import start_session
 
-    run = from_dict(values, source="bench")
-    plan = prepare_run(run, dp_size=1, on_gpu=torch.cuda.is_available())
-    setup_logging(Path(run.log_dir), rank=0)
-    _quiet_deepspeed()
-    data = load_data(plan)
-    init_distributed()
-    topo = Topology.from_env()
-    publisher = Publisher(run, topo, node_local=False, identity=Identity(new_id(), new_id()))
-    return Trainer(plan, data, resume_tag=None, topo=topo, publisher=publisher)
-
-
-def shutdown(trainer) -> None:
-    """Stop what a Trainer started when it was run with final=False: loader thread, metrics, upload worker."""
-    trainer.close()
-    trainer.publisher.close()
+    return start_session(from_dict(values, source="bench"))
 
 
 def sync() -> None:

@@ -6,7 +6,7 @@
 1. Builds the checkpoint with a real DeepSpeed engine (one CPU rank, gloo): the Pythia-410M shape (hidden 1024,
    24 layers, 16 heads, vocabulary 50304: 405,334,016 parameters), bf16 training at the given ZeRO stage, one
    optimizer step (so the optimizer files hold real Adam moments: ~5.6 GB at ZeRO-1/2), saved through
-   neox_train.checkpoint.save (config.json and run.json included), exactly as a training run saves it.
+   the trainer's own save path (checkpoint.local.saver; config.json and run.json included).
 2. Converts it with the real console script in a child process per dtype and reports the child's wall time and
    peak RSS (its own, from wait4: VmHWM, which counts memory-mapped file pages read as well as anonymous memory)
    and the peak of anonymous memory alone (RssAnon, sampled every 10 ms), next to the size of the weights written;
@@ -46,8 +46,10 @@ def build_checkpoint(save_dir: Path, stage: int, shape: dict) -> None:
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from neox_train.checkpoint import state as checkpoint
-    from neox_train.distributed import init_distributed
+    from neox_train.checkpoint.local import train_state
+    from neox_train.checkpoint.local.checkpoint_engine import install
+    from neox_train.checkpoint.local.saver import Saver
+    from neox_train.distributed import Control, init_distributed
     from neox_train.model import param_groups
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -78,12 +80,15 @@ def build_checkpoint(save_dir: Path, stage: int, shape: dict) -> None:
     loss = engine(input_ids=ids[:, :-1], labels=ids[:, 1:]).loss
     engine.backward(loss)
     engine.step()
-    state = checkpoint.TrainState(step=1, consumed_samples=1)
+    state = train_state.TrainState(step=1, consumed_samples=1)
     run_config = {"model": "bench", "seq_len": 16, "vocab_size": shape["vocab_size"],
                   "save_dir": str(save_dir), "data_dir": "", "log_dir": ""}
-    extra = checkpoint.client_state(state=state, run_config=run_config, ds_config=ds_config,
-                                    model_config=cfg.to_dict(), dp_size=1, data_tokens=0)
-    checkpoint.save(engine, save_dir, state, extra, owner=True, run_id=None)
+    extra = train_state.client_state(state=state, run_config=run_config, ds_config=ds_config,
+                                     model_config=cfg.to_dict(), dp_size=1, data_tokens=0)
+    saver = Saver(engine, install(engine, pin_memory=False), save_dir, owner=True, run_id=None,
+                  control=Control(1), asynchronous=False)
+    saver.begin(state.step, extra, losses={}, expected_bytes=None)
+    saver.finish()
 
 
 def _status_kb(pid: int, field: str) -> int:

@@ -29,11 +29,10 @@ from typing import Any
 from _harness import (
     abba,
     add_demo_shape_arguments,
-    build_trainer,
+    build_session,
     median,
     read_train_records,
     run_in_scratch,
-    shutdown,
     sync,
     synthetic_shards,
     timed_block,
@@ -124,19 +123,19 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             values["vocab_size"] = args.vocab_size
         if n > 1:
             values["data"] = [{"path": f, "weight": w} for f, w in zip(folders, weights)]
-        trainers[prefetch] = (build_trainer(values), Path(values["log_dir"]))
+        trainers[prefetch] = (build_session(values), Path(values["log_dir"]))
     times: dict[int, list[float]] = {p: [] for p in trainers}
     try:
-        for trainer, _ in trainers.values():
-            trainer.train(until_step=args.block, final=False)  # warm-up, untimed
+        for session, _ in trainers.values():
+            session.trainer.train(until_step=args.block, final=False)  # warm-up, untimed
         for order in abba(args.rounds, list(trainers)):
             for prefetch in order:
-                trainer = trainers[prefetch][0]
+                trainer = trainers[prefetch][0].trainer
                 times[prefetch].append(
                     timed_block(lambda: trainer.train(until_step=trainer.step + args.block, final=False)))
     finally:
-        for trainer, _ in trainers.values():
-            shutdown(trainer)
+        for session, _ in trainers.values():
+            session.close()
 
     samples_per_step = args.micro_batch * args.grad_accum
     loader = {k: median(v) for k, v in rates.items()}

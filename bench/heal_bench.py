@@ -23,10 +23,9 @@ from typing import Any
 from _harness import (
     abba,
     add_demo_shape_arguments,
-    build_trainer,
+    build_session,
     median,
     run_in_scratch,
-    shutdown,
     synthetic_shards,
     timed_block,
 )
@@ -56,7 +55,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         val_fraction=0.0, data_dir=data_dir, save_dir=str(work / "ckpt"), log_dir=str(work / "logs"),
         vocab_size=args.vocab_size, hang_timeout_s=3600.0,
     )
-    trainer = build_trainer(values)
+    session = build_session(values)
+    trainer = session.trainer
     idle = trainer.watchdog  # never started
     limits = HangLimits.from_run(trainer.plan.run)
     times: dict[str, list[float]] = {"on": [], "off": []}
@@ -78,7 +78,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             for side in order:
                 times[side].append(block(side))
     finally:
-        shutdown(trainer)
+        session.close()
     ratios = [a / b for a, b in zip(times["on"], times["off"])]
     ratio = median(ratios)
     return {

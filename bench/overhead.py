@@ -27,11 +27,10 @@ from typing import Any
 from _harness import (
     abba,
     add_demo_shape_arguments,
-    build_trainer,
+    build_session,
     median,
     read_train_records,
     run_in_scratch,
-    shutdown,
     synthetic_shards,
     timed_block,
 )
@@ -87,7 +86,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     )
     if args.data_dir is None:
         values["vocab_size"] = args.vocab_size
-    trainer = build_trainer(values)
+    session = build_session(values)
+    trainer = session.trainer
     times: dict[str, list[float]] = {"trainer": [], "bare": []}
     try:
         def trainer_block() -> None:
@@ -104,7 +104,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 else:
                     times["bare"].append(timed_block(lambda: bare_loop(trainer.engine, batches)))
     finally:
-        shutdown(trainer)
+        session.close()
     ratios = [a / b for a, b in zip(times["trainer"], times["bare"])]
     records = read_train_records(Path(values["log_dir"]))[1:]  # the first interval includes the warm-up
     ratio = median(ratios)

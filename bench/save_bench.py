@@ -50,22 +50,29 @@ def _checkpoint_records(log_dir: Path) -> list[dict[str, Any]]:
 
 
 def _deepspeed_default_save(trainer) -> float:
-    """The synchronous save as it was before our engine: DeepSpeed's TorchCheckpointEngine (torch.save to a path),
-    then the local commit hashing every file. The seconds it blocks."""
+    """The synchronous save as it was before our engine, the baseline the stall is compared with: DeepSpeed's
+    TorchCheckpointEngine (torch.save to a path), then the local commit hashing every file. Not a save path of
+    neox-train (that is checkpoint.local.saver only): the reference it is measured against. The seconds it blocks.
+    """
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    from neox_train.checkpoint import state as checkpoint
+    from neox_train.checkpoint.local import commit, train_state
+    from neox_train.checkpoint.local.tags import tag_for_step
 
     ours = trainer.engine.checkpoint_engine
     trainer.engine.checkpoint_engine = TorchCheckpointEngine(trainer.engine._config)
     try:
         started = time.perf_counter()
         plan = trainer.plan
-        state = checkpoint.TrainState(trainer.step, trainer.loader.consumed_samples)
-        extra = checkpoint.client_state(state=state, run_config=plan.run.to_dict(), ds_config=plan.ds_config,
-                                        model_config=plan.model_config.to_dict(), dp_size=plan.dp_size,
-                                        data_tokens=trainer.windows.num_tokens)
-        checkpoint.save(trainer.engine, trainer.save_dir, state, extra, owner=True, run_id=None)
+        state = train_state.TrainState(trainer.step, trainer.loader.consumed_samples)
+        extra = train_state.client_state(state=state, run_config=plan.run.to_dict(), ds_config=plan.ds_config,
+                                         model_config=plan.model_config.to_dict(), dp_size=plan.dp_size,
+                                         data_tokens=trainer.windows.num_tokens)
+        tag = tag_for_step(state.step)
+        train_state.prepare_tag(trainer.save_dir, tag)
+        trainer.engine.save_checkpoint(str(trainer.save_dir), tag=tag, client_state=extra, save_latest=False)
+        train_state.write_side_files(trainer.save_dir / tag, extra, run_id=None, losses=None)
+        commit.commit(trainer.save_dir, tag, run_id=None)
         return time.perf_counter() - started
     finally:
         trainer.engine.checkpoint_engine = ours
@@ -74,11 +81,12 @@ def _deepspeed_default_save(trainer) -> float:
 def _stall_for_stage(scratch: Path, args, stage: int) -> dict[str, Any]:
     data = h.synthetic_shards(scratch / "data", vocab_size=args.vocab_size, num_tokens=200_000)
     save_dir, log_dir = scratch / f"ckpt{stage}", scratch / f"logs{stage}"
-    trainer = h.build_trainer(dict(
+    session = h.build_session(dict(
         model=args.preset, seq_len=args.seq_len, vocab_size=args.vocab_size, micro_batch=1, grad_accum=1,
         mixed_precision=args.precision, ds_config=f"zero{stage}", max_steps=100_000, save_steps=100_000,
         log_steps=100_000, eval_steps=0, keep_last_n=1, val_fraction=0.01, data_dir=str(data),
         save_dir=str(save_dir), log_dir=str(log_dir), async_save=True))
+    trainer = session.trainer
     try:
         if not trainer.checkpoints.saver.asynchronous:
             raise SystemExit("bench: asynchronous saves fell back to synchronous (host memory); nothing to compare")
@@ -126,7 +134,7 @@ def _stall_for_stage(scratch: Path, args, stage: int) -> dict[str, Any]:
                 tokens[mode].append(args.block * trainer.tokens_per_step / (time.perf_counter() - started))
     finally:
         trainer.checkpoints.drain()
-        h.shutdown(trainer)
+        session.close()
     sync_stall, async_stall = h.median(stalls["sync"]), h.median(stalls["async"])
     return {
         "zero_stage": stage, "checkpoint_gb": round(size / 1e9, 3),

@@ -27,7 +27,7 @@ from typing import Any
 
 from _harness import (
     abba,
-    build_trainer,
+    build_session,
     median,
     parse_assignments,
     parse_compare,
@@ -115,11 +115,12 @@ def summarize(records: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
 
 def one_configuration(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     values = base_values(args, work, args.steps, args.log_steps)
-    trainer = build_trainer(values)
+    session = build_session(values)
+    trainer = session.trainer
     try:
         trainer.train(final=False)  # no final checkpoint: a benchmark, not a run to keep
     finally:
-        trainer.close()
+        session.close()
     records = read_train_records(Path(values["log_dir"]))
     return {
         "mode": "single",
@@ -143,29 +144,29 @@ def config_summary(args: argparse.Namespace, trainer) -> dict[str, Any]:
 def compare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     key, options = parse_compare(args.compare)
     max_steps = args.block * (args.rounds + 1)
-    trainers = []
+    sessions = []
     for i, value in enumerate(options):
         values = base_values(args, work, max_steps, args.block)
         values.update({key: value, "log_dir": str(work / f"logs{i}"), "save_dir": str(work / f"ckpt{i}")})
         if i:
-            values["data_dir"] = trainers[0][1]["data_dir"]  # the same shards for every variant
-        trainers.append((build_trainer(values), values))
+            values["data_dir"] = sessions[0][1]["data_dir"]  # the same shards for every variant
+        sessions.append((build_session(values), values))
     names = [str(i) for i in range(len(options))]
     times: dict[str, list[float]] = {n: [] for n in names}
     try:
-        for trainer, _ in trainers:  # warm-up, untimed: allocator, caches, compilation
-            trainer.train(until_step=args.block, final=False)
+        for session, _ in sessions:  # warm-up, untimed: allocator, caches, compilation
+            session.trainer.train(until_step=args.block, final=False)
         for order in abba(args.rounds, names):
             for n in order:
-                trainer = trainers[int(n)][0]
+                trainer = sessions[int(n)][0].trainer
                 times[n].append(timed_block(lambda: trainer.train(until_step=trainer.step + args.block, final=False)))
     finally:
-        for trainer, _ in trainers:
-            trainer.close()
+        for session, _ in sessions:
+            session.close()
     base = times[names[0]]
     variants = []
     for n, value in zip(names, options):
-        records = read_train_records(Path(trainers[int(n)][1]["log_dir"]))
+        records = read_train_records(Path(sessions[int(n)][1]["log_dir"]))
         summary = summarize(records, 1)
         summary.pop("memory")
         variants.append({
@@ -177,7 +178,7 @@ def compare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         })
     return {
         "mode": "compare", "switch": key, "rounds": args.rounds, "block_steps": args.block,
-        "switches": parse_assignments(args.set), **config_summary(args, trainers[0][0]), "variants": variants,
+        "switches": parse_assignments(args.set), **config_summary(args, sessions[0][0].trainer), "variants": variants,
     }
 
 

@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 import torch
 
-from neox_train.checkpoint import commit
-from neox_train.checkpoint.commit import MARKER, FileRecord
-from neox_train.checkpoint.engine import NeoxCheckpointEngine
-from neox_train.checkpoint.saver import Saver
-from neox_train.checkpoint.snapshot import SnapshotPool, snapshot
-from neox_train.checkpoint.writer import ChunkBuffers, DirectFile
+from neox_train.checkpoint.local import commit
+from neox_train.checkpoint.local.checkpoint_engine import NeoxCheckpointEngine
+from neox_train.checkpoint.local.commit import MARKER, FileRecord
+from neox_train.checkpoint.local.saver import Saver
+from neox_train.checkpoint.local.snapshot import SnapshotPool, snapshot
+from neox_train.checkpoint.local.writer import ChunkBuffers, DirectFile
 from neox_train.distributed import Control
 from neox_train.remote.files import crc32c_of_file
 
@@ -97,7 +97,7 @@ def test_a_filesystem_that_refuses_o_direct_writes_gets_the_buffered_path(tmp_pa
     buffered, and its bytes and crc32c are still right."""
     import errno
 
-    from neox_train.checkpoint import writer
+    from neox_train.checkpoint.local import writer
 
     real = writer._write_all
     refused = []

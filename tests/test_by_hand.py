@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from neox_train.checkpoint import commit
-from neox_train.checkpoint.fetch import remote_checkpoints
-from neox_train.checkpoint.owner import OWNER, Identity, claim
-from neox_train.checkpoint.publication import SyncSettings
-from neox_train.checkpoint.uploader import SyncWorker
+from neox_train.checkpoint.local import commit
+from neox_train.checkpoint.publish.fetch import remote_checkpoints
+from neox_train.checkpoint.publish.owner import OWNER, Identity, claim
+from neox_train.checkpoint.publish.publisher import Publisher
+from neox_train.checkpoint.publish.settings import PublishSettings
 from neox_train.cli.sync import main as sync_main
 from neox_train.remote import open_backend
 
@@ -235,13 +235,13 @@ def test_a_refused_endpoint_is_warned_of_and_its_checkpoints_count_as_stuck(gcs_
     proxy.close()  # nothing listens there now: every connection is refused
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("STORAGE_EMULATOR_HOST", proxy.url)  # the worker process inherits it
-        worker = SyncWorker(SyncSettings(url=url, save_dir=str(save), run_id=RUN.run_id, session=RUN.session,
+        worker = Publisher(PublishSettings(url=url, save_dir=str(save), run_id=RUN.run_id, session=RUN.session,
                                          unreachable_warning_s=2.0))
         worker.start(resume_journal=False)
     try:
         started = time.monotonic()
         for tag in tags:
-            worker.submit(tag)
+            worker.committed(tag)
         with caplog.at_level("WARNING", logger="neox_train"):
             while not worker.poll().failing:
                 assert time.monotonic() - started < 60, "no word of the dead endpoint within a minute"
@@ -301,7 +301,7 @@ def test_checkpoints_sync_refuses_a_save_dir_a_live_process_holds(tmp_path: Path
     save = tmp_path / "save"
     committed_tag(save, 2)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from neox_train.checkpoint.lock import lock_save_dir; "
+        [sys.executable, "-c", "import sys, time; from neox_train.checkpoint.local.lock import lock_save_dir; "
          "lock_save_dir(sys.argv[1], why='x'); print('held', flush=True); time.sleep(120)", str(save)],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from neox_train.checkpoint import commit
-from neox_train.checkpoint.state import apply_retention, check_compatible, partitioning_change
-from neox_train.checkpoint.tags import local_tags, step_of_tag
+from neox_train.checkpoint.local import commit
+from neox_train.checkpoint.local.tags import local_tags, step_of_tag
+from neox_train.checkpoint.local.train_state import apply_retention, check_compatible, partitioning_change
 from neox_train.errors import ConfigError
 
 
@@ -158,24 +158,23 @@ def test_side_files_carry_tokenizer_and_losses(tmp_path):
     the data folder's tokenizer. (The engine here only writes its marker file: the side files are ours.)"""
     import json
 
-    from neox_train.checkpoint.state import TrainState, client_state, save
+    from neox_train.checkpoint.local import commit
+    from neox_train.checkpoint.local.train_state import TrainState, client_state, write_side_files
 
     data = tmp_path / "data"
     data.mkdir()
     (data / "tokenizer.json").write_text('{"model": {}}')
     (data / "meta.json").write_text('{"vocab_size": 300}')
 
-    class Engine:
-        def save_checkpoint(self, save_dir, tag, client_state, save_latest):
-            assert save_latest is False  # neox-train writes `latest` itself, after the commit
-            (tmp_path / "ckpt" / tag).mkdir(parents=True)
-            (tmp_path / "ckpt" / tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
-
     state = TrainState(step=7, consumed_samples=56)
     extra = client_state(state=state, run_config={"data_dir": str(data)}, ds_config={}, model_config=MODEL, dp_size=1,
                          data_tokens=100)
-    status = save(Engine(), tmp_path / "ckpt", state, extra, owner=True, run_id="0123456789ab",
-                  losses={"train_loss": 3.5, "val_loss": 3.7, "val_loss_step": 5})
+    tag_dir = tmp_path / "ckpt" / "global_step7"
+    tag_dir.mkdir(parents=True)
+    (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"x")  # what the engine wrote
+    write_side_files(tag_dir, extra, run_id="0123456789ab",
+                     losses={"train_loss": 3.5, "val_loss": 3.7, "val_loss_step": 5})
+    status = commit.commit(tmp_path / "ckpt", "global_step7", run_id="0123456789ab")
     tag_dir = tmp_path / "ckpt" / status.tag
     assert status.complete and (tmp_path / "ckpt" / "latest").read_text() == "global_step7"
     assert set(status.files) == {"mp_rank_00_model_states.pt", "config.json", "run.json", "tokenizer.json", "meta.json"}

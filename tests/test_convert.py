@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from neox_train.checkpoint import commit
+from neox_train.checkpoint.local import commit
 from neox_train.cli import convert
 from neox_train.convert import to_hf
 
@@ -315,7 +315,7 @@ def test_round_trip_hf_init_from_hf_convert_gives_identical_weights(trained, tok
 
 
 def test_convert_from_the_emulated_bucket(trained, tmp_path, capfd, gcs_emulator, gcs_bucket):  # noqa: F811
-    from neox_train.checkpoint.publication import publish_checkpoints
+    from neox_train.checkpoint.publish.backlog import publish_checkpoints
     from neox_train.remote import open_backend
 
     run_dir = trained(2, 2, "bf16")
@@ -355,7 +355,7 @@ def test_convert_from_the_emulated_bucket(trained, tmp_path, capfd, gcs_emulator
 def test_published_folder_is_read_like_a_bucket(trained, tmp_path, capfd):
     """A local folder in the published layout (the demo's ./bucket/demo) or its file:// URL: only COMPLETE tags, every
     file checked against the manifest; a plain save dir converts in place."""
-    from neox_train.checkpoint.publication import publish_checkpoints
+    from neox_train.checkpoint.publish.backlog import publish_checkpoints
     from neox_train.remote import open_backend
 
     run_dir = trained(0, 2, "bf16")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from neox_train.checkpoint import commit
+from neox_train.checkpoint.local import commit
 
 from conftest import BIN, read_metrics, run_train, test_ds_config, tiny_run_config, train_env
 from gcs import direct_client, gcs_bucket, gcs_emulator  # noqa: F401  (fixtures)

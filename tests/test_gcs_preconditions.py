@@ -24,8 +24,8 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from test_sync import save_checkpoint
 
-from neox_train.checkpoint import commit
-from neox_train.checkpoint.publication import COMPLETE, MANIFEST
+from neox_train.checkpoint.local import commit
+from neox_train.checkpoint.publish.protocol import COMPLETE, MANIFEST
 from neox_train.remote import open_backend
 from neox_train.remote.base import RemoteChanged
 from neox_train.remote.files import crc32c_of_file

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from neox_train import health
-from neox_train.checkpoint.commit import MARKER
+from neox_train.checkpoint.local.commit import MARKER
 
 from conftest import (
     BIN,

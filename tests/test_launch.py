@@ -457,7 +457,7 @@ def test_code_fingerprint_sees_every_sub_package(tmp_path):
     shutil.copytree(Path(neox_train.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
     before = preflight.code_fingerprint(copy)
     assert preflight.code_fingerprint(copy) == before
-    commit_py = copy / "checkpoint" / "commit.py"
+    commit_py = copy / "checkpoint" / "local" / "commit.py"
     commit_py.write_text(commit_py.read_text() + "\n# changed\n")
     assert preflight.code_fingerprint(copy) != before
     assert preflight.code_fingerprint() == preflight.code_fingerprint(Path(neox_train.__file__).parent)

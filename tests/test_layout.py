@@ -21,7 +21,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("config",),
     ("ds_config", "flags"),
     ("remote", "data"),
-    ("checkpoint",),
+    ("checkpoint.local",),  # tags, save/load, the local commit: knows nothing of buckets
+    ("checkpoint.publish",),  # the prefix's owner, the journal, the protocol, the upload process, the Publisher
+    ("checkpoint",),  # resume, which reads both
     ("train", "convert", "launch"),
     ("cli",),
 )
@@ -37,8 +39,15 @@ def _modules(repo: Path = REPO) -> list[tuple[str, Path]]:
     return out
 
 
+# Sub-packages that are units of their own (a layer apart from the package around them).
+SUB_UNITS = ("checkpoint.local", "checkpoint.publish")
+
+
 def _unit(module: str) -> str:
     parts = module.split(".")
+    for sub in SUB_UNITS:
+        if ".".join(parts[1:3]) == sub:
+            return sub
     return parts[1] if len(parts) > 1 else ""
 
 
@@ -78,6 +87,29 @@ def oversized(repo: Path = REPO) -> dict[str, int]:
     return {p: n for p, n in sizes.items() if n > MAX_LINES}
 
 
+def _module_names(repo: Path) -> set[str]:
+    return {name for name, _ in _modules(repo)}
+
+
+def misnamed_imports(repo: Path = REPO) -> list[str]:
+    """A module imported under another name (`import a.b as c`, `from a import b as c`), and a private name
+    (`_x`) imported from another module: both make a reader look in the wrong place."""
+    modules, wrong = _module_names(repo), []
+    for _, path in _modules(repo):
+        where = path.relative_to(repo)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                wrong += [f"{where}:{node.lineno} imports {a.name} as {a.asname}" for a in node.names
+                          if a.asname and a.name in modules]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("neox_train"):
+                for a in node.names:
+                    if f"{node.module}.{a.name}" in modules and a.asname and a.asname != a.name:
+                        wrong.append(f"{where}:{node.lineno} imports {node.module}.{a.name} as {a.asname}")
+                    elif a.name.startswith("_"):
+                        wrong.append(f"{where}:{node.lineno} imports the private {a.name} from {node.module}")
+    return wrong
+
+
 def _deferred(tree: ast.AST):
     """For each function with imports in its own body (not in nested functions): its first such import."""
     for fn in ast.walk(tree):
@@ -111,6 +143,10 @@ def test_imports_only_go_down():
     assert upward_imports() == []
 
 
+def test_modules_go_by_their_own_names_and_privates_stay_home():
+    assert misnamed_imports() == []
+
+
 def test_no_module_is_over_the_size_limit():
     assert oversized() == {}, f"split the modules over {MAX_LINES} lines by concern"
 
@@ -130,9 +166,15 @@ def test_the_rules_catch_what_they_describe(tmp_path):
     (remote / "up.py").write_text("from neox_train.cli.sync import main\n")
     (remote / "me.py").write_text("def f():\n    # deferred: breaks a cycle\n    from neox_train.remote.me import g\n")
     (remote / "quiet.py").write_text("def f():\n    import torch\n" + "\n" * MAX_LINES)
+    (remote / "alias.py").write_text("from neox_train.remote import ok as engine\nfrom neox_train.remote.up import _x\n"
+                                     "from neox_train.errors import X as Y\n")
     assert upward_imports(tmp_path) == [
         "neox_train/remote/me.py:3 imports itself",
-        "neox_train/remote/up.py:1 (remote, layer 4) imports neox_train.cli.sync (cli, layer 7)",
+        "neox_train/remote/up.py:1 (remote, layer 4) imports neox_train.cli.sync (cli, layer 9)",
     ]
     assert silent_deferred_imports(tmp_path) == ["neox_train/remote/quiet.py:2 in f(): import torch"]
     assert oversized(tmp_path) == {"neox_train/remote/quiet.py": MAX_LINES + 2}
+    assert misnamed_imports(tmp_path) == [
+        "neox_train/remote/alias.py:1 imports neox_train.remote.ok as engine",
+        "neox_train/remote/alias.py:2 imports the private _x from neox_train.remote.up",
+    ]

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 import neox_train.remote.files as storage
-from neox_train.checkpoint import commit
-from neox_train.checkpoint.commit import LATEST
-from neox_train.checkpoint.copy_rules import protect_published
-from neox_train.checkpoint.fetch import fetch_checkpoint, remote_checkpoints, remote_latest
-from neox_train.checkpoint.owner import Identity, PrefixOwned, claim
-from neox_train.checkpoint.publication import (
+from neox_train.checkpoint.local import commit
+from neox_train.checkpoint.local.commit import LATEST
+from neox_train.checkpoint.publish.copy_rules import protect_published
+from neox_train.checkpoint.publish.fetch import fetch_checkpoint, remote_checkpoints, remote_latest
+from neox_train.checkpoint.publish.owner import Identity, PrefixOwned, claim
+from neox_train.checkpoint.publish.protocol import (
     COMPLETE,
     MANIFEST,
     CheckpointConflict,

@@ -6,11 +6,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from neox_train.checkpoint import commit
-from neox_train.checkpoint.journal import journal_leftovers
-from neox_train.checkpoint.owner import Identity, claim
-from neox_train.checkpoint.publication import SyncSettings
-from neox_train.checkpoint.uploader import SyncWorker
+from neox_train.checkpoint.local import commit
+from neox_train.checkpoint.publish.journal import journal_leftovers
+from neox_train.checkpoint.publish.owner import Identity, claim
+from neox_train.checkpoint.publish.publisher import Publisher
+from neox_train.checkpoint.publish.settings import PublishSettings
 from neox_train.remote import open_backend
 
 RUN = Identity("0123456789ab", "000000000001")
@@ -29,18 +29,18 @@ def make_tags(save_dir: Path, steps: list[int], *, committed: bool = True) -> li
     return tags
 
 
-def settings(save_dir: Path, bucket: Path, **kw) -> SyncSettings:
+def settings(save_dir: Path, bucket: Path, **kw) -> PublishSettings:
     """The worker's settings, with the bucket claimed for RUN first (the trainer does that before it starts)."""
     claim(open_backend(str(bucket)), RUN, takeover=True, save_dir=str(save_dir))
-    return SyncSettings(url=str(bucket), save_dir=str(save_dir), run_id=RUN.run_id, session=RUN.session, **kw)
+    return PublishSettings(url=str(bucket), save_dir=str(save_dir), run_id=RUN.run_id, session=RUN.session, **kw)
 
 
 def test_backlog_skips_superseded_and_keeps_them_locally(tmp_path):
     save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
     tags = make_tags(save_dir, [1, 2, 3, 4])
-    worker = SyncWorker(settings(save_dir, bucket, max_pending=1))
+    worker = Publisher(settings(save_dir, bucket, max_pending=1))
     for tag in tags:  # queued before the process runs: it sees a backlog of 4 at once
-        worker.submit(tag)
+        worker.committed(tag)
     worker.start()
     status = worker.close(timeout_s=120, progress=False)
     # The oldest (possibly mid-upload) and the newest are published; what lies between is skipped, not lost.
@@ -55,11 +55,11 @@ def test_backlog_skips_superseded_and_keeps_them_locally(tmp_path):
 def test_journal_hands_unfinished_tags_to_the_next_worker(tmp_path):
     save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
     tags = make_tags(save_dir, [5, 6])
-    first = SyncWorker(settings(save_dir, bucket))
+    first = Publisher(settings(save_dir, bucket))
     for tag in tags:
-        first.submit(tag)  # journaled, but the process is never started (as if the trainer died right here)
+        first.committed(tag)  # journaled, but the process is never started (as if the trainer died right here)
     assert journal_leftovers(save_dir, 0) == tags
-    second = SyncWorker(settings(save_dir, bucket))
+    second = Publisher(settings(save_dir, bucket))
     assert second.start() == tags
     status = second.close(timeout_s=120, progress=False)
     assert status.published == tags and journal_leftovers(save_dir, 0) == []
@@ -72,21 +72,21 @@ def test_uploads_wait_while_a_checkpoint_is_being_written(tmp_path):
 
     save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
     tags = make_tags(save_dir, [7, 8])
-    worker = SyncWorker(settings(save_dir, bucket))
+    worker = Publisher(settings(save_dir, bucket))
     worker.start(resume_journal=False)
-    worker.submit(tags[0])  # first prove the process is up and uploading (spawn + imports take seconds)
+    worker.committed(tags[0])  # first prove the process is up and uploading (spawn + imports take seconds)
     deadline = time.monotonic() + 120
     while worker.poll().published != tags[:1]:
         assert time.monotonic() < deadline, "the worker never published the first tag"
         time.sleep(0.1)
-    worker.set_saving(True)
-    worker.submit(tags[1])
+    worker.hold_uploads(True)
+    worker.committed(tags[1])
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:
         assert not list(bucket.glob("global_step8/*.pt")), "a file was uploaded during a save"
         time.sleep(0.05)
     assert worker.poll().published == tags[:1]
-    worker.set_saving(False)
+    worker.hold_uploads(False)
     status = worker.close(timeout_s=120, progress=False)
     assert status.published == tags and (bucket / "global_step8" / "COMPLETE").is_file()
 
@@ -95,7 +95,7 @@ def test_save_gate_gives_up_after_its_bound():
     import threading
     import time
 
-    from neox_train.checkpoint.worker import save_gate
+    from neox_train.checkpoint.publish.process import save_gate
 
     flag = threading.Event()
     flag.set()  # a trainer that died mid-save never clears it
@@ -106,7 +106,7 @@ def test_save_gate_gives_up_after_its_bound():
 
 def test_a_permanent_failure_gives_that_checkpoint_up_and_the_queue_goes_on(tmp_path):
     """Defect: a CheckpointConflict was retried with backoff forever while every later checkpoint waited."""
-    from neox_train.checkpoint.publication import finalize_checkpoint, upload_checkpoint_part
+    from neox_train.checkpoint.publish.protocol import finalize_checkpoint, upload_checkpoint_part
 
     save_dir, bucket, other = tmp_path / "ckpt", tmp_path / "bucket", tmp_path / "other"
     make_tags(other, [2])
@@ -118,10 +118,10 @@ def test_a_permanent_failure_gives_that_checkpoint_up_and_the_queue_goes_on(tmp_
     upload_checkpoint_part(other, "global_step2", backend, identity=RUN)
     assert finalize_checkpoint(backend, "global_step2", identity=RUN)  # published with other content
     tags = make_tags(save_dir, [2, 4])
-    worker = SyncWorker(settings(save_dir, bucket, retry_initial_s=60))  # a retry would outlast the test
+    worker = Publisher(settings(save_dir, bucket, retry_initial_s=60))  # a retry would outlast the test
     worker.start(resume_journal=False)
     for tag in tags:
-        worker.submit(tag)
+        worker.committed(tag)
     status = worker.close(timeout_s=60, progress=False)
     assert status.published == ["global_step4"] and list(status.failed) == ["global_step2"]
     assert "already published (COMPLETE) with different content" in status.failed["global_step2"]
@@ -136,16 +136,16 @@ def test_what_earlier_processes_published_is_reported_as_verified(tmp_path):
     """Retention may delete a tag published by an earlier process: the worker checks the bucket at start."""
     save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
     tags = make_tags(save_dir, [1, 2, 3])
-    first = SyncWorker(settings(save_dir, bucket))
+    first = Publisher(settings(save_dir, bucket))
     first.start(resume_journal=False)
     for tag in tags[:2]:
-        first.submit(tag)
+        first.committed(tag)
     assert first.close(timeout_s=60, progress=False).published == tags[:2]
     # global_step2 then changes locally (a new save of that step): it is not what the bucket holds any more.
     (save_dir / "global_step2" / "sub" / "extra.bin").write_bytes(b"y" * 2)
     (save_dir / "global_step2" / commit.MARKER).unlink()
     commit.commit(save_dir, "global_step2", run_id=RUN.run_id)
-    second = SyncWorker(settings(save_dir, bucket))
+    second = Publisher(settings(save_dir, bucket))
     second.start(resume_journal=False)
     import time
 
@@ -153,7 +153,7 @@ def test_what_earlier_processes_published_is_reported_as_verified(tmp_path):
     while "global_step1" not in second.poll().published and time.monotonic() < deadline:
         time.sleep(0.1)
     assert second.poll().published == ["global_step1"]
-    second.kill()
+    second.abort()
 
 
 def test_a_complete_tag_never_queued_is_handed_over_and_a_torn_one_is_not(tmp_path):
@@ -161,16 +161,16 @@ def test_a_complete_tag_never_queued_is_handed_over_and_a_torn_one_is_not(tmp_pa
     save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
     make_tags(save_dir, [5])
     make_tags(save_dir, [6], committed=False)
-    worker = SyncWorker(settings(save_dir, bucket))
+    worker = Publisher(settings(save_dir, bucket))
     assert worker.start() == ["global_step5"]
     assert worker.close(timeout_s=60, progress=False).published == ["global_step5"]
 
 
 def test_step_0_is_a_published_step():
     """`step_of_tag(tag) or -1` once turned global_step0 into -1 (no step published)."""
-    from neox_train.checkpoint.uploader import SyncStatus
+    from neox_train.checkpoint.publish.status import PublishStatus
 
-    status = SyncStatus(pending=["global_step0"])
+    status = PublishStatus(pending=["global_step0"])
     status.record_published("global_step0", lag_s=0.1, bytes_uploaded=1, files_uploaded=1, files_skipped=0)
     assert status.last_published_step == 0 and status.pending == []
 
@@ -184,11 +184,11 @@ def test_a_sigterm_to_the_job_while_the_worker_starts_does_not_stop_it(tmp_path)
 
     save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
     tags = make_tags(save_dir, [3])
-    worker = SyncWorker(settings(save_dir, bucket))
+    worker = Publisher(settings(save_dir, bucket))
     worker.start(resume_journal=False)
     os.kill(worker.pid, signal.SIGTERM)  # at once: the child is still starting the interpreter
     os.kill(worker.pid, signal.SIGINT)  # Ctrl-C reaches the whole group too
-    worker.submit(tags[0])
+    worker.committed(tags[0])
     status = worker.close(timeout_s=120, progress=False)
     assert status.published == tags and status.worker_restarts == 0
     assert (bucket / "global_step3" / "COMPLETE").is_file()
@@ -204,19 +204,19 @@ def test_a_worker_killed_from_outside_is_restarted_with_what_was_pending(tmp_pat
 
     save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
     tags = make_tags(save_dir, [1, 2, 3])
-    worker = SyncWorker(settings(save_dir, bucket))
+    worker = Publisher(settings(save_dir, bucket))
     worker.start(resume_journal=False)
-    worker.set_saving(True)  # hold uploads: tags 1 and 2 are queued, unpublished, when the kill comes
-    worker.submit(tags[0])
-    worker.submit(tags[1])
+    worker.hold_uploads(True)  # hold uploads: tags 1 and 2 are queued, unpublished, when the kill comes
+    worker.committed(tags[0])
+    worker.committed(tags[1])
     dead = worker.pid
     os.kill(dead, signal.SIGKILL)
     deadline = time.monotonic() + 30
     while worker.alive and time.monotonic() < deadline:
         time.sleep(0.05)
     with caplog.at_level(logging.ERROR, logger="neox_train"):
-        worker.submit(tags[2])  # must not raise: the worker is restarted with 1, 2 and then 3
-        worker.set_saving(False)  # the new process sees the trainer's current save state
+        worker.committed(tags[2])  # must not raise: the worker is restarted with 1, 2 and then 3
+        worker.hold_uploads(False)  # the new process sees the trainer's current save state
         status = worker.close(timeout_s=120, progress=False)
     assert worker.pid != dead
     assert status.published == tags and status.pending == [] and status.worker_restarts == 1
@@ -232,12 +232,12 @@ def test_a_worker_that_keeps_dying_is_restarted_with_backoff_and_never_blocks(tm
     import signal
     import time
 
-    from neox_train.checkpoint import uploader
+    from neox_train.checkpoint.publish import publisher
 
-    monkeypatch.setattr(uploader, "WORKER_RESTART_WAIT_S", 120.0)  # however slow this machine is today
+    monkeypatch.setattr(publisher, "WORKER_RESTART_WAIT_S", 120.0)  # however slow this machine is today
     save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
     tags = make_tags(save_dir, [1])
-    worker = SyncWorker(settings(save_dir, bucket))
+    worker = Publisher(settings(save_dir, bucket))
     worker.start(resume_journal=False)
     for expected in (1, 2):
         os.kill(worker.pid, signal.SIGKILL)
@@ -251,9 +251,9 @@ def test_a_worker_that_keeps_dying_is_restarted_with_backoff_and_never_blocks(tm
         if expected == 1:
             assert worker.status.worker_restarts == 1 and worker.alive
     assert worker.status.worker_restarts == 1 and not worker.alive, "restarted again without waiting"
-    worker.submit(tags[0])  # queued while the worker is down: not lost
+    worker.committed(tags[0])  # queued while the worker is down: not lost
     assert worker.status.pending == tags
-    worker.kill()
+    worker.abort()
 
 
 def test_a_second_node_at_exit_hands_its_uploaded_parts_to_node_0_without_waiting(tmp_path):
@@ -262,10 +262,10 @@ def test_a_second_node_at_exit_hands_its_uploaded_parts_to_node_0_without_waitin
     the whole upload timeout, and the launcher with it), and it does not call the checkpoint unpublished."""
     save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
     tags = make_tags(save_dir, [2, 4])
-    worker = SyncWorker(settings(save_dir, bucket, node_rank=1, num_nodes=2, publisher=False))
+    worker = Publisher(settings(save_dir, bucket, node_rank=1, num_nodes=2, publisher=False))
     worker.start()
     for tag in tags:
-        worker.submit(tag)
+        worker.committed(tag)
     started = time.monotonic()
     status = worker.close(timeout_s=60, progress=False)
     assert time.monotonic() - started < 15

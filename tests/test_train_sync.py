@@ -162,7 +162,7 @@ def test_kill9_during_upload_then_restart_finishes_it(tmp_path, token_dir, gcs_e
     assert gcs_complete_tags(gcs_emulator.url, gcs_bucket, "run") == sorted(set(local_tags) | {"global_step6"},
                                                                               key=lambda t: int(t[11:]))
     # Every published file matches its manifest byte for byte (fetch verifies size and crc32c).
-    from neox_train.checkpoint.fetch import fetch_checkpoint
+    from neox_train.checkpoint.publish.fetch import fetch_checkpoint
     from neox_train.remote import open_backend
 
     for tag in local_tags:

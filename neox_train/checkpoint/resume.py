@@ -36,15 +36,14 @@ from typing import Any
 
 import deepspeed.comm as dist
 
-from neox_train.checkpoint import commit
-from neox_train.checkpoint import state as checkpoint
-from neox_train.checkpoint.fetch import fetch_checkpoint, remote_latest, remote_manifest
-from neox_train.checkpoint.owner import Identity, new_id, valid_id
-from neox_train.checkpoint.publisher import is_uploader
-from neox_train.checkpoint.tags import step_of_tag, tag_for_step
+from neox_train.checkpoint.local import commit, train_state
+from neox_train.checkpoint.local.tags import step_of_tag, tag_for_step
+from neox_train.checkpoint.publish.fetch import fetch_checkpoint, remote_latest, remote_manifest
+from neox_train.checkpoint.publish.owner import Identity, new_id, valid_id
+from neox_train.checkpoint.publish.settings import is_uploader
 from neox_train.config import RESUME_AUTO, RunConfig
 from neox_train.distributed import collective_ints
-from neox_train.errors import ConfigError, StorageError
+from neox_train.errors import CheckpointError, ConfigError, StorageError
 from neox_train.log import log
 from neox_train.remote import open_backend
 
@@ -68,7 +67,7 @@ def _names(tags: list[str], n: int = 3) -> str:
     return ", ".join(tags[-n:]) + (f" (and {len(tags) - n} older)" if len(tags) > n else "")
 
 
-def locate(run: RunConfig, resume: str | None) -> ResumePoint:
+def locate_resume(run: RunConfig, resume: str | None) -> ResumePoint:
     save_dir = Path(run.save_dir)
     statuses = commit.statuses(save_dir)
     complete = [s for s in statuses if s.complete]
@@ -166,21 +165,21 @@ def remote_run_id(url: str, credentials: str | None) -> str | None:
     return manifest.get("run_id") if manifest else None
 
 
-def check(plan, point: ResumePoint, data_tokens: int) -> None:
+def check_resume_point(plan, point: ResumePoint, data_tokens: int) -> None:
     if point.candidates:
         try:
             check_resume(plan, point.candidates[0], data_tokens)
-        except checkpoint.CheckpointError:
+        except CheckpointError:
             if point.named or len(point.candidates) == 1:
                 raise
-            # unreadable side files: finish() verifies the tag, reports it and falls back
+            # unreadable side files: finish_resume() verifies the tag, reports it and falls back
 
 
 def check_resume(plan, tag: str, data_tokens: int) -> dict[str, Any] | None:
     """Before the model is built: is the checkpoint this run's model and data order? Returns the saved meta."""
-    saved = checkpoint.read_saved_meta(Path(plan.run.save_dir), tag)
+    saved = train_state.read_saved_meta(Path(plan.run.save_dir), tag)
     if saved is not None:
-        checkpoint.check_compatible(
+        train_state.check_compatible(
             saved, model_config=plan.model_config.to_dict(), ds_config=plan.ds_config, dp_size=plan.dp_size,
             tag=tag, run_config=plan.run.to_dict(), data_tokens=data_tokens,
         )
@@ -230,7 +229,7 @@ def _agree_local(save_dir: Path, point: ResumePoint, owner: bool) -> tuple[int, 
     else:
         ok = True
     if step >= 0 and collective_ints([1 if ok else 0], "min")[0] == 0:
-        raise checkpoint.CheckpointError(f"the nodes have no common intact checkpoint: global_step{step} is the newest "
+        raise CheckpointError(f"the nodes have no common intact checkpoint: global_step{step} is the newest "
                                          f"on one node and not intact on another; copy an intact tag to every node")
     return step, said
 
@@ -254,7 +253,7 @@ def _remote_choice(url: str, run: RunConfig, local_step: int, local_run_id: str 
             return None, None, (f"--resume auto: no checkpoint in {run.save_dir} nor under {url} yet: starting "
                                 f"from step 0")
         if tag is None:
-            raise checkpoint.CheckpointError(f"--resume: no COMPLETE checkpoint under {url} (a checkpoint counts once "
+            raise CheckpointError(f"--resume: no COMPLETE checkpoint under {url} (a checkpoint counts once "
                                              f"its COMPLETE marker exists)")
         return tag, run_id, ""
     if tag is None or (step_of_tag(tag) or 0) <= local_step:
@@ -267,7 +266,7 @@ def _remote_choice(url: str, run: RunConfig, local_step: int, local_run_id: str 
                          f"bucket's {tag}")
 
 
-def finish(plan, point: ResumePoint, data_tokens: int, *, topo, node_local: bool):
+def finish_resume(plan, point: ResumePoint, data_tokens: int, *, topo, node_local: bool):
     """Phase 3, on every rank: returns (plan, tag to load or None, Identity) — the plan gains `load_universal` when
     the tag was converted."""
 
@@ -277,12 +276,12 @@ def finish(plan, point: ResumePoint, data_tokens: int, *, topo, node_local: bool
     rank0 = topo.rank == 0
     step, said = _agree_local(save_dir, point, owner) if point.candidates else (_NONE, "")
     if step == _REFUSED:
-        raise checkpoint.CheckpointError(said or f"the checkpoint {point.candidates[0]} is damaged on another node")
+        raise CheckpointError(said or f"the checkpoint {point.candidates[0]} is damaged on another node")
     warning = "; ".join(x for x in (point.note, said) if x)
     if warning and (rank0 or (owner and said)):
         log.warning("resume: %s", warning)
     if step == _NONE and point.candidates and not point.remote:
-        raise checkpoint.CheckpointError(said or f"no intact checkpoint in {save_dir}")
+        raise CheckpointError(said or f"no intact checkpoint in {save_dir}")
 
     # The bucket, when it is the source or may hold something newer: rank 0 decides, every rank follows.
     remote_tag = remote_id = None
@@ -298,7 +297,7 @@ def finish(plan, point: ResumePoint, data_tokens: int, *, topo, node_local: bool
         tag = tag_for_step(chosen_remote)
         newer = [t for t in commit.complete_tags(save_dir) if (step_of_tag(t) or 0) > chosen_remote]
         if newer and owner:
-            raise checkpoint.CheckpointError(
+            raise CheckpointError(
                 f"--resume {point.remote}: {save_dir} holds newer checkpoints ({_names(newer)}) than the bucket's "
                 f"{tag}, which this run would write over; resume them with --resume latest, or give another --save-dir")
         if owner:
@@ -314,8 +313,8 @@ def finish(plan, point: ResumePoint, data_tokens: int, *, topo, node_local: bool
     if not tag:
         return plan, None, identity
     check_resume(plan, tag, data_tokens)
-    saved = checkpoint.read_saved_meta(save_dir, tag)
-    change = checkpoint.partitioning_change(saved, ds_config=plan.ds_config, dp_size=plan.dp_size) if saved else None
+    saved = train_state.read_saved_meta(save_dir, tag)
+    change = train_state.partitioning_change(saved, ds_config=plan.ds_config, dp_size=plan.dp_size) if saved else None
     if change is None:
         return plan, tag, identity
     universal = tag + UNIVERSAL_SUFFIX
@@ -351,7 +350,7 @@ def to_universal(save_dir: Path, tag: str) -> Path:
     return out
 
 
-def after_load(plan, tag: str | None, *, topo, node_local: bool) -> None:
+def after_resume_load(plan, tag: str | None, *, topo, node_local: bool) -> None:
     """Once every rank has loaded a converted copy it is dead weight (the next save is a normal tag at the new
     size); a crash before that save simply converts again."""
     if not (tag and tag.endswith(UNIVERSAL_SUFFIX)):

@@ -7,10 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from neox_train.checkpoint.copy_rules import check_plain_copy, protect_published
-from neox_train.checkpoint.lock import lock_save_dir
-from neox_train.checkpoint.owner import owner_at_or_above
-from neox_train.checkpoint.publication import publish_checkpoints
+from neox_train.checkpoint.local.lock import lock_save_dir
+from neox_train.checkpoint.publish.backlog import publish_checkpoints
+from neox_train.checkpoint.publish.copy_rules import check_plain_copy, protect_published
+from neox_train.checkpoint.publish.owner import owner_at_or_above
 from neox_train.errors import run_guarded
 from neox_train.remote import open_backend
 from neox_train.remote.rsync import SyncResult, sync, sync_down

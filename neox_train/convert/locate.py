@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from neox_train.checkpoint import commit
-from neox_train.checkpoint.fetch import fetch_checkpoint, remote_checkpoints, remote_latest
-from neox_train.checkpoint.tags import TAG_RE, local_tags
+from neox_train.checkpoint.local import commit
+from neox_train.checkpoint.local.tags import TAG_RE, local_tags
+from neox_train.checkpoint.publish.fetch import fetch_checkpoint, remote_checkpoints, remote_latest
 from neox_train.errors import ConvertError
 from neox_train.remote import open_backend
 

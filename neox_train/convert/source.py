@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
-from neox_train.checkpoint.tags import CONFIG_JSON, RUN_JSON, read_tag_json, step_of_tag
+from neox_train.checkpoint.local.tags import CONFIG_JSON, RUN_JSON, read_tag_json, step_of_tag
 from neox_train.ds_config import precision
 from neox_train.errors import ConvertError, one_line
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from neox_train.data.windows import PackedWindows, SampleStream, Split, _check_ranks
+from neox_train.data.windows import PackedWindows, SampleStream, Split, check_ranks
 from neox_train.errors import DataError
 
 
@@ -155,7 +155,7 @@ class MixtureStream:
 
     def __init__(self, split: MixtureSplit, *, seed: int, micro_batch: int, dp_rank: int, dp_size: int,
                  consumed_samples: int = 0):
-        _check_ranks(micro_batch, dp_rank, dp_size)
+        check_ranks(micro_batch, dp_rank, dp_size)
         for p in split.parts:
             if not len(p.train):
                 raise DataError(f"dataset {p.name} ({p.path}) has no training windows (its data is shorter than "

@@ -122,7 +122,7 @@ def split_windows(num_windows: int, val_fraction: float) -> Split:
     return Split(train=range(0, n_train), val=range(n_train, num_windows))
 
 
-def _check_ranks(micro_batch: int, dp_rank: int, dp_size: int) -> None:
+def check_ranks(micro_batch: int, dp_rank: int, dp_size: int) -> None:
     if micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
     if dp_size < 1 or not 0 <= dp_rank < dp_size:
@@ -158,7 +158,7 @@ class SampleStream:
             raise DataError("no training windows to sample from (the train split is empty)")
         if seed < 0:
             raise ValueError(f"seed must be >= 0 (numpy SeedSequence), got {seed}")
-        _check_ranks(micro_batch, dp_rank, dp_size)
+        check_ranks(micro_batch, dp_rank, dp_size)
         if consumed_samples < 0:
             raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}")
         self.indices = indices
@@ -223,7 +223,7 @@ def eval_batches(indices: range, *, micro_batch: int, dp_rank: int, dp_size: int
     may then run different numbers of eval steps, so reduce loss sums and counts across ranks once after the
     loop (never per batch), and expect some ranks to contribute zero.
     """
-    _check_ranks(micro_batch, dp_rank, dp_size)
+    check_ranks(micro_batch, dp_rank, dp_size)
     if max_batches < 0:
         raise ValueError(f"max_batches must be >= 0, got {max_batches}")
     global_batch = micro_batch * dp_size

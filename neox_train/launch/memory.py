@@ -249,8 +249,8 @@ class Estimate:
                 f" at micro-batch {self.micro_batch}")
 
     def breakdown_gb(self) -> dict[str, float]:
-        return {"model_states": _gb(self.model_states), "comm_buffers": _gb(self.comm_buffers),
-                "activations": _gb(self.activations), "logits": _gb(self.logits)}
+        return {"model_states": gb(self.model_states), "comm_buffers": gb(self.comm_buffers),
+                "activations": gb(self.activations), "logits": gb(self.logits)}
 
 
 def estimate(variant: Variant, shape: ModelShape, *, zero_section: dict[str, Any], seq_len: int, micro_batch: int,
@@ -271,5 +271,5 @@ def estimate(variant: Variant, shape: ModelShape, *, zero_section: dict[str, Any
     )
 
 
-def _gb(n: float) -> float:
+def gb(n: float) -> float:
     return round(n / GIB, 2)

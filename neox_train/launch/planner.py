@@ -26,8 +26,8 @@ from neox_train.launch.memory import (
     Estimate,
     ModelShape,
     Variant,
-    _gb,
     estimate,
+    gb,
     ladder,
     model_shape,
     usable_bytes,
@@ -91,7 +91,7 @@ class Plan:
         return self.variant.stage
 
     def to_dict(self) -> dict[str, Any]:
-        usable = None if self.gpu_mem_gib is None else _gb(usable_bytes(self.gpu_mem_gib))
+        usable = None if self.gpu_mem_gib is None else gb(usable_bytes(self.gpu_mem_gib))
         return {
             "zero_stage": self.variant.stage,
             "offload": self.variant.offload,
@@ -103,12 +103,12 @@ class Plan:
             "gpus": self.gpus,
             "nodes": self.nodes,
             "precision": self.precision,
-            "est_gb_per_gpu": _gb(self.chosen.total),
+            "est_gb_per_gpu": gb(self.chosen.total),
             "est_breakdown_gb": self.chosen.breakdown_gb(),
-            "est_cpu_gb_per_node": _gb(self.chosen.cpu_per_node),
+            "est_cpu_gb_per_node": gb(self.chosen.cpu_per_node),
             "est_cpu_breakdown_gb": {
-                "model_states": _gb(self.chosen.cpu_per_node - self.chosen.snapshot_per_node),
-                "checkpoint_snapshot": _gb(self.chosen.snapshot_per_node)},
+                "model_states": gb(self.chosen.cpu_per_node - self.chosen.snapshot_per_node),
+                "checkpoint_snapshot": gb(self.chosen.snapshot_per_node)},
             "gpu_mem_gb": self.gpu_mem_gib,
             "gpu_mem_source": self.gpu_mem_source,
             "usable_gb_per_gpu": usable,
@@ -121,7 +121,7 @@ class Plan:
             "considered": [
                 {"ds_config": e.variant.ds_name, "zero_stage": e.variant.stage, "offload": e.variant.offload,
                  "activation_checkpointing": e.activation_checkpointing, "micro_batch": e.micro_batch,
-                 "est_gb_per_gpu": _gb(e.total),
+                 "est_gb_per_gpu": gb(e.total),
                  "fits": None if self.gpu_mem_gib is None else e.total <= usable_bytes(self.gpu_mem_gib)}
                 for e in self.considered
             ],
@@ -170,16 +170,16 @@ def choose(req: PlanRequest) -> Plan:
                 if e.total <= usable:
                     return plan(e, True, _fit_reason(e, considered, req, usable), considered)
     smallest = min(considered, key=lambda e: e.total)
-    hardware = f"{req.gpus} GPU{'s' if req.gpus > 1 else ''} of {req.gpu_mem_gib:g} GiB (usable {_gb(usable)} GiB each)"
+    hardware = f"{req.gpus} GPU{'s' if req.gpus > 1 else ''} of {req.gpu_mem_gib:g} GiB (usable {gb(usable)} GiB each)"
     if forced is not None:
         e = est(forced, req.configured_checkpointing, req.micro_batch)
         warning = (f"--zero {forced.stage}{' --offload' if req.forced_offload else ''} will not fit {hardware}: "
-                   f"{e.label} needs {_gb(e.total)} GiB per GPU ({_breakdown(e)}); the smallest option with it, "
-                   f"{smallest.label}, needs {_gb(smallest.total)} GiB")
+                   f"{e.label} needs {gb(e.total)} GiB per GPU ({_breakdown(e)}); the smallest option with it, "
+                   f"{smallest.label}, needs {gb(smallest.total)} GiB")
         return plan(e, False, f"{forced.label} forced by --zero", considered, [warning])
     raise PlanError(
         f"{req.shape.name} ({req.shape.total_params:,} parameters, seq_len {req.seq_len}, {req.precision}) does not "
-        f"fit {hardware}: the smallest option, {smallest.label}, needs {_gb(smallest.total)} GiB per GPU "
+        f"fit {hardware}: the smallest option, {smallest.label}, needs {gb(smallest.total)} GiB per GPU "
         f"({_breakdown(smallest)}); use more GPUs, GPUs with more memory, a shorter --seq-len, or smaller "
         f"reduce_bucket_size in the DeepSpeed JSON"
     )
@@ -193,10 +193,10 @@ def _breakdown(e: Estimate) -> str:
 
 def _fit_reason(chosen: Estimate, considered: list[Estimate], req: PlanRequest, usable: float) -> str:
     hw = f"{req.gpus} x {req.gpu_mem_gib:g} GiB"
-    text = f"{chosen.label} fits {hw}: {_gb(chosen.total)} of {_gb(usable)} usable GiB per GPU ({_breakdown(chosen)})"
+    text = f"{chosen.label} fits {hw}: {gb(chosen.total)} of {gb(usable)} usable GiB per GPU ({_breakdown(chosen)})"
     rejected = [e for e in considered if e is not chosen]
     if rejected:
-        shown = "; ".join(f"{e.label} {_gb(e.total)}" for e in rejected[:8])
+        shown = "; ".join(f"{e.label} {gb(e.total)}" for e in rejected[:8])
         more = f" and {len(rejected) - 8} more" if len(rejected) > 8 else ""
         text += f". Did not fit (GiB per GPU): {shown}{more}"
     if chosen.micro_batch != req.micro_batch:

@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 
-from neox_train.checkpoint.publisher import check_storage_access
+from neox_train.checkpoint.publish.publisher import check_storage_access
 from neox_train.distributed import Topology
 from neox_train.ds_config import DS_CONFIG_DIR, SNAPSHOT_MEMORY_SHARE, checkpoint_bytes
 from neox_train.errors import StorageError

@@ -16,7 +16,7 @@ import google_crc32c
 TMP_MARK = ".neox-tmp-"  # temporary files (atomic writes of the local backend, of local commits); never listed
 
 
-_READ_CHUNK = 1024 * 1024
+READ_CHUNK = 1024 * 1024
 
 
 def crc32c_text(digest: bytes) -> str:
@@ -28,7 +28,7 @@ def crc32c_of_file(path: Path) -> str:
     """The file's CRC32C as GCS reports it (base64 of the 4 big-endian bytes), read in 1 MiB chunks."""
     checksum = google_crc32c.Checksum()
     with open(path, "rb") as f:
-        while chunk := f.read(_READ_CHUNK):
+        while chunk := f.read(READ_CHUNK):
             checksum.update(chunk)
     return crc32c_text(checksum.digest())
 

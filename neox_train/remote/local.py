@@ -15,7 +15,7 @@ import google_crc32c
 from neox_train.errors import StorageError, one_line
 from neox_train.remote.base import PROBE_PREFIX, RemoteChanged, RemoteFile
 from neox_train.remote.files import (
-    _READ_CHUNK,
+    READ_CHUNK,
     TMP_MARK,
     Crc32cCache,
     changed_since,
@@ -97,7 +97,7 @@ class LocalBackend:
         tmp = dest.with_name(f"{dest.name}{TMP_MARK}{uuid.uuid4().hex}")
         checksum = google_crc32c.Checksum()
         with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            while chunk := fin.read(_READ_CHUNK):
+            while chunk := fin.read(READ_CHUNK):
                 checksum.update(chunk)
                 fout.write(chunk)
             fout.flush()

@@ -15,12 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from neox_train.checkpoint import commit
-from neox_train.checkpoint import state as checkpoint
-from neox_train.checkpoint.engine import install
-from neox_train.checkpoint.publisher import Publisher, folder_node, is_uploader, node_local_storage
-from neox_train.checkpoint.saver import Saver, SaveResult, choose_async
-from neox_train.checkpoint.tags import step_of_tag
+from neox_train.checkpoint.local import commit, train_state
+from neox_train.checkpoint.local.checkpoint_engine import install
+from neox_train.checkpoint.local.saver import Saver, SaveResult, choose_async
+from neox_train.checkpoint.local.tags import step_of_tag, tag_for_step
+from neox_train.checkpoint.publish.publisher import Publisher
+from neox_train.checkpoint.publish.settings import folder_node, is_uploader, node_local_storage
 from neox_train.distributed import Control, Topology
 from neox_train.ds_config import checkpoint_bytes, precision, snapshot_bytes_per_node, zero_stage
 from neox_train.log import log
@@ -73,16 +73,16 @@ class Checkpoints:
         """Save `step` (every rank); returns the seconds the loop was blocked. A synchronous save (or
         `asynchronous=False`) is committed before this returns; an asynchronous one at a later step (`poll`)."""
         started = time.perf_counter()
-        tag = checkpoint.tag_for_step(step)
+        tag = tag_for_step(step)
         if self.folder_owner:
-            warning = checkpoint.space_warning(self.save_dir, tag, self.checkpoint_bytes)
+            warning = train_state.space_warning(self.save_dir, tag, self.checkpoint_bytes)
             if warning:
                 warning = self.make_room(tag)
             if warning:
                 log.warning("%s", warning)
         plan = self.plan
-        state = checkpoint.TrainState(step, consumed_samples, guard=guard)
-        extra = checkpoint.client_state(
+        state = train_state.TrainState(step, consumed_samples, guard=guard)
+        extra = train_state.client_state(
             state=state, run_config=plan.run.to_dict(), ds_config=plan.ds_config,
             model_config=plan.model_config.to_dict(), dp_size=plan.dp_size, data_tokens=self.data_tokens,
         )
@@ -111,7 +111,7 @@ class Checkpoints:
         self._committed(self.saver.wait_and_finish())
         return time.perf_counter() - started
 
-    def load_newest_before(self, step: int) -> tuple[str, checkpoint.TrainState] | None:
+    def load_newest_before(self, step: int) -> tuple[str, train_state.TrainState] | None:
         """The loss guard's rollback, on every rank: the save in flight committed, then the newest complete tag
         before `step` that every node holds (node-local folders differ) loaded into the engine; None when none."""
         self.drain()
@@ -120,8 +120,8 @@ class Checkpoints:
         target = min(int(v) for v in self.control.gather(newest))
         if target < 0:
             return None
-        tag = checkpoint.tag_for_step(target)
-        return tag, checkpoint.load(self.engine, self.save_dir, tag)
+        tag = tag_for_step(target)
+        return tag, train_state.load(self.engine, self.save_dir, tag)
 
     def _committed(self, result: SaveResult, *, first: bool = False) -> None:
         if not self.saver.in_flight:
@@ -144,7 +144,7 @@ class Checkpoints:
     def apply_retention(self) -> None:
         if not self.folder_owner:
             return
-        deleted = checkpoint.apply_retention(self.save_dir, self.plan.run.keep_last_n,
+        deleted = train_state.apply_retention(self.save_dir, self.plan.run.keep_last_n,
                                              may_delete=self.publisher.may_delete)
         if deleted:
             log.info("removed local checkpoint(s) %s (keep_last_n=%d)", ", ".join(deleted), self.plan.run.keep_last_n)
@@ -154,7 +154,7 @@ class Checkpoints:
         verified in the bucket, oldest first, never the newest complete one nor the one `latest` names; each
         removal is said. Returns the space warning still standing ("" once the save fits)."""
         self.apply_retention()
-        warning = checkpoint.space_warning(self.save_dir, tag, self.checkpoint_bytes)
+        warning = train_state.space_warning(self.save_dir, tag, self.checkpoint_bytes)
         if not warning or self.plan.run.sync_to is None:
             return warning
         complete = commit.complete_tags(self.save_dir)
@@ -166,13 +166,13 @@ class Checkpoints:
                 break
             if old == latest or old not in verified:
                 continue
-            checkpoint.remove_tag(self.save_dir, old)
+            train_state.remove_tag(self.save_dir, old)
             removed.append(old)
-            warning = checkpoint.space_warning(self.save_dir, tag, self.checkpoint_bytes)
+            warning = train_state.space_warning(self.save_dir, tag, self.checkpoint_bytes)
         if removed:
             log.warning("removed local checkpoint(s) %s to make room for %s: each is verified in %s (%s free now)",
                         ", ".join(removed), tag, self.plan.run.sync_to,
-                        human_bytes(checkpoint.free_bytes(self.save_dir)))
+                        human_bytes(train_state.free_bytes(self.save_dir)))
         return warning
 
     def too_many_unpublished(self) -> bool:

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from neox_train.checkpoint import state as checkpoint
-from neox_train.checkpoint.publisher import Publisher
+from neox_train.checkpoint.local import train_state
+from neox_train.checkpoint.publish.publisher import Publisher
 from neox_train.data.loader import MicroBatchLoader
 from neox_train.data.mixture import MixtureSplit, MixtureWindows, make_stream
 from neox_train.data.windows import PackedWindows, Split
@@ -29,7 +29,6 @@ from neox_train.ds_config import precision, zero_stage
 from neox_train.log import log
 from neox_train.model import flops_per_token
 from neox_train.train.checkpoints import Checkpoints
-from neox_train.train.engine import build_engine
 from neox_train.train.evaluation import evaluate_split
 from neox_train.train.faults import Faults
 from neox_train.train.guard import LossGuard, StepOutcome, UpdateSwitch, roll_back
@@ -44,6 +43,7 @@ from neox_train.train.perf import (
     resolve_peak,
 )
 from neox_train.train.plan import RunPlan
+from neox_train.train.training_engine import build_engine
 from neox_train.train.watchdog import HangLimits, Watchdog
 
 
@@ -53,7 +53,7 @@ class Trainer:
         resume_tag: str | None, topo: Topology,
         publisher: Publisher, watchdog: Watchdog | None = None,
     ):
-        """Build the engine and load `resume_tag` (verified by resume.finish). The run's identity comes with the
+        """Build the engine and load `resume_tag` (verified by finish_resume). The run's identity comes with the
         publisher (it is the same whether or not anything is synced). `watchdog`: the rank's hang watchdog, armed
         since the process started (None: an unarmed one, for benchmarks that build a Trainer themselves)."""
 
@@ -68,10 +68,10 @@ class Trainer:
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
         self.grad_accum = self.engine.gradient_accumulation_steps()
 
-        state = checkpoint.TrainState(step=0, consumed_samples=0)
+        state = train_state.TrainState(step=0, consumed_samples=0)
         if resume_tag:
             tag = resume_tag
-            state = checkpoint.load(self.engine, self.save_dir, tag)
+            state = train_state.load(self.engine, self.save_dir, tag)
             log.info("resumed from %s: step %d, %d samples consumed", self.save_dir / tag, state.step,
                      state.consumed_samples)
         self.step = state.step

@@ -1,9 +1,10 @@
 """The upload journal: SAVE_DIR/.neox-sync/journal-node<k>.jsonl, append-only JSON lines.
 
-{"queued": tag} is written by the trainer before a tag is handed to the upload, {"published"|"skipped"|"failed":
-tag} by the uploader. At start, a tag is handed to the new uploader when its last record is queued or failed, or
-when it has none at all (a complete checkpoint that was never queued: a kill between the commit and the journal
-line), provided it is still complete on disk. The crc32c cache of each node lives next to its journal.
+{"queued": tag} is written by the Publisher before a tag is handed to the upload process,
+{"published"|"skipped"|"failed": tag} by the upload process (or the inline publication). At start, a tag is
+handed to the new upload process when its last record is queued or failed, or when it has none at all (a
+complete checkpoint that was never queued: a kill between the commit and the journal line), provided it is
+still complete on disk. The crc32c cache of each node lives next to its journal.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from neox_train.checkpoint import commit
+from neox_train.checkpoint.local import commit
 
 JOURNAL_DIR = ".neox-sync"
 

@@ -10,18 +10,18 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from neox_train.checkpoint import commit
-from neox_train.checkpoint.commit import LATEST
-from neox_train.checkpoint.publication import (
+from neox_train.checkpoint.local import commit
+from neox_train.checkpoint.local.commit import LATEST
+from neox_train.checkpoint.local.tags import sort_key
+from neox_train.checkpoint.publish.protocol import (
     COMPLETE,
     MANIFEST,
-    SyncSettings,
-    _check_tag,
-    _file_entry,
-    _part_files,
-    _read_json,
+    check_tag,
+    file_entry,
+    part_files,
+    read_json,
 )
-from neox_train.checkpoint.tags import sort_key
+from neox_train.checkpoint.publish.settings import PublishSettings
 from neox_train.errors import StorageError
 from neox_train.remote.base import Backend, RemoteFile
 from neox_train.remote.files import Crc32cCache, crc32c_of_file, install_folder
@@ -47,7 +47,7 @@ def remote_latest(backend: Backend) -> str | None:
     if pointer is not None:
         tag = pointer.decode("utf-8", "replace").strip()
         try:
-            _check_tag(tag)
+            check_tag(tag)
         except StorageError:
             tag = ""
         if tag and all(backend.read_bytes(f"{tag}/{name}") is not None for name in (COMPLETE, MANIFEST)):
@@ -60,7 +60,7 @@ def remote_manifest(backend: Backend, tag: str) -> dict[str, Any] | None:
     """The manifest of a COMPLETE tag (None when the tag is not COMPLETE)."""
     if backend.read_bytes(f"{tag}/{COMPLETE}") is None:
         return None
-    return _read_json(backend, f"{tag}/{MANIFEST}")
+    return read_json(backend, f"{tag}/{MANIFEST}")
 
 
 def verified_remote(backend: Backend, save_dir: Path, tags: Iterable[str], *, node_rank: int = 0) -> list[str]:
@@ -73,17 +73,17 @@ def verified_remote(backend: Backend, save_dir: Path, tags: Iterable[str], *, no
         if tag not in published:
             continue
         try:
-            status, files = _part_files(save_dir, tag, node_rank)
+            status, files = part_files(save_dir, tag, node_rank)
         except StorageError:
             continue
-        manifest = _read_json(backend, f"{tag}/{MANIFEST}")
+        manifest = read_json(backend, f"{tag}/{MANIFEST}")
         if manifest is None:
             continue
         if status.files is not None:
             local = {rel: (status.files[rel].size, status.files[rel].crc32c) for rel, _ in files}
         else:
             local = hash_local(files, Crc32cCache(), 4)
-        remote = {rel: _file_entry(meta, f"{backend.url}/{tag}/{MANIFEST}") for rel, meta in manifest["files"].items()}
+        remote = {rel: file_entry(meta, f"{backend.url}/{tag}/{MANIFEST}") for rel, meta in manifest["files"].items()}
         if all(remote.get(rel) == entry for rel, entry in local.items()) and \
                 first_mismatch(listing, f"{tag}/", {rel: remote[rel] for rel in local}) is None:
             out.append(tag)
@@ -98,7 +98,7 @@ def fetch_checkpoint(backend: Backend, tag: str, save_dir: Path, *, workers: int
     size and crc32c and the marker is written, so SAVE_DIR/<tag> is never half there. Local files that already
     match are reused.
     """
-    _check_tag(tag)
+    check_tag(tag)
     where = f"{backend.url}/{tag}"
     if backend.read_bytes(f"{tag}/{COMPLETE}") is None:
         complete = remote_checkpoints(backend)
@@ -106,10 +106,10 @@ def fetch_checkpoint(backend: Backend, tag: str, save_dir: Path, *, workers: int
             f"{where} is not a complete checkpoint (no {COMPLETE} marker: its upload never finished); "
             f"complete ones: {', '.join(complete) if complete else 'none'}"
         )
-    manifest = _read_json(backend, f"{tag}/{MANIFEST}")
+    manifest = read_json(backend, f"{tag}/{MANIFEST}")
     if manifest is None:
         raise StorageError(f"{where} has {COMPLETE} but no {MANIFEST}; it is damaged (fetch another tag)")
-    files = {rel: _file_entry(meta, f"{where}/{MANIFEST}") for rel, meta in manifest["files"].items()}
+    files = {rel: file_entry(meta, f"{where}/{MANIFEST}") for rel, meta in manifest["files"].items()}
     for rel in files:
         check_relative(rel, f"{where}/{MANIFEST} entry {rel!r}")
     # Fail before downloading gigabytes if the bucket no longer matches the manifest.
@@ -170,6 +170,6 @@ def fetch_checkpoint(backend: Backend, tag: str, save_dir: Path, *, workers: int
     return final
 
 
-def verified_local_tags(backend, settings: SyncSettings) -> list[str]:
+def verified_local_tags(backend, settings: PublishSettings) -> list[str]:
     save_dir = Path(settings.save_dir)
     return verified_remote(backend, save_dir, commit.complete_tags(save_dir), node_rank=settings.node_rank)

@@ -1,4 +1,5 @@
-"""The upload process itself: what runs inside the spawn-started child that `uploader.SyncWorker` starts per node.
+"""The upload process itself: what runs inside the spawn-started child that `Publisher` (publisher.py) starts per
+node.
 
 Why a process and not a thread: hashing and HTTP in Python hold the GIL in bursts; in the training process they
 would steal time from the step that feeds the GPU. Why spawn: a forked child would inherit CUDA and NCCL state
@@ -32,25 +33,19 @@ from typing import Any
 
 from tqdm import tqdm
 
-from neox_train.checkpoint.fetch import verified_local_tags
-from neox_train.checkpoint.journal import (
+from neox_train.checkpoint.publish.fetch import verified_local_tags
+from neox_train.checkpoint.publish.journal import (
     append_journal,
     crc_cache_path,
     journal_path,
 )
-from neox_train.checkpoint.owner import Identity
-from neox_train.checkpoint.publication import (
-    COMPLETE,
-    SyncSettings,
-    finalize_checkpoint,
-    upload_checkpoint_part,
-)
-from neox_train.errors import StorageError, is_transient, one_line
+from neox_train.checkpoint.publish.protocol import Publication
+from neox_train.checkpoint.publish.settings import PublishSettings
+from neox_train.errors import is_transient, one_line
 from neox_train.remote import open_backend
 from neox_train.remote.files import Crc32cCache
-from neox_train.remote.rsync import SyncResult
 
-_STOP = "__stop__"
+STOP = "__stop__"
 
 
 def save_gate(saving, max_wait_s: float):
@@ -69,7 +64,7 @@ class _TrainerGone(BaseException):  # not an Exception: the worker's catch-alls 
     """The trainer's end of the status pipe is closed: it died (kill -9). The journal keeps what is unpublished."""
 
 
-def _worker_main(settings: SyncSettings, tasks, status_q, saving=None, parent: int | None = None) -> None:
+def run_upload_process(settings: PublishSettings, tasks, status_q, saving=None, parent: int | None = None) -> None:
     """Runs in the spawned process (tasks: the receiving end of the task pipe; status_q: the sending end of the
     status pipe; parent: the trainer's pid). Never raises: failures are reported, and retried when transient."""
     try:
@@ -78,7 +73,7 @@ def _worker_main(settings: SyncSettings, tasks, status_q, saving=None, parent: i
         return
 
 
-def _work(settings: SyncSettings, tasks, status_q, saving, parent: int | None) -> None:
+def _work(settings: PublishSettings, tasks, status_q, saving, parent: int | None) -> None:
     parent = parent if parent is not None else os.getppid()
     _detach_from_the_loop()
     if os.getppid() != parent:
@@ -122,71 +117,11 @@ def _detach_from_the_loop() -> None:
         pass
 
 
-class Publication:
-    """The steps of publishing one tag from this node, shared by the background worker and inline uploads."""
-
-    def __init__(self, backend, settings: SyncSettings, cache, *, gate=None):
-        self.backend = backend
-        self.settings = settings
-        self.cache = cache
-        self.gate = gate
-        self.identity = Identity(settings.run_id, settings.session)
-
-    def upload(self, tag: str):
-        """This node's part of `tag`; returns the SyncResult."""
-
-        try:
-            if not (Path(self.settings.save_dir) / tag).is_dir():
-                raise StorageError(f"checkpoint folder {Path(self.settings.save_dir) / tag} disappeared before it "
-                                   f"was uploaded")
-            result = upload_checkpoint_part(Path(self.settings.save_dir), tag, self.backend, identity=self.identity,
-                                            node_rank=self.settings.node_rank, workers=self.settings.workers,
-                                            cache=self.cache, gate=self.gate)
-        except Exception:
-            # Deleted locally (before or while it was read) because it is verified in the bucket: retention, or room
-            # made for a save on a full disk, while it waited in the queue. Published, not failed.
-            if self._gone_because_published(tag):
-                return SyncResult()
-            raise
-        self.cache.save()
-        return result
-
-    def _gone_because_published(self, tag: str) -> bool:
-        """The local folder is gone and the bucket has the tag COMPLETE (False when the bucket cannot say)."""
-        if (Path(self.settings.save_dir) / tag).is_dir():
-            return False
-        try:
-            return self.backend.stat(f"{tag}/{COMPLETE}") is not None
-        except Exception:  # noqa: BLE001 - the bucket cannot say: the upload's own failure stands
-            return False
-
-    def try_complete(self, tag: str) -> bool:
-        """The publisher finalizes once every node's part is remote; other nodes see whether COMPLETE exists. True
-        once the tag is published."""
-
-        if self.settings.publisher:
-            return finalize_checkpoint(self.backend, tag, identity=self.identity, num_nodes=self.settings.num_nodes)
-        return self.backend.read_bytes(f"{tag}/{COMPLETE}") is not None
-
-    def publish(self, tag: str, *, timeout_s: float):
-        """Upload and wait (bounded) until published: the inline path. Returns the SyncResult."""
-
-        result = self.upload(tag)
-        deadline = time.monotonic() + timeout_s
-        while not self.try_complete(tag):
-            if time.monotonic() > deadline:
-                raise StorageError(f"{tag}: the other nodes' parts did not arrive within {timeout_s:.0f} s")
-            time.sleep(self.settings.finalize_poll_s)
-        append_journal(journal_path(Path(self.settings.save_dir), self.settings.node_rank),
-                       {"published": tag, "time": time.time()})
-        return result
-
-
 class _Uploads:
     """The worker process's loop: take tasks, upload the oldest, retry transient failures with backoff, give
     permanent ones up, and watch the tags whose other nodes' parts (or node 0's COMPLETE) are still to come."""
 
-    def __init__(self, settings: SyncSettings, backend, tasks, status_q, saving, parent: int):
+    def __init__(self, settings: PublishSettings, backend, tasks, status_q, saving, parent: int):
         self.settings, self.backend, self.tasks, self.status_q, self.parent = settings, backend, tasks, status_q, parent
         self.send_lock = threading.Lock()
         save_dir = Path(settings.save_dir)
@@ -294,7 +229,7 @@ class _Uploads:
             ready = self.tasks.poll(0.5 if block else 0)
             while ready:
                 item = self.tasks.recv()
-                if item == _STOP:
+                if item == STOP:
                     self.stopping = True
                 elif item.get("first"):
                     self.pending.appendleft(item)  # the preemption save: its budget is seconds, the backlog waits

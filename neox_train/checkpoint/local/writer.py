@@ -25,7 +25,7 @@ import google_crc32c
 import google_crc32c._crc32c
 import numpy as np
 
-from neox_train.checkpoint.commit import FileRecord
+from neox_train.checkpoint.local.commit import FileRecord
 from neox_train.remote.files import crc32c_text
 
 ALIGN = 4096  # O_DIRECT wants buffer address, file offset and length aligned to the logical block size

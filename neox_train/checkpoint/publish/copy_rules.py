@@ -1,6 +1,6 @@
 """What a plain `neox-sync SRC DST` may write: never a checkpoint's shape, never into a run's prefix.
 
-Checkpoints reach a bucket only through the publication protocol (publication.py: complete local tags, verified
+Checkpoints reach a bucket only through the publication protocol (protocol.py: complete local tags, verified
 against their save-time crc32c, manifest, COMPLETE, `latest` forward only, under the prefix's owner). A plain copy
 is checked before it uploads anything (check_plain_copy), and each write is checked again (protect_published)
 against the listing the copy works from.
@@ -13,9 +13,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from neox_train.checkpoint.owner import OWNER, describe
-from neox_train.checkpoint.publication import COMPLETE, LATEST, MANIFEST, PARTS, CheckpointConflict
-from neox_train.checkpoint.tags import step_of_tag
+from neox_train.checkpoint.local.tags import step_of_tag
+from neox_train.checkpoint.publish.owner import OWNER, describe
+from neox_train.checkpoint.publish.protocol import COMPLETE, LATEST, MANIFEST, PARTS, CheckpointConflict
 from neox_train.remote.base import Backend, RemoteFile
 from neox_train.remote.rsync import Guard, local_files
 

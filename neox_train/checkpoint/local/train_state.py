@@ -1,5 +1,6 @@
-"""Checkpoints: DeepSpeed's own save/load, plus what DeepSpeed does not carry (data position, configs, RNG), the
-local commit that makes a saved tag count (commit.py), and local keep-last-N retention.
+"""What a checkpoint holds beside DeepSpeed's files (data position, configs, RNG: the train state and side files),
+the checks before a tag is written or resumed, loading, and local keep-last-N retention. Saving itself goes
+through saver.py, the one save path; a saved tag counts once committed (commit.py).
 
 Layout: SAVE_DIR/latest names the newest complete tag; SAVE_DIR/global_stepN/ holds the engine's files, plus our
 config.json (the HF model config), run.json (run + DeepSpeed config, run id) and the completeness marker, so a tag
@@ -21,8 +22,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from neox_train.checkpoint import commit
-from neox_train.checkpoint.tags import CONFIG_JSON, DATA_SIDE_FILES, RUN_JSON, read_tag_json, tag_for_step
+from neox_train.checkpoint.local import commit
+from neox_train.checkpoint.local.tags import CONFIG_JSON, DATA_SIDE_FILES, RUN_JSON, read_tag_json
 from neox_train.data.shards import dataset_folder
 from neox_train.ds_config import zero_stage
 from neox_train.errors import CheckpointError, ConfigError
@@ -105,39 +106,6 @@ def write_side_files(tag_dir: Path, extra: dict[str, Any], *, run_id: str | None
     for name in DATA_SIDE_FILES:
         if (data_dir / name).is_file():
             shutil.copy2(data_dir / name, tag_dir / name)
-
-
-def save(engine, save_dir: Path, state: TrainState, extra: dict[str, Any], *, owner: bool, run_id: str | None,
-         losses: dict[str, Any] | None = None, expected_bytes: int | None = None) -> commit.TagStatus | None:
-    """A synchronous save with whatever checkpoint engine `engine` has (the trainer goes through saver.Saver).
-    Every rank must call it (DeepSpeed hangs otherwise); the rank that owns this node's folder (`owner`) then adds
-    the side files and commits the tag (fsync, completeness marker, `latest`). Returns the committed status on the
-    owner, None elsewhere.
-
-    DeepSpeed is told not to write `latest` itself: it would point at the tag before our side files and the marker
-    exist, and a kill in between would leave `latest` on a torn checkpoint. When `save_checkpoint` returns, every
-    rank's files are written (its final barrier), so the commit sees the whole tag.
-
-    A save that fails (a full disk, an I/O error) removes its partial tag and raises CheckpointError: `latest`
-    and every earlier checkpoint are untouched.
-    """
-    if getattr(getattr(engine, "checkpoint_engine", None), "name", "") == "NeoxCheckpointEngine":
-        # Its writes report errors to the Saver and may still be running when save_checkpoint returns.
-        raise RuntimeError("state.save is the synchronous path of DeepSpeed's own engines; use checkpoint.saver")
-    save_dir = Path(save_dir)
-    tag = tag_for_step(state.step)
-    tag_dir = save_dir / tag
-    if owner:
-        prepare_tag(save_dir, tag)
-    try:
-        engine.save_checkpoint(str(save_dir), tag=tag, client_state=extra, save_latest=False)
-        if not owner:
-            return None
-        write_side_files(tag_dir, extra, run_id=run_id, losses=losses)
-        return commit.commit(save_dir, tag, run_id=run_id)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError from its zip writer
-        shutil.rmtree(tag_dir, ignore_errors=True)
-        raise save_failed(save_dir, tag, e, expected_bytes) from e
 
 
 def save_failed(save_dir: Path, tag: str, err: BaseException | str, expected_bytes: int | None) -> CheckpointError:

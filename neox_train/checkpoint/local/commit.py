@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from neox_train.checkpoint.tags import local_tags, step_of_tag
+from neox_train.checkpoint.local.tags import local_tags, step_of_tag
 from neox_train.errors import NeoxError, read_json_object
 from neox_train.remote.files import TMP_MARK, atomic_write, crc32c_of_file, fsync_dir
 

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from neox_train.checkpoint.tags import sort_key
+from neox_train.checkpoint.local.tags import sort_key
 from neox_train.errors import StorageError
 from neox_train.remote import open_backend
 from neox_train.remote.base import Backend, RemoteChanged, parse_url

@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neox_train.checkpoint import commit
-from neox_train.checkpoint.owner import Identity, PrefixOwned, claim_if_unowned, fence, new_id
-from neox_train.checkpoint.tags import CONFIG_JSON, DATA_SIDE_FILES, RUN_JSON, local_tags, sort_key, step_of_tag
+from neox_train.checkpoint.local import commit
+from neox_train.checkpoint.local.tags import CONFIG_JSON, DATA_SIDE_FILES, RUN_JSON, sort_key, step_of_tag
+from neox_train.checkpoint.publish.journal import append_journal, journal_path
+from neox_train.checkpoint.publish.owner import Identity, fence
+from neox_train.checkpoint.publish.settings import PublishSettings
 from neox_train.errors import StorageError
 from neox_train.remote.base import Backend, RemoteChanged, RemoteFile
 from neox_train.remote.files import Crc32cCache
@@ -43,17 +43,9 @@ from neox_train.remote.rsync import (
 )
 
 MANIFEST = "manifest.json"
-
-
 COMPLETE = "COMPLETE"
-
-
 LATEST = "latest"
-
-
 PARTS = ".parts"
-
-
 _LATEST_ATTEMPTS = 5
 
 
@@ -66,12 +58,12 @@ class CheckpointIncomplete(StorageError):
     """A local tag is not a complete checkpoint (no or a damaged completeness marker): it is never published."""
 
 
-def _check_tag(tag: str) -> None:
+def check_tag(tag: str) -> None:
     if not tag or "/" in tag or "\\" in tag or tag.startswith(".") or tag == LATEST:
         raise StorageError(f"checkpoint tag {tag!r} is not a plain folder name (valid: e.g. global_step100)")
 
 
-def _read_json(backend: Backend, name: str) -> dict[str, Any] | None:
+def read_json(backend: Backend, name: str) -> dict[str, Any] | None:
     raw = backend.read_bytes(name)
     if raw is None:
         return None
@@ -84,7 +76,7 @@ def _read_json(backend: Backend, name: str) -> dict[str, Any] | None:
     return data
 
 
-def _file_entry(meta: Any, where: str) -> tuple[int, str]:
+def file_entry(meta: Any, where: str) -> tuple[int, str]:
     try:
         return int(meta["size"]), str(meta["crc32c"])
     except (TypeError, KeyError, ValueError) as e:
@@ -103,7 +95,7 @@ _SIDE_FILES = "|".join(re.escape(n) for n in (RUN_JSON, CONFIG_JSON, *DATA_SIDE_
 NODE_REPLICATED = re.compile(rf"^(mp_rank_\d+_model_states\.pt|{_SIDE_FILES})$")
 
 
-def _part_files(save_dir: Path, tag: str, node_rank: int) -> tuple[commit.TagStatus, list[tuple[str, Path]]]:
+def part_files(save_dir: Path, tag: str, node_rank: int) -> tuple[commit.TagStatus, list[tuple[str, Path]]]:
     """The local tag's status and the files of it this node publishes. CheckpointIncomplete unless complete."""
     folder = Path(save_dir) / tag
     status = commit.inspect(save_dir, tag)
@@ -151,8 +143,8 @@ def upload_checkpoint_part(save_dir: Path, tag: str, backend: Backend, *, identi
     file (left by an earlier, interrupted attempt of this run) happens only while `identity` still owns the
     prefix and the tag is still not COMPLETE, checked right before each replacement.
     """
-    _check_tag(tag)
-    status, files = _part_files(save_dir, tag, node_rank)
+    check_tag(tag)
+    status, files = part_files(save_dir, tag, node_rank)
     folder = Path(save_dir) / tag
     cache = cache if cache is not None else Crc32cCache()
     if status.files:  # the local commit hashed every file: no need to read them again
@@ -161,7 +153,7 @@ def upload_checkpoint_part(save_dir: Path, tag: str, backend: Backend, *, identi
     if f"{tag}/{COMPLETE}" in listing:
         return _check_already_published(folder, files, backend, tag, cache, workers)
     for name in sorted(n for n in listing if n.startswith(f"{tag}/{PARTS}/")):
-        part = _read_json(backend, name)
+        part = read_json(backend, name)
         if part is not None and part.get("run_id") != identity.run_id:
             raise CheckpointConflict(
                 f"{backend.url}/{tag} is being published by run {part.get('run_id')} ({name} is its part), not by this "
@@ -189,14 +181,14 @@ def upload_checkpoint_part(save_dir: Path, tag: str, backend: Backend, *, identi
 
 def _check_already_published(folder: Path, files: list[tuple[str, Path]], backend: Backend, tag: str,
                              cache: Crc32cCache, workers: int) -> SyncResult:
-    manifest = _read_json(backend, f"{tag}/{MANIFEST}")
+    manifest = read_json(backend, f"{tag}/{MANIFEST}")
     if manifest is None:
         raise CheckpointConflict(f"{backend.url}/{tag} has {COMPLETE} but no {MANIFEST}; it is damaged, and this "
                                  f"checkpoint cannot be published under its name")
     local = hash_local(files, cache, workers)
     for rel, (size, crc) in sorted(local.items()):
         meta = manifest["files"].get(rel)
-        if meta is None or _file_entry(meta, f"{backend.url}/{tag}/{MANIFEST}") != (size, crc):
+        if meta is None or file_entry(meta, f"{backend.url}/{tag}/{MANIFEST}") != (size, crc):
             raise CheckpointConflict(
                 f"{backend.url}/{tag} is already published (COMPLETE) with different content ({folder / rel} is "
                 f"{'not in its manifest' if meta is None else 'different'}); a published checkpoint is never "
@@ -214,7 +206,7 @@ def finalize_checkpoint(backend: Backend, tag: str, *, identity: Identity, num_n
     crc32c is a StorageError, and nothing is published. `identity` must still own the prefix right before the
     manifest and again right before the COMPLETE marker (PrefixOwned otherwise).
     """
-    _check_tag(tag)
+    check_tag(tag)
     if num_nodes < 1:
         raise StorageError(f"finalize {tag}: num_nodes={num_nodes} (valid: 1 or more)")
     listing = backend.list(f"{tag}/")
@@ -227,7 +219,7 @@ def finalize_checkpoint(backend: Backend, tag: str, *, identity: Identity, num_n
 
     files: dict[str, tuple[int, str]] = {}
     for name in part_names:
-        part = _read_json(backend, name)
+        part = read_json(backend, name)
         if part is None:  # deleted since the listing
             return False
         if part.get("run_id") != identity.run_id:
@@ -236,7 +228,7 @@ def finalize_checkpoint(backend: Backend, tag: str, *, identity: Identity, num_n
         if identity.session is not None and part.get("session") != identity.session:
             return False  # left by an earlier start of this run: its node uploads this start's part
         for rel, meta in part["files"].items():
-            entry = _file_entry(meta, f"{backend.url}/{name}")
+            entry = file_entry(meta, f"{backend.url}/{name}")
             if files.setdefault(rel, entry) != entry:
                 raise StorageError(
                     f"cannot finalize {backend.url}/{tag}: two nodes uploaded {rel} with different content")
@@ -304,68 +296,61 @@ def _advance_latest(backend: Backend, tag: str) -> None:
     raise StorageError(f"{backend.url}/{LATEST} kept changing while {tag} was published", transient=True)
 
 
-def publish_checkpoints(save_dir: Path, backend: Backend, *, workers: int = 8, progress: bool = False) -> SyncResult:
-    """Publish the complete SAVE_DIR/global_step* tags (single node: one part each), oldest first: what `neox-sync
-    --checkpoints` runs to finish uploads a training run left unpublished. Incomplete tags (a save that never
-    finished) are never published; tags that belong to another run than the prefix's owner, or that are already
-    published with other content, are left alone. Both kinds are listed in `not_published` with the reason.
-    Already COMPLETE identical tags cost a listing."""
-    save_dir = Path(save_dir)
-    if not save_dir.is_dir():
-        raise StorageError(f"{save_dir} is not a folder (expected a checkpoint save dir with global_step* folders)")
-    tags = local_tags(save_dir)
-    if not tags:
-        raise StorageError(f"{save_dir} has no global_step* checkpoint folders to publish")
-    total = SyncResult()
-    started = time.monotonic()
-    legacy_id = new_id()  # tags from before run ids: published as one run
-    for tag in tags:
-        status = commit.inspect(save_dir, tag)
-        if not status.complete:
-            total.not_published[tag] = f"not complete locally: {status.problem}"
-            continue
-        identity = Identity(status.run_id or legacy_id)
+class Publication:
+    """The steps of publishing one tag from this node, shared by the background worker and inline uploads."""
+
+    def __init__(self, backend, settings: PublishSettings, cache, *, gate=None):
+        self.backend = backend
+        self.settings = settings
+        self.cache = cache
+        self.gate = gate
+        self.identity = Identity(settings.run_id, settings.session)
+
+    def upload(self, tag: str):
+        """This node's part of `tag`; returns the SyncResult."""
+
         try:
-            claim_if_unowned(backend, identity, save_dir=str(save_dir))
-            part = upload_checkpoint_part(save_dir, tag, backend, identity=identity, workers=workers)
-            if not finalize_checkpoint(backend, tag, identity=identity, num_nodes=1):
-                raise StorageError(f"{backend.url}/{tag}: its part vanished while publishing")  # pragma: no cover
-        except (CheckpointConflict, CheckpointIncomplete, PrefixOwned) as e:
-            total.not_published[tag] = str(e)
-            continue
-        total.published.append(tag)
-        for name in ("files_uploaded", "files_skipped", "bytes_uploaded", "retries"):
-            setattr(total, name, getattr(total, name) + getattr(part, name))
-        if progress:
-            print(f"neox-sync: published {tag} ({part.files_uploaded} uploaded, {part.files_skipped} skipped)",
-                  file=sys.stderr)
-    total.seconds = time.monotonic() - started
-    return total
+            if not (Path(self.settings.save_dir) / tag).is_dir():
+                raise StorageError(f"checkpoint folder {Path(self.settings.save_dir) / tag} disappeared before it "
+                                   f"was uploaded")
+            result = upload_checkpoint_part(Path(self.settings.save_dir), tag, self.backend, identity=self.identity,
+                                            node_rank=self.settings.node_rank, workers=self.settings.workers,
+                                            cache=self.cache, gate=self.gate)
+        except Exception:
+            # Deleted locally (before or while it was read) because it is verified in the bucket: retention, or room
+            # made for a save on a full disk, while it waited in the queue. Published, not failed.
+            if self._gone_because_published(tag):
+                return SyncResult()
+            raise
+        self.cache.save()
+        return result
 
+    def _gone_because_published(self, tag: str) -> bool:
+        """The local folder is gone and the bucket has the tag COMPLETE (False when the bucket cannot say)."""
+        if (Path(self.settings.save_dir) / tag).is_dir():
+            return False
+        try:
+            return self.backend.stat(f"{tag}/{COMPLETE}") is not None
+        except Exception:  # noqa: BLE001 - the bucket cannot say: the upload's own failure stands
+            return False
 
-@dataclass(frozen=True)
-class SyncSettings:
-    """What the worker needs; plain data so it crosses the spawn boundary."""
+    def try_complete(self, tag: str) -> bool:
+        """The publisher finalizes once every node's part is remote; other nodes see whether COMPLETE exists. True
+        once the tag is published."""
 
-    url: str
-    save_dir: str
-    run_id: str  # this run's id and this start's session: the worker publishes only while they own the prefix
-    session: str | None = None
-    credentials: str | None = None
-    node_rank: int = 0
-    num_nodes: int = 1  # nodes whose parts make one checkpoint (node-local storage), else 1
-    publisher: bool = True  # finalizes (manifest, COMPLETE, latest): global rank 0's worker
-    workers: int = 8
-    max_pending: int = 0  # >0: when more are waiting, superseded pending tags are skipped (kept locally)
-    retry_initial_s: float = 2.0
-    retry_max_s: float = 60.0
-    finalize_poll_s: float = 1.0
-    # A checkpoint waits this long for the other nodes' parts (or, on those nodes, for node 0's COMPLETE) before it
-    # is given up as failed; meanwhile the worker goes on with the next checkpoints.
-    await_other_nodes_s: float = 3600.0
-    # While the trainer writes a checkpoint, uploads wait (at most this long per wait) so that they do not compete
-    # with the save for the disk and the cores: the loop's stall is the one cost that reaches the GPUs.
-    yield_to_save_max_s: float = 120.0
-    # Requests failing this long with none getting through (a refused or silent endpoint): one WARNING, and the
-    # waiting checkpoints count as stuck for max_unpublished_checkpoints (RunConfig.unreachable_warning_s).
-    unreachable_warning_s: float = 30.0
+        if self.settings.publisher:
+            return finalize_checkpoint(self.backend, tag, identity=self.identity, num_nodes=self.settings.num_nodes)
+        return self.backend.read_bytes(f"{tag}/{COMPLETE}") is not None
+
+    def publish(self, tag: str, *, timeout_s: float):
+        """Upload and wait (bounded) until published: the inline path. Returns the SyncResult."""
+
+        result = self.upload(tag)
+        deadline = time.monotonic() + timeout_s
+        while not self.try_complete(tag):
+            if time.monotonic() > deadline:
+                raise StorageError(f"{tag}: the other nodes' parts did not arrive within {timeout_s:.0f} s")
+            time.sleep(self.settings.finalize_poll_s)
+        append_journal(journal_path(Path(self.settings.save_dir), self.settings.node_rank),
+                       {"published": tag, "time": time.time()})
+        return result

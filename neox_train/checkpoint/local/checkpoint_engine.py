@@ -17,7 +17,7 @@ The engine keeps DeepSpeed's call order: create -> save per file -> commit. It o
 - Asynchronous: `save` snapshots the state dict into reused host buffers (snapshot.py) and queues it; `commit`
   queues the end of the tag. One writer thread per rank writes the files in order and sets `WriteBatch.done`.
 
-The local commit (marker, `latest`, upload) waits until every rank's batch is done: checkpoint/saver.py.
+The local commit (marker, `latest`, upload) waits until every rank's batch is done: saver.py.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointCommitInfo, CheckpointEngine
 
-from neox_train.checkpoint.commit import FileRecord
-from neox_train.checkpoint.snapshot import SnapshotPool, snapshot
-from neox_train.checkpoint.writer import ChunkBuffers, DirectFile
+from neox_train.checkpoint.local.commit import FileRecord
+from neox_train.checkpoint.local.snapshot import SnapshotPool, snapshot
+from neox_train.checkpoint.local.writer import ChunkBuffers, DirectFile
 from neox_train.errors import one_line
 
 ENGINE_NAME = "NeoxCheckpointEngine"

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neox_train.checkpoint import commit
-from neox_train.checkpoint.engine import NeoxCheckpointEngine, WriteBatch
-from neox_train.checkpoint.snapshot import available_host_memory
-from neox_train.checkpoint.state import prepare_tag, save_failed, write_side_files
-from neox_train.checkpoint.tags import tag_for_step
+from neox_train.checkpoint.local import commit
+from neox_train.checkpoint.local.checkpoint_engine import NeoxCheckpointEngine, WriteBatch
+from neox_train.checkpoint.local.snapshot import available_host_memory
+from neox_train.checkpoint.local.tags import tag_for_step
+from neox_train.checkpoint.local.train_state import prepare_tag, save_failed, write_side_files
 from neox_train.distributed import Control
 from neox_train.ds_config import SNAPSHOT_MEMORY_SHARE
 from neox_train.errors import CheckpointError

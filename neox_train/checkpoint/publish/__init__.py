@@ -1,0 +1,1 @@
+"""A checkpoint in a bucket: published once complete locally, by the run that owns the prefix, never changed."""
