@@ -25,22 +25,35 @@ RESUME_AUTO = "auto"
 OPTIMIZER_IMPLS = ("torch", "torch_fused", "deepspeed_fused")
 
 
-def _f(default: Any, doc: str) -> Any:
-    """A run-config field with its documentation (field_docs() reads it; README and --help quote it)."""
-    return field(default=default, metadata={"doc": doc})
+def _f(default: Any, doc: str, **flag: Any) -> Any:
+    """A run-config field and its documentation, which field_docs() and neox-train's --help quote.
+
+    neox-train's flag for a field comes from the field (neox_train/flags.py): `--field-name`, its
+    type and default, the doc as its help. `flag` holds only what that rule cannot know: flag="--x"
+    renames it, flag=None makes the field no flag; metavar, choices (also what validate() accepts),
+    nargs and const as argparse takes them; group, the --help section ("performance",
+    "self-healing"); both=True gives a bool both --x and --no-x.
+    """
+    return field(default=default, metadata={"doc": doc, **flag})
+
+
+_PERF, _HEAL = {"group": "performance"}, {"group": "self-healing"}
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = _f("custom", "Label of this run config (preset name or file stem).")
+    name: str = _f("custom", "Label of this run config (preset name or file stem).", flag=None)
     model: str = _f("neox-1.2b", "Model preset, one of neox_train.model.MODEL_PRESETS.")
     seq_len: int = _f(2048, "Tokens per training sequence (<= the preset's max_seq_len).")
-    vocab_size: int | None = _f(None, "Tokenizer vocabulary before padding to a multiple of 128; null = the data's "
-                                      "meta.json, else GPT-2's 50257.")
-    ds_config: str = _f("zero2", "DeepSpeed JSON: a name in ds_configs/ (zero0..zero3, zero2_offload) or a path.")
+    vocab_size: int | None = _f(
+        None, "Tokenizer vocabulary before padding to a multiple of 128; null = the data's "
+        "meta.json, else GPT-2's 50257.")
+    ds_config: str = _f(
+        "zero2", "DeepSpeed JSON: a name in ds_configs/ (zero0..zero3, zero2_offload) or a path.")
     micro_batch: int | None = _f(None, "Sequences per GPU per micro-step; null = DeepSpeed JSON.")
     grad_accum: int | None = _f(None, "Micro-steps per optimizer step; null = DeepSpeed JSON.")
-    mixed_precision: str | None = _f(None, "bf16, fp16 or no; null = DeepSpeed JSON.")
+    mixed_precision: str | None = _f(
+        None, "bf16, fp16 or no; null = DeepSpeed JSON.", choices=PRECISIONS)
     max_steps: int = _f(10000, "Optimizer steps to train (also the cosine schedule length).")
     warmup_steps: int | None = _f(None, "LR warmup steps; null = DeepSpeed JSON.")
     save_steps: int = _f(500, "Save a checkpoint every this many optimizer steps (and at the end).")
@@ -50,72 +63,99 @@ class RunConfig:
     keep_last_n: int = _f(3, "Local checkpoints kept; older ones are deleted; 0 = keep all.")
     val_fraction: float = _f(0.01, "Fraction of windows held out for validation, in [0, 0.5].")
     max_shards: int | None = _f(None, "Use only the first N shards (sorted); null = all.")
-    activation_checkpointing: bool = _f(False, "Recompute activations in backward: less memory, ~33% more compute.")
-    attention: str = _f("sdpa", "Attention kernel: sdpa (torch scaled_dot_product_attention, FlashAttention on CUDA "
-                                "in bf16/fp16) or eager (transformers' matmul-softmax-matmul, for comparison).")
-    vocab_pad_multiple: int = _f(128, "Pad the embedding and output layer to a multiple of this many tokens "
-                                      "(tensor-core friendly logits matmul; 50257 -> 50304); 1 = no padding. Part of "
-                                      "the model shape.")
-    optimizer_impl: str | None = _f(None, "AdamW kernel: torch (for-each), torch_fused (fused CUDA/CPU kernel, no "
-                                          "build) or deepspeed_fused (DeepSpeed FusedAdam, JIT-built with nvcc on "
-                                          "GPU); null = torch_fused unless the JSON sets torch_adam.")
-    compile: str | None = _f(None, "torch.compile backend for the model through engine.compile(): inductor (fast "
-                                   "kernels; minutes to compile), aot_eager/eager (debugging); null = no compilation.")
-    prefetch_micro_batches: int = _f(2, "Micro-batches assembled ahead by a background thread (pinned memory and "
-                                        "non-blocking copies on CUDA); 0 = assemble each one in the loop.")
-    peak_tflops: float | None = _f(None, "Peak TFLOP/s per device that MFU divides by; null = the built-in table for "
-                                         "known GPUs in bf16/fp16 (MFU is null on CPU and unknown devices).")
-    init_from_hf: str | None = _f(None, "Start from the weights of a HuggingFace GPTNeoX folder (continued "
-                                        "pretraining); its shape must match `model` and the padded vocabulary. "
-                                        "Ignored when resuming (the checkpoint wins).")
+    activation_checkpointing: bool = _f(
+        False, "Recompute activations in backward: less memory, ~33% more compute.")
+    attention: str = _f(
+        "sdpa", "Attention kernel: sdpa (torch scaled_dot_product_attention, FlashAttention on "
+        "CUDA in bf16/fp16) or eager (transformers' matmul-softmax-matmul, for comparison).",
+        choices=ATTENTION_IMPLS, **_PERF)
+    vocab_pad_multiple: int = _f(
+        128, "Pad the embedding and output layer to a multiple of this many tokens (tensor-core "
+        "friendly logits matmul; 50257 -> 50304); 1 = no padding. Part of the model shape.",
+        metavar="N", **_PERF)
+    optimizer_impl: str | None = _f(
+        None, "AdamW kernel: torch (for-each), torch_fused (fused CUDA/CPU kernel, no build) or "
+        "deepspeed_fused (DeepSpeed FusedAdam, JIT-built with nvcc on GPU); null = torch_fused "
+        "unless the JSON sets torch_adam.", choices=OPTIMIZER_IMPLS, **_PERF)
+    compile: str | None = _f(
+        None, "torch.compile backend for the model through engine.compile(): inductor (fast "
+        "kernels; minutes to compile), aot_eager/eager (debugging); null = no compilation.",
+        nargs="?", const="inductor", metavar="BACKEND", **_PERF)
+    prefetch_micro_batches: int = _f(
+        2, "Micro-batches assembled ahead by a background thread (pinned memory and non-blocking "
+        "copies on CUDA); 0 = assemble each one in the loop.",
+        flag="--prefetch", metavar="N", **_PERF)
+    peak_tflops: float | None = _f(
+        None, "Peak TFLOP/s per device that MFU divides by; null = the built-in table for known "
+        "GPUs in bf16/fp16 (MFU is null on CPU and unknown devices).", metavar="TFLOPS", **_PERF)
+    init_from_hf: str | None = _f(
+        None, "Start from the weights of a HuggingFace GPTNeoX folder (continued pretraining); its "
+        "shape must match `model` and the padded vocabulary. Ignored when resuming (the checkpoint "
+        "wins).", metavar="DIR")
     seed: int = _f(1234, "Seeds model init and the data order.")
-    data_dir: str = _f("data/training", "Folder of token shards (.npy/.npz, nested) and/or gpt-neox/Megatron "
-                                        "indexed datasets (PREFIX.bin + .idx), or one indexed PREFIX.")
-    data: list[dict[str, Any]] | None = _f(None, "A weighted mixture instead of data_dir: [{\"path\": ..., "
-                                                 "\"weight\": ..., \"name\": optional}, ...]. A weight is the "
-                                                 "share of training samples drawn from that dataset.")
-    allow_data_change: bool = _f(False, "Resume although `data` (the mixture's paths or weights) differs from the "
-                                        "checkpoint's: the data position then continues in the new mixture.")
+    data_dir: str = _f(
+        "data/training", "Folder of token shards (.npy/.npz, nested) and/or gpt-neox/Megatron "
+        "indexed datasets (PREFIX.bin + .idx), or one indexed PREFIX.")
+    data: list[dict[str, Any]] | None = _f(
+        None, "A weighted mixture instead of data_dir: [{\"path\": ..., \"weight\": ..., \"name\": "
+        "optional}, ...]. A weight is the share of training samples drawn from that dataset.",
+        flag=None)
+    allow_data_change: bool = _f(
+        False, "Resume although `data` (the mixture's paths or weights) differs from the "
+        "checkpoint's: the data position then continues in the new mixture.")
     save_dir: str = _f("checkpoints", "Folder for DeepSpeed checkpoints (tags global_stepN).")
     log_dir: str = _f("logs", "Folder for training.log, metrics.jsonl and TensorBoard events.")
-    sync_to: str | None = _f(None, "Where checkpoints are published: gs://bucket/prefix, file:///path or a local "
-                                   "folder; null = nowhere.")
-    credentials: str | None = _f(None, "Service-account JSON for gs://; null = GOOGLE_APPLICATION_CREDENTIALS or "
-                                       "application default.")
-    background_upload: bool = _f(True, "Upload in a background process (true) or inside save, blocking the loop "
-                                       "(false: debugging).")
-    upload_timeout_s: float = _f(1800.0, "At exit, wait at most this long for pending uploads before giving up "
-                                         "(non-zero exit).")
-    max_unpublished_checkpoints: int = _f(5, "Stop training (exit 1, checkpoints kept locally) once more than this "
-                                             "many checkpoints could not be published (given up, or waiting while "
-                                             "every attempt fails), so a bucket that refuses every upload does not "
-                                             "fill the disk for days; 0 = never stop.")
-    unreachable_warning_s: float = _f(30.0, "Seconds the storage endpoint may fail every request (refused, timed "
-                                            "out, 5xx) before one WARNING names it and the unpublished "
-                                            "checkpoints; from then on those count toward "
-                                            "max_unpublished_checkpoints.")
-    async_save: bool = _f(True, "Save checkpoints asynchronously: the loop waits only while the state is copied to "
-                                "host memory, a background writer per rank writes the files; falls back to "
-                                "synchronous saves (one WARNING) when host memory is short.")
-    preemption_grace_s: float = _f(30.0, "Seconds between SIGTERM and the scheduler's SIGKILL (GCE Spot: 30): after "
-                                         "the final save, what is left of them goes to uploading that checkpoint.")
-    hang_timeout_s: float | None = _f(None, "Seconds a rank may go without completing an optimizer step before its "
-                                            "watchdog prints every thread's stack and exits it with code 75 (a hang); "
-                                            "null = the larger of 10x the median step time and 300 s. The first step "
-                                            "gets 3x that (+1800 s with compile), saves and evaluations more.")
-    loss_guard: bool = _f(True, "Skip the update of a step whose loss or gradient norm is not finite, or whose loss "
-                                "is above loss_spike_factor x the running median, on every rank; roll back after "
-                                "max_bad_steps such steps in a row.")
-    loss_spike_factor: float = _f(2.0, "A step's loss above this many times the median of the last "
-                                       "loss_spike_window losses is a spike; 0 = check only for NaN/inf.")
-    loss_spike_window: int = _f(100, "Accepted steps in the spike check's running median (the check starts once it "
-                                     "is full).")
-    max_bad_steps: int = _f(3, "Bad steps in a row before rolling back to the newest complete checkpoint before them "
-                               "and skipping the data consumed since; 0 = never roll back.")
-    max_rollbacks: int = _f(3, "Rollbacks a run start may make; one more streak of bad steps stops the run (exit 1, "
-                               "diverged).")
-    max_pending_uploads: int = _f(0, "If more checkpoints than this wait for upload, skip the superseded ones (kept "
-                                     "locally); 0 = never skip.")
+    sync_to: str | None = _f(
+        None, "Where checkpoints are published: gs://bucket/prefix, file:///path or a local "
+        "folder; null = nowhere.", metavar="URL")
+    credentials: str | None = _f(
+        None, "Service-account JSON for gs://; null = GOOGLE_APPLICATION_CREDENTIALS or "
+        "application default.", metavar="FILE")
+    background_upload: bool = _f(
+        True, "Upload in a background process (true) or inside save, blocking the loop (false: "
+        "debugging).")
+    upload_timeout_s: float = _f(
+        1800.0, "At exit, wait at most this long for pending uploads before giving up (non-zero "
+        "exit).")
+    max_unpublished_checkpoints: int = _f(
+        5, "Stop training (exit 1, checkpoints kept locally) once more than this many checkpoints "
+        "could not be published (given up, or waiting while every attempt fails), so a bucket that "
+        "refuses every upload does not fill the disk for days; 0 = never stop.")
+    unreachable_warning_s: float = _f(
+        30.0, "Seconds the storage endpoint may fail every request (refused, timed out, 5xx) "
+        "before one WARNING names it and the unpublished checkpoints; from then on those count "
+        "toward max_unpublished_checkpoints.")
+    async_save: bool = _f(
+        True, "Save checkpoints asynchronously: the loop waits only while the state is copied to "
+        "host memory, a background writer per rank writes the files; falls back to synchronous "
+        "saves (one WARNING) when host memory is short.", both=True)
+    preemption_grace_s: float = _f(
+        30.0, "Seconds between SIGTERM and the scheduler's SIGKILL (GCE Spot: 30): after the final "
+        "save, what is left of them goes to uploading that checkpoint.", metavar="S")
+    hang_timeout_s: float | None = _f(
+        None, "Seconds a rank may go without completing an optimizer step before its watchdog "
+        "prints every thread's stack and exits it with code 75 (a hang); null = the larger of 10x "
+        "the median step time and 300 s. The first step gets 3x that (+1800 s with compile), saves "
+        "and evaluations more.", metavar="S", **_HEAL)
+    loss_guard: bool = _f(
+        True, "Skip the update of a step whose loss or gradient norm is not finite, or whose loss "
+        "is above loss_spike_factor x the running median, on every rank; roll back after "
+        "max_bad_steps such steps in a row.", **_HEAL)
+    loss_spike_factor: float = _f(
+        2.0, "A step's loss above this many times the median of the last loss_spike_window losses "
+        "is a spike; 0 = check only for NaN/inf.", metavar="K", **_HEAL)
+    loss_spike_window: int = _f(
+        100, "Accepted steps in the spike check's running median (the check starts once it is "
+        "full).", **_HEAL)
+    max_bad_steps: int = _f(
+        3, "Bad steps in a row before rolling back to the newest complete checkpoint before them "
+        "and skipping the data consumed since; 0 = never roll back.", metavar="M", **_HEAL)
+    max_rollbacks: int = _f(
+        3, "Rollbacks a run start may make; one more streak of bad steps stops the run (exit 1, "
+        "diverged).", **_HEAL)
+    max_pending_uploads: int = _f(
+        0, "If more checkpoints than this wait for upload, skip the superseded ones (kept "
+        "locally); 0 = never skip.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -168,8 +208,9 @@ _INTS = [(("seq_len", "max_steps", "save_steps", "log_steps", "eval_batches", "v
            "prefetch_micro_batches", "max_bad_steps", "max_rollbacks"), 0)]
 _OPTIONAL_INTS = [(("micro_batch", "grad_accum", "max_shards", "warmup_steps"), 1),  # DeepSpeed needs warmup >= 1
                   (("vocab_size",), 2)]
-_CHOICES = {"attention": (ATTENTION_IMPLS, False), "mixed_precision": (PRECISIONS, True),
-            "optimizer_impl": (OPTIMIZER_IMPLS, True)}  # field -> (valid values, null allowed)
+# field -> (valid values, null allowed), from the fields' `choices` (their flags offer the same)
+_CHOICES = {f.name: (f.metadata["choices"], f.default is None) for f in fields(RunConfig)
+            if "choices" in f.metadata}
 _BOOLS = ("activation_checkpointing", "background_upload", "async_save", "loss_guard", "allow_data_change")
 _OPTIONAL_STRINGS = ("sync_to", "credentials", "init_from_hf", "compile")
 _STRINGS = ("name", "ds_config", "data_dir", "save_dir", "log_dir")
