@@ -31,10 +31,12 @@ setup(
         "pyarrow>=15",
         "zstandard>=0.22",
     ],
-    # ruff pinned: its findings are part of CI's verdict, so a new release cannot fail a run by itself.
+    # ruff pinned: its findings are part of CI's verdict, so a new release cannot fail a run by itself. pytest-xdist
+    # runs the suite on every core (most tests wait on subprocesses; one core sits idle without it).
     # megatron-core reads back the indexed datasets prepare writes; datasets makes the save_to_disk folders the
     # tests read and is what bench/prepare_bench.py compares against.
-    extras_require={"test": ["pytest>=8", "gcp-storage-emulator>=2024.8", "pyyaml>=6", "ruff==0.17.6",
+    extras_require={"test": ["pytest>=8", "pytest-xdist==3.8.0", "gcp-storage-emulator>=2024.8", "pyyaml>=6",
+                             "ruff==0.17.6",
                              "megatron-core==0.16.1", "datasets==5.2.0"]},
     entry_points={
         "console_scripts": [

@@ -3,12 +3,14 @@ starts `neox-train` for real (one process, or several through the real `deepspee
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,16 +38,36 @@ def markov_tokens(n: int, seed: int = 0) -> np.ndarray:
     return out
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder built once per test session and shared by every pytest-xdist worker (the workers' temporary
+    folders sit side by side under one session folder): the first worker to ask builds it under a lock, the others
+    wait for it and reuse it. Without xdist, the session's own temporary folder."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder = root / f"shared-{name}"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when a build fails
+        if not (folder / ".built").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed half-way
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def token_dir(tmp_path_factory) -> Path:
     """Nested shards, one of them .npz, ~40k tokens."""
-    root = tmp_path_factory.mktemp("tokens")
-    toks = markov_tokens(40_000)
-    (root / "part1" / "deep").mkdir(parents=True)
-    np.save(root / "part1" / "a.npy", toks[:15_000])
-    np.savez(root / "part1" / "deep" / "b.npz", input_ids=toks[15_000:30_000].astype(np.uint32))
-    np.save(root / "c.npy", toks[30_000:])
-    return root
+
+    def build(root: Path) -> None:
+        toks = markov_tokens(40_000)
+        (root / "part1" / "deep").mkdir(parents=True)
+        np.save(root / "part1" / "a.npy", toks[:15_000])
+        np.savez(root / "part1" / "deep" / "b.npz", input_ids=toks[15_000:30_000].astype(np.uint32))
+        np.save(root / "c.npy", toks[30_000:])
+
+    return built_once(tmp_path_factory, "tokens", build)
 
 
 def test_ds_config(tmp_path: Path, stage: int, *, lr: float = 3e-3, **zero_overrides) -> Path:
@@ -87,16 +109,18 @@ def trained_run(tmp_path_factory, token_dir):
     """get(stage, nprocs, precision) -> the run folder (run.json, ckpt/, logs/) of a shared training run. Tests
     read these folders and copy what they change."""
 
+    def train(tmp: Path, stage: int, nprocs: int, precision: str) -> None:
+        run = tiny_run_config(
+            tmp, token_dir, ds_config=str(test_ds_config(tmp, stage)), mixed_precision=precision,
+            max_steps=TRAINED_STEPS, save_steps=TRAINED_SAVE_AT, eval_steps=TRAINED_SAVE_AT,
+        )
+        run_train(["--config", str(run)], nprocs=nprocs)
+
     def get(stage: int, nprocs: int, precision: str) -> Path:
         key = (stage, nprocs, precision)
         if key not in _trained:
-            tmp = tmp_path_factory.mktemp(f"trained_zero{stage}_{nprocs}p_{precision}")
-            run = tiny_run_config(
-                tmp, token_dir, ds_config=str(test_ds_config(tmp, stage)), mixed_precision=precision,
-                max_steps=TRAINED_STEPS, save_steps=TRAINED_SAVE_AT, eval_steps=TRAINED_SAVE_AT,
-            )
-            run_train(["--config", str(run)], nprocs=nprocs)
-            _trained[key] = tmp
+            _trained[key] = built_once(tmp_path_factory, f"trained_zero{stage}_{nprocs}p_{precision}",
+                                       lambda tmp: train(tmp, *key))
         return _trained[key]
 
     return get
@@ -166,9 +190,13 @@ def copy_checkpoint(src: Path, dst: Path, tag: str) -> None:
     (dst / "latest").write_text(tag)
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle: the order within each group stays random
 def pytest_collection_modifyitems(config, items):
+    """The slow tests first: with pytest-xdist, a minute-long test handed out last keeps one worker busy while the
+    others have finished. GPU tests are skipped without CUDA."""
     import torch
 
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -8,6 +8,7 @@ skips with that reason.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -57,11 +58,15 @@ def apt_install(packages: list[str]) -> None:
 
 
 def ensure(*tools: str) -> None:
-    """Install the Debian packages of whichever `tools` are missing; ToolsUnavailable when that fails."""
-    need = missing(*tools)
-    if not need:
+    """Install the Debian packages of whichever `tools` are missing; ToolsUnavailable when that fails. One
+    installer at a time on this machine (pytest-xdist workers ask at once; dpkg takes one)."""
+    if not missing(*tools):
         return
-    apt_install(sorted({TOOLS[t][1] for t in need}))
+    with open("/tmp/neox-test-syspkgs.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        need = missing(*tools)  # another worker may have installed them meanwhile
+        if need:
+            apt_install(sorted({TOOLS[t][1] for t in need}))
     still = missing(*tools)
     if still:
         raise ToolsUnavailable(f"{', '.join(still)} still missing after apt-get install")

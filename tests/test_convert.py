@@ -30,6 +30,7 @@ from conftest import (
     TRAINED_SAVE_AT,
     TRAINED_STEPS,
     VOCAB,
+    built_once,
     read_metrics,
     run_train,
     test_ds_config,
@@ -55,11 +56,12 @@ def prepared_dir(tmp_path_factory) -> Path:
 
     from neox_train.data.prepare import prepare
 
-    root = tmp_path_factory.mktemp("prepared")
-    docs = root / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)[:30]))
-    prepare([str(docs)], root / "data", tokenizer_path=None, vocab_size=300)
-    return root / "data"
+    def build(root: Path) -> None:
+        docs = root / "docs.jsonl"
+        docs.write_text("".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)[:30]))
+        prepare([str(docs)], root / "data", tokenizer_path=None, vocab_size=300)
+
+    return built_once(tmp_path_factory, "prepared", build) / "data"
 
 
 @pytest.fixture(scope="module")
@@ -73,13 +75,14 @@ def trained(trained_run, tmp_path_factory, prepared_dir):
             if not prepared:
                 _runs[key] = trained_run(stage, nprocs, precision)
             else:
-                tmp = tmp_path_factory.mktemp(f"prepared_zero{stage}_{nprocs}p_{precision}")
-                run = tiny_run_config(
-                    tmp, prepared_dir, ds_config=str(test_ds_config(tmp, stage)), mixed_precision=precision,
-                    max_steps=STEPS, save_steps=TRAINED_SAVE_AT, eval_steps=TRAINED_SAVE_AT, vocab_size=None,
-                )
-                run_train(["--config", str(run)], nprocs=nprocs)
-                _runs[key] = tmp
+                def train(tmp: Path) -> None:
+                    run = tiny_run_config(
+                        tmp, prepared_dir, ds_config=str(test_ds_config(tmp, stage)), mixed_precision=precision,
+                        max_steps=STEPS, save_steps=TRAINED_SAVE_AT, eval_steps=TRAINED_SAVE_AT, vocab_size=None,
+                    )
+                    run_train(["--config", str(run)], nprocs=nprocs)
+
+                _runs[key] = built_once(tmp_path_factory, f"prepared_zero{stage}_{nprocs}p_{precision}", train)
         return _runs[key]
 
     return get
