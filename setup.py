@@ -40,7 +40,7 @@ setup(
                              "megatron-core==0.16.1", "datasets==5.2.0"]},
     entry_points={
         "console_scripts": [
-            "neox-train=neox_train.cli.train:main",
+            "neox-train=neox_train.cli.train:entry",
             "neox-data=neox_train.cli.data:main",
             "neox-sync=neox_train.cli.sync:main",
             "neox-launch=neox_train.cli.launch:main",
