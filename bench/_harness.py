@@ -1,8 +1,9 @@
-"""What the performance benchmarks share: synthetic token shards, a real `Trainer` built in this process the way
-`neox-train` builds it, device synchronisation, and the one-JSON-line output.
+"""What the performance benchmarks share: synthetic token shards, a real `Trainer` built in this
+process the way `neox-train` builds it, device synchronisation, and the one-JSON-line output.
 
-The benchmarks drive the package's own Trainer, loader and accounting (no re-implementation), in one process,
-so variants can be interleaved (A B B A ...) and every comparison is a ratio measured under the same load.
+The benchmarks drive the package's own Trainer, loader and accounting (no re-implementation), in one
+process, so variants can be interleaved (A B B A ...) and every comparison is a ratio measured under
+the same load.
 """
 
 from __future__ import annotations
@@ -19,17 +20,20 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# stdout carries the one JSON line and nothing else. DeepSpeed's logger writes to whatever sys.stdout is when
-# deepspeed is first imported, so stdout is pointed at stderr before that import and kept here for emit().
+# stdout carries the one JSON line and nothing else. DeepSpeed's logger writes to whatever
+# sys.stdout is when deepspeed is first imported, so stdout is pointed at stderr before that import
+# and kept here for emit().
 _RESULT_OUT = sys.stdout
 sys.stdout = sys.stderr
 
 import numpy as np  # noqa: E402
 
 
-def synthetic_shards(folder: Path, *, vocab_size: int, num_tokens: int, shards: int = 4, seed: int = 0) -> Path:
-    """Uniform random token ids in `shards` .npy files plus meta.json (what `neox-data prepare` would write).
-    Throughput does not depend on what the tokens say; the loader's work (memmap gather) is the same."""
+def synthetic_shards(folder: Path, *, vocab_size: int, num_tokens: int, shards: int = 4,
+                     seed: int = 0) -> Path:
+    """Uniform random token ids in `shards` .npy files plus meta.json (what `neox-data prepare`
+    would write). Throughput does not depend on what the tokens say; the loader's work (memmap
+    gather) is the same."""
     folder.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
     rng = np.random.default_rng(seed)
@@ -41,7 +45,8 @@ def synthetic_shards(folder: Path, *, vocab_size: int, num_tokens: int, shards: 
 
 
 def parse_assignments(items: list[str]) -> dict[str, Any]:
-    """`KEY=VALUE` strings -> run-config overrides; VALUE is JSON when it parses (true, 3, null), else a string."""
+    """`KEY=VALUE` strings -> run-config overrides; VALUE is JSON when it parses (true, 3, null),
+    else a string."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -68,8 +73,8 @@ def parse_compare(spec: str) -> tuple[str, list[Any]]:
 
 
 def build_session(values: dict[str, Any]):
-    """A training session for these run-config values, started as `neox-train` starts one (train.session: the same
-    checks, engine, lock and publisher). Stop it with `session.close()`."""
+    """A training session for these run-config values, started as `neox-train` starts one
+    (train.session: the same checks, engine, lock and publisher). Stop it with `session.close()`."""
     from neox_train.config import from_dict
     from neox_train.train.session import start_session
 
@@ -93,7 +98,8 @@ def timed_block(fn) -> float:
 
 
 def abba(rounds: int, names: list[str]) -> list[list[str]]:
-    """Run orders A B ... then ... B A, alternating, so slow drift of the machine's load cancels out."""
+    """Run orders A B ... then ... B A, alternating, so slow drift of the machine's load cancels
+    out."""
     return [names if r % 2 == 0 else names[::-1] for r in range(rounds)]
 
 
@@ -117,8 +123,8 @@ def device_info() -> dict[str, Any]:
 
 
 def run_in_scratch(name: str, measure: Callable[[Path], dict[str, Any]]) -> int:
-    """A bench's main: measure(scratch folder) in a temporary folder removed afterwards, its result emitted as
-    bench NAME; the exit status."""
+    """A bench's main: measure(scratch folder) in a temporary folder removed afterwards, its result
+    emitted as bench NAME; the exit status."""
     with tempfile.TemporaryDirectory(prefix=f"neox-{name}-") as tmp:
         result = measure(Path(tmp))
     emit({"bench": name, **result})
@@ -126,11 +132,14 @@ def run_in_scratch(name: str, measure: Callable[[Path], dict[str, Any]]) -> int:
 
 
 def emit(result: dict[str, Any]) -> None:
-    """One JSON line on stdout (everything else goes to stderr), with the date and the command that made it."""
-    env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ]  # it changes CPU timings
+    """One JSON line on stdout (everything else goes to stderr), with the date and the command that
+    made it."""
+    # it changes CPU timings
+    env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS",) if k in os.environ]
     result = {
         "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join([*env, *(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])]),
+        "command": " ".join([*env,
+                             *(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])]),
         **device_info(),
         **result,
     }
@@ -139,7 +148,8 @@ def emit(result: dict[str, Any]) -> None:
 
 
 def add_demo_shape_arguments(p) -> None:
-    """The model shape the CPU benches default to: the README demo's (neox-demo, seq 128, 8 x 2, fp32, vocab 4096)."""
+    """The model shape the CPU benches default to: the README demo's (neox-demo, seq 128, 8 x 2,
+    fp32, vocab 4096)."""
     from neox_train.model import MODEL_PRESETS
 
     p.add_argument("--preset", default="neox-demo", choices=sorted(MODEL_PRESETS))

@@ -1,21 +1,24 @@
-"""Samples/s of the shard loader against what the model consumes, and the data-wait share of the training step.
+"""Samples/s of the shard loader against what the model consumes, and the data-wait share of the
+training step.
 
-    .venv/bin/python bench/dataloader.py [--preset neox-demo --seq-len 128 --micro-batch 8 --grad-accum 2]
-                                         [--batches 400 --steps 12 --prefetch 2]
+    .venv/bin/python bench/dataloader.py [--preset neox-demo --seq-len 128 --micro-batch 8
+                                          --grad-accum 2] [--batches 400 --steps 12 --prefetch 2]
 
-1. The loader alone: the trainer's `MicroBatchLoader` over memory-mapped shards, drained as fast as it delivers
-   (on CUDA including the pinned, non-blocking copy to the GPU), assembled on demand (prefetch 0) and by the
-   background thread (--prefetch), alternating, --loader-rounds times: samples/s.
-2. The model: two real Trainers on the same shards and shape, prefetch 0 and --prefetch, alternating blocks of
-   --block steps (A B / B A); the samples/s the model consumes and the trainer's own data-wait fraction (the time
-   the loop blocked on the loader, over the step time) for each.
+1. The loader alone: the trainer's `MicroBatchLoader` over memory-mapped shards, drained as fast as
+   it delivers (on CUDA including the pinned, non-blocking copy to the GPU), assembled on demand
+   (prefetch 0) and by the background thread (--prefetch), alternating, --loader-rounds times:
+   samples/s.
+2. The model: two real Trainers on the same shards and shape, prefetch 0 and --prefetch, alternating
+   blocks of --block steps (A B / B A); the samples/s the model consumes and the trainer's own
+   data-wait fraction (the time the loop blocked on the loader, over the step time) for each.
 
---mixture N splits the synthetic tokens into N datasets drawn with weights N, N-1, ..., 1 (run config `data`): the
-loader then runs the mixture's sampler and window lookup, the trainers train on the mixture.
+--mixture N splits the synthetic tokens into N datasets drawn with weights N, N-1, ..., 1 (run
+config `data`): the loader then runs the mixture's sampler and window lookup, the trainers train on
+the mixture.
 
-headroom = loader samples/s / model samples/s (how much faster the loader is than the model needs it). Goal: data
-wait under 1% of the step. Synthetic shards are freshly written, so they sit in the page cache; a first epoch over
-a dataset larger than RAM also reads from disk. Prints one JSON line.
+headroom = loader samples/s / model samples/s (how much faster the loader is than the model needs
+it). Goal: data wait under 1% of the step. Synthetic shards are freshly written, so they sit in the
+page cache; a first epoch over a dataset larger than RAM also reads from disk. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ GOAL_DATA_WAIT = 0.01
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_demo_shape_arguments(p)
     p.add_argument("--prefetch", type=int, default=2, help="the prefetching loader's depth")
     p.add_argument("--batches", type=int, default=400, help="micro-batches per loader measurement")
@@ -50,23 +53,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block", type=int, default=4, help="optimizer steps per timed training block")
     p.add_argument("--rounds", type=int, default=4, help="training rounds per variant")
     p.add_argument("--shards", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=8_000_000, help="synthetic tokens in all shards together")
-    p.add_argument("--data-dir", help="token shards (default: synthetic shards in a temporary folder)")
-    p.add_argument("--mixture", type=int, default=1, metavar="N", help="N synthetic datasets, weights N..1")
+    p.add_argument("--tokens", type=int, default=8_000_000,
+                   help="synthetic tokens in all shards together")
+    p.add_argument("--data-dir",
+                   help="token shards (default: synthetic shards in a temporary folder)")
+    p.add_argument("--mixture", type=int, default=1, metavar="N",
+                   help="N synthetic datasets, weights N..1")
     args = p.parse_args(argv)
     if args.prefetch < 1:
         p.error("--prefetch must be >= 1 (prefetch 0 is always measured as the baseline)")
     return args
 
 
-def loader_rate(windows, split, *, seq_len: int, micro_batch: int, prefetch: int, batches: int, seed: int) -> float:
+def loader_rate(windows, split, *, seq_len: int, micro_batch: int, prefetch: int, batches: int,
+                seed: int) -> float:
     """Micro-batches drained from a fresh loader as fast as it delivers them: samples/s."""
     import torch
 
     from neox_train.data.loader import MicroBatchLoader
     from neox_train.data.mixture import make_stream
 
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+              else torch.device("cpu"))
     stream = make_stream(split, seed=seed, micro_batch=micro_batch, dp_rank=0, dp_size=1)
     loader = MicroBatchLoader(windows, stream, device=device, prefetch=prefetch)
     try:
@@ -88,8 +96,9 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     n = max(1, args.mixture)
     folders = [args.data_dir] if args.data_dir and n == 1 else [
-        str(synthetic_shards(work / f"tokens{i}", vocab_size=args.vocab_size, num_tokens=args.tokens // n,
-                             shards=max(1, args.shards // n), seed=i)) for i in range(n)]
+        str(synthetic_shards(work / f"tokens{i}", vocab_size=args.vocab_size,
+                             num_tokens=args.tokens // n, shards=max(1, args.shards // n),
+                             seed=i)) for i in range(n)]
     data_dir = folders[0]
     weights = [float(n - i) for i in range(n)]
     if n == 1:
@@ -105,19 +114,21 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for order in abba(args.loader_rounds, [0, args.prefetch]):
         for prefetch in order:
             rates[f"prefetch_{prefetch}"].append(loader_rate(
-                windows, split, seq_len=args.seq_len, micro_batch=args.micro_batch, prefetch=prefetch,
-                batches=args.batches, seed=len(rates[f"prefetch_{prefetch}"]),
+                windows, split, seq_len=args.seq_len, micro_batch=args.micro_batch,
+                prefetch=prefetch, batches=args.batches, seed=len(rates[f"prefetch_{prefetch}"]),
             ))
 
     total_steps = args.block * (args.rounds + 1)
     trainers = {}
     for prefetch in (0, args.prefetch):
         values = dict(
-            name=f"dataloader{prefetch}", model=args.preset, seq_len=args.seq_len, micro_batch=args.micro_batch,
-            grad_accum=args.grad_accum, mixed_precision=args.precision, ds_config="zero0", max_steps=total_steps,
-            warmup_steps=1, log_steps=args.block, eval_steps=0, save_steps=10 * total_steps, keep_last_n=0,
-            val_fraction=0.0, data_dir=data_dir, save_dir=str(work / f"ckpt{prefetch}"),
-            log_dir=str(work / f"logs{prefetch}"), prefetch_micro_batches=prefetch,
+            name=f"dataloader{prefetch}", model=args.preset, seq_len=args.seq_len,
+            micro_batch=args.micro_batch, grad_accum=args.grad_accum,
+            mixed_precision=args.precision, ds_config="zero0", max_steps=total_steps,
+            warmup_steps=1, log_steps=args.block, eval_steps=0, save_steps=10 * total_steps,
+            keep_last_n=0, val_fraction=0.0, data_dir=data_dir,
+            save_dir=str(work / f"ckpt{prefetch}"), log_dir=str(work / f"logs{prefetch}"),
+            prefetch_micro_batches=prefetch,
         )
         if args.data_dir is None:
             values["vocab_size"] = args.vocab_size
@@ -132,7 +143,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             for prefetch in order:
                 trainer = trainers[prefetch][0].trainer
                 times[prefetch].append(
-                    timed_block(lambda: trainer.train(until_step=trainer.step + args.block, final=False)))
+                    timed_block(lambda: trainer.train(until_step=trainer.step + args.block,
+                                                      final=False)))
     finally:
         for session, _ in trainers.values():
             session.close()
@@ -150,14 +162,12 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         }
     chosen = f"prefetch_{args.prefetch}"
     return {
-        "preset": args.preset, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
-        "precision": args.precision, "datasets": n, "weights": weights,
-        "shards": sum(len(discover_shards(f)) for f in folders), "windows": len(windows),
-        "loader_samples_per_s": loader,
-        "model": model,
+        "preset": args.preset, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
+        "grad_accum": args.grad_accum, "precision": args.precision, "datasets": n,
+        "weights": weights, "shards": sum(len(discover_shards(f)) for f in folders),
+        "windows": len(windows), "loader_samples_per_s": loader, "model": model,
         "headroom": loader[chosen] / model[chosen]["samples_per_s"],
-        "data_wait_frac": model[chosen]["data_wait_frac"],
-        "goal_data_wait_frac": GOAL_DATA_WAIT,
+        "data_wait_frac": model[chosen]["data_wait_frac"], "goal_data_wait_frac": GOAL_DATA_WAIT,
         "goal_met": model[chosen]["data_wait_frac"] < GOAL_DATA_WAIT,
     }
 

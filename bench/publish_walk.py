@@ -1,13 +1,15 @@
-"""The walk of one checkpoint from the trainer's hand-off to the bucket, as a reader follows it: which files of the
-package control passes through, in order, and how often it comes back to a file it had left.
+"""The walk of one checkpoint from the trainer's hand-off to the bucket, as a reader follows it:
+which files of the package control passes through, in order, and how often it comes back to a file
+it had left.
 
     python bench/publish_walk.py
 
-Runs the real code in one process: `Publisher.committed(tag)` (the trainer's side: journal, hand-off), then the
-upload process's own loop (`run_upload_process`, called here instead of in a spawned child so one profiler sees
-it) publishing the tag to a folder "bucket" until it is COMPLETE. Prints one JSON line: the files in first-visit
-order, `stays` (maximal stretches in one file), `returns` (stays in a file already left, by a call or a return)
-and `reentries` (calls into a file already left that is not the caller: the walk climbing back up).
+Runs the real code in one process: `Publisher.committed(tag)` (the trainer's side: journal,
+hand-off), then the upload process's own loop (`run_upload_process`, called here instead of in a
+spawned child so one profiler sees it) publishing the tag to a folder "bucket" until it is COMPLETE.
+Prints one JSON line: the files in first-visit order, `stays` (maximal stretches in one file),
+`returns` (stays in a file already left, by a call or a return) and `reentries` (calls into a file
+already left that is not the caller: the walk climbing back up).
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ def _short(filename: str) -> str | None:
 
 
 class Walk:
-    """sys.setprofile hook: the sequence of package files control is in (Python calls and returns only)."""
+    """sys.setprofile hook: the sequence of package files control is in (Python calls and returns
+    only)."""
 
     def __init__(self) -> None:
         self.stays: list[str] = []
         self.reentries = 0
-        self.callbacks: dict[str, int] = {}  # "caller -> callee" where the callee's file is further up the stack
+        # "caller -> callee" where the callee's file is further up the stack
+        self.callbacks: dict[str, int] = {}
 
     def _enter(self, name: str | None, *, by_call: bool, caller: str | None) -> None:
         if name is None or (self.stays and self.stays[-1] == name):

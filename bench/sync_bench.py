@@ -2,16 +2,19 @@
 
     .venv/bin/python bench/sync_bench.py [--steps 24] [--save-steps 4] [--json]
 
-1. Checkpoint stall: the same short training run, alternately without sync and with background sync to a GCS API
-   server (gcp-storage-emulator on loopback), `--rounds` times each, comparing the median time the loop spent
-   inside save (`checkpoint/stall_s` in metrics.jsonl). Goal: sync-on / sync-off <= 1.05. The emulator runs
-   niced: in production the server is Google's, not a process on the training machine's cores.
-2. Upload throughput: the same checkpoint folder uploaded to the emulator by our `sync_up` (listing, crc32c,
-   skip check, upload, verification listing) and by google-cloud-storage's
-   `transfer_manager.upload_many_from_filenames` (upload only), same worker count, alternating which goes first,
-   `--upload-rounds` times; the median of the per-round ratios. Goal: ours / theirs >= 1.0. The emulator serves
-   one request at a time, so this compares client overhead, not network parallelism.
-Needs the demo data (`neox-data prepare --input builtin:pydoc --output data/demo --vocab-size 4096`).
+1. Checkpoint stall: the same short training run, alternately without sync and with background sync
+   to a GCS API server (gcp-storage-emulator on loopback), `--rounds` times each, comparing the
+   median time the loop spent inside save (`checkpoint/stall_s` in metrics.jsonl). Goal: sync-on /
+   sync-off <= 1.05. The emulator runs niced: in production the server is Google's, not a process on
+   the training machine's cores.
+2. Upload throughput: the same checkpoint folder uploaded to the emulator by our `sync_up` (listing,
+   crc32c, skip check, upload, verification listing) and by google-cloud-storage's
+   `transfer_manager.upload_many_from_filenames` (upload only), same worker count, alternating which
+   goes first, `--upload-rounds` times; the median of the per-round ratios. Goal: ours / theirs >=
+   1.0. The emulator serves one request at a time, so this compares client overhead, not network
+   parallelism.
+Needs the demo data
+(`neox-data prepare --input builtin:pydoc --output data/demo --vocab-size 4096`).
 """
 
 from __future__ import annotations
@@ -30,11 +33,12 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
-def train(tmp: Path, name: str, steps: int, save_steps: int, sync_to: str | None, env: dict) -> list[float]:
+def train(tmp: Path, name: str, steps: int, save_steps: int, sync_to: str | None,
+          env: dict) -> list[float]:
     args = [
-        str(BIN / "neox-train"), "--config", "demo", "--max-steps", str(steps), "--save-steps", str(save_steps),
-        "--eval-steps", "0", "--log-steps", str(save_steps), "--save-dir", str(tmp / f"ckpt-{name}"),
-        "--log-dir", str(tmp / f"logs-{name}"),
+        str(BIN / "neox-train"), "--config", "demo", "--max-steps", str(steps), "--save-steps",
+        str(save_steps), "--eval-steps", "0", "--log-steps", str(save_steps), "--save-dir",
+        str(tmp / f"ckpt-{name}"), "--log-dir", str(tmp / f"logs-{name}"),
     ]
     run_config = tmp / f"{name}.json"
     run_config.write_text(json.dumps({"base": "demo", "sync_to": sync_to, "keep_last_n": 0}))
@@ -42,7 +46,8 @@ def train(tmp: Path, name: str, steps: int, save_steps: int, sync_to: str | None
     proc = subprocess.run(args, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"bench: training ({name}) failed:\n{proc.stderr[-4000:]}")
-    records = [json.loads(line) for line in (tmp / f"logs-{name}" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line)
+               for line in (tmp / f"logs-{name}" / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if r["kind"] == "checkpoint"]
 
 
@@ -72,8 +77,8 @@ def upload_throughput(folder: Path, workers: int, rounds: int) -> dict:
     def theirs(i: int) -> float:
         t0 = time.perf_counter()
         outcomes = transfer_manager.upload_many_from_filenames(
-            theirs_bucket, names, source_directory=str(folder), blob_name_prefix=f"run{i}/ckpt/", max_workers=workers,
-            worker_type=transfer_manager.THREAD, raise_exception=True,
+            theirs_bucket, names, source_directory=str(folder), blob_name_prefix=f"run{i}/ckpt/",
+            max_workers=workers, worker_type=transfer_manager.THREAD, raise_exception=True,
         )
         assert all(o is None for o in outcomes)
         return time.perf_counter() - t0
@@ -97,11 +102,12 @@ def upload_throughput(folder: Path, workers: int, rounds: int) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--save-steps", type=int, default=4)
     p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=2, help="training runs per side (alternating off, on, off, on, ...)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="training runs per side (alternating off, on, off, on, ...)")
     p.add_argument("--upload-rounds", type=int, default=9)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -117,12 +123,12 @@ def main() -> int:
     else:
         stall, throughput = result["checkpoint_stall"], result["upload_throughput"]
         print(f"checkpoint stall (median): {stall['off_median_s']:.3f} s without sync, "
-              f"{stall['on_median_s']:.3f} s with background sync ({stall['on_over_off']:.3f}x, {stall['saves']} saves "
-              f"per side)", file=sys.stderr)
+              f"{stall['on_median_s']:.3f} s with background sync ({stall['on_over_off']:.3f}x, "
+              f"{stall['saves']} saves per side)", file=sys.stderr)
         print(f"upload: ours {throughput['ours_mb_s']:.1f} MB/s, transfer_manager "
               f"{throughput['transfer_manager_mb_s']:.1f} MB/s (median ratio "
-              f"{throughput['ours_over_transfer_manager']:.2f}x over {throughput['rounds']} rounds) for "
-              f"{throughput['files']} files, "
+              f"{throughput['ours_over_transfer_manager']:.2f}x over {throughput['rounds']} "
+              f"rounds) for {throughput['files']} files, "
               f"{throughput['bytes'] / 1e6:.1f} MB", file=sys.stderr)
     return 0
 
@@ -130,12 +136,14 @@ def main() -> int:
 def measure(args, emulator_url: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}", "STORAGE_EMULATOR_HOST": emulator_url}
+        env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+               "STORAGE_EMULATOR_HOST": emulator_url}
         os.environ["STORAGE_EMULATOR_HOST"] = emulator_url
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
 
-        storage.Client(project="bench", credentials=AnonymousCredentials()).create_bucket("bench-train")
+        storage.Client(project="bench",
+                       credentials=AnonymousCredentials()).create_bucket("bench-train")
         off_s: list[float] = []
         on_s: list[float] = []
         on_submit: list[float] = []
@@ -147,11 +155,13 @@ def measure(args, emulator_url: str) -> dict:
                 if name == "on":
                     on_submit.extend(r["submit_s"] for r in records)
         stall = {
-            "saves": len(on_s), "off_median_s": statistics.median(off_s), "on_median_s": statistics.median(on_s),
+            "saves": len(on_s), "off_median_s": statistics.median(off_s),
+            "on_median_s": statistics.median(on_s),
             "on_over_off": statistics.median(on_s) / statistics.median(off_s),
             "on_over_off_mean": statistics.mean(on_s) / statistics.mean(off_s),
-            # The trainer-side cost of handing a checkpoint to the worker (journal line + pipe message); the rest
-            # of any difference is the worker and the GCS server competing for the same cores and disk.
+            # The trainer-side cost of handing a checkpoint to the worker (journal line + pipe
+            # message); the rest of any difference is the worker and the GCS server competing for
+            # the same cores and disk.
             "on_submit_median_s": statistics.median(on_submit), "off_s": off_s, "on_s": on_s,
         }
         last = max((tmp / "ckpt-off0").glob("global_step*"), key=lambda q: int(q.name[11:]))

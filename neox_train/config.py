@@ -1,9 +1,9 @@
 """The run config: what to train, on what data, for how long, where to write. Frozen once loaded.
 
-DeepSpeed's own settings (ZeRO stage, precision, optimizer, schedule, batch) live in the DeepSpeed JSON named
-by `ds_config`; the few run fields that overlap it (`micro_batch`, `grad_accum`, `mixed_precision`) are
-optional overrides applied by `ds_config.effective_ds_config`, so there is exactly one place each value comes
-from and the effective result is printed and saved with the run.
+DeepSpeed's own settings (ZeRO stage, precision, optimizer, schedule, batch) live in the DeepSpeed
+JSON named by `ds_config`; the few run fields that overlap it (`micro_batch`, `grad_accum`,
+`mixed_precision`) are optional overrides applied by `ds_config.effective_ds_config`, so there is
+exactly one place each value comes from and the effective result is printed and saved with the run.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from neox_train.errors import ConfigError, read_json_object
 from neox_train.model import ATTENTION_IMPLS, MODEL_PRESETS
 
 PRECISIONS = ("bf16", "fp16", "no")
-# --resume auto: latest where a complete checkpoint exists (here or at sync_to), else step 0 (the supervisor's)
+# --resume auto: latest where a complete checkpoint exists (here or at sync_to), else step 0 (the
+# supervisor's)
 RESUME_AUTO = "auto"
-# torch: torch.optim.AdamW with torch's default kernel (for-each on CUDA); torch_fused: its fused kernel (CUDA and
-# CPU, no build); deepspeed_fused: DeepSpeed's FusedAdam, JIT-compiled at start (nvcc on a GPU machine).
+# torch: torch.optim.AdamW with torch's default kernel (for-each on CUDA); torch_fused: its fused
+# kernel (CUDA and CPU, no build); deepspeed_fused: DeepSpeed's FusedAdam, JIT-compiled at start
+# (nvcc on a GPU machine).
 OPTIMIZER_IMPLS = ("torch", "torch_fused", "deepspeed_fused")
 
 
@@ -165,7 +167,8 @@ class RunConfig:
         return [entry["path"] for entry in self.data] if self.data else [self.data_dir]
 
     def replace(self, **changes: Any) -> "RunConfig":
-        """A validated copy with `changes` (command-line overrides); the original is never mutated."""
+        """A validated copy with `changes` (command-line overrides); the original is never
+        mutated."""
         return from_dict({**self.to_dict(), **changes})
 
 
@@ -174,19 +177,21 @@ RUN_PRESETS: dict[str, dict[str, Any]] = {
     # Quick validation of the real pipeline on a GPU: small model, few shards, frequent saves.
     "test": dict(
         name="test", model="neox-160m", seq_len=512, ds_config="zero2", micro_batch=2, grad_accum=2,
-        mixed_precision="bf16", max_steps=1000, save_steps=200, log_steps=25, eval_steps=200, max_shards=5,
+        mixed_precision="bf16", max_steps=1000, save_steps=200, log_steps=25, eval_steps=200,
+        max_shards=5,
     ),
     # The flagship run: neox-1.2b, effective batch 16 sequences per GPU (4 x 4).
     "production": dict(
-        name="production", model="neox-1.2b", seq_len=2048, ds_config="zero2", micro_batch=4, grad_accum=4,
-        mixed_precision="bf16", max_steps=10000, save_steps=500, log_steps=100, eval_steps=500,
+        name="production", model="neox-1.2b", seq_len=2048, ds_config="zero2", micro_batch=4,
+        grad_accum=4, mixed_precision="bf16", max_steps=10000, save_steps=500, log_steps=100,
+        eval_steps=500,
     ),
     # The README demo: trains on 2 CPU cores in a few minutes on the Python docs corpus.
     "demo": dict(
         name="demo", model="neox-demo", seq_len=128, ds_config="zero0", micro_batch=8, grad_accum=2,
-        mixed_precision="no", max_steps=300, warmup_steps=30, save_steps=100, log_steps=10, eval_steps=50,
-        eval_batches=8, keep_last_n=2, val_fraction=0.05, data_dir="data/demo", save_dir="checkpoints/demo",
-        log_dir="logs/demo", sync_to="bucket/demo",
+        mixed_precision="no", max_steps=300, warmup_steps=30, save_steps=100, log_steps=10,
+        eval_steps=50, eval_batches=8, keep_last_n=2, val_fraction=0.05, data_dir="data/demo",
+        save_dir="checkpoints/demo", log_dir="logs/demo", sync_to="bucket/demo",
     ),
 }
 
@@ -204,14 +209,17 @@ def _type_name(value: Any) -> str:
 # The rules, by kind: (fields, lower bound) for integers; the allowed values of each choice field.
 _INTS = [(("seq_len", "max_steps", "save_steps", "log_steps", "eval_batches", "vocab_pad_multiple",
            "loss_spike_window"), 1),
-         (("eval_steps", "keep_last_n", "seed", "max_pending_uploads", "max_unpublished_checkpoints",
-           "prefetch_micro_batches", "max_bad_steps", "max_rollbacks"), 0)]
-_OPTIONAL_INTS = [(("micro_batch", "grad_accum", "max_shards", "warmup_steps"), 1),  # DeepSpeed needs warmup >= 1
+         (("eval_steps", "keep_last_n", "seed", "max_pending_uploads",
+           "max_unpublished_checkpoints", "prefetch_micro_batches", "max_bad_steps",
+           "max_rollbacks"), 0)]
+# DeepSpeed needs warmup >= 1
+_OPTIONAL_INTS = [(("micro_batch", "grad_accum", "max_shards", "warmup_steps"), 1),
                   (("vocab_size",), 2)]
 # field -> (valid values, null allowed), from the fields' `choices` (their flags offer the same)
 _CHOICES = {f.name: (f.metadata["choices"], f.default is None) for f in fields(RunConfig)
             if "choices" in f.metadata}
-_BOOLS = ("activation_checkpointing", "background_upload", "async_save", "loss_guard", "allow_data_change")
+_BOOLS = ("activation_checkpointing", "background_upload", "async_save", "loss_guard",
+          "allow_data_change")
 _OPTIONAL_STRINGS = ("sync_to", "credentials", "init_from_hf", "compile")
 _STRINGS = ("name", "ds_config", "data_dir", "save_dir", "log_dir")
 
@@ -233,7 +241,8 @@ def _int_problems(values: dict[str, Any]) -> list[str]:
                 if v is None and optional:
                     continue
                 if not _is_int(v):
-                    out.append(f"{name}={v!r} must be an integer >= {lo}" + (" or null" if optional else ""))
+                    out.append(f"{name}={v!r} must be an integer >= {lo}"
+                               + (" or null" if optional else ""))
                 elif v < lo:
                     out.append(f"{name}={v} is out of range: must be >= {lo}")
     return out
@@ -244,12 +253,14 @@ def _model_problems(values: dict[str, Any]) -> list[str]:
     if model not in MODEL_PRESETS:
         return [f"model={model!r} is not a preset (valid: {', '.join(MODEL_PRESETS)})"]
     max_seq = MODEL_PRESETS[model].max_seq_len
-    return [f"seq_len={seq} exceeds {model}'s max_seq_len {max_seq}"] if _is_int(seq) and seq > max_seq else []
+    return ([f"seq_len={seq} exceeds {model}'s max_seq_len {max_seq}"]
+            if _is_int(seq) and seq > max_seq else [])
 
 
 def _number_problems(values: dict[str, Any]) -> list[str]:
     out = []
-    peak, vf, ut = values.get("peak_tflops"), values.get("val_fraction"), values.get("upload_timeout_s")
+    peak, vf, ut = (values.get("peak_tflops"), values.get("val_fraction"),
+                    values.get("upload_timeout_s"))
     if peak is not None and not (_is_number(peak) and peak > 0):
         out.append(f"peak_tflops={peak!r} must be a number of TFLOP/s > 0 or null")
     if not (_is_number(vf) and 0.0 <= vf <= 0.5):
@@ -264,7 +275,8 @@ def _number_problems(values: dict[str, Any]) -> list[str]:
         out.append(f"loss_spike_factor={factor!r} must be a number > 1, or 0 (no spike check)")
     grace = values.get("preemption_grace_s")
     if not (_is_number(grace) and grace > 0):
-        out.append(f"preemption_grace_s={grace!r} must be a number of seconds > 0 (GCE Spot gives 30)")
+        out.append(
+            f"preemption_grace_s={grace!r} must be a number of seconds > 0 (GCE Spot gives 30)")
     quiet = values.get("unreachable_warning_s")
     if not (_is_number(quiet) and quiet > 0):
         out.append(f"unreachable_warning_s={quiet!r} must be a number of seconds > 0 (default 30)")
@@ -276,12 +288,15 @@ def _kind_problems(values: dict[str, Any]) -> list[str]:
     for name, (valid, nullable) in _CHOICES.items():
         v = values.get(name)
         if not (v is None and nullable) and v not in valid:
-            out.append(f"{name}={v!r} is not valid (valid: {', '.join(valid)}{' or null' if nullable else ''})")
-    out += [f"{n}={values.get(n)!r} must be true or false" for n in _BOOLS if not isinstance(values.get(n), bool)]
+            out.append(f"{name}={v!r} is not valid (valid: "
+                       f"{', '.join(valid)}{' or null' if nullable else ''})")
+    out += [f"{n}={values.get(n)!r} must be true or false" for n in _BOOLS
+            if not isinstance(values.get(n), bool)]
     out += [f"{n}={values.get(n)!r} must be a non-empty string or null" for n in _OPTIONAL_STRINGS
-            if values.get(n) is not None and (not isinstance(values.get(n), str) or not values.get(n))]
-    out += [f"{n}={values.get(n)!r} must be a non-empty string (got {_type_name(values.get(n))})" for n in _STRINGS
-            if not isinstance(values.get(n), str) or not values.get(n)]
+            if values.get(n) is not None
+            and (not isinstance(values.get(n), str) or not values.get(n))]
+    out += [f"{n}={values.get(n)!r} must be a non-empty string (got {_type_name(values.get(n))})"
+            for n in _STRINGS if not isinstance(values.get(n), str) or not values.get(n)]
     return out
 
 
@@ -300,23 +315,27 @@ def _mixture_problems(values: dict[str, Any]) -> list[str]:
         unknown = sorted(set(entry) - {"path", "weight", "name"})
         path, weight = entry.get("path"), entry.get("weight")
         if unknown:
-            out.append(f"data[{i}] has unknown key(s) {', '.join(unknown)} (valid: path, weight, name)")
+            out.append(
+                f"data[{i}] has unknown key(s) {', '.join(unknown)} (valid: path, weight, name)")
         if not isinstance(path, str) or not path:
             out.append(f"data[{i}].path={path!r} must be a non-empty string")
         if not (_is_number(weight) and weight > 0 and math.isfinite(weight)):
-            out.append(f"data[{i}].weight={weight!r} must be a number > 0 (the share of samples drawn from it)")
+            out.append(f"data[{i}].weight={weight!r} must be a number > 0 (the share of samples "
+                       "drawn from it)")
         name = entry.get("name", Path(path).name if isinstance(path, str) else None)
         if not isinstance(name, str) or not name:
             out.append(f"data[{i}].name={name!r} must be a non-empty string")
         names.append(name)
     duplicates = sorted({n for n in names if names.count(n) > 1 and isinstance(n, str)})
     if duplicates:
-        out.append(f"data: the names {', '.join(duplicates)} appear twice; give each dataset its own \"name\"")
+        out.append(f"data: the names {', '.join(duplicates)} appear twice; give each dataset its "
+                   "own \"name\"")
     return out
 
 
 def validate(values: dict[str, Any]) -> list[str]:
-    """Every problem with `values`, each naming the field, the value and what is valid (empty list: fine)."""
+    """Every problem with `values`, each naming the field, the value and what is valid (empty list:
+    fine)."""
     unknown = [f"unknown field '{key}' (valid fields: {', '.join(_FIELD_NAMES)})"
                for key in sorted(set(values) - set(_FIELD_NAMES))]
     return unknown + _int_problems(values) + _model_problems(values) + _number_problems(values) + \
@@ -329,8 +348,8 @@ def from_dict(values: dict[str, Any], *, source: str = "run config") -> RunConfi
     problems = validate(merged)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
-    for name in ("val_fraction", "upload_timeout_s", "peak_tflops", "preemption_grace_s", "hang_timeout_s",
-                 "loss_spike_factor", "unreachable_warning_s"):
+    for name in ("val_fraction", "upload_timeout_s", "peak_tflops", "preemption_grace_s",
+                 "hang_timeout_s", "loss_spike_factor", "unreachable_warning_s"):
         if isinstance(merged[name], int) and not isinstance(merged[name], bool):
             merged[name] = float(merged[name])
     return RunConfig(**merged)
@@ -346,12 +365,15 @@ def load_run_config(name_or_file: str) -> RunConfig:
     path = Path(name_or_file)
     if not path.suffix == ".json" and not path.exists():
         raise ConfigError(
-            f"--config {name_or_file!r} is neither a preset ({', '.join(RUN_PRESETS)}) nor an existing JSON file"
+            f"--config {name_or_file!r} is neither a preset ({', '.join(RUN_PRESETS)}) nor an "
+            "existing JSON file"
         )
-    values = read_json_object(path, what=f"a JSON object of run-config fields, or a preset: {', '.join(RUN_PRESETS)}")
+    values = read_json_object(
+        path, what=f"a JSON object of run-config fields, or a preset: {', '.join(RUN_PRESETS)}")
     base = values.pop("base", None)
     if base is not None and base not in RUN_PRESETS:
-        raise ConfigError(f"config file {path}: base={base!r} is not a preset (valid: {', '.join(RUN_PRESETS)})")
+        raise ConfigError(
+            f"config file {path}: base={base!r} is not a preset (valid: {', '.join(RUN_PRESETS)})")
     start = dict(RUN_PRESETS[base]) if base else {}
     start["name"] = path.stem
     return from_dict({**start, **values}, source=f"config file {path}")

@@ -1,8 +1,9 @@
-"""DeepSpeed JSON: load as written, apply the run's few overrides, check the batch arithmetic before DeepSpeed does.
+"""DeepSpeed JSON: load as written, apply the run's few overrides, check the batch arithmetic before
+DeepSpeed does.
 
-The JSON stays in DeepSpeed's own schema. We check what DeepSpeed checks late or not at all (a batch mismatch
-is an AssertionError deep inside `deepspeed.initialize`; "auto" is silently dropped inside sections), so a bad
-config fails in a second with one line instead of after the model is built.
+The JSON stays in DeepSpeed's own schema. We check what DeepSpeed checks late or not at all (a batch
+mismatch is an AssertionError deep inside `deepspeed.initialize`; "auto" is silently dropped inside
+sections), so a bad config fails in a second with one line instead of after the model is built.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from neox_train.errors import ConfigError, read_json_object
 
 
 def _shipped_config_dir() -> Path:
-    """ds_configs/ of a source checkout (and editable install); inside the package for a wheel install."""
+    """ds_configs/ of a source checkout (and editable install); inside the package for a wheel
+    install."""
     repo = Path(__file__).resolve().parent.parent / "ds_configs"
     return repo if repo.is_dir() else Path(__file__).resolve().parent / "ds_configs"
 
@@ -34,7 +36,8 @@ def resolve_ds_config_path(name_or_path: str) -> Path:
         path = DS_CONFIG_DIR / f"{name_or_path}.json"
     if not path.is_file():
         shipped = ", ".join(sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")))
-        raise ConfigError(f"DeepSpeed config {name_or_path!r}: no file {path} (shipped: {shipped}, or give a path)")
+        raise ConfigError(f"DeepSpeed config {name_or_path!r}: no file {path} (shipped: {shipped}, "
+                          "or give a path)")
     return path
 
 
@@ -54,7 +57,8 @@ def load_ds_config(name_or_path: str) -> tuple[Path, dict[str, Any]]:
     autos = _find_auto(cfg)
     if autos:
         problems.append(
-            f"'auto' at {', '.join(autos)} is a HuggingFace Trainer feature DeepSpeed does not resolve: give a number"
+            f"'auto' at {', '.join(autos)} is a HuggingFace Trainer feature DeepSpeed does not "
+            "resolve: give a number"
         )
     for section in REJECTED_SECTIONS:
         if section in cfg:
@@ -65,7 +69,8 @@ def load_ds_config(name_or_path: str) -> tuple[Path, dict[str, Any]]:
         problems.append(f"zero_optimization.stage={stage!r} must be 0, 1, 2 or 3")
     if _enabled(cfg, "bf16") and _enabled(cfg, "fp16"):
         problems.append("bf16.enabled and fp16.enabled are both true: choose one")
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                "gradient_accumulation_steps"):
         v = cfg.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             problems.append(f"{key}={v!r} must be a positive integer")
@@ -82,9 +87,11 @@ def _enabled(cfg: dict[str, Any], section: str) -> bool:
 def check_batch(
     *, dp_size: int, train_batch: int | None, micro_batch: int | None, grad_accum: int | None
 ) -> tuple[int, int, int]:
-    """train_batch = micro_batch x grad_accum x dp_size: any two give the third; all three must agree.
+    """train_batch = micro_batch x grad_accum x dp_size: any two give the third; all three must
+    agree.
 
-    Pure, so the arithmetic is testable at world size 64 without processes. Returns (train, micro, accum).
+    Pure, so the arithmetic is testable at world size 64 without processes. Returns (train, micro,
+    accum).
     """
     if dp_size < 1:
         raise ConfigError(f"data-parallel size {dp_size} must be >= 1")
@@ -92,8 +99,9 @@ def check_batch(
         expected = micro_batch * grad_accum * dp_size
         if train_batch is not None and train_batch != expected:
             raise ConfigError(
-                f"batch mismatch: train_batch_size={train_batch} but micro_batch {micro_batch} x grad_accum "
-                f"{grad_accum} x data-parallel size {dp_size} = {expected}; fix one of them"
+                f"batch mismatch: train_batch_size={train_batch} but micro_batch {micro_batch} x "
+                f"grad_accum {grad_accum} x data-parallel size {dp_size} = {expected}; fix one of "
+                "them"
             )
         return expected, micro_batch, grad_accum
     if train_batch is None:
@@ -105,34 +113,39 @@ def check_batch(
         accum, rem = divmod(train_batch, micro_batch * dp_size)
         if rem or accum < 1:
             raise ConfigError(
-                f"batch mismatch: train_batch_size={train_batch} is not a multiple of micro_batch {micro_batch} x "
-                f"data-parallel size {dp_size} = {micro_batch * dp_size}"
+                f"batch mismatch: train_batch_size={train_batch} is not a multiple of micro_batch "
+                f"{micro_batch} x data-parallel size {dp_size} = {micro_batch * dp_size}"
             )
         return train_batch, micro_batch, accum
     if grad_accum is not None:
         micro, rem = divmod(train_batch, grad_accum * dp_size)
         if rem or micro < 1:
             raise ConfigError(
-                f"batch mismatch: train_batch_size={train_batch} is not a multiple of grad_accum {grad_accum} x "
-                f"data-parallel size {dp_size} = {grad_accum * dp_size}"
+                f"batch mismatch: train_batch_size={train_batch} is not a multiple of grad_accum "
+                f"{grad_accum} x data-parallel size {dp_size} = {grad_accum * dp_size}"
             )
         return train_batch, micro, grad_accum
     # Only train_batch_size: DeepSpeed assumes accumulation 1.
     return check_batch(dp_size=dp_size, train_batch=train_batch, micro_batch=None, grad_accum=1)
 
 
-def resolve_batch(base: dict[str, Any], run: RunConfig, *, dp_size: int) -> tuple[int, int, int, list[str]]:
-    """(train batch, micro-batch, accumulation, notes) at dp_size ranks: the run config's micro-batch and
-    accumulation over the JSON's; an override recomputes the global batch rather than failing on the JSON's."""
+def resolve_batch(base: dict[str, Any], run: RunConfig, *,
+                  dp_size: int) -> tuple[int, int, int, list[str]]:
+    """(train batch, micro-batch, accumulation, notes) at dp_size ranks: the run config's
+    micro-batch and accumulation over the JSON's; an override recomputes the global batch rather
+    than failing on the JSON's."""
     notes: list[str] = []
-    micro = run.micro_batch if run.micro_batch is not None else base.get("train_micro_batch_size_per_gpu")
-    accum = run.grad_accum if run.grad_accum is not None else base.get("gradient_accumulation_steps")
+    micro = (run.micro_batch if run.micro_batch is not None
+             else base.get("train_micro_batch_size_per_gpu"))
+    accum = (run.grad_accum if run.grad_accum is not None
+             else base.get("gradient_accumulation_steps"))
     train_batch = base.get("train_batch_size")
     if (run.micro_batch is not None or run.grad_accum is not None) and train_batch is not None:
-        notes.append(f"train_batch_size {train_batch} recomputed from the micro-batch/accumulation overrides")
+        notes.append(f"train_batch_size {train_batch} recomputed from the micro-batch/accumulation "
+                     "overrides")
         train_batch = None
-    train_batch, micro, accum = check_batch(dp_size=dp_size, train_batch=train_batch, micro_batch=micro,
-                                            grad_accum=accum)
+    train_batch, micro, accum = check_batch(dp_size=dp_size, train_batch=train_batch,
+                                            micro_batch=micro, grad_accum=accum)
     return train_batch, micro, accum, notes
 
 
@@ -146,10 +159,11 @@ def run_precision(base: dict[str, Any], run: RunConfig) -> str:
 def effective_ds_config(
     base: dict[str, Any], run: RunConfig, *, dp_size: int, on_gpu: bool
 ) -> tuple[dict[str, Any], list[str]]:
-    """The DeepSpeed dict this run hands to `deepspeed.initialize`, plus a human note per change made to `base`.
+    """The DeepSpeed dict this run hands to `deepspeed.initialize`, plus a human note per change
+    made to `base`.
 
-    Precedence: run config (already merged with the command line) over the JSON. The schedule length always
-    follows the run's max_steps so the cosine reaches its floor at the last step.
+    Precedence: run config (already merged with the command line) over the JSON. The schedule length
+    always follows the run's max_steps so the cosine reaches its floor at the last step.
     """
     cfg = copy.deepcopy(base)
     train_batch, micro, accum, notes = resolve_batch(cfg, run, dp_size=dp_size)
@@ -169,39 +183,45 @@ def effective_ds_config(
         else:
             cfg["fp16"] = fp16
     if _enabled(cfg, "fp16") and not on_gpu:
-        raise ConfigError("mixed precision fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16): use bf16 "
-                          "or no")
+        raise ConfigError("mixed precision fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has "
+                          "no fp16): use bf16 or no")
 
     sched = cfg.get("scheduler")
     if isinstance(sched, dict) and isinstance(sched.get("params"), dict):
         params = sched["params"]
         if "total_num_steps" in params and params["total_num_steps"] != run.max_steps:
-            notes.append(f"scheduler total_num_steps {params['total_num_steps']} -> max_steps {run.max_steps}")
+            notes.append(f"scheduler total_num_steps {params['total_num_steps']} -> max_steps "
+                         f"{run.max_steps}")
             params["total_num_steps"] = run.max_steps
         if run.warmup_steps is not None and "warmup_num_steps" in params:
             if params["warmup_num_steps"] != run.warmup_steps:
-                notes.append(f"scheduler warmup_num_steps {params['warmup_num_steps']} -> {run.warmup_steps}")
+                notes.append(f"scheduler warmup_num_steps {params['warmup_num_steps']} -> "
+                             f"{run.warmup_steps}")
             params["warmup_num_steps"] = run.warmup_steps
 
     _choose_optimizer_impl(cfg, run.optimizer_impl, on_gpu=on_gpu, notes=notes)
     return cfg, notes
 
 
-def _choose_optimizer_impl(cfg: dict[str, Any], impl: str | None, *, on_gpu: bool, notes: list[str]) -> None:
+def _choose_optimizer_impl(cfg: dict[str, Any], impl: str | None, *, on_gpu: bool,
+                           notes: list[str]) -> None:
     """Set the AdamW kernel in DeepSpeed's optimizer params (`torch_adam`, torch's `fused`).
 
-    DeepSpeed's own FusedAdam is JIT-compiled at start: on a GPU that needs nvcc (absent from most pip-only
-    machines), on CPU a ~50 s build. torch's AdamW is the same algorithm with no build, and its fused kernel (CUDA,
-    and CPU since torch 2.4) needs none either, so it is the default; `optimizer_impl: deepspeed_fused` (or
-    `"torch_adam": false` in the JSON) asks for FusedAdam. Optimizer offload always runs DeepSpeedCPUAdam.
+    DeepSpeed's own FusedAdam is JIT-compiled at start: on a GPU that needs nvcc (absent from most
+    pip-only machines), on CPU a ~50 s build. torch's AdamW is the same algorithm with no build, and
+    its fused kernel (CUDA, and CPU since torch 2.4) needs none either, so it is the default;
+    `optimizer_impl: deepspeed_fused` (or `"torch_adam": false` in the JSON) asks for FusedAdam.
+    Optimizer offload always runs DeepSpeedCPUAdam.
     """
     opt = cfg.get("optimizer")
-    offload = isinstance(cfg.get("zero_optimization"), dict) and "offload_optimizer" in cfg["zero_optimization"]
+    offload = (isinstance(cfg.get("zero_optimization"), dict)
+               and "offload_optimizer" in cfg["zero_optimization"])
     is_adam = isinstance(opt, dict) and str(opt.get("type", "")).lower() in ADAM_TYPES
     if impl is not None and (not is_adam or offload):
         why = ("the optimizer is offloaded (DeepSpeedCPUAdam)" if is_adam
                else "the DeepSpeed JSON's optimizer is not Adam/AdamW")
-        raise ConfigError(f"optimizer_impl={impl!r} cannot apply: {why}; remove optimizer_impl or change the JSON")
+        raise ConfigError(f"optimizer_impl={impl!r} cannot apply: {why}; remove optimizer_impl or "
+                          "change the JSON")
     if not is_adam or offload:
         return
     params = opt.setdefault("params", {})
@@ -209,7 +229,8 @@ def _choose_optimizer_impl(cfg: dict[str, Any], impl: str | None, *, on_gpu: boo
     if impl is None:
         if "torch_adam" in params:
             return  # the JSON chose; keep it as written
-        # Fused on CPU too: torch's fused CPU kernel halved the optimizer phase of the demo (README, Performance).
+        # Fused on CPU too: torch's fused CPU kernel halved the optimizer phase of the demo (README,
+        # Performance).
         impl = "torch_fused"
         source = "the default; optimizer_impl chooses"
     before = {k: params.get(k) for k in ("torch_adam", "fused")}
@@ -222,12 +243,14 @@ def _choose_optimizer_impl(cfg: dict[str, Any], impl: str | None, *, on_gpu: boo
             params["fused"] = True
     after = {k: params.get(k) for k in ("torch_adam", "fused")}
     if after != before:
-        kernel = {"torch": "torch AdamW", "torch_fused": f"torch AdamW (fused {'CUDA' if on_gpu else 'CPU'} kernel)",
+        kernel = {"torch": "torch AdamW",
+                  "torch_fused": f"torch AdamW (fused {'CUDA' if on_gpu else 'CPU'} kernel)",
                   "deepspeed_fused": "DeepSpeed FusedAdam (JIT-built: needs nvcc on GPU)"}[impl]
         notes.append(f"optimizer uses {kernel} ({source})")
 
 
-# What a DeepSpeed JSON says, read in one place: its ZeRO stage, its precision, what it offloads to CPU memory.
+# What a DeepSpeed JSON says, read in one place: its ZeRO stage, its precision, what it offloads to
+# CPU memory.
 OFFLOAD_NONE = "none"
 OFFLOAD_OPTIMIZER = "optimizer"
 OFFLOAD_ALL = "optimizer+parameters"
@@ -256,9 +279,9 @@ def offload(cfg: dict[str, Any]) -> str:
 
 
 def checkpoint_bytes(total_params: int, precision: str, zero_stage: int) -> int:
-    """One DeepSpeed checkpoint, all ranks together: the module weights in the training dtype plus the optimizer
-    states (fp32 master weights and two Adam moments, 12 bytes a parameter; bf16 at ZeRO-0 keeps two bf16 moments
-    only, fp32 at ZeRO-0 two fp32 moments)."""
+    """One DeepSpeed checkpoint, all ranks together: the module weights in the training dtype plus
+    the optimizer states (fp32 master weights and two Adam moments, 12 bytes a parameter; bf16 at
+    ZeRO-0 keeps two bf16 moments only, fp32 at ZeRO-0 two fp32 moments)."""
     weight_bytes = 4 if precision == "fp32" else 2
     if zero_stage == 0 and precision != "fp16":
         optimizer = 8 if precision == "fp32" else 4
@@ -267,19 +290,22 @@ def checkpoint_bytes(total_params: int, precision: str, zero_stage: int) -> int:
     return total_params * (weight_bytes + optimizer)
 
 
-# Host memory an asynchronous save's snapshot may take, as a share of what is available when the run starts: the rest
-# stays for the data loader, the upload worker and the page cache. Over it, saves are synchronous.
+# Host memory an asynchronous save's snapshot may take, as a share of what is available when the run
+# starts: the rest stays for the data loader, the upload worker and the page cache. Over it, saves
+# are synchronous.
 SNAPSHOT_MEMORY_SHARE = 0.8
 
 
 def snapshot_bytes_per_node(total_params: int, precision: str, zero_stage: int, *, num_nodes: int,
                             world_size: int) -> int:
-    """Host memory an asynchronous save's snapshot holds on the busiest node, the one with data-parallel rank 0.
+    """Host memory an asynchronous save's snapshot holds on the busiest node, the one with
+    data-parallel rank 0.
 
-    ZeRO-0 keeps every state on rank 0. ZeRO-1/2 write the module weights from rank 0 and split the optimizer
-    states over the ranks. ZeRO-3 splits both."""
+    ZeRO-0 keeps every state on rank 0. ZeRO-1/2 write the module weights from rank 0 and split the
+    optimizer states over the ranks. ZeRO-3 splits both."""
     total = checkpoint_bytes(total_params, precision, zero_stage)
-    ranks_per_node = -(-world_size // max(num_nodes, 1))  # the busiest node when they do not divide evenly
+    # the busiest node when they do not divide evenly
+    ranks_per_node = -(-world_size // max(num_nodes, 1))
     share = min(ranks_per_node, world_size) / max(world_size, 1)
     if zero_stage == 0:
         return total

@@ -1,9 +1,10 @@
 """One error model for every command: what went wrong, in one line, and the exit status it means.
 
-Everything neox-train raises on purpose derives from NeoxError: str(err) is one line naming the file, field, URL
-or value, what is wrong and what would be valid. `run_guarded` turns it into `PROG: error: LINE` on stderr and the
-error's exit status (2 for bad input and environments, 1 for a run that did not reach its goal), in every console
-script alike. Anything else is a bug and keeps its traceback.
+Everything neox-train raises on purpose derives from NeoxError: str(err) is one line naming the
+file, field, URL or value, what is wrong and what would be valid. `run_guarded` turns it into
+`PROG: error: LINE` on stderr and the error's exit status (2 for bad input and environments, 1 for a
+run that did not reach its goal), in every console script alike. Anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ class DataError(NeoxError, ValueError):
 class StorageError(NeoxError, RuntimeError):
     """A storage problem: the URL/object/file, what is wrong and what would be valid.
 
-    `transient`: a later attempt may succeed (the network, a 5xx, an object that changed underneath us); the upload
-    worker retries those with backoff. Everything else is permanent (no permission, no bucket, a published
-    checkpoint in the way): retrying cannot help, so the worker gives the checkpoint up and moves on."""
+    `transient`: a later attempt may succeed (the network, a 5xx, an object that changed underneath
+    us); the upload worker retries those with backoff. Everything else is permanent (no permission,
+    no bucket, a published checkpoint in the way): retrying cannot help, so the worker gives the
+    checkpoint up and moves on."""
 
     def __init__(self, message: str, *, transient: bool = False):
         super().__init__(message)
@@ -43,8 +45,8 @@ class StorageError(NeoxError, RuntimeError):
 
 
 class CheckpointError(NeoxError):
-    """A checkpoint that cannot be saved or used here (full disk, damaged tag): the folder, what happened, and what
-    is still safe."""
+    """A checkpoint that cannot be saved or used here (full disk, damaged tag): the folder, what
+    happened, and what is still safe."""
 
 
 class ConvertError(NeoxError, ValueError):
@@ -59,14 +61,15 @@ class VerifyFailed(NeoxError):
 
 
 class UnpublishedCheckpoints(NeoxError):
-    """Training finished (or stopped) but some checkpoints never reached the bucket: the run must not look green."""
+    """Training finished (or stopped) but some checkpoints never reached the bucket: the run must
+    not look green."""
 
     exit_code = 1
 
 
 class RunDiverged(NeoxError):
-    """The loss guard's streaks of bad steps outlasted its rollbacks (or there was no checkpoint to go back to): a
-    restart would diverge the same way."""
+    """The loss guard's streaks of bad steps outlasted its rollbacks (or there was no checkpoint to
+    go back to): a restart would diverge the same way."""
 
     exit_code = 1
     label = "diverged"
@@ -80,8 +83,8 @@ def one_line(err: BaseException) -> str:
 
 def read_json_object(path: Path, *, what: str, error: type[NeoxError] = ConfigError,
                      missing_ok: bool = False) -> dict[str, Any] | None:
-    """The JSON object in `path`, or `error` with one line naming the file and what it should hold. None when the
-    file does not exist and `missing_ok`."""
+    """The JSON object in `path`, or `error` with one line naming the file and what it should hold.
+    None when the file does not exist and `missing_ok`."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -101,7 +104,8 @@ def read_json_object(path: Path, *, what: str, error: type[NeoxError] = ConfigEr
 
 
 def run_guarded(prog: str, fn: Callable[[], int]) -> int:
-    """Run a command's body: a NeoxError becomes `PROG: error: <one line>` on stderr and its exit status."""
+    """Run a command's body: a NeoxError becomes `PROG: error: <one line>` on stderr and its exit
+    status."""
     try:
         return fn()
     except NeoxError as e:
@@ -110,7 +114,7 @@ def run_guarded(prog: str, fn: Callable[[], int]) -> int:
 
 
 def is_transient(err: BaseException) -> bool:
-    """Worth retrying: a StorageError marked transient. Everything else (no permission, a conflict, a bug) would
-    fail the same way again."""
+    """Worth retrying: a StorageError marked transient. Everything else (no permission, a conflict,
+    a bug) would fail the same way again."""
 
     return isinstance(err, StorageError) and err.transient

@@ -1,13 +1,15 @@
-"""How a rank tells the supervisor (`neox-launch --max-restarts N`) what it is doing and how it ended.
+"""How a rank tells the supervisor (`neox-launch --max-restarts N`) what it is doing and how it
+ended.
 
-Each rank of a supervised job writes one small JSON file, STATUS_DIR/attempt-A/rank-R.json, replaced atomically:
-its step, when it last made progress, how long it may go without a step before its watchdog calls it hung, and, at
-the end, its fate. STATUS_DIR lies in the launch folder, which every node reads already (the DeepSpeed JSON is
-there), so the supervisor sees the ranks of every node. A rank without a supervisor (no NEOX_STATUS_DIR) writes
-nothing.
+Each rank of a supervised job writes one small JSON file, STATUS_DIR/attempt-A/rank-R.json, replaced
+atomically: its step, when it last made progress, how long it may go without a step before its
+watchdog calls it hung, and, at the end, its fate. STATUS_DIR lies in the launch folder, which every
+node reads already (the DeepSpeed JSON is there), so the supervisor sees the ranks of every node. A
+rank without a supervisor (no NEOX_STATUS_DIR) writes nothing.
 
-Both sides import this module and nothing else of each other: launch/ (the supervisor) and train/ (the watchdog,
-the loop) sit side by side, and the file format and the exit codes are the one place they share.
+Both sides import this module and nothing else of each other: launch/ (the supervisor) and train/
+(the watchdog, the loop) sit side by side, and the file format and the exit codes are the one place
+they share.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-# A rank whose watchdog fired exits with this code (sysexits' EX_TEMPFAIL: "try again later"), so a hang is told
-# apart from a crash (1, or a signal) and from a deliberate stop.
+# A rank whose watchdog fired exits with this code (sysexits' EX_TEMPFAIL: "try again later"), so a
+# hang is told apart from a crash (1, or a signal) and from a deliberate stop.
 HANG_EXIT_CODE = 75
 
 # The supervisor passes these to every rank through .deepspeed_env (NEOX_* reaches every node).
@@ -32,7 +34,8 @@ PREVIOUS_STEP_ENV = "NEOX_PREVIOUS_STEP"  # the step the previous start reached
 
 # A rank's state: training (alive), and the terminal ones.
 ALIVE = ("starting", "training")
-DONE, FAILED, HUNG, STOPPED = "done", "failed", "hung", "stopped"  # stopped: a deliberate stop (bad input, ...)
+# stopped: a deliberate stop (bad input, ...)
+DONE, FAILED, HUNG, STOPPED = "done", "failed", "hung", "stopped"
 
 
 def attempt() -> int:
@@ -46,10 +49,12 @@ class RankStatus:
     host: str = field(default_factory=socket.gethostname)
     pid: int = field(default_factory=os.getpid)
     state: str = "starting"
-    start_step: int | None = None  # the step this attempt resumed from (None until the checkpoint is loaded)
+    # the step this attempt resumed from (None until the checkpoint is loaded)
+    start_step: int | None = None
     step: int | None = None  # the newest completed optimizer step
     first_step_at: float | None = None  # wall clock of this attempt's first completed step
-    progress_at: float = field(default_factory=time.time)  # wall clock of the newest step (or the start)
+    # wall clock of the newest step (or the start)
+    progress_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)  # wall clock of this write (a heartbeat)
     deadline_s: float | None = None  # the watchdog's current allowance without a step
     phase: str = "start"
@@ -70,8 +75,8 @@ def status_path(root: Path, attempt_no: int, rank: int) -> Path:
 
 
 def write_status(root: Path, status: RankStatus) -> None:
-    """Replace this rank's file atomically (a reader sees the old or the new, never half). Best effort: a status
-    file that cannot be written must never stop training."""
+    """Replace this rank's file atomically (a reader sees the old or the new, never half). Best
+    effort: a status file that cannot be written must never stop training."""
     path = status_path(root, status.attempt, status.rank)
     status.updated_at = time.time()
     try:

@@ -1,5 +1,5 @@
-"""Units shared by every report: "GB" in names and output means GiB (2**30 bytes), the unit torch and nvidia-smi
-report memory in."""
+"""Units shared by every report: "GB" in names and output means GiB (2**30 bytes), the unit torch
+and nvidia-smi report memory in."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from neox_train import health
 from neox_train.config import RunConfig, from_dict
 from neox_train.errors import ConfigError
 from neox_train.launch import supervisor as sup
+from neox_train.launch.attempts import Attempt, describe_exit, no_progress
 from neox_train.train.faults import Faults, parse
 from neox_train.train.guard import LossGuard, UpdateSwitch
 from neox_train.train.watchdog import HangLimits, Watchdog
@@ -276,8 +277,8 @@ def test_a_frozen_rank_is_found_by_its_stale_heartbeat_and_killed(tmp_path, monk
 
 
 def test_exit_statuses_are_described():
-    assert "SIGKILL" in sup.describe_exit(247) and "hang watchdog" in sup.describe_exit(75)
-    assert "SIGTERM" in sup.describe_exit(143) and sup.describe_exit(1) == "exit status 1"
+    assert "SIGKILL" in describe_exit(247) and "hang watchdog" in describe_exit(75)
+    assert "SIGTERM" in describe_exit(143) and describe_exit(1) == "exit status 1"
 
 
 def test_the_kill_pattern_matches_the_ranks_command_lines_but_not_its_own_text(tmp_path):
@@ -292,8 +293,8 @@ def test_the_kill_pattern_matches_the_ranks_command_lines_but_not_its_own_text(t
 
 
 def test_two_different_faults_at_one_step_are_not_a_repeating_one():
-    kill = sup.Attempt(0, 0.0, kind="crash", step=6, start_step=0)
-    hang = sup.Attempt(1, 0.0, kind="hang", step=6, start_step=4)
-    assert not sup.no_progress(kill, hang)
-    assert sup.no_progress(hang, sup.Attempt(2, 0.0, kind="hang", step=6, start_step=4))
-    assert not sup.no_progress(hang, sup.Attempt(2, 0.0, kind="hang", step=7, start_step=4))
+    kill = Attempt(0, 0.0, kind="crash", step=6, start_step=0)
+    hang = Attempt(1, 0.0, kind="hang", step=6, start_step=4)
+    assert not no_progress(kill, hang)
+    assert no_progress(hang, Attempt(2, 0.0, kind="hang", step=6, start_step=4))
+    assert not no_progress(hang, Attempt(2, 0.0, kind="hang", step=7, start_step=4))

@@ -1,5 +1,6 @@
-"""`neox-data prepare` (documents -> token shards or an indexed dataset + tokenizer), `neox-data info` (what a
-dataset or mixture holds) and `neox-data download` (bucket -> local folder)."""
+"""`neox-data prepare` (documents -> token shards or an indexed dataset + tokenizer),
+`neox-data info` (what a dataset or mixture holds) and `neox-data download` (bucket -> local
+folder)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ from neox_train.errors import ConfigError, run_guarded
 
 
 def data_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="neox-data", description="Prepare token shards for neox-train.")
+    p = argparse.ArgumentParser(prog="neox-data",
+                                description="Prepare token shards for neox-train.")
     sub = p.add_subparsers(dest="command", required=True)
-    add_prepare_arguments(sub.add_parser("prepare", help="text/jsonl (or builtin:pydoc) -> token shards + tokenizer"))
-    add_info_arguments(sub.add_parser("info", help="datasets, documents, tokens, dtypes, the largest token id; "
-                                                   "with --config, each dataset's share and epochs"))
+    add_prepare_arguments(
+        sub.add_parser("prepare", help="text/jsonl (or builtin:pydoc) -> token shards + tokenizer"))
+    add_info_arguments(sub.add_parser("info", help="datasets, documents, tokens, dtypes, the "
+                                                   "largest token id; with --config, each "
+                                                   "dataset's share and epochs"))
     add_download_arguments(sub.add_parser(
         "download", help="bucket (gs://...) -> local folder: skip existing, keep nested folders"))
     return p
@@ -28,7 +32,8 @@ def main_info(args: argparse.Namespace) -> int:
         raise ConfigError(f"--gpus {args.gpus} must be >= 1")
     result = info(list(args.paths))
     if args.config:
-        from neox_train.config import load_run_config  # deferred with train.plan (~3 s: torch): only for --config
+        # deferred with train.plan (~3 s: torch): only for --config
+        from neox_train.config import load_run_config
         from neox_train.train.plan import load_data, prepare_run
 
         run = load_run_config(args.config)

@@ -1,4 +1,5 @@
-"""`neox-sync SRC DST` and `neox-data download URL DIR`: parse, run package code, one summary, one-line errors."""
+"""`neox-sync SRC DST` and `neox-data download URL DIR`: parse, run package code, one summary,
+one-line errors."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def _workers_arg(text: str) -> int:
     except ValueError:
         value = 0
     if not 1 <= value <= 256:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a worker count (valid: an integer from 1 to 256)")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a worker count (valid: an integer from 1 to 256)")
     return value
 
 
@@ -52,15 +54,16 @@ def _report(prog: str, result: SyncResult, as_json: bool) -> int:
 def sync_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="neox-sync",
-        description="Copy between a local folder and gs://bucket/prefix (or another folder), either direction, "
-                    "gsutil-rsync style: unchanged files (same size and crc32c) are skipped, nothing is deleted, "
-                    "uploads are verified by listing.",
+        description="Copy between a local folder and gs://bucket/prefix (or another folder), "
+                    "either direction, gsutil-rsync style: unchanged files (same size and crc32c) "
+                    "are skipped, nothing is deleted, uploads are verified by listing.",
     )
     p.add_argument("src", metavar="SRC", help="local folder, file:///path or gs://bucket/prefix")
     p.add_argument("dst", metavar="DST", help="local folder, file:///path or gs://bucket/prefix")
     p.add_argument("--checkpoints", action="store_true",
-                   help="SRC is a checkpoint save dir: publish each global_step* folder (files, manifest, COMPLETE, "
-                        "latest) instead of copying files; finishes uploads a training run left unpublished")
+                   help="SRC is a checkpoint save dir: publish each global_step* folder (files, "
+                        "manifest, COMPLETE, latest) instead of copying files; finishes uploads a "
+                        "training run left unpublished")
     _add_transfer_options(p, "transfers")
     return p
 
@@ -68,10 +71,13 @@ def sync_parser() -> argparse.ArgumentParser:
 def _add_transfer_options(parser: argparse.ArgumentParser, what: str) -> None:
     """--credentials, --workers, --json: the same for neox-sync and neox-data download."""
     parser.add_argument("--credentials", metavar="FILE",
-                        help="service-account JSON key for gs:// (default: GOOGLE_APPLICATION_CREDENTIALS, then "
-                             "gcloud's application-default login)")
-    parser.add_argument("--workers", type=_workers_arg, default=8, metavar="N", help=f"parallel {what} (default 8)")
-    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+                        help="service-account JSON key for gs:// (default: "
+                             "GOOGLE_APPLICATION_CREDENTIALS, then gcloud's application-default "
+                             "login)")
+    parser.add_argument("--workers", type=_workers_arg, default=8, metavar="N",
+                        help=f"parallel {what} (default 8)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the summary as one JSON object on stdout")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,36 +89,42 @@ def _sync(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty()
     if args.checkpoints:
         # The run training in SAVE_DIR publishes its own checkpoints: a second publisher is refused.
-        lock = lock_save_dir(args.src, why="that process (its training run, or another neox-sync --checkpoints) "
-                             "publishes these checkpoints itself; run this once it has stopped", wait_s=0,
+        lock = lock_save_dir(args.src, why="that process (its training run, or another neox-sync "
+                                           "--checkpoints) publishes these checkpoints itself; run "
+                                           "this once it has stopped", wait_s=0,
                              read_only_ok=True) \
             if Path(args.src).is_dir() else None
         try:
-            result = publish_checkpoints(Path(args.src), open_backend(args.dst, credentials=args.credentials),
+            result = publish_checkpoints(Path(args.src),
+                                         open_backend(args.dst, credentials=args.credentials),
                                          workers=args.workers, progress=progress)
         finally:
             if lock is not None:
                 lock.release()
     else:
         def check(src_dir: Path, backend) -> None:
-            # An upload: nothing shaped like a checkpoint, nothing into a run's prefix, refused before any byte.
-            check_plain_copy(src_dir, backend, owner_at_or_above(args.dst, credentials=args.credentials))
+            # An upload: nothing shaped like a checkpoint, nothing into a run's prefix, refused
+            # before any byte.
+            check_plain_copy(src_dir, backend,
+                             owner_at_or_above(args.dst, credentials=args.credentials))
 
         # A plain copy never writes into a published checkpoint (those change only by publication).
-        result = sync(args.src, args.dst, credentials=args.credentials, workers=args.workers, progress=progress,
-                      guard=protect_published, check=check)
+        result = sync(args.src, args.dst, credentials=args.credentials, workers=args.workers,
+                      progress=progress, guard=protect_published, check=check)
     code = _report("neox-sync", result, args.json)
-    left = [why for why in result.not_published.values() if not why.startswith("not complete locally")]
+    left = [why for why in result.not_published.values()
+            if not why.startswith("not complete locally")]
     for tag, why in result.not_published.items():
         print(f"neox-sync: not published {tag}: {why}", file=sys.stderr)
-    # Torn tags (a save that never finished) are left alone by design; a complete one that could not be published
-    # must not look like success.
+    # Torn tags (a save that never finished) are left alone by design; a complete one that could not
+    # be published must not look like success.
     return 1 if left else code
 
 
 def add_download_arguments(parser: argparse.ArgumentParser) -> None:
     """The `neox-data download` options, kept next to the code they drive."""
-    parser.add_argument("url", metavar="URL", help="gs://bucket/prefix (or a folder) holding token shards")
+    parser.add_argument("url", metavar="URL",
+                        help="gs://bucket/prefix (or a folder) holding token shards")
     parser.add_argument("dir", metavar="DIR", help="local folder; nested folders are preserved")
     _add_transfer_options(parser, "downloads")
 
@@ -122,7 +134,8 @@ def main_download(args: argparse.Namespace) -> int:
 
     def go() -> int:
         result = sync_down(open_backend(args.url, credentials=args.credentials), "", Path(args.dir),
-                           workers=args.workers, skip_existing=True, verify=True, progress=sys.stderr.isatty())
+                           workers=args.workers, skip_existing=True, verify=True,
+                           progress=sys.stderr.isatty())
         return _report("neox-data download", result, args.json)
 
     return run_guarded("neox-data", go)

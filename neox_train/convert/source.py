@@ -1,7 +1,9 @@
-"""What a DeepSpeed checkpoint tag is, for `neox-convert-hf`: ZeRO stage, rank count, precision, model config.
+"""What a DeepSpeed checkpoint tag is, for `neox-convert-hf`: ZeRO stage, rank count, precision,
+model config.
 
-Everything here is read from file names and the small JSON/pickled headers before any weight is read, so bad input
-fails in a second with one line (where the tag is: convert.locate; its weights: convert.weights).
+Everything here is read from file names and the small JSON/pickled headers before any weight is
+read, so bad input fails in a second with one line (where the tag is: convert.locate; its weights:
+convert.weights).
 """
 
 from __future__ import annotations
@@ -30,23 +32,26 @@ def stdout_to_stderr() -> Iterator[None]:
         yield
 
 
-# -- where the checkpoint is ------------------------------------------------------------------------------------------
+# -- where the checkpoint is -----------------------------------------------------------------------
 
 
-# -- what the checkpoint is -------------------------------------------------------------------------------------------
+# -- what the checkpoint is ------------------------------------------------------------------------
 
 
 def torch_load(path: Path) -> dict[str, Any]:
-    """torch.load memory-mapped: nothing is read until a tensor is touched, so the optimizer moments cost nothing.
+    """torch.load memory-mapped: nothing is read until a tensor is touched, so the optimizer moments
+    cost nothing.
 
-    weights_only=False because DeepSpeed pickles its own objects (enums, configs) into these files, as zero_to_fp32
-    itself loads them: convert only checkpoints you trust, as with any pickle."""
+    weights_only=False because DeepSpeed pickles its own objects (enums, configs) into these files,
+    as zero_to_fp32 itself loads them: convert only checkpoints you trust, as with any pickle."""
     try:
         obj = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except FileNotFoundError:
         raise ConvertError(f"{path} is missing: the checkpoint is incomplete") from None
-    except Exception as err:  # torch reports truncation/corruption as RuntimeError, pickle errors, EOFError, ...
-        raise ConvertError(f"{path} cannot be read, it is truncated or corrupt ({one_line(err)})") from None
+    # torch reports truncation/corruption as RuntimeError, pickle errors, EOFError, ...
+    except Exception as err:
+        raise ConvertError(
+            f"{path} cannot be read, it is truncated or corrupt ({one_line(err)})") from None
     if not isinstance(obj, dict):
         raise ConvertError(f"{path} holds a {type(obj).__name__}, not a DeepSpeed state dict")
     return obj
@@ -60,9 +65,11 @@ class CheckpointInfo:
     dp_size: int
     precision: str  # what the run trained in: bf16, fp16 or fp32
     model_config: dict[str, Any]
-    run: dict[str, Any]  # run.json (or the same keys from the client state): step, consumed_samples, run_config, ...
+    # run.json (or the same keys from the client state): step, consumed_samples, run_config, ...
+    run: dict[str, Any]
     model_states: Path  # the file holding the module (rank 0's for ZeRO-3)
-    config_source: str = CONFIG_JSON  # where model_config was read: config.json, or the client state's copy
+    # where model_config was read: config.json, or the client state's copy
+    config_source: str = CONFIG_JSON
 
     @property
     def step(self) -> int | None:
@@ -82,10 +89,11 @@ def _rank_files(tag_dir: Path, kind: str) -> dict[int, Path]:
 
 
 def inspect_checkpoint(tag_dir: Path) -> CheckpointInfo:
-    """Stage, world size, precision and model config, from file names and the model-states header (mmap: cheap).
+    """Stage, world size, precision and model config, from file names and the model-states header
+    (mmap: cheap).
 
-    Every rank's file must be present before anything is converted: a checkpoint that one rank never finished
-    writing would otherwise fail deep inside zero_to_fp32, or not at all."""
+    Every rank's file must be present before anything is converted: a checkpoint that one rank never
+    finished writing would otherwise fail deep inside zero_to_fp32, or not at all."""
     z3_model = _rank_files(tag_dir, "model")
     optim = _rank_files(tag_dir, "optim")
     if (tag_dir / MODEL_STATES_Z012).is_file():
@@ -100,11 +108,13 @@ def inspect_checkpoint(tag_dir: Path) -> CheckpointInfo:
         )
     states = torch_load(states_path)
     if "module" not in states:
-        raise ConvertError(f"{states_path} has no 'module' entry: not a DeepSpeed model-states file")
+        raise ConvertError(
+            f"{states_path} has no 'module' entry: not a DeepSpeed model-states file")
 
     ds_config = states.get("ds_config") if isinstance(states.get("ds_config"), dict) else {}
     run = read_tag_json(tag_dir, RUN_JSON, error=ConvertError) or {
-        k: states[k] for k in ("step", "consumed_samples", "dp_size", "data_tokens", "run_config", "ds_config")
+        k: states[k] for k in ("step", "consumed_samples", "dp_size", "data_tokens", "run_config",
+                               "ds_config")
         if k in states}
     if not ds_config:
         ds_config = run.get("ds_config") or {}
@@ -115,13 +125,14 @@ def inspect_checkpoint(tag_dir: Path) -> CheckpointInfo:
         missing = [f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in range(dp_size)
                    for kind, have in (("model", z3_model), ("optim", optim)) if r not in have]
     elif stage in (1, 2):
-        missing = [f"(bf16_)zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(dp_size) if r not in optim]
+        missing = [f"(bf16_)zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(dp_size)
+                   if r not in optim]
     else:
         missing = []
     if missing:
         raise ConvertError(
-            f"{tag_dir} is a ZeRO-{stage} checkpoint of {dp_size} ranks but lacks {', '.join(missing)}: a rank never "
-            f"finished writing it (convert another tag)"
+            f"{tag_dir} is a ZeRO-{stage} checkpoint of {dp_size} ranks but lacks "
+            f"{', '.join(missing)}: a rank never finished writing it (convert another tag)"
         )
 
     model_config, config_source = _read_model_config(tag_dir, states, states_path)
@@ -130,23 +141,25 @@ def inspect_checkpoint(tag_dir: Path) -> CheckpointInfo:
                           model_states=states_path, config_source=config_source)
 
 
-def _read_model_config(tag_dir: Path, states: dict[str, Any], states_path: Path) -> tuple[dict[str, Any], str]:
-    """The HF config the run trained, and where it was read: TAG/config.json (written by neox-train), else the
-    client state's copy."""
+def _read_model_config(tag_dir: Path, states: dict[str, Any],
+                       states_path: Path) -> tuple[dict[str, Any], str]:
+    """The HF config the run trained, and where it was read: TAG/config.json (written by
+    neox-train), else the client state's copy."""
     cfg, where = read_tag_json(tag_dir, CONFIG_JSON, error=ConvertError), CONFIG_JSON
     if cfg is None:
         cfg, where = states.get("model_config"), f"{states_path.name}'s client state"
         if not isinstance(cfg, dict):
             raise ConvertError(
-                f"{tag_dir} holds no model config (no config.json, and no 'model_config' in {states_path.name}'s "
-                f"client state): it was not written by neox-train, so the architecture is unknown"
+                f"{tag_dir} holds no model config (no config.json, and no 'model_config' in "
+                f"{states_path.name}'s client state): it was not written by neox-train, so the "
+                "architecture is unknown"
             )
     if cfg.get("model_type") != "gpt_neox":
-        raise ConvertError(f"{tag_dir}: model config has model_type={cfg.get('model_type')!r}; only 'gpt_neox' "
-                           f"converts")
+        raise ConvertError(f"{tag_dir}: model config has model_type={cfg.get('model_type')!r}; "
+                           f"only 'gpt_neox' converts")
     return cfg, where
 
 
-# -- the weights --------------------------------------------------------------------------------------------------
+# -- the weights -----------------------------------------------------------------------------------
 
 

@@ -1,10 +1,12 @@
-"""`neox-convert-hf`: a DeepSpeed checkpoint of a neox-train run (any ZeRO stage, any number of ranks, local or gs://)
--> a HuggingFace GPTNeoX folder that `AutoModelForCausalLM.from_pretrained` loads, optionally proven equal to the
-checkpoint by running the same tokens through both (`--verify`).
+"""`neox-convert-hf`: a DeepSpeed checkpoint of a neox-train run (any ZeRO stage, any number of
+ranks, local or gs://) -> a HuggingFace GPTNeoX folder that `AutoModelForCausalLM.from_pretrained`
+loads, optionally proven equal to the checkpoint by running the same tokens through both
+(`--verify`).
 
-Order of work: every check that can reject the input (output folder, checkpoint layout, tag, model config, ranks,
-tokenizer, vocabulary) runs before any weight is read. The folder is built in a hidden staging folder next to --out
-and renamed into place only when complete (and verified, with --verify), so --out is never half-written.
+Order of work: every check that can reject the input (output folder, checkpoint layout, tag, model
+config, ranks, tokenizer, vocabulary) runs before any weight is read. The folder is built in a
+hidden staging folder next to --out and renamed into place only when complete (and verified, with
+--verify), so --out is never half-written.
 """
 
 from __future__ import annotations
@@ -42,17 +44,19 @@ from neox_train.convert.weights import WeightSource
 from neox_train.errors import ConvertError, VerifyFailed
 from neox_train.remote.files import install_folder
 
-# Logit agreement demanded by --verify, as a fraction of the largest reference logit (at least 1): the DeepSpeed
-# model runs in fp32, the export in its own dtype. fp32 differs only by summation order (~1e-6 seen); bf16/fp16
-# carry 8/11 mantissa bits through every layer (~1e-2 seen on a 24-layer model). A wrong or missing tensor, a
-# wrong config field or a vocabulary shift moves logits by the order of the logits themselves.
+# Logit agreement demanded by --verify, as a fraction of the largest reference logit (at least 1):
+# the DeepSpeed model runs in fp32, the export in its own dtype. fp32 differs only by summation
+# order (~1e-6 seen); bf16/fp16 carry 8/11 mantissa bits through every layer (~1e-2 seen on a
+# 24-layer model). A wrong or missing tensor, a wrong config field or a vocabulary shift moves
+# logits by the order of the logits themselves.
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 6e-2}
 VERIFY_BATCH, VERIFY_MAX_LEN, VERIFY_SEED = 2, 64, 0
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
-        raise ConvertError(f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
+        raise ConvertError(
+            f"--out {out} already exists; pass --overwrite to replace it, or choose another folder")
     if out.exists() and not out.is_dir():
         raise ConvertError(f"--out {out} is a file, not a folder")
     parent = out.parent if out.parent != Path("") else Path(".")
@@ -65,15 +69,17 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out).expanduser().absolute()
     _check_out(out, args.overwrite)
     max_shard = parse_shard_size(args.max_shard_size)
-    located = locate(args.checkpoint, args.tag, credentials=args.credentials, scratch_parent=out.parent)
+    located = locate(args.checkpoint, args.tag, credentials=args.credentials,
+                     scratch_parent=out.parent)
     try:
         tag_dir = located.tag_dir.resolve()
         if out == tag_dir or out in tag_dir.parents:
-            raise ConvertError(f"--out {out} would replace the checkpoint {tag_dir} itself; choose another folder")
+            raise ConvertError(
+                f"--out {out} would replace the checkpoint {tag_dir} itself; choose another folder")
         info = inspect_checkpoint(located.tag_dir)
         dtype_name = args.dtype or info.precision
-        print_step(f"{located.source} tag {info.tag}: ZeRO-{info.stage}, {info.dp_size} rank(s), trained in "
-                   f"{info.precision}, step {info.step} -> {out} ({dtype_name})")
+        print_step(f"{located.source} tag {info.tag}: ZeRO-{info.stage}, {info.dp_size} rank(s), "
+                   f"trained in {info.precision}, step {info.step} -> {out} ({dtype_name})")
         local_save_dir = None if located.remote else located.tag_dir.parent
         summary = _export(args, info, DTYPES[dtype_name], dtype_name, out, max_shard,
                           source=located.source, local_save_dir=local_save_dir)
@@ -85,7 +91,8 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _vocabulary(args, info, tokenizer) -> tuple[int | None, int | None]:
-    """(output vocab size or None to keep the padding, the tokenizer's vocab size as the run knew it)."""
+    """(output vocab size or None to keep the padding, the tokenizer's vocab size as the run knew
+    it)."""
 
     run_cfg = info.run.get("run_config") or {}
     known = run_cfg.get("vocab_size") or (tokenizer.vocab_size if tokenizer else None)
@@ -93,12 +100,13 @@ def _vocabulary(args, info, tokenizer) -> tuple[int | None, int | None]:
         return None, known
     if known is None:
         raise ConvertError(
-            "--unpad-vocab: the checkpoint does not record the tokenizer's vocabulary size and no tokenizer was found; "
-            "pass --tokenizer FILE"
+            "--unpad-vocab: the checkpoint does not record the tokenizer's vocabulary size and no "
+            "tokenizer was found; pass --tokenizer FILE"
         )
     padded = int(info.model_config["vocab_size"])
     if known > padded:
-        raise ConvertError(f"--unpad-vocab: the tokenizer's vocabulary ({known}) exceeds the model's ({padded})")
+        raise ConvertError(
+            f"--unpad-vocab: the tokenizer's vocabulary ({known}) exceeds the model's ({padded})")
     return int(known), int(known)
 
 
@@ -115,8 +123,8 @@ def _export(args, info, dtype, dtype_name: str, out: Path, max_shard: int, *, so
             print_step(f"warning: {problem}; the export gets no tokenizer (pass --tokenizer FILE)")
             tokenizer = None
     else:
-        print_step("no tokenizer recorded with this run (checked the tag folder and the run's data_dir): "
-                   "the export has none; pass --tokenizer FILE to include one")
+        print_step("no tokenizer recorded with this run (checked the tag folder and the run's "
+                   "data_dir): the export has none; pass --tokenizer FILE to include one")
 
     source_weights = WeightSource(info).open()
     weights_from, masters = source_weights.description, source_weights.masters
@@ -125,7 +133,8 @@ def _export(args, info, dtype, dtype_name: str, out: Path, max_shard: int, *, so
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        weights = write_weights(source_weights, plan, staging, max_shard, progress=sys.stderr.isatty())
+        weights = write_weights(source_weights, plan, staging, max_shard,
+                                progress=sys.stderr.isatty())
         source_weights.close()
         del source_weights
         eos = info.model_config.get("eos_token_id")
@@ -134,37 +143,41 @@ def _export(args, info, dtype, dtype_name: str, out: Path, max_shard: int, *, so
         write_configs(info, plan, staging, eos_token_id=eos)
         tok_files = []
         if tokenizer is not None:
-            tok_files = write_tokenizer(tokenizer, staging,
-                                        model_max_length=int(info.model_config["max_position_embeddings"]))
+            tok_files = write_tokenizer(
+                tokenizer, staging,
+                model_max_length=int(info.model_config["max_position_embeddings"]))
         verify = _verify(info, plan, staging, dtype_name, tokenizer_vocab) if args.verify else None
         losses = final_losses(info, local_save_dir=local_save_dir)
-        write_model_card(staging, name=out.name, info=info, plan=plan, source=source, weights=weights_from,
-                         losses=losses, tokenizer=tokenizer, verify=verify)
+        write_model_card(staging, name=out.name, info=info, plan=plan, source=source,
+                         weights=weights_from, losses=losses, tokenizer=tokenizer, verify=verify)
         install_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return {
-        "out": str(out), "source": source, "tag": info.tag, "step": info.step, "zero_stage": info.stage,
-        "dp_size": info.dp_size, "training_precision": info.precision, "dtype": dtype_name,
-        "weights_from": weights_from, "fp32_masters": masters, "parameters": plan.num_parameters,
-        "vocab_size": plan.vocab_size,
+        "out": str(out), "source": source, "tag": info.tag, "step": info.step,
+        "zero_stage": info.stage, "dp_size": info.dp_size, "training_precision": info.precision,
+        "dtype": dtype_name, "weights_from": weights_from, "fp32_masters": masters,
+        "parameters": plan.num_parameters, "vocab_size": plan.vocab_size,
         "padded_vocab_size": plan.padded_vocab_size, "weight_files": weights["files"],
-        "total_size": weights["total_size"], "tokenizer": str(tokenizer.path) if tokenizer else None,
-        "tokenizer_files": tok_files, "tokens_seen": tokens_seen(info),
-        **{k: v for k, v in losses.items() if k != "source"},
+        "total_size": weights["total_size"],
+        "tokenizer": str(tokenizer.path) if tokenizer else None, "tokenizer_files": tok_files,
+        "tokens_seen": tokens_seen(info), **{k: v for k, v in losses.items() if k != "source"},
         "verify": verify,
     }
 
 
-def _verify(info, plan, folder: Path, dtype_name: str, tokenizer_vocab: int | None) -> dict[str, Any]:
-    """The same token batch through (a) GPTNeoXForCausalLM rebuilt from the DeepSpeed checkpoint in fp32 (a fresh
-    read of the checkpoint, not the tensors just written) and (b) the export loaded by AutoModelForCausalLM."""
+def _verify(info, plan, folder: Path, dtype_name: str,
+            tokenizer_vocab: int | None) -> dict[str, Any]:
+    """The same token batch through (a) GPTNeoXForCausalLM rebuilt from the DeepSpeed checkpoint in
+    fp32 (a fresh read of the checkpoint, not the tensors just written) and (b) the export loaded by
+    AutoModelForCausalLM."""
 
     reference_weights = WeightSource(info).open()
     state = {name: reference_weights.take(name, torch.float32) for name in plan.module_names}
     reference_weights.close()
-    with no_init_weights():  # the weights are assigned below; random init of a large model costs seconds
+    # the weights are assigned below; random init of a large model costs seconds
+    with no_init_weights():
         reference = GPTNeoXForCausalLM(GPTNeoXConfig.from_dict(info.model_config))
     reference.load_state_dict(state, strict=True, assign=True)
     del state
@@ -181,7 +194,8 @@ def _verify(info, plan, folder: Path, dtype_name: str, tokenizer_vocab: int | No
 
     vocab = min(tokenizer_vocab or plan.vocab_size, plan.vocab_size)
     length = min(VERIFY_MAX_LEN, int(info.model_config["max_position_embeddings"]))
-    ids = torch.randint(0, vocab, (VERIFY_BATCH, length), generator=torch.Generator().manual_seed(VERIFY_SEED))
+    ids = torch.randint(0, vocab, (VERIFY_BATCH, length),
+                        generator=torch.Generator().manual_seed(VERIFY_SEED))
     with torch.no_grad():
         want = reference(input_ids=ids).logits[..., : plan.vocab_size].float()
         got = exported(input_ids=ids).logits.float()
@@ -189,12 +203,13 @@ def _verify(info, plan, folder: Path, dtype_name: str, tokenizer_vocab: int | No
     scale = max(1.0, want.abs().max().item())
     tolerance = TOLERANCE[dtype_name] * scale
     agree = (want.argmax(-1) == got.argmax(-1)).float().mean().item()
-    result = {"max_abs_diff": diff, "tolerance": tolerance, "dtype": dtype_name, "tokens": int(ids.numel()),
-              "argmax_agreement": agree}
-    print_step(f"verify: max abs logit diff {diff:.3g} over {VERIFY_BATCH}x{length} tokens ({dtype_name} export vs "
-               f"fp32 checkpoint model; tolerance {tolerance:.3g}; argmax agrees on {agree:.1%})")
+    result = {"max_abs_diff": diff, "tolerance": tolerance, "dtype": dtype_name,
+              "tokens": int(ids.numel()), "argmax_agreement": agree}
+    print_step(f"verify: max abs logit diff {diff:.3g} over {VERIFY_BATCH}x{length} tokens "
+               f"({dtype_name} export vs fp32 checkpoint model; tolerance {tolerance:.3g}; argmax "
+               f"agrees on {agree:.1%})")
     if not diff <= tolerance:  # also catches NaN
-        raise VerifyFailed(f"max abs logit diff {diff:.3g} exceeds the {dtype_name} tolerance {tolerance:.3g}; "
-                           f"nothing was written to the output folder")
+        raise VerifyFailed(f"max abs logit diff {diff:.3g} exceeds the {dtype_name} tolerance "
+                           f"{tolerance:.3g}; nothing was written to the output folder")
     return result
 

@@ -1,1 +1,2 @@
-"""Training data: token shards, windows and sampling, the prefetching loader, and `neox-data prepare`."""
+"""Training data: token shards, windows and sampling, the prefetching loader, and
+`neox-data prepare`."""

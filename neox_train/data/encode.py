@@ -1,10 +1,10 @@
 """Tokenization for `neox-data prepare`: batches of documents in, token arrays out, in input order.
 
-With one worker the tokenizer runs here (its Rust side already spreads a batch over the cores). With N workers,
-N spawned processes each encode whole batches on one thread, so reading and parsing the input here overlaps with
-the encoding there. At most 2N batches are in flight, so memory stays bounded however large the corpus is. The
-output does not depend on N: each document is encoded alone, and results come back in the order the batches
-went out.
+With one worker the tokenizer runs here (its Rust side already spreads a batch over the cores). With
+N workers, N spawned processes each encode whole batches on one thread, so reading and parsing the
+input here overlaps with the encoding there. At most 2N batches are in flight, so memory stays
+bounded however large the corpus is. The output does not depend on N: each document is encoded
+alone, and results come back in the order the batches went out.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ def _init(tokenizer_path: str, eos_id: int) -> None:
     _worker["eos"] = eos_id
 
 
-def encode_batch(tokenizer: Tokenizer, eos_id: int, docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens of every document, each followed by the end-of-text id, as one int32 array; each document's
-    length including it)."""
+def encode_batch(tokenizer: Tokenizer, eos_id: int,
+                 docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens of every document, each followed by the end-of-text id, as one int32 array; each
+    document's length including it)."""
     encodings = tokenizer.encode_batch(docs, add_special_tokens=False)
     lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
     flat = np.empty(int(lengths.sum()), dtype=np.int32)

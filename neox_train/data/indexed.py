@@ -11,11 +11,12 @@ The `.idx` file (all little-endian):
     int64     pointers[n]   byte offset of each sequence in .bin
     int64     doc_idx[m]    sequence index where each document starts (0 first, n last)
 
-and `.bin` holds the tokens of every sequence back to back. Codes 6 and 7 mean float64/float32 to Megatron-Core
-and float32/float64 to gpt-neox; token ids are integers anyway, so both are refused. Both files are memory-mapped
-and checked by their sizes and the first and last pointers, never read whole. The training stream is the
-tokens of `.bin` in order, cut into windows like our own shards (whether documents end with an end-of-text token
-is decided when the data is made: gpt-neox's `--append-eod`; `neox-data prepare --format indexed` always does).
+and `.bin` holds the tokens of every sequence back to back. Codes 6 and 7 mean float64/float32 to
+Megatron-Core and float32/float64 to gpt-neox; token ids are integers anyway, so both are refused.
+Both files are memory-mapped and checked by their sizes and the first and last pointers, never read
+whole. The training stream is the tokens of `.bin` in order, cut into windows like our own shards
+(whether documents end with an end-of-text token is decided when the data is made: gpt-neox's
+`--append-eod`; `neox-data prepare --format indexed` always does).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def prefix_of(path: Path) -> Path | None:
 
 
 def open_indexed(prefix: Path) -> IndexedDataset:
-    """Read and check PREFIX.idx, memory-map PREFIX.bin; DataError (one line naming the file) when anything is off."""
+    """Read and check PREFIX.idx, memory-map PREFIX.bin; DataError (one line naming the file) when
+    anything is off."""
     prefix = Path(prefix)
     idx, bin_file = idx_path(prefix), bin_path(prefix)
     try:
@@ -85,34 +87,36 @@ def open_indexed(prefix: Path) -> IndexedDataset:
     except OSError as e:
         raise DataError(f"{prefix}: cannot read the indexed dataset ({e.strerror or e})") from None
     if len(raw) < _HEADER.size or raw[:len(MAGIC)] != MAGIC:
-        raise DataError(f"{idx}: not a gpt-neox/Megatron index (it must start with the magic {MAGIC!r}, found "
-                        f"{raw[:len(MAGIC)]!r})")
+        raise DataError(f"{idx}: not a gpt-neox/Megatron index (it must start with the magic "
+                        f"{MAGIC!r}, found {raw[:len(MAGIC)]!r})")
     _, version, code, n, m = _HEADER.unpack(raw)
     if version != VERSION:
         raise DataError(f"{idx}: index version {version}; valid: {VERSION}")
     if code in AMBIGUOUS_CODES:
-        raise DataError(f"{idx}: dtype code {code} is ambiguous ({AMBIGUOUS_CODES[code]}) and not an integer type; "
-                        f"valid token dtype codes: {VALID_CODES}")
+        raise DataError(f"{idx}: dtype code {code} is ambiguous ({AMBIGUOUS_CODES[code]}) and not "
+                        f"an integer type; valid token dtype codes: {VALID_CODES}")
     if code not in DTYPES:
         raise DataError(f"{idx}: unknown dtype code {code}; valid: {VALID_CODES}")
     dtype = DTYPES[code]
     expected = _HEADER.size + 4 * n + 8 * n + 8 * m
     if idx_size != expected:
-        raise DataError(f"{idx}: {idx_size} bytes, but its header's {n} sequences and {m} document entries need "
-                        f"{expected} (a truncated or multimodal index)")
+        raise DataError(f"{idx}: {idx_size} bytes, but its header's {n} sequences and {m} document "
+                        f"entries need {expected} (a truncated or multimodal index)")
     if bin_size % dtype.itemsize:
-        raise DataError(f"{bin_file}: {bin_size} bytes is not a whole number of {dtype.name} tokens")
+        raise DataError(
+            f"{bin_file}: {bin_size} bytes is not a whole number of {dtype.name} tokens")
     sizes = _map(idx, np.int32, _HEADER.size, n)
     pointers = _map(idx, np.int64, _HEADER.size + 4 * n, n)
     doc_idx = _map(idx, np.int64, _HEADER.size + 12 * n, m)
     if n:
         end = int(pointers[-1]) + int(sizes[-1]) * dtype.itemsize
         if int(pointers[0]) != 0 or end != bin_size or int(sizes[-1]) < 0:
-            raise DataError(f"{idx}: its pointers cover bytes {int(pointers[0])}..{end} of {bin_file}, which holds "
-                            f"{bin_size} bytes (valid: sequences back to back from byte 0 to the end; was .bin "
-                            f"replaced or truncated?)")
+            raise DataError(f"{idx}: its pointers cover bytes {int(pointers[0])}..{end} of "
+                            f"{bin_file}, which holds {bin_size} bytes (valid: sequences back to "
+                            f"back from byte 0 to the end; was .bin replaced or truncated?)")
     if m and (int(doc_idx[0]) != 0 or int(doc_idx[-1]) != n):
-        raise DataError(f"{idx}: document index runs {int(doc_idx[0])}..{int(doc_idx[-1])}; valid: 0..{n}")
+        raise DataError(
+            f"{idx}: document index runs {int(doc_idx[0])}..{int(doc_idx[-1])}; valid: 0..{n}")
     if bin_size == 0:
         raise DataError(f"{bin_file}: the dataset holds no tokens")
     tokens = np.memmap(bin_file, dtype=dtype, mode="r", shape=(bin_size // dtype.itemsize,))
@@ -131,7 +135,8 @@ def dtype_for_vocab(vocab_size: int) -> np.dtype:
 
 
 class IndexedWriter:
-    """Writes PREFIX.bin as documents arrive (one sequence per document) and PREFIX.idx at close()."""
+    """Writes PREFIX.bin as documents arrive (one sequence per document) and PREFIX.idx at
+    close()."""
 
     def __init__(self, prefix: Path, dtype: np.dtype):
         if np.dtype(dtype) not in CODES:

@@ -1,10 +1,11 @@
-"""`neox-data info PATH... [--config RUN] [--json]`: what a dataset holds before anything trains on it.
+"""`neox-data info PATH... [--config RUN] [--json]`: what a dataset holds before anything trains on
+it.
 
-A PATH is a folder of our shards and/or indexed datasets, one indexed PREFIX (or its .bin/.idx), or a run-config
-JSON whose `data` mixture (or data_dir) is then described. For each dataset: files, documents (indexed: from the
-index; shards: meta.json's count), tokens, dtypes, the largest token id (the vocabulary bound, scanned once and
-cached like training's validation). With `--config`, each dataset's share, samples and epochs by max_steps at
-that config's batch (`--gpus` ranks, default 1).
+A PATH is a folder of our shards and/or indexed datasets, one indexed PREFIX (or its .bin/.idx), or
+a run-config JSON whose `data` mixture (or data_dir) is then described. For each dataset: files,
+documents (indexed: from the index; shards: meta.json's count), tokens, dtypes, the largest token id
+(the vocabulary bound, scanned once and cached like training's validation). With `--config`, each
+dataset's share, samples and epochs by max_steps at that config's batch (`--gpus` ranks, default 1).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from neox_train.data.shards import (
 def describe(path: str, *, name: str | None = None, weight: float | None = None) -> dict[str, Any]:
     files = discover_shards(path)
     folder = dataset_folder(path)
-    # The validation scan with an unbounded vocabulary: every id passes, the max per file is cached; it opens
-    # (memory-maps) every file and hands the arrays back.
+    # The validation scan with an unbounded vocabulary: every id passes, the max per file is cached;
+    # it opens (memory-maps) every file and hands the arrays back.
     arrays = validate_shards(files, 2**63 - 1, cache_path=folder / VALIDATION_CACHE)
     max_ids = max_token_ids(files, folder / VALIDATION_CACHE)
     documents: int | None = 0
@@ -71,24 +72,28 @@ def info(paths: list[str]) -> dict[str, Any]:
 
 
 def plan_rows(run, split, train_batch_size: int) -> dict[str, Any]:
-    """Shares, samples and epochs by max_steps, from the windows training cuts (train.plan.load_data)."""
+    """Shares, samples and epochs by max_steps, from the windows training cuts
+    (train.plan.load_data)."""
     samples = run.max_steps * train_batch_size
     if not run.data:
         n = len(split.train)
-        rows = [{"name": Path(run.data_dir).name, "path": run.data_dir, "weight": 1.0, "train_windows": n,
-                 "samples": samples, "epochs": samples / n}]
+        rows = [{"name": Path(run.data_dir).name, "path": run.data_dir, "weight": 1.0,
+                 "train_windows": n, "samples": samples, "epochs": samples / n}]
     else:
         rows = epochs_by(split, samples)
-    return {"max_steps": run.max_steps, "train_batch_size": train_batch_size, "samples": samples, "datasets": rows,
-            "line": epochs_line(rows, run.max_steps)}
+    return {"max_steps": run.max_steps, "train_batch_size": train_batch_size, "samples": samples,
+            "datasets": rows, "line": epochs_line(rows, run.max_steps)}
 
 
 def add_info_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH",
-                        help="a shard folder, an indexed PREFIX (or .bin/.idx), or a run-config JSON (its mixture)")
-    parser.add_argument("--config", metavar="RUN", help="a run config (preset or JSON): each dataset's share, "
-                                                        "samples and epochs by its max_steps")
-    parser.add_argument("--gpus", type=int, default=1, metavar="N", help="ranks for --config's batch (default 1)")
+                        help="a shard folder, an indexed PREFIX (or .bin/.idx), or a run-config "
+                             "JSON (its mixture)")
+    parser.add_argument("--config", metavar="RUN",
+                        help="a run config (preset or JSON): each dataset's share, "
+                             "samples and epochs by its max_steps")
+    parser.add_argument("--gpus", type=int, default=1, metavar="N",
+                        help="ranks for --config's batch (default 1)")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
 
@@ -98,11 +103,12 @@ def print_info(result: dict[str, Any], *, as_json: bool) -> int:
         return 0
     for d in result["datasets"]:
         docs = f"{d['documents']:,}" if d["documents"] is not None else "?"
-        print(f"{d['name']}: {d['path']} ({'+'.join(d['format'])}, {d['files']} file(s), {'/'.join(d['dtypes'])}): "
-              f"{docs} documents, {d['tokens']:,} tokens, max token id {d['max_token_id']}"
+        print(f"{d['name']}: {d['path']} ({'+'.join(d['format'])}, {d['files']} file(s), "
+              f"{'/'.join(d['dtypes'])}): {docs} documents, {d['tokens']:,} tokens, max token id "
+              f"{d['max_token_id']}"
               + (f", weight {d['weight']:g}" if d["weight"] is not None else ""), file=sys.stderr)
     print(f"total: {result['total_tokens']:,} tokens", file=sys.stderr)
     if "plan" in result:
-        print(f"by max_steps={result['plan']['max_steps']} at {result['plan']['train_batch_size']} sequences per "
-              f"step: {result['plan']['line']}", file=sys.stderr)
+        print(f"by max_steps={result['plan']['max_steps']} at {result['plan']['train_batch_size']} "
+              f"sequences per step: {result['plan']['line']}", file=sys.stderr)
     return 0

@@ -1,15 +1,15 @@
 """This rank's training micro-batches, assembled ahead of the loop.
 
-A background thread takes the next window indices from the `SampleStream` and gathers their tokens from the
-memory-mapped shards while the model computes, keeping up to `prefetch` micro-batches ready. On CUDA it writes
-into a small pool of pinned host buffers, and `next()` copies each one to the GPU with a non-blocking copy on a
-side stream: the compute stream waits for that copy only, and since the host normally runs ahead of the GPU the
-transfer overlaps the previous micro-batch's kernels. A pinned buffer is refilled only after its copy's event
-has completed.
+A background thread takes the next window indices from the `SampleStream` and gathers their tokens
+from the memory-mapped shards while the model computes, keeping up to `prefetch` micro-batches
+ready. On CUDA it writes into a small pool of pinned host buffers, and `next()` copies each one to
+the GPU with a non-blocking copy on a side stream: the compute stream waits for that copy only, and
+since the host normally runs ahead of the GPU the transfer overlaps the previous micro-batch's
+kernels. A pinned buffer is refilled only after its copy's event has completed.
 
-Resume stays exact: `consumed_samples` is what the model has taken (it advances when `next()` hands a batch
-over), never what the thread has prefetched. The thread owns the stream once started; the loop reads positions
-from the loader only.
+Resume stays exact: `consumed_samples` is what the model has taken (it advances when `next()` hands
+a batch over), never what the thread has prefetched. The thread owns the stream once started; the
+loop reads positions from the loader only.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class _Failed:
 
 
 class MicroBatchLoader:
-    def __init__(self, windows: PackedWindows, stream: SampleStream, *, device: torch.device, prefetch: int):
+    def __init__(self, windows: PackedWindows, stream: SampleStream, *, device: torch.device,
+                 prefetch: int):
         if prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         self.windows = windows
@@ -59,19 +60,20 @@ class MicroBatchLoader:
 
     @property
     def consumed_samples(self) -> int:
-        """Samples (all ranks together) in the micro-batches handed to the model so far: the resume position."""
+        """Samples (all ranks together) in the micro-batches handed to the model so far: the resume
+        position."""
         return self._consumed
 
-    # -- the loop's side ----------------------------------------------------------------------------------------
+    # -- the loop's side ---------------------------------------------------------------------------
     def next(self) -> torch.Tensor:
         """The next micro-batch, (micro_batch, seq_len + 1) int64 on the device."""
         if self._thread is None:
             host = torch.from_numpy(self.windows.batch(self._stream.next_micro_batch()))
             self._consumed = self._stream.consumed_samples
             if self._cuda:
-                # A copy from pageable memory would wait for the GPU's queued work and count it as data wait;
-                # from pinned memory it is queued like a kernel (torch's pinned-memory cache keeps the buffer
-                # alive until the copy has run).
+                # A copy from pageable memory would wait for the GPU's queued work and count it as
+                # data wait; from pinned memory it is queued like a kernel (torch's pinned-memory
+                # cache keeps the buffer alive until the copy has run).
                 return host.pin_memory().to(self.device, non_blocking=True)
             return host.to(self.device)
         item = self._take()
@@ -85,8 +87,8 @@ class MicroBatchLoader:
             copied = torch.cuda.Event()
             copied.record(self._copy_stream)
         compute.wait_event(copied)
-        # Allocated on the copy stream, used on the compute stream: tell the caching allocator, or it could hand
-        # the memory back to the copy stream while compute still reads it.
+        # Allocated on the copy stream, used on the compute stream: tell the caching allocator, or
+        # it could hand the memory back to the copy stream while compute still reads it.
         batch.record_stream(compute)
         self._free.put((host, copied))
         return batch
@@ -111,7 +113,7 @@ class MicroBatchLoader:
         self._thread.join(timeout=10)
         self._thread = None
 
-    # -- the thread's side --------------------------------------------------------------------------------------
+    # -- the thread's side -------------------------------------------------------------------------
     def _produce(self) -> None:
         try:
             while not self._stop.is_set():
@@ -129,7 +131,8 @@ class MicroBatchLoader:
                     host = torch.from_numpy(self.windows.batch(indices))
                 if not self._put_or_stop((host, consumed)):
                     return
-        except BaseException as err:  # handed to the loop, which raises it where the batch was wanted
+        # handed to the loop, which raises it where the batch was wanted
+        except BaseException as err:
             self._put_or_stop(_Failed(err))
 
     def _get_or_stop(self, q: queue.Queue) -> Any:

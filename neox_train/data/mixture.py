@@ -1,17 +1,18 @@
 """Weighted mixtures of datasets: `data: [{"path": ..., "weight": ...}, ...]` in the run config.
 
-A weight is the share of training samples drawn from that dataset: with weights 0.7 and 0.3, 7 of every 10
-samples come from the first. (Weights are normalised, so 7 and 3 mean the same.) A dataset smaller than its share
-repeats (each pass in a new seeded order); a larger one is not seen whole by max_steps. The run says at start how
-many epochs of each it will see.
+A weight is the share of training samples drawn from that dataset: with weights 0.7 and 0.3, 7 of
+every 10 samples come from the first. (Weights are normalised, so 7 and 3 mean the same.) A dataset
+smaller than its share repeats (each pass in a new seeded order); a larger one is not seen whole by
+max_steps. The run says at start how many epochs of each it will see.
 
-Which dataset global sample p comes from is fixed by the weights alone, with no randomness: dataset d's k-th sample
-sits at time (k + 0.5) / w_d, and samples are taken in time order (ties: the lower dataset index). So every window
-of samples holds each dataset within one sample of its share, the order is the same on every machine, and it
-does not depend on how far the run goes. Dataset d's k-th sample is its window perm_{d,e}[k mod n_d] with
-e = k // n_d and perm_{d,e} = default_rng([seed, d, e]).permutation(n_d) over its training windows. Sample
-positions are global and split across ranks exactly as a single dataset's (data.windows.SampleStream), so a
-resumed run (at any rank count) draws the same samples from the same datasets.
+Which dataset global sample p comes from is fixed by the weights alone, with no randomness: dataset
+d's k-th sample sits at time (k + 0.5) / w_d, and samples are taken in time order (ties: the lower
+dataset index). So every window of samples holds each dataset within one sample of its share, the
+order is the same on every machine, and it does not depend on how far the run goes. Dataset d's k-th
+sample is its window perm_{d,e}[k mod n_d] with e = k // n_d and perm_{d,e} = default_rng([seed, d,
+e]).permutation(n_d) over its training windows. Sample positions are global and split across ranks
+exactly as a single dataset's (data.windows.SampleStream), so a resumed run (at any rank count)
+draws the same samples from the same datasets.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class Part:
 
 
 class MixtureWindows:
-    """The datasets' windows side by side in one index space (part d's window i is index base_d + i)."""
+    """The datasets' windows side by side in one index space (part d's window i is index base_d +
+    i)."""
 
     def __init__(self, parts: list[Part]):
         self.parts = parts
@@ -71,9 +73,10 @@ class MixtureSplit:
         return range(sum(len(p.val) for p in self.parts))
 
 
-def combine(datasets: Sequence[tuple[str, str, float, PackedWindows, Split]]) -> tuple[MixtureWindows, MixtureSplit]:
-    """(name, path, weight, windows, split) of each dataset -> the mixture: the parts side by side in one index
-    space, their weights normalised to sum to 1."""
+def combine(datasets: Sequence[tuple[str, str, float, PackedWindows,
+                                     Split]]) -> tuple[MixtureWindows, MixtureSplit]:
+    """(name, path, weight, windows, split) of each dataset -> the mixture: the parts side by side
+    in one index space, their weights normalised to sum to 1."""
     total = sum(weight for _, _, weight, _, _ in datasets)
     parts, base = [], 0
     for name, path, weight, windows, split in datasets:
@@ -84,19 +87,22 @@ def combine(datasets: Sequence[tuple[str, str, float, PackedWindows, Split]]) ->
     return MixtureWindows(parts), MixtureSplit(parts)
 
 
-SLAB = 1 << 16  # the blend is built in slabs of this much time (about that many samples): memory stays flat
+# the blend is built in slabs of this much time (about that many samples): memory stays flat
+SLAB = 1 << 16
 
 
 class Blend:
-    """Which dataset each global sample comes from, and its ordinal there: dataset d's k-th sample sits at time
-    (k + 0.5) / w_d, samples in time order (ties: the lower dataset). Built a slab of time at a time: dataset d
-    has K_d(t) = ceil(t * w_d - 0.5) samples before time t, so slab s (times [s*SLAB, (s+1)*SLAB)) starts at
-    sample sum_d K_d(s*SLAB), and any position is found without building what comes before it."""
+    """Which dataset each global sample comes from, and its ordinal there: dataset d's k-th sample
+    sits at time (k + 0.5) / w_d, samples in time order (ties: the lower dataset). Built a slab of
+    time at a time: dataset d has K_d(t) = ceil(t * w_d - 0.5) samples before time t, so slab s
+    (times [s*SLAB, (s+1)*SLAB)) starts at sample sum_d K_d(s*SLAB), and any position is found
+    without building what comes before it."""
 
     def __init__(self, weights: Sequence[float]):
         w = np.asarray(weights, dtype=np.float64)
         self.w = w / w.sum()
-        self._slab: tuple[int, int, np.ndarray, np.ndarray] | None = None  # (slab, start, ids, ordinals)
+        # (slab, start, ids, ordinals)
+        self._slab: tuple[int, int, np.ndarray, np.ndarray] | None = None
 
     def before(self, t: float) -> np.ndarray:
         """Samples of each dataset before time t."""
@@ -118,7 +124,8 @@ class Blend:
         if self._slab is not None and self._slab[0] == s:
             return self._slab[1:]
         lo, hi = self.before(s * SLAB), self.before((s + 1) * SLAB)
-        ids = np.concatenate([np.full(h - a, d, dtype=np.int64) for d, (a, h) in enumerate(zip(lo, hi))])
+        ids = np.concatenate(
+            [np.full(h - a, d, dtype=np.int64) for d, (a, h) in enumerate(zip(lo, hi))])
         ordinals = np.concatenate([np.arange(a, h, dtype=np.int64) for a, h in zip(lo, hi)])
         order = np.lexsort((ids, (ordinals + 0.5) / self.w[ids]))
         self._slab = (s, int(lo.sum()), ids[order], ordinals[order])
@@ -136,7 +143,8 @@ class Blend:
             ords.append(slab_ords[a:b])
             need -= b - a
             s += 1
-        return (np.concatenate(ids), np.concatenate(ords)) if ids else (np.empty(0, np.int64), np.empty(0, np.int64))
+        return ((np.concatenate(ids), np.concatenate(ords)) if ids
+                else (np.empty(0, np.int64), np.empty(0, np.int64)))
 
     def counts(self, n: int) -> np.ndarray:
         """Samples of each dataset among the first n."""
@@ -153,16 +161,17 @@ def blend(weights: Sequence[float], n: int) -> tuple[np.ndarray, np.ndarray]:
 class MixtureStream:
     """SampleStream's contract (consumed_samples, next_micro_batch) over a mixture."""
 
-    def __init__(self, split: MixtureSplit, *, seed: int, micro_batch: int, dp_rank: int, dp_size: int,
-                 consumed_samples: int = 0):
+    def __init__(self, split: MixtureSplit, *, seed: int, micro_batch: int, dp_rank: int,
+                 dp_size: int, consumed_samples: int = 0):
         check_ranks(micro_batch, dp_rank, dp_size)
         for p in split.parts:
             if not len(p.train):
-                raise DataError(f"dataset {p.name} ({p.path}) has no training windows (its data is shorter than "
-                                f"two windows, or val_fraction takes them all)")
+                raise DataError(f"dataset {p.name} ({p.path}) has no training windows (its data is "
+                                f"shorter than two windows, or val_fraction takes them all)")
         self.parts = split.parts
         self.weights = [p.weight for p in split.parts]
-        self.seed, self.micro_batch, self.dp_rank, self.dp_size = seed, micro_batch, dp_rank, dp_size
+        self.seed, self.micro_batch = seed, micro_batch
+        self.dp_rank, self.dp_size = dp_rank, dp_size
         self._consumed = consumed_samples
         self._blend = Blend(self.weights)
         self._perms: dict[tuple[int, int], np.ndarray] = {}
@@ -177,7 +186,8 @@ class MixtureStream:
         if perm is None:
             for old in [k for k in self._perms if k[0] == d and k[1] < epoch - 1]:
                 del self._perms[old]
-            perm = np.random.default_rng([self.seed, d, epoch]).permutation(len(self.parts[d].train))
+            perm = np.random.default_rng([self.seed, d, epoch]).permutation(
+                len(self.parts[d].train))
             self._perms[key] = perm
         return perm
 
@@ -201,7 +211,8 @@ class MixtureStream:
 
 
 def epochs_by(split: MixtureSplit, total_samples: int) -> list[dict]:
-    """Each dataset's samples, share and epochs over the first `total_samples` samples (what max_steps draws)."""
+    """Each dataset's samples, share and epochs over the first `total_samples` samples (what
+    max_steps draws)."""
     counts = Blend([p.weight for p in split.parts]).counts(total_samples)
     return [{"name": p.name, "path": p.path, "weight": p.weight, "train_windows": len(p.train),
              "samples": int(c), "epochs": int(c) / len(p.train) if len(p.train) else float("inf")}
@@ -209,8 +220,9 @@ def epochs_by(split: MixtureSplit, total_samples: int) -> list[dict]:
 
 
 def epochs_line(rows: list[dict], max_steps: int) -> str:
-    return "; ".join(f"{r['name']} (weight {r['weight']:.3g}): {r['samples']:,} samples by max_steps={max_steps} = "
-                     f"{r['epochs']:.2f} epochs of its {r['train_windows']:,} windows"
+    return "; ".join(f"{r['name']} (weight {r['weight']:.3g}): {r['samples']:,} samples by "
+                     f"max_steps={max_steps} = {r['epochs']:.2f} epochs of its "
+                     f"{r['train_windows']:,} windows"
                      + (" (repeats)" if r["epochs"] > 1 else "") for r in rows)
 
 

@@ -1,11 +1,13 @@
 """Where `neox-data prepare` reads documents: the corpora teams have, streamed in constant memory.
 
 An input is one of:
-- `builtin:NAME`, a corpus available offline on every machine (`builtin:pydoc`, CPython's reference docs);
+- `builtin:NAME`, a corpus available offline on every machine (`builtin:pydoc`, CPython's reference
+  docs);
 - a `.txt` file: the whole file is one document;
-- JSON lines: `.jsonl`, `.jsonl.gz`, `.jsonl.zst` (the Pile's format). One object per line, the text under
-  `text_key` (default "text"); blank lines are skipped;
-- a `.parquet` file (FineWeb and most of the HF hub), read one row group batch at a time, column `text_key`;
+- JSON lines: `.jsonl`, `.jsonl.gz`, `.jsonl.zst` (the Pile's format). One object per line, the text
+  under `text_key` (default "text"); blank lines are skipped;
+- a `.parquet` file (FineWeb and most of the HF hub), read one row group batch at a time, column
+  `text_key`;
 - a folder written by HF `datasets`' `save_to_disk` (state.json + *.arrow), column `text_key`;
 - a folder of any of these files, read recursively in sorted relative-path order.
 Empty documents are skipped: they would add nothing but an end-of-text token.
@@ -24,13 +26,14 @@ from neox_train.errors import DataError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 FILE_SUFFIXES = (".txt", *JSONL_SUFFIXES, ".parquet")
-ACCEPTED_INPUTS = ("builtin:NAME, a .txt, .jsonl, .jsonl.gz, .jsonl.zst or .parquet file, a folder saved by HF "
-                   "datasets (save_to_disk), or a folder of them")
+ACCEPTED_INPUTS = ("builtin:NAME, a .txt, .jsonl, .jsonl.gz, .jsonl.zst or .parquet file, a folder "
+                   "saved by HF datasets (save_to_disk), or a folder of them")
 _ARROW_BATCH_ROWS = 1024
 
 
 def _pydoc_topics() -> Iterator[str]:
-    """The Python reference documentation shipped with CPython (~465k chars): a corpus that needs no download."""
+    """The Python reference documentation shipped with CPython (~465k chars): a corpus that needs no
+    download."""
 
     for key in sorted(topics):
         if topics[key].strip():
@@ -50,7 +53,8 @@ def _is_hf_saved(path: Path) -> bool:
 
 
 def iter_documents(inputs: list[str], *, text_key: str = "text") -> Iterator[str]:
-    """Documents from every input in order; each call starts over, so the corpus can be read twice."""
+    """Documents from every input in order; each call starts over, so the corpus can be read
+    twice."""
     for spec in inputs:
         if spec.startswith("builtin:"):
             name = spec.removeprefix("builtin:")
@@ -67,8 +71,8 @@ def iter_documents(inputs: list[str], *, text_key: str = "text") -> Iterator[str
         elif _kind(path):
             yield from _file_documents(path, text_key)
         else:
-            raise DataError(f"input {path}: unsupported kind {path.suffix or '(no suffix)'!r} (accepted: "
-                            f"{ACCEPTED_INPUTS})")
+            raise DataError(f"input {path}: unsupported kind {path.suffix or '(no suffix)'!r} "
+                            f"(accepted: {ACCEPTED_INPUTS})")
 
 
 def _folder_documents(path: Path, text_key: str) -> Iterator[str]:
@@ -82,8 +86,8 @@ def _folder_documents(path: Path, text_key: str) -> Iterator[str]:
     files = sorted((p for p in path.rglob("*") if p.is_file() and _kind(p)),
                    key=lambda p: p.relative_to(path).as_posix())
     if not files:
-        raise DataError(f"input {path}: folder holds no {', '.join(FILE_SUFFIXES)} files (nor an HF save_to_disk "
-                        f"dataset)")
+        raise DataError(f"input {path}: folder holds no {', '.join(FILE_SUFFIXES)} files (nor an "
+                        f"HF save_to_disk dataset)")
     for file in files:
         yield from _file_documents(file, text_key)
 
@@ -94,7 +98,8 @@ def _file_documents(path: Path, text_key: str) -> Iterator[str]:
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
-            raise DataError(f"{path}: cannot read as UTF-8 text ({type(err).__name__}: {err})") from err
+            raise DataError(
+                f"{path}: cannot read as UTF-8 text ({type(err).__name__}: {err})") from err
         if text.strip():
             yield text
     elif kind == ".parquet":
@@ -111,7 +116,8 @@ def _open_text(path: Path):
         import zstandard  # deferred: only .zst inputs need it
 
         raw = open(path, "rb")  # noqa: SIM115 - closed with the wrapper
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), encoding="utf-8")
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True),
+                                encoding="utf-8")
     return open(path, encoding="utf-8")
 
 
@@ -125,17 +131,20 @@ def _jsonl_documents(path: Path, text_key: str) -> Iterator[str]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{line_no}: invalid JSON ({err.msg} at column {err.colno})") from err
+                    raise DataError(f"{path}:{line_no}: invalid JSON ({err.msg} at column "
+                                    f"{err.colno})") from err
                 text = record.get(text_key) if isinstance(record, dict) else None
                 if not isinstance(text, str):
-                    raise DataError(f"{path}:{line_no}: expected a JSON object with a string {text_key!r} field "
-                                    f"(--text-key), got {_describe(record, text_key)}")
+                    raise DataError(f"{path}:{line_no}: expected a JSON object with a string "
+                                    f"{text_key!r} field (--text-key), got "
+                                    f"{_describe(record, text_key)}")
                 if text.strip():
                     yield text
     except DataError:
         raise
     except (OSError, UnicodeDecodeError, EOFError) as err:
-        # gzip's BadGzipFile is an OSError; zstandard raises ZstdError (a plain Exception) for a damaged frame.
+        # gzip's BadGzipFile is an OSError; zstandard raises ZstdError (a plain Exception) for a
+        # damaged frame.
         raise DataError(f"{path}:{line_no + 1}: cannot read ({type(err).__name__}: {err})") from err
     except Exception as err:
         if type(err).__name__ == "ZstdError":
@@ -152,8 +161,8 @@ def _describe(record: object, key: str) -> str:
 
 
 def _column_error(path: Path, key: str, names: list[str]) -> DataError:
-    return DataError(f"{path}: no column {key!r} (columns: {', '.join(names) or 'none'}); give the text column "
-                     f"with --text-key")
+    return DataError(f"{path}: no column {key!r} (columns: {', '.join(names) or 'none'}); give the "
+                     f"text column with --text-key")
 
 
 def _texts(path: Path, column, key: str) -> Iterator[str]:
@@ -161,7 +170,8 @@ def _texts(path: Path, column, key: str) -> Iterator[str]:
         if text is None:
             continue
         if not isinstance(text, str):
-            raise DataError(f"{path}: column {key!r} holds {type(text).__name__} values; valid: strings")
+            raise DataError(
+                f"{path}: column {key!r} holds {type(text).__name__} values; valid: strings")
         if text.strip():
             yield text
 
@@ -181,7 +191,8 @@ def _parquet_documents(path: Path, text_key: str) -> Iterator[str]:
         try:
             batch = next(batches, None)
         except Exception as err:  # a damaged row group: pyarrow's ArrowInvalid / OSError
-            raise DataError(f"{path}: cannot read a row group ({type(err).__name__}: {err})") from err
+            raise DataError(
+                f"{path}: cannot read a row group ({type(err).__name__}: {err})") from err
         if batch is None:
             return
         yield from _texts(path, batch.column(0), text_key)
@@ -194,10 +205,11 @@ def _hf_saved_documents(path: Path, text_key: str) -> Iterator[str]:
         state = json.loads((path / "state.json").read_text())
         files = [path / f["filename"] for f in state.get("_data_files", [])]
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
-        raise DataError(f"{path / 'state.json'}: not the state.json HF datasets' save_to_disk writes "
-                        f"({type(err).__name__}: {err})") from err
+        raise DataError(f"{path / 'state.json'}: not the state.json HF datasets' save_to_disk "
+                        f"writes ({type(err).__name__}: {err})") from err
     if not files:
-        raise DataError(f"{path}: state.json lists no data files (not a complete save_to_disk folder)")
+        raise DataError(
+            f"{path}: state.json lists no data files (not a complete save_to_disk folder)")
     for file in files:
         try:
             with pa.memory_map(str(file)) as source:
@@ -209,4 +221,5 @@ def _hf_saved_documents(path: Path, text_key: str) -> Iterator[str]:
         except DataError:
             raise
         except Exception as err:
-            raise DataError(f"{file}: cannot read as an Arrow stream ({type(err).__name__}: {err})") from err
+            raise DataError(
+                f"{file}: cannot read as an Arrow stream ({type(err).__name__}: {err})") from err

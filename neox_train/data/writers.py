@@ -1,12 +1,15 @@
-"""What `neox-data prepare` writes, resumably: our .npy shards, or one gpt-neox/Megatron indexed dataset.
+"""What `neox-data prepare` writes, resumably: our .npy shards, or one gpt-neox/Megatron indexed
+dataset.
 
-Both writers work in the prepare's staging folder and can say, at a *checkpoint*, how much of the token stream is
-durably on disk. prepare records that in `progress.json` (documents done, tokens of the next document already
-written); an interrupted prepare then continues from the newest checkpoint instead of starting over:
-- shards: a checkpoint after every finished shard file (a shard may end inside a document: `carry` tokens of the
-  next document are already in it);
-- indexed: `data.bin` and the sequence sizes (`data.sizes`, raw int32) are append-only; a checkpoint fsyncs both
-  at a document boundary, and a resume truncates them back to it. The `.idx` is written at the end.
+Both writers work in the prepare's staging folder and can say, at a *checkpoint*, how much of the
+token stream is durably on disk. prepare records that in `progress.json` (documents done, tokens of
+the next document already written); an interrupted prepare then continues from the newest checkpoint
+instead of starting over:
+- shards: a checkpoint after every finished shard file (a shard may end inside a document: `carry`
+  tokens of the next document are already in it);
+- indexed: `data.bin` and the sequence sizes (`data.sizes`, raw int32) are append-only; a checkpoint
+  fsyncs both at a document boundary, and a resume truncates them back to it. The `.idx` is written
+  at the end.
 """
 
 from __future__ import annotations
@@ -24,14 +27,16 @@ INDEXED_PREFIX = "data"  # the indexed dataset is OUTPUT/data.bin + OUTPUT/data.
 
 
 class ShardWriter:
-    """Cuts the token stream into shard files of exactly shard_tokens tokens (the last one shorter)."""
+    """Cuts the token stream into shard files of exactly shard_tokens tokens (the last one
+    shorter)."""
 
     def __init__(self, folder: Path, shard_tokens: int, dtype: np.dtype, state: dict | None = None):
         self.folder = folder
         self.shard_tokens = shard_tokens
         self.dtype = dtype
         self.shards: list[str] = list((state or {}).get("shards", []))
-        self.durable_tokens = int((state or {}).get("durable_tokens", 0))  # tokens in finished shard files
+        # tokens in finished shard files
+        self.durable_tokens = int((state or {}).get("durable_tokens", 0))
         self._pending: list[np.ndarray] = []
         self._pending_tokens = 0
         self.checkpoint_due = False
@@ -73,7 +78,8 @@ class ShardWriter:
 class ResumableIndexedWriter:
     """One PREFIX.bin/.idx pair; sequence sizes kept in an append-only side file until the end."""
 
-    CHECKPOINT_TOKENS = 50_000_000  # about one shard's worth between checkpoints; NEOX_PREPARE_CHECKPOINT_TOKENS
+    # about one shard's worth between checkpoints; NEOX_PREPARE_CHECKPOINT_TOKENS
+    CHECKPOINT_TOKENS = 50_000_000
 
     def __init__(self, folder: Path, dtype: np.dtype, state: dict | None = None):
         self.folder = folder
@@ -99,7 +105,8 @@ class ResumableIndexedWriter:
         self.documents += int(lengths.size)
         self._since += int(tokens.size)
         self.durable_tokens += int(tokens.size)  # durable once the checkpoint has synced it
-        if self._since >= int(os.environ.get("NEOX_PREPARE_CHECKPOINT_TOKENS", self.CHECKPOINT_TOKENS)):
+        if self._since >= int(os.environ.get("NEOX_PREPARE_CHECKPOINT_TOKENS",
+                                             self.CHECKPOINT_TOKENS)):
             self.checkpoint_due = True
 
     def state(self) -> dict:
@@ -108,7 +115,8 @@ class ResumableIndexedWriter:
             os.fsync(f.fileno())
         self._since = 0
         self.checkpoint_due = False
-        return {"durable_tokens": self.durable_tokens, "documents": self.documents, "itemsize": self.dtype.itemsize}
+        return {"durable_tokens": self.durable_tokens, "documents": self.documents,
+                "itemsize": self.dtype.itemsize}
 
     def finish(self) -> list[str]:
         self._bin.close()

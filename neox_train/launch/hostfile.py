@@ -1,9 +1,11 @@
-"""DeepSpeed hostfiles: `HOST slots=N` lines, `#` comments, and the --include/--exclude/--num_nodes filters.
+"""DeepSpeed hostfiles: `HOST slots=N` lines, `#` comments, and the --include/--exclude/--num_nodes
+filters.
 
-The file is parsed here, with line numbers, and every mistake is one line before anything starts; DeepSpeed's
-own parser would say "bad entry" for the whole file, accept `slots=0`, and only after its imports. The filters
-are then applied by DeepSpeed's own functions (`parse_inclusion_exclusion`, `apply_num_nodes_and_gpus`), so the
-hosts and slots we plan for are exactly the ones its launcher will start.
+The file is parsed here, with line numbers, and every mistake is one line before anything starts;
+DeepSpeed's own parser would say "bad entry" for the whole file, accept `slots=0`, and only after
+its imports. The filters are then applied by DeepSpeed's own functions (`parse_inclusion_exclusion`,
+`apply_num_nodes_and_gpus`), so the hosts and slots we plan for are exactly the ones its launcher
+will start.
 """
 
 from __future__ import annotations
@@ -15,15 +17,16 @@ from pathlib import Path
 
 from neox_train.errors import ConfigError
 
-# `host slots=N`, optionally followed by a comment. DeepSpeed's pattern is r'^(\S+)\s+slots=(\d+)' (a prefix
-# match); anything this accepts, it accepts too.
+# `host slots=N`, optionally followed by a comment. DeepSpeed's pattern is r'^(\S+)\s+slots=(\d+)'
+# (a prefix match); anything this accepts, it accepts too.
 _LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\S+?)\s*(?:#.*)?$")
 _SLOT_SPEC = re.compile(r"^\d+(,\d+)*$")
 FORMAT = "'HOST slots=N' (N a positive integer; '#' starts a comment)"
 
 
 class HostfileError(ConfigError):
-    """A bad hostfile or host filter; str(err) is one line naming the file, line or flag and what is valid."""
+    """A bad hostfile or host filter; str(err) is one line naming the file, line or flag and what is
+    valid."""
 
 
 def parse_hostfile(path: str | Path) -> "OrderedDict[str, int]":
@@ -46,11 +49,11 @@ def parse_hostfile(path: str | Path) -> "OrderedDict[str, int]":
             raise HostfileError(f"hostfile {path} line {number}: {line!r} is not {FORMAT}")
         host, slots = m.group("host"), m.group("slots")
         if not slots.isdigit() or int(slots) <= 0:
-            raise HostfileError(f"hostfile {path} line {number}: {host} slots={slots}: slots must be a positive "
-                                f"integer (the number of GPUs on that host)")
+            raise HostfileError(f"hostfile {path} line {number}: {host} slots={slots}: slots must "
+                                f"be a positive integer (the number of GPUs on that host)")
         if host in pool:
-            raise HostfileError(f"hostfile {path} line {number}: host {host} is listed again (first on line "
-                                f"{first_line[host]}): one line per host")
+            raise HostfileError(f"hostfile {path} line {number}: host {host} is listed again "
+                                f"(first on line {first_line[host]}): one line per host")
         pool[host] = int(slots)
         first_line[host] = number
     if not pool:
@@ -59,38 +62,45 @@ def parse_hostfile(path: str | Path) -> "OrderedDict[str, int]":
 
 
 def _check_filter(flag: str, spec: str, pool: "OrderedDict[str, int]", source: str) -> None:
-    """Name the exact unknown host or slot in an --include/--exclude string (NAME[:SLOT[,SLOT...]][@...])."""
+    """Name the exact unknown host or slot in an --include/--exclude string
+    (NAME[:SLOT[,SLOT...]][@...])."""
     if not spec.strip():
         raise HostfileError(f"{flag} is empty: give HOST[:SLOT,...][@HOST...] from {source}")
     hosts = ", ".join(pool)
     for part in spec.split("@"):
         name, _, slots = part.partition(":")
         if name not in pool:
-            raise HostfileError(f"{flag} {spec!r} names host {name!r}, which is not in {source} (hosts: {hosts})")
+            raise HostfileError(
+                f"{flag} {spec!r} names host {name!r}, which is not in {source} (hosts: {hosts})")
         if ":" in part:
             if not _SLOT_SPEC.match(slots):
-                raise HostfileError(f"{flag} {spec!r}: {part!r} must be HOST:SLOT[,SLOT...] with integer slots")
+                raise HostfileError(
+                    f"{flag} {spec!r}: {part!r} must be HOST:SLOT[,SLOT...] with integer slots")
             bad = [int(s) for s in slots.split(",") if int(s) >= pool[name]]
             if bad:
-                raise HostfileError(f"{flag} {spec!r}: {name} has no slot {bad[0]} (its slots are 0..{pool[name] - 1})")
+                raise HostfileError(f"{flag} {spec!r}: {name} has no slot {bad[0]} (its slots are "
+                                    f"0..{pool[name] - 1})")
 
 
-def select(pool: "OrderedDict[str, int]", *, include: str = "", exclude: str = "", num_nodes: int | None = None,
+def select(pool: "OrderedDict[str, int]", *, include: str = "", exclude: str = "",
+           num_nodes: int | None = None,
            source: str = "the hostfile") -> "OrderedDict[str, list[int]]":
     """host -> slot ids the launch will use, by DeepSpeed's own filter rules."""
     if include and exclude:
-        raise HostfileError("--include and --exclude are mutually exclusive (DeepSpeed accepts one of them)")
+        raise HostfileError(
+            "--include and --exclude are mutually exclusive (DeepSpeed accepts one of them)")
     if num_nodes is not None and (include or exclude):
-        raise HostfileError("--num-nodes cannot be combined with --include/--exclude (DeepSpeed refuses the mix): "
-                            "name the hosts in --include instead")
+        raise HostfileError("--num-nodes cannot be combined with --include/--exclude (DeepSpeed "
+                            "refuses the mix): name the hosts in --include instead")
     if num_nodes is not None and not 1 <= num_nodes <= len(pool):
-        raise HostfileError(f"--num-nodes {num_nodes} is out of range: {source} lists {len(pool)} host(s) "
-                            f"({', '.join(pool)})")
+        raise HostfileError(f"--num-nodes {num_nodes} is out of range: {source} lists {len(pool)} "
+                            f"host(s) ({', '.join(pool)})")
     if include:
         _check_filter("--include", include, pool, source)
     if exclude:
         _check_filter("--exclude", exclude, pool, source)
-    # Deferred: deepspeed (~1.7 s at import) loads only when a hostfile is filtered, after the cheap checks above.
+    # Deferred: deepspeed (~1.7 s at import) loads only when a hostfile is filtered, after the cheap
+    # checks above.
     from deepspeed.launcher.runner import apply_num_nodes_and_gpus, parse_inclusion_exclusion
 
     try:
@@ -104,7 +114,8 @@ def select(pool: "OrderedDict[str, int]", *, include: str = "", exclude: str = "
 
 
 def write_hostfile(pool: "OrderedDict[str, int]", path: Path) -> Path:
-    """A normalised copy (what DeepSpeed and mpirun read in the run folder): no comments, one host per line."""
+    """A normalised copy (what DeepSpeed and mpirun read in the run folder): no comments, one host
+    per line."""
     path.write_text("".join(f"{host} slots={slots}\n" for host, slots in pool.items()))
     return path
 
@@ -114,7 +125,8 @@ def is_this_machine(host: str) -> bool:
 
 
 def ranks_elsewhere(hosts) -> bool:
-    """A hostfile none of whose hosts is this machine (launched from a login node): local GPUs say nothing."""
+    """A hostfile none of whose hosts is this machine (launched from a login node): local GPUs say
+    nothing."""
     return bool(hosts) and not any(is_this_machine(h) for h in hosts)
 
 

@@ -1,24 +1,25 @@
-"""The supervisor behind `neox-launch --max-restarts N`: run the job, and when it fails, stop all of it and start
-it again from its newest complete checkpoint.
+"""The supervisor behind `neox-launch --max-restarts N`: run the job, and when it fails, stop all of
+it and start it again from its newest complete checkpoint.
 
-One attempt is one run of the deepspeed launcher (and through it, pdsh/mpirun/srun and every rank). The ranks
-report through their status files (health.py). An attempt fails when the launcher exits non-zero, when a rank
-reports that it crashed or hung (its watchdog exits it with code 75), or when a rank's heartbeat goes stale (a
-stopped or frozen process whose own watchdog cannot run). Then every process of the job is killed: the launcher's
-process group here (SIGKILL: every checkpoint protocol step is crash-safe, so nothing is gained by waiting), the
-ranks on the other nodes with `pkill` over pdsh (their command lines carry this launch folder's DeepSpeed JSON),
-or mpirun/srun's own teardown. After a backoff the next attempt starts with `--resume auto` (the newest complete
+One attempt is one run of the deepspeed launcher (and through it, pdsh/mpirun/srun and every rank).
+The ranks report through their status files (health.py). An attempt fails when the launcher exits
+non-zero, when a rank reports that it crashed or hung (its watchdog exits it with code 75), or when
+a rank's heartbeat goes stale (a stopped or frozen process whose own watchdog cannot run). Then
+every process of the job is killed: the launcher's process group here (SIGKILL: every checkpoint
+protocol step is crash-safe, so nothing is gained by waiting), the ranks on the other nodes with
+`pkill` over pdsh (their command lines carry this launch folder's DeepSpeed JSON), or mpirun/srun's
+own teardown. After a backoff the next attempt starts with `--resume auto` (the newest complete
 checkpoint here, else the bucket's newest COMPLETE one, else step 0).
 
-It gives up (non-zero exit, a summary of every attempt) when N restarts are used up, when two attempts in a row
-end without getting past the step the one before reached (a deterministic fault: a restart cannot help), or at
-once for a deliberate stop (bad input exits 2, a diverged run or unpublishable checkpoints exit 1). A SIGTERM or
-SIGINT to the supervisor (preemption) goes to every process of the job and never triggers a restart.
+It gives up (non-zero exit, a summary of every attempt) when N restarts are used up, when two
+attempts in a row end without getting past the step the one before reached (a deterministic fault: a
+restart cannot help), or at once for a deliberate stop (bad input exits 2, a diverged run or
+unpublishable checkpoints exit 1). A SIGTERM or SIGINT to the supervisor (preemption) goes to every
+process of the job and never triggers a restart.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -28,84 +29,37 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from neox_train import health
+from neox_train.launch.attempts import Attempt, describe_exit, no_progress, report, signal_name
 from neox_train.launch.launcher import start_launcher
 
 POLL_S = 0.5
-EXIT_GRACE_S = 5.0  # after a rank reports its failure: the launcher's own exit, with its last lines, before ours
+# after a rank reports its failure: the launcher's own exit, with its last lines, before ours
+EXIT_GRACE_S = 5.0
 STALE_MARGIN_S = 60.0  # a heartbeat older than the rank's allowance plus this: the rank is frozen
 MAX_BACKOFF_S = 300.0
-TERMINATE_WAIT_S = 10.0  # mpirun / srun: SIGTERM first, so they take their remote ranks down with them
-
-
-@dataclass
-class Attempt:
-    number: int
-    started_at: float
-    ended_at: float | None = None
-    exit_code: int | None = None
-    kind: str = ""  # done | crash | hang | stopped | preempted
-    cause: str = ""
-    start_step: int | None = None  # the step it resumed from (0: from scratch)
-    step: int | None = None  # the newest step a rank reported
-    first_step_at: float | None = None
-    steps_lost: int | None = None  # filled in once the next attempt has loaded its checkpoint
-    recovery_s: float | None = None  # from this attempt's end to the next one's first completed step
-
-    @property
-    def wall_s(self) -> float:
-        return (self.ended_at or time.time()) - self.started_at
+# mpirun / srun: SIGTERM first, so they take their remote ranks down with them
+TERMINATE_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
 class Job:
-    """What the supervisor runs: the command and environment of each attempt (0, 1, ...), and how to reach the
-    job's processes on other nodes."""
+    """What the supervisor runs: the command and environment of each attempt (0, 1, ...), and how to
+    reach the job's processes on other nodes."""
 
     command_for: Callable[[int], list[str]]
-    env_for: Callable[[int, dict[str, str]], dict[str, str]]  # (attempt, supervisor variables) -> environment
+    # (attempt, supervisor variables) -> environment
+    env_for: Callable[[int, dict[str, str]], dict[str, str]]
     launch_dir: Path
-    kill_pattern: str  # an extended regular expression matching every rank's command line, not its own text
+    # an extended regular expression matching every rank's command line, not its own text
+    kill_pattern: str
     hosts: tuple[str, ...] = ()  # other nodes (empty: a single-node job)
     launcher: str = "pdsh"
     ssh_port: int | None = None
-
-
-def describe_exit(code: int | None) -> str:
-    if code is None:
-        return "no exit status"
-    if code < 0:
-        return f"killed by {_signal_name(-code)}"
-    if code == 143:
-        return "exit status 143 (SIGTERM: stopped after a preemption save)"
-    if code >= 192:  # DeepSpeed's launcher exits with a rank's negative return code: -9 becomes 247
-        return f"exit status {code}: a rank was killed by {_signal_name(256 - code)}"
-    if code > 128:
-        return f"exit status {code} ({_signal_name(code - 128)})"
-    if code == health.HANG_EXIT_CODE:
-        return f"exit status {code} (a rank's hang watchdog)"
-    return f"exit status {code}"
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
-def no_progress(previous: Attempt, last: Attempt) -> bool:
-    """Two failed attempts in a row that failed alike (both crashes, or both hangs) and the second no further than
-    the first: the same fault at the same place. (A kill and then a hang at one step are two faults.)"""
-    if previous.kind != last.kind:
-        return False
-    if previous.step is None and last.step is None:
-        return True  # both died before a single rank reported a step
-    return previous.step is not None and last.step is not None and last.step <= previous.step
 
 
 class Supervisor:
@@ -125,16 +79,17 @@ class Supervisor:
     def say(self, text: str) -> None:
         print(f"neox-launch: supervisor: {text}", file=self.out, flush=True)
 
-    # -- the attempts -------------------------------------------------------------------------------------------
+    # -- the attempts ------------------------------------------------------------------------------
     def run(self) -> int:
-        shutil.rmtree(self.status_root, ignore_errors=True)  # a previous supervisor's reports are not ours
+        # a previous supervisor's reports are not ours
+        shutil.rmtree(self.status_root, ignore_errors=True)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             code, verdict = self._loop()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        self._report(code, verdict)
+        report(self.attempts, code, verdict, launch_dir=self.job.launch_dir, say=self.say)
         return code
 
     def _loop(self) -> tuple[int, str]:
@@ -151,11 +106,13 @@ class Supervisor:
             if len(self.attempts) >= 2 and no_progress(self.attempts[-2], attempt):
                 where = f"step {attempt.step}" if attempt.step is not None else "start-up"
                 return attempt.exit_code or 1, (
-                    f"gave up: attempts {number - 1} and {number} both failed ({attempt.kind}) at {where} without "
-                    f"progress (a fault that repeats, not a transient one: a restart cannot help)")
+                    f"gave up: attempts {number - 1} and {number} both failed ({attempt.kind}) at "
+                    f"{where} without progress (a fault that repeats, not a transient one: a "
+                    "restart cannot help)")
             wait = min(self.backoff_s * 2 ** (number), MAX_BACKOFF_S)
-            self.say(f"attempt {number} failed ({attempt.kind}: {attempt.cause}); restarting from the newest "
-                     f"complete checkpoint in {wait:g} s (restart {number + 1} of at most {self.max_restarts})")
+            self.say(f"attempt {number} failed ({attempt.kind}: {attempt.cause}); restarting from "
+                     f"the newest complete checkpoint in {wait:g} s (restart {number + 1} of at "
+                     f"most {self.max_restarts})")
             if self._sleep(wait):
                 return 143, "stopped by a signal during the backoff"
             number += 1
@@ -192,7 +149,8 @@ class Supervisor:
                 t.join(timeout=5)
             self._proc = None
         attempt.ended_at = time.time()
-        # A launcher killed by a signal: the shell's convention (128 + the signal), so our own exit says the same.
+        # A launcher killed by a signal: the shell's convention (128 + the signal), so our own exit
+        # says the same.
         attempt.exit_code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
         self._update(attempt)
         self._classify(attempt, failure)
@@ -215,7 +173,8 @@ class Supervisor:
         return statuses
 
     def _watch(self, proc: subprocess.Popen, attempt: Attempt) -> str:
-        """Until the launcher exits, or a rank's failure is seen ("" for a launcher that exited on its own)."""
+        """Until the launcher exits, or a rank's failure is seen ("" for a launcher that exited on
+        its own)."""
         failure, seen_at = "", 0.0
         signalled_at = None
         while proc.poll() is None:
@@ -241,15 +200,18 @@ class Supervisor:
             by_state.setdefault(s.state, []).append(s)
         code = attempt.exit_code
         if self._signal is not None:
-            attempt.kind, attempt.cause = "preempted", f"{_signal_name(self._signal)} to the supervisor: passed on " \
-                                                       f"to the job ({describe_exit(code)})"
+            attempt.kind, attempt.cause = "preempted", (
+                f"{signal_name(self._signal)} to the supervisor: passed on to the job "
+                f"({describe_exit(code)})")
             if statuses and all(s.state == health.DONE for s in statuses.values()):
-                attempt.exit_code = 128 + self._signal  # saved and stopped: the shell's code for that signal
+                # saved and stopped: the shell's code for that signal
+                attempt.exit_code = 128 + self._signal
         elif code == 0 and not failure:
             attempt.kind, attempt.cause = "done", "finished"
         elif by_state.get(health.STOPPED):
             first = by_state[health.STOPPED][0]
-            attempt.kind, attempt.cause = "stopped", f"rank {first.rank} stopped deliberately: {first.detail}"
+            attempt.kind, attempt.cause = "stopped", (f"rank {first.rank} stopped deliberately: "
+                                                      f"{first.detail}")
             attempt.exit_code = first.exit_code or code
         elif by_state.get(health.HUNG):
             first = min(by_state[health.HUNG], key=lambda s: s.updated_at)
@@ -257,24 +219,27 @@ class Supervisor:
         elif failure and self._stale:
             attempt.kind, attempt.cause = "hang", failure
         elif code == 143 and statuses and all(s.state == health.DONE for s in statuses.values()):
-            attempt.kind, attempt.cause = "preempted", "the ranks were sent SIGTERM (saved and stopped)"
+            attempt.kind, attempt.cause = ("preempted",
+                                           "the ranks were sent SIGTERM (saved and stopped)")
         else:
             silent = [s for s in statuses.values() if s.state in health.ALIVE]
-            # The first to fail is the cause; the others' errors follow from it (a peer gone from a collective).
+            # The first to fail is the cause; the others' errors follow from it (a peer gone from a
+            # collective).
             crashed = sorted(by_state.get(health.FAILED, []), key=lambda s: s.updated_at)
             if silent:
                 who = ", ".join(f"rank {s.rank} (pid {s.pid} on {s.host})" for s in silent)
-                attempt.cause = f"{who} ended without a word (killed by a signal: kill -9, the OOM killer, a lost " \
-                                f"node); {describe_exit(code)}"
+                attempt.cause = (f"{who} ended without a word (killed by a signal: kill -9, the "
+                                 f"OOM killer, a lost node); {describe_exit(code)}")
             elif crashed:
                 attempt.cause = f"rank {crashed[0].rank} crashed: {crashed[0].detail}"
             else:
-                attempt.cause = f"the launcher ended with {describe_exit(code)} before any rank reported"
+                attempt.cause = (f"the launcher ended with {describe_exit(code)} before any rank "
+                                 "reported")
             attempt.kind = "crash"
         if attempt.exit_code in (None, 0) and attempt.kind != "done":
             attempt.exit_code = 1
 
-    # -- stopping the job ---------------------------------------------------------------------------------------
+    # -- stopping the job --------------------------------------------------------------------------
     def _kill(self, proc: subprocess.Popen) -> None:
         """Every process of the attempt, on every node."""
         job = self.job
@@ -293,22 +258,26 @@ class Supervisor:
         env = dict(os.environ)
         env["PDSH_RCMD_TYPE"] = "ssh"
         if job.ssh_port is not None:
-            env["PDSH_SSH_ARGS_APPEND"] = f"{env.get('PDSH_SSH_ARGS_APPEND', '')} -p {job.ssh_port}".strip()
+            env["PDSH_SSH_ARGS_APPEND"] = (f"{env.get('PDSH_SSH_ARGS_APPEND', '')} "
+                                           f"-p {job.ssh_port}").strip()
         cmd = ["pdsh", "-S", "-f", "64", "-w", ",".join(job.hosts),
                f"pkill -KILL -f {shlex.quote(job.kill_pattern)}; true"]
         try:
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as e:
-            self.say(f"could not stop the ranks on {', '.join(job.hosts)} ({e}); the next attempt may meet them")
+            self.say(f"could not stop the ranks on {', '.join(job.hosts)} ({e}); the next attempt "
+                     "may meet them")
             return
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            self.say(f"stopping the ranks on {', '.join(job.hosts)}: pdsh exit {done.returncode} ({last})")
+            self.say(f"stopping the ranks on {', '.join(job.hosts)}: pdsh exit {done.returncode} "
+                     f"({last})")
 
     def _on_signal(self, signum, _frame) -> None:
         self._signal = signum
         if self._proc is not None and self._proc.poll() is None:
-            _signal_group(self._proc, signum)  # as a scheduler does: every process of the job gets it
+            # as a scheduler does: every process of the job gets it
+            _signal_group(self._proc, signum)
 
     def _sleep(self, seconds: float) -> bool:
         end = time.monotonic() + seconds
@@ -318,26 +287,6 @@ class Supervisor:
             time.sleep(min(POLL_S, max(end - time.monotonic(), 0)))
         return self._signal is not None
 
-    # -- the summary ------------------------------------------------------------------------------------------
-    def _report(self, code: int, verdict: str) -> None:
-        rows = []
-        for a in self.attempts:
-            lost = f", {a.steps_lost} step(s) lost" if a.steps_lost is not None else ""
-            recovery = f", training again {a.recovery_s:.1f} s later" if a.recovery_s is not None else ""
-            reached = a.step if a.step is not None else "-"
-            rows.append(f"  attempt {a.number}: {a.kind} after {a.wall_s:.1f} s, steps {a.start_step}..{reached}"
-                        f"{lost}{recovery}: {a.cause}")
-        restarts = max(len(self.attempts) - 1, 0)
-        self.say(f"{verdict} (exit {code}) after {restarts} restart(s):\n" + "\n".join(rows))
-        summary = {"exit_code": code, "result": verdict, "restarts": restarts,
-                   "steps_lost": sum(a.steps_lost or 0 for a in self.attempts),
-                   "attempts": [{**asdict(a), "wall_s": a.wall_s} for a in self.attempts]}
-        path = self.job.launch_dir / "attempts.json"
-        try:
-            path.write_text(json.dumps(summary, indent=2) + "\n")
-        except OSError as e:
-            self.say(f"could not write {path}: {e}")
-
 
 def _rank_failure(statuses: dict[int, health.RankStatus]) -> tuple[str, bool]:
     """(what failed, "" when nothing did; whether it is a stale heartbeat)."""
@@ -346,9 +295,11 @@ def _rank_failure(statuses: dict[int, health.RankStatus]) -> tuple[str, bool]:
         if s.state in (health.FAILED, health.HUNG, health.STOPPED):
             return f"rank {s.rank} {s.state}: {s.detail}", False
     for s in statuses.values():
-        if s.state in health.ALIVE and s.deadline_s is not None and now - s.updated_at > s.deadline_s + STALE_MARGIN_S:
-            return (f"rank {s.rank} (pid {s.pid} on {s.host}) sent no heartbeat for {now - s.updated_at:.0f} s "
-                    f"(allowance {s.deadline_s:.0f} s): stopped or frozen, its own watchdog could not run"), True
+        if (s.state in health.ALIVE and s.deadline_s is not None
+                and now - s.updated_at > s.deadline_s + STALE_MARGIN_S):
+            return (f"rank {s.rank} (pid {s.pid} on {s.host}) sent no heartbeat for "
+                    f"{now - s.updated_at:.0f} s (allowance {s.deadline_s:.0f} s): stopped or "
+                    "frozen, its own watchdog could not run"), True
     return "", False
 
 
@@ -372,8 +323,8 @@ def _tee(src: IO[bytes], dst: IO[str], log_file: IO[str]) -> None:
 
 
 def kill_pattern(ds_config_path: Path) -> str:
-    """An extended regular expression for the command lines of the job's ranks (and their node launchers): every
-    one carries `--ds-config LAUNCH_DIR/ds_config.json`. The bracket keeps the pattern from matching its own text
-    in the remote shell that runs pkill."""
+    """An extended regular expression for the command lines of the job's ranks (and their node
+    launchers): every one carries `--ds-config LAUNCH_DIR/ds_config.json`. The bracket keeps the
+    pattern from matching its own text in the remote shell that runs pkill."""
     escaped = "".join(f"\\{c}" if c in ".[]()*+?{}|^$\\" else c for c in str(ds_config_path))
     return f"[-]-ds-config {escaped}"

@@ -1,4 +1,5 @@
-"""Where checkpoints and data live remotely: storage backends (gs://, folders) and rsync between them."""
+"""Where checkpoints and data live remotely: storage backends (gs://, folders) and rsync between
+them."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ from neox_train.remote.local import LocalBackend
 
 
 def open_backend(url: str, *, credentials: str | None = None, start_up: bool = False) -> Backend:
-    """The backend for `url`. For gs:// this creates the client (credentials are checked now, the network is not
-    touched: call probe() for that). `start_up`: for the checks before training starts, which give up after
-    PROBE_DEADLINE_S instead of retrying for RETRY_DEADLINE_S (a bucket that cannot answer now fails the start in
-    seconds, with one line)."""
+    """The backend for `url`. For gs:// this creates the client (credentials are checked now, the
+    network is not touched: call probe() for that). `start_up`: for the checks before training
+    starts, which give up after PROBE_DEADLINE_S instead of retrying for RETRY_DEADLINE_S (a bucket
+    that cannot answer now fails the start in seconds, with one line)."""
     kind, where, prefix = parse_url(url)
     if kind == "gs":
-        # Deferred: google-cloud-storage and requests (~0.2 s) load only for a gs:// URL; folder and rsync commands
-        # never pay for them.
+        # Deferred: google-cloud-storage and requests (~0.2 s) load only for a gs:// URL; folder and
+        # rsync commands never pay for them.
         from neox_train.remote.gcs import PROBE_DEADLINE_S, GcsBackend
 
         backend = GcsBackend(where, prefix, credentials=credentials)

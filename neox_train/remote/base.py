@@ -1,13 +1,16 @@
-"""Where checkpoints and data live remotely: one small Backend interface over a gs:// bucket prefix or a local folder.
+"""Where checkpoints and data live remotely: one small Backend interface over a gs:// bucket prefix
+or a local folder.
 
-Both backends speak the same language: names relative to the backend root, '/'-separated, and an object's identity
-is (size, crc32c) in the base64 big-endian form GCS reports, so a local folder can stand in for a bucket in tests,
-on a shared filesystem, and for `neox-sync` between two folders. Transfers, retries and checksums are the
-google-cloud-storage client's own (resumable uploads, `google.api_core.retry`, crc32c validation); this module only
-chooses their settings and turns their many exception types into one-line StorageErrors.
+Both backends speak the same language: names relative to the backend root, '/'-separated, and an
+object's identity is (size, crc32c) in the base64 big-endian form GCS reports, so a local folder can
+stand in for a bucket in tests, on a shared filesystem, and for `neox-sync` between two folders.
+Transfers, retries and checksums are the google-cloud-storage client's own (resumable uploads,
+`google.api_core.retry`, crc32c validation); this module only chooses their settings and turns their
+many exception types into one-line StorageErrors.
 
-Thread safety: a backend may be shared by the threads of one process (google-cloud-storage's own transfer_manager
-does the same with one client). It must not cross a fork: open a new backend in the child.
+Thread safety: a backend may be shared by the threads of one process (google-cloud-storage's own
+transfer_manager does the same with one client). It must not cross a fork: open a new backend in the
+child.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ _URL_FORMS = "gs://BUCKET[/PREFIX], file:///ABS/PATH or a local path"
 
 
 class RemoteChanged(StorageError):
-    """An object was not at the generation a conditional write expected (someone else wrote or removed it in the
-    meantime). Nothing was overwritten; a new attempt reads the state again and decides again."""
+    """An object was not at the generation a conditional write expected (someone else wrote or
+    removed it in the meantime). Nothing was overwritten; a new attempt reads the state again and
+    decides again."""
 
     def __init__(self, message: str):
         super().__init__(message, transient=True)
@@ -39,39 +43,47 @@ class RemoteFile:
     name: str  # relative to the backend root, '/'-separated
     size: int
     crc32c: str  # base64 of the big-endian CRC32C, exactly as GCS reports blob.crc32c
-    generation: int = 0  # GCS's object generation (a new one at every write); the local backend's mtime_ns
+    # GCS's object generation (a new one at every write); the local backend's mtime_ns
+    generation: int = 0
 
 
 class Backend(Protocol):
-    """A folder of objects. Every name is relative to the root in `url` and '/'-separated, with no leading '/'.
+    """A folder of objects. Every name is relative to the root in `url` and '/'-separated, with no
+    leading '/'.
 
-    Every write is conditional (GCS generation preconditions): `generation=0` creates the object only if it does
-    not exist, `generation=G` replaces it only if it is still at generation G. When the condition fails, an object
-    that already holds exactly the new content counts as written (an earlier attempt of the same write landed and
-    its response was lost); anything else raises RemoteChanged and changes nothing. `generation=None` writes
-    unconditionally: for tests and tools, never used by neox-train's own commands."""
+    Every write is conditional (GCS generation preconditions): `generation=0` creates the object
+    only if it does not exist, `generation=G` replaces it only if it is still at generation G. When
+    the condition fails, an object that already holds exactly the new content counts as written (an
+    earlier attempt of the same write landed and its response was lost); anything else raises
+    RemoteChanged and changes nothing. `generation=None` writes unconditionally: for tests and
+    tools, never used by neox-train's own commands."""
 
     url: str
     retries: int  # requests retried so far (transient errors); 0 for backends that never retry
 
     def list(self, prefix: str = "") -> dict[str, RemoteFile]:
-        """Every object whose name starts with `prefix` (a string prefix, as in GCS: "a/" for a folder)."""
+        """Every object whose name starts with `prefix` (a string prefix, as in GCS: "a/" for a
+        folder)."""
         ...
 
     def stat(self, name: str) -> RemoteFile | None:
         """One object's size, crc32c and generation, or None when it does not exist."""
         ...
 
-    def upload_file(self, local: Path, name: str, *, crc32c: str | None, generation: int | None) -> RemoteFile:
-        """Copy a local file to `name` under the write condition `generation`; returns the stored object.
+    def upload_file(self, local: Path, name: str, *, crc32c: str | None,
+                    generation: int | None) -> RemoteFile:
+        """Copy a local file to `name` under the write condition `generation`; returns the stored
+        object.
 
-        `crc32c`: the file's checksum when already known (the upload is refused unless the stored object ends up
-        with exactly it), or None to hash the bytes while sending them (one read of the file instead of two; the
-        upload fails if what was stored differs from what was read, or if the file changed meanwhile)."""
+        `crc32c`: the file's checksum when already known (the upload is refused unless the stored
+        object ends up with exactly it), or None to hash the bytes while sending them (one read of
+        the file instead of two; the upload fails if what was stored differs from what was read, or
+        if the file changed meanwhile)."""
         ...
 
     def download_file(self, name: str, local: Path) -> None:
-        """Copy `name` to `local` atomically (temporary file + os.replace), creating parent folders."""
+        """Copy `name` to `local` atomically (temporary file + os.replace), creating parent
+        folders."""
         ...
 
     def read_bytes(self, name: str) -> bytes | None:
@@ -79,7 +91,8 @@ class Backend(Protocol):
         ...
 
     def read(self, name: str) -> tuple[bytes, int] | None:
-        """The object's content and the generation it belongs to (for a conditional write after it), or None."""
+        """The object's content and the generation it belongs to (for a conditional write after it),
+        or None."""
         ...
 
     def write_bytes(self, name: str, data: bytes, *, generation: int | None) -> RemoteFile:
@@ -87,16 +100,18 @@ class Backend(Protocol):
         ...
 
     def delete(self, name: str, *, generation: int | None) -> None:
-        """Remove an object; an absent one is fine. With a generation, only if it is still that generation."""
+        """Remove an object; an absent one is fine. With a generation, only if it is still that
+        generation."""
         ...
 
     def probe(self) -> None:
-        """Prove credentials, bucket and write permission by writing and deleting `.neox-probe-<uuid>`."""
+        """Prove credentials, bucket and write permission by writing and deleting
+        `.neox-probe-<uuid>`."""
         ...
 
 
-# Every retried request in this process, whichever backend made it: the sync/retries metric adds the upload
-# worker's count to this one (start-up probe, ownership checks).
+# Every retried request in this process, whichever backend made it: the sync/retries metric adds the
+# upload worker's count to this one (start-up probe, ownership checks).
 _RETRIES_LOCK = threading.Lock()
 _process_retries = 0
 
@@ -113,10 +128,11 @@ def note_retry() -> None:
 
 
 def parse_url(url: str) -> tuple[str, str, str]:
-    """("gs", bucket, prefix) for gs://bucket/prefix, ("file", absolute path, "") for file:///path or a plain path.
+    """("gs", bucket, prefix) for gs://bucket/prefix, ("file", absolute path, "") for file:///path
+    or a plain path.
 
-    The prefix loses surrounding '/'; a prefix with empty parts ("a//b") is refused, since GCS would keep the
-    double slash in every name while the local layout cannot.
+    The prefix loses surrounding '/'; a prefix with empty parts ("a//b") is refused, since GCS would
+    keep the double slash in every name while the local layout cannot.
     """
     if not url:
         raise StorageError(f"empty storage URL (valid: {_URL_FORMS})")
@@ -124,20 +140,23 @@ def parse_url(url: str) -> tuple[str, str, str]:
         bucket, _, prefix = url[len("gs://"):].partition("/")
         if not _BUCKET_RE.match(bucket):
             raise StorageError(
-                f"{url}: {bucket!r} is not a valid bucket name (3-222 characters of a-z, 0-9, '.', '-', '_', "
-                f"starting and ending with a letter or digit)"
+                f"{url}: {bucket!r} is not a valid bucket name (3-222 characters of a-z, 0-9, '.', "
+                f"'-', '_', starting and ending with a letter or digit)"
             )
         prefix = prefix.strip("/")
         if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
-            raise StorageError(f"{url}: the prefix {prefix!r} has empty, '.' or '..' parts (valid: gs://{bucket}/a/b)")
+            raise StorageError(f"{url}: the prefix {prefix!r} has empty, '.' or '..' parts (valid: "
+                               f"gs://{bucket}/a/b)")
         return "gs", bucket, prefix
     if url.startswith("file://"):
         parsed = urlparse(url)
         if parsed.netloc not in ("", "localhost"):
             raise StorageError(
-                f"{url}: file URLs name a local path, not host {parsed.netloc!r} (valid: file:///abs/path)")
+                f"{url}: file URLs name a local path, not host {parsed.netloc!r} (valid: "
+                "file:///abs/path)")
         return "file", str(Path(unquote(parsed.path)).resolve()), ""
     scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", url)
     if scheme:
-        raise StorageError(f"{url}: unsupported URL scheme {scheme.group(1)!r} (valid: {_URL_FORMS})")
+        raise StorageError(
+            f"{url}: unsupported URL scheme {scheme.group(1)!r} (valid: {_URL_FORMS})")
     return "file", str(Path(url).expanduser().resolve()), ""

@@ -1,5 +1,5 @@
-"""Local files as the remote layer sees them: crc32c in the form GCS reports, a persistent crc32c cache, atomic and
-durable writes, folders swapped into place."""
+"""Local files as the remote layer sees them: crc32c in the form GCS reports, a persistent crc32c
+cache, atomic and durable writes, folders swapped into place."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import google_crc32c
 
-TMP_MARK = ".neox-tmp-"  # temporary files (atomic writes of the local backend, of local commits); never listed
+# temporary files (atomic writes of the local backend, of local commits); never listed
+TMP_MARK = ".neox-tmp-"
 
 
 READ_CHUNK = 1024 * 1024
@@ -25,7 +26,8 @@ def crc32c_text(digest: bytes) -> str:
 
 
 def crc32c_of_file(path: Path) -> str:
-    """The file's CRC32C as GCS reports it (base64 of the 4 big-endian bytes), read in 1 MiB chunks."""
+    """The file's CRC32C as GCS reports it (base64 of the 4 big-endian bytes), read in 1 MiB
+    chunks."""
     checksum = google_crc32c.Checksum()
     with open(path, "rb") as f:
         while chunk := f.read(READ_CHUNK):
@@ -55,8 +57,9 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a reader (or a crash) sees the old content or the new, never a torn one,
-    and the new content is on disk when this returns (temporary file, fsync, rename, fsync of the folder)."""
+    """Replace `path` with `data` so that a reader (or a crash) sees the old content or the new,
+    never a torn one, and the new content is on disk when this returns (temporary file, fsync,
+    rename, fsync of the folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex}")
@@ -72,10 +75,12 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 class Crc32cCache:
-    """CRC32C per file, keyed by (absolute path, size, mtime_ns) and persisted as JSON, so that re-syncing an
-    unchanged multi-GB checkpoint reads no file content (the rsync quick check; a rewrite changes mtime_ns).
+    """CRC32C per file, keyed by (absolute path, size, mtime_ns) and persisted as JSON, so that
+    re-syncing an unchanged multi-GB checkpoint reads no file content (the rsync quick check; a
+    rewrite changes mtime_ns).
 
-    Thread-safe: the sync threads share one cache. `hits` / `misses` count lookups since construction.
+    Thread-safe: the sync threads share one cache. `hits` / `misses` count lookups since
+    construction.
     """
 
     def __init__(self, path: Path | str | None = None):
@@ -88,7 +93,8 @@ class Crc32cCache:
         if self.path is not None and self.path.is_file():
             try:
                 raw = json.loads(self.path.read_text())
-                self._entries = {k: (int(v[0]), int(v[1]), str(v[2])) for k, v in raw["files"].items()}
+                self._entries = {k: (int(v[0]), int(v[1]), str(v[2]))
+                                 for k, v in raw["files"].items()}
             except (OSError, ValueError, KeyError, TypeError, IndexError):
                 self._entries = {}  # a damaged cache only costs re-reading the files
 
@@ -109,7 +115,8 @@ class Crc32cCache:
         return crc
 
     def peek(self, path: Path | str) -> str | None:
-        """The cached crc32c if the file is unchanged since it was hashed, else None; never reads the file."""
+        """The cached crc32c if the file is unchanged since it was hashed, else None; never reads
+        the file."""
         path = Path(path).absolute()
         st = os.stat(path)
         with self._lock:
@@ -119,13 +126,15 @@ class Crc32cCache:
         return None
 
     def put(self, path: Path | str, size_mtime: tuple[int, int], crc: str) -> None:
-        """Record a crc32c computed elsewhere (while uploading) for the file as it was at `size_mtime`."""
+        """Record a crc32c computed elsewhere (while uploading) for the file as it was at
+        `size_mtime`."""
         with self._lock:
             self._entries[str(Path(path).absolute())] = (size_mtime[0], size_mtime[1], crc)
             self._dirty = True
 
     def save(self) -> None:
-        """Write the cache (atomically), dropping entries of files that no longer exist (deleted checkpoints)."""
+        """Write the cache (atomically), dropping entries of files that no longer exist (deleted
+        checkpoints)."""
         if self.path is None:
             return
         with self._lock:
@@ -143,9 +152,9 @@ def crc32c_of_bytes(data: bytes) -> str:
 
 
 def install_folder(staging: Path, final: Path) -> None:
-    """Rename a finished folder into place: an existing `final` is moved aside first and deleted only once the new
-    one is in place, so at every moment one complete folder (old or new) stands at `final`; the rename is made
-    durable."""
+    """Rename a finished folder into place: an existing `final` is moved aside first and deleted
+    only once the new one is in place, so at every moment one complete folder (old or new) stands at
+    `final`; the rename is made durable."""
     staging, final = Path(staging), Path(final)
     old = None
     if final.exists():

@@ -1,9 +1,9 @@
-"""A gs://bucket/prefix through google-cloud-storage: its transfers, retries and checksums are the library's; this
-module chooses their settings and turns its many exception types into one-line StorageErrors."""
+"""A gs://bucket/prefix through google-cloud-storage: its transfers, retries and checksums are the
+library's; this module chooses their settings and turns its many exception types into one-line
+StorageErrors."""
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -13,135 +13,88 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-import google.auth
 import google.cloud.storage.blob as blob_module
 import requests
 from google.api_core import exceptions as api
 from google.api_core.exceptions import NotFound, PreconditionFailed
 from google.api_core.retry import Retry
 from google.auth import exceptions as auth
-from google.auth.credentials import AnonymousCredentials
-from google.auth.exceptions import DefaultCredentialsError
-from google.cloud import storage
 from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 from google.cloud.storage.retry import DEFAULT_RETRY
-from google.oauth2 import credentials as user_credentials
-from google.oauth2 import service_account
 
 from neox_train.errors import StorageError, one_line
 from neox_train.remote.base import PROBE_PREFIX, RemoteChanged, RemoteFile, note_retry
-from neox_train.remote.files import TMP_MARK, changed_since, crc32c_of_bytes, crc32c_of_file, stat_key
+from neox_train.remote.files import (
+    TMP_MARK,
+    changed_since,
+    crc32c_of_bytes,
+    crc32c_of_file,
+    stat_key,
+)
+from neox_train.remote.gcs_auth import make_client
 
-# Files over 8 MiB (the client's multipart limit) go as resumable uploads in chunks of this size (a multiple of
-# 256 KiB, as GCS requires); each chunk is retried on its own, so a failure late in a multi-GB file resends one
-# chunk, not the file. Memory cost: one chunk per upload thread.
+# Files over 8 MiB (the client's multipart limit) go as resumable uploads in chunks of this size (a
+# multiple of 256 KiB, as GCS requires); each chunk is retried on its own, so a failure late in a
+# multi-GB file resends one chunk, not the file. Memory cost: one chunk per upload thread.
 CHUNK_SIZE = 100 * 1024 * 1024  # the client library's own default: fewer round trips per file
 
 
 def _multipart_limit() -> int:
-    """Up to this size google-cloud-storage sends one multipart request, above it a resumable upload (its module
-    constant, read at call time so it stays the library's truth)."""
+    """Up to this size google-cloud-storage sends one multipart request, above it a resumable upload
+    (its module constant, read at call time so it stays the library's truth)."""
 
     return int(getattr(blob_module, "_MAX_MULTIPART_SIZE", 8 * 1024 * 1024))
 
 
-RETRY_DEADLINE_S = 600.0  # an operation keeps retrying transient errors (503, reset, timeout) this long
+# an operation keeps retrying transient errors (503, reset, timeout) this long
+RETRY_DEADLINE_S = 600.0
 
 
-PROBE_DEADLINE_S = 30.0  # the start-up probe gives up sooner: a wrong host should fail fast, not after 10 min
+# the start-up probe gives up sooner: a wrong host should fail fast, not after 10 min
+PROBE_DEADLINE_S = 30.0
 
 
-REQUEST_TIMEOUT_S = (30.0, 120.0)  # (connect, read) per HTTP request, before the retry policy decides
+# (connect, read) per HTTP request, before the retry policy decides
+REQUEST_TIMEOUT_S = (30.0, 120.0)
 
 
 def _join(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p.strip("/"))
 
 
-def _load_credentials(path: str):
-    """Credentials from a JSON key file, checked now so that a typo fails before training starts, not at the first
-    upload. Service-account keys, and gcloud's authorized-user files. Returns (credentials, project or None)."""
-
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise StorageError(f"credentials file {path} does not exist (expected a service-account JSON key)")
-    try:
-        info = json.loads(file.read_text())
-    except OSError as e:
-        raise StorageError(f"credentials file {path} cannot be read ({one_line(e)})") from e
-    except ValueError as e:
-        raise StorageError(
-            f"credentials file {path} is not JSON (expected a service-account JSON key): {one_line(e)}") from e
-    kind = info.get("type") if isinstance(info, dict) else None
-    try:
-        if kind == "service_account":
-            creds = service_account.Credentials.from_service_account_info(info, scopes=storage.Client.SCOPE)
-            return creds, info.get("project_id")
-        if kind == "authorized_user":
-            return user_credentials.Credentials.from_authorized_user_info(info, scopes=storage.Client.SCOPE), None
-    except (ValueError, KeyError) as e:
-        raise StorageError(f"credentials file {path} is not a usable {kind} key: {one_line(e)}") from e
-    raise StorageError(
-        f"credentials file {path} has type {kind!r} (valid: service_account, or authorized_user from gcloud; "
-        f"other kinds work through GOOGLE_APPLICATION_CREDENTIALS)"
-    )
-
-
-def _make_client(url: str, credentials: str | None):
-    if credentials:
-        creds, project = _load_credentials(credentials)
-    else:
-        creds = project = None
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
-        # The emulator wants no token; real credentials would try to reach oauth2.googleapis.com.
-        return storage.Client(project=project or os.environ.get("GOOGLE_CLOUD_PROJECT", "neox-emulator"),
-                              credentials=AnonymousCredentials())
-    if creds is None:
-        env = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
-        if env and not Path(env).expanduser().is_file():
-            raise StorageError(f"credentials file {env} (from GOOGLE_APPLICATION_CREDENTIALS) does not exist")
-        try:
-            creds, project = google.auth.default(scopes=storage.Client.SCOPE)
-        except DefaultCredentialsError as e:
-            if env:
-                raise StorageError(f"credentials file {env} (from GOOGLE_APPLICATION_CREDENTIALS) is not usable: "
-                                   f"{one_line(e)}") from e
-            raise StorageError(
-                f"no Google Cloud credentials for {url}: pass --credentials FILE (a service-account JSON key), "
-                f"set GOOGLE_APPLICATION_CREDENTIALS=FILE, or run `gcloud auth application-default login`"
-            ) from e
-    # project=None: object operations need none, and the client then skips looking one up.
-    return storage.Client(project=project, credentials=creds)
-
-
 class GcsBackend:
-    """A gs://bucket/prefix through google-cloud-storage. Retries are the library's (DEFAULT_RETRY's predicate:
-    429/5xx, resets, timeouts) with an explicit deadline, passed to every call, uploads included: the library only
-    retries an upload by itself when it carries a generation precondition, and an overwrite carries none (it is
-    still safe to repeat: same bytes, same result)."""
+    """A gs://bucket/prefix through google-cloud-storage. Retries are the library's (DEFAULT_RETRY's
+    predicate: 429/5xx, resets, timeouts) with an explicit deadline, passed to every call, uploads
+    included: the library only retries an upload by itself when it carries a generation
+    precondition, and an overwrite carries none (it is still safe to repeat: same bytes, same
+    result)."""
 
-    def __init__(self, bucket: str, prefix: str = "", *, credentials: str | None = None, client=None):
+    def __init__(self, bucket: str, prefix: str = "", *, credentials: str | None = None,
+                 client=None):
         self.bucket_name = bucket
         self.prefix = prefix.strip("/")
         self.url = f"gs://{bucket}/{self.prefix}" if self.prefix else f"gs://{bucket}"
-        self.client = client if client is not None else _make_client(self.url, credentials)
+        self.client = client if client is not None else make_client(self.url, credentials)
         self.bucket = self.client.bucket(bucket)
         self.chunk_size = CHUNK_SIZE
         self.timeout = REQUEST_TIMEOUT_S
         self.retries = 0
-        self.failing_since: float | None = None  # monotonic time of the first retried failure since the last success
+        # monotonic time of the first retried failure since the last success
+        self.failing_since: float | None = None
         self.last_failure = ""
         self._retries_lock = threading.Lock()
         self.configure_retry()
 
-    def configure_retry(self, *, deadline_s: float = RETRY_DEADLINE_S, probe_deadline_s: float = PROBE_DEADLINE_S,
-                        initial_s: float = 1.0, maximum_s: float = 60.0) -> None:
-        """The retry policy: DEFAULT_RETRY's predicate (429, 5xx, resets, timeouts) with exponential backoff from
-        initial_s to maximum_s, until deadline_s. Tests shorten it; production keeps the library's backoff."""
+    def configure_retry(self, *, deadline_s: float = RETRY_DEADLINE_S,
+                        probe_deadline_s: float = PROBE_DEADLINE_S, initial_s: float = 1.0,
+                        maximum_s: float = 60.0) -> None:
+        """The retry policy: DEFAULT_RETRY's predicate (429, 5xx, resets, timeouts) with exponential
+        backoff from initial_s to maximum_s, until deadline_s. Tests shorten it; production keeps
+        the library's backoff."""
 
         def policy(deadline: float) -> Retry:
-            return Retry(predicate=DEFAULT_RETRY._predicate, initial=initial_s, maximum=maximum_s, multiplier=2.0,
-                         timeout=deadline, on_error=self._count_retry)
+            return Retry(predicate=DEFAULT_RETRY._predicate, initial=initial_s, maximum=maximum_s,
+                         multiplier=2.0, timeout=deadline, on_error=self._count_retry)
 
         self.deadline_s, self.probe_deadline_s = deadline_s, probe_deadline_s
         self.retry = policy(deadline_s)
@@ -156,8 +109,9 @@ class GcsBackend:
         note_retry()
 
     def failing_for(self) -> tuple[float, str]:
-        """(seconds since requests began failing with no success since, the last failure); (0, "") while they get
-        through. The upload worker warns from this when an endpoint is down, long before a retry deadline ends."""
+        """(seconds since requests began failing with no success since, the last failure); (0, "")
+        while they get through. The upload worker warns from this when an endpoint is down, long
+        before a retry deadline ends."""
         with self._retries_lock:
             since, last = self.failing_since, self.last_failure
         return (0.0, "") if since is None else (time.monotonic() - since, last)
@@ -170,7 +124,8 @@ class GcsBackend:
         full = _join(self.prefix, name)
         if not full or name.startswith("/"):
             raise StorageError(
-                f"{self.url}: object name {name!r} is empty or absolute (valid: a/b relative to the root)")
+                f"{self.url}: object name {name!r} is empty or absolute (valid: a/b relative to "
+                "the root)")
         return full
 
     def _where(self, name: str | None) -> str:
@@ -179,8 +134,8 @@ class GcsBackend:
     @contextmanager
     def _errors(self, action: str, name: str | None = None, *, missing: str = "bucket",
                 deadline_s: float | None = None) -> Iterator[None]:
-        """Map the client's exceptions to one-line StorageErrors, transient or permanent. `missing`: what a 404
-        means for this call."""
+        """Map the client's exceptions to one-line StorageErrors, transient or permanent. `missing`:
+        what a 404 means for this call."""
 
         where = self._where(name)
         try:
@@ -194,32 +149,39 @@ class GcsBackend:
             seconds = f"{deadline_s or self.deadline_s:.0f} s"
             if isinstance(cause, (requests.ConnectionError, requests.Timeout, ConnectionError)):
                 raise StorageError(
-                    f"cannot reach {self.host} to {action} {where} (gave up after {seconds}): {one_line(cause)}",
+                    f"cannot reach {self.host} to {action} {where} (gave up after {seconds}): "
+                    f"{one_line(cause)}",
                     transient=True) from e
             raise StorageError(
-                f"cannot {action} {where}: still failing after retrying for {seconds}: {one_line(cause)}",
+                f"cannot {action} {where}: still failing after retrying for {seconds}: "
+                f"{one_line(cause)}",
                 transient=True) from e
         except api.NotFound as e:
             if missing == "bucket":
                 raise StorageError(
-                    f"cannot {action} {where}: bucket {self.bucket_name} does not exist (create it, or fix the URL)"
+                    f"cannot {action} {where}: bucket {self.bucket_name} does not exist (create "
+                    "it, or fix the URL)"
                 ) from e
             raise StorageError(f"cannot {action} {where}: the object does not exist") from e
         except api.Forbidden as e:
             raise StorageError(
-                f"no permission to {action} {where} ({' '.join(str(e.message).split())}): the credentials need "
-                f"e.g. roles/storage.objectAdmin on bucket {self.bucket_name}"
+                f"no permission to {action} {where} ({' '.join(str(e.message).split())}): the "
+                f"credentials need e.g. roles/storage.objectAdmin on bucket {self.bucket_name}"
             ) from e
         except (api.Unauthorized, auth.RefreshError, auth.DefaultCredentialsError) as e:
-            raise StorageError(f"credentials rejected while trying to {action} {where}: {one_line(e)}") from e
+            raise StorageError(
+                f"credentials rejected while trying to {action} {where}: {one_line(e)}") from e
         except DataCorruption as e:
             raise StorageError(f"checksum mismatch while trying to {action} {where}: {one_line(e)}",
                                transient=True) from e
-        except (requests.ConnectionError, requests.Timeout, ConnectionError, auth.TransportError) as e:
-            raise StorageError(f"cannot reach {self.host} to {action} {where}: {one_line(e)}", transient=True) from e
+        except (requests.ConnectionError, requests.Timeout, ConnectionError,
+                auth.TransportError) as e:
+            raise StorageError(f"cannot reach {self.host} to {action} {where}: {one_line(e)}",
+                               transient=True) from e
         except api.GoogleAPICallError as e:
             code = int(e.code or 0)
-            raise StorageError(f"cannot {action} {where}: HTTP {e.code} {' '.join(str(e.message).split())}",
+            raise StorageError(f"cannot {action} {where}: HTTP {e.code} "
+                               f"{' '.join(str(e.message).split())}",
                                transient=code >= 500 or code in (408, 429)) from e
         except InvalidResponse as e:
             raise StorageError(f"cannot {action} {where}: {one_line(e)}", transient=True) from e
@@ -231,9 +193,9 @@ class GcsBackend:
         root = f"{self.prefix}/" if self.prefix else ""
         out: dict[str, RemoteFile] = {}
         with self._errors("list", prefix or None):
-            for blob in self.client.list_blobs(self.bucket_name, prefix=root + prefix, retry=self.retry,
-                                               timeout=self.timeout,
-                                               fields="items(name,size,crc32c,generation),nextPageToken"):
+            for blob in self.client.list_blobs(
+                    self.bucket_name, prefix=root + prefix, retry=self.retry, timeout=self.timeout,
+                    fields="items(name,size,crc32c,generation),nextPageToken"):
                 rel = blob.name[len(root):]
                 out[rel] = self._remote(rel, blob)
         return out
@@ -243,12 +205,14 @@ class GcsBackend:
             blob = self.bucket.get_blob(self._name(name), retry=self.retry, timeout=self.timeout)
         return None if blob is None else self._remote(name, blob)
 
-    def upload_file(self, local: Path, name: str, *, crc32c: str | None, generation: int | None) -> RemoteFile:
+    def upload_file(self, local: Path, name: str, *, crc32c: str | None,
+                    generation: int | None) -> RemoteFile:
         local = Path(local)
         try:
             before = stat_key(local)
         except OSError as e:
-            raise StorageError(f"cannot upload {local} to {self._where(name)}: {one_line(e)}") from e
+            raise StorageError(
+                f"cannot upload {local} to {self._where(name)}: {one_line(e)}") from e
         size = before[0]
         blob = self.bucket.blob(self._name(name))
         # Above 8 MiB the library switches to a resumable upload, sent in chunks of this size.
@@ -257,11 +221,13 @@ class GcsBackend:
         try:
             with self._errors("write", name):
                 blob.upload_from_filename(
-                    str(local), if_generation_match=generation, retry=self.retry, timeout=self.timeout,
-                    # A known crc32c is declared up front on a resumable upload, so GCS itself refuses an object with
-                    # other content and the client need not hash the file again while sending it. Otherwise (not
-                    # hashed yet, or a multipart upload, which has no such field) the client hashes what it sends
-                    # and fails unless the stored object's crc32c is the same.
+                    str(local), if_generation_match=generation, retry=self.retry,
+                    timeout=self.timeout,
+                    # A known crc32c is declared up front on a resumable upload, so GCS itself
+                    # refuses an object with other content and the client need not hash the file
+                    # again while sending it. Otherwise (not hashed yet, or a multipart upload,
+                    # which has no such field) the client hashes what it sends and fails unless the
+                    # stored object's crc32c is the same.
                     checksum=None if crc32c is not None and resumable else "crc32c",
                     crc32c_checksum_value=crc32c if resumable else None,
                 )
@@ -270,26 +236,30 @@ class GcsBackend:
                 crc32c = crc32c_of_file(local)
             return self._settle(name, size, crc32c, generation, str(local))
         except OSError as e:  # the local file vanished or is unreadable
-            raise StorageError(f"cannot upload {local} to {self._where(name)}: {one_line(e)}") from e
+            raise StorageError(
+                f"cannot upload {local} to {self._where(name)}: {one_line(e)}") from e
         except StorageError as e:
             if isinstance(e.__cause__, DataCorruption):
-                # The object landed with bytes other than those read: remove that generation (ours), or every
-                # retry would meet a refusal ("different content") instead of uploading again.
+                # The object landed with bytes other than those read: remove that generation (ours),
+                # or every retry would meet a refusal ("different content") instead of uploading
+                # again.
                 self._delete_quietly(name, blob.generation)
             raise
         changed = changed_since(local, before)
         if changed or (crc32c is not None and blob.crc32c != crc32c) or int(blob.size or 0) != size:
             self._delete_quietly(name, blob.generation)
             if changed:
-                raise StorageError(f"{local} changed while it was uploaded to {self._where(name)}; the upload was "
-                                   f"discarded", transient=True)
+                raise StorageError(f"{local} changed while it was uploaded to {self._where(name)}; "
+                                   f"the upload was discarded", transient=True)
             raise StorageError(
-                f"{self._where(name)} was stored with size {blob.size} crc32c {blob.crc32c}, but {local} was "
-                f"hashed as size {size} crc32c {crc32c}: the local file changed during the upload", transient=True)
+                f"{self._where(name)} was stored with size {blob.size} crc32c {blob.crc32c}, but "
+                f"{local} was hashed as size {size} crc32c {crc32c}: the local file changed during "
+                "the upload", transient=True)
         return self._remote(name, blob)
 
     def _delete_quietly(self, name: str, generation) -> None:
-        """Remove the object generation this process just wrote (and only that one: a later writer's object stays)."""
+        """Remove the object generation this process just wrote (and only that one: a later writer's
+        object stays)."""
         if not generation:
             return
         try:
@@ -297,21 +267,25 @@ class GcsBackend:
         except StorageError:
             pass  # best effort: the next conditional write names the leftover if it is still there
 
-    def _settle(self, name: str, size: int, crc32c: str, generation: int | None, what: str) -> RemoteFile:
-        """412 on a conditional write: the object is not at `generation`. Success only if it now holds exactly this
-        content (an earlier attempt of this very write landed and its response was lost)."""
+    def _settle(self, name: str, size: int, crc32c: str, generation: int | None,
+                what: str) -> RemoteFile:
+        """412 on a conditional write: the object is not at `generation`. Success only if it now
+        holds exactly this content (an earlier attempt of this very write landed and its response
+        was lost)."""
         existing = self.stat(name)
         if existing is not None and (existing.size, existing.crc32c) == (size, crc32c):
             return existing
         if existing is None:
-            raise RemoteChanged(f"{self._where(name)}: conditional write refused (412) and the object is gone; retry")
+            raise RemoteChanged(f"{self._where(name)}: conditional write refused (412) and the "
+                                "object is gone; retry")
         if generation == 0:
             raise RemoteChanged(
-                f"{self._where(name)} already exists with different content (size {existing.size}, crc32c "
-                f"{existing.crc32c}; {what}: size {size}, crc32c {crc32c}); refusing to overwrite it")
+                f"{self._where(name)} already exists with different content (size {existing.size}, "
+                f"crc32c {existing.crc32c}; {what}: size {size}, crc32c {crc32c}); refusing to "
+                "overwrite it")
         raise RemoteChanged(
-            f"{self._where(name)} changed remotely (generation {existing.generation}, expected {generation}); "
-            f"refusing to overwrite it")
+            f"{self._where(name)} changed remotely (generation {existing.generation}, expected "
+            f"{generation}); refusing to overwrite it")
 
     def download_file(self, name: str, local: Path) -> None:
         local = Path(local)
@@ -336,7 +310,8 @@ class GcsBackend:
             raise
 
     def read(self, name: str) -> tuple[bytes, int] | None:
-        for _ in range(5):  # the object may be replaced between the two requests: read that generation or again
+        # the object may be replaced between the two requests: read that generation or again
+        for _ in range(5):
             current = self.stat(name)
             if current is None:
                 return None
@@ -367,10 +342,11 @@ class GcsBackend:
     def delete(self, name: str, *, generation: int | None) -> None:
         try:
             with self._errors("delete", name):
-                self.bucket.blob(self._name(name)).delete(if_generation_match=generation, retry=self.retry,
-                                                          timeout=self.timeout)
+                self.bucket.blob(self._name(name)).delete(if_generation_match=generation,
+                                                          retry=self.retry, timeout=self.timeout)
         except PreconditionFailed:
-            raise RemoteChanged(f"{self._where(name)} changed remotely (not generation {generation}); not deleted")
+            raise RemoteChanged(
+                f"{self._where(name)} changed remotely (not generation {generation}); not deleted")
         except StorageError as e:
             if not isinstance(e.__cause__, NotFound):
                 raise
@@ -379,5 +355,7 @@ class GcsBackend:
         name = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
         blob = self.bucket.blob(self._name(name))
         with self._errors("write", None, deadline_s=self.probe_deadline_s):
-            blob.upload_from_string(b"probe", if_generation_match=0, retry=self.probe_retry, timeout=self.timeout)
-            blob.delete(if_generation_match=blob.generation, retry=self.probe_retry, timeout=self.timeout)
+            blob.upload_from_string(b"probe", if_generation_match=0, retry=self.probe_retry,
+                                    timeout=self.timeout)
+            blob.delete(if_generation_match=blob.generation, retry=self.probe_retry,
+                        timeout=self.timeout)

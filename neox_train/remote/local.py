@@ -1,4 +1,5 @@
-"""A local folder with a bucket's semantics: atomic writes, generations, conditional writes under a folder lock."""
+"""A local folder with a bucket's semantics: atomic writes, generations, conditional writes under a
+folder lock."""
 
 from __future__ import annotations
 
@@ -26,11 +27,11 @@ from neox_train.remote.files import (
 
 
 class LocalBackend:
-    """A local folder with the bucket's semantics (a missing folder is an empty bucket): atomic writes (temporary
-    file + os.replace), crc32c computed on listing (cached by size and mtime), and generations: a file's
-    st_mtime_ns, which every write (a new file renamed into place) changes. Conditional writes and deletes take an
-    exclusive lock on the folder (flock on the folder itself, so between processes too) around the check and the
-    rename."""
+    """A local folder with the bucket's semantics (a missing folder is an empty bucket): atomic
+    writes (temporary file + os.replace), crc32c computed on listing (cached by size and mtime), and
+    generations: a file's st_mtime_ns, which every write (a new file renamed into place) changes.
+    Conditional writes and deletes take an exclusive lock on the folder (flock on the folder itself,
+    so between processes too) around the check and the rename."""
 
     def __init__(self, root: Path, *, cache: Crc32cCache | None = None):
         self.root = Path(root).absolute()
@@ -41,16 +42,19 @@ class LocalBackend:
 
     def _path(self, name: str) -> Path:
         parts = name.split("/")
-        if not name or name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
+        if (not name or name.startswith("/") or "\\" in name
+                or any(p in ("", ".", "..") for p in parts)):
             raise StorageError(
-                f"{self.url}: object name {name!r} would escape the folder or is not a plain relative name")
+                f"{self.url}: object name {name!r} would escape the folder or is not a plain "
+                "relative name")
         return self.root.joinpath(*parts)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
         with self._thread_lock:
-            fd = os.open(self.root, os.O_RDONLY)  # flock on the folder itself: no lock file among the objects
+            # flock on the folder itself: no lock file among the objects
+            fd = os.open(self.root, os.O_RDONLY)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
@@ -92,7 +96,8 @@ class LocalBackend:
             raise StorageError(f"cannot read {self.url}/{name}: {one_line(e)}") from e
 
     def _copy_in(self, src: Path, dest: Path, expect_crc32c: str | None) -> tuple[Path, str]:
-        """Copy src to a temporary file next to dest, hashing on the way; returns the temporary file and its crc32c."""
+        """Copy src to a temporary file next to dest, hashing on the way; returns the temporary file
+        and its crc32c."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f"{dest.name}{TMP_MARK}{uuid.uuid4().hex}")
         checksum = google_crc32c.Checksum()
@@ -106,12 +111,15 @@ class LocalBackend:
         if expect_crc32c is not None and got != expect_crc32c:
             tmp.unlink(missing_ok=True)
             raise StorageError(
-                f"{src} has crc32c {got}, not {expect_crc32c} as hashed before: it changed during the copy",
+                f"{src} has crc32c {got}, not {expect_crc32c} as hashed before: it changed during "
+                "the copy",
                 transient=True)
         return tmp, got
 
-    def _place(self, tmp: Path, dest: Path, name: str, generation: int | None, crc32c: str, what: str) -> RemoteFile:
-        """Rename tmp to dest if dest is at `generation` (0: absent); else success only for identical content."""
+    def _place(self, tmp: Path, dest: Path, name: str, generation: int | None, crc32c: str,
+               what: str) -> RemoteFile:
+        """Rename tmp to dest if dest is at `generation` (0: absent); else success only for
+        identical content."""
         try:
             with self._locked():
                 if generation is not None:
@@ -121,28 +129,31 @@ class LocalBackend:
                         if current is not None and (current.size, current.crc32c) == (size, crc32c):
                             return current
                         if current is None:
-                            raise RemoteChanged(f"{self.url}/{name}: conditional write refused and the object is gone; "
-                                                f"retry")
+                            raise RemoteChanged(f"{self.url}/{name}: conditional write refused and "
+                                                f"the object is gone; retry")
                         if generation == 0:
                             raise RemoteChanged(
-                                f"{self.url}/{name} already exists with different content (size {current.size}, "
-                                f"crc32c {current.crc32c}; {what}: size {size}, crc32c {crc32c}); refusing to "
-                                f"overwrite it")
-                        raise RemoteChanged(f"{self.url}/{name} changed remotely (generation {current.generation}, "
-                                            f"expected {generation}); refusing to overwrite it")
+                                f"{self.url}/{name} already exists with different content (size "
+                                f"{current.size}, crc32c {current.crc32c}; {what}: size {size}, "
+                                f"crc32c {crc32c}); refusing to overwrite it")
+                        raise RemoteChanged(f"{self.url}/{name} changed remotely (generation "
+                                            f"{current.generation}, expected {generation}); "
+                                            "refusing to overwrite it")
                 os.replace(tmp, dest)
                 return self._remote(name, dest)
         finally:
             tmp.unlink(missing_ok=True)
 
-    def upload_file(self, local: Path, name: str, *, crc32c: str | None, generation: int | None) -> RemoteFile:
+    def upload_file(self, local: Path, name: str, *, crc32c: str | None,
+                    generation: int | None) -> RemoteFile:
         dest = self._path(name)
         try:
             before = stat_key(Path(local))
             tmp, got = self._copy_in(Path(local), dest, crc32c)
             if changed_since(Path(local), before):
                 tmp.unlink(missing_ok=True)
-                raise StorageError(f"cannot copy {local} to {self.url}/{name}: the local file changed during the copy",
+                raise StorageError(f"cannot copy {local} to {self.url}/{name}: the local file "
+                                   "changed during the copy",
                                    transient=True)
             return self._place(tmp, dest, name, generation, got, str(local))
         except OSError as e:
@@ -159,7 +170,8 @@ class LocalBackend:
                 tmp.unlink(missing_ok=True)
         except FileNotFoundError as e:
             if not src.is_file():
-                raise StorageError(f"cannot read {self.url}/{name}: the object does not exist") from e
+                raise StorageError(
+                    f"cannot read {self.url}/{name}: the object does not exist") from e
             raise StorageError(f"cannot copy {self.url}/{name} to {local}: {one_line(e)}") from e
         except OSError as e:
             raise StorageError(f"cannot copy {self.url}/{name} to {local}: {one_line(e)}") from e
@@ -170,7 +182,8 @@ class LocalBackend:
 
     def read(self, name: str) -> tuple[bytes, int] | None:
         try:
-            with open(self._path(name), "rb") as f:  # the generation of the very file read (renames replace it)
+            # the generation of the very file read (renames replace it)
+            with open(self._path(name), "rb") as f:
                 return f.read(), os.fstat(f.fileno()).st_mtime_ns
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
@@ -196,8 +209,8 @@ class LocalBackend:
                     if current is None:
                         return
                     if current.generation != generation:
-                        raise RemoteChanged(f"{self.url}/{name} changed remotely (not generation {generation}); "
-                                            f"not deleted")
+                        raise RemoteChanged(f"{self.url}/{name} changed remotely (not generation "
+                                            f"{generation}); not deleted")
                 path.unlink(missing_ok=True)
         except OSError as e:
             raise StorageError(f"cannot delete {self.url}/{name}: {one_line(e)}") from e
@@ -220,4 +233,5 @@ class LocalBackend:
         except PermissionError as e:
             raise StorageError(f"no permission to write {self.url}: {one_line(e)}") from e
         except OSError as e:
-            raise StorageError(f"cannot write {self.url} (must be a writable folder): {one_line(e)}") from e
+            raise StorageError(
+                f"cannot write {self.url} (must be a writable folder): {one_line(e)}") from e

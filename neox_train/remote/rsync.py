@@ -1,10 +1,11 @@
 """rsync between a local folder and a Backend (gs:// or a folder), either direction.
 
-Copy semantics are gsutil rsync's, minus deletion: a file whose size and crc32c already match remotely is skipped,
-everything else is sent in parallel, and the result is checked against a fresh listing, so "done" means "verified
-remote". Nothing remote is ever deleted by a sync, and every write is conditional on the generation the listing
-showed (a new name is created only if still absent), so two writers never silently overwrite each other. A caller
-may pass a guard that refuses some writes (`neox-sync` refuses to write into published checkpoints: see
+Copy semantics are gsutil rsync's, minus deletion: a file whose size and crc32c already match
+remotely is skipped, everything else is sent in parallel, and the result is checked against a fresh
+listing, so "done" means "verified remote". Nothing remote is ever deleted by a sync, and every
+write is conditional on the generation the listing showed (a new name is created only if still
+absent), so two writers never silently overwrite each other. A caller may pass a guard that refuses
+some writes (`neox-sync` refuses to write into published checkpoints: see
 checkpoint.copy_rules.protect_published).
 """
 
@@ -39,8 +40,10 @@ class SyncResult:
     bytes_downloaded: int = 0
     retries: int = 0  # requests the storage client retried (503s, resets, timeouts)
     seconds: float = 0.0
-    published: list[str] = field(default_factory=list)  # neox-sync --checkpoints: tags now COMPLETE remotely
-    not_published: dict[str, str] = field(default_factory=dict)  # ... and the tags it left alone, with why
+    # neox-sync --checkpoints: tags now COMPLETE remotely
+    published: list[str] = field(default_factory=list)
+    # ... and the tags it left alone, with why
+    not_published: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,8 +56,8 @@ def dir_prefix(remote_prefix: str) -> str:
 
 
 def local_files(root: Path) -> list[tuple[str, Path]]:
-    """(relative '/'-path, path) of every file under root, nested folders included, sorted; temporary files of an
-    atomic write in progress are not content."""
+    """(relative '/'-path, path) of every file under root, nested folders included, sorted;
+    temporary files of an atomic write in progress are not content."""
     out: list[tuple[str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -66,21 +69,26 @@ def local_files(root: Path) -> list[tuple[str, Path]]:
 
 
 def check_relative(rel: str, what: str) -> None:
-    """A remote name must land inside the destination folder: no absolute path, '..', '.', empty part or '\\'."""
+    """A remote name must land inside the destination folder: no absolute path, '..', '.', empty
+    part or '\\'."""
     parts = rel.split("/")
-    if rel.startswith("/") or "\\" in rel or "\0" in rel or any(p in ("", ".", "..") for p in parts):
+    if rel.startswith("/") or "\\" in rel or "\0" in rel or any(
+            p in ("", ".", "..") for p in parts):
         raise StorageError(
-            f"{what}: refusing to download a name that is absolute or has '..', '.', empty or backslash parts "
-            f"(valid: a plain relative path like dir/file.npy)"
+            f"{what}: refusing to download a name that is absolute or has '..', '.', empty or "
+            f"backslash parts (valid: a plain relative path like dir/file.npy)"
         )
 
 
-def parallel(fn: Callable[[T], R], items: Iterable[T], workers: int, on_done: Callable[[T, R], None]) -> None:
-    """fn over items on `workers` threads; the first failure cancels what has not started and is raised."""
+def parallel(fn: Callable[[T], R], items: Iterable[T], workers: int,
+             on_done: Callable[[T, R], None]) -> None:
+    """fn over items on `workers` threads; the first failure cancels what has not started and is
+    raised."""
     items = list(items)
     if not items:
         return
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(items))), thread_name_prefix="neox-sync") as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(items))),
+                            thread_name_prefix="neox-sync") as pool:
         futures = {pool.submit(fn, item): item for item in items}
         try:
             for fut in as_completed(futures):
@@ -92,11 +100,12 @@ def parallel(fn: Callable[[T], R], items: Iterable[T], workers: int, on_done: Ca
 
 
 def progress_bar(progress: bool, total: int, desc: str) -> tqdm:
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
-                disable=not progress, dynamic_ncols=True)
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                file=sys.stderr, disable=not progress, dynamic_ncols=True)
 
 
-def hash_local(files: list[tuple[str, Path]], cache: Crc32cCache, workers: int) -> dict[str, tuple[int, str]]:
+def hash_local(files: list[tuple[str, Path]], cache: Crc32cCache,
+               workers: int) -> dict[str, tuple[int, str]]:
     out: dict[str, tuple[int, str]] = {}
 
     def one(item: tuple[str, Path]) -> tuple[int, str]:
@@ -116,28 +125,31 @@ def _size(path: Path) -> int:
         return 0  # reported by the pipeline, which reads it again
 
 
-# Called before a file is written: (relative path, the remote object it replaces or None for a new name, the
-# listing it was decided on); raises to refuse the write.
+# Called before a file is written: (relative path, the remote object it replaces or None for a new
+# name, the listing it was decided on); raises to refuse the write.
 Guard = Callable[[str, "RemoteFile | None", "dict[str, RemoteFile]"], None]
 
 
-def upload_tree(local_dir: Path, backend: Backend, remote_prefix: str, *, workers: int, cache: Crc32cCache | None,
-             progress: bool, gate: Callable[[], None] | None = None, files: list[tuple[str, Path]] | None = None,
-             listing: dict[str, RemoteFile] | None = None,
-             guard: Guard | None = None) -> tuple[SyncResult, dict[str, tuple[int, str]]]:
+def upload_tree(local_dir: Path, backend: Backend, remote_prefix: str, *, workers: int,
+                cache: Crc32cCache | None, progress: bool, gate: Callable[[], None] | None = None,
+                files: list[tuple[str, Path]] | None = None,
+                listing: dict[str, RemoteFile] | None = None,
+                guard: Guard | None = None) -> tuple[SyncResult, dict[str, tuple[int, str]]]:
     started, retries0 = time.monotonic(), backend.retries
     local_dir = Path(local_dir)
     if not local_dir.is_dir():
-        raise StorageError(f"{local_dir} is not a folder (the source of an upload must be a local folder)")
+        raise StorageError(
+            f"{local_dir} is not a folder (the source of an upload must be a local folder)")
     prefix = dir_prefix(remote_prefix)
     files = local_files(local_dir) if files is None else files
     cache = cache if cache is not None else Crc32cCache()
     result = SyncResult()
     local: dict[str, tuple[int, str]] = {}
 
-    # One pipeline per file: hash (or cache hit) -> compare with the remote listing -> upload or skip. The listing
-    # runs on its own thread while the first files hash, and later files hash while earlier ones upload, so the
-    # checks cost (almost) no wall time next to a plain upload of the same files.
+    # One pipeline per file: hash (or cache hit) -> compare with the remote listing -> upload or
+    # skip. The listing runs on its own thread while the first files hash, and later files hash
+    # while earlier ones upload, so the checks cost (almost) no wall time next to a plain upload of
+    # the same files.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="neox-sync-list") as lister, \
             progress_bar(progress, sum(_size(p) for _, p in files), f"upload {backend.url}") as bar:
         remote = lister.submit(lambda: listing if listing is not None else backend.list(prefix))
@@ -151,20 +163,22 @@ def upload_tree(local_dir: Path, backend: Backend, remote_prefix: str, *, worker
                 st = path.stat()
                 size = st.st_size
                 if have is not None and have.size == size:
-                    crc = cache.get(path)  # same name and size remotely: only the content hash can tell
+                    # same name and size remotely: only the content hash can tell
+                    crc = cache.get(path)
                     if have.crc32c == crc:
                         return size, crc, False
                 else:
-                    # Not remote (or another size): it uploads either way, so a file not hashed yet is hashed
-                    # while it is sent, one read instead of two (a multi-GB shard is not read twice from disk).
+                    # Not remote (or another size): it uploads either way, so a file not hashed yet
+                    # is hashed while it is sent, one read instead of two (a multi-GB shard is not
+                    # read twice from disk).
                     crc = cache.peek(path)
             except OSError as e:
                 raise StorageError(f"cannot read {path}: {e.strerror or e}") from e
             if guard is not None:
                 guard(rel, have, remote.result())
-            # Conditional on what the listing showed: a new name only if still absent, a replacement only of that
-            # generation. A retried upload whose first attempt landed is recognised, not doubled; a write that
-            # would overwrite someone else's newer object is refused.
+            # Conditional on what the listing showed: a new name only if still absent, a replacement
+            # only of that generation. A retried upload whose first attempt landed is recognised,
+            # not doubled; a write that would overwrite someone else's newer object is refused.
             stored = backend.upload_file(path, prefix + rel, crc32c=crc,
                                          generation=0 if have is None else have.generation)
             if crc is None:
@@ -188,11 +202,12 @@ def upload_tree(local_dir: Path, backend: Backend, remote_prefix: str, *, worker
     if mismatch:
         rel, found, size, crc = mismatch
         if found == "missing":
-            raise StorageError(f"verification after upload failed: {backend.url}/{prefix}{rel} is missing",
+            raise StorageError(f"verification after upload failed: {backend.url}/{prefix}{rel} is "
+                               "missing",
                                transient=True)
         raise StorageError(
-            f"verification after upload failed: {backend.url}/{prefix}{rel} has {found}, {local_dir / rel} has size "
-            f"{size} crc32c {crc}", transient=True)
+            f"verification after upload failed: {backend.url}/{prefix}{rel} has {found}, "
+            f"{local_dir / rel} has size {size} crc32c {crc}", transient=True)
     result.retries = backend.retries - retries0
     result.seconds = time.monotonic() - started
     return result, local
@@ -201,23 +216,27 @@ def upload_tree(local_dir: Path, backend: Backend, remote_prefix: str, *, worker
 def sync_up(local_dir: Path, backend: Backend, remote_prefix: str, *, workers: int = 8,
             cache: Crc32cCache | None = None, progress: bool = False,
             guard: Callable[[Backend, str], Guard] | None = None) -> SyncResult:
-    """local_dir -> remote_prefix/, folder structure preserved: upload what differs (size or crc32c), verify all.
+    """local_dir -> remote_prefix/, folder structure preserved: upload what differs (size or
+    crc32c), verify all.
 
-    With a persistent `cache`, an unchanged file costs a stat, not a read. Never deletes remote files. `guard`
-    (backend, prefix) -> a Guard that may refuse writes (`neox-sync` passes the rule that protects published
-    checkpoints, checkpoint.copy_rules.protect_published).
+    With a persistent `cache`, an unchanged file costs a stat, not a read. Never deletes remote
+    files. `guard` (backend, prefix) -> a Guard that may refuse writes (`neox-sync` passes the rule
+    that protects published checkpoints, checkpoint.copy_rules.protect_published).
     """
-    return upload_tree(local_dir, backend, remote_prefix, workers=workers, cache=cache, progress=progress,
+    return upload_tree(local_dir, backend, remote_prefix, workers=workers, cache=cache,
+                       progress=progress,
                        guard=guard(backend, dir_prefix(remote_prefix)) if guard else None)[0]
 
 
-def sync_down(backend: Backend, remote_prefix: str, local_dir: Path, *, workers: int = 8, skip_existing: bool = True,
-              verify: bool = True, progress: bool = False) -> SyncResult:
+def sync_down(backend: Backend, remote_prefix: str, local_dir: Path, *, workers: int = 8,
+              skip_existing: bool = True, verify: bool = True,
+              progress: bool = False) -> SyncResult:
     """remote_prefix/ -> local_dir, nested folders preserved.
 
-    skip_existing: leave a local file that exists (with verify, only if its size also matches the remote one).
-    Every name is checked before anything is downloaded: one that would land outside local_dir is an error.
-    Zero-byte names ending in '/' are folder placeholders (the Cloud Console makes them) and are skipped.
+    skip_existing: leave a local file that exists (with verify, only if its size also matches the
+    remote one). Every name is checked before anything is downloaded: one that would land outside
+    local_dir is an error. Zero-byte names ending in '/' are folder placeholders (the Cloud Console
+    makes them) and are skipped.
     """
     started, retries0 = time.monotonic(), backend.retries
     prefix = dir_prefix(remote_prefix)
@@ -237,11 +256,13 @@ def sync_down(backend: Backend, remote_prefix: str, local_dir: Path, *, workers:
     for name, rel, _ in plan:
         if rel in folders:
             raise StorageError(
-                f"{backend.url}/{name} is both an object and a folder prefix; it cannot be laid out as local files")
+                f"{backend.url}/{name} is both an object and a folder prefix; it cannot be laid "
+                "out as local files")
 
     local_dir = Path(local_dir)
     if local_dir.exists() and not local_dir.is_dir():
-        raise StorageError(f"{local_dir} exists and is not a folder (the destination of a download must be a folder)")
+        raise StorageError(f"{local_dir} exists and is not a folder (the destination of a download "
+                           "must be a folder)")
     result = SyncResult()
     todo = []
     for name, rel, size in plan:
@@ -267,23 +288,25 @@ def sync_down(backend: Backend, remote_prefix: str, local_dir: Path, *, workers:
     return result
 
 
-def sync(src: str, dst: str, *, credentials: str | None = None, workers: int = 8, progress: bool = False,
-         guard: Callable[[Backend, str], Guard] | None = None,
+def sync(src: str, dst: str, *, credentials: str | None = None, workers: int = 8,
+         progress: bool = False, guard: Callable[[Backend, str], Guard] | None = None,
          check: Callable[[Path, Backend], None] | None = None) -> SyncResult:
-    """`neox-sync SRC DST`: local -> gs://, gs:// -> local, or local -> local. Downloads skip local files of the
-    remote size (gsutil rsync's size check); uploads skip remote files of equal size and crc32c. `check` (source
-    folder, destination backend) runs before an upload and may refuse it whole; it shares the upload's backend, so
-    a folder destination's files are hashed once."""
+    """`neox-sync SRC DST`: local -> gs://, gs:// -> local, or local -> local. Downloads skip local
+    files of the remote size (gsutil rsync's size check); uploads skip remote files of equal size
+    and crc32c. `check` (source folder, destination backend) runs before an upload and may refuse it
+    whole; it shares the upload's backend, so a folder destination's files are hashed once."""
     skind, swhere, _ = parse_url(src)
     dkind, dwhere, _ = parse_url(dst)
     if skind == "gs" and dkind == "gs":
-        raise StorageError(f"{src} -> {dst}: both sides are gs:// URLs; one side must be a local folder")
+        raise StorageError(
+            f"{src} -> {dst}: both sides are gs:// URLs; one side must be a local folder")
     if skind == "gs":
-        return sync_down(open_backend(src, credentials=credentials), "", Path(dwhere), workers=workers,
-                         skip_existing=True, verify=True, progress=progress)
+        return sync_down(open_backend(src, credentials=credentials), "", Path(dwhere),
+                         workers=workers, skip_existing=True, verify=True, progress=progress)
     src_dir = Path(swhere)
     if not src_dir.is_dir():
-        raise StorageError(f"{src}: no such folder (the source must be a local folder or a gs:// URL)")
+        raise StorageError(
+            f"{src}: no such folder (the source must be a local folder or a gs:// URL)")
     if dkind == "file" and (Path(dwhere) == src_dir or src_dir in Path(dwhere).parents):
         raise StorageError(f"{dst} is inside {src}: copying a folder into itself would never end")
     backend = open_backend(dst, credentials=credentials)
@@ -292,18 +315,20 @@ def sync(src: str, dst: str, *, credentials: str | None = None, workers: int = 8
     return sync_up(src_dir, backend, "", workers=workers, progress=progress, guard=guard)
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # checkpoints
 
 
-def first_mismatch(listing: dict[str, RemoteFile], key_prefix: str, files: dict[str, tuple[int, str]]
-                    ) -> tuple[str, str, int, str] | None:
-    """The first file (sorted) whose remote object `key_prefix + rel` is missing or differs in size or crc32c:
-    (relative path, what was found, expected size, expected crc32c); None when all match."""
+def first_mismatch(listing: dict[str, RemoteFile], key_prefix: str,
+                   files: dict[str, tuple[int, str]]) -> tuple[str, str, int, str] | None:
+    """The first file (sorted) whose remote object `key_prefix + rel` is missing or differs in size
+    or crc32c: (relative path, what was found, expected size, expected crc32c); None when all
+    match."""
     for rel, (size, crc) in sorted(files.items()):
         got = listing.get(key_prefix + rel)
         if got is None or got.size != size or got.crc32c != crc:
-            return rel, "missing" if got is None else f"size {got.size} crc32c {got.crc32c}", size, crc
+            return (rel, "missing" if got is None else f"size {got.size} crc32c {got.crc32c}",
+                    size, crc)
     return None
 
 

@@ -1,16 +1,19 @@
-"""A testing aid: faults injected into a real run through one environment variable, NEOX_FAULT. Inert unless set.
+"""A testing aid: faults injected into a real run through one environment variable, NEOX_FAULT.
+Inert unless set.
 
     NEOX_FAULT="kill@step=7,rank=1"              rank 1 kills itself (SIGKILL) as step 7 begins
-    NEOX_FAULT="hang@step=5,rank=0"              rank 0 stops making progress at step 5 (its watchdog fires)
+    NEOX_FAULT="hang@step=5,rank=0"              rank 0 stops making progress at step 5 (its
+                                                 watchdog fires)
     NEOX_FAULT="crash@step=4"                    every rank raises an error at step 4
     NEOX_FAULT="nan@step=6"                      step 6's loss is NaN (so are its gradients)
     NEOX_FAULT="spike@step=10,count=3,factor=50" steps 10, 11, 12: the loss is 50 times larger
-    NEOX_FAULT="slow@step=1,count=20,seconds=1"  steps 1-20 take a second longer (time for a kill from outside)
+    NEOX_FAULT="slow@step=1,count=20,seconds=1"  steps 1-20 take a second longer (time for a kill
+                                                 from outside)
     NEOX_FAULT="kill@step=3,attempt=0;hang@step=6,rank=1,attempt=1"   several, ';'-separated
 
-`rank` (default: every rank) and `attempt` (default: every attempt; the supervisor numbers its starts 0, 1, ...)
-narrow a fault down. The tests also kill and stop ranks from outside (kill -9, SIGSTOP): this hook only makes a
-fault land at an exact step.
+`rank` (default: every rank) and `attempt` (default: every attempt; the supervisor numbers its
+starts 0, 1, ...) narrow a fault down. The tests also kill and stop ranks from outside (kill -9,
+SIGSTOP): this hook only makes a fault land at an exact step.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ class Fault:
     seconds: float = 1.0
 
     def hits(self, step: int, rank: int, attempt: int) -> bool:
-        return (self.step <= step < self.step + self.count and (self.rank is None or self.rank == rank)
+        return (self.step <= step < self.step + self.count
+                and (self.rank is None or self.rank == rank)
                 and (self.attempt is None or self.attempt == attempt))
 
 
@@ -50,18 +54,21 @@ def parse(text: str) -> list[Fault]:
         for pair in filter(None, rest.split(",")):
             key, sep, value = pair.partition("=")
             fields[key.strip()] = value.strip() if sep else ""
-        valid = "KIND@step=N[,rank=R][,attempt=A][,count=C][,factor=F][,seconds=S], KIND one of " + ", ".join(KINDS)
-        if kind not in KINDS or "step" not in fields or set(fields) - {"step", "rank", "attempt", "count", "factor",
-                                                                        "seconds"}:
+        valid = ("KIND@step=N[,rank=R][,attempt=A][,count=C][,factor=F][,seconds=S], KIND one of "
+                 + ", ".join(KINDS))
+        if kind not in KINDS or "step" not in fields or set(fields) - {
+                "step", "rank", "attempt", "count", "factor", "seconds"}:
             raise ConfigError(f"{ENV}={text!r}: cannot read {item!r} (valid: {valid})")
         try:
             faults.append(Fault(kind, int(fields["step"]),
                                 rank=int(fields["rank"]) if "rank" in fields else None,
                                 attempt=int(fields["attempt"]) if "attempt" in fields else None,
-                                count=int(fields.get("count", 1)), factor=float(fields.get("factor", 100.0)),
+                                count=int(fields.get("count", 1)),
+                                factor=float(fields.get("factor", 100.0)),
                                 seconds=float(fields.get("seconds", 1.0))))
         except ValueError:
-            raise ConfigError(f"{ENV}={text!r}: {item!r} has a value that is not a number (valid: {valid})") from None
+            raise ConfigError(f"{ENV}={text!r}: {item!r} has a value that is not a number (valid: "
+                              f"{valid})") from None
     return faults
 
 
@@ -78,7 +85,8 @@ class Faults:
         return bool(self.faults)
 
     def _hit(self, kinds: tuple[str, ...], step: int) -> Fault | None:
-        return next((f for f in self.faults if f.kind in kinds and f.hits(step, self.rank, self.attempt)), None)
+        return next((f for f in self.faults
+                     if f.kind in kinds and f.hits(step, self.rank, self.attempt)), None)
 
     def before_step(self, step: int) -> None:
         """As optimizer step `step` begins."""

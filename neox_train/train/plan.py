@@ -1,8 +1,9 @@
-"""Everything a run needs resolved before anything expensive: validated configs, the model shape, the data.
+"""Everything a run needs resolved before anything expensive: validated configs, the model shape,
+the data.
 
-`prepare_run` checks the run and DeepSpeed configs and builds the model config without reading data or building
-the model; `load_data` then validates and packs the shards. Both fail with one line, before any process group,
-model or engine exists.
+`prepare_run` checks the run and DeepSpeed configs and builds the model config without reading data
+or building the model; `load_data` then validates and packs the shards. Both fail with one line,
+before any process group, model or engine exists.
 """
 
 from __future__ import annotations
@@ -73,9 +74,11 @@ class RunPlan:
             },
             "params": {"total": counts.total, "non_embedding": counts.non_embedding},
             "flops_per_token": flops_per_token(self.model_config, self.run.seq_len),
-            # With activation checkpointing the layers' forward runs twice: what HFU counts (MFU does not).
+            # With activation checkpointing the layers' forward runs twice: what HFU counts (MFU
+            # does not).
             "hardware_flops_per_token": flops_per_token(
-                self.model_config, self.run.seq_len, activation_checkpointing=self.run.activation_checkpointing
+                self.model_config, self.run.seq_len,
+                activation_checkpointing=self.run.activation_checkpointing
             ),
             "tokens_per_step": self.ds_config["train_batch_size"] * self.run.seq_len,
         }
@@ -88,7 +91,8 @@ def prepare_run(run: RunConfig, *, dp_size: int, on_gpu: bool) -> RunPlan:
     vocab, meta = resolve_vocab(run.vocab_size, run.data_paths()[0])
     eos = meta.get("eos_token_id") if meta else None
     model_cfg = hf_config(
-        run.model, padded_vocab_size(vocab, run.vocab_pad_multiple), eos_token_id=eos, attention=run.attention
+        run.model, padded_vocab_size(vocab, run.vocab_pad_multiple), eos_token_id=eos,
+        attention=run.attention
     )
     if run.compile:
         check_compile_backend(run.compile)
@@ -102,17 +106,19 @@ def check_compile_backend(backend: str) -> None:
 
     known = torch._dynamo.list_backends(exclude_tags=())
     if backend not in known:
-        raise ConfigError(f"compile={backend!r} is not a torch.compile backend (valid: {', '.join(known)})")
+        raise ConfigError(
+            f"compile={backend!r} is not a torch.compile backend (valid: {', '.join(known)})")
 
 
 def load_data(plan: RunPlan) -> tuple[PackedWindows | MixtureWindows, Split | MixtureSplit]:
-    """Discover, validate (dtype, emptiness, token ids < vocab) and pack the shards of data_dir, or of every
-    dataset of the mixture: fails before the engine exists."""
+    """Discover, validate (dtype, emptiness, token ids < vocab) and pack the shards of data_dir, or
+    of every dataset of the mixture: fails before the engine exists."""
     run = plan.run
     if not run.data:
         windows, split, paths = _load_one(plan, run.data_dir)
         log.info("data: %d shards in %s, %d windows of %d tokens (%d train, %d validation)",
-                 len(paths), run.data_dir, len(windows), run.seq_len, len(split.train), len(split.val))
+                 len(paths), run.data_dir, len(windows), run.seq_len, len(split.train),
+                 len(split.val))
         return windows, split
     check_one_tokenizer([e["path"] for e in run.data])
     total = sum(float(e["weight"]) for e in run.data)
@@ -121,9 +127,10 @@ def load_data(plan: RunPlan) -> tuple[PackedWindows | MixtureWindows, Split | Mi
         windows, split, paths = _load_one(plan, entry["path"])
         name = entry.get("name") or Path(entry["path"]).name
         datasets.append((name, entry["path"], float(entry["weight"]), windows, split))
-        log.info("data %s: %d shards in %s, %d windows of %d tokens (%d train, %d validation), weight %.3g",
-                 name, len(paths), entry["path"], len(windows), run.seq_len, len(split.train), len(split.val),
-                 float(entry["weight"]) / total)
+        log.info("data %s: %d shards in %s, %d windows of %d tokens (%d train, %d validation), "
+                 "weight %.3g",
+                 name, len(paths), entry["path"], len(windows), run.seq_len, len(split.train),
+                 len(split.val), float(entry["weight"]) / total)
     windows, mixture = combine(datasets)
     samples = run.max_steps * int(plan.ds_config["train_batch_size"])
     log.info("data mixture: %s", epochs_line(epochs_by(mixture, samples), run.max_steps))
@@ -131,9 +138,9 @@ def load_data(plan: RunPlan) -> tuple[PackedWindows | MixtureWindows, Split | Mi
 
 
 def check_one_tokenizer(paths: list[str]) -> None:
-    """A mixture's datasets must share the tokenizer (the same id must mean the same token): their meta.json files
-    agree on vocabulary, end-of-text id and tokenizer.json. A dataset without meta.json (a Megatron PREFIX) cannot
-    be checked: one WARNING."""
+    """A mixture's datasets must share the tokenizer (the same id must mean the same token): their
+    meta.json files agree on vocabulary, end-of-text id and tokenizer.json. A dataset without
+    meta.json (a Megatron PREFIX) cannot be checked: one WARNING."""
     seen: dict[tuple, list[str]] = {}
     unchecked = []
     for path in paths:
@@ -142,15 +149,18 @@ def check_one_tokenizer(paths: list[str]) -> None:
             unchecked.append(path)
             continue
         tokenizer = dataset_folder(path) / str(meta.get("tokenizer") or TOKENIZER_FILE)
-        digest = hashlib.sha256(tokenizer.read_bytes()).hexdigest()[:12] if tokenizer.is_file() else None
+        digest = (hashlib.sha256(tokenizer.read_bytes()).hexdigest()[:12] if tokenizer.is_file()
+                  else None)
         seen.setdefault((meta.get("vocab_size"), meta.get("eos_token_id"), digest), []).append(path)
     if len(seen) > 1:
-        kinds = "; ".join(f"{', '.join(p)}: vocab {k[0]}, end-of-text {k[1]}, tokenizer.json {k[2] or 'none'}"
+        kinds = "; ".join(f"{', '.join(p)}: vocab {k[0]}, end-of-text {k[1]}, tokenizer.json "
+                          f"{k[2] or 'none'}"
                           for k, p in seen.items())
-        raise DataError(f"the mixture's datasets were tokenized differently ({kinds}): prepare them with one "
-                        f"tokenizer (neox-data prepare --tokenizer FILE)")
+        raise DataError(f"the mixture's datasets were tokenized differently ({kinds}): prepare "
+                        f"them with one tokenizer (neox-data prepare --tokenizer FILE)")
     if unchecked and len(paths) > 1:
-        log.warning("data: %s hold(s) no meta.json, so nothing shows they share the tokenizer of the other datasets",
+        log.warning("data: %s hold(s) no meta.json, so nothing shows they share the tokenizer of "
+                    "the other datasets",
                     ", ".join(unchecked))
 
 

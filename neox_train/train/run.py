@@ -1,7 +1,8 @@
-"""`neox-train` after its flags are parsed: the order in which a run is checked, started, trained and reported.
+"""`neox-train` after its flags are parsed: the order in which a run is checked, started, trained
+and reported.
 
-The session (session.py) is checked and started, the loop runs under the stop signals' handlers, and a run that
-could not publish its checkpoints raises UnpublishedCheckpoints at the end.
+The session (session.py) is checked and started, the loop runs under the stop signals' handlers, and
+a run that could not publish its checkpoints raises UnpublishedCheckpoints at the end.
 """
 
 from __future__ import annotations
@@ -26,38 +27,42 @@ from neox_train.train.watchdog import HangLimits, Watchdog
 
 
 def run_training(run: RunConfig, *, resume: str | None, takeover: bool = False) -> dict[str, Any]:
-    """Entry for `neox-train` after argument parsing: validate, init, train, report. The hang watchdog is armed
-    from here on, and the rank's fate goes to its status file when a supervisor asked for one (health.py)."""
+    """Entry for `neox-train` after argument parsing: validate, init, train, report. The hang
+    watchdog is armed from here on, and the rank's fate goes to its status file when a supervisor
+    asked for one (health.py)."""
     adopt_rank_env()  # before anything reads the rank (mpirun / srun ranks, single processes)
     watchdog = Watchdog(HangLimits.from_run(run), rank=int(os.environ.get("RANK", "0"))).start()
     try:
         summary = _train(run, resume=resume, takeover=takeover, watchdog=watchdog)
-    except NeoxError as e:  # a deliberate stop: bad input, a diverged run, checkpoints that cannot be published
+    # a deliberate stop: bad input, a diverged run, checkpoints that cannot be published
+    except NeoxError as e:
         watchdog.finish(health.STOPPED, exit_code=e.exit_code, detail=f"{e.label}: {e}")
         raise
     except SystemExit as e:  # a second Ctrl-C
-        watchdog.finish(health.STOPPED, exit_code=int(e.code or 0), detail="stopped at once by a second Ctrl-C")
+        watchdog.finish(health.STOPPED, exit_code=int(e.code or 0),
+                        detail="stopped at once by a second Ctrl-C")
         raise
     except BaseException as e:
         watchdog.finish(health.FAILED, exit_code=1, detail=one_line(e))
         raise
     code = exit_code(summary)
-    watchdog.finish(health.DONE, exit_code=code, detail=f"stopped by {summary['stopped_by_signal']}" if code else "")
+    watchdog.finish(health.DONE, exit_code=code,
+                    detail=f"stopped by {summary['stopped_by_signal']}" if code else "")
     return summary
 
 
 def exit_code(summary: dict[str, Any]) -> int:
-    """0 for a finished run; stopped by a signal (checkpoint saved and flushed): 128 + the signal, so a scheduler
-    sees a preempted (143) or interrupted (130) job, not a finished one."""
+    """0 for a finished run; stopped by a signal (checkpoint saved and flushed): 128 + the signal,
+    so a scheduler sees a preempted (143) or interrupted (130) job, not a finished one."""
     name = summary.get("stopped_by_signal")
     return 128 + int(getattr(signal, name)) if isinstance(name, str) else 0
 
 
 @contextmanager
 def stop_signals(trainer: Trainer, topo: Topology) -> Iterator[None]:
-    """SIGTERM and a first Ctrl-C (SIGINT): save this step, flush uploads within preemption_grace_s, exit. A second
-    Ctrl-C: stop at once, with one line saying what was not saved. Handlers write with os.write: the logging lock
-    may be held by the very code they interrupt."""
+    """SIGTERM and a first Ctrl-C (SIGINT): save this step, flush uploads within preemption_grace_s,
+    exit. A second Ctrl-C: stop at once, with one line saying what was not saved. Handlers write
+    with os.write: the logging lock may be held by the very code they interrupt."""
     run = trainer.plan.run
 
     def say(text: str) -> None:
@@ -73,16 +78,19 @@ def stop_signals(trainer: Trainer, topo: Topology) -> Iterator[None]:
             if latest == f"global_step{trainer.step}":
                 saved = f"step {trainer.step} is saved ({latest} in {run.save_dir})"
             else:
-                saved = (f"step {trainer.step} was not saved (the newest complete checkpoint is {latest or 'none'} "
-                         f"in {run.save_dir})")
+                saved = (f"step {trainer.step} was not saved (the newest complete checkpoint is "
+                         f"{latest or 'none'} in {run.save_dir})")
             unpublished = trainer.publisher.status.unpublished
             say(f"second Ctrl-C: stopped at once; {saved}"
-                + (f"; not published yet: {', '.join(unpublished)} (journaled: the next start publishes them)"
+                + (f"; not published yet: {', '.join(unpublished)} (journaled: the next start "
+                   "publishes them)"
                    if unpublished else ""))
-            # Unwinds now (finally blocks stop the upload worker and drop the save dir lock), saving nothing more.
+            # Unwinds now (finally blocks stop the upload worker and drop the save dir lock), saving
+            # nothing more.
             raise SystemExit(130)
-        say(f"Ctrl-C: saving step {trainer.step} at the end of this step and flushing uploads (at most "
-            f"{run.preemption_grace_s:g} s); press Ctrl-C again to stop at once without saving")
+        say(f"Ctrl-C: saving step {trainer.step} at the end of this step and flushing uploads (at "
+            f"most {run.preemption_grace_s:g} s); press Ctrl-C again to stop at once without "
+            "saving")
         trainer.request_stop("SIGINT")
 
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_term),
@@ -94,7 +102,8 @@ def stop_signals(trainer: Trainer, topo: Topology) -> Iterator[None]:
             signal.signal(number, handler)
 
 
-def _train(run: RunConfig, *, resume: str | None, takeover: bool, watchdog: Watchdog) -> dict[str, Any]:
+def _train(run: RunConfig, *, resume: str | None, takeover: bool,
+           watchdog: Watchdog) -> dict[str, Any]:
     session = start_session(run, resume=resume, takeover=takeover, watchdog=watchdog)
     try:
         with stop_signals(session.trainer, session.topo):
@@ -111,14 +120,15 @@ def _train(run: RunConfig, *, resume: str | None, takeover: bool, watchdog: Watc
         last = failed[-1] if failed else (sync or {}).get("last_error", "")
         raise UnpublishedCheckpoints(
             f"stopped at step {summary['end_step']}: more than max_unpublished_checkpoints="
-            f"{run.max_unpublished_checkpoints} checkpoints could not be published to {run.sync_to} "
-            f"({', '.join(sync['unpublished']) if sync else 'see the log'}; last error: {last}); "
-            f"they are kept in {run.save_dir}: fix the cause, then `neox-sync --checkpoints {run.save_dir} "
-            f"{run.sync_to}` and continue with --resume latest")
+            f"{run.max_unpublished_checkpoints} checkpoints could not be published to "
+            f"{run.sync_to} ({', '.join(sync['unpublished']) if sync else 'see the log'}; last "
+            f"error: {last}); they are kept in {run.save_dir}: fix the cause, then `neox-sync "
+            f"--checkpoints {run.save_dir} {run.sync_to}` and continue with --resume latest")
     if sync and sync["unpublished"]:
         raise UnpublishedCheckpoints(
-            f"{len(sync['unpublished'])} checkpoint(s) not published to {run.sync_to}: {', '.join(sync['unpublished'])}"
-            f" (kept in {run.save_dir}; last error: {sync['last_error'] or 'timeout'}; `neox-sync --checkpoints "
-            f"{run.save_dir} {run.sync_to}` or the next run with --sync-to finishes them)"
+            f"{len(sync['unpublished'])} checkpoint(s) not published to {run.sync_to}: "
+            f"{', '.join(sync['unpublished'])} (kept in {run.save_dir}; last error: "
+            f"{sync['last_error'] or 'timeout'}; `neox-sync --checkpoints {run.save_dir} "
+            f"{run.sync_to}` or the next run with --sync-to finishes them)"
         )
     return summary

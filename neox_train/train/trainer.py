@@ -1,19 +1,17 @@
 """The training loop on the DeepSpeed engine.
 
-`Trainer` builds the engine (from a plan that train.plan has already checked) and runs the loop. DeepSpeed owns
-gradient accumulation, clipping, the LR schedule, mixed precision and ZeRO; the loop only feeds micro-batches and
-decides when to log, evaluate and save.
+`Trainer` builds the engine (from a plan that train.plan has already checked) and runs the loop.
+DeepSpeed owns gradient accumulation, clipping, the LR schedule, mixed precision and ZeRO; the loop
+only feeds micro-batches and decides when to log, evaluate and save.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-import deepspeed.comm as dist
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -27,21 +25,13 @@ from neox_train.data.windows import PackedWindows, Split
 from neox_train.distributed import Control, Topology
 from neox_train.ds_config import precision, zero_stage
 from neox_train.log import log
-from neox_train.model import flops_per_token
+from neox_train.train import reporting
 from neox_train.train.checkpoints import Checkpoints
 from neox_train.train.evaluation import evaluate_split
 from neox_train.train.faults import Faults
 from neox_train.train.guard import LossGuard, StepOutcome, UpdateSwitch, roll_back
 from neox_train.train.metrics import Metrics, Throughput
-from neox_train.train.perf import (
-    FlopsAccounting,
-    StepTimer,
-    as_float,
-    device_name,
-    memory_high_water,
-    perf_text,
-    resolve_peak,
-)
+from neox_train.train.perf import StepTimer, as_float
 from neox_train.train.plan import RunPlan
 from neox_train.train.training_engine import build_engine
 from neox_train.train.watchdog import HangLimits, Watchdog
@@ -53,9 +43,10 @@ class Trainer:
         resume_tag: str | None, topo: Topology,
         publisher: Publisher, watchdog: Watchdog | None = None,
     ):
-        """Build the engine and load `resume_tag` (verified by finish_resume). The run's identity comes with the
-        publisher (it is the same whether or not anything is synced). `watchdog`: the rank's hang watchdog, armed
-        since the process started (None: an unarmed one, for benchmarks that build a Trainer themselves)."""
+        """Build the engine and load `resume_tag` (verified by finish_resume). The run's identity
+        comes with the publisher (it is the same whether or not anything is synced). `watchdog`: the
+        rank's hang watchdog, armed since the process started (None: an unarmed one, for benchmarks
+        that build a Trainer themselves)."""
 
         self.plan = plan
         run = plan.run
@@ -72,8 +63,8 @@ class Trainer:
         if resume_tag:
             tag = resume_tag
             state = train_state.load(self.engine, self.save_dir, tag)
-            log.info("resumed from %s: step %d, %d samples consumed", self.save_dir / tag, state.step,
-                     state.consumed_samples)
+            log.info("resumed from %s: step %d, %d samples consumed", self.save_dir / tag,
+                     state.step, state.consumed_samples)
         self.step = state.step
         self.watchdog = watchdog or Watchdog(HangLimits.from_run(run), rank=self.rank)
         self.watchdog.started_at_step(state.step)
@@ -84,54 +75,57 @@ class Trainer:
         self.faults = Faults(self.rank)
         self.outcome = StepOutcome()
         self.device = torch.device(self.engine.device)
-        stream = make_stream(self.split, seed=run.seed, micro_batch=self.micro_batch, dp_rank=self.rank,
-                             dp_size=plan.dp_size, consumed_samples=state.consumed_samples)
-        self.loader = MicroBatchLoader(self.windows, stream, device=self.device, prefetch=run.prefetch_micro_batches)
+        stream = make_stream(self.split, seed=run.seed, micro_batch=self.micro_batch,
+                             dp_rank=self.rank, dp_size=plan.dp_size,
+                             consumed_samples=state.consumed_samples)
+        self.loader = MicroBatchLoader(self.windows, stream, device=self.device,
+                                       prefetch=run.prefetch_micro_batches)
         self.timer = StepTimer(self.device)
-        peak = resolve_peak(device_name(self.device), precision(plan.ds_config), run.peak_tflops)
-        self.flops = FlopsAccounting(
-            model_flops_per_token=flops_per_token(plan.model_config, run.seq_len),
-            hardware_flops_per_token=flops_per_token(
-                plan.model_config, run.seq_len, activation_checkpointing=run.activation_checkpointing
-            ),
-            num_devices=plan.dp_size,
-            peak=peak,
-        )
-        log.info("MFU %s", f"against {peak.source}" if peak.tflops else f"not reported: {peak.source}")
+        self.flops = reporting.flops_accounting(plan, self.device)
         self.metrics = Metrics(Path(run.log_dir), enabled=self.is_rank0, start_step=state.step)
         self.tokens_per_step = plan.ds_config["train_batch_size"] * run.seq_len
         self.last_saved_step = state.step if resume_tag else -1
         self.topo = topo
         self.publisher = publisher
-        # Once a step, before its update, the ranks agree on a CPU group (no device tensor in the collective).
+        # Once a step, before its update, the ranks agree on a CPU group (no device tensor in the
+        # collective).
         self.control = Control(plan.dp_size, timeout_s=self.watchdog.limits.collective_s)
-        self.checkpoints = Checkpoints(self.engine, plan, topo=topo, publisher=publisher, metrics=self.metrics,
-                                       control=self.control, on_gpu=self.device.type == "cuda",
+        self.checkpoints = Checkpoints(self.engine, plan, topo=topo, publisher=publisher,
+                                       metrics=self.metrics, control=self.control,
+                                       on_gpu=self.device.type == "cuda",
                                        data_tokens=self.windows.num_tokens)
         self.stop_requested = False
-        self.stop_signal_at: float | None = None  # when the first SIGTERM arrived (the preemption budget starts)
-        self.stop_signal = "SIGTERM"  # which signal asked for the stop (Ctrl-C's SIGINT behaves the same)
-        self.last_losses: dict[str, float | int] = {}  # the newest logged train / validation loss, for run.json
+        # when the first SIGTERM arrived (the preemption budget starts)
+        self.stop_signal_at: float | None = None
+        # which signal asked for the stop (Ctrl-C's SIGINT behaves the same)
+        self.stop_signal = "SIGTERM"
+        # the newest logged train / validation loss, for run.json
+        self.last_losses: dict[str, float | int] = {}
         self._announced = False  # the "training ..." line, once even when train() runs in slices
-        self._agreed: tuple[bool, int] = (False, 0)  # this step's agreement: (stop, ranks still writing a save)
+        # this step's agreement: (stop, ranks still writing a save)
+        self._agreed: tuple[bool, int] = (False, 0)
         self._saved_since_agreement = False  # a save began after it (a rollback's, a scheduled one)
         self._save_deferred = False  # a save fell on a bad step: it happens at the next good one
 
 
-    # -- one optimizer step -------------------------------------------------------------------------------------
+    # -- one optimizer step ------------------------------------------------------------------------
     def _tensor(self, indices: list[int]) -> torch.Tensor:
-        return torch.from_numpy(self.windows.batch(indices)).to(self.engine.device, non_blocking=True)
+        return torch.from_numpy(self.windows.batch(indices)).to(
+            self.engine.device, non_blocking=True)
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
         logits = self.engine(input_ids=batch[:, :-1]).logits
-        # fp32 cross-entropy: bf16 log-softmax over 50k classes loses the small differences that make the loss.
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+        # fp32 cross-entropy: bf16 log-softmax over 50k classes loses the small differences that
+        # make the loss.
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
+                               batch[:, 1:].reshape(-1))
 
     def train_step(self, *, want_grad_norm: bool = False) -> tuple[torch.Tensor, float | None]:
         """grad_accum micro-steps; DeepSpeed steps the optimizer on the last.
 
-        Returns the mean loss (a device tensor: no host sync here) and, when asked, the pre-clipping gradient norm.
-        The time of each phase goes to self.timer (see perf.StepTimer: no host-device sync per micro-step).
+        Returns the mean loss (a device tensor: no host sync here) and, when asked, the pre-clipping
+        gradient norm. The time of each phase goes to self.timer (see perf.StepTimer: no host-device
+        sync per micro-step).
         """
         total = torch.zeros((), device=self.engine.device)
         grad_norm = None
@@ -154,12 +148,14 @@ class Trainer:
             started = timer.begin()
             last = micro == self.grad_accum - 1
             if last:
-                # Before DeepSpeed applies the update: every rank agrees on the step (and the guard judges it).
+                # Before DeepSpeed applies the update: every rank agrees on the step (and the guard
+                # judges it).
                 self._agree(total)
             if want_grad_norm and last and self._own_grad_norm:
                 grad_norm = self._full_grad_norm()
-            # On the accumulation boundary this is the optimizer step (with ZeRO, also the gradient reduction
-            # that did not overlap backward); on the other micro-steps DeepSpeed's bookkeeping only.
+            # On the accumulation boundary this is the optimizer step (with ZeRO, also the gradient
+            # reduction that did not overlap backward); on the other micro-steps DeepSpeed's
+            # bookkeeping only.
             self.engine.step()
             timer.end("optimizer", started)
         self._judged()
@@ -168,9 +164,10 @@ class Trainer:
         return total / self.grad_accum, grad_norm
 
     def _agree(self, total: torch.Tensor) -> None:
-        """At the accumulation boundary, on every rank: one float64 sum over the gloo control group (nothing at all
-        with one rank) of (a SIGTERM reached this rank, this rank still writes a save, with the guard: this rank's
-        loss of the step). The loss costs one host-device sync; the guard's verdict decides the update."""
+        """At the accumulation boundary, on every rank: one float64 sum over the gloo control group
+        (nothing at all with one rank) of (a SIGTERM reached this rank, this rank still writes a
+        save, with the guard: this rank's loss of the step). The loss costs one host-device sync;
+        the guard's verdict decides the update."""
         values = [float(self.stop_requested), float(self.checkpoints.saver.writing())]
         if self.guard.enabled:
             values.append(total.item() / self.grad_accum)
@@ -184,8 +181,8 @@ class Trainer:
             self.outcome = StepOutcome(loss)
 
     def _judged(self) -> None:
-        """After the optimizer step: was the update applied? (The guard skipped it, or DeepSpeed did: a non-finite
-        gradient norm.)"""
+        """After the optimizer step: was the update applied? (The guard skipped it, or DeepSpeed
+        did: a non-finite gradient norm.)"""
         if not self.guard.enabled:
             return
         skipped, reason = self.switch.skip, self.switch.reason
@@ -196,8 +193,9 @@ class Trainer:
 
     @property
     def _own_grad_norm(self) -> bool:
-        # DeepSpeed reports the global norm from its ZeRO and bf16/fp16 optimizers; plain fp32 ZeRO-0 clips with
-        # torch and keeps no norm. There the gradients are whole and already all-reduced after the last backward.
+        # DeepSpeed reports the global norm from its ZeRO and bf16/fp16 optimizers; plain fp32
+        # ZeRO-0 clips with torch and keeps no norm. There the gradients are whole and already
+        # all-reduced after the last backward.
         return zero_stage(self.plan.ds_config) == 0 and precision(self.plan.ds_config) == "fp32"
 
     def _full_grad_norm(self) -> float:
@@ -205,19 +203,14 @@ class Trainer:
         return float(torch.nn.utils.get_total_norm(grads).item()) if grads else float("nan")
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate_split(self.engine, lambda indices: self._loss(self._tensor(indices)), self.split,
-                              micro_batch=self.micro_batch, dp_size=self.plan.dp_size, rank=self.rank,
-                              max_batches=self.plan.run.eval_batches)
+        return evaluate_split(self.engine, lambda indices: self._loss(self._tensor(indices)),
+                              self.split, micro_batch=self.micro_batch, dp_size=self.plan.dp_size,
+                              rank=self.rank, max_batches=self.plan.run.eval_batches)
 
-    def _global_mean(self, value: torch.Tensor) -> float:
-        value = value.clone().float()
-        dist.all_reduce(value)
-        return (value / self.plan.dp_size).item()
-
-    # -- the loop -----------------------------------------------------------------------------------------------
+    # -- the loop ----------------------------------------------------------------------------------
     def request_stop(self, signal_name: str = "SIGTERM") -> None:
-        """The SIGTERM (and first Ctrl-C) handler: stop at the end of this step, on every rank (the per-step
-        agreement); during the end-of-run flush, cut the flush to the preemption budget."""
+        """The SIGTERM (and first Ctrl-C) handler: stop at the end of this step, on every rank (the
+        per-step agreement); during the end-of-run flush, cut the flush to the preemption budget."""
         self.stop_requested = True
         if self.stop_signal_at is None:
             self.stop_signal_at = time.monotonic()
@@ -229,21 +222,18 @@ class Trainer:
         self._saved_since_agreement = True
         with self.watchdog.phase("save"):
             return self.checkpoints.save(self.step, self.loader.consumed_samples, self.last_losses,
-                                         guard=self.guard.state_dict(), asynchronous=asynchronous, first=first)
+                                         guard=self.guard.state_dict(), asynchronous=asynchronous,
+                                         first=first)
 
     def _roll_back(self) -> None:
-        """After max_bad_steps bad steps in a row (see train.guard.roll_back); then that state is saved, so a resume
-        sees what this run sees."""
+        """After max_bad_steps bad steps in a row (see train.guard.roll_back); then that state is
+        saved, so a resume sees what this run sees."""
         with self.watchdog.phase("rollback"):
-            roll_back(self.guard, step=self.step, reason=self.outcome.reason, checkpoints=self.checkpoints,
-                      consumed_samples=self.loader.consumed_samples, metrics=self.metrics)
+            roll_back(self.guard, step=self.step, reason=self.outcome.reason,
+                      checkpoints=self.checkpoints, consumed_samples=self.loader.consumed_samples,
+                      metrics=self.metrics)
         self._save_deferred = False
         self.save()
-
-    def log_sync_status(self) -> None:
-        if not self.publisher.enabled:
-            return
-        self.metrics.record(self.step, "sync", self.publisher.metrics())
 
     def train(self, *, until_step: int | None = None, final: bool = True) -> dict[str, Any]:
         """Train to max_steps (or to `until_step`, for benchmarks that run the loop in slices).
@@ -254,26 +244,23 @@ class Trainer:
         end = run.max_steps if until_step is None else min(until_step, run.max_steps)
         if not self._announced:
             self._announced = True
-            log.info(
-                "training %s: %d steps from step %d, micro-batch %d x accumulation %d x %d ranks = %d sequences "
-                "(%d tokens) per step, ZeRO-%d, %s",
-                run.model, run.max_steps, self.step, self.micro_batch, self.grad_accum, self.plan.dp_size,
-                self.plan.ds_config["train_batch_size"], self.tokens_per_step, zero_stage(self.plan.ds_config),
-                precision(self.plan.ds_config),
-            )
-        bar = tqdm(total=run.max_steps, initial=self.step, disable=not self.is_rank0, desc="train", unit="step",
-                   dynamic_ncols=True, mininterval=1.0)
+            reporting.announce(self.plan, step=self.step, micro_batch=self.micro_batch,
+                               grad_accum=self.grad_accum, tokens_per_step=self.tokens_per_step)
+        bar = tqdm(total=run.max_steps, initial=self.step, disable=not self.is_rank0, desc="train",
+                   unit="step", dynamic_ncols=True, mininterval=1.0)
         self.timer.reset()
         throughput = Throughput(self.tokens_per_step, self.timer)
         loss_sum = torch.zeros((), device=self.engine.device)
         loss_count = 0
         summary: dict[str, Any] = {"start_step": self.step}
-        redirect = logging_redirect_tqdm(loggers=[log])  # log lines above the bar, not glued onto it
+        # log lines above the bar, not glued onto it
+        redirect = logging_redirect_tqdm(loggers=[log])
         redirect.__enter__()
         try:
             while self.step < end:
                 log_now = (self.step + 1) % run.log_steps == 0 or self.step + 1 == run.max_steps
-                lr = float(self.engine.get_lr()[0])  # the rate this step uses (the scheduler moves in step())
+                # the rate this step uses (the scheduler moves in step())
+                lr = float(self.engine.get_lr()[0])
                 loss, grad_norm = self.train_step(want_grad_norm=log_now)
                 self.step += 1
                 self.watchdog.beat(self.step)
@@ -284,47 +271,38 @@ class Trainer:
                     loss_count += 1
                 if log_now:
                     values = {
-                        "loss": self._global_mean(loss_sum / loss_count) if loss_count else float("nan"),
+                        "loss": (reporting.global_mean(loss_sum / loss_count, self.plan.dp_size)
+                                 if loss_count else float("nan")),
                         "lr": lr,
                         "grad_norm": grad_norm,
                         "consumed_samples": self.loader.consumed_samples,
-                        **self.perf_values(throughput.read_and_reset()),
+                        **reporting.perf_values(throughput.read_and_reset(), self.flops,
+                                                self.device),
                     }
                     loss_sum.zero_()
                     loss_count = 0
-                    self.metrics.record(self.step, "train", values)
-                    bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:.0f}")
-                    log.info(
-                        "step %d: loss=%.4f lr=%.3e grad_norm=%.3f | %s",
-                        self.step, values["loss"], values["lr"], values["grad_norm"], perf_text(values),
-                    )
-                    summary.setdefault("first_loss", values["loss"])
-                    summary["last_loss"] = values["loss"]
-                    self.last_losses["train_loss"] = values["loss"]
-                    summary["tokens_per_s"] = values["tokens_per_s"]
+                    reporting.logged_step(self.step, values, metrics=self.metrics, bar=bar,
+                                          summary=summary, last_losses=self.last_losses)
                 if run.eval_steps and self.step % run.eval_steps == 0 and len(self.split.val):
                     with self.watchdog.phase("eval"):
                         ev = self.evaluate()
                     if ev:
-                        self.metrics.record(self.step, "eval", ev)
-                        per = "".join(f", {k.removeprefix('loss/')} {v:.4f}" for k, v in ev.items()
-                                      if k.startswith("loss/"))
-                        log.info("step %d: validation loss=%.4f perplexity=%.2f%s", self.step, ev["loss"],
-                                 ev["perplexity"], per)
-                        summary["val_loss"] = ev["loss"]
-                        self.last_losses.update(val_loss=ev["loss"], val_loss_step=self.step)
+                        reporting.evaluation(self.step, ev, metrics=self.metrics,
+                                             summary=summary, last_losses=self.last_losses)
                     throughput.restart()
                 if log_now:
-                    self.log_sync_status()
+                    reporting.sync_status(self.step, self.publisher, self.metrics)
                 if self._save_if_due(throughput) and self.checkpoints.too_many_unpublished():
                     summary["stopped_unpublished"] = True
                     break
                 stop, writing = self._agreed
-                if not self._saved_since_agreement:  # `writing` counted the ranks before that save began
+                # `writing` counted the ranks before that save began
+                if not self._saved_since_agreement:
                     throughput.add_checkpoint_stall(self.checkpoints.poll(writing))
                 if stop:
                     log.warning("stop requested (%s) at step %d: saving and flushing uploads",
-                                self.stop_signal if self.stop_requested else "a signal on another rank", self.step)
+                                self.stop_signal if self.stop_requested
+                                else "a signal on another rank", self.step)
                     summary["stopped_by_signal"] = self.stop_signal
                     break
             if final:
@@ -338,10 +316,11 @@ class Trainer:
             redirect.__exit__(None, None, None)
         if final:
             try:
-                # Only once the training bar is closed: the flush logs and draws a bar of its own. It is bounded by
-                # its own timeouts, so the watchdog stands down.
+                # Only once the training bar is closed: the flush logs and draws a bar of its own.
+                # It is bounded by its own timeouts, so the watchdog stands down.
                 self.watchdog.disarm()
-                self.checkpoints.flush_at_exit(self.step, summary, signal_at=lambda: self.stop_signal_at,
+                self.checkpoints.flush_at_exit(self.step, summary,
+                                               signal_at=lambda: self.stop_signal_at,
                                                signal_name=lambda: self.stop_signal)
             finally:
                 self.close()
@@ -349,23 +328,22 @@ class Trainer:
         return summary
 
     def _after_update(self, throughput: Throughput) -> bool:
-        """The guard's bookkeeping of the step just taken (a rollback when a streak calls for it); True when the
-        step's loss counts in the logged mean (its update was applied)."""
+        """The guard's bookkeeping of the step just taken (a rollback when a streak calls for it);
+        True when the step's loss counts in the logged mean (its update was applied)."""
         outcome = self.outcome
-        roll_back = self.guard.enabled and self.guard.record(self.step, outcome.loss, outcome.skipped)
+        roll_back = self.guard.enabled and self.guard.record(
+            self.step, outcome.loss, outcome.skipped)
         if outcome.skipped:
-            log.warning("step %d: update skipped on every rank: %s (%d bad step(s) in a row)", self.step,
-                        outcome.reason, self.guard.streak)
-            bad = outcome.loss if outcome.loss is not None and math.isfinite(outcome.loss) else None
-            self.metrics.record(self.step, "guard", {**self.guard.counters(), "bad_loss": bad})
+            reporting.skipped_update(self.step, outcome, self.guard, self.metrics)
         if roll_back:
             self._roll_back()
             throughput.restart()
         return not outcome.skipped
 
     def _save_if_due(self, throughput: Throughput) -> bool:
-        """Save when save_steps says so, except within a streak of bad steps (then at the first good step, so the
-        newest checkpoint stays the one a rollback returns to). True when a save began."""
+        """Save when save_steps says so, except within a streak of bad steps (then at the first good
+        step, so the newest checkpoint stays the one a rollback returns to). True when a save
+        began."""
         due = self.step % self.plan.run.save_steps == 0 or self._save_deferred
         if not due or self.last_saved_step == self.step:
             return False
@@ -378,16 +356,14 @@ class Trainer:
         return True
 
     def _final_save(self, summary: dict[str, Any]) -> None:
-        """The save in flight committed, then this step saved unless it is (or publishing is stuck)."""
+        """The save in flight committed, then this step saved unless it is (or publishing is
+        stuck)."""
         with self.watchdog.phase("save"):
             self.checkpoints.drain()
         if self.last_saved_step != self.step and not summary.get("stopped_unpublished"):
-            # The loop is over: nothing to overlap with, so no snapshot; a preemption save goes first in line.
+            # The loop is over: nothing to overlap with, so no snapshot; a preemption save goes
+            # first in line.
             self.save(asynchronous=False, first=summary.get("stopped_by_signal", False))
-
-    def perf_values(self, reading: dict[str, float]) -> dict[str, Any]:
-        """A Throughput reading plus TFLOP/s, MFU/HFU and the memory high-water mark."""
-        return {**reading, **self.flops.rates(reading["tokens_per_s"]), **memory_high_water(self.device)}
 
     def close(self) -> None:
         self.loader.close()

@@ -1,6 +1,6 @@
-"""The DeepSpeed engine for a checked plan: the model built (fresh, partitioned as it is created under ZeRO-3, or
-from a HuggingFace folder), the engine initialised with the weight-decay groups, compiled if asked, and the LR
-schedule aligned with the optimizer steps."""
+"""The DeepSpeed engine for a checked plan: the model built (fresh, partitioned as it is created
+under ZeRO-3, or from a HuggingFace folder), the engine initialised with the weight-decay groups,
+compiled if asked, and the LR schedule aligned with the optimizer steps."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import deepspeed
 import torch
 
-# Imported here, not lazily inside build_model: zero.Init patches tensor constructors, and importing transformers'
-# model code (which imports torch._dynamo) under that patch fails.
+# Imported here, not lazily inside build_model: zero.Init patches tensor constructors, and importing
+# transformers' model code (which imports torch._dynamo) under that patch fails.
 import transformers.models.gpt_neox.modeling_gpt_neox  # noqa: F401
 from transformers import GPTNeoXForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
@@ -22,22 +22,26 @@ from neox_train.train.plan import RunPlan
 
 
 def build_engine(plan: RunPlan, *, resume_tag: str | None) -> tuple[Any, HfDeepSpeedConfig | None]:
-    """(the engine, the HfDeepSpeedConfig to keep alive for as long as the engine under ZeRO-3, else None).
-    `resume_tag`: the checkpoint the caller will load (its weights and LR iteration win over a fresh start)."""
+    """(the engine, the HfDeepSpeedConfig to keep alive for as long as the engine under ZeRO-3, else
+    None). `resume_tag`: the checkpoint the caller will load (its weights and LR iteration win over
+    a fresh start)."""
     run = plan.run
     keepalive = None
     torch.manual_seed(run.seed)  # same init on every rank; DeepSpeed also broadcasts from rank 0
-    weight_decay = float(plan.ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0))
+    weight_decay = float(
+        plan.ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0))
     if zero_stage(plan.ds_config) == 3:
-        # Partition parameters as they are created (a 1.2B fp32 model per rank would not fit in host RAM x8),
-        # the way transformers does it: under a bare zero.Init the HF weight init would run on empty partitions
-        # and RoPE buffers would be cast to bf16. HfDeepSpeedConfig must stay alive (transformers keeps a weakref).
+        # Partition parameters as they are created (a 1.2B fp32 model per rank would not fit in host
+        # RAM x8), the way transformers does it: under a bare zero.Init the HF weight init would run
+        # on empty partitions and RoPE buffers would be cast to bf16. HfDeepSpeedConfig must stay
+        # alive (transformers keeps a weakref).
         keepalive = HfDeepSpeedConfig(plan.ds_config)
     if run.init_from_hf and resume_tag:
-        log.info("resuming from %s: init_from_hf=%s is not used (the checkpoint's weights win)", resume_tag,
-                 run.init_from_hf)
+        log.info("resuming from %s: init_from_hf=%s is not used (the checkpoint's weights win)",
+                 resume_tag, run.init_from_hf)
     if run.init_from_hf and not resume_tag:
-        # from_pretrained partitions as it loads under ZeRO-3 (the HfDeepSpeedConfig above is alive).
+        # from_pretrained partitions as it loads under ZeRO-3 (the HfDeepSpeedConfig above is
+        # alive).
         model = load_hf_model(run.init_from_hf, attention=plan.model_config._attn_implementation)
         log.info("initialised the model from the HuggingFace folder %s", run.init_from_hf)
     elif zero_stage(plan.ds_config) == 3:
@@ -47,17 +51,21 @@ def build_engine(plan: RunPlan, *, resume_tag: str | None) -> tuple[Any, HfDeepS
     use_training_attention(model)
     if run.activation_checkpointing:
         # Every layer (the all-or-nothing recompute that flops_per_token counts for HFU).
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, weight_decay), config=plan.ds_config
     )
     if run.compile:
-        # In place (nn.Module.compile): parameter names, and so checkpoints, stay those of the eager model.
+        # In place (nn.Module.compile): parameter names, and so checkpoints, stay those of the eager
+        # model.
         engine.compile(backend=run.compile)
-        log.info("model compiled with torch.compile backend %r (the first steps include compilation)", run.compile)
+        log.info("model compiled with torch.compile backend %r (the first steps include "
+                 "compilation)", run.compile)
     if not resume_tag and engine.lr_scheduler is not None:
-        # DeepSpeed creates the scheduler at iteration -1 and steps it after each optimizer step, so step 1 and
-        # step 2 would both run at the warmup start and the last step would miss the floor. One step now aligns
-        # optimizer step s with scheduler iteration s-1. A resume restores the iteration from the checkpoint.
+        # DeepSpeed creates the scheduler at iteration -1 and steps it after each optimizer step, so
+        # step 1 and step 2 would both run at the warmup start and the last step would miss the
+        # floor. One step now aligns optimizer step s with scheduler iteration s-1. A resume
+        # restores the iteration from the checkpoint.
         engine.lr_scheduler.step()
     return engine, keepalive

@@ -1,17 +1,22 @@
-"""The hang watchdog: a thread in every rank that sees the step counter and ends a rank that stopped making progress.
+"""The hang watchdog: a thread in every rank that sees the step counter and ends a rank that stopped
+making progress.
 
-A collective that never completes (one rank stuck, the others waiting inside NCCL or gloo) freezes a job without a
-word. Here, when no optimizer step completes within the allowance, the watchdog writes every thread's Python stack
-of this rank to the log (faulthandler), marks the rank hung in its status file and exits it with HANG_EXIT_CODE (75),
-so the supervisor (`neox-launch --max-restarts N`) knows it was a hang and restarts the job.
+A collective that never completes (one rank stuck, the others waiting inside NCCL or gloo) freezes a
+job without a word. Here, when no optimizer step completes within the allowance, the watchdog writes
+every thread's Python stack of this rank to the log (faulthandler), marks the rank hung in its
+status file and exits it with HANG_EXIT_CODE (75), so the supervisor
+(`neox-launch --max-restarts N`) knows it was a hang and restarts the job.
 
 The allowance (`hang_timeout_s`; null = automatic):
-- between steps: hang_timeout_s, or automatically the larger of 10x the median step time and 5 minutes;
-- the first step of a start (process group, checkpoint load, the engine, compilation, the first step): 3x
-  hang_timeout_s (automatic: 3x 5 minutes), plus 30 minutes with torch.compile;
-- around a save, an evaluation or a rollback: the base plus the larger of the base and 4x the longest one so far.
-The process group's collective timeout is set above every allowance (`collective_timeout_s`), so a stuck collective
-ends as a watchdog exit with stacks, never as a silent 30-minute wait or as a collective error without them.
+- between steps: hang_timeout_s, or automatically the larger of 10x the median step time and 5
+  minutes;
+- the first step of a start (process group, checkpoint load, the engine, compilation, the first
+  step): 3x hang_timeout_s (automatic: 3x 5 minutes), plus 30 minutes with torch.compile;
+- around a save, an evaluation or a rollback: the base plus the larger of the base and 4x the
+  longest one so far.
+The process group's collective timeout is set above every allowance (`collective_timeout_s`), so a
+stuck collective ends as a watchdog exit with stacks, never as a silent 30-minute wait or as a
+collective error without them.
 
 The same thread writes this rank's status file for the supervisor (health.py) about once a second.
 """
@@ -53,21 +58,23 @@ class HangLimits:
     def from_run(cls, run) -> "HangLimits":
         base = run.hang_timeout_s if run.hang_timeout_s is not None else AUTO_FLOOR_S
         first = FIRST_STEP_FACTOR * base + (COMPILE_EXTRA_S if run.compile else 0.0)
-        # Between steps an allowance is at most 2 x the base plus 4 x the longest phase; capped just below this.
+        # Between steps an allowance is at most 2 x the base plus 4 x the longest phase; capped just
+        # below this.
         collective = max(first, PHASE_FACTOR * base) + COLLECTIVE_MARGIN_S
         return cls(run.hang_timeout_s, first, collective)
 
     def describe(self) -> str:
         base = f"{self.fixed_s:g} s" if self.fixed_s is not None else \
             f"max({AUTO_MEDIAN_FACTOR:g}x the median step, {AUTO_FLOOR_S:g} s)"
-        return (f"a rank that completes no optimizer step within {base} ({self.first_step_s:g} s for the first step) "
-                f"prints its stacks and exits with code {health.HANG_EXIT_CODE}; collective timeout "
-                f"{self.collective_s:g} s")
+        return (f"a rank that completes no optimizer step within {base} ({self.first_step_s:g} s "
+                "for the first step) prints its stacks and exits with code "
+                f"{health.HANG_EXIT_CODE}; collective timeout {self.collective_s:g} s")
 
 
 class Watchdog:
-    """Armed by start(); beat(step) after every optimizer step; phase(name) around saves, evaluations, rollbacks;
-    disarm(...) where waiting is bounded otherwise (the final upload flush)."""
+    """Armed by start(); beat(step) after every optimizer step; phase(name) around saves,
+    evaluations, rollbacks; disarm(...) where waiting is bounded otherwise (the final upload
+    flush)."""
 
     def __init__(self, limits: HangLimits, *, rank: int, poll_s: float = 1.0):
         self.limits = limits
@@ -87,7 +94,7 @@ class Watchdog:
         self._written = 0.0
         self._dirty = True
 
-    # -- the main thread's side -----------------------------------------------------------------------------------
+    # -- the main thread's side --------------------------------------------------------------------
     def start(self) -> "Watchdog":
         self._last = time.monotonic()
         self._armed = True
@@ -115,7 +122,8 @@ class Watchdog:
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        """A save, an evaluation, a rollback: a longer allowance while it lasts (nested: the outer one counts)."""
+        """A save, an evaluation, a rollback: a longer allowance while it lasts (nested: the outer
+        one counts)."""
         if self._phase is not None:
             yield
             return
@@ -147,7 +155,7 @@ class Watchdog:
         self._armed = False
         self._stop.set()
 
-    # -- the allowance --------------------------------------------------------------------------------------------
+    # -- the allowance -----------------------------------------------------------------------------
     def base_s(self) -> float:
         if self.limits.fixed_s is not None:
             return self.limits.fixed_s
@@ -164,7 +172,7 @@ class Watchdog:
             allowance = self.base_s()
         return min(allowance, self.limits.collective_s - COLLECTIVE_MARGIN_S / 2)
 
-    # -- the thread -----------------------------------------------------------------------------------------------
+    # -- the thread --------------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
             allowance = self.allowance_s()
@@ -173,7 +181,8 @@ class Watchdog:
                 self._fire(idle, allowance)
                 return
             self.status.deadline_s = allowance if self._armed else None
-            if self._root is not None and (self._dirty or time.monotonic() - self._written > HEARTBEAT_S):
+            if self._root is not None and (
+                    self._dirty or time.monotonic() - self._written > HEARTBEAT_S):
                 self._dirty = False
                 self._written = time.monotonic()
                 health.write_status(self._root, self.status)
@@ -181,9 +190,9 @@ class Watchdog:
     def _fire(self, idle: float, allowance: float) -> None:
         where = f"during {self._phase}" if self._phase else \
             ("before the first step" if not self._stepped else f"after step {self.status.step}")
-        line = (f"hang: rank {self.rank} (pid {os.getpid()}) completed no optimizer step for {idle:.0f} s {where} "
-                f"(allowance {allowance:.0f} s); the stacks of its threads follow; exiting with code "
-                f"{health.HANG_EXIT_CODE}")
+        line = (f"hang: rank {self.rank} (pid {os.getpid()}) completed no optimizer step for "
+                f"{idle:.0f} s {where} (allowance {allowance:.0f} s); the stacks of its threads "
+                f"follow; exiting with code {health.HANG_EXIT_CODE}")
         stacks = dump_stacks()
         try:
             log.error("%s\n%s", line, stacks)
@@ -192,7 +201,8 @@ class Watchdog:
         except Exception:  # noqa: BLE001 - the exit below must happen whatever logging does
             pass
         if self._root is not None:
-            path = health.status_path(self._root, self.status.attempt, self.rank).with_suffix(".stacks.txt")
+            path = health.status_path(self._root, self.status.attempt,
+                                      self.rank).with_suffix(".stacks.txt")
             with contextlib.suppress(OSError):
                 path.write_text(line + "\n" + stacks)
             line += f" (stacks also in {path})"

@@ -1,1 +1,2 @@
-"""A checkpoint on local disk: saved, committed (complete or not), loaded, retained. No bucket in sight."""
+"""A checkpoint on local disk: saved, committed (complete or not), loaded, retained. No bucket in
+sight."""

@@ -1,20 +1,21 @@
 """The local commit of a checkpoint: when a tag folder counts as saved.
 
-DeepSpeed writes a tag's files (told not to write `latest`); then the rank that owns the folder commits it:
+DeepSpeed writes a tag's files (told not to write `latest`); then the rank that owns the folder
+commits it:
 
   1. every file is fsynced, and its size and crc32c recorded;
-  2. the completeness marker TAG/.neox-complete.json (those sizes and crc32cs, the run id) is written atomically:
-     a temporary file, fsync, rename, fsync of the folder;
+  2. the completeness marker TAG/.neox-complete.json (those sizes and crc32cs, the run id) is
+     written atomically: a temporary file, fsync, rename, fsync of the folder;
   3. SAVE_DIR/latest is replaced the same way.
 
-So `latest` only ever names a tag whose files are durable, and a tag without a readable marker is incomplete,
-whatever else is in it (a save killed half-way, a disk that filled): resume never uses it, publication never
-uploads it, and the next save of that step replaces it. The marker doubles as the tag's local manifest: a resume
-verifies every file against it before DeepSpeed reads a byte, and the uploader takes its crc32cs instead of
-reading the files again.
+So `latest` only ever names a tag whose files are durable, and a tag without a readable marker is
+incomplete, whatever else is in it (a save killed half-way, a disk that filled): resume never uses
+it, publication never uploads it, and the next save of that step replaces it. The marker doubles as
+the tag's local manifest: a resume verifies every file against it before DeepSpeed reads a byte, and
+the uploader takes its crc32cs instead of reading the files again.
 
-Tags written before markers existed (their run.json has no run id) count as complete when their side files
-parse: that version wrote run.json only after every rank's files were written.
+Tags written before markers existed (their run.json has no run id) count as complete when their side
+files parse: that version wrote run.json only after every rank's files were written.
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ HASH_WORKERS = 8
 class FileRecord:
     size: int
     crc32c: str
-    mtime_ns: int = 0  # when it was hashed: lets the uploader trust the crc32c without reading the file again
+    # when it was hashed: lets the uploader trust the crc32c without reading the file again
+    mtime_ns: int = 0
 
 
 @dataclass(frozen=True)
 class TagStatus:
-    """What a tag folder holds, by the cheap checks (marker, file names and sizes; no file content read)."""
+    """What a tag folder holds, by the cheap checks (marker, file names and sizes; no file content
+    read)."""
 
     tag: str
     complete: bool
@@ -61,13 +64,14 @@ class TagStatus:
 
 
 def tag_files(tag_dir: Path) -> list[tuple[str, Path]]:
-    """(relative '/'-path, path) of a tag's checkpoint files, nested folders included: all but the marker and
-    temporary files."""
+    """(relative '/'-path, path) of a tag's checkpoint files, nested folders included: all but the
+    marker and temporary files."""
     out: list[tuple[str, Path]] = []
     for dirpath, dirnames, filenames in os.walk(tag_dir):
         dirnames.sort()
         for name in filenames:
-            if name == MARKER or TMP_MARK in name:  # a temporary file of an atomic write is never content
+            # a temporary file of an atomic write is never content
+            if name == MARKER or TMP_MARK in name:
                 continue
             path = Path(dirpath, name)
             out.append((path.relative_to(tag_dir).as_posix(), path))
@@ -76,18 +80,20 @@ def tag_files(tag_dir: Path) -> list[tuple[str, Path]]:
 
 def _hash_and_sync(path: Path) -> FileRecord:
     with open(path, "rb") as f:
-        os.fsync(f.fileno())  # the data another rank (or DeepSpeed's writer) left in the page cache goes to disk
+        # the data another rank (or DeepSpeed's writer) left in the page cache goes to disk
+        os.fsync(f.fileno())
         st = os.fstat(f.fileno())
     return FileRecord(size=st.st_size, crc32c=crc32c_of_file(path), mtime_ns=st.st_mtime_ns)
 
 
 def commit(save_dir: Path, tag: str, *, run_id: str | None, workers: int = HASH_WORKERS,
            known: dict[str, FileRecord] | None = None) -> TagStatus:
-    """Make SAVE_DIR/TAG a complete checkpoint: fsync and hash its files, write its marker, point `latest` at it.
-    Call once every rank's files of the tag are written (after `engine.save_checkpoint` returned).
+    """Make SAVE_DIR/TAG a complete checkpoint: fsync and hash its files, write its marker, point
+    `latest` at it. Call once every rank's files of the tag are written (after
+    `engine.save_checkpoint` returned).
 
-    `known`: records of files their writer already fsynced and hashed (writer.DirectFile); a file whose size and
-    mtime still match is taken as it is, never read again."""
+    `known`: records of files their writer already fsynced and hashed (writer.DirectFile); a file
+    whose size and mtime still match is taken as it is, never read again."""
     save_dir = Path(save_dir)
     tag_dir = save_dir / tag
     files = tag_files(tag_dir)
@@ -101,15 +107,19 @@ def commit(save_dir: Path, tag: str, *, run_id: str | None, workers: int = HASH_
             records[rel] = record
         else:
             todo.append((rel, path))
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo))), thread_name_prefix="neox-commit") as pool:
-        records.update(zip((rel for rel, _ in todo), pool.map(_hash_and_sync, (p for _, p in todo))))
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo))),
+                            thread_name_prefix="neox-commit") as pool:
+        records.update(zip((rel for rel, _ in todo),
+                           pool.map(_hash_and_sync, (p for _, p in todo))))
     _write_marker(tag_dir, tag, run_id, records)
     write_latest(save_dir, tag)
     return TagStatus(tag, True, run_id=run_id, files=records)
 
 
-def _write_marker(tag_dir: Path, tag: str, run_id: str | None, records: dict[str, FileRecord]) -> None:
-    """The folders' entries durable first (the files were fsynced by the caller), then the marker."""
+def _write_marker(tag_dir: Path, tag: str, run_id: str | None,
+                  records: dict[str, FileRecord]) -> None:
+    """The folders' entries durable first (the files were fsynced by the caller), then the
+    marker."""
     for folder in {tag_dir.joinpath(*rel.split("/")).parent for rel in records} | {tag_dir}:
         fsync_dir(folder)
     marker = {
@@ -126,7 +136,8 @@ def _write_marker(tag_dir: Path, tag: str, run_id: str | None, records: dict[str
 
 def write_marker_from_manifest(tag_dir: Path, tag: str, files: dict[str, tuple[int, str]],
                                run_id: str | None) -> None:
-    """The marker of a downloaded tag whose every file was verified against its published manifest and fsynced."""
+    """The marker of a downloaded tag whose every file was verified against its published manifest
+    and fsynced."""
     records = {rel: FileRecord(size, crc, tag_dir.joinpath(*rel.split("/")).stat().st_mtime_ns)
                for rel, (size, crc) in files.items()}
     _write_marker(tag_dir, tag, run_id, records)
@@ -138,7 +149,8 @@ def write_latest(save_dir: Path, tag: str) -> None:
 
 
 def read_latest(save_dir: Path) -> tuple[str | None, str]:
-    """(the tag `latest` names, or None; what is wrong with it, for messages) — never raises on a damaged file."""
+    """(the tag `latest` names, or None; what is wrong with it, for messages) — never raises on a
+    damaged file."""
     path = Path(save_dir) / LATEST
     try:
         raw = path.read_bytes()
@@ -174,7 +186,8 @@ def _legacy_status(tag_dir: Path, tag: str) -> TagStatus:
 
 
 def inspect(save_dir: Path, tag: str) -> TagStatus:
-    """Is SAVE_DIR/TAG complete? Reads the marker and lists the files (names and sizes), never their content."""
+    """Is SAVE_DIR/TAG complete? Reads the marker and lists the files (names and sizes), never their
+    content."""
     tag_dir = Path(save_dir) / tag
     if not tag_dir.is_dir():
         return TagStatus(tag, False, "it does not exist")
@@ -195,16 +208,18 @@ def inspect(save_dir: Path, tag: str) -> TagStatus:
             return TagStatus(tag, False, f"{rel} is missing")
         size = path.stat().st_size
         if size != record.size:
-            return TagStatus(tag, False, f"{rel} has {size} bytes, its marker says {record.size} (the file is damaged)")
+            return TagStatus(tag, False, f"{rel} has {size} bytes, its marker says {record.size} "
+                                         "(the file is damaged)")
     extra = sorted(set(present) - set(records))
     if extra:
-        return TagStatus(tag, False, f"{extra[0]} is not in its completeness marker (left by another save?)")
+        return TagStatus(tag, False,
+                         f"{extra[0]} is not in its completeness marker (left by another save?)")
     return TagStatus(tag, True, run_id=run_id, files=records)
 
 
 def verify(save_dir: Path, status: TagStatus, *, workers: int = HASH_WORKERS) -> str:
-    """Read every file of a complete tag and compare its crc32c with the marker: "" when all match, else what
-    differs. A legacy tag has nothing to compare with and passes."""
+    """Read every file of a complete tag and compare its crc32c with the marker: "" when all match,
+    else what differs. A legacy tag has nothing to compare with and passes."""
     if status.files is None:
         return ""
     tag_dir = Path(save_dir) / status.tag
@@ -220,7 +235,8 @@ def verify(save_dir: Path, status: TagStatus, *, workers: int = HASH_WORKERS) ->
             return ""
         return f"{rel} has crc32c {crc}, its marker says {record.crc32c} (the file is damaged)"
 
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(items))), thread_name_prefix="neox-verify") as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(items))),
+                            thread_name_prefix="neox-verify") as pool:
         problems = [p for p in pool.map(check, items) if p]
     return problems[0] if problems else ""
 
@@ -235,8 +251,9 @@ def complete_tags(save_dir: Path) -> list[str]:
 
 
 def remove_incomplete(save_dir: Path, tag: str) -> bool:
-    """Before a save of `tag`: a folder of that name left by a save that never finished is removed (its files would
-    mix with the new ones). A complete tag is never removed here. True when something was removed."""
+    """Before a save of `tag`: a folder of that name left by a save that never finished is removed
+    (its files would mix with the new ones). A complete tag is never removed here. True when
+    something was removed."""
     tag_dir = Path(save_dir) / tag
     if not tag_dir.exists() or inspect(save_dir, tag).complete:
         return False

@@ -1,5 +1,6 @@
-"""The one checkpoint tag format: `global_stepN` (DeepSpeed's own), in save dirs, buckets and conversions alike, and
-the side files neox-train adds to every tag folder (so a tag is self-describing: conversion needs nothing else)."""
+"""The one checkpoint tag format: `global_stepN` (DeepSpeed's own), in save dirs, buckets and
+conversions alike, and the side files neox-train adds to every tag folder (so a tag is
+self-describing: conversion needs nothing else)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from neox_train.errors import NeoxError, read_json_object
 TAG_RE = re.compile(r"^global_step(\d+)$")
 RUN_JSON = "run.json"  # the run and DeepSpeed configs, data position, run id, last losses
 CONFIG_JSON = "config.json"  # the HF model config
-# Copied from the data folder into every tag, so a checkpoint converted elsewhere (from a bucket) still carries the
-# tokenizer it was trained with.
+# Copied from the data folder into every tag, so a checkpoint converted elsewhere (from a bucket)
+# still carries the tokenizer it was trained with.
 DATA_SIDE_FILES = (TOKENIZER_FILE, META_FILE)
 
 
@@ -39,10 +40,13 @@ def local_tags(save_dir: Path) -> list[str]:
     save_dir = Path(save_dir)
     if not save_dir.is_dir():
         return []
-    return sorted((p.name for p in save_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name)), key=sort_key)
+    return sorted((p.name for p in save_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name)),
+                  key=sort_key)
 
 
 def read_tag_json(tag_dir: Path, name: str, *, error: type[NeoxError]) -> dict[str, Any] | None:
-    """A tag's run.json or config.json (None when the tag has none), or `error` with one line when it is damaged."""
-    return read_json_object(Path(tag_dir) / name, what=f"the {name} neox-train writes into every checkpoint tag",
+    """A tag's run.json or config.json (None when the tag has none), or `error` with one line when
+    it is damaged."""
+    return read_json_object(Path(tag_dir) / name,
+                            what=f"the {name} neox-train writes into every checkpoint tag",
                             error=error, missing_ok=True)

@@ -1,15 +1,16 @@
 """Checkpoint files written near the disk's speed, hashed on the way and durable when closed.
 
-`torch.save(obj, path)` goes through PyTorch's zip writer into the page cache. Measured on these VMs it reached 0.27
-of `dd oflag=direct` on the same folder: fresh page-cache memory is slow to touch the first time, and every byte
-is copied once more by the kernel. Here torch.save serializes into a `DirectFile` instead (torch calls its
-`write` with views of each tensor's storage, no copy). Each view is copied once into a page-aligned chunk buffer
-that is reused for every file of every save. Full chunks go to the disk in large O_DIRECT writes that bypass the
-page cache, on a second thread, so the copy into one buffer overlaps the write of the other. The crc32c the marker
-needs is computed from the same buffers, so the commit never reads the file back.
+`torch.save(obj, path)` goes through PyTorch's zip writer into the page cache. Measured on these VMs
+it reached 0.27 of `dd oflag=direct` on the same folder: fresh page-cache memory is slow to touch
+the first time, and every byte is copied once more by the kernel. Here torch.save serializes into a
+`DirectFile` instead (torch calls its `write` with views of each tensor's storage, no copy). Each
+view is copied once into a page-aligned chunk buffer that is reused for every file of every save.
+Full chunks go to the disk in large O_DIRECT writes that bypass the page cache, on a second thread,
+so the copy into one buffer overlaps the write of the other. The crc32c the marker needs is computed
+from the same buffers, so the commit never reads the file back.
 
-Filesystems that refuse O_DIRECT (tmpfs, some network mounts) get plain buffered writes of the same chunks.
-Either way the file is fsynced before `close` returns.
+Filesystems that refuse O_DIRECT (tmpfs, some network mounts) get plain buffered writes of the same
+chunks. Either way the file is fsynced before `close` returns.
 """
 
 from __future__ import annotations
@@ -28,16 +29,20 @@ import numpy as np
 from neox_train.checkpoint.local.commit import FileRecord
 from neox_train.remote.files import crc32c_text
 
-ALIGN = 4096  # O_DIRECT wants buffer address, file offset and length aligned to the logical block size
-CHUNK_BYTES = 32 << 20  # large enough that a write costs far more than its syscall; two of them per writer
+# O_DIRECT wants buffer address, file offset and length aligned to the logical block size
+ALIGN = 4096
+# large enough that a write costs far more than its syscall; two of them per writer
+CHUNK_BYTES = 32 << 20
 
 
 def _crc32c_extend_function():
-    """google-crc32c's C function, called through ctypes on a buffer's address: its Python wrapper accepts only
-    `bytes` (a copy of every chunk, under the GIL), while a ctypes call reads the buffer in place with the GIL
-    released. None where the C extension is missing (its pure-Python fallback): then chunks are copied."""
+    """google-crc32c's C function, called through ctypes on a buffer's address: its Python wrapper
+    accepts only `bytes` (a copy of every chunk, under the GIL), while a ctypes call reads the
+    buffer in place with the GIL released. None where the C extension is missing (its pure-Python
+    fallback): then chunks are copied."""
     try:
-        fn = ctypes.CDLL(google_crc32c._crc32c.__file__).crc32c_extend  # resolved from the library it links
+        # resolved from the library it links
+        fn = ctypes.CDLL(google_crc32c._crc32c.__file__).crc32c_extend
     except (OSError, AttributeError):
         return None
     fn.restype = ctypes.c_uint32
@@ -49,7 +54,8 @@ _CRC32C_EXTEND = _crc32c_extend_function()
 
 
 class ChunkBuffers:
-    """Two page-aligned chunk buffers (anonymous mmap: aligned, and touched once, then reused by every file)."""
+    """Two page-aligned chunk buffers (anonymous mmap: aligned, and touched once, then reused by
+    every file)."""
 
     def __init__(self, chunk_bytes: int = CHUNK_BYTES):
         self.chunk_bytes = chunk_bytes
@@ -71,10 +77,11 @@ def _write_all(fd: int, view: memoryview) -> None:
 
 
 class DirectFile:
-    """A write-only binary file for torch.save: chunked, O_DIRECT where the filesystem allows, crc32c on the fly.
+    """A write-only binary file for torch.save: chunked, O_DIRECT where the filesystem allows,
+    crc32c on the fly.
 
-    The second buffer is written by a short-lived thread while the next one fills: os.write releases the GIL, and
-    so does the numpy copy, so the training thread keeps running."""
+    The second buffer is written by a short-lived thread while the next one fills: os.write releases
+    the GIL, and so does the numpy copy, so the training thread keeps running."""
 
     def __init__(self, path: Path, buffers: ChunkBuffers, *, direct: bool = True):
         self.path = Path(path)
@@ -98,7 +105,7 @@ class DirectFile:
         self._pending: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    # -- the file protocol torch.save uses ----------------------------------------------------------------------
+    # -- the file protocol torch.save uses ---------------------------------------------------------
     def write(self, data) -> int:
         src = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
         n = len(src)
@@ -120,7 +127,7 @@ class DirectFile:
     def writable(self) -> bool:
         return True
 
-    # -- chunks -------------------------------------------------------------------------------------------------
+    # -- chunks ------------------------------------------------------------------------------------
     def _hand_off(self, *, last: bool = False) -> None:
         """Hash the full buffer, wait for the previous write, start this one, switch buffers."""
         index, length = self.current, self.fill
@@ -128,14 +135,15 @@ class DirectFile:
         self._wait()
         padded = length
         if self.direct and length % ALIGN:
-            padded = length + ALIGN - length % ALIGN  # the tail block: zero padding, truncated away in close()
+            # the tail block: zero padding, truncated away in close()
+            padded = length + ALIGN - length % ALIGN
             self.buffers.arrays[index][length:padded] = 0
         out = memoryview(self.buffers.maps[index])[:padded]
         if last:
             self._write_out(out)
         else:
-            self._pending = threading.Thread(target=self._write_chunk, args=(out,), name="neox-ckpt-write",
-                                             daemon=True)
+            self._pending = threading.Thread(target=self._write_chunk, args=(out,),
+                                             name="neox-ckpt-write", daemon=True)
             self._pending.start()
         self.current = 1 - index
         self.fill = 0
@@ -144,8 +152,9 @@ class DirectFile:
         try:
             _write_all(self.fd, view)
         except OSError as e:
-            # Some filesystems accept O_DIRECT at open and refuse the writes: start over buffered (only the first
-            # chunk can meet this, so nothing is lost; the padding is truncated in close()).
+            # Some filesystems accept O_DIRECT at open and refuse the writes: start over buffered
+            # (only the first chunk can meet this, so nothing is lost; the padding is truncated in
+            # close()).
             if not (self.direct and e.errno == errno.EINVAL and self._written == 0):
                 raise
             os.close(self.fd)
@@ -169,7 +178,8 @@ class DirectFile:
             raise error
 
     def close(self) -> FileRecord:
-        """Write the rest, fsync, close; the file's size, crc32c and mtime (what the completeness marker holds)."""
+        """Write the rest, fsync, close; the file's size, crc32c and mtime (what the completeness
+        marker holds)."""
         try:
             if self.fill:
                 self._hand_off(last=True)

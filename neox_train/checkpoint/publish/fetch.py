@@ -1,5 +1,6 @@
-"""Reading published checkpoints back: which tags are COMPLETE, which one `latest` means, whether a local tag is
-exactly what the bucket holds (for retention), and downloading one, verified against its manifest, into a save dir.
+"""Reading published checkpoints back: which tags are COMPLETE, which one `latest` means, whether a
+local tag is exactly what the bucket holds (for retention), and downloading one, verified against
+its manifest, into a save dir.
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ from neox_train.remote.rsync import (
 def remote_checkpoints(backend: Backend, listing: dict[str, RemoteFile] | None = None) -> list[str]:
     """Tags with both COMPLETE and a manifest, oldest step first."""
     listing = backend.list("") if listing is None else listing
-    tags = [name[: -len(COMPLETE) - 1] for name in listing if name.endswith(f"/{COMPLETE}") and name.count("/") == 1]
+    tags = [name[: -len(COMPLETE) - 1] for name in listing
+            if name.endswith(f"/{COMPLETE}") and name.count("/") == 1]
     return sorted((t for t in tags if f"{t}/{MANIFEST}" in listing), key=sort_key)
 
 
 def remote_latest(backend: Backend) -> str | None:
-    """The tag the `latest` pointer names when it is COMPLETE, else the newest COMPLETE tag, else None."""
+    """The tag the `latest` pointer names when it is COMPLETE, else the newest COMPLETE tag, else
+    None."""
     pointer = backend.read_bytes(LATEST)
     if pointer is not None:
         tag = pointer.decode("utf-8", "replace").strip()
@@ -50,7 +53,8 @@ def remote_latest(backend: Backend) -> str | None:
             check_tag(tag)
         except StorageError:
             tag = ""
-        if tag and all(backend.read_bytes(f"{tag}/{name}") is not None for name in (COMPLETE, MANIFEST)):
+        if tag and all(
+                backend.read_bytes(f"{tag}/{name}") is not None for name in (COMPLETE, MANIFEST)):
             return tag
     tags = remote_checkpoints(backend)
     return tags[-1] if tags else None
@@ -63,9 +67,11 @@ def remote_manifest(backend: Backend, tag: str) -> dict[str, Any] | None:
     return read_json(backend, f"{tag}/{MANIFEST}")
 
 
-def verified_remote(backend: Backend, save_dir: Path, tags: Iterable[str], *, node_rank: int = 0) -> list[str]:
-    """The local tags whose files, as this node publishes them, are in the bucket under a COMPLETE tag exactly as
-    the local marker records them: what local retention may delete, whoever published it."""
+def verified_remote(backend: Backend, save_dir: Path, tags: Iterable[str], *,
+                    node_rank: int = 0) -> list[str]:
+    """The local tags whose files, as this node publishes them, are in the bucket under a COMPLETE
+    tag exactly as the local marker records them: what local retention may delete, whoever published
+    it."""
     listing = backend.list("")
     published = set(remote_checkpoints(backend, listing))
     out = []
@@ -83,33 +89,38 @@ def verified_remote(backend: Backend, save_dir: Path, tags: Iterable[str], *, no
             local = {rel: (status.files[rel].size, status.files[rel].crc32c) for rel, _ in files}
         else:
             local = hash_local(files, Crc32cCache(), 4)
-        remote = {rel: file_entry(meta, f"{backend.url}/{tag}/{MANIFEST}") for rel, meta in manifest["files"].items()}
+        remote = {rel: file_entry(meta, f"{backend.url}/{tag}/{MANIFEST}")
+                  for rel, meta in manifest["files"].items()}
         if all(remote.get(rel) == entry for rel, entry in local.items()) and \
                 first_mismatch(listing, f"{tag}/", {rel: remote[rel] for rel in local}) is None:
             out.append(tag)
     return out
 
 
-def fetch_checkpoint(backend: Backend, tag: str, save_dir: Path, *, workers: int = 8, progress: bool = False) -> Path:
-    """Download COMPLETE checkpoint <tag> to SAVE_DIR/<tag>, verified against its manifest, commit it locally
-    (completeness marker from the manifest) and point SAVE_DIR/latest at it. Returns SAVE_DIR/<tag>.
+def fetch_checkpoint(backend: Backend, tag: str, save_dir: Path, *, workers: int = 8,
+                     progress: bool = False) -> Path:
+    """Download COMPLETE checkpoint <tag> to SAVE_DIR/<tag>, verified against its manifest, commit
+    it locally (completeness marker from the manifest) and point SAVE_DIR/latest at it. Returns
+    SAVE_DIR/<tag>.
 
-    Files go to SAVE_DIR/.<tag>.partial first and are renamed into place only when every one has the manifest's
-    size and crc32c and the marker is written, so SAVE_DIR/<tag> is never half there. Local files that already
-    match are reused.
+    Files go to SAVE_DIR/.<tag>.partial first and are renamed into place only when every one has the
+    manifest's size and crc32c and the marker is written, so SAVE_DIR/<tag> is never half there.
+    Local files that already match are reused.
     """
     check_tag(tag)
     where = f"{backend.url}/{tag}"
     if backend.read_bytes(f"{tag}/{COMPLETE}") is None:
         complete = remote_checkpoints(backend)
         raise StorageError(
-            f"{where} is not a complete checkpoint (no {COMPLETE} marker: its upload never finished); "
-            f"complete ones: {', '.join(complete) if complete else 'none'}"
+            f"{where} is not a complete checkpoint (no {COMPLETE} marker: its upload never "
+            f"finished); complete ones: {', '.join(complete) if complete else 'none'}"
         )
     manifest = read_json(backend, f"{tag}/{MANIFEST}")
     if manifest is None:
-        raise StorageError(f"{where} has {COMPLETE} but no {MANIFEST}; it is damaged (fetch another tag)")
-    files = {rel: file_entry(meta, f"{where}/{MANIFEST}") for rel, meta in manifest["files"].items()}
+        raise StorageError(
+            f"{where} has {COMPLETE} but no {MANIFEST}; it is damaged (fetch another tag)")
+    files = {rel: file_entry(meta, f"{where}/{MANIFEST}")
+             for rel, meta in manifest["files"].items()}
     for rel in files:
         check_relative(rel, f"{where}/{MANIFEST} entry {rel!r}")
     # Fail before downloading gigabytes if the bucket no longer matches the manifest.
@@ -118,8 +129,8 @@ def fetch_checkpoint(backend: Backend, tag: str, save_dir: Path, *, workers: int
     if mismatch:
         rel, found, size, crc = mismatch
         raise StorageError(
-            f"{where}/{rel} is {found}, but the manifest says size {size} crc32c {crc}: the remote checkpoint "
-            f"is damaged (fetch another tag)"
+            f"{where}/{rel} is {found}, but the manifest says size {size} crc32c {crc}: the remote "
+            f"checkpoint is damaged (fetch another tag)"
         )
 
     save_dir = Path(save_dir)
@@ -129,7 +140,8 @@ def fetch_checkpoint(backend: Backend, tag: str, save_dir: Path, *, workers: int
     def matches(path: Path, size: int, crc: str) -> bool:
         return path.is_file() and path.stat().st_size == size and crc32c_of_file(path) == crc
 
-    local_ok = {rel for rel, (size, crc) in files.items() if matches(final.joinpath(*rel.split("/")), size, crc)}
+    local_ok = {rel for rel, (size, crc) in files.items()
+                if matches(final.joinpath(*rel.split("/")), size, crc)}
     if len(local_ok) == len(files) and commit.inspect(save_dir, tag).complete:
         commit.write_latest(save_dir, tag)
         return final
@@ -156,8 +168,8 @@ def fetch_checkpoint(backend: Backend, tag: str, save_dir: Path, *, workers: int
                 got_crc = crc32c_of_file(dest)
                 if (got_size, got_crc) != (size, crc):
                     raise StorageError(
-                        f"{where}/{rel} downloaded with size {got_size} crc32c {got_crc}, but the manifest says size "
-                        f"{size} crc32c {crc}; the checkpoint was not installed"
+                        f"{where}/{rel} downloaded with size {got_size} crc32c {got_crc}, but the "
+                        f"manifest says size {size} crc32c {crc}; the checkpoint was not installed"
                     )
 
             parallel(fetch, todo, workers, lambda rel, _r: bar.update(files[rel][0]))
@@ -172,4 +184,5 @@ def fetch_checkpoint(backend: Backend, tag: str, save_dir: Path, *, workers: int
 
 def verified_local_tags(backend, settings: PublishSettings) -> list[str]:
     save_dir = Path(settings.save_dir)
-    return verified_remote(backend, save_dir, commit.complete_tags(save_dir), node_rank=settings.node_rank)
+    return verified_remote(backend, save_dir, commit.complete_tags(save_dir),
+                           node_rank=settings.node_rank)

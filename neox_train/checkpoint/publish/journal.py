@@ -1,10 +1,11 @@
 """The upload journal: SAVE_DIR/.neox-sync/journal-node<k>.jsonl, append-only JSON lines.
 
 {"queued": tag} is written by the Publisher before a tag is handed to the upload process,
-{"published"|"skipped"|"failed": tag} by the upload process (or the inline publication). At start, a tag is
-handed to the new upload process when its last record is queued or failed, or when it has none at all (a
-complete checkpoint that was never queued: a kill between the commit and the journal line), provided it is
-still complete on disk. The crc32c cache of each node lives next to its journal.
+{"published"|"skipped"|"failed": tag} by the upload process (or the inline publication). At start, a
+tag is handed to the new upload process when its last record is queued or failed, or when it has
+none at all (a complete checkpoint that was never queued: a kill between the commit and the journal
+line), provided it is still complete on disk. The crc32c cache of each node lives next to its
+journal.
 """
 
 from __future__ import annotations
@@ -31,10 +32,11 @@ def crc_cache_path(save_dir: Path, node_rank: int) -> Path:
 def append_journal(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record) + "\n"
-    # One small O_APPEND write: atomic with respect to the other process appending to the same file. No fsync:
-    # the page cache survives a killed process, which is what the journal is for, and on ext4 an fsync right
-    # after a checkpoint write waits for that checkpoint's writeback (measured: ~15 ms added to every save). A
-    # journal lost with the machine costs nothing: tags with no record are handed over too (see journal_leftovers).
+    # One small O_APPEND write: atomic with respect to the other process appending to the same file.
+    # No fsync: the page cache survives a killed process, which is what the journal is for, and on
+    # ext4 an fsync right after a checkpoint write waits for that checkpoint's writeback (measured:
+    # ~15 ms added to every save). A journal lost with the machine costs nothing: tags with no
+    # record are handed over too (see journal_leftovers).
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())
@@ -68,7 +70,7 @@ def journal_state(save_dir: Path, node_rank: int) -> dict[str, str]:
 
 
 def journal_leftovers(save_dir: Path, node_rank: int) -> list[str]:
-    """Complete local tags an earlier run (or this one) left unpublished, oldest first: their last journal record
-    is queued or failed, or they have none."""
+    """Complete local tags an earlier run (or this one) left unpublished, oldest first: their last
+    journal record is queued or failed, or they have none."""
     state = journal_state(save_dir, node_rank)
     return [t for t in commit.complete_tags(save_dir) if state.get(t) in (None, "queued", "failed")]

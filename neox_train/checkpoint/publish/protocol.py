@@ -2,20 +2,22 @@
 
 A published checkpoint, relative to the backend root:
 
-    .neox-owner.json               the run (and session) that publishes under this prefix (owner.py)
-    <tag>/...files...              the same relative paths as SAVE_DIR/<tag>/ (minus the local marker)
-    <tag>/.parts/node-<k>.json     what node k uploaded: {"node", "run_id", "session", "files": {relpath: {size,
-                                   crc32c}}}
-    <tag>/manifest.json            the merged parts: {"tag", "step", "run_id", "num_nodes", "files"}
-    <tag>/COMPLETE                 {"tag", "step", "run_id"}: written last, only after a listing matched the manifest
-    latest                         the bare tag (DeepSpeed's format); moved after COMPLETE, and only forward
+    .neox-owner.json            the run (and session) that publishes under this prefix (owner.py)
+    <tag>/...files...           the same relative paths as SAVE_DIR/<tag>/ (minus the local marker)
+    <tag>/.parts/node-<k>.json  what node k uploaded: {"node", "run_id", "session", "files":
+                                {relpath: {size, crc32c}}}
+    <tag>/manifest.json         the merged parts: {"tag", "step", "run_id", "num_nodes", "files"}
+    <tag>/COMPLETE              {"tag", "step", "run_id"}: written last, only after a listing
+                                matched the manifest
+    latest                      the bare tag (DeepSpeed's format); moved after COMPLETE, and only
+                                forward
 
-So a reader that sees COMPLETE can trust the manifest, and every manifest file is there with its crc32c; a reader
-that sees no COMPLETE ignores the tag, whatever else is there. Nothing under a tag with COMPLETE is ever written
-or deleted again by any command here: a plain `neox-sync` writes no checkpoint shape and nothing into a run's prefix
-(copy_rules.py), and a publisher writes into a tag only while it owns the prefix and the tag has no COMPLETE
-(checked again right before each replacement and before the marker). Only locally complete tags (commit.py) are
-ever uploaded.
+So a reader that sees COMPLETE can trust the manifest, and every manifest file is there with its
+crc32c; a reader that sees no COMPLETE ignores the tag, whatever else is there. Nothing under a tag
+with COMPLETE is ever written or deleted again by any command here: a plain `neox-sync` writes no
+checkpoint shape and nothing into a run's prefix (copy_rules.py), and a publisher writes into a tag
+only while it owns the prefix and the tag has no COMPLETE (checked again right before each
+replacement and before the marker). Only locally complete tags (commit.py) are ever uploaded.
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from neox_train.checkpoint.local import commit
-from neox_train.checkpoint.local.tags import CONFIG_JSON, DATA_SIDE_FILES, RUN_JSON, sort_key, step_of_tag
+from neox_train.checkpoint.local.tags import (
+    CONFIG_JSON,
+    DATA_SIDE_FILES,
+    RUN_JSON,
+    sort_key,
+    step_of_tag,
+)
 from neox_train.checkpoint.publish.journal import append_journal, journal_path
 from neox_train.checkpoint.publish.owner import Identity, fence
 from neox_train.checkpoint.publish.settings import PublishSettings
@@ -50,17 +58,20 @@ _LATEST_ATTEMPTS = 5
 
 
 class CheckpointConflict(StorageError):
-    """A write would change a published (COMPLETE) checkpoint, or a tag another run is publishing. Permanent:
-    retrying cannot help. Published checkpoints are immutable, so the local one stays local."""
+    """A write would change a published (COMPLETE) checkpoint, or a tag another run is publishing.
+    Permanent: retrying cannot help. Published checkpoints are immutable, so the local one stays
+    local."""
 
 
 class CheckpointIncomplete(StorageError):
-    """A local tag is not a complete checkpoint (no or a damaged completeness marker): it is never published."""
+    """A local tag is not a complete checkpoint (no or a damaged completeness marker): it is never
+    published."""
 
 
 def check_tag(tag: str) -> None:
     if not tag or "/" in tag or "\\" in tag or tag.startswith(".") or tag == LATEST:
-        raise StorageError(f"checkpoint tag {tag!r} is not a plain folder name (valid: e.g. global_step100)")
+        raise StorageError(
+            f"checkpoint tag {tag!r} is not a plain folder name (valid: e.g. global_step100)")
 
 
 def read_json(backend: Backend, name: str) -> dict[str, Any] | None:
@@ -72,7 +83,8 @@ def read_json(backend: Backend, name: str) -> dict[str, Any] | None:
     except ValueError as e:
         raise StorageError(f"{backend.url}/{name} is not valid JSON ({e})") from e
     if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
-        raise StorageError(f"{backend.url}/{name} has no \"files\" object (it was not written by neox-train)")
+        raise StorageError(
+            f"{backend.url}/{name} has no \"files\" object (it was not written by neox-train)")
     return data
 
 
@@ -80,41 +92,48 @@ def file_entry(meta: Any, where: str) -> tuple[int, str]:
     try:
         return int(meta["size"]), str(meta["crc32c"])
     except (TypeError, KeyError, ValueError) as e:
-        raise StorageError(f"{where}: entry {meta!r} lacks an integer \"size\" and a \"crc32c\"") from e
+        raise StorageError(
+            f"{where}: entry {meta!r} lacks an integer \"size\" and a \"crc32c\"") from e
 
 
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=True).encode()
 
 
-# Files every node's local rank 0 writes under `checkpoint.use_node_local_storage`: the (ZeRO-0/1/2) model states
-# and our side files. The same content on every node, but pickles are not byte-identical: node 0's copy is the
-# checkpoint's, the others stay local, or two nodes would race for one object name with different bytes. (ZeRO-3
-# names its per-rank files zero_pp_rank_N_..., which do not match.)
+# Files every node's local rank 0 writes under `checkpoint.use_node_local_storage`: the (ZeRO-0/1/2)
+# model states and our side files. The same content on every node, but pickles are not
+# byte-identical: node 0's copy is the checkpoint's, the others stay local, or two nodes would race
+# for one object name with different bytes. (ZeRO-3 names its per-rank files zero_pp_rank_N_...,
+# which do not match.)
 _SIDE_FILES = "|".join(re.escape(n) for n in (RUN_JSON, CONFIG_JSON, *DATA_SIDE_FILES))
 NODE_REPLICATED = re.compile(rf"^(mp_rank_\d+_model_states\.pt|{_SIDE_FILES})$")
 
 
-def part_files(save_dir: Path, tag: str, node_rank: int) -> tuple[commit.TagStatus, list[tuple[str, Path]]]:
-    """The local tag's status and the files of it this node publishes. CheckpointIncomplete unless complete."""
+def part_files(save_dir: Path, tag: str,
+               node_rank: int) -> tuple[commit.TagStatus, list[tuple[str, Path]]]:
+    """The local tag's status and the files of it this node publishes. CheckpointIncomplete unless
+    complete."""
     folder = Path(save_dir) / tag
     status = commit.inspect(save_dir, tag)
     if not status.complete:
-        raise CheckpointIncomplete(f"{folder} is not a complete checkpoint ({status.problem}): only complete "
-                                   f"checkpoints are published")
+        raise CheckpointIncomplete(f"{folder} is not a complete checkpoint ({status.problem}): "
+                                   f"only complete checkpoints are published")
     files = commit.tag_files(folder)
     for rel, path in files:
         if rel in (MANIFEST, COMPLETE) or rel.startswith(f"{PARTS}/"):
             raise StorageError(
-                f"{path}: {rel!r} is a name reserved for the published checkpoint's bookkeeping; rename it")
+                f"{path}: {rel!r} is a name reserved for the published checkpoint's bookkeeping; "
+                "rename it")
     if node_rank > 0:
         files = [(rel, path) for rel, path in files if not NODE_REPLICATED.match(rel)]
     return status, files
 
 
-def _check_against_marker(folder: Path, records: dict[str, commit.FileRecord], cache: Crc32cCache) -> None:
-    """A file unchanged since the commit hashed it (same size and mtime) is taken at the marker's crc32c; one that
-    was touched since is read again and must still hash to it: a tag is published only as it was saved."""
+def _check_against_marker(folder: Path, records: dict[str, commit.FileRecord],
+                          cache: Crc32cCache) -> None:
+    """A file unchanged since the commit hashed it (same size and mtime) is taken at the marker's
+    crc32c; one that was touched since is read again and must still hash to it: a tag is published
+    only as it was saved."""
     for rel, record in sorted(records.items()):
         path = folder.joinpath(*rel.split("/"))
         try:
@@ -124,24 +143,26 @@ def _check_against_marker(folder: Path, records: dict[str, commit.FileRecord], c
                 continue
             crc = cache.get(path)
         except OSError as e:
-            raise CheckpointIncomplete(f"{path} cannot be read ({e.strerror or e}): {folder.name} is not "
-                                       f"published") from e
+            raise CheckpointIncomplete(f"{path} cannot be read ({e.strerror or e}): {folder.name} "
+                                       f"is not published") from e
         if crc != record.crc32c:
             raise CheckpointIncomplete(
-                f"{path} has crc32c {crc} but was saved with {record.crc32c} (its completeness marker): the file "
-                f"changed after the save, so {folder.name} is damaged and is never published; it stays on local disk")
+                f"{path} has crc32c {crc} but was saved with {record.crc32c} (its completeness "
+                f"marker): the file changed after the save, so {folder.name} is damaged and is "
+                "never published; it stays on local disk")
 
 
-def upload_checkpoint_part(save_dir: Path, tag: str, backend: Backend, *, identity: Identity, node_rank: int = 0,
-                           workers: int = 8, cache: Crc32cCache | None = None,
+def upload_checkpoint_part(save_dir: Path, tag: str, backend: Backend, *, identity: Identity,
+                           node_rank: int = 0, workers: int = 8, cache: Crc32cCache | None = None,
                            gate: Callable[[], None] | None = None) -> SyncResult:
-    """Upload this node's files of the complete local tag SAVE_DIR/<tag> to <tag>/ and record them in
-    <tag>/.parts/node-<node_rank>.json.
+    """Upload this node's files of the complete local tag SAVE_DIR/<tag> to <tag>/ and record them
+    in <tag>/.parts/node-<node_rank>.json.
 
-    A tag that is COMPLETE remotely is never written: identical local files are a no-op, different ones a
-    CheckpointConflict. A tag another run has parts in is never written either (CheckpointConflict). Replacing a
-    file (left by an earlier, interrupted attempt of this run) happens only while `identity` still owns the
-    prefix and the tag is still not COMPLETE, checked right before each replacement.
+    A tag that is COMPLETE remotely is never written: identical local files are a no-op, different
+    ones a CheckpointConflict. A tag another run has parts in is never written either
+    (CheckpointConflict). Replacing a file (left by an earlier, interrupted attempt of this run)
+    happens only while `identity` still owns the prefix and the tag is still not COMPLETE, checked
+    right before each replacement.
     """
     check_tag(tag)
     status, files = part_files(save_dir, tag, node_rank)
@@ -156,17 +177,19 @@ def upload_checkpoint_part(save_dir: Path, tag: str, backend: Backend, *, identi
         part = read_json(backend, name)
         if part is not None and part.get("run_id") != identity.run_id:
             raise CheckpointConflict(
-                f"{backend.url}/{tag} is being published by run {part.get('run_id')} ({name} is its part), not by this "
-                f"run ({identity.run_id}); a tag has one publisher: this checkpoint stays local")
+                f"{backend.url}/{tag} is being published by run {part.get('run_id')} ({name} is "
+                f"its part), not by this run ({identity.run_id}); a tag has one publisher: this "
+                "checkpoint stays local")
 
-    def guard(rel: str, have: RemoteFile | None, _listing: dict[str, RemoteFile] | None = None) -> None:
+    def guard(rel: str, have: RemoteFile | None,
+              _listing: dict[str, RemoteFile] | None = None) -> None:
         if have is None:
             return  # a create-only write cannot harm anyone
         fence(backend, identity, f"replace {tag}/{rel}")
         _not_published(backend, tag)
 
-    result, local = upload_tree(folder, backend, tag, workers=workers, cache=cache, progress=False, gate=gate,
-                             files=files, listing=listing, guard=guard)
+    result, local = upload_tree(folder, backend, tag, workers=workers, cache=cache, progress=False,
+                                gate=gate, files=files, listing=listing, guard=guard)
     part = {
         "node": node_rank,
         "run_id": identity.run_id,
@@ -179,32 +202,35 @@ def upload_checkpoint_part(save_dir: Path, tag: str, backend: Backend, *, identi
     return result
 
 
-def _check_already_published(folder: Path, files: list[tuple[str, Path]], backend: Backend, tag: str,
-                             cache: Crc32cCache, workers: int) -> SyncResult:
+def _check_already_published(folder: Path, files: list[tuple[str, Path]], backend: Backend,
+                             tag: str, cache: Crc32cCache, workers: int) -> SyncResult:
     manifest = read_json(backend, f"{tag}/{MANIFEST}")
     if manifest is None:
-        raise CheckpointConflict(f"{backend.url}/{tag} has {COMPLETE} but no {MANIFEST}; it is damaged, and this "
-                                 f"checkpoint cannot be published under its name")
+        raise CheckpointConflict(f"{backend.url}/{tag} has {COMPLETE} but no {MANIFEST}; it is "
+                                 f"damaged, and this checkpoint cannot be published under its name")
     local = hash_local(files, cache, workers)
     for rel, (size, crc) in sorted(local.items()):
         meta = manifest["files"].get(rel)
         if meta is None or file_entry(meta, f"{backend.url}/{tag}/{MANIFEST}") != (size, crc):
             raise CheckpointConflict(
-                f"{backend.url}/{tag} is already published (COMPLETE) with different content ({folder / rel} is "
-                f"{'not in its manifest' if meta is None else 'different'}); a published checkpoint is never "
-                f"overwritten: this one stays local"
+                f"{backend.url}/{tag} is already published (COMPLETE) with different content "
+                f"({folder / rel} is {'not in its manifest' if meta is None else 'different'}); a "
+                f"published checkpoint is never overwritten: this one stays local"
             )
     return SyncResult(files_skipped=len(local))
 
 
-def finalize_checkpoint(backend: Backend, tag: str, *, identity: Identity, num_nodes: int = 1) -> bool:
-    """Publish <tag> once every node's part is there: manifest, then COMPLETE, then `latest` (forward only).
+def finalize_checkpoint(backend: Backend, tag: str, *, identity: Identity,
+                        num_nodes: int = 1) -> bool:
+    """Publish <tag> once every node's part is there: manifest, then COMPLETE, then `latest`
+    (forward only).
 
-    False: some part is missing, or is left from an earlier start of this run (its node uploads this start's; poll
-    again). True: the tag is COMPLETE. Idempotent: on a COMPLETE tag only `latest` may move (forward). A part of
-    another run is a CheckpointConflict; a file the parts list but the bucket lacks or holds with another size or
-    crc32c is a StorageError, and nothing is published. `identity` must still own the prefix right before the
-    manifest and again right before the COMPLETE marker (PrefixOwned otherwise).
+    False: some part is missing, or is left from an earlier start of this run (its node uploads this
+    start's; poll again). True: the tag is COMPLETE. Idempotent: on a COMPLETE tag only `latest` may
+    move (forward). A part of another run is a CheckpointConflict; a file the parts list but the
+    bucket lacks or holds with another size or crc32c is a StorageError, and nothing is published.
+    `identity` must still own the prefix right before the manifest and again right before the
+    COMPLETE marker (PrefixOwned otherwise).
     """
     check_tag(tag)
     if num_nodes < 1:
@@ -231,15 +257,17 @@ def finalize_checkpoint(backend: Backend, tag: str, *, identity: Identity, num_n
             entry = file_entry(meta, f"{backend.url}/{name}")
             if files.setdefault(rel, entry) != entry:
                 raise StorageError(
-                    f"cannot finalize {backend.url}/{tag}: two nodes uploaded {rel} with different content")
+                    f"cannot finalize {backend.url}/{tag}: two nodes uploaded {rel} with different "
+                    "content")
 
     mismatch = first_mismatch(listing, f"{tag}/", files)
     if mismatch:
         rel, found, size, crc = mismatch
         raise StorageError(
-            f"cannot finalize {backend.url}/{tag}: {rel} is {found} remotely, its node uploaded size {size} "
-            f"crc32c {crc}", transient=True)
-    # Deterministic content (no timestamps): a finalize repeated after a lost response writes the same bytes.
+            f"cannot finalize {backend.url}/{tag}: {rel} is {found} remotely, its node uploaded "
+            f"size {size} crc32c {crc}", transient=True)
+    # Deterministic content (no timestamps): a finalize repeated after a lost response writes the
+    # same bytes.
     manifest = {
         "tag": tag,
         "step": step_of_tag(tag),
@@ -248,10 +276,12 @@ def finalize_checkpoint(backend: Backend, tag: str, *, identity: Identity, num_n
         "files": {rel: {"size": size, "crc32c": crc} for rel, (size, crc) in sorted(files.items())},
     }
     fence(backend, identity, f"publish {tag}")
-    _write_once(backend, f"{tag}/{MANIFEST}", _dumps(manifest), listed=f"{tag}/{MANIFEST}" in listing,
+    _write_once(backend, f"{tag}/{MANIFEST}", _dumps(manifest),
+                listed=f"{tag}/{MANIFEST}" in listing,
                 before_replace=lambda: _not_published(backend, tag))
     fence(backend, identity, f"publish {tag}")  # right before the irreversible marker
-    backend.write_bytes(f"{tag}/{COMPLETE}", _dumps({"tag": tag, "step": step_of_tag(tag), "run_id": identity.run_id}),
+    backend.write_bytes(f"{tag}/{COMPLETE}",
+                        _dumps({"tag": tag, "step": step_of_tag(tag), "run_id": identity.run_id}),
                         generation=0)
     _advance_latest(backend, tag)
     return True
@@ -259,12 +289,13 @@ def finalize_checkpoint(backend: Backend, tag: str, *, identity: Identity, num_n
 
 def _write_once(backend: Backend, name: str, data: bytes, *, listed: bool,
                 before_replace: Callable[[], None]) -> None:
-    """A manifest or node part, written once: created if the listing showed none; left alone when it already holds
-    these bytes (another publisher of the same run and tag got there first, or an earlier attempt's response was
-    lost); replaced only when it differs (an interrupted earlier start's), after `before_replace` (the fence and
-    the COMPLETE check) let it."""
+    """A manifest or node part, written once: created if the listing showed none; left alone when it
+    already holds these bytes (another publisher of the same run and tag got there first, or an
+    earlier attempt's response was lost); replaced only when it differs (an interrupted earlier
+    start's), after `before_replace` (the fence and the COMPLETE check) let it."""
     if not listed:
-        backend.write_bytes(name, data, generation=0)  # a create; the same bytes already there count as written
+        # a create; the same bytes already there count as written
+        backend.write_bytes(name, data, generation=0)
         return
     got = backend.read(name)
     if got is not None and got[0] == data:
@@ -275,11 +306,13 @@ def _write_once(backend: Backend, name: str, data: bytes, *, listed: bool,
 
 def _not_published(backend: Backend, tag: str) -> None:
     if backend.stat(f"{tag}/{COMPLETE}") is not None:
-        raise CheckpointConflict(f"{backend.url}/{tag} was published meanwhile: its files are never replaced")
+        raise CheckpointConflict(
+            f"{backend.url}/{tag} was published meanwhile: its files are never replaced")
 
 
 def _advance_latest(backend: Backend, tag: str) -> None:
-    """Move `latest` to tag if that is forward, replacing exactly the pointer read (never a newer one)."""
+    """Move `latest` to tag if that is forward, replacing exactly the pointer read (never a newer
+    one)."""
     for _ in range(_LATEST_ATTEMPTS):
         got = backend.read(LATEST)
         generation = 0
@@ -293,11 +326,13 @@ def _advance_latest(backend: Backend, tag: str) -> None:
             return
         except RemoteChanged:
             continue  # moved by another publisher meanwhile: look again
-    raise StorageError(f"{backend.url}/{LATEST} kept changing while {tag} was published", transient=True)
+    raise StorageError(f"{backend.url}/{LATEST} kept changing while {tag} was published",
+                       transient=True)
 
 
 class Publication:
-    """The steps of publishing one tag from this node, shared by the background worker and inline uploads."""
+    """The steps of publishing one tag from this node, shared by the background worker and inline
+    uploads."""
 
     def __init__(self, backend, settings: PublishSettings, cache, *, gate=None):
         self.backend = backend
@@ -311,14 +346,17 @@ class Publication:
 
         try:
             if not (Path(self.settings.save_dir) / tag).is_dir():
-                raise StorageError(f"checkpoint folder {Path(self.settings.save_dir) / tag} disappeared before it "
-                                   f"was uploaded")
-            result = upload_checkpoint_part(Path(self.settings.save_dir), tag, self.backend, identity=self.identity,
-                                            node_rank=self.settings.node_rank, workers=self.settings.workers,
-                                            cache=self.cache, gate=self.gate)
+                raise StorageError(f"checkpoint folder {Path(self.settings.save_dir) / tag} "
+                                   f"disappeared before it was uploaded")
+            result = upload_checkpoint_part(Path(self.settings.save_dir), tag, self.backend,
+                                            identity=self.identity,
+                                            node_rank=self.settings.node_rank,
+                                            workers=self.settings.workers, cache=self.cache,
+                                            gate=self.gate)
         except Exception:
-            # Deleted locally (before or while it was read) because it is verified in the bucket: retention, or room
-            # made for a save on a full disk, while it waited in the queue. Published, not failed.
+            # Deleted locally (before or while it was read) because it is verified in the bucket:
+            # retention, or room made for a save on a full disk, while it waited in the queue.
+            # Published, not failed.
             if self._gone_because_published(tag):
                 return SyncResult()
             raise
@@ -326,7 +364,8 @@ class Publication:
         return result
 
     def _gone_because_published(self, tag: str) -> bool:
-        """The local folder is gone and the bucket has the tag COMPLETE (False when the bucket cannot say)."""
+        """The local folder is gone and the bucket has the tag COMPLETE (False when the bucket
+        cannot say)."""
         if (Path(self.settings.save_dir) / tag).is_dir():
             return False
         try:
@@ -335,11 +374,12 @@ class Publication:
             return False
 
     def try_complete(self, tag: str) -> bool:
-        """The publisher finalizes once every node's part is remote; other nodes see whether COMPLETE exists. True
-        once the tag is published."""
+        """The publisher finalizes once every node's part is remote; other nodes see whether
+        COMPLETE exists. True once the tag is published."""
 
         if self.settings.publisher:
-            return finalize_checkpoint(self.backend, tag, identity=self.identity, num_nodes=self.settings.num_nodes)
+            return finalize_checkpoint(self.backend, tag, identity=self.identity,
+                                       num_nodes=self.settings.num_nodes)
         return self.backend.read_bytes(f"{tag}/{COMPLETE}") is not None
 
     def publish(self, tag: str, *, timeout_s: float):
@@ -349,7 +389,8 @@ class Publication:
         deadline = time.monotonic() + timeout_s
         while not self.try_complete(tag):
             if time.monotonic() > deadline:
-                raise StorageError(f"{tag}: the other nodes' parts did not arrive within {timeout_s:.0f} s")
+                raise StorageError(
+                    f"{tag}: the other nodes' parts did not arrive within {timeout_s:.0f} s")
             time.sleep(self.settings.finalize_poll_s)
         append_journal(journal_path(Path(self.settings.save_dir), self.settings.node_rank),
                        {"published": tag, "time": time.time()})

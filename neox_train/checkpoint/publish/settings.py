@@ -1,9 +1,9 @@
-"""Who publishes a run's checkpoints, and with what settings: the one place that turns a run config and a rank's
-place in the job into `PublishSettings`.
+"""Who publishes a run's checkpoints, and with what settings: the one place that turns a run config
+and a rank's place in the job into `PublishSettings`.
 
-With DeepSpeed's `checkpoint.use_node_local_storage` each node holds its own part of a checkpoint, so every
-node's local rank 0 uploads its part and global rank 0 publishes once all parts are remote; on shared storage only
-global rank 0 uploads.
+With DeepSpeed's `checkpoint.use_node_local_storage` each node holds its own part of a checkpoint,
+so every node's local rank 0 uploads its part and global rank 0 publishes once all parts are remote;
+on shared storage only global rank 0 uploads.
 """
 
 from __future__ import annotations
@@ -26,39 +26,48 @@ def is_uploader(topo: Topology, node_local: bool) -> bool:
 
 
 def folder_node(topo: Topology, node_local: bool) -> int:
-    """Which checkpoint folder this rank's files are in: its node's with node-local storage, else 0 (one folder
-    every node shares). The node-<k> of the journal, the crc32c cache and the uploaded part."""
+    """Which checkpoint folder this rank's files are in: its node's with node-local storage, else 0
+    (one folder every node shares). The node-<k> of the journal, the crc32c cache and the uploaded
+    part."""
     return topo.node_rank if node_local else 0
 
 
 @dataclass(frozen=True)
 class PublishSettings:
-    """What publishing needs; plain data so it crosses the spawn boundary into the upload process."""
+    """What publishing needs; plain data so it crosses the spawn boundary into the upload
+    process."""
 
     url: str
     save_dir: str
-    run_id: str  # this run's id and this start's session: the worker publishes only while they own the prefix
+    # this run's id and this start's session: the worker publishes only while they own the prefix
+    run_id: str
     session: str | None = None
     credentials: str | None = None
     node_rank: int = 0
     num_nodes: int = 1  # nodes whose parts make one checkpoint (node-local storage), else 1
     publisher: bool = True  # finalizes (manifest, COMPLETE, latest): global rank 0's worker
     workers: int = 8
-    max_pending: int = 0  # >0: when more are waiting, superseded pending tags are skipped (kept locally)
+    # >0: when more are waiting, superseded pending tags are skipped (kept locally)
+    max_pending: int = 0
     retry_initial_s: float = 2.0
     retry_max_s: float = 60.0
     finalize_poll_s: float = 1.0
-    # A checkpoint waits this long for the other nodes' parts (or, on those nodes, for node 0's COMPLETE) before it
-    # is given up as failed; meanwhile the worker goes on with the next checkpoints.
+    # A checkpoint waits this long for the other nodes' parts (or, on those nodes, for node 0's
+    # COMPLETE) before it is given up as failed; meanwhile the worker goes on with the next
+    # checkpoints.
     await_other_nodes_s: float = 3600.0
-    # While the trainer writes a checkpoint, uploads wait (at most this long per wait) so that they do not compete
-    # with the save for the disk and the cores: the loop's stall is the one cost that reaches the GPUs.
+    # While the trainer writes a checkpoint, uploads wait (at most this long per wait) so that they
+    # do not compete with the save for the disk and the cores: the loop's stall is the one cost that
+    # reaches the GPUs.
     yield_to_save_max_s: float = 120.0
-    # Requests failing this long with none getting through (a refused or silent endpoint): one WARNING, and the
-    # waiting checkpoints count as stuck for max_unpublished_checkpoints (RunConfig.unreachable_warning_s).
+    # Requests failing this long with none getting through (a refused or silent endpoint): one
+    # WARNING, and the waiting checkpoints count as stuck for max_unpublished_checkpoints
+    # (RunConfig.unreachable_warning_s).
     unreachable_warning_s: float = 30.0
-    background: bool = True  # upload in a process of its own; False: inside save, blocking (debugging)
-    upload_timeout_s: float = 1800.0  # the bounded wait at exit (flush) and for an inline publication
+    # upload in a process of its own; False: inside save, blocking (debugging)
+    background: bool = True
+    # the bounded wait at exit (flush) and for an inline publication
+    upload_timeout_s: float = 1800.0
 
     @classmethod
     def for_run(cls, run: RunConfig, topo: Topology, *, node_local: bool, run_id: str,

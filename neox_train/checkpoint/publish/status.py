@@ -1,5 +1,6 @@
-"""What the trainer knows about publishing: `PublishStatus`, kept from the upload process's messages (or, inline,
-from the publications themselves) and read by retention, the loop's metrics and the exit line.
+"""What the trainer knows about publishing: `PublishStatus`, kept from the upload process's messages
+(or, inline, from the publications themselves) and read by retention, the loop's metrics and the
+exit line.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from neox_train.log import log
 @dataclass
 class PublishStatus:
     pending: list[str] = field(default_factory=list)
-    published: list[str] = field(default_factory=list)  # verified remote: by this process or, found at start, earlier
+    # verified remote: by this process or, found at start, earlier
+    published: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)  # given up for good in this process: tag -> why
-    # At exit on a node other than 0 (node-local storage): this node's part is remote, node 0 publishes the tag.
+    # given up for good in this process: tag -> why
+    failed: dict[str, str] = field(default_factory=dict)
+    # At exit on a node other than 0 (node-local storage): this node's part is remote, node 0
+    # publishes the tag.
     handed: list[str] = field(default_factory=list)
     last_published_step: int = -1
     last_lag_s: float = float("nan")
@@ -26,12 +30,14 @@ class PublishStatus:
     files_skipped: int = 0
     worker_retries: int = 0  # requests the worker's storage client retried (503s, resets, timeouts)
     failures: int = 0  # attempts that failed transiently and were retried
-    failing: bool = False  # the last attempt failed (transiently): uploads are not getting through right now
+    # the last attempt failed (transiently): uploads are not getting through right now
+    failing: bool = False
     worker_restarts: int = 0  # times the upload process died and was started again
     last_error: str = ""
 
     def settle(self, tag: str) -> None:
-        """The worker is done with `tag` (published, failed, skipped or handed): no longer pending."""
+        """The worker is done with `tag` (published, failed, skipped or handed): no longer
+        pending."""
         if tag in self.pending:
             self.pending.remove(tag)
 
@@ -56,13 +62,15 @@ class PublishStatus:
 
     @property
     def unpublished(self) -> list[str]:
-        """Checkpoints of this run kept locally because they are not published (yet, or for good)."""
+        """Checkpoints of this run kept locally because they are not published (yet, or for
+        good)."""
         return sorted({*self.pending, *self.failed}, key=sort_key)
 
     @property
     def stuck(self) -> list[str]:
-        """Checkpoints kept locally because publishing fails: those given up for good and, while every attempt
-        fails, those waiting. (A backlog that is merely slow, a worker still starting, does not count.)"""
+        """Checkpoints kept locally because publishing fails: those given up for good and, while
+        every attempt fails, those waiting. (A backlog that is merely slow, a worker still starting,
+        does not count.)"""
         return sorted({*self.failed, *(self.pending if self.failing else ())}, key=sort_key)
 
     def metrics(self, *, retries: int) -> dict[str, float]:
@@ -85,7 +93,8 @@ class PublishStatus:
         if kind == "published":
             tag = msg["tag"]
             st.record_published(tag, lag_s=msg["lag_s"], bytes_uploaded=msg["bytes_uploaded"],
-                                files_uploaded=msg["files_uploaded"], files_skipped=msg["files_skipped"])
+                                files_uploaded=msg["files_uploaded"],
+                                files_skipped=msg["files_skipped"])
             log.info("sync: published %s to %s (%d files, %d bytes uploaded, lag %.1f s)", tag, url,
                      msg["files_uploaded"], msg["bytes_uploaded"], msg["lag_s"])
         elif kind == "verified":
@@ -96,30 +105,34 @@ class PublishStatus:
             tag = msg["tag"]
             st.settle(tag)
             st.handed.append(tag)
-            log.info("sync: %s: this node's part is uploaded to %s; node 0 publishes the checkpoint (its log says "
-                     "whether it did)", tag, url)
+            log.info("sync: %s: this node's part is uploaded to %s; node 0 publishes the "
+                     "checkpoint (its log says whether it did)", tag, url)
         elif kind == "skipped":
             tag = msg["tag"]
             st.settle(tag)
             st.skipped.append(tag)
-            log.warning("sync: skipped superseded checkpoint %s (backlog over max_pending); it stays on local disk",
+            log.warning("sync: skipped superseded checkpoint %s (backlog over max_pending); it "
+                        "stays on local disk",
                         tag)
         elif kind == "failed":
             st.record_failed(msg["tag"], msg["error"])
-            log.error("sync: cannot publish %s to %s, giving it up (it stays on local disk; %d checkpoint(s) "
-                      "unpublished): %s", msg["tag"], url, len(st.unpublished), msg["error"])
+            log.error("sync: cannot publish %s to %s, giving it up (it stays on local disk; %d "
+                      "checkpoint(s) unpublished): %s", msg["tag"], url, len(st.unpublished),
+                      msg["error"])
         elif kind == "failure":
             st.failures += 1
             st.failing = True
             st.last_error = msg["error"]
-            log.warning("sync: %s failed (attempt %d, retrying in %.0f s): %s", msg["tag"], msg["attempt"],
-                        msg["retry_in_s"], msg["error"])
+            log.warning("sync: %s failed (attempt %d, retrying in %.0f s): %s", msg["tag"],
+                        msg["attempt"], msg["retry_in_s"], msg["error"])
         elif kind == "unreachable":
-            st.failing = True  # what waits is stuck now: max_unpublished_checkpoints applies as to any failure
+            # what waits is stuck now: max_unpublished_checkpoints applies as to any failure
+            st.failing = True
             st.last_error = msg["error"]
-            log.warning("sync: %s has not answered for %.0f s (every request fails: %s); %d checkpoint(s) "
-                        "unpublished (%s), kept on local disk while uploads keep retrying; training stops once more "
-                        "than max_unpublished_checkpoints are stuck", msg["endpoint"], msg["seconds"], msg["error"],
+            log.warning("sync: %s has not answered for %.0f s (every request fails: %s); %d "
+                        "checkpoint(s) unpublished (%s), kept on local disk while uploads keep "
+                        "retrying; training stops once more than max_unpublished_checkpoints are "
+                        "stuck", msg["endpoint"], msg["seconds"], msg["error"],
                         len(st.unpublished), ", ".join(st.unpublished) or "none yet")
         elif kind == "reachable":
             st.failing = False
