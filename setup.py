@@ -5,13 +5,14 @@ setup(
     version="0.1.0",
     description="GPT-NeoX training on the DeepSpeed engine, with checkpoints and exact resume",
     packages=find_packages(include=["neox_train", "neox_train.*"]) + ["neox_train.ds_configs"],
-    # The DeepSpeed JSONs live at the top level (the product layout) and ship inside the package in a wheel.
+    # The DeepSpeed JSONs live at the top level (the product layout) and ship inside the package
+    # in a wheel.
     package_dir={"neox_train.ds_configs": "ds_configs"},
     package_data={"neox_train.ds_configs": ["*.json"]},
     python_requires=">=3.10",
     install_requires=[
-        # Pinned: on a CPU machine pip takes the local CPU wheel; on a GPU machine the same pin is the CUDA build.
-        # An unpinned torch would pull a multi-GB CUDA build onto CPU machines.
+        # Pinned: on a CPU machine pip takes the local CPU wheel; on a GPU machine the same pin is
+        # the CUDA build. An unpinned torch would pull a multi-GB CUDA build onto CPU machines.
         "torch==2.13.0",
         "deepspeed==0.19.8",
         "transformers==5.23.0",
@@ -23,21 +24,22 @@ setup(
         "tensorboard>=2.16",
         "google-cloud-storage>=3.13,<4",  # crc32c_checksum_value appeared in 3.13
         "tqdm>=4.66",
-        # Imported directly (pre-flight's host memory; the gs:// backend's network errors), not only through
-        # deepspeed and google-cloud-storage.
+        # Imported directly (pre-flight's host memory; the gs:// backend's network errors), not only
+        # through deepspeed and google-cloud-storage.
         "psutil>=5.9",
         "requests>=2.31",
         # neox-data prepare's inputs: Parquet and HF `save_to_disk` folders (Arrow), .jsonl.zst.
         "pyarrow>=15",
         "zstandard>=0.22",
     ],
-    # ruff pinned: its findings are part of CI's verdict, so a new release cannot fail a run by itself. pytest-xdist
-    # runs the suite on every core (most tests wait on subprocesses; one core sits idle without it).
-    # megatron-core reads back the indexed datasets prepare writes; datasets makes the save_to_disk folders the
-    # tests read and is what bench/prepare_bench.py compares against.
-    extras_require={"test": ["pytest>=8", "pytest-xdist==3.8.0", "gcp-storage-emulator>=2024.8", "pyyaml>=6",
-                             "ruff==0.17.6",
-                             "megatron-core==0.16.1", "datasets==5.2.0"]},
+    # ruff pinned: its findings are part of CI's verdict, so a new release cannot fail a run by
+    # itself. pytest-xdist runs the suite on every core (most tests wait on subprocesses; one core
+    # sits idle without it). megatron-core reads back the indexed datasets prepare writes; datasets
+    # makes the save_to_disk folders the tests read and is what bench/prepare_bench.py compares
+    # against.
+    extras_require={"test": ["pytest>=8", "pytest-xdist==3.8.0", "gcp-storage-emulator>=2024.8",
+                             "pyyaml>=6", "ruff==0.17.6", "megatron-core==0.16.1",
+                             "datasets==5.2.0"]},
     entry_points={
         "console_scripts": [
             "neox-train=neox_train.cli.train:entry",

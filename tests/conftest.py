@@ -1,5 +1,6 @@
-"""Shared test kit: a learnable token corpus, DeepSpeed JSONs derived from the shipped ones, and a runner that
-starts `neox-train` for real (one process, or several through the real `deepspeed` launcher on gloo)."""
+"""Shared test kit: a learnable token corpus, DeepSpeed JSONs derived from the shipped ones, and a
+runner that starts `neox-train` for real (one process, or several through the real `deepspeed`
+launcher on gloo)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ VOCAB = 256
 
 
 def markov_tokens(n: int, seed: int = 0) -> np.ndarray:
-    """Tokens from a sparse random Markov chain (2 successors per token): a tiny model learns it in a few steps,
-    so "the loss falls" is a real signal, not noise."""
+    """Tokens from a sparse random Markov chain (2 successors per token): a tiny model learns it in
+    a few steps, so "the loss falls" is a real signal, not noise."""
     rng = np.random.default_rng(seed)
     successors = rng.integers(0, VOCAB, size=(VOCAB, 2))
     out = np.empty(n, dtype=np.uint16)
@@ -39,9 +40,10 @@ def markov_tokens(n: int, seed: int = 0) -> np.ndarray:
 
 
 def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
-    """A folder built once per test session and shared by every pytest-xdist worker (the workers' temporary
-    folders sit side by side under one session folder): the first worker to ask builds it under a lock, the others
-    wait for it and reuse it. Without xdist, the session's own temporary folder."""
+    """A folder built once per test session and shared by every pytest-xdist worker (the workers'
+    temporary folders sit side by side under one session folder): the first worker to ask builds it
+    under a lock, the others wait for it and reuse it. Without xdist, the session's own temporary
+    folder."""
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent
@@ -85,9 +87,10 @@ test_ds_config.__test__ = False  # a helper, not a test
 
 def tiny_run_config(tmp_path: Path, data_dir: Path, **overrides) -> Path:
     values = dict(
-        model="neox-tiny", seq_len=32, vocab_size=VOCAB, micro_batch=4, grad_accum=2, mixed_precision="no",
-        max_steps=6, warmup_steps=1, save_steps=3, log_steps=1, eval_steps=3, eval_batches=2, keep_last_n=0,
-        val_fraction=0.05, data_dir=str(data_dir), save_dir=str(tmp_path / "ckpt"), log_dir=str(tmp_path / "logs"),
+        model="neox-tiny", seq_len=32, vocab_size=VOCAB, micro_batch=4, grad_accum=2,
+        mixed_precision="no", max_steps=6, warmup_steps=1, save_steps=3, log_steps=1, eval_steps=3,
+        eval_batches=2, keep_last_n=0, val_fraction=0.05, data_dir=str(data_dir),
+        save_dir=str(tmp_path / "ckpt"), log_dir=str(tmp_path / "logs"),
     )
     values.update(overrides)
     path = tmp_path / "run.json"
@@ -95,19 +98,20 @@ def tiny_run_config(tmp_path: Path, data_dir: Path, **overrides) -> Path:
     return path
 
 
-# The training runs several test files share (test_train checks them, test_convert exports them): each
-# (ZeRO stage, processes, precision) trains once per session, TRAINED_STEPS steps, saved at TRAINED_SAVE_AT and
-# at the end. Every stage at 1 and 2 ranks, fp32 and bf16 both at every rank count.
+# The training runs several test files share (test_train checks them, test_convert exports them):
+# each (ZeRO stage, processes, precision) trains once per session, TRAINED_STEPS steps, saved at
+# TRAINED_SAVE_AT and at the end. Every stage at 1 and 2 ranks, fp32 and bf16 both at every rank
+# count.
 TRAINED_STEPS, TRAINED_SAVE_AT = 8, 4
-TRAINED_CASES = [(0, 1, "no"), (0, 2, "bf16"), (1, 1, "bf16"), (1, 2, "no"), (2, 1, "no"), (2, 2, "bf16"),
-                 (3, 1, "bf16"), (3, 2, "no")]
+TRAINED_CASES = [(0, 1, "no"), (0, 2, "bf16"), (1, 1, "bf16"), (1, 2, "no"), (2, 1, "no"),
+                 (2, 2, "bf16"), (3, 1, "bf16"), (3, 2, "no")]
 _trained: dict[tuple[int, int, str], Path] = {}
 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, token_dir):
-    """get(stage, nprocs, precision) -> the run folder (run.json, ckpt/, logs/) of a shared training run. Tests
-    read these folders and copy what they change."""
+    """get(stage, nprocs, precision) -> the run folder (run.json, ckpt/, logs/) of a shared training
+    run. Tests read these folders and copy what they change."""
 
     def train(tmp: Path, stage: int, nprocs: int, precision: str) -> None:
         run = tiny_run_config(
@@ -119,7 +123,8 @@ def trained_run(tmp_path_factory, token_dir):
     def get(stage: int, nprocs: int, precision: str) -> Path:
         key = (stage, nprocs, precision)
         if key not in _trained:
-            _trained[key] = built_once(tmp_path_factory, f"trained_zero{stage}_{nprocs}p_{precision}",
+            _trained[key] = built_once(tmp_path_factory,
+                                       f"trained_zero{stage}_{nprocs}p_{precision}",
                                        lambda tmp: train(tmp, *key))
         return _trained[key]
 
@@ -136,37 +141,42 @@ def train_env() -> dict[str, str]:
 
 
 def communicate_or_kill(p: subprocess.Popen, timeout: float) -> tuple[str, str]:
-    """(stdout, stderr) of a process started in its own group (start_new_session); past `timeout` the whole group
-    is killed and the test fails with the stderr tail."""
+    """(stdout, stderr) of a process started in its own group (start_new_session); past `timeout`
+    the whole group is killed and the test fails with the stderr tail."""
     try:
         return p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
         _, stderr = p.communicate()
-        raise AssertionError(f"{' '.join(map(str, p.args))} timed out after {timeout} s\n{stderr[-6000:]}") from None
+        raise AssertionError(
+            f"{' '.join(map(str, p.args))} timed out after {timeout} s\n{stderr[-6000:]}") from None
 
 
 def run_in_own_group(cmd: list[str], *, env: dict[str, str], timeout: float, cwd: Path | None = None
                      ) -> subprocess.CompletedProcess:
-    """Run cmd in its own process group, so a hung run's ranks die with the launcher instead of outliving the test:
-    on timeout the whole group is killed and the test fails with the command's stderr tail."""
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
-                          start_new_session=True) as p:
+    """Run cmd in its own process group, so a hung run's ranks die with the launcher instead of
+    outliving the test: on timeout the whole group is killed and the test fails with the command's
+    stderr tail."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          cwd=cwd, start_new_session=True) as p:
         stdout, stderr = communicate_or_kill(p, timeout)
     return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
 
 
 def run_train(args: list[str], *, nprocs: int = 1, timeout: int = 300, check: bool = True,
               extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`neox-train ARGS`, or `deepspeed --num_gpus N neox-train ARGS` for several CPU ranks on localhost."""
+    """`neox-train ARGS`, or `deepspeed --num_gpus N neox-train ARGS` for several CPU ranks on
+    localhost."""
     exe = str(BIN / "neox-train")
     if nprocs == 1:
         cmd = [exe, *args]
     else:
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port", str(_free_port()), exe, *args]
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(nprocs), "--master_port",
+               str(_free_port()), exe, *args]
     proc = run_in_own_group(cmd, env={**train_env(), **(extra_env or {})}, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
     return proc
 
 
@@ -190,10 +200,11 @@ def copy_checkpoint(src: Path, dst: Path, tag: str) -> None:
     (dst / "latest").write_text(tag)
 
 
-@pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle: the order within each group stays random
+# after pytest-randomly's shuffle: the order within each group stays random
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    """The slow tests first: with pytest-xdist, a minute-long test handed out last keeps one worker busy while the
-    others have finished. GPU tests are skipped without CUDA."""
+    """The slow tests first: with pytest-xdist, a minute-long test handed out last keeps one worker
+    busy while the others have finished. GPU tests are skipped without CUDA."""
     import torch
 
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)

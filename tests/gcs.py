@@ -1,15 +1,16 @@
-"""GCS test kit: the real gcp-storage-emulator (one per session) behind a layer that enforces generation
-preconditions as GCS does, a bucket per test, a direct client, and a fault-injecting HTTP proxy for the real
-google-cloud-storage client to fight through.
+"""GCS test kit: the real gcp-storage-emulator (one per session) behind a layer that enforces
+generation preconditions as GCS does, a bucket per test, a direct client, and a fault-injecting HTTP
+proxy for the real google-cloud-storage client to fight through.
 
-The emulator accepts ifGenerationMatch (and the other preconditions) and ignores them, so on its own two writers of
-one name both "win" and a create-only write replaces what is there. Every Emulator therefore starts with a
-precondition-enforcing FaultProxy (`Emulator.layer`) in front of it, and `Emulator.url` (what STORAGE_EMULATOR_HOST
-takes, what a test's own FaultProxy chains to) is that layer; `Emulator.emulator_url` is the bare emulator. The layer
-lives as long as the emulator and stops with it.
+The emulator accepts ifGenerationMatch (and the other preconditions) and ignores them, so on its own
+two writers of one name both "win" and a create-only write replaces what is there. Every Emulator
+therefore starts with a precondition-enforcing FaultProxy (`Emulator.layer`) in front of it, and
+`Emulator.url` (what STORAGE_EMULATOR_HOST takes, what a test's own FaultProxy chains to) is that
+layer; `Emulator.emulator_url` is the bare emulator. The layer lives as long as the emulator and
+stops with it.
 
-Import the fixtures into a test module (`from gcs import gcs_bucket, gcs_emulator  # noqa: F401`) or wrap the
-plain functions in conftest.py.
+Import the fixtures into a test module (`from gcs import gcs_bucket, gcs_emulator  # noqa: F401`)
+or wrap the plain functions in conftest.py.
 """
 
 from __future__ import annotations
@@ -46,23 +47,27 @@ def free_port() -> int:
 
 
 class Emulator:
-    """`gcp-storage-emulator start --in-memory` on a free loopback port, behind a precondition-enforcing layer.
+    """`gcp-storage-emulator start --in-memory` on a free loopback port, behind a
+    precondition-enforcing layer.
 
-    url: what STORAGE_EMULATOR_HOST takes: the layer (or the emulator itself with enforce_preconditions=False).
-    emulator_url: the emulator itself, past the layer (to look at what is stored without going through anything).
-    layer: the FaultProxy(enforce_preconditions=True) in front, or None. Bounded: everything stops after lifetime_s.
+    url: what STORAGE_EMULATOR_HOST takes: the layer (or the emulator itself with
+    enforce_preconditions=False).
+    emulator_url: the emulator itself, past the layer (to look at what is stored without going
+    through anything).
+    layer: the FaultProxy(enforce_preconditions=True) in front, or None. Bounded: everything stops
+    after lifetime_s.
     """
 
-    def __init__(self, timeout_s: float = 30.0, nice: int = 0, *, enforce_preconditions: bool = True,
-                 lifetime_s: float = 6 * 3600.0):
+    def __init__(self, timeout_s: float = 30.0, nice: int = 0, *,
+                 enforce_preconditions: bool = True, lifetime_s: float = 6 * 3600.0):
         self.port = free_port()
         self.emulator_url = f"http://127.0.0.1:{self.port}"
         self.url = self.emulator_url
         self.layer: FaultProxy | None = None
         self.proc = subprocess.Popen(
-            [str(EMULATOR_BIN), "start", "--host", "127.0.0.1", "--port", str(self.port), "--in-memory", "-q"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-            preexec_fn=(lambda: os.nice(nice)) if nice else None,
+            [str(EMULATOR_BIN), "start", "--host", "127.0.0.1", "--port", str(self.port),
+             "--in-memory", "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True, preexec_fn=(lambda: os.nice(nice)) if nice else None,
         )
         deadline = time.monotonic() + timeout_s
         while True:
@@ -73,14 +78,17 @@ class Emulator:
             except OSError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                err = self.proc.stderr.read().decode(errors="replace")[-2000:] if self.proc.poll() is not None else ""
+                err = (self.proc.stderr.read().decode(errors="replace")[-2000:]
+                       if self.proc.poll() is not None else "")
                 self.stop()
-                raise RuntimeError(f"gcp-storage-emulator did not answer on {self.url} within {timeout_s}s: {err}")
+                raise RuntimeError(
+                    f"gcp-storage-emulator did not answer on {self.url} within {timeout_s}s: {err}")
             time.sleep(0.05)
         if enforce_preconditions:
-            # Session-long: no lifetime or request cap of its own (this object's timer bounds both), no request log.
-            self.layer = FaultProxy(self.emulator_url, enforce_preconditions=True, lifetime_s=None, max_requests=None,
-                                    keep_log=False)
+            # Session-long: no lifetime or request cap of its own (this object's timer bounds both),
+            # no request log.
+            self.layer = FaultProxy(self.emulator_url, enforce_preconditions=True, lifetime_s=None,
+                                    max_requests=None, keep_log=False)
             self.url = self.layer.url
         self._timer = threading.Timer(lifetime_s, self.stop)
         self._timer.daemon = True
@@ -128,8 +136,9 @@ def stop_shared_emulator() -> None:
 
 
 def direct_client(emulator_url: str):
-    """A client for exactly this URL, whatever STORAGE_EMULATOR_HOST says (it may name a proxy): `Emulator.url`
-    goes through the precondition layer, `Emulator.emulator_url` straight to the emulator."""
+    """A client for exactly this URL, whatever STORAGE_EMULATOR_HOST says (it may name a proxy):
+    `Emulator.url` goes through the precondition layer, `Emulator.emulator_url` straight to the
+    emulator."""
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
@@ -146,13 +155,16 @@ def create_bucket(emulator_url: str) -> str:
 def fast_retry(backend, deadline_s: float = 30.0, probe_deadline_s: float = 2.0):
     """Millisecond backoff for tests (the policy and predicate stay the library's)."""
     if hasattr(backend, "configure_retry"):
-        backend.configure_retry(deadline_s=deadline_s, probe_deadline_s=probe_deadline_s, initial_s=0.01, maximum_s=0.1)
+        backend.configure_retry(deadline_s=deadline_s, probe_deadline_s=probe_deadline_s,
+                                initial_s=0.01, maximum_s=0.1)
     return backend
 
 
-def force_resumable(monkeypatch: pytest.MonkeyPatch, backend, chunk_bytes: int = 256 * 1024) -> None:
-    """Send files over chunk_bytes as resumable uploads in chunks of chunk_bytes, so a 600 KiB test file takes
-    the path a multi-GB checkpoint takes (the client switches at 8 MiB; its module constant is lowered here)."""
+def force_resumable(monkeypatch: pytest.MonkeyPatch, backend,
+                    chunk_bytes: int = 256 * 1024) -> None:
+    """Send files over chunk_bytes as resumable uploads in chunks of chunk_bytes, so a 600 KiB test
+    file takes the path a multi-GB checkpoint takes (the client switches at 8 MiB; its module
+    constant is lowered here)."""
     import google.cloud.storage.blob as blob_module
 
     monkeypatch.setattr(blob_module, "_MAX_MULTIPART_SIZE", chunk_bytes)
@@ -167,8 +179,8 @@ def gcs_emulator() -> Iterator[Emulator]:
 
 @pytest.fixture
 def gcs_bucket(gcs_emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh bucket; STORAGE_EMULATOR_HOST points the real client at the emulator (through its precondition
-    layer) for this test."""
+    """A fresh bucket; STORAGE_EMULATOR_HOST points the real client at the emulator (through its
+    precondition layer) for this test."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_emulator.url)
     monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
     return create_bucket(gcs_emulator.url)
@@ -176,8 +188,8 @@ def gcs_bucket(gcs_emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.fixture(params=["gs", "file"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path):
-    """The same contract on both implementations: a bucket prefix on the emulator (behind the enforcing layer), or a
-    local folder (tmp_path/remote)."""
+    """The same contract on both implementations: a bucket prefix on the emulator (behind the
+    enforcing layer), or a local folder (tmp_path/remote)."""
     from neox_train.remote import open_backend
 
     if request.param == "gs":
@@ -186,13 +198,15 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path):
     return open_backend(str(tmp_path / "remote"))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # fault proxy (and, with enforce_preconditions, the precondition layer every Emulator has in front)
 
 ACTIONS = ("pass", "503", "403", "reset", "stall", "lost")
-_HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "content-length", "te", "upgrade"}
+_HOP_HEADERS = {"connection", "keep-alive", "proxy-connection", "transfer-encoding",
+                "content-length", "te", "upgrade"}
 _NAME_RE = re.compile(rb'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
-PRECONDITIONS = ("ifGenerationMatch", "ifGenerationNotMatch", "ifMetagenerationMatch", "ifMetagenerationNotMatch")
+PRECONDITIONS = ("ifGenerationMatch", "ifGenerationNotMatch", "ifMetagenerationMatch",
+                 "ifMetagenerationNotMatch")
 _UPLOAD_PATH = re.compile(r"^/upload/storage/v1/b/([^/]+)/o$")
 _COMPOSE_PATH = re.compile(r"^/storage/v1/b/([^/]+)/o/(.+)/compose$")
 _COPY_PATH = re.compile(r"^/storage/v1/b/[^/]+/o/.+/(?:rewriteTo|copyTo)/b/([^/]+)/o/(.+)$")
@@ -201,9 +215,10 @@ _OBJECT_PATH = re.compile(r"^/(?:download/)?storage/v1/b/([^/]+)/o/(.+)$")
 
 @dataclass(frozen=True)
 class _Op:
-    """What one request does to one object, as the precondition layer sees it. kind: read, write (an upload, delete,
-    metadata update, compose or copy), start (a resumable upload is opened), chunk (a resumable upload's chunk that
-    does not finish it) or finish (the one that does, or a status query that may)."""
+    """What one request does to one object, as the precondition layer sees it. kind: read, write (an
+    upload, delete, metadata update, compose or copy), start (a resumable upload is opened), chunk
+    (a resumable upload's chunk that does not finish it) or finish (the one that does, or a status
+    query that may)."""
 
     kind: str
     bucket: str
@@ -213,7 +228,8 @@ class _Op:
 
     @property
     def locked(self) -> bool:
-        # Every write of an object is atomic with every conditional request's check of it; other objects go on.
+        # Every write of an object is atomic with every conditional request's check of it; other
+        # objects go on.
         return self.kind in ("write", "finish") or (self.kind != "chunk" and bool(self.conditions))
 
 
@@ -227,13 +243,14 @@ def _conditions(query: dict[str, list[str]]) -> dict[str, int]:
 
 
 def _upload_name(query: dict[str, list[str]], headers, body: bytes) -> str | None:
-    """The object an upload names: ?name=, else the JSON metadata (the body of a resumable start, the first part of
-    a multipart upload)."""
+    """The object an upload names: ?name=, else the JSON metadata (the body of a resumable start,
+    the first part of a multipart upload)."""
     if "name" in query:
         return query["name"][0]
     content_type = headers.get("Content-Type") or ""
     meta = body
-    boundary = re.search(r'boundary="?([^";]+)"?', content_type) if content_type.startswith("multipart/") else None
+    boundary = (re.search(r'boundary="?([^";]+)"?', content_type)
+                if content_type.startswith("multipart/") else None)
     if boundary:
         parts = body.split(b"--" + boundary.group(1).encode("latin-1"))
         meta = parts[1].split(b"\r\n\r\n", 1)[-1] if len(parts) > 1 else b""
@@ -246,9 +263,9 @@ def _upload_name(query: dict[str, list[str]], headers, body: bytes) -> str | Non
 
 
 def _finishes(content_range: str | None, body_len: int) -> bool:
-    """Whether a resumable upload's PUT completes it: `bytes A-B/TOTAL` with B+1 == TOTAL, `bytes A-*/TOTAL` whose
-    body reaches TOTAL, `bytes */TOTAL` (a status query, which completes an upload whose bytes are all there), or no
-    Content-Range at all (the body is the whole object)."""
+    """Whether a resumable upload's PUT completes it: `bytes A-B/TOTAL` with B+1 == TOTAL,
+    `bytes A-*/TOTAL` whose body reaches TOTAL, `bytes */TOTAL` (a status query, which completes an
+    upload whose bytes are all there), or no Content-Range at all (the body is the whole object)."""
     content_range = (content_range or "").strip()
     if not content_range:
         return True
@@ -259,10 +276,12 @@ def _finishes(content_range: str | None, body_len: int) -> bool:
     return re.fullmatch(r"bytes \*/\d+", content_range) is not None
 
 
-def _refusal(conditions: dict[str, int], current: dict | None, method: str) -> tuple[int, str] | None:
-    """(status, why) when `current` (the object resource, None: no live object) fails a precondition, as GCS
-    decides it: ifGenerationMatch=0 means "must not exist"; a *Match on a missing object fails; a failed *NotMatch is
-    304 on a read, 412 on a write. A read of a missing object is left to the emulator's 404."""
+def _refusal(conditions: dict[str, int], current: dict | None,
+             method: str) -> tuple[int, str] | None:
+    """(status, why) when `current` (the object resource, None: no live object) fails a
+    precondition, as GCS decides it: ifGenerationMatch=0 means "must not exist"; a *Match on a
+    missing object fails; a failed *NotMatch is 304 on a read, 412 on a write. A read of a missing
+    object is left to the emulator's 404."""
     if current is None and method == "GET":
         return None
     gen = int(current["generation"]) if current is not None else None
@@ -278,51 +297,58 @@ def _refusal(conditions: dict[str, int], current: dict | None, method: str) -> t
             ok = meta is not None and meta != want
         if not ok:
             state = "absent" if gen is None else f"at generation {gen}, metageneration {meta}"
-            return (304 if key.endswith("NotMatch") and method == "GET" else 412), f"{key}={want} but it is {state}"
+            return ((304 if key.endswith("NotMatch") and method == "GET" else 412),
+                    f"{key}={want} but it is {state}")
     return None
 
 
 class FaultProxy:
-    """A threaded loopback HTTP proxy between the client and the emulator that misbehaves on a schedule.
+    """A threaded loopback HTTP proxy between the client and the emulator that misbehaves on a
+    schedule.
 
-    rules: {regex: [action, ...]}. The i-th request whose "METHOD /path?query" matches a regex gets that rule's
-    i-th action (the first matching rule counts); later requests, and requests no rule matches, pass. Actions:
+    rules: {regex: [action, ...]}. The i-th request whose "METHOD /path?query" matches a regex gets
+    that rule's i-th action (the first matching rule counts); later requests, and requests no rule
+    matches, pass. Actions:
       pass    forwarded untouched
       503     answered 503 without forwarding (retryable)
       403     answered 403 without forwarding (permission denied)
       reset   the connection is reset right after the request headers (mid-request, body unread)
       stall   half the body is read, then a pause of stall_s, then a reset (a stuck upload)
       lost    forwarded (the write lands), then the connection is reset: the response is lost.
-              Not for resumable chunk PUTs: the client retries by resending the same chunk, which the emulator
-              refuses with 400 (it insists on the next offset).
-    enforce_preconditions: the emulator ignores ifGenerationMatch, ifGenerationNotMatch, ifMetagenerationMatch and
-      ifMetagenerationNotMatch; with this on, the proxy enforces them on object reads, uploads, deletes, metadata
-      updates, composes and copies, as GCS does (see _refusal), answering 412 (304 for a failed *NotMatch read)
-      itself. A resumable upload is checked when it is opened and again, against the preconditions it was opened
-      with, by the PUT that finishes it. Check and forward happen under a lock per object (every write of an object
-      takes it, conditional or not), so a conditional write never interleaves with another write of its object,
-      while writes of different objects go on in parallel. Not enforced: batch requests and the XML API.
-      `created` lists every object generation created through the proxy, (bucket, name, generation), in order;
-      `latency` (a test may set it) is a function (method, op) -> seconds to wait before an object request goes on
-      (a slow write, as a busy GCS has them).
-      Every Emulator has one of these in front (Emulator.layer); a FaultProxy a test starts on `Emulator.url` is a
-      second one, in front of that.
-    inject_list: extra items appended to every object listing (names the emulator itself refuses to store).
-    Bounded: it stops itself after lifetime_s or max_requests (None: no such bound). keep_log=False: no `log`.
-    Location headers that name the upstream (a resumable upload's session URL) are pointed back at the Host the
-    client used, so every chunk comes back through the proxy.
+              Not for resumable chunk PUTs: the client retries by resending the same chunk, which
+              the emulator refuses with 400 (it insists on the next offset).
+    enforce_preconditions: the emulator ignores ifGenerationMatch, ifGenerationNotMatch,
+      ifMetagenerationMatch and ifMetagenerationNotMatch; with this on, the proxy enforces them on
+      object reads, uploads, deletes, metadata updates, composes and copies, as GCS does (see
+      _refusal), answering 412 (304 for a failed *NotMatch read) itself. A resumable upload is
+      checked when it is opened and again, against the preconditions it was opened with, by the PUT
+      that finishes it. Check and forward happen under a lock per object (every write of an object
+      takes it, conditional or not), so a conditional write never interleaves with another write of
+      its object, while writes of different objects go on in parallel. Not enforced: batch requests
+      and the XML API. `created` lists every object generation created through the proxy, (bucket,
+      name, generation), in order; `latency` (a test may set it) is a function (method, op) ->
+      seconds to wait before an object request goes on (a slow write, as a busy GCS has them). Every
+      Emulator has one of these in front (Emulator.layer); a FaultProxy a test starts on
+      `Emulator.url` is a second one, in front of that.
+    inject_list: extra items appended to every object listing (names the emulator itself refuses to
+    store).
+    Bounded: it stops itself after lifetime_s or max_requests (None: no such bound). keep_log=False:
+    no `log`. Location headers that name the upstream (a resumable upload's session URL) are pointed
+    back at the Host the client used, so every chunk comes back through the proxy.
     """
 
-    def __init__(self, upstream: str, *, rules: dict[str, Sequence[str]] | None = None, stall_s: float = 0.3,
-                 enforce_preconditions: bool = False, inject_list: Sequence[dict] = (),
-                 lifetime_s: float | None = 60.0, max_requests: int | None = 2000, keep_log: bool = True):
+    def __init__(self, upstream: str, *, rules: dict[str, Sequence[str]] | None = None,
+                 stall_s: float = 0.3, enforce_preconditions: bool = False,
+                 inject_list: Sequence[dict] = (), lifetime_s: float | None = 60.0,
+                 max_requests: int | None = 2000, keep_log: bool = True):
         rules = rules or {}
         bad = [a for actions in rules.values() for a in actions if a not in ACTIONS]
         if bad:
             raise ValueError(f"unknown fault actions {bad} (valid: {', '.join(ACTIONS)})")
         up = urlsplit(upstream)
         self.upstream = (up.hostname, up.port)
-        self.rules = [(re.compile(pattern), list(actions), [0]) for pattern, actions in rules.items()]
+        self.rules = [
+            (re.compile(pattern), list(actions), [0]) for pattern, actions in rules.items()]
         self.stall_s = stall_s
         self.enforce_preconditions = enforce_preconditions
         self.inject_list = list(inject_list)
@@ -330,19 +356,24 @@ class FaultProxy:
         self.keep_log = keep_log
         self.counts: Counter[str] = Counter()
         self.log: list[tuple[str, str, str]] = []  # (method, target, action)
-        self.created: list[tuple[str, str, int]] = []  # (bucket, name, generation) of every object written through
-        self.errors: list[str] = []  # the proxy's own failures (each request they hit was answered 400)
+        # (bucket, name, generation) of every object written through
+        self.created: list[tuple[str, str, int]] = []
+        # the proxy's own failures (each request they hit was answered 400)
+        self.errors: list[str] = []
         self.latency: Callable[[str, _Op], float] | None = None
         self._requests = 0
         self._lock = threading.Lock()
         self._object_locks: dict[tuple[str, str], threading.Lock] = {}
-        self._uploads: dict[str, _Op] = {}  # open resumable uploads by upload id: what they write, on what conditions
-        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _ProxyHandler, bind_and_activate=True)
+        # open resumable uploads by upload id: what they write, on what conditions
+        self._uploads: dict[str, _Op] = {}
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _ProxyHandler,
+                                                       bind_and_activate=True)
         self._server.daemon_threads = True
         self._server.proxy = self  # type: ignore[attr-defined]
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._closed = False
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         self._timer = None
         if lifetime_s is not None:
@@ -400,19 +431,22 @@ class FaultProxy:
     # -- preconditions
 
     def classify(self, method: str, target: str, headers, body: bytes) -> _Op | None:
-        """The object request `method target` acts on, with its preconditions; None: not an object request."""
+        """The object request `method target` acts on, with its preconditions; None: not an object
+        request."""
         parts = urlsplit(target)
         query = parse_qs(parts.query)
         conditions = _conditions(query)
         if upload := _UPLOAD_PATH.match(parts.path):
-            if "upload_id" in query:  # a resumable upload's chunk (PUT, or POST where a client posts them)
+            # a resumable upload's chunk (PUT, or POST where a client posts them)
+            if "upload_id" in query:
                 with self._lock:
                     started = self._uploads.get(query["upload_id"][0])
                 if started is None:
-                    return None  # not opened through here (or finished already): the emulator decides
+                    # not opened through here (or finished already): the emulator decides
+                    return None
                 kind = "finish" if _finishes(headers.get("Content-Range"), len(body)) else "chunk"
-                return _Op(kind, started.bucket, started.name, started.conditions if kind == "finish" else {},
-                           started.upload_id)
+                return _Op(kind, started.bucket, started.name,
+                           started.conditions if kind == "finish" else {}, started.upload_id)
             if method != "POST":
                 return None
             name = _upload_name(query, headers, body)
@@ -424,7 +458,8 @@ class FaultProxy:
             if (m := pattern.match(parts.path)) and method == "POST":
                 return _Op("write", m.group(1), unquote(m.group(2)), conditions)
         if m := _OBJECT_PATH.match(parts.path):
-            if "/" in m.group(2) and re.search(r"/(compose|rewriteTo|copyTo|restore|acl)(/|$)", m.group(2)):
+            if "/" in m.group(2) and re.search(r"/(compose|rewriteTo|copyTo|restore|acl)(/|$)",
+                                               m.group(2)):
                 return None
             if method == "GET":
                 return _Op("read", m.group(1), unquote(m.group(2)), conditions)
@@ -437,25 +472,31 @@ class FaultProxy:
             return self._object_locks.setdefault((bucket, name), threading.Lock())
 
     def refusal(self, op: _Op, method: str) -> tuple[int, str] | None:
-        """(status, why) if op's preconditions do not hold for the object as the upstream has it now."""
-        status, reason, _, meta = self.upstream_request("GET", f"/storage/v1/b/{op.bucket}/o/{quote(op.name, safe='')}")
+        """(status, why) if op's preconditions do not hold for the object as the upstream has it
+        now."""
+        status, reason, _, meta = self.upstream_request(
+            "GET", f"/storage/v1/b/{op.bucket}/o/{quote(op.name, safe='')}")
         if status not in (200, 404):
-            return 503, f"the precondition check could not read {op.bucket}/{op.name}: {status} {reason}"
+            return 503, (f"the precondition check could not read {op.bucket}/{op.name}: "
+                         f"{status} {reason}")
         return _refusal(op.conditions, json.loads(meta) if status == 200 else None, method)
 
     def precondition_failed(self, method: str, target: str, body: bytes) -> bool:
-        """True when the request's preconditions do not hold now (as refusal() decides; no lock is taken)."""
+        """True when the request's preconditions do not hold now (as refusal() decides; no lock is
+        taken)."""
         op = self.classify(method, target, {}, body) if self.enforce_preconditions else None
         return op is not None and bool(op.conditions) and self.refusal(op, method) is not None
 
     def forwarded(self, op: _Op, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-        """Bookkeeping after the upstream answered op: open resumable uploads, created generations."""
+        """Bookkeeping after the upstream answered op: open resumable uploads, created
+        generations."""
         if op.kind == "start" and status == 200:
             location = next((v for k, v in headers if k.lower() == "location"), "")
             upload_id = parse_qs(urlsplit(location).query).get("upload_id", [None])[0]
             if upload_id is not None:
                 with self._lock:
-                    self._uploads[upload_id] = _Op("start", op.bucket, op.name, op.conditions, upload_id)
+                    self._uploads[upload_id] = _Op("start", op.bucket, op.name, op.conditions,
+                                                   upload_id)
             return
         if op.kind not in ("write", "finish") or status not in (200, 201):
             return
@@ -469,7 +510,8 @@ class FaultProxy:
                     self.created.append((obj["bucket"], obj["name"], int(obj["generation"])))
 
     def point_back(self, headers: list[tuple[str, str]], host: str | None) -> list[tuple[str, str]]:
-        """A Location naming the upstream (host:port) names the proxy instead (the Host the client used)."""
+        """A Location naming the upstream (host:port) names the proxy instead (the Host the client
+        used)."""
         upstream = f"{self.upstream[0]}:{self.upstream[1]}"
         out = []
         for key, value in headers:
@@ -495,7 +537,8 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.connection.close()
 
-    def _respond(self, status: int, reason: str, headers: list[tuple[str, str]], body: bytes) -> None:
+    def _respond(self, status: int, reason: str, headers: list[tuple[str, str]],
+                 body: bytes) -> None:
         lines = [f"HTTP/1.1 {status} {reason}"]
         lines += [f"{k}: {v}" for k, v in headers if k.lower() not in _HOP_HEADERS]
         lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
@@ -506,7 +549,8 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
         if status == 304:
             self._respond(status, reason, [], b"")
             return
-        body = json.dumps({"error": {"code": status, "message": message or f"injected by FaultProxy: {reason}"}})
+        body = json.dumps({"error": {"code": status,
+                                     "message": message or f"injected by FaultProxy: {reason}"}})
         self._respond(status, reason, [("Content-Type", "application/json")], body.encode())
 
     def handle(self) -> None:
@@ -538,44 +582,52 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
                 self._error(403, "Forbidden")
                 return
             fwd = {k: v for k, v in headers.items() if k.lower() not in _HOP_HEADERS}
-            op = proxy.classify(method, target, headers, body) if proxy.enforce_preconditions else None
+            op = (proxy.classify(method, target, headers, body) if proxy.enforce_preconditions
+                  else None)
             latency = proxy.latency
             if op is not None and latency is not None:
                 time.sleep(latency(method, op))
-            with proxy.object_lock(op.bucket, op.name) if op is not None and op.locked else contextlib.nullcontext():
+            with (proxy.object_lock(op.bucket, op.name) if op is not None and op.locked
+                  else contextlib.nullcontext()):
                 refused = proxy.refusal(op, method) if op is not None and op.conditions else None
                 if refused is not None:
                     status, why = refused
                     with proxy._lock:
                         proxy.counts[str(status)] += 1
-                    reason = {304: "Not Modified", 412: "Precondition Failed"}.get(status, "Service Unavailable")
-                    self._error(status, reason, f"{reason} (enforced by the test proxy): {op.bucket}/{op.name}: {why}")
+                    reason = {304: "Not Modified", 412: "Precondition Failed"}.get(
+                        status, "Service Unavailable")
+                    self._error(status, reason, f"{reason} (enforced by the test proxy): "
+                                                f"{op.bucket}/{op.name}: {why}")
                     return
-                status, reason, resp_headers, resp_body = proxy.upstream_request(method, target, fwd, body)
+                status, reason, resp_headers, resp_body = proxy.upstream_request(
+                    method, target, fwd, body)
                 if op is not None:
                     proxy.forwarded(op, status, resp_headers, resp_body)
             if action == "lost":
                 self._reset()
                 return
             resp_headers = proxy.point_back(resp_headers, headers.get("Host"))
-            self._respond(status, reason, resp_headers, proxy.rewrite_listing(method, target, status, resp_body))
+            self._respond(status, reason, resp_headers,
+                          proxy.rewrite_listing(method, target, status, resp_body))
         except (ConnectionError, OSError):
             pass  # the client went away: nothing to answer
         except Exception as e:  # noqa: BLE001 - a bug of the proxy: fail the request at once (400: no retries)
             with proxy._lock:
                 proxy.errors.append(f"{type(e).__name__}: {e}")
             with contextlib.suppress(OSError):
-                self._error(400, "Bad Request", f"the test proxy failed on this request: {type(e).__name__}: {e}")
+                self._error(400, "Bad Request",
+                            f"the test proxy failed on this request: {type(e).__name__}: {e}")
 
 
-# The emulator accepts ifGenerationMatch and ignores it. GCS answers 412 to a conditional write whose object is not at
-# the generation named; the emulator's own layer (Emulator.layer) plays that part for every test. This fixture puts a
-# second enforcing FaultProxy in front, one of the test's own, whose counts and log say which requests were refused
-# (it answers 412 itself, so the real client raises its real PreconditionFailed and the backend's 412 branches run end
-# to end).
+# The emulator accepts ifGenerationMatch and ignores it. GCS answers 412 to a conditional write
+# whose object is not at the generation named; the emulator's own layer (Emulator.layer) plays that
+# part for every test. This fixture puts a second enforcing FaultProxy in front, one of the test's
+# own, whose counts and log say which requests were refused (it answers 412 itself, so the real
+# client raises its real PreconditionFailed and the backend's 412 branches run end to end).
 @pytest.fixture(params=["gs", "file"])
 def strict_backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """(backend, proxy or None): a bucket prefix behind the precondition-enforcing proxy, or a local folder."""
+    """(backend, proxy or None): a bucket prefix behind the precondition-enforcing proxy, or a local
+    folder."""
     from neox_train.remote import open_backend
 
     if request.param == "file":

@@ -1,9 +1,10 @@
 """A real sshd on a loopback port, and pdsh, so a multi-node launch can run on one machine.
 
-Host aliases (node0, node1, ...) all resolve to 127.0.0.1 through a private ssh client config; every ssh run
-by the code under test (DeepSpeed's ssh check, pdsh's ssh module, neox-launch's pre-flight) picks it up
-through an `ssh` wrapper put first on PATH, because ssh reads ~/.ssh/config from the passwd home directory,
-not $HOME: a private config given by -F is the only way that leaves the user's own ~/.ssh untouched.
+Host aliases (node0, node1, ...) all resolve to 127.0.0.1 through a private ssh client config; every
+ssh run by the code under test (DeepSpeed's ssh check, pdsh's ssh module, neox-launch's pre-flight)
+picks it up through an `ssh` wrapper put first on PATH, because ssh reads ~/.ssh/config from the
+passwd home directory, not $HOME: a private config given by -F is the only way that leaves the
+user's own ~/.ssh untouched.
 
 Use from a test module (or, to share one sshd across modules, from conftest.py):
 
@@ -55,7 +56,8 @@ class SshCluster:
     hosts: tuple[str, ...]
     port: int
     process: subprocess.Popen
-    # Hosts with a private mount namespace (see `start(private_mounts=...)`), each served by its own sshd.
+    # Hosts with a private mount namespace (see `start(private_mounts=...)`), each served by its own
+    # sshd.
     private: dict[str, subprocess.Popen] = field(default_factory=dict)
     bin_dir: Path = field(init=False)
     ssh_config: Path = field(init=False)
@@ -64,13 +66,14 @@ class SshCluster:
         self.bin_dir = self.root / "bin"
         self.ssh_config = self.root / "ssh_config"
 
-    # -- start / stop -----------------------------------------------------------------------------------------
+    # -- start / stop ------------------------------------------------------------------------------
     @classmethod
     def start(cls, root: Path, hosts: tuple[str, ...] = ("node0", "node1"),
               private_mounts: dict[str, list[tuple[Path, Path]]] | None = None) -> "SshCluster":
-        """private_mounts: {host: [(source, target), ...]}: that host's sshd runs in its own mount namespace where
-        each target folder is a bind mount of source, so the same path is a different disk on that "node" (how
-        node-local checkpoint storage is tested on one machine). Needs root and unshare(1)."""
+        """private_mounts: {host: [(source, target), ...]}: that host's sshd runs in its own mount
+        namespace where each target folder is a bind mount of source, so the same path is a
+        different disk on that "node" (how node-local checkpoint storage is tested on one machine).
+        Needs root and unshare(1)."""
         install_packages()
         private_mounts = private_mounts or {}
         if private_mounts and (os.geteuid() != 0 or shutil.which("unshare") is None):
@@ -81,8 +84,9 @@ class SshCluster:
         for name in ("host_key", "user_key"):
             key = root / name
             if not key.exists():
-                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"neox-test-{name}",
-                                "-f", str(key)], check=True, capture_output=True)
+                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
+                                f"neox-test-{name}", "-f", str(key)], check=True,
+                               capture_output=True)
         shutil.copy(root / "user_key.pub", root / "authorized_keys")
         user = pwd.getpwuid(os.getuid()).pw_name
         ports = {host: _free_port() for host in private_mounts}
@@ -100,8 +104,8 @@ class SshCluster:
                 "PasswordAuthentication no",
                 "KbdInteractiveAuthentication no",
                 "PermitRootLogin prohibit-password",
-                # The keys sit under pytest's tmp folder, whose parents (/tmp) are world-writable: StrictModes would
-                # refuse.
+                # The keys sit under pytest's tmp folder, whose parents (/tmp) are world-writable:
+                # StrictModes would refuse.
                 "StrictModes no",
                 "UsePAM no",
                 "LogLevel ERROR",
@@ -120,7 +124,8 @@ class SshCluster:
                 f"  User {user}",
                 f"  IdentityFile {root / 'user_key'}",
                 "  IdentitiesOnly yes",
-                # One known host key for every alias: checked strictly, nothing is written to ~/.ssh/known_hosts.
+                # One known host key for every alias: checked strictly, nothing is written to
+                # ~/.ssh/known_hosts.
                 "  HostKeyAlias neox-test-sshd",
                 f"  UserKnownHostsFile {root / 'known_hosts'}",
                 "  StrictHostKeyChecking yes",
@@ -141,12 +146,13 @@ class SshCluster:
         wrapper = bin_dir / "ssh"
         wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("ssh")} -F {root / "ssh_config"} "$@"\n')
         wrapper.chmod(0o755)
-        # sshd's privilege separation directory; Debian's init script creates it, a container has none running.
+        # sshd's privilege separation directory; Debian's init script creates it, a container has
+        # none running.
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)
         log = open(root / "sshd.log", "w")
-        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(sshd_config("sshd", port))], stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(sshd_config("sshd", port))],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         private: dict[str, subprocess.Popen] = {}
         for host, mounts in private_mounts.items():
             binds = " && ".join(f"mount --bind {src} {dst}" for src, dst in mounts)
@@ -178,8 +184,8 @@ class SshCluster:
             last = result.stderr.strip()
             time.sleep(0.3)
         if waiting:
-            raise SshdUnavailable(f"sshd for {waiting[0]} did not accept a login in {START_TIMEOUT_S:.0f} s: "
-                                  f"{last} {self._log_tail()}")
+            raise SshdUnavailable(f"sshd for {waiting[0]} did not accept a login in "
+                                  f"{START_TIMEOUT_S:.0f} s: {last} {self._log_tail()}")
 
     def _log_tail(self) -> str:
         try:
@@ -188,8 +194,8 @@ class SshCluster:
             return ""
 
     def stop(self) -> None:
-        """Stop this sshd and every process its sessions started (a launch killed mid-way leaves ranks behind),
-        by pid, never by name."""
+        """Stop this sshd and every process its sessions started (a launch killed mid-way leaves
+        ranks behind), by pid, never by name."""
         import psutil
 
         for daemon in [self.process, *self.private.values()]:
@@ -215,16 +221,17 @@ class SshCluster:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    # -- use ----------------------------------------------------------------------------------------------------
+    # -- use ---------------------------------------------------------------------------------------
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """`base` (default: os.environ) with the ssh wrapper first on PATH."""
         env = dict(os.environ if base is None else base)
         env["PATH"] = f"{self.bin_dir}:{env.get('PATH', '')}"
         return env
 
-    def ssh(self, host: str, command: str, *, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.bin_dir / "ssh"), host, command], capture_output=True, text=True,
-                              timeout=timeout, check=check)
+    def ssh(self, host: str, command: str, *, check: bool = True,
+            timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.bin_dir / "ssh"), host, command], capture_output=True,
+                              text=True, timeout=timeout, check=check)
 
     def write_hostfile(self, path: Path, slots: int = 1) -> Path:
         path = Path(path)
@@ -234,7 +241,8 @@ class SshCluster:
 
 @pytest.fixture(scope="session")
 def ssh_cluster(tmp_path_factory):
-    """One sshd for the session serving node0 and node1; skips (with the reason) only where sshd cannot run."""
+    """One sshd for the session serving node0 and node1; skips (with the reason) only where sshd
+    cannot run."""
     try:
         cluster = SshCluster.start(tmp_path_factory.mktemp("sshd"), hosts=("node0", "node1"))
     except SshdUnavailable as e:

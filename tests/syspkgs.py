@@ -1,9 +1,9 @@
 """System tools the tests need (ssh, sshd, pdsh, mpirun), installed from Debian in one place.
 
-Every test that runs a system tool asks for it here, through the `system_tools` fixture (or `ensure` from another
-fixture), so it passes alone and in any order on a fresh machine, not only after another test happened to install
-the tool first. Where a tool is missing and cannot be installed (not root, no apt-get, no network), the test
-skips with that reason.
+Every test that runs a system tool asks for it here, through the `system_tools` fixture (or `ensure`
+from another fixture), so it passes alone and in any order on a fresh machine, not only after
+another test happened to install the tool first. Where a tool is missing and cannot be installed
+(not root, no apt-get, no network), the test skips with that reason.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ TOOLS: dict[str, tuple[str, str]] = {
 
 
 class ToolsUnavailable(RuntimeError):
-    """A tool is missing and cannot be installed here; str(err) says why (the reason a test skips with)."""
+    """A tool is missing and cannot be installed here; str(err) says why (the reason a test skips
+    with)."""
 
 
 def _present(tool: str) -> bool:
@@ -47,7 +48,8 @@ def missing(*tools: str) -> list[str]:
 def apt_install(packages: list[str]) -> None:
     """`apt-get install` Debian packages; ToolsUnavailable where that cannot be done."""
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise ToolsUnavailable(f"{', '.join(packages)} not installed and this user cannot apt-get install them")
+        raise ToolsUnavailable(
+            f"{', '.join(packages)} not installed and this user cannot apt-get install them")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]
     for cmd in (["apt-get", "update", "-qq"], install):
@@ -58,8 +60,9 @@ def apt_install(packages: list[str]) -> None:
 
 
 def ensure(*tools: str) -> None:
-    """Install the Debian packages of whichever `tools` are missing; ToolsUnavailable when that fails. One
-    installer at a time on this machine (pytest-xdist workers ask at once; dpkg takes one)."""
+    """Install the Debian packages of whichever `tools` are missing; ToolsUnavailable when that
+    fails. One installer at a time on this machine (pytest-xdist workers ask at once; dpkg takes
+    one)."""
     if not missing(*tools):
         return
     with open("/tmp/neox-test-syspkgs.lock", "w") as lock:
@@ -74,7 +77,8 @@ def ensure(*tools: str) -> None:
 
 @pytest.fixture(scope="session")
 def system_tools():
-    """need(*tools): make sure the tools are on this machine (installing their Debian packages once), or skip."""
+    """need(*tools): make sure the tools are on this machine (installing their Debian packages
+    once), or skip."""
 
     def need(*tools: str) -> None:
         try:

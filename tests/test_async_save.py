@@ -1,9 +1,9 @@
-"""Asynchronous checkpoints: the writer (bytes, crc32c, O_DIRECT and its fallback), the snapshot (layout and
-independence from the live state), and through the real entry point: asynchronous and synchronous saves give
-byte-identical files at every ZeRO stage on 1 and 2 ranks, the loop runs on while a save is written, a kill -9
-mid-write leaves the previous checkpoint as `latest`, a save waits for the one in flight, a SIGTERM saves that
-step inside the budget, short host memory falls back to synchronous saves, and the upload worker never sees a
-tag before its marker."""
+"""Asynchronous checkpoints: the writer (bytes, crc32c, O_DIRECT and its fallback), the snapshot
+(layout and independence from the live state), and through the real entry point: asynchronous and
+synchronous saves give byte-identical files at every ZeRO stage on 1 and 2 ranks, the loop runs on
+while a save is written, a kill -9 mid-write leaves the previous checkpoint as `latest`, a save
+waits for the one in flight, a SIGTERM saves that step inside the budget, short host memory falls
+back to synchronous saves, and the upload worker never sees a tag before its marker."""
 
 from __future__ import annotations
 
@@ -51,26 +51,29 @@ def _buffer_save(obj) -> bytes:
 
 
 def _state() -> dict:
-    """What DeepSpeed hands over, in small: views into one flat buffer, a flat fp32 partition with requires_grad and
-    a view of it (ZeRO's single_partition_of_fp32_groups), one tuple referenced twice (pickle writes it once), a
-    torch.Size, nested optimizer state, RNG bytes, an empty tensor, bf16."""
+    """What DeepSpeed hands over, in small: views into one flat buffer, a flat fp32 partition with
+    requires_grad and a view of it (ZeRO's single_partition_of_fp32_groups), one tuple referenced
+    twice (pickle writes it once), a torch.Size, nested optimizer state, RNG bytes, an empty tensor,
+    bf16."""
     flat = torch.randn(3000)
     master = torch.nn.Parameter(torch.randn(64))
     partition = torch.randn(16)
-    partition.ds_id = 3  # ZeRO-3 tags its fp32 partitions with Python attributes, which torch.save keeps
+    # ZeRO-3 tags its fp32 partitions with Python attributes, which torch.save keeps
+    partition.ds_id = 3
     betas = (0.9, 0.95)
-    return {"module": OrderedDict(a=flat[:1000].view(10, 100), b=flat[1000:]), "step": 7, "shape": torch.Size([2]),
-            "opt": {"state": {0: {"exp_avg": torch.randn(50)}},
+    return {"module": OrderedDict(a=flat[:1000].view(10, 100), b=flat[1000:]), "step": 7,
+            "shape": torch.Size([2]), "opt": {"state": {0: {"exp_avg": torch.randn(50)}},
                     "groups": [{"lr": 1e-3, "betas": betas, "params": [0]}, {"betas": betas}]},
             "fp32_partitions": [master, master.narrow(0, 0, 32), partition],
-            "rng": torch.get_rng_state(), "empty": torch.zeros(0), "half": torch.randn(33).to(torch.bfloat16)}
+            "rng": torch.get_rng_state(), "empty": torch.zeros(0),
+            "half": torch.randn(33).to(torch.bfloat16)}
 
 
-# -- the writer -------------------------------------------------------------------------------------------------
+# -- the writer ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
 def test_direct_file_writes_what_torch_save_writes_with_its_crc32c(tmp_path, direct):
-    """Several chunks and an unaligned tail, with O_DIRECT and with the buffered path of filesystems that refuse
-    it."""
+    """Several chunks and an unaligned tail, with O_DIRECT and with the buffered path of filesystems
+    that refuse it."""
     path = tmp_path / "file.pt"
     state = {**_state(), "big": torch.randn(3 * (1 << 20) + 77)}
     buffers = ChunkBuffers(chunk_bytes=1 << 20)
@@ -93,8 +96,8 @@ def test_direct_file_writes_what_torch_save_writes_with_its_crc32c(tmp_path, dir
 
 
 def test_a_filesystem_that_refuses_o_direct_writes_gets_the_buffered_path(tmp_path, monkeypatch):
-    """Some filesystems accept O_DIRECT at open and fail the first write with EINVAL: the file is started over
-    buffered, and its bytes and crc32c are still right."""
+    """Some filesystems accept O_DIRECT at open and fail the first write with EINVAL: the file is
+    started over buffered, and its bytes and crc32c are still right."""
     import errno
 
     from neox_train.checkpoint.local import writer
@@ -123,16 +126,18 @@ def test_a_filesystem_that_refuses_o_direct_writes_gets_the_buffered_path(tmp_pa
     assert path.read_bytes() == _buffer_save(state) and record.crc32c == crc32c_of_file(path)
 
 
-# -- the snapshot -----------------------------------------------------------------------------------------------
+# -- the snapshot ----------------------------------------------------------------------------------
 def test_snapshot_keeps_the_layout_and_is_independent_of_the_live_state():
     from deepspeed.checkpoint.utils import clone_tensors_for_torch_save
 
     state = _state()
     pool = SnapshotPool(pin=False)
-    # Storage-preserving (how DeepSpeed hands over optimizer partitions): the same bytes as the original.
+    # Storage-preserving (how DeepSpeed hands over optimizer partitions): the same bytes as the
+    # original.
     snap, nbytes = snapshot(state, pool, file_key="optim.pt", compact=False)
     assert _buffer_save(snap) == _buffer_save(state) and nbytes > 0
-    # Compact (the module weights, which DeepSpeed clones itself in a synchronous save): the clone's bytes.
+    # Compact (the module weights, which DeepSpeed clones itself in a synchronous save): the clone's
+    # bytes.
     compact, _ = snapshot(state, pool, file_key="model.pt", compact=True)
     assert _buffer_save(compact) == _buffer_save(clone_tensors_for_torch_save(state))
     expected = _buffer_save(snap)
@@ -145,13 +150,14 @@ def test_snapshot_keeps_the_layout_and_is_independent_of_the_live_state():
     assert torch.equal(again["module"]["b"], state["module"]["b"])
 
 
-# -- through neox-train -------------------------------------------------------------------------------------------
+# -- through neox-train ----------------------------------------------------------------------------
 def _pt_files(save_dir: Path, tag: str) -> dict[str, Path]:
     return {p.name: p for p in sorted((save_dir / tag).glob("*.pt"))}
 
 
 def _same(a, b, path: str = "") -> list[str]:
-    """Where two loaded checkpoint objects differ (tensors bit for bit, dtype and shape included)."""
+    """Where two loaded checkpoint objects differ (tensors bit for bit, dtype and shape
+    included)."""
     if torch.is_tensor(a):
         return [] if torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b) else [path]
     if isinstance(a, dict):
@@ -163,18 +169,21 @@ def _same(a, b, path: str = "") -> list[str]:
             return [path]
         return [d for i, (x, y) in enumerate(zip(a, b)) for d in _same(x, y, f"{path}[{i}]")]
     if isinstance(a, np.ndarray):
-        return [] if isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b) else [path]
+        return ([] if isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b)
+                else [path])
     if hasattr(a, "__dict__") and not isinstance(a, type):
         return _same(vars(a), vars(b), path)
     return [] if a == b else [path]
 
 
-# The run-config fields that legitimately differ between the two runs (they are saved with every checkpoint).
+# The run-config fields that legitimately differ between the two runs (they are saved with every
+# checkpoint).
 _RUN_SPECIFIC = ("save_dir", "log_dir", "async_save")
 
 
-# Every stage once, 1 and 2 ranks twice each, fp32 and bf16 both: four of the eight shared runs. All eight cost two
-# more minutes of the suite, and the snapshot and writer take the same paths at either rank count.
+# Every stage once, 1 and 2 ranks twice each, fp32 and bf16 both: four of the eight shared runs. All
+# eight cost two more minutes of the suite, and the snapshot and writer take the same paths at
+# either rank count.
 IDENTITY_CASES = [(0, 1, "no"), (1, 2, "no"), (2, 2, "bf16"), (3, 1, "bf16")]
 assert set(IDENTITY_CASES) <= set(TRAINED_CASES)
 
@@ -182,13 +191,15 @@ assert set(IDENTITY_CASES) <= set(TRAINED_CASES)
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,nprocs,precision", IDENTITY_CASES,
                          ids=[f"zero{s}-{n}proc-{p}" for s, n, p in IDENTITY_CASES])
-def test_async_and_sync_saves_write_identical_checkpoints(trained_run, tmp_path, stage, nprocs, precision):
-    """The session's shared runs save asynchronously (the default); the same run with --no-async-save writes the
-    same bytes into every optimizer file, the same records and objects into the model-states file (whose run
-    config names its own save dir and async_save), and logs the same losses."""
+def test_async_and_sync_saves_write_identical_checkpoints(trained_run, tmp_path, stage, nprocs,
+                                                          precision):
+    """The session's shared runs save asynchronously (the default); the same run with
+    --no-async-save writes the same bytes into every optimizer file, the same records and objects
+    into the model-states file (whose run config names its own save dir and async_save), and logs
+    the same losses."""
     shared = trained_run(stage, nprocs, precision)
-    run_train(["--config", str(shared / "run.json"), "--no-async-save", "--save-dir", str(tmp_path / "ckpt"),
-               "--log-dir", str(tmp_path / "logs")], nprocs=nprocs)
+    run_train(["--config", str(shared / "run.json"), "--no-async-save", "--save-dir",
+               str(tmp_path / "ckpt"), "--log-dir", str(tmp_path / "logs")], nprocs=nprocs)
     for step in (TRAINED_SAVE_AT, TRAINED_STEPS):
         tag = f"global_step{step}"
         ours, theirs = _pt_files(shared / "ckpt", tag), _pt_files(tmp_path / "ckpt", tag)
@@ -201,12 +212,14 @@ def test_async_and_sync_saves_write_identical_checkpoints(trained_run, tmp_path,
             assert a.namelist() == b.namelist()
             assert [n for n in a.namelist() if not n.endswith(("data.pkl", "serialization_id"))
                     and a.read(n) != b.read(n)] == [], name
-            x, y = torch.load(path, weights_only=False), torch.load(theirs[name], weights_only=False)
+            x, y = (torch.load(path, weights_only=False),
+                    torch.load(theirs[name], weights_only=False))
             for state in (x, y):
                 for key in _RUN_SPECIFIC:
                     state["run_config"].pop(key)
-                # The global `random` and numpy generators are never seeded (training draws from neither: the data
-                # order has its own seeded generator), so they differ per process; torch's is seeded and compared.
+                # The global `random` and numpy generators are never seeded (training draws from
+                # neither: the data order has its own seeded generator), so they differ per process;
+                # torch's is seeded and compared.
                 state["rng"].pop("python")
                 state["rng"].pop("numpy")
             assert _same(x, y) == [], name
@@ -225,15 +238,18 @@ def _write_delay_env(seconds: float) -> dict[str, str]:
 
 @pytest.mark.slow  # starts neox-train (8-16 s)
 def test_the_loop_trains_on_while_a_save_is_written_and_the_next_save_waits(tmp_path, token_dir):
-    """A save every 2 steps with a slow writer (0.6 s before each file): steps after a save are logged before
-    that save is committed, each save waits for the one in flight, and every tag ends complete."""
+    """A save every 2 steps with a slow writer (0.6 s before each file): steps after a save are
+    logged before that save is committed, each save waits for the one in flight, and every tag ends
+    complete."""
     run = tiny_run_config(tmp_path, token_dir, max_steps=6, save_steps=2, eval_steps=0)
-    proc = subprocess.run([str(BIN / "neox-train"), "--config", str(run)], env=_write_delay_env(0.6),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([str(BIN / "neox-train"), "--config", str(run)],
+                          env=_write_delay_env(0.6), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
     order = [(r["kind"], r["step"]) for r in records if r["kind"] in ("train", "checkpoint")]
-    # Step 3 was trained while global_step2 was being written (a checkpoint record comes at its commit).
+    # Step 3 was trained while global_step2 was being written (a checkpoint record comes at its
+    # commit).
     assert order.index(("train", 3)) < order.index(("checkpoint", 2)), order
     saves = read_metrics(tmp_path / "logs", "checkpoint")
     assert any(r["in_flight_wait_s"] > 0.1 for r in saves.values()), saves
@@ -245,17 +261,19 @@ def test_the_loop_trains_on_while_a_save_is_written_and_the_next_save_waits(tmp_
 
 
 @pytest.mark.slow
-def test_kill_9_during_the_background_write_keeps_the_previous_checkpoint(tmp_path, token_dir, trained_run):
-    """2 ranks, ZeRO-2 bf16, the shared run's settings (it gives the straight losses), a writer slowed to 1 s a
-    file: kill -9 the whole job while step 8's files are being written. `latest` still names step 4, step 8 has
-    no marker, and the resume from step 4 reproduces the straight run's losses."""
+def test_kill_9_during_the_background_write_keeps_the_previous_checkpoint(
+        tmp_path, token_dir, trained_run):
+    """2 ranks, ZeRO-2 bf16, the shared run's settings (it gives the straight losses), a writer
+    slowed to 1 s a file: kill -9 the whole job while step 8's files are being written. `latest`
+    still names step 4, step 8 has no marker, and the resume from step 4 reproduces the straight
+    run's losses."""
     shared = trained_run(2, 2, "bf16")
     ckpt = tmp_path / "ckpt"
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(29500 + random.randint(0, 5000)),
-           str(BIN / "neox-train"), "--config", str(shared / "run.json"), "--save-dir", str(ckpt),
-           "--log-dir", str(tmp_path / "logs")]
-    proc = subprocess.Popen(cmd, env=_write_delay_env(1.0), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port",
+           str(29500 + random.randint(0, 5000)), str(BIN / "neox-train"), "--config",
+           str(shared / "run.json"), "--save-dir", str(ckpt), "--log-dir", str(tmp_path / "logs")]
+    proc = subprocess.Popen(cmd, env=_write_delay_env(1.0), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not (ckpt / "global_step8").is_dir():
         assert proc.poll() is None, proc.stderr.read()[-3000:]
@@ -264,7 +282,8 @@ def test_kill_9_during_the_background_write_keeps_the_previous_checkpoint(tmp_pa
     os.killpg(proc.pid, signal.SIGKILL)  # every rank, the launcher and the writer threads, at once
     proc.wait(timeout=30)
     assert not (ckpt / "global_step8" / MARKER).exists()
-    assert (ckpt / "global_step4" / MARKER).is_file() and (ckpt / "latest").read_text() == "global_step4"
+    assert ((ckpt / "global_step4" / MARKER).is_file()
+            and (ckpt / "latest").read_text() == "global_step4")
     resumed = run_train(["--config", str(shared / "run.json"), "--save-dir", str(ckpt), "--log-dir",
                          str(tmp_path / "logs2"), "--resume", "latest"], nprocs=2)
     assert f"resumed from {ckpt / 'global_step4'}: step 4" in resumed.stderr
@@ -272,7 +291,8 @@ def test_kill_9_during_the_background_write_keeps_the_previous_checkpoint(tmp_pa
     assert sorted(again) == list(range(5, TRAINED_STEPS + 1))
     for step in again:
         assert again[step]["loss"] == pytest.approx(straight[step]["loss"], abs=1e-6)
-    assert (ckpt / "global_step8" / MARKER).is_file() and (ckpt / "latest").read_text() == "global_step8"
+    assert ((ckpt / "global_step8" / MARKER).is_file()
+            and (ckpt / "latest").read_text() == "global_step8")
 
 
 @pytest.mark.slow  # starts neox-train (8-16 s)
@@ -284,7 +304,8 @@ def test_kill_9_of_a_slow_background_write_then_resume(tmp_path, token_dir):
     run_train(["--config", str(run), "--max-steps", "4"])
     assert (ckpt / "latest").read_text() == "global_step4"
     proc = subprocess.Popen([str(BIN / "neox-train"), "--config", str(run), "--resume", "latest"],
-                            env=_write_delay_env(5.0), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            env=_write_delay_env(5.0), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (ckpt / "global_step8").is_dir():
         time.sleep(0.02)
@@ -297,7 +318,8 @@ def test_kill_9_of_a_slow_background_write_then_resume(tmp_path, token_dir):
     assert (ckpt / "latest").read_text() == "global_step4"
     again = run_train(["--config", str(run), "--resume", "latest", "--max-steps", "9"])
     assert f"resumed from {ckpt / 'global_step4'}: step 4" in again.stderr
-    assert (ckpt / "global_step8" / MARKER).is_file() and (ckpt / "latest").read_text() == "global_step9"
+    assert ((ckpt / "global_step8" / MARKER).is_file()
+            and (ckpt / "latest").read_text() == "global_step9")
 
 
 @pytest.mark.slow  # starts neox-train (8-16 s)
@@ -305,30 +327,33 @@ def test_short_host_memory_falls_back_to_synchronous_saves(tmp_path, token_dir):
     run = tiny_run_config(tmp_path, token_dir, max_steps=4, save_steps=2, eval_steps=0)
     env = train_env()
     env["NEOX_TEST_HOST_MEMORY_BYTES"] = "1000"
-    proc = subprocess.run([str(BIN / "neox-train"), "--config", str(run)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([str(BIN / "neox-train"), "--config", str(run)], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     warnings = [line for line in proc.stderr.splitlines() if "saved synchronously" in line]
-    assert len(warnings) == 1 and "WARNING" in warnings[0] and "host memory" in warnings[0], warnings
+    assert (len(warnings) == 1 and "WARNING" in warnings[0]
+            and "host memory" in warnings[0]), warnings
     assert {r["async"] for r in read_metrics(tmp_path / "logs", "checkpoint").values()} == {0.0}
     assert (tmp_path / "ckpt" / "latest").read_text() == "global_step4"
 
 
 @pytest.mark.slow
 def test_sigterm_at_a_random_step_saves_that_step_within_the_budget(tmp_path, token_dir):
-    """2 ranks, ZeRO-2, publishing to a folder: SIGTERM after a random number of steps; the ranks stop within a
-    step, save that step, publish it, and report what fit in preemption_grace_s."""
+    """2 ranks, ZeRO-2, publishing to a folder: SIGTERM after a random number of steps; the ranks
+    stop within a step, save that step, publish it, and report what fit in preemption_grace_s."""
     bucket = tmp_path / "bucket"
-    run = tiny_run_config(tmp_path, token_dir, ds_config=str(test_ds_config(tmp_path, 2)), max_steps=100_000,
-                          save_steps=7, eval_steps=0, log_steps=1, sync_to=str(bucket), preemption_grace_s=30)
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(29500 + random.randint(5001, 9000)),
-           str(BIN / "neox-train"), "--config", str(run)]
-    proc = subprocess.Popen(cmd, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    run = tiny_run_config(tmp_path, token_dir, ds_config=str(test_ds_config(tmp_path, 2)),
+                          max_steps=100_000, save_steps=7, eval_steps=0, log_steps=1,
+                          sync_to=str(bucket), preemption_grace_s=30)
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port",
+           str(29500 + random.randint(5001, 9000)), str(BIN / "neox-train"), "--config", str(run)]
+    proc = subprocess.Popen(cmd, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     target = random.Random(os.getpid()).randint(3, 12)
     metrics = tmp_path / "logs" / "metrics.jsonl"
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not (metrics.is_file() and metrics.read_text().count('"train"') >= target):
+    while time.monotonic() < deadline and not (
+            metrics.is_file() and metrics.read_text().count('"train"') >= target):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         time.sleep(0.05)
     at_signal = max(read_metrics(tmp_path / "logs"))
@@ -339,7 +364,8 @@ def test_sigterm_at_a_random_step_saves_that_step_within_the_budget(tmp_path, to
     stopped = max(read_metrics(tmp_path / "logs"))
     assert at_signal <= stopped <= at_signal + 2, (at_signal, stopped)
     tag = f"global_step{stopped}"
-    assert (tmp_path / "ckpt" / "latest").read_text() == tag and (tmp_path / "ckpt" / tag / MARKER).is_file()
+    assert ((tmp_path / "ckpt" / "latest").read_text() == tag
+            and (tmp_path / "ckpt" / tag / MARKER).is_file())
     assert (bucket / tag / "COMPLETE").is_file(), err[-3000:]
     line = next(x for x in err.splitlines() if "preemption:" in x)
     assert f"{tag} saved locally: yes, published: yes" in line, line
@@ -348,11 +374,13 @@ def test_sigterm_at_a_random_step_saves_that_step_within_the_budget(tmp_path, to
 
 @pytest.mark.slow  # starts neox-train (8-16 s)
 def test_the_upload_worker_sees_a_tag_only_after_its_marker(tmp_path, token_dir):
-    """Every tag is journaled for upload (handed to the worker) only after its completeness marker exists."""
+    """Every tag is journaled for upload (handed to the worker) only after its completeness marker
+    exists."""
     bucket = tmp_path / "bucket"
-    run = tiny_run_config(tmp_path, token_dir, max_steps=6, save_steps=2, eval_steps=0, sync_to=str(bucket))
-    proc = subprocess.run([str(BIN / "neox-train"), "--config", str(run)], env=_write_delay_env(0.3),
-                          capture_output=True, text=True, timeout=300)
+    run = tiny_run_config(tmp_path, token_dir, max_steps=6, save_steps=2, eval_steps=0,
+                          sync_to=str(bucket))
+    proc = subprocess.run([str(BIN / "neox-train"), "--config", str(run)],
+                          env=_write_delay_env(0.3), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     journal_file = tmp_path / "ckpt" / ".neox-sync" / "journal-node0.jsonl"
     journal = [json.loads(line) for line in journal_file.read_text().splitlines()]
@@ -363,10 +391,11 @@ def test_the_upload_worker_sees_a_tag_only_after_its_marker(tmp_path, token_dir)
         assert (bucket / tag / "COMPLETE").is_file()
 
 
-# -- the commit across nodes --------------------------------------------------------------------------------------
+# -- the commit across nodes -----------------------------------------------------------------------
 class _OneFileEngine:
-    """DeepSpeed's part of a save, in small: the model-states file through our checkpoint engine (create, save,
-    commit), as every node's local rank 0 writes it under `checkpoint.use_node_local_storage`."""
+    """DeepSpeed's part of a save, in small: the model-states file through our checkpoint engine
+    (create, save, commit), as every node's local rank 0 writes it under
+    `checkpoint.use_node_local_storage`."""
 
     def __init__(self, ckpt):
         self.ckpt = ckpt
@@ -383,28 +412,31 @@ class _OneFileEngine:
 
 
 class _SecondNode(Control):
-    """The control group as rank 0 sees it with a second node (rank 1, its local rank 0): that node wrote its own
-    copy of the model states on its own disk, with the same name and size and, within one tick of the clock that
-    stamps file times, the same mtime, but other bytes (pickles of one state are not byte-identical)."""
+    """The control group as rank 0 sees it with a second node (rank 1, its local rank 0): that node
+    wrote its own copy of the model states on its own disk, with the same name and size and, within
+    one tick of the clock that stamps file times, the same mtime, but other bytes (pickles of one
+    state are not byte-identical)."""
 
     def __init__(self):
         super().__init__(1)
 
     def gather(self, obj):
         if isinstance(obj, dict) and "records" in obj:
-            other = {rel: FileRecord(r.size, "AAAAAA==", r.mtime_ns) for rel, r in obj["records"].items()}
+            other = {rel: FileRecord(r.size, "AAAAAA==", r.mtime_ns)
+                     for rel, r in obj["records"].items()}
             return [obj, {**obj, "records": other, "disk": 1}]
         return [obj, type(obj)()]
 
 
 @pytest.mark.parametrize("asynchronous", [True, False], ids=["async", "sync"])
 def test_node_local_commit_records_only_its_own_disks_files(tmp_path, asynchronous):
-    """With node-local storage every node's folder holds a file of the same name: the owner's marker must hash its
-    own, never take another node's record of its own copy (the upload then failed at every attempt: 'the local
-    file changed during the upload', and a resume would call the checkpoint damaged)."""
+    """With node-local storage every node's folder holds a file of the same name: the owner's marker
+    must hash its own, never take another node's record of its own copy (the upload then failed at
+    every attempt: 'the local file changed during the upload', and a resume would call the
+    checkpoint damaged)."""
     ckpt = NeoxCheckpointEngine()
-    saver = Saver(_OneFileEngine(ckpt), ckpt, tmp_path, owner=True, run_id="run-1", control=_SecondNode(),
-                  asynchronous=asynchronous, disk=0)
+    saver = Saver(_OneFileEngine(ckpt), ckpt, tmp_path, owner=True, run_id="run-1",
+                  control=_SecondNode(), asynchronous=asynchronous, disk=0)
     extra = {"model_config": {}, "step": 2, "consumed_samples": 16, "dp_size": 2, "data_tokens": 0,
              "run_config": {"data_dir": str(tmp_path / "no-data")}, "ds_config": {}}
     saver.begin(2, extra, losses={}, expected_bytes=None)

@@ -1,5 +1,6 @@
-"""The performance benchmarks run on CPU with the tiny preset: each prints exactly one JSON line on stdout with
-the promised structure and sane values. Timings on a shared CPU say nothing here; ranges are deliberately wide."""
+"""The performance benchmarks run on CPU with the tiny preset: each prints exactly one JSON line on
+stdout with the promised structure and sane values. Timings on a shared CPU say nothing here; ranges
+are deliberately wide."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ TINY = ["--preset", "neox-tiny", "--seq-len", "32", "--vocab-size", "256"]
 
 
 def bench(script: str, *args: str, timeout: int = 300) -> dict:
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True,
-                          env=train_env(), timeout=timeout)
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args],
+                          capture_output=True, text=True, env=train_env(), timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = proc.stdout.splitlines()
     assert len(lines) == 1, f"stdout must be one JSON line, got: {proc.stdout[:2000]}"
@@ -37,10 +38,12 @@ def test_throughput_one_configuration():
     assert r["bench"] == "throughput" and r["mode"] == "single" and r["steps"] == 6
     assert r["switches"] == {"activation_checkpointing": True}
     assert r["records"] == 3 and r["measured_records"] == 2 and r["measured_steps"] == 4
-    assert r["flops_per_token"] == 737_280 and r["hardware_flops_per_token"] == 950_272  # hand-computed in test_perf
+    # hand-computed in test_perf
+    assert r["flops_per_token"] == 737_280 and r["hardware_flops_per_token"] == 950_272
     assert r["peak_tflops"] == 1.0
     assert 100 < r["tokens_per_s"] < 10_000_000
-    assert r["tflops_per_gpu"] == pytest.approx(r["tokens_per_s_per_gpu"] * 737_280 / 1e12, rel=0.2)  # medians
+    # medians
+    assert r["tflops_per_gpu"] == pytest.approx(r["tokens_per_s_per_gpu"] * 737_280 / 1e12, rel=0.2)
     assert 0 < r["mfu"] < 1 and r["hfu"] > r["mfu"]
     b = r["breakdown"]
     assert _fraction(b["data_wait_frac"]) and b["fwd_bwd_s"] > 0 and b["optimizer_s"] > 0
@@ -49,8 +52,8 @@ def test_throughput_one_configuration():
 
 
 def test_throughput_compare_interleaves_variants():
-    r = bench("throughput.py", *TINY, "--micro-batch", "2", "--compare", "optimizer_impl=torch,torch_fused",
-              "--block", "2", "--rounds", "2")
+    r = bench("throughput.py", *TINY, "--micro-batch", "2", "--compare",
+              "optimizer_impl=torch,torch_fused", "--block", "2", "--rounds", "2")
     assert r["mode"] == "compare" and r["switch"] == "optimizer_impl" and r["peak_tflops"] is None
     values = [v["value"] for v in r["variants"]]
     assert values == ["torch", "torch_fused"]
@@ -60,13 +63,14 @@ def test_throughput_compare_interleaves_variants():
     for v in r["variants"]:
         assert v["step_time_s_median"] > 0 and v["tokens_per_s"] > 0 and v["mfu"] is None
         assert _fraction(v["breakdown"]["data_wait_frac"])
-    # Same data, same seed, same initial weights: the optimizer kernel changes no result beyond rounding.
+    # Same data, same seed, same initial weights: the optimizer kernel changes no result beyond
+    # rounding.
     assert first["loss_last"] == pytest.approx(second["loss_last"], rel=1e-4)
 
 
 def test_overhead_bench():
-    r = bench("overhead.py", *TINY, "--micro-batch", "2", "--grad-accum", "2", "--block", "2", "--rounds", "2",
-              "--log-steps", "2")
+    r = bench("overhead.py", *TINY, "--micro-batch", "2", "--grad-accum", "2", "--block", "2",
+              "--rounds", "2", "--log-steps", "2")
     assert r["bench"] == "overhead" and r["goal"] == 1.03 and r["upload_worker"] is True
     assert len(r["ratios"]) == 2 and 0.2 < r["ratio_median"] < 5
     assert r["goal_met"] == (r["ratio_median"] <= 1.03)
@@ -77,8 +81,10 @@ def test_overhead_bench():
 
 def test_dataloader_bench():
     r = bench("dataloader.py", *TINY, "--micro-batch", "4", "--grad-accum", "1", "--batches", "50",
-              "--loader-rounds", "1", "--block", "2", "--rounds", "2", "--tokens", "20000", "--shards", "3")
-    assert r["bench"] == "dataloader" and r["shards"] == 3 and r["windows"] == 625  # 3 x 6667 tokens -> 20000 // 32
+              "--loader-rounds", "1", "--block", "2", "--rounds", "2", "--tokens", "20000",
+              "--shards", "3")
+    # 3 x 6667 tokens -> 20000 // 32
+    assert r["bench"] == "dataloader" and r["shards"] == 3 and r["windows"] == 625
     assert set(r["loader_samples_per_s"]) == {"prefetch_0", "prefetch_2"}
     assert all(v > 100 for v in r["loader_samples_per_s"].values())
     for name in ("prefetch_0", "prefetch_2"):
@@ -92,7 +98,8 @@ def test_dataloader_bench():
 
 def test_save_bench_stall_and_agreement():
     r = bench("save_bench.py", "stall", *TINY, "--stages", "0,2", "--rounds", "1", "--block", "2")
-    assert r["bench"] == "save" and r["mode"] == "stall" and [s["zero_stage"] for s in r["stages"]] == [0, 2]
+    assert (r["bench"] == "save" and r["mode"] == "stall"
+            and [s["zero_stage"] for s in r["stages"]] == [0, 2])
     for stage in r["stages"]:
         assert len(stage["stall_s"]["sync"]) == len(stage["stall_s"]["async"]) == 1
         assert stage["stall_async_over_sync"] > 0 and stage["write_over_dd"] > 0
@@ -106,7 +113,8 @@ def test_heal_bench_alternates_guard_and_watchdog_on_and_off():
     r = bench("heal_bench.py", *TINY, "--block", "2", "--rounds", "2")
     assert r["bench"] == "heal" and r["goal"] == 1.01 and len(r["ratios"]) == 2
     assert 0.2 < r["ratio_median"] < 5 and r["on_step_s_median"] > 0 and r["off_step_s_median"] > 0
-    assert r["guard_skipped_updates"] == 0  # a healthy run: the guard judged every step and skipped none
+    # a healthy run: the guard judged every step and skipped none
+    assert r["guard_skipped_updates"] == 0
 
 
 def test_prepare_bench_against_datasets_map():
@@ -117,7 +125,8 @@ def test_prepare_bench_against_datasets_map():
 
 
 def test_data_startup_bench_on_a_small_dataset():
-    r = bench("data_startup.py", "--tokens", "5000000", "--keep-page-cache", "--only", "indexed", timeout=600)
+    r = bench("data_startup.py", "--tokens", "5000000", "--keep-page-cache", "--only", "indexed",
+              timeout=600)
     assert r["bench"] == "data_startup" and r["tokens"] == 5_000_000 and "shards" not in r
     for kind in ("indexed",):
         for phase in ("cold", "warm"):

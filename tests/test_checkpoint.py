@@ -1,5 +1,5 @@
-"""Checkpoint bookkeeping that needs no engine: tags, the local commit (marker, `latest`), retention,
-compatibility checks."""
+"""Checkpoint bookkeeping that needs no engine: tags, the local commit (marker, `latest`),
+retention, compatibility checks."""
 
 import json
 
@@ -7,7 +7,11 @@ import pytest
 
 from neox_train.checkpoint.local import commit
 from neox_train.checkpoint.local.tags import local_tags, step_of_tag
-from neox_train.checkpoint.local.train_state import apply_retention, check_compatible, partitioning_change
+from neox_train.checkpoint.local.train_state import (
+    apply_retention,
+    check_compatible,
+    partitioning_change,
+)
 from neox_train.errors import ConfigError
 
 
@@ -49,7 +53,7 @@ def test_retention_counts_only_complete_tags_and_leaves_torn_ones(tmp_path):
     assert local_tags(tmp_path) == ["global_step2", "global_step3", "global_step4"]
 
 
-# -- the local commit -----------------------------------------------------------------------------------------
+# -- the local commit ------------------------------------------------------------------------------
 def test_commit_marks_every_file_and_moves_latest(tmp_path):
     tag = tmp_path / "global_step9"
     (tag / "zero").mkdir(parents=True)
@@ -102,8 +106,10 @@ def test_a_tag_from_before_markers_counts_when_its_side_files_parse(tmp_path):
     assert not commit.inspect(tmp_path, "global_step5").complete
 
 
-@pytest.mark.parametrize("content, why", [(None, "is missing"), (b"", "is empty"), (b"\xff\xfe", "is not text"),
-                                          (b"../etc", "not a checkpoint tag"), (b"global_step3\n", "")])
+@pytest.mark.parametrize("content, why", [(None, "is missing"), (b"", "is empty"),
+                                          (b"\xff\xfe", "is not text"),
+                                          (b"../etc", "not a checkpoint tag"),
+                                          (b"global_step3\n", "")])
 def test_read_latest_never_raises(tmp_path, content, why):
     if content is not None:
         (tmp_path / "latest").write_bytes(content)
@@ -116,17 +122,20 @@ MODEL = {"vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2, "num_atte
 
 
 def saved(dp, stage, **model):
-    return {"model_config": {**MODEL, **model}, "ds_config": {"zero_optimization": {"stage": stage}}, "dp_size": dp}
+    return {"model_config": {**MODEL, **model},
+            "ds_config": {"zero_optimization": {"stage": stage}}, "dp_size": dp}
 
 
 def test_compatible_resume_passes():
-    """The same model, stage and rank count resumes as it is (nothing to convert); so does ZeRO-0 at another rank
-    count, which holds whole optimizer state on every rank. The same ZeRO-0 checkpoint under ZeRO-2 is refused, so
-    the pass is not vacuous."""
+    """The same model, stage and rank count resumes as it is (nothing to convert); so does ZeRO-0 at
+    another rank count, which holds whole optimizer state on every rank. The same ZeRO-0 checkpoint
+    under ZeRO-2 is refused, so the pass is not vacuous."""
     zero2, zero0 = {"zero_optimization": {"stage": 2}}, {"zero_optimization": {"stage": 0}}
-    assert check_compatible(saved(2, 2), model_config=MODEL, ds_config=zero2, dp_size=2, tag="t") is None
+    assert (check_compatible(saved(2, 2), model_config=MODEL, ds_config=zero2, dp_size=2, tag="t")
+            is None)
     assert partitioning_change(saved(2, 2), ds_config=zero2, dp_size=2) is None
-    assert check_compatible(saved(2, 0), model_config=MODEL, ds_config=zero0, dp_size=1, tag="t") is None
+    assert (check_compatible(saved(2, 0), model_config=MODEL, ds_config=zero0, dp_size=1, tag="t")
+            is None)
     assert partitioning_change(saved(2, 0), ds_config=zero0, dp_size=1) is None
     with pytest.raises(ConfigError, match="ZeRO-0 checkpoint"):
         check_compatible(saved(2, 0), model_config=MODEL, ds_config=zero2, dp_size=1, tag="t")
@@ -134,28 +143,33 @@ def test_compatible_resume_passes():
 
 def test_different_model_refused():
     with pytest.raises(ConfigError, match="different model .*hidden_size 128 -> 64"):
-        check_compatible(saved(1, 0, hidden_size=128), model_config=MODEL, ds_config={}, dp_size=1, tag="t")
+        check_compatible(saved(1, 0, hidden_size=128), model_config=MODEL, ds_config={}, dp_size=1,
+                         tag="t")
 
 
 def test_partitioning_change_is_detected_and_only_zero0_refused():
     zero2 = {"zero_optimization": {"stage": 2}}
-    # ZeRO-1..3 at another size or stage: convertible (the resume goes through a universal checkpoint).
+    # ZeRO-1..3 at another size or stage: convertible (the resume goes through a universal
+    # checkpoint).
     check_compatible(saved(2, 2), model_config=MODEL, ds_config=zero2, dp_size=1, tag="t")
     assert partitioning_change(saved(2, 2), ds_config=zero2, dp_size=1) == (
         "saved at data-parallel size 2 with ZeRO-2, this run is 1 with ZeRO-2")
-    assert partitioning_change(saved(2, 1), ds_config={"zero_optimization": {"stage": 3}}, dp_size=2) is not None
+    assert partitioning_change(saved(2, 1), ds_config={"zero_optimization": {"stage": 3}},
+                               dp_size=2) is not None
     assert partitioning_change(saved(2, 2), ds_config=zero2, dp_size=2) is None
     assert partitioning_change(saved(2, 0), ds_config={}, dp_size=1) is None
     # ZeRO-0 holds no partitioned fp32 state to convert from (or into).
-    with pytest.raises(ConfigError, match="size 1 with ZeRO-0, this run is 1 with ZeRO-2.*ZeRO-0 checkpoint"):
+    with pytest.raises(ConfigError,
+                       match="size 1 with ZeRO-0, this run is 1 with ZeRO-2.*ZeRO-0 checkpoint"):
         check_compatible(saved(1, 0), model_config=MODEL, ds_config=zero2, dp_size=1, tag="t")
     with pytest.raises(ConfigError, match="ZeRO-0"):
         check_compatible(saved(2, 2), model_config=MODEL, ds_config={}, dp_size=2, tag="t")
 
 
 def test_side_files_carry_tokenizer_and_losses(tmp_path):
-    """Each tag is self-describing for an export made elsewhere: model config, run meta with the last losses, and
-    the data folder's tokenizer. (The engine here only writes its marker file: the side files are ours.)"""
+    """Each tag is self-describing for an export made elsewhere: model config, run meta with the
+    last losses, and the data folder's tokenizer. (The engine here only writes its marker file: the
+    side files are ours.)"""
     import json
 
     from neox_train.checkpoint.local import commit
@@ -167,8 +181,8 @@ def test_side_files_carry_tokenizer_and_losses(tmp_path):
     (data / "meta.json").write_text('{"vocab_size": 300}')
 
     state = TrainState(step=7, consumed_samples=56)
-    extra = client_state(state=state, run_config={"data_dir": str(data)}, ds_config={}, model_config=MODEL, dp_size=1,
-                         data_tokens=100)
+    extra = client_state(state=state, run_config={"data_dir": str(data)}, ds_config={},
+                         model_config=MODEL, dp_size=1, data_tokens=100)
     tag_dir = tmp_path / "ckpt" / "global_step7"
     tag_dir.mkdir(parents=True)
     (tag_dir / "mp_rank_00_model_states.pt").write_bytes(b"x")  # what the engine wrote
@@ -177,9 +191,12 @@ def test_side_files_carry_tokenizer_and_losses(tmp_path):
     status = commit.commit(tmp_path / "ckpt", "global_step7", run_id="0123456789ab")
     tag_dir = tmp_path / "ckpt" / status.tag
     assert status.complete and (tmp_path / "ckpt" / "latest").read_text() == "global_step7"
-    assert set(status.files) == {"mp_rank_00_model_states.pt", "config.json", "run.json", "tokenizer.json", "meta.json"}
+    assert set(status.files) == {"mp_rank_00_model_states.pt", "config.json", "run.json",
+                                 "tokenizer.json", "meta.json"}
     run = json.loads((tag_dir / "run.json").read_text())
-    assert (run["step"], run["train_loss"], run["val_loss"], run["val_loss_step"]) == (7, 3.5, 3.7, 5)
+    assert ((run["step"], run["train_loss"], run["val_loss"], run["val_loss_step"])
+            == (7, 3.5, 3.7, 5))
     assert run["run_id"] == "0123456789ab"
-    assert (tag_dir / "tokenizer.json").read_text() == '{"model": {}}' and (tag_dir / "meta.json").is_file()
+    assert ((tag_dir / "tokenizer.json").read_text() == '{"model": {}}'
+            and (tag_dir / "meta.json").is_file())
     assert json.loads((tag_dir / "config.json").read_text()) == MODEL

@@ -1,4 +1,5 @@
-"""The command-line contract: --describe, and one clear line + exit 2 for every bad input, before training starts."""
+"""The command-line contract: --describe, and one clear line + exit 2 for every bad input, before
+training starts."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from conftest import BIN, VOCAB, markov_tokens, tiny_run_config, train_env
 
 def describe(*args: str) -> dict:
     out = subprocess.run(
-        [str(BIN / "neox-train"), *args, "--describe"], capture_output=True, text=True, env=train_env(), timeout=120
+        [str(BIN / "neox-train"), *args, "--describe"], capture_output=True, text=True,
+        env=train_env(), timeout=120
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
@@ -26,10 +28,12 @@ def test_describe_production():
     d = describe("--config", "production")
     assert d["params"] == {"total": 1_414_647_808, "non_embedding": 1_208_602_624}
     assert d["model"]["vocab_size"] == 50304 and d["model"]["tokenizer_vocab_size"] == 50257
-    assert d["flops_per_token"] == pytest.approx(72 * 24 * 2048**2 * (1 + 2048 / (6 * 2048) + 50304 / (12 * 24 * 2048)))
+    assert d["flops_per_token"] == pytest.approx(
+        72 * 24 * 2048**2 * (1 + 2048 / (6 * 2048) + 50304 / (12 * 24 * 2048)))
     assert d["zero_stage"] == 2 and d["precision"] == "bf16"
     ds = d["ds_config"]
-    batch = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
+    batch = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"],
+             ds["train_batch_size"])
     assert batch == (4, 4, 16)
     assert d["run_config"]["save_steps"] == 500 and d["run_config"]["log_steps"] == 100
     assert d["tokens_per_step"] == 16 * 2048
@@ -39,8 +43,8 @@ def test_describe_applies_overrides_and_world_size(monkeypatch):
     env = train_env()
     env["WORLD_SIZE"] = "8"
     out = subprocess.run(
-        [str(BIN / "neox-train"), "--config", "production", "--ds-config", "zero3", "--micro-batch", "2",
-         "--grad-accum", "8", "--mixed-precision", "no", "--max-steps", "123", "--describe"],
+        [str(BIN / "neox-train"), "--config", "production", "--ds-config", "zero3", "--micro-batch",
+         "2", "--grad-accum", "8", "--mixed-precision", "no", "--max-steps", "123", "--describe"],
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert out.returncode == 0, out.stderr
@@ -78,7 +82,8 @@ def test_bad_override(capsys):
 
 def test_auto_in_ds_config(capsys, tmp_path):
     p = tmp_path / "ds.json"
-    p.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1}))
+    p.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto",
+                             "gradient_accumulation_steps": 1}))
     line = _error_line(capsys, ["--config", "demo", "--ds-config", str(p), "--describe"])
     assert "'auto' at train_micro_batch_size_per_gpu" in line
 
@@ -101,8 +106,8 @@ def _bad_shard_dir(tmp_path, kind: str):
 
 @pytest.mark.parametrize(
     "kind,needle",
-    [("dtype", "float32"), ("vocab", f"token id {VOCAB + 7} >= vocab size {VOCAB}"), ("empty", "empty"),
-     ("unreadable", "bad.npy")],
+    [("dtype", "float32"), ("vocab", f"token id {VOCAB + 7} >= vocab size {VOCAB}"),
+     ("empty", "empty"), ("unreadable", "bad.npy")],
 )
 def test_bad_shard_fails_before_training(capsys, tmp_path, kind, needle):
     data, bad = _bad_shard_dir(tmp_path, kind)
@@ -131,7 +136,8 @@ def test_resume_without_checkpoint(capsys, tmp_path, token_dir):
 
 
 def test_error_exit_code_from_the_real_command(tmp_path):
-    out = subprocess.run([str(BIN / "neox-train"), "--config", "nope"], capture_output=True, text=True, env=train_env())
+    out = subprocess.run([str(BIN / "neox-train"), "--config", "nope"], capture_output=True,
+                         text=True, env=train_env())
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("neox-train: error: --config 'nope'")
     assert "Traceback" not in out.stderr
@@ -139,10 +145,11 @@ def test_error_exit_code_from_the_real_command(tmp_path):
 
 def test_neox_data_prepare_json(tmp_path):
     src = tmp_path / "docs.jsonl"
-    src.write_text("\n".join(json.dumps({"text": f"document number {i} says hello world. " * 20}) for i in range(50)))
+    src.write_text("\n".join(json.dumps({"text": f"document number {i} says hello world. " * 20})
+                             for i in range(50)))
     out = subprocess.run(
-        [str(BIN / "neox-data"), "prepare", "--input", str(src), "--output", str(tmp_path / "shards"),
-         "--vocab-size", "300", "--json"],
+        [str(BIN / "neox-data"), "prepare", "--input", str(src), "--output",
+         str(tmp_path / "shards"), "--vocab-size", "300", "--json"],
         capture_output=True, text=True, env=train_env(), timeout=120,
     )
     assert out.returncode == 0, out.stderr
@@ -154,5 +161,7 @@ def test_neox_data_prepare_json(tmp_path):
 def test_neox_data_bad_input(capsys, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": "oops"}\n')
-    line = _error_line(capsys, ["prepare", "--input", str(bad), "--output", str(tmp_path / "o")], main=data_main)
-    assert f"{bad}:2: expected a JSON object with a string 'text' field" in line  # the file and line named
+    line = _error_line(capsys, ["prepare", "--input", str(bad), "--output", str(tmp_path / "o")],
+                       main=data_main)
+    # the file and line named
+    assert f"{bad}:2: expected a JSON object with a string 'text' field" in line

@@ -49,14 +49,18 @@ def test_json_file_with_base(tmp_path):
         ({"seq_len": 4096}, ["seq_len=4096 exceeds neox-1.2b's max_seq_len 2048"]),
         ({"mixed_precision": "fp8"}, ["mixed_precision='fp8' is not valid"]),
         ({"val_fraction": 0.9}, ["val_fraction=0.9 is out of range"]),
-        ({"micro_batch": 0, "grad_accum": 0}, ["micro_batch=0", "grad_accum=0"]),  # all problems at once
+        # all problems at once
+        ({"micro_batch": 0, "grad_accum": 0}, ["micro_batch=0", "grad_accum=0"]),
         ({"warmup_steps": 0}, ["warmup_steps=0 is out of range: must be >= 1"]),
-        ({"activation_checkpointing": "yes"}, ["activation_checkpointing='yes' must be true or false"]),
-        ({"optimizer_impl": "apex"}, ["optimizer_impl='apex' is not valid", "torch_fused", "deepspeed_fused"]),
+        ({"activation_checkpointing": "yes"},
+         ["activation_checkpointing='yes' must be true or false"]),
+        ({"optimizer_impl": "apex"},
+         ["optimizer_impl='apex' is not valid", "torch_fused", "deepspeed_fused"]),
         ({"attention": "flash"}, ["attention='flash' is not valid (valid: sdpa, eager)"]),
         ({"peak_tflops": 0}, ["peak_tflops=0 must be a number of TFLOP/s > 0"]),
         ({"vocab_pad_multiple": 0}, ["vocab_pad_multiple=0 is out of range: must be >= 1"]),
-        ({"prefetch_micro_batches": -1}, ["prefetch_micro_batches=-1 is out of range: must be >= 0"]),
+        ({"prefetch_micro_batches": -1},
+         ["prefetch_micro_batches=-1 is out of range: must be >= 0"]),
         ({"compile": ""}, ["compile='' must be a non-empty string or null"]),
     ],
 )
@@ -72,7 +76,8 @@ def test_bad_values_name_the_field(tmp_path, values, needles):
 
 
 def test_bad_files(tmp_path):
-    # A name that is neither a preset nor a file: test_cli.py::test_bad_config_name, through the command line.
+    # A name that is neither a preset nor a file: test_cli.py::test_bad_config_name, through the
+    # command line.
     with pytest.raises(ConfigError, match="does not exist"):
         load_run_config(str(tmp_path / "nope.json"))
     p = tmp_path / "x.json"
@@ -85,18 +90,19 @@ def test_bad_files(tmp_path):
 
 
 def test_defaults_are_valid():
-    """The defaults pass the validation a loaded config goes through (RunConfig() itself validates nothing), and the
-    validation is not vacuous: one bad field is named."""
+    """The defaults pass the validation a loaded config goes through (RunConfig() itself validates
+    nothing), and the validation is not vacuous: one bad field is named."""
     assert validate(RunConfig().to_dict()) == []
-    assert validate({**RunConfig().to_dict(), "save_steps": 0}) == ["save_steps=0 is out of range: must be >= 1"]
+    assert (validate({**RunConfig().to_dict(), "save_steps": 0})
+            == ["save_steps=0 is out of range: must be >= 1"])
 
 
 def test_performance_fields_accept_valid_values(tmp_path):
     p = tmp_path / "fast.json"
-    p.write_text(json.dumps({"base": "production", "optimizer_impl": "deepspeed_fused", "compile": "inductor",
-                             "attention": "eager", "peak_tflops": 989, "vocab_pad_multiple": 64,
-                             "prefetch_micro_batches": 0}))
+    p.write_text(json.dumps({"base": "production", "optimizer_impl": "deepspeed_fused",
+                             "compile": "inductor", "attention": "eager", "peak_tflops": 989,
+                             "vocab_pad_multiple": 64, "prefetch_micro_batches": 0}))
     run = load_run_config(str(p))
     assert run.peak_tflops == 989.0 and isinstance(run.peak_tflops, float)
-    assert (run.optimizer_impl, run.compile, run.attention, run.vocab_pad_multiple, run.prefetch_micro_batches) == (
-        "deepspeed_fused", "inductor", "eager", 64, 0)
+    assert (run.optimizer_impl, run.compile, run.attention, run.vocab_pad_multiple,
+            run.prefetch_micro_batches) == ("deepspeed_fused", "inductor", "eager", 64, 0)

@@ -18,7 +18,7 @@ def _tokens(n: int, dtype: str = "uint16", start: int = 0) -> np.ndarray:
     return (np.arange(start, start + n) % 1000).astype(dtype)
 
 
-# --- discovery ---------------------------------------------------------------------------------------------
+# --- discovery ------------------------------------------------------------------------------------
 
 
 def test_discover_shards_recursive_and_sorted(tmp_path: Path) -> None:
@@ -41,7 +41,7 @@ def test_discover_shards_errors(tmp_path: Path) -> None:
         discover_shards(tmp_path / "missing")
 
 
-# --- opening shards ----------------------------------------------------------------------------------------
+# --- opening shards -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", ["uint16", "uint32"])
@@ -81,7 +81,8 @@ def test_open_2d_is_flattened_row_major(tmp_path: Path) -> None:
     np.savez(tmp_path / "b.npz", input_ids=rows)
     np.save(tmp_path / "c.npy", np.asfortranarray(rows))
     np.savez(tmp_path / "d.npz", input_ids=np.asfortranarray(rows))
-    assert isinstance(open_shard(tmp_path / "a.npy"), np.memmap)  # a C-ordered 2-D shard stays mapped
+    # a C-ordered 2-D shard stays mapped
+    assert isinstance(open_shard(tmp_path / "a.npy"), np.memmap)
     for name in ("a.npy", "b.npz", "c.npy", "d.npz"):
         arr = open_shard(tmp_path / name)
         assert arr.shape == (12,)
@@ -115,7 +116,8 @@ def _bad_shards(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     (tmp_path / "truncated.npy").write_bytes((tmp_path / "truncated.npy").read_bytes()[:300])
     add("truncated npy", tmp_path / "truncated.npy", r"cannot read token shard")
     np.savez(tmp_path / "nokey.npz", tokens=_tokens(10), mask=_tokens(10))
-    add("npz missing input_ids", tmp_path / "nokey.npz", r"no 'input_ids' array .*keys present: \['mask', 'tokens'\]")
+    add("npz missing input_ids", tmp_path / "nokey.npz",
+        r"no 'input_ids' array .*keys present: \['mask', 'tokens'\]")
     return cases
 
 
@@ -146,12 +148,14 @@ def test_validate_shards_token_id_out_of_range(tmp_path: Path) -> None:
 
 
 def test_validate_shards_scans_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The chunked max (there so a shard larger than RAM is never loaded whole) finds ids in any chunk."""
+    """The chunked max (there so a shard larger than RAM is never loaded whole) finds ids in any
+    chunk."""
     monkeypatch.setattr(data, "_MAX_CHUNK_TOKENS", 7)
     tokens = _tokens(100, "uint32")
     np.save(tmp_path / "ok.npy", tokens)
     validate_shards([tmp_path / "ok.npy"], vocab_size=100)
-    with pytest.raises(DataError, match="token id 99 >= vocab size 99 at position 99"):  # in the last chunk
+    # in the last chunk
+    with pytest.raises(DataError, match="token id 99 >= vocab size 99 at position 99"):
         validate_shards([tmp_path / "ok.npy"], vocab_size=99)
     tokens[93] = 500
     np.save(tmp_path / "bad.npy", tokens)
@@ -167,7 +171,7 @@ def test_validate_shards_returns_the_opened_shards(tmp_path: Path) -> None:
     assert isinstance(arrays[0], np.memmap) and arrays[1].tolist() == [1, 2, 999, 3]
 
 
-# --- meta.json ---------------------------------------------------------------------------------------------
+# --- meta.json ------------------------------------------------------------------------------------
 
 
 def test_read_meta(tmp_path: Path) -> None:
@@ -182,7 +186,7 @@ def test_read_meta(tmp_path: Path) -> None:
         read_meta(tmp_path)
 
 
-# --- windows and split -------------------------------------------------------------------------------------
+# --- windows and split ----------------------------------------------------------------------------
 
 
 def test_packed_windows_span_shard_boundaries() -> None:
@@ -210,7 +214,8 @@ def test_packed_windows_span_shard_boundaries() -> None:
 
 
 def test_packed_windows_too_little_data() -> None:
-    with pytest.raises(DataError, match=r"data has 8 tokens, fewer than one window of seq_len\+1 = 9"):
+    with pytest.raises(DataError,
+                       match=r"data has 8 tokens, fewer than one window of seq_len\+1 = 9"):
         PackedWindows([_tokens(5), _tokens(3)], 8)
 
 
@@ -241,7 +246,7 @@ def test_split_windows_errors() -> None:
         split_windows(10, 1.0)
 
 
-# --- sample stream -----------------------------------------------------------------------------------------
+# --- sample stream --------------------------------------------------------------------------------
 
 
 def _take(stream: SampleStream, steps: int) -> list[int]:
@@ -266,14 +271,16 @@ def test_stream_ranks_disjoint_and_union_is_global_order() -> None:
     reference = [single.next_micro_batch() for _ in range(steps)]
     for dp_size in (2, 4):
         micro = global_batch // dp_size
-        streams = [SampleStream(indices, seed=7, micro_batch=micro, dp_rank=r, dp_size=dp_size) for r in range(dp_size)]
+        streams = [SampleStream(indices, seed=7, micro_batch=micro, dp_rank=r, dp_size=dp_size)
+                   for r in range(dp_size)]
         for step in range(steps):
             per_rank = [s.next_micro_batch() for s in streams]
             assert all(len(part) == micro for part in per_rank)
             assert [i for part in per_rank for i in part] == reference[step]
             assert {s.consumed_samples for s in streams} == {(step + 1) * global_batch}
         # positions are disjoint across ranks; indices repeat only after an epoch boundary
-        first_epoch = [i for s in [SampleStream(indices, seed=7, micro_batch=micro, dp_rank=r, dp_size=dp_size)
+        first_epoch = [i for s in [SampleStream(indices, seed=7, micro_batch=micro, dp_rank=r,
+                                                dp_size=dp_size)
                                    for r in range(dp_size)] for i in s.next_micro_batch()]
         assert len(set(first_epoch)) == len(first_epoch)
 
@@ -285,19 +292,23 @@ def test_stream_resume_matches_continuous_run() -> None:
         while continuous.consumed_samples < consumed:
             continuous.next_micro_batch()
         assert continuous.consumed_samples == consumed  # multiples of the global batch 6
-        resumed = SampleStream(indices, seed=3, micro_batch=3, dp_rank=1, dp_size=2, consumed_samples=consumed)
+        resumed = SampleStream(indices, seed=3, micro_batch=3, dp_rank=1, dp_size=2,
+                               consumed_samples=consumed)
         assert resumed.epoch == continuous.epoch == consumed // 50
         assert _take(resumed, 30) == _take(continuous, 30)
 
 
 def test_stream_resume_with_different_dp_size() -> None:
-    """A run saved at 2 ranks resumes at 4 ranks on exactly the positions a 1-rank run would visit next."""
+    """A run saved at 2 ranks resumes at 4 ranks on exactly the positions a 1-rank run would visit
+    next."""
     indices = range(0, 40)
     saved = SampleStream(indices, seed=5, micro_batch=4, dp_rank=0, dp_size=2)
     for _ in range(3):
         saved.next_micro_batch()
-    single = SampleStream(indices, seed=5, micro_batch=8, dp_rank=0, dp_size=1, consumed_samples=saved.consumed_samples)
-    ranks = [SampleStream(indices, seed=5, micro_batch=2, dp_rank=r, dp_size=4, consumed_samples=saved.consumed_samples)
+    single = SampleStream(indices, seed=5, micro_batch=8, dp_rank=0, dp_size=1,
+                          consumed_samples=saved.consumed_samples)
+    ranks = [SampleStream(indices, seed=5, micro_batch=2, dp_rank=r, dp_size=4,
+                          consumed_samples=saved.consumed_samples)
              for r in range(4)]
     for _ in range(10):
         assert [i for s in ranks for i in s.next_micro_batch()] == single.next_micro_batch()
@@ -305,7 +316,8 @@ def test_stream_resume_with_different_dp_size() -> None:
 
 def test_stream_epoch_rollover_covers_every_index_once() -> None:
     indices = range(100, 123)  # 23 windows, micro 5 x 2 ranks: epochs end mid-batch
-    streams = [SampleStream(indices, seed=11, micro_batch=5, dp_rank=r, dp_size=2) for r in range(2)]
+    streams = [
+        SampleStream(indices, seed=11, micro_batch=5, dp_rank=r, dp_size=2) for r in range(2)]
     order: list[int] = []
     epochs_seen = []
     while len(order) < 3 * 23:
@@ -326,13 +338,15 @@ def test_stream_argument_checks() -> None:
         SampleStream(range(0), seed=0, micro_batch=1, dp_rank=0, dp_size=1)
 
 
-# --- eval batches ------------------------------------------------------------------------------------------
+# --- eval batches ---------------------------------------------------------------------------------
 
 
 def test_eval_batches_rank_disjoint_and_fixed() -> None:
     val = range(900, 950)  # 50 windows
-    per_rank = [eval_batches(val, micro_batch=3, dp_rank=r, dp_size=4, max_batches=10) for r in range(4)]
-    assert all(len(batches) == 4 for batches in per_rank)  # 50 // 12 full global batches, remainder dropped
+    per_rank = [
+        eval_batches(val, micro_batch=3, dp_rank=r, dp_size=4, max_batches=10) for r in range(4)]
+    # 50 // 12 full global batches, remainder dropped
+    assert all(len(batches) == 4 for batches in per_rank)
     assert all(len(b) == 3 for batches in per_rank for b in batches)
     flat = [i for batches in per_rank for b in batches for i in b]
     assert len(set(flat)) == len(flat) == 48
@@ -345,7 +359,8 @@ def test_eval_batches_rank_disjoint_and_fixed() -> None:
 
 def test_eval_batches_small_val() -> None:
     val = range(20, 25)  # 5 windows, fewer than one global batch of 4 x 2
-    per_rank = [eval_batches(val, micro_batch=2, dp_rank=r, dp_size=4, max_batches=5) for r in range(4)]
+    per_rank = [
+        eval_batches(val, micro_batch=2, dp_rank=r, dp_size=4, max_batches=5) for r in range(4)]
     assert per_rank == [[[20, 21]], [[22, 23]], [[24]], []]
     assert eval_batches(range(0), micro_batch=2, dp_rank=0, dp_size=1, max_batches=5) == []
 
@@ -358,10 +373,12 @@ def test_validation_cache_skips_unchanged_shards_and_still_checks_vocab(tmp_path
     cache = tmp_path / ".neox-validated.json"
     first = validate_shards([shard], 200, cache_path=cache)
     assert first[0].size == 100 and list(json.loads(cache.read_text()).values()) == [99]
-    # A cached max is trusted only for the same size and mtime: poison it and see it used, then invalidated.
+    # A cached max is trusted only for the same size and mtime: poison it and see it used, then
+    # invalidated.
     entry = json.loads(cache.read_text())
     cache.write_text(json.dumps({k: 7 for k in entry}))
-    validate_shards([shard], 50, cache_path=cache)  # the poisoned max (7) is below 50: passes without a rescan
+    # the poisoned max (7) is below 50: passes without a rescan
+    validate_shards([shard], 50, cache_path=cache)
     with pytest.raises(DataError, match="token id 50 >= vocab size 50 at position 50"):
         validate_shards([shard], 50)
     np.save(shard, np.arange(300, dtype=np.uint16))
@@ -370,10 +387,12 @@ def test_validation_cache_skips_unchanged_shards_and_still_checks_vocab(tmp_path
 
 
 def test_batch_gathers_the_same_windows_as_indexing(tmp_path: Path) -> None:
-    """batch() takes a fast path for windows inside one shard; windows straddling a boundary (and negative
-    indices) must come out exactly as window-by-window indexing gives them, into a caller's buffer too."""
+    """batch() takes a fast path for windows inside one shard; windows straddling a boundary (and
+    negative indices) must come out exactly as window-by-window indexing gives them, into a caller's
+    buffer too."""
     paths = []
-    for i, (a, b) in enumerate([(0, 101), (101, 105), (105, 400)]):  # a 4-token shard: windows span 3 shards
+    # a 4-token shard: windows span 3 shards
+    for i, (a, b) in enumerate([(0, 101), (101, 105), (105, 400)]):
         paths.append(tmp_path / f"s{i}.npy")
         np.save(paths[-1], _tokens(b - a, start=a))
     w = PackedWindows([open_shard(p) for p in paths], seq_len=10)
@@ -391,7 +410,8 @@ def test_batch_gathers_the_same_windows_as_indexing(tmp_path: Path) -> None:
 
 
 def test_load_data_opens_every_shard_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A compressed .npz is decompressed on open: validating and then packing must not open (and inflate) it twice."""
+    """A compressed .npz is decompressed on open: validating and then packing must not open (and
+    inflate) it twice."""
     import neox_train.data.shards as shards
     from neox_train.config import from_dict
     from neox_train.train import plan as plan_mod
@@ -402,8 +422,8 @@ def test_load_data_opens_every_shard_once(tmp_path: Path, monkeypatch: pytest.Mo
     real = shards.open_shard
     monkeypatch.setattr(shards, "open_shard", lambda p: opened.append(Path(p)) or real(p))
     monkeypatch.setattr(plan_mod, "open_shard", shards.open_shard, raising=False)
-    run = from_dict({"model": "neox-tiny", "seq_len": 16, "vocab_size": 1000, "data_dir": str(tmp_path),
-                     "ds_config": "zero0", "mixed_precision": "no"})
+    run = from_dict({"model": "neox-tiny", "seq_len": 16, "vocab_size": 1000,
+                     "data_dir": str(tmp_path), "ds_config": "zero0", "mixed_precision": "no"})
     plan = plan_mod.prepare_run(run, dp_size=1, on_gpu=False)
     windows, _ = plan_mod.load_data(plan)
     assert sorted(opened) == [tmp_path / "a.npy", tmp_path / "b.npz"]

@@ -1,4 +1,5 @@
-"""DeepSpeed JSON: every shipped file loads and survives the overrides; batch arithmetic; bad input."""
+"""DeepSpeed JSON: every shipped file loads and survives the overrides; batch arithmetic; bad
+input."""
 
 import json
 from pathlib import Path
@@ -6,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from neox_train.config import RUN_PRESETS, load_run_config
-from neox_train.ds_config import DS_CONFIG_DIR, check_batch, effective_ds_config, load_ds_config, zero_stage
+from neox_train.ds_config import (
+    DS_CONFIG_DIR,
+    check_batch,
+    effective_ds_config,
+    load_ds_config,
+    zero_stage,
+)
 from neox_train.errors import ConfigError
 
 SHIPPED = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
@@ -34,7 +41,8 @@ def test_every_shipped_ds_config(name):
     for preset in RUN_PRESETS:
         run = load_run_config(preset).replace(ds_config=name)
         eff, _ = effective_ds_config(cfg, run, dp_size=8, on_gpu=True)
-        assert eff["train_batch_size"] == eff["train_micro_batch_size_per_gpu"] * eff["gradient_accumulation_steps"] * 8
+        assert (eff["train_batch_size"]
+                == eff["train_micro_batch_size_per_gpu"] * eff["gradient_accumulation_steps"] * 8)
         assert eff["scheduler"]["params"]["total_num_steps"] == run.max_steps
 
 
@@ -55,7 +63,8 @@ def test_check_batch(dp, tb, mb, ga, expected):
 @pytest.mark.parametrize(
     "dp,tb,mb,ga,needle",
     [
-        (64, 1000, 4, 4, "train_batch_size=1000 but micro_batch 4 x grad_accum 4 x data-parallel size 64 = 1024"),
+        (64, 1000, 4, 4,
+         "train_batch_size=1000 but micro_batch 4 x grad_accum 4 x data-parallel size 64 = 1024"),
         (3, 32, 4, None, "not a multiple of micro_batch 4 x data-parallel size 3 = 12"),
         (3, 32, None, 4, "not a multiple of grad_accum 4"),
         (2, None, 4, None, "batch under-specified"),
@@ -75,9 +84,11 @@ def _write(tmp_path: Path, cfg: dict) -> str:
 
 def test_overrides_win_and_are_reported(tmp_path):
     _, base = load_ds_config("zero2")
-    run = load_run_config("production").replace(micro_batch=2, grad_accum=8, mixed_precision="no", max_steps=77)
+    run = load_run_config("production").replace(micro_batch=2, grad_accum=8, mixed_precision="no",
+                                                max_steps=77)
     eff, notes = effective_ds_config({**base, "train_batch_size": 16}, run, dp_size=2, on_gpu=False)
-    batch = (eff["train_batch_size"], eff["train_micro_batch_size_per_gpu"], eff["gradient_accumulation_steps"])
+    batch = (eff["train_batch_size"], eff["train_micro_batch_size_per_gpu"],
+             eff["gradient_accumulation_steps"])
     assert batch == (32, 2, 8)
     assert eff["bf16"]["enabled"] is False and "fp16" not in eff
     assert eff["scheduler"]["params"]["total_num_steps"] == 77
@@ -88,7 +99,8 @@ def test_overrides_win_and_are_reported(tmp_path):
 
 
 def test_json_batch_mismatch_is_caught_before_deepspeed(tmp_path):
-    cfg = {"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 4}
+    cfg = {"train_batch_size": 10, "train_micro_batch_size_per_gpu": 4,
+           "gradient_accumulation_steps": 4}
     path = _write(tmp_path, cfg)
     _, loaded = load_ds_config(path)
     run = load_run_config("production").replace(ds_config=path, micro_batch=None, grad_accum=None)
@@ -101,10 +113,12 @@ def test_json_batch_mismatch_is_caught_before_deepspeed(tmp_path):
     "cfg,needle",
     [
         ({"train_micro_batch_size_per_gpu": "auto"}, "'auto' at train_micro_batch_size_per_gpu"),
-        ({"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}, "'auto' at optimizer.params.lr"),
+        ({"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}},
+         "'auto' at optimizer.params.lr"),
         ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage=4 must be 0, 1, 2 or 3"),
         ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "both true"),
-        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps=0 must be a positive integer"),
+        ({"gradient_accumulation_steps": 0},
+         "gradient_accumulation_steps=0 must be a positive integer"),
         ({"elasticity": {}}, "section 'elasticity'"),
     ],
 )
@@ -128,13 +142,17 @@ def test_optimizer_choice_needs_no_kernel_build():
     run = load_run_config("production")
     cpu, _ = effective_ds_config(base, run, dp_size=1, on_gpu=False)
     gpu, _ = effective_ds_config(base, run, dp_size=1, on_gpu=True)
-    # torch's fused AdamW on both: a CUDA kernel and (torch >= 2.4) a CPU kernel, neither needs a build.
-    assert cpu["optimizer"]["params"]["torch_adam"] is True and cpu["optimizer"]["params"]["fused"] is True
-    assert gpu["optimizer"]["params"]["torch_adam"] is True and gpu["optimizer"]["params"]["fused"] is True
+    # torch's fused AdamW on both: a CUDA kernel and (torch >= 2.4) a CPU kernel, neither needs a
+    # build.
+    assert (cpu["optimizer"]["params"]["torch_adam"] is True
+            and cpu["optimizer"]["params"]["fused"] is True)
+    assert (gpu["optimizer"]["params"]["torch_adam"] is True
+            and gpu["optimizer"]["params"]["fused"] is True)
     explicit = {**base, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": False}}}
     kept, _ = effective_ds_config(explicit, run, dp_size=1, on_gpu=True)
     assert kept["optimizer"]["params"] == {"lr": 1e-4, "torch_adam": False}
-    offload, _ = effective_ds_config(load_ds_config("zero2_offload")[1], run, dp_size=1, on_gpu=True)
+    offload, _ = effective_ds_config(load_ds_config("zero2_offload")[1], run, dp_size=1,
+                                     on_gpu=True)
     assert "torch_adam" not in offload["optimizer"]["params"]  # offload uses DeepSpeedCPUAdam
 
 
@@ -153,7 +171,8 @@ def test_fp16_on_cpu_is_refused():
         ("torch", True, {"torch_adam": True}),
         ("torch", False, {"torch_adam": True}),
         ("torch_fused", True, {"torch_adam": True, "fused": True}),
-        ("torch_fused", False, {"torch_adam": True, "fused": True}),  # torch has a fused CPU AdamW too
+        # torch has a fused CPU AdamW too
+        ("torch_fused", False, {"torch_adam": True, "fused": True}),
         ("deepspeed_fused", True, {"torch_adam": False}),
     ],
 )
@@ -165,14 +184,19 @@ def test_optimizer_impl_switch(impl, on_gpu, expected):
     assert chosen == expected
     assert any(f"optimizer_impl={impl}" in n for n in notes)
     # The run config wins over the JSON's own choice (and says so).
-    explicit = {**base, "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": False, "fused": False}}}
+    explicit = {**base,
+                "optimizer": {"type": "AdamW",
+                              "params": {"lr": 1e-4, "torch_adam": False, "fused": False}}}
     eff, _ = effective_ds_config(explicit, run, dp_size=1, on_gpu=on_gpu)
-    assert {k: v for k, v in eff["optimizer"]["params"].items() if k in ("torch_adam", "fused")} == expected
+    assert ({k: v for k, v in eff["optimizer"]["params"].items() if k in ("torch_adam", "fused")}
+            == expected)
 
 
 def test_optimizer_impl_cannot_apply_to_offload_or_other_optimizers(tmp_path):
     run = load_run_config("production").replace(optimizer_impl="torch_fused")
-    with pytest.raises(ConfigError, match="optimizer_impl='torch_fused' cannot apply: the optimizer is offloaded"):
+    with pytest.raises(ConfigError,
+                       match="optimizer_impl='torch_fused' cannot apply: the optimizer is "
+                             "offloaded"):
         effective_ds_config(load_ds_config("zero2_offload")[1], run, dp_size=1, on_gpu=True)
     _, base = load_ds_config("zero1")
     sgd = {**base, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}

@@ -1,8 +1,10 @@
-"""The session's emulator enforces generation preconditions as GCS does (tests/gcs.py: Emulator.layer), through the
-real google-cloud-storage client: create-only writes, stale generations, resumable uploads checked when they finish,
-racing writers, and two `neox-sync --checkpoints` at once, which must leave every COMPLETE and manifest written once.
+"""The session's emulator enforces generation preconditions as GCS does (tests/gcs.py:
+Emulator.layer), through the real google-cloud-storage client: create-only writes, stale
+generations, resumable uploads checked when they finish, racing writers, and two
+`neox-sync --checkpoints` at once, which must leave every COMPLETE and manifest written once.
 
-The gcp-storage-emulator itself ignores ifGenerationMatch: every test here fails if the layer is taken away."""
+The gcp-storage-emulator itself ignores ifGenerationMatch: every test here fails if the layer is
+taken away."""
 
 from __future__ import annotations
 
@@ -45,33 +47,42 @@ BIG = 600 * 1024  # with force_resumable: a resumable upload in 3 chunks of 256 
 
 
 def env_client() -> storage.Client:
-    """A plain client that finds the server the way every component does: through STORAGE_EMULATOR_HOST."""
+    """A plain client that finds the server the way every component does: through
+    STORAGE_EMULATOR_HOST."""
     return storage.Client(project="test", credentials=AnonymousCredentials())
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # the layer is what every gcs_bucket test talks to
 
 
-def test_every_gcs_bucket_test_talks_to_an_enforcing_server(gcs_bucket: str, gcs_emulator: Emulator) -> None:
+def test_every_gcs_bucket_test_talks_to_an_enforcing_server(gcs_bucket: str,
+                                                            gcs_emulator: Emulator) -> None:
     assert shared_emulator() is gcs_emulator
     assert os.environ["STORAGE_EMULATOR_HOST"] == gcs_emulator.url != gcs_emulator.emulator_url
     blob = env_client().bucket(gcs_bucket).blob("x")
     blob.upload_from_string(b"first", if_generation_match=0)
     with pytest.raises(PreconditionFailed):
-        env_client().bucket(gcs_bucket).blob("x").upload_from_string(b"second", if_generation_match=0)
+        env_client().bucket(gcs_bucket).blob("x").upload_from_string(
+            b"second", if_generation_match=0)
     assert env_client().bucket(gcs_bucket).blob("x").download_as_bytes() == b"first"
-    # A test's own FaultProxy on Emulator.url sits in front of the layer: FaultProxy -> layer -> emulator.
+    # A test's own FaultProxy on Emulator.url sits in front of the layer: FaultProxy -> layer ->
+    # emulator.
     with FaultProxy(gcs_emulator.url) as proxy:
         client = direct_client(proxy.url)
         with pytest.raises(PreconditionFailed):
             client.bucket(gcs_bucket).blob("x").upload_from_string(b"third", if_generation_match=0)
-        # A resumable session opened through the proxy names the proxy, so its chunks come back through it.
-        session = client.bucket(gcs_bucket).blob("y").create_resumable_upload_session(size=3, if_generation_match=0)
+        # A resumable session opened through the proxy names the proxy, so its chunks come back
+        # through it.
+        session = client.bucket(gcs_bucket).blob("y").create_resumable_upload_session(
+            size=3, if_generation_match=0)
         assert urlsplit(session).netloc == urlsplit(proxy.url).netloc
-        assert requests.put(session, data=b"abc", headers={"Content-Range": "bytes 0-2/3"}).status_code == 200
-        assert ("PUT", urlsplit(session)._replace(scheme="", netloc="").geturl(), "pass") in proxy.log
-    assert proxy.counts["pass"] >= 3 and env_client().bucket(gcs_bucket).blob("y").download_as_bytes() == b"abc"
+        assert requests.put(session, data=b"abc",
+                            headers={"Content-Range": "bytes 0-2/3"}).status_code == 200
+        assert (("PUT", urlsplit(session)._replace(scheme="", netloc="").geturl(), "pass")
+                in proxy.log)
+    assert (proxy.counts["pass"] >= 3
+            and env_client().bucket(gcs_bucket).blob("y").download_as_bytes() == b"abc")
 
 
 def test_an_emulator_stops_with_its_layer() -> None:
@@ -79,7 +90,8 @@ def test_an_emulator_stops_with_its_layer() -> None:
     try:
         layer = emulator.layer
         assert layer is not None and emulator.url == layer.url and emulator.alive
-        assert layer.max_requests is None and not layer.keep_log  # session-long: no request cap, no log to grow
+        # session-long: no request cap, no log to grow
+        assert layer.max_requests is None and not layer.keep_log
         direct_client(emulator.url).create_bucket("neox-lifetime")
     finally:
         emulator.stop()
@@ -88,13 +100,13 @@ def test_an_emulator_stops_with_its_layer() -> None:
         requests.get(emulator.url + "/", timeout=2)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # single writers
 
 
 @pytest.mark.parametrize("size", [100, BIG], ids=["multipart", "resumable"])
-def test_a_create_only_write_of_an_existing_object_is_refused(gcs_bucket: str, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch, size: int) -> None:
+def test_a_create_only_write_of_an_existing_object_is_refused(
+        gcs_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> None:
     backend = fast_retry(open_backend(f"gs://{gcs_bucket}/p"))
     force_resumable(monkeypatch, backend)
     mine, theirs = tmp_path / "mine", tmp_path / "theirs"
@@ -113,14 +125,17 @@ def test_a_create_only_write_of_an_existing_object_is_refused(gcs_bucket: str, t
 def test_a_write_naming_a_stale_generation_is_refused(gcs_bucket: str) -> None:
     backend = fast_retry(open_backend(f"gs://{gcs_bucket}/p"))
     first = backend.write_bytes("latest", b"global_step1", generation=0)
-    second = backend.write_bytes("latest", b"global_step2", generation=first.generation)  # a replacement
+    # a replacement
+    second = backend.write_bytes("latest", b"global_step2", generation=first.generation)
     assert second.generation != first.generation
-    with pytest.raises(RemoteChanged, match=f"changed remotely \\(generation {second.generation}, expected "):
+    with pytest.raises(RemoteChanged,
+                       match=f"changed remotely \\(generation {second.generation}, expected "):
         backend.write_bytes("latest", b"global_step3", generation=first.generation)
     with pytest.raises(RemoteChanged, match="not deleted"):
         backend.delete("latest", generation=first.generation)
     assert backend.read("latest") == (b"global_step2", second.generation)
-    # The other preconditions, on the plain client: a stale generation read, a *NotMatch, a metageneration.
+    # The other preconditions, on the plain client: a stale generation read, a *NotMatch, a
+    # metageneration.
     blob = env_client().bucket(gcs_bucket).blob("p/latest")
     with pytest.raises(PreconditionFailed):
         blob.download_as_bytes(if_generation_match=first.generation)
@@ -129,16 +144,20 @@ def test_a_write_naming_a_stale_generation_is_refused(gcs_bucket: str) -> None:
     with pytest.raises(PreconditionFailed):
         blob.upload_from_string(b"x", if_generation_not_match=second.generation)
     with pytest.raises(PreconditionFailed):
-        blob.upload_from_string(b"x", if_generation_match=second.generation, if_metageneration_match=7)
+        blob.upload_from_string(b"x", if_generation_match=second.generation,
+                                if_metageneration_match=7)
     with pytest.raises(PreconditionFailed):
-        env_client().bucket(gcs_bucket).blob("p/absent").upload_from_string(b"x", if_generation_match=second.generation)
+        env_client().bucket(gcs_bucket).blob("p/absent").upload_from_string(
+            b"x", if_generation_match=second.generation)
     assert backend.read("latest") == (b"global_step2", second.generation)
 
 
-def test_a_resumable_upload_is_checked_again_when_it_finishes(gcs_bucket: str, gcs_emulator: Emulator,
-                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Opened while the name was free; someone else creates the object before the last chunk: GCS refuses the
-    finishing PUT (412), and the object stays theirs. A retry of that PUT is refused too."""
+def test_a_resumable_upload_is_checked_again_when_it_finishes(
+        gcs_bucket: str, gcs_emulator: Emulator, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opened while the name was free; someone else creates the object before the last chunk: GCS
+    refuses the finishing PUT (412), and the object stays theirs. A retry of that PUT is refused
+    too."""
     from google.cloud.storage._media.requests.upload import ResumableUpload
 
     backend = fast_retry(open_backend(f"gs://{gcs_bucket}/p"))
@@ -150,7 +169,8 @@ def test_a_resumable_upload_is_checked_again_when_it_finishes(gcs_bucket: str, g
     chunks: list[str] = []
 
     def meanwhile(self, transport, *args, **kwargs):
-        if not chunks:  # after the session was opened, before any byte: another writer creates the object
+        # after the session was opened, before any byte: another writer creates the object
+        if not chunks:
             direct_client(gcs_emulator.url).bucket(gcs_bucket).blob("p/obj").upload_from_string(
                 theirs, if_generation_match=0)
         chunks.append(self.resumable_url)
@@ -159,30 +179,35 @@ def test_a_resumable_upload_is_checked_again_when_it_finishes(gcs_bucket: str, g
     monkeypatch.setattr(ResumableUpload, "transmit_next_chunk", meanwhile)
     with pytest.raises(RemoteChanged, match="already exists with different content"):
         backend.upload_file(mine, "obj", crc32c=crc32c_of_file(mine), generation=0)
-    assert len(chunks) == 3 and urlsplit(chunks[0]).netloc == urlsplit(gcs_emulator.url).netloc  # via the layer
+    # via the layer
+    assert len(chunks) == 3 and urlsplit(chunks[0]).netloc == urlsplit(gcs_emulator.url).netloc
     assert backend.read_bytes("obj") == theirs
 
     # The same on a raw session: opened, overtaken, finished: 412, and again on a retry.
     blob = direct_client(gcs_emulator.url).bucket(gcs_bucket).blob("p/raw")
     session = blob.create_resumable_upload_session(size=5, if_generation_match=0)
     assert urlsplit(session).netloc == urlsplit(gcs_emulator.url).netloc
-    direct_client(gcs_emulator.url).bucket(gcs_bucket).blob("p/raw").upload_from_string(b"other", if_generation_match=0)
+    direct_client(gcs_emulator.url).bucket(gcs_bucket).blob("p/raw").upload_from_string(
+        b"other", if_generation_match=0)
     for _ in range(2):
-        assert requests.put(session, data=b"mine!", headers={"Content-Range": "bytes 0-4/5"}).status_code == 412
+        assert requests.put(session, data=b"mine!",
+                            headers={"Content-Range": "bytes 0-4/5"}).status_code == 412
     assert backend.read_bytes("raw") == b"other"
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # racing writers
 
 
 @pytest.mark.parametrize("size", [100, BIG], ids=["multipart", "resumable"])
 @pytest.mark.parametrize("replace", [False, True], ids=["create", "replace"])
-def test_of_concurrent_conditional_writers_exactly_one_wins(gcs_bucket: str, monkeypatch: pytest.MonkeyPatch,
+def test_of_concurrent_conditional_writers_exactly_one_wins(gcs_bucket: str,
+                                                            monkeypatch: pytest.MonkeyPatch,
                                                             size: int, replace: bool) -> None:
-    """Four writers of one name at once, each naming the same generation (0: create; G: replace G): one write
-    lands, three get 412, and the object holds the winner's bytes. Resumable ones all open their sessions while the
-    precondition holds, so only the check at the finishing PUT (under the object's lock) can tell them apart."""
+    """Four writers of one name at once, each naming the same generation (0: create; G: replace G):
+    one write lands, three get 412, and the object holds the winner's bytes. Resumable ones all open
+    their sessions while the precondition holds, so only the check at the finishing PUT (under the
+    object's lock) can tell them apart."""
     import google.cloud.storage.blob as blob_module
 
     monkeypatch.setattr(blob_module, "_MAX_MULTIPART_SIZE", 256 * 1024)
@@ -214,17 +239,19 @@ def test_of_concurrent_conditional_writers_exactly_one_wins(gcs_bucket: str, mon
     for t in threads:
         t.join(60)
     winners = [i for i, o in outcome.items() if o == "won"]
-    assert len(winners) == 1 and sorted(outcome.values()) == ["412"] * (writers - 1) + ["won"], outcome
+    assert (len(winners) == 1
+            and sorted(outcome.values()) == ["412"] * (writers - 1) + ["won"]), outcome
     assert env_client().bucket(gcs_bucket).blob("race").download_as_bytes() == payloads[winners[0]]
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # two `neox-sync --checkpoints` at once
 
 
 def watch_generations(client: storage.Client, bucket: str, prefix: str, stop: threading.Event,
                       seen: dict[str, set[int]]) -> None:
-    """Every generation of every COMPLETE and manifest object under prefix, as often as the emulator answers."""
+    """Every generation of every COMPLETE and manifest object under prefix, as often as the emulator
+    answers."""
     while not stop.is_set():
         try:
             for blob in client.list_blobs(bucket, prefix=prefix):
@@ -236,15 +263,17 @@ def watch_generations(client: storage.Client, bucket: str, prefix: str, stop: th
 
 
 class SlowFirstComplete:
-    """Layer latency: the first request to write each tag's COMPLETE waits `seconds` (a slow request, as a busy bucket
-    has them); later ones do not. So a process a step behind catches up with the one ahead and looks at a tag between
-    its manifest and its COMPLETE: the window a real double run hits now and then, made likely."""
+    """Layer latency: the first request to write each tag's COMPLETE waits `seconds` (a slow
+    request, as a busy bucket has them); later ones do not. So a process a step behind catches up
+    with the one ahead and looks at a tag between its manifest and its COMPLETE: the window a real
+    double run hits now and then, made likely."""
 
     def __init__(self, bucket: str, seconds: float):
         self.bucket, self.seconds, self.seen, self.lock = bucket, seconds, set(), threading.Lock()
 
     def __call__(self, _method: str, op) -> float:
-        if op.bucket != self.bucket or not op.name.endswith(f"/{COMPLETE}") or op.kind not in ("write", "start"):
+        if (op.bucket != self.bucket or not op.name.endswith(f"/{COMPLETE}")
+                or op.kind not in ("write", "start")):
             return 0.0
         with self.lock:
             first = op.name not in self.seen
@@ -253,38 +282,43 @@ class SlowFirstComplete:
 
 
 @pytest.mark.parametrize("copies", [1, 2], ids=["one-save-dir", "two-copies-of-it"])
-def test_two_neox_sync_checkpoints_at_once_write_each_marker_once(gcs_bucket: str, gcs_emulator: Emulator,
-                                                                    tmp_path: Path, copies: int) -> None:
-    """Two hand-run `neox-sync --checkpoints SAVE gs://BUCKET/P` at the same moment (on one save dir, or on two
-    identical copies of it, as on two machines): no COMPLETE or manifest.json is ever written twice (the layer saw one
-    generation created of each, the emulator never held another), each process exits 0 or with one-line reasons, and
-    the result verifies: every manifest file is there with its crc32c, `latest` names the last tag. The first write
-    of each COMPLETE is slowed (SlowFirstComplete), so that the two processes meet in the window between a tag's
-    manifest and its COMPLETE."""
+def test_two_neox_sync_checkpoints_at_once_write_each_marker_once(
+        gcs_bucket: str, gcs_emulator: Emulator, tmp_path: Path, copies: int) -> None:
+    """Two hand-run `neox-sync --checkpoints SAVE gs://BUCKET/P` at the same moment (on one save
+    dir, or on two identical copies of it, as on two machines): no COMPLETE or manifest.json is ever
+    written twice (the layer saw one generation created of each, the emulator never held another),
+    each process exits 0 or with one-line reasons, and the result verifies: every manifest file is
+    there with its crc32c, `latest` names the last tag. The first write of each COMPLETE is slowed
+    (SlowFirstComplete), so that the two processes meet in the window between a tag's manifest and
+    its COMPLETE."""
     save = tmp_path / "save"
     tags = [f"global_step{i}" for i in range(1, 6)]
     for i, tag in enumerate(tags):
         files = {f"mp_rank_00_model_states_{k}.pt": os.urandom(3000) for k in range(6)}
         if i == 0:
-            files["zero/optim_states.pt"] = os.urandom(9 * 1024 * 1024)  # over 8 MiB: a resumable upload
+            # over 8 MiB: a resumable upload
+            files["zero/optim_states.pt"] = os.urandom(9 * 1024 * 1024)
         save_checkpoint(save, tag, files)
     dirs = [save] if copies == 1 else [save, tmp_path / "copy"]
     if copies == 2:
-        shutil.copytree(save, dirs[1])  # copy2: the same bytes and mtimes, the same run id in each marker
+        # copy2: the same bytes and mtimes, the same run id in each marker
+        shutil.copytree(save, dirs[1])
     layer = gcs_emulator.layer
     assert layer is not None
     created_before = len(layer.created)
     seen: dict[str, set[int]] = defaultdict(set)
     stop = threading.Event()
     watcher = threading.Thread(target=watch_generations,
-                               args=(direct_client(gcs_emulator.emulator_url), gcs_bucket, "P/", stop, seen))
+                               args=(direct_client(gcs_emulator.emulator_url), gcs_bucket, "P/",
+                                     stop, seen))
     watcher.start()
     layer.latency = SlowFirstComplete(gcs_bucket, 0.4)
     env = {**os.environ, "STORAGE_EMULATOR_HOST": gcs_emulator.url}
     exe = str(Path(sys.executable).parent / "neox-sync")
     try:
-        procs = [subprocess.Popen([exe, str(dirs[i % len(dirs)]), f"gs://{gcs_bucket}/P", "--checkpoints", "--json"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        procs = [subprocess.Popen([exe, str(dirs[i % len(dirs)]), f"gs://{gcs_bucket}/P",
+                                   "--checkpoints", "--json"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env,
                                   start_new_session=True) for i in range(2)]
         results = [p.communicate(timeout=180) for p in procs]
     finally:
@@ -296,7 +330,8 @@ def test_two_neox_sync_checkpoints_at_once_write_each_marker_once(gcs_bucket: st
     print(report)  # (shown with -rA)
     for p, (_out, err) in zip(procs, results):
         assert "Traceback" not in err, report
-        assert all(line.startswith("neox-sync: ") for line in err.splitlines()), report  # one line per problem
+        # one line per problem
+        assert all(line.startswith("neox-sync: ") for line in err.splitlines()), report
         if p.returncode != 0:  # a refusal says why
             assert p.returncode in (1, 2) and err.strip(), report
     assert min(p.returncode for p in procs) == 0, report  # and at least one of them published
@@ -305,7 +340,8 @@ def test_two_neox_sync_checkpoints_at_once_write_each_marker_once(gcs_bucket: st
     for bucket, name, gen in layer.created[created_before:]:
         if bucket == gcs_bucket:
             writes[name].append(gen)
-    listing = {b.name: b for b in direct_client(gcs_emulator.emulator_url).list_blobs(gcs_bucket, prefix="P/")}
+    listing = {b.name: b for b in direct_client(gcs_emulator.emulator_url).list_blobs(
+        gcs_bucket, prefix="P/")}
     rewritten = {}
     for tag in tags:
         for marker in (MANIFEST, COMPLETE):
@@ -313,16 +349,20 @@ def test_two_neox_sync_checkpoints_at_once_write_each_marker_once(gcs_bucket: st
             assert name in listing, f"{name} missing\n{report}"
             final = listing[name].generation
             if writes[name] != [final] or seen[name] - {final}:
-                rewritten[name] = {"created": writes[name], "seen": sorted(seen[name]), "final": final}
+                rewritten[name] = {"created": writes[name], "seen": sorted(seen[name]),
+                                   "final": final}
     assert not rewritten, f"written more than once: {json.dumps(rewritten, indent=1)}\n{report}"
 
     bucket = direct_client(gcs_emulator.emulator_url).bucket(gcs_bucket)
     for tag in tags:
         manifest = json.loads(bucket.blob(f"P/{tag}/{MANIFEST}").download_as_bytes())
-        local = {p.relative_to(save / tag).as_posix(): p for p in (save / tag).rglob("*") if p.is_file()}
-        assert manifest["tag"] == tag and set(local) - set(manifest["files"]) == {commit.MARKER}, report
+        local = {
+            p.relative_to(save / tag).as_posix(): p for p in (save / tag).rglob("*") if p.is_file()}
+        assert (manifest["tag"] == tag
+                and set(local) - set(manifest["files"]) == {commit.MARKER}), report
         for rel, meta in manifest["files"].items():
             blob = listing.get(f"P/{tag}/{rel}")
-            assert blob is not None and blob.crc32c == meta["crc32c"] == crc32c_of_file(local[rel]), (tag, rel)
+            assert (blob is not None
+                    and blob.crc32c == meta["crc32c"] == crc32c_of_file(local[rel])), (tag, rel)
             assert int(blob.size) == meta["size"]
     assert bucket.blob("P/latest").download_as_bytes() == tags[-1].encode()

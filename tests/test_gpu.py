@@ -1,6 +1,7 @@
-"""GPU path (skipped without CUDA), through the real entry point: bf16 training at every ZeRO stage with torch's
-fused CUDA AdamW, the accounting a GPU run must report (CUDA events, memory high-water mark, MFU), torch.compile
-with the mask-free attention, exact-enough resume, and two ranks on two GPUs where the machine has them.
+"""GPU path (skipped without CUDA), through the real entry point: bf16 training at every ZeRO stage
+with torch's fused CUDA AdamW, the accounting a GPU run must report (CUDA events, memory high-water
+mark, MFU), torch.compile with the mask-free attention, exact-enough resume, and two ranks on two
+GPUs where the machine has them.
 
 Run with `pytest -m gpu` on a machine with CUDA; CI never needs one."""
 
@@ -18,8 +19,8 @@ SAVE_AT = 4
 
 def _gpu_run(tmp_path, token_dir, stage: int, **overrides):
     # peak_tflops: the test must not depend on which GPU it runs on for MFU to be reported.
-    values = dict(ds_config=str(test_ds_config(tmp_path, stage)), mixed_precision="bf16", max_steps=STEPS,
-                  save_steps=SAVE_AT, eval_steps=SAVE_AT, peak_tflops=989.0)
+    values = dict(ds_config=str(test_ds_config(tmp_path, stage)), mixed_precision="bf16",
+                  max_steps=STEPS, save_steps=SAVE_AT, eval_steps=SAVE_AT, peak_tflops=989.0)
     values.update(overrides)
     return tiny_run_config(tmp_path, token_dir, **values)
 
@@ -28,8 +29,10 @@ def _check_gpu_records(train: dict[int, dict]) -> None:
     losses = [train[s]["loss"] for s in sorted(train)]
     assert losses[-1] < losses[0] - 0.05, losses
     for record in train.values():
-        # Present only when the engine ran on CUDA: a silent CPU fallback fails here, not just on speed.
-        assert record["gpu_mem_peak_gib"] > 0 and record["gpu_mem_reserved_peak_gib"] >= record["gpu_mem_peak_gib"]
+        # Present only when the engine ran on CUDA: a silent CPU fallback fails here, not just on
+        # speed.
+        assert (record["gpu_mem_peak_gib"] > 0
+                and record["gpu_mem_reserved_peak_gib"] >= record["gpu_mem_peak_gib"])
         assert record["mfu"] is not None and 0 < record["mfu"] < 1
         # CUDA-event phases: positive, and within the wall-clock step they are part of.
         assert record["fwd_bwd_s"] > 0 and record["optimizer_s"] > 0
@@ -45,29 +48,30 @@ def test_gpu_bf16_trains_and_reports(tmp_path, token_dir, stage):
 
 
 def test_gpu_compiled_training_matches_eager_start(tmp_path, token_dir):
-    """torch.compile (inductor) with the training attention: trains, and its first loss equals the eager run's
-    within bf16 noise (same init, same batch)."""
+    """torch.compile (inductor) with the training attention: trains, and its first loss equals the
+    eager run's within bf16 noise (same init, same batch)."""
     eager_dir, compiled_dir = tmp_path / "eager", tmp_path / "compiled"
     eager_dir.mkdir()
     compiled_dir.mkdir()
     run_train(["--config", str(_gpu_run(eager_dir, token_dir, 1))])
-    run_train(["--config", str(_gpu_run(compiled_dir, token_dir, 1, compile="inductor"))], timeout=900)
+    run_train(["--config", str(_gpu_run(compiled_dir, token_dir, 1, compile="inductor"))],
+              timeout=900)
     eager, compiled = read_metrics(eager_dir / "logs"), read_metrics(compiled_dir / "logs")
     _check_gpu_records(compiled)
     assert compiled[1]["loss"] == pytest.approx(eager[1]["loss"], abs=2e-2)
 
 
 def test_gpu_resume_continues_the_run(tmp_path, token_dir):
-    """GPU kernels are not bit-deterministic (atomics in the backward), so the resumed losses are compared with a
-    tolerance; positions and the schedule must match exactly."""
+    """GPU kernels are not bit-deterministic (atomics in the backward), so the resumed losses are
+    compared with a tolerance; positions and the schedule must match exactly."""
     straight = tmp_path / "straight"
     straight.mkdir()
     run = _gpu_run(straight, token_dir, 2)
     run_train(["--config", str(run)])
     resumed_dir = tmp_path / "resumed"
     copy_checkpoint(straight / "ckpt", resumed_dir, f"global_step{SAVE_AT}")
-    run_train(["--config", str(run), "--save-dir", str(resumed_dir), "--log-dir", str(tmp_path / "logs2"),
-               "--resume", "latest"])
+    run_train(["--config", str(run), "--save-dir", str(resumed_dir), "--log-dir",
+               str(tmp_path / "logs2"), "--resume", "latest"])
     a, b = read_metrics(straight / "logs"), read_metrics(tmp_path / "logs2")
     assert sorted(b) == list(range(SAVE_AT + 1, STEPS + 1))
     for step in b:
@@ -77,8 +81,8 @@ def test_gpu_resume_continues_the_run(tmp_path, token_dir):
 
 
 def test_two_gpus_train(tmp_path, token_dir):
-    """Two ranks on two GPUs through the deepspeed launcher (NCCL): every rank must own its device before the
-    first collective."""
+    """Two ranks on two GPUs through the deepspeed launcher (NCCL): every rank must own its device
+    before the first collective."""
     import torch
 
     if torch.cuda.device_count() < 2:

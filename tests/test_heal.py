@@ -1,6 +1,7 @@
-"""Self-healing, the parts that need no launcher: the fault hook's spec, the loss guard's verdicts and its update
-switch on a real torch optimizer, the hang watchdog in a real process (stacks, exit code 75, status file), and the
-supervisor's decisions on real processes standing in for a job (they write the ranks' status files)."""
+"""Self-healing, the parts that need no launcher: the fault hook's spec, the loss guard's verdicts
+and its update switch on a real torch optimizer, the hang watchdog in a real process (stacks, exit
+code 75, status file), and the supervisor's decisions on real processes standing in for a job (they
+write the ranks' status files)."""
 
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ from neox_train.train.watchdog import HangLimits, Watchdog
 REPO = Path(__file__).resolve().parent.parent
 
 
-# -- the fault hook -----------------------------------------------------------------------------------------------
+# -- the fault hook --------------------------------------------------------------------------------
 def test_fault_specs_parse_and_bad_ones_are_one_line():
-    faults = parse("kill@step=7,rank=1; hang@step=5,rank=0,attempt=1;nan@step=6;spike@step=10,count=3,factor=50")
+    faults = parse("kill@step=7,rank=1; "
+                   "hang@step=5,rank=0,attempt=1;nan@step=6;spike@step=10,count=3,factor=50")
     assert [(f.kind, f.step, f.rank, f.attempt) for f in faults] == [
         ("kill", 7, 1, None), ("hang", 5, 0, 1), ("nan", 6, None, None), ("spike", 10, None, None)]
     spike = faults[3]
@@ -44,7 +46,7 @@ def test_fault_specs_parse_and_bad_ones_are_one_line():
             parse(bad)
 
 
-# -- the loss guard -----------------------------------------------------------------------------------------------
+# -- the loss guard --------------------------------------------------------------------------------
 def _guard(**changes) -> LossGuard:
     return LossGuard(from_dict({**RunConfig().to_dict(), "loss_spike_window": 4, **changes}))
 
@@ -64,7 +66,8 @@ def test_the_guard_judges_non_finite_losses_and_spikes_and_counts_streaks():
     assert (guard.streak, guard.streak_start, guard.skipped_updates) == (3, 5, 3)
     guard.rolled_back(64)
     assert guard.counters() == {"skipped_updates": 3, "rollbacks": 1, "skipped_samples": 64}
-    assert guard.streak == 0 and list(guard.window) == [3.0, 2.9, 2.8, 2.7]  # bad losses never enter the window
+    # bad losses never enter the window
+    assert guard.streak == 0 and list(guard.window) == [3.0, 2.9, 2.8, 2.7]
     again = _guard()
     again.load_state_dict(json.loads(json.dumps(guard.state_dict())))  # what a checkpoint carries
     assert again.state_dict() == guard.state_dict()
@@ -73,9 +76,9 @@ def test_the_guard_judges_non_finite_losses_and_spikes_and_counts_streaks():
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("loss_spike_factor", 0.5, "must be a number > 1, or 0"), ("hang_timeout_s", 0, "must be a number of seconds > 0"),
-    ("max_bad_steps", -1, "must be >= 0"), ("loss_spike_window", 0, "must be >= 1"),
-    ("loss_guard", "yes", "must be true or false")])
+    ("loss_spike_factor", 0.5, "must be a number > 1, or 0"),
+    ("hang_timeout_s", 0, "must be a number of seconds > 0"), ("max_bad_steps", -1, "must be >= 0"),
+    ("loss_spike_window", 0, "must be >= 1"), ("loss_guard", "yes", "must be true or false")])
 def test_bad_healing_settings_are_one_line(field, value, message):
     with pytest.raises(ConfigError, match=f"{field}=.*{message}"):
         from_dict({field: value})
@@ -95,8 +98,8 @@ def _backward(model, scale: float = 1.0) -> None:
 
 
 def test_the_update_switch_skips_the_optimizer_and_the_schedule():
-    """Plain torch optimizer (fp32 ZeRO-0's case): a skip leaves weights, Adam state and the LR untouched, and a
-    non-finite gradient norm is caught by the switch itself."""
+    """Plain torch optimizer (fp32 ZeRO-0's case): a skip leaves weights, Adam state and the LR
+    untouched, and a non-finite gradient norm is caught by the switch itself."""
     model, opt, sched = _optimizer_and_scheduler()
     switch = UpdateSwitch(SimpleNamespace(optimizer=opt, lr_scheduler=sched))
     assert switch.check_grads
@@ -112,17 +115,20 @@ def test_the_update_switch_skips_the_optimizer_and_the_schedule():
     opt.step()
     sched.step()
     assert switch.skip and switch.reason == "non-finite gradient norm"
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and sched.last_epoch == 0
+    assert (all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+            and sched.last_epoch == 0)
     switch.skip = False
     _backward(model)
     opt.step()
     sched.step()
-    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and sched.last_epoch == 1
+    assert (not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+            and sched.last_epoch == 1)
 
 
 def test_the_update_switch_finds_the_torch_optimizer_under_a_deepspeed_wrapper():
     model, opt, sched = _optimizer_and_scheduler()
-    wrapper = SimpleNamespace(optimizer=opt)  # DeepSpeed's ZeRO/bf16 optimizers keep the torch one as .optimizer
+    # DeepSpeed's ZeRO/bf16 optimizers keep the torch one as .optimizer
+    wrapper = SimpleNamespace(optimizer=opt)
     switch = UpdateSwitch(SimpleNamespace(optimizer=wrapper, lr_scheduler=sched))
     assert not switch.check_grads  # the wrappers check the global norm themselves
     before = [p.detach().clone() for p in model.parameters()]
@@ -132,11 +138,12 @@ def test_the_update_switch_finds_the_torch_optimizer_under_a_deepspeed_wrapper()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-# -- the watchdog -------------------------------------------------------------------------------------------------
+# -- the watchdog ----------------------------------------------------------------------------------
 def test_the_allowance_follows_the_median_step_phases_and_the_first_step():
     auto = HangLimits.from_run(SimpleNamespace(hang_timeout_s=None, compile=None))
     assert (auto.first_step_s, auto.collective_s) == (900.0, 1320.0)
-    assert HangLimits.from_run(SimpleNamespace(hang_timeout_s=None, compile="inductor")).first_step_s == 2700.0
+    assert HangLimits.from_run(
+        SimpleNamespace(hang_timeout_s=None, compile="inductor")).first_step_s == 2700.0
     dog = Watchdog(auto, rank=0)
     assert dog.allowance_s() == 900.0  # before the first step
     dog._stepped = True
@@ -151,7 +158,8 @@ def test_the_allowance_follows_the_median_step_phases_and_the_first_step():
     dog._longest["save"] = 2000.0
     with dog.phase("save"):
         assert dog.allowance_s() == auto.collective_s - 60.0  # always below the collective timeout
-    fixed = Watchdog(HangLimits.from_run(SimpleNamespace(hang_timeout_s=10.0, compile=None)), rank=0)
+    fixed = Watchdog(HangLimits.from_run(SimpleNamespace(hang_timeout_s=10.0, compile=None)),
+                     rank=0)
     assert fixed.allowance_s() == 30.0 and fixed.limits.collective_s == 160.0
 
 
@@ -159,7 +167,8 @@ HUNG_RANK = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {repo!r})
     from neox_train.train.watchdog import HangLimits, Watchdog
-    dog = Watchdog(HangLimits(fixed_s=1.0, first_step_s=5.0, collective_s=100.0), rank=3, poll_s=0.1).start()
+    dog = Watchdog(HangLimits(fixed_s=1.0, first_step_s=5.0, collective_s=100.0), rank=3,
+                   poll_s=0.1).start()
     dog.started_at_step(0)
     dog.beat(1)
     def stuck_in_a_collective():
@@ -171,8 +180,8 @@ HUNG_RANK = textwrap.dedent("""
 def test_a_rank_without_progress_prints_its_stacks_and_exits_75(tmp_path):
     started = time.monotonic()
     env = {**os.environ, health.STATUS_DIR_ENV: str(tmp_path), health.ATTEMPT_ENV: "2"}
-    proc = subprocess.run([sys.executable, "-c", HUNG_RANK.format(repo=str(REPO))], env=env, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", HUNG_RANK.format(repo=str(REPO))], env=env,
+                          capture_output=True, text=True, timeout=60)
     elapsed = time.monotonic() - started
     assert proc.returncode == health.HANG_EXIT_CODE, proc.stderr[-3000:]
     assert elapsed < 10
@@ -184,9 +193,10 @@ def test_a_rank_without_progress_prints_its_stacks_and_exits_75(tmp_path):
     assert "stuck_in_a_collective" in stacks
 
 
-# -- the supervisor on stand-in jobs ------------------------------------------------------------------------------
-# A job of one "rank": it reads its attempt, reports a start step and progress like neox-train's watchdog does, and
-# ends as the script of that attempt says (a list indexed by attempt: (kind, step reached)).
+# -- the supervisor on stand-in jobs ---------------------------------------------------------------
+# A job of one "rank": it reads its attempt, reports a start step and progress like neox-train's
+# watchdog does, and ends as the script of that attempt says (a list indexed by attempt: (kind, step
+# reached)).
 FAKE_RANK = textwrap.dedent("""
     import json, os, signal, sys, time
     sys.path.insert(0, {repo!r})
@@ -196,8 +206,8 @@ FAKE_RANK = textwrap.dedent("""
     kind, reached = plan[min(attempt, len(plan) - 1)]
     root = health.status_dir()
     start = 0 if attempt == 0 else 2
-    status = health.RankStatus(rank=0, attempt=attempt, state="training", start_step=start, step=start,
-                               deadline_s=1.0)
+    status = health.RankStatus(rank=0, attempt=attempt, state="training", start_step=start,
+                               step=start, deadline_s=1.0)
     health.write_status(root, status)
     with open(os.path.join(os.path.dirname(root), "args.txt"), "a") as f:
         f.write(" ".join(sys.argv[1:]) + "\\n")
@@ -208,7 +218,8 @@ FAKE_RANK = textwrap.dedent("""
         health.write_status(root, status)
         sys.exit(0)
     if kind == "stopped":
-        status.state, status.exit_code, status.detail = "stopped", 2, "error: config file x.json: bad"
+        status.state, status.exit_code, status.detail = (
+            "stopped", 2, "error: config file x.json: bad")
         health.write_status(root, status)
         sys.exit(2)
     if kind == "kill":
@@ -229,8 +240,8 @@ def _fake_job(tmp_path: Path, plan: list[tuple[str, int]]) -> sup.Job:
 
 
 def _supervise(tmp_path, plan, **kw) -> tuple[int, dict]:
-    s = sup.Supervisor(_fake_job(tmp_path, plan), max_restarts=kw.pop("max_restarts", 3), backoff_s=0.0,
-                       preemption_grace_s=5.0, out=kw.pop("out", sys.stderr))
+    s = sup.Supervisor(_fake_job(tmp_path, plan), max_restarts=kw.pop("max_restarts", 3),
+                       backoff_s=0.0, preemption_grace_s=5.0, out=kw.pop("out", sys.stderr))
     code = s.run()
     return code, json.loads((tmp_path / "attempts.json").read_text())
 
@@ -239,7 +250,8 @@ def test_a_killed_job_restarts_with_resume_auto_and_reports_what_it_lost(tmp_pat
     code, summary = _supervise(tmp_path, [("kill", 5), ("done", 8)])
     assert code == 0 and summary["result"] == "finished" and summary["restarts"] == 1
     first, second = summary["attempts"]
-    assert first["kind"] == "crash" and "ended without a word" in first["cause"] and "SIGKILL" in first["cause"]
+    assert (first["kind"] == "crash" and "ended without a word" in first["cause"]
+            and "SIGKILL" in first["cause"])
     assert (first["step"], second["start_step"], first["steps_lost"]) == (5, 2, 3)
     assert first["recovery_s"] is not None and 0 <= first["recovery_s"] < 30
     assert (tmp_path / "args.txt").read_text().splitlines() == ["", "--resume auto"]
@@ -257,12 +269,14 @@ def test_the_same_step_dying_twice_gives_up_with_a_summary(tmp_path, capsys):
 
 def test_restarts_run_out(tmp_path):
     code, summary = _supervise(tmp_path, [("kill", 3), ("kill", 5), ("kill", 7)], max_restarts=2)
-    assert code != 0 and summary["result"] == "gave up: all 2 restart(s) used" and len(summary["attempts"]) == 3
+    assert (code != 0 and summary["result"] == "gave up: all 2 restart(s) used"
+            and len(summary["attempts"]) == 3)
 
 
 def test_a_deliberate_stop_is_never_restarted(tmp_path):
     code, summary = _supervise(tmp_path, [("stopped", 0)])
-    assert code == 2 and len(summary["attempts"]) == 1 and summary["attempts"][0]["kind"] == "stopped"
+    assert (code == 2 and len(summary["attempts"]) == 1
+            and summary["attempts"][0]["kind"] == "stopped")
     assert "stopped deliberately: error: config file x.json: bad" in summary["result"]
 
 
@@ -273,7 +287,8 @@ def test_a_frozen_rank_is_found_by_its_stale_heartbeat_and_killed(tmp_path, monk
     started = time.monotonic()
     code, summary = _supervise(tmp_path, [("freeze", 3), ("done", 6)])
     assert code == 0 and time.monotonic() - started < 60
-    assert summary["attempts"][0]["kind"] == "hang" and "sent no heartbeat" in summary["attempts"][0]["cause"]
+    assert (summary["attempts"][0]["kind"] == "hang"
+            and "sent no heartbeat" in summary["attempts"][0]["cause"])
 
 
 def test_exit_statuses_are_described():

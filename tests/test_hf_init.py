@@ -1,5 +1,6 @@
-"""`--init-from-hf DIR`: training starts from a HuggingFace GPTNeoX folder's weights, at ZeRO-0 and under ZeRO-3's
-partitioned construction; a folder of the wrong shape is refused with one line before anything is built."""
+"""`--init-from-hf DIR`: training starts from a HuggingFace GPTNeoX folder's weights, at ZeRO-0 and
+under ZeRO-3's partitioned construction; a folder of the wrong shape is refused with one line before
+anything is built."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from conftest import BIN, VOCAB, run_train, test_ds_config, tiny_run_config, tra
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
-    """A neox-tiny export whose weights differ from any seed's init (so a fresh init cannot pass for a load)."""
+    """A neox-tiny export whose weights differ from any seed's init (so a fresh init cannot pass for
+    a load)."""
     out = tmp_path_factory.mktemp("hf")
     torch.manual_seed(99)
     model = build_model(hf_config("neox-tiny", padded_vocab_size(VOCAB)))
@@ -39,16 +41,18 @@ def _hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 3])
 def test_training_starts_from_the_hf_weights(tmp_path, token_dir, hf_dir, stage):
-    # lr ~0: after one step the checkpoint must still hold the HF weights, so the comparison is exact to fp32.
+    # lr ~0: after one step the checkpoint must still hold the HF weights, so the comparison is
+    # exact to fp32.
     run = tiny_run_config(
-        tmp_path, token_dir, ds_config=str(test_ds_config(tmp_path, stage, lr=1e-12)), max_steps=1, save_steps=1,
-        eval_steps=0, init_from_hf=str(hf_dir),
+        tmp_path, token_dir, ds_config=str(test_ds_config(tmp_path, stage, lr=1e-12)), max_steps=1,
+        save_steps=1, eval_steps=0, init_from_hf=str(hf_dir),
     )
     proc = run_train(["--config", str(run)])
     assert "initialised the model from the HuggingFace folder" in proc.stderr
     tag = tmp_path / "ckpt" / "global_step1"
     if stage == 0:
-        saved = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        saved = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                           weights_only=False)["module"]
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -59,7 +63,8 @@ def test_training_starts_from_the_hf_weights(tmp_path, token_dir, hf_dir, stage)
         if name in expected:
             torch.testing.assert_close(value.float(), expected[name], rtol=0, atol=1e-6, msg=name)
             compared += 1
-    assert compared >= len([k for k in expected if "rotary" not in k and "masked_bias" not in k]) - 2
+    assert (compared
+            >= len([k for k in expected if "rotary" not in k and "masked_bias" not in k]) - 2)
 
 
 def test_shape_mismatch_isone_line(tmp_path, hf_dir):
@@ -80,7 +85,8 @@ def test_shape_mismatch_isone_line(tmp_path, hf_dir):
         (lambda d: (d.mkdir(), (d / "config.json").write_text("{")), "not valid JSON"),
         (lambda d: (d.mkdir(), (d / "config.json").write_text(json.dumps({"model_type": "llama"}))),
          "model_type='llama'"),
-        (lambda d: (d.mkdir(), (d / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))),
+        (lambda d: (d.mkdir(),
+                    (d / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))),
          "holds no weights"),
     ],
     ids=["missing", "no-config", "bad-json", "not-neox", "no-weights"],
@@ -89,13 +95,14 @@ def test_bad_folders(tmp_path, make, message):
     folder = tmp_path / "hf"
     make(folder)
     with pytest.raises(ConfigError, match=message):
-        check_hf_init(str(folder), hf_config("neox-tiny", padded_vocab_size(VOCAB)), model_name="neox-tiny")
+        check_hf_init(str(folder), hf_config("neox-tiny", padded_vocab_size(VOCAB)),
+                      model_name="neox-tiny")
 
 
 def test_cli_refuses_before_building_anything(tmp_path, token_dir, hf_dir):
     run = tiny_run_config(tmp_path, token_dir, model="neox-demo", init_from_hf=str(hf_dir))
-    proc = subprocess.run([str(BIN / "neox-train"), "--config", str(run), "--describe"], capture_output=True,
-                          text=True, env=train_env(), timeout=120)
+    proc = subprocess.run([str(BIN / "neox-train"), "--config", str(run), "--describe"],
+                          capture_output=True, text=True, env=train_env(), timeout=120)
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("neox-train: error: init_from_hf=") and "hidden_size=" in last

@@ -1,7 +1,8 @@
-"""gpt-neox/Megatron indexed datasets: what `neox-data prepare --format indexed` writes is read by megatron-core's own
-IndexedDataset, what megatron-core's builder writes is read (and trained on) here, and every kind of damage is one
-line. Also the prepare inputs teams have (.jsonl.gz, .jsonl.zst, Parquet, HF save_to_disk), the worker count not
-changing a byte, and a killed prepare continuing where it stopped."""
+"""gpt-neox/Megatron indexed datasets: what `neox-data prepare --format indexed` writes is read by
+megatron-core's own IndexedDataset, what megatron-core's builder writes is read (and trained on)
+here, and every kind of damage is one line. Also the prepare inputs teams have (.jsonl.gz,
+.jsonl.zst, Parquet, HF save_to_disk), the worker count not changing a byte, and a killed prepare
+continuing where it stopped."""
 
 from __future__ import annotations
 
@@ -39,9 +40,10 @@ def _megatron():
 def pydoc_both(tmp_path_factory):
     """The builtin corpus prepared twice with one tokenizer: as shards and as an indexed dataset."""
     root = tmp_path_factory.mktemp("formats")
-    shards = prepare(["builtin:pydoc"], root / "shards", vocab_size=512, shard_tokens=40_000, progress=False)
-    idx = prepare(["builtin:pydoc"], root / "indexed", tokenizer_path=shards.tokenizer_path, shard_tokens=40_000,
-                  progress=False, format="indexed")
+    shards = prepare(["builtin:pydoc"], root / "shards", vocab_size=512, shard_tokens=40_000,
+                     progress=False)
+    idx = prepare(["builtin:pydoc"], root / "indexed", tokenizer_path=shards.tokenizer_path,
+                  shard_tokens=40_000, progress=False, format="indexed")
     return shards, idx
 
 
@@ -53,7 +55,8 @@ def test_what_prepare_writes_is_read_by_megatron_core(pydoc_both):
     assert len(ds) == idx.num_documents == shards.num_documents
     assert ds.sequence_lengths.sum() == idx.num_tokens == stream.size
     assert ds[0].dtype == np.uint16
-    assert np.array_equal(np.concatenate([ds[i] for i in range(len(ds))]), stream)  # the same tokens, in order
+    # the same tokens, in order
+    assert np.array_equal(np.concatenate([ds[i] for i in range(len(ds))]), stream)
     assert all(int(ds[i][-1]) == 0 for i in range(len(ds)))  # each document ends with end-of-text
     assert np.array_equal(ds.document_indices, np.arange(len(ds) + 1))
     ours = indexed.open_indexed(idx.output_dir / "data")
@@ -62,8 +65,8 @@ def test_what_prepare_writes_is_read_by_megatron_core(pydoc_both):
 
 
 def test_megatron_cores_builder_output_trains_here(tmp_path):
-    """Indexed data made by megatron-core (int32, several sequences per document) is a data_dir as it is: a
-    folder holding it, or its PREFIX."""
+    """Indexed data made by megatron-core (int32, several sequences per document) is a data_dir as
+    it is: a folder holding it, or its PREFIX."""
     tokens = markov_tokens(20_000, seed=3)
     prefix = tmp_path / "mega" / "corpus_text_document"
     prefix.parent.mkdir()
@@ -83,17 +86,19 @@ def test_megatron_cores_builder_output_trains_here(tmp_path):
     assert sorted(read_metrics(tmp_path / "logs")) == [1, 2, 3]
 
 
-def _write_idx(path: Path, *, magic=indexed.MAGIC, version=1, code=8, sizes=(3, 2), pointers=None, docs=None,
-               bin_tokens=5, truncate=0) -> Path:
+def _write_idx(path: Path, *, magic=indexed.MAGIC, version=1, code=8, sizes=(3, 2), pointers=None,
+               docs=None, bin_tokens=5, truncate=0) -> Path:
     sizes = np.asarray(sizes, dtype=np.int32)
     itemsize = indexed.DTYPES.get(code, np.dtype(np.uint16)).itemsize
-    pointers = np.asarray(pointers if pointers is not None else np.concatenate([[0], np.cumsum(sizes[:-1])]) * itemsize,
+    pointers = np.asarray(pointers if pointers is not None
+                          else np.concatenate([[0], np.cumsum(sizes[:-1])]) * itemsize,
                           dtype=np.int64)
     docs = np.asarray(docs if docs is not None else np.arange(sizes.size + 1), dtype=np.int64)
-    raw = indexed._HEADER.pack(magic, version, code, sizes.size, docs.size) + sizes.tobytes() + pointers.tobytes() \
-        + docs.tobytes()
+    raw = indexed._HEADER.pack(magic, version, code, sizes.size, docs.size) + sizes.tobytes() \
+        + pointers.tobytes() + docs.tobytes()
     path.with_suffix(".idx").write_bytes(raw[:len(raw) - truncate])
-    path.with_suffix(".bin").write_bytes(np.arange(bin_tokens, dtype=np.uint16).tobytes()[:bin_tokens * itemsize])
+    path.with_suffix(".bin").write_bytes(
+        np.arange(bin_tokens, dtype=np.uint16).tobytes()[:bin_tokens * itemsize])
     return path
 
 
@@ -101,7 +106,8 @@ def _write_idx(path: Path, *, magic=indexed.MAGIC, version=1, code=8, sizes=(3, 
     (dict(magic=b"NOTMAGIC!"), "not a gpt-neox/Megatron index"),
     (dict(code=6), "dtype code 6 is ambiguous"),
     (dict(code=7), "dtype code 7 is ambiguous"),
-    (dict(code=9), "unknown dtype code 9; valid: 1 uint8, 2 int8, 3 int16, 4 int32, 5 int64, 8 uint16"),
+    (dict(code=9),
+     "unknown dtype code 9; valid: 1 uint8, 2 int8, 3 int16, 4 int32, 5 int64, 8 uint16"),
     (dict(version=2), "index version 2; valid: 1"),
     (dict(truncate=8), "a truncated or multimodal index"),
     (dict(bin_tokens=4), "its pointers cover bytes 0..10 of .*holds 8 bytes"),
@@ -117,12 +123,16 @@ def test_damaged_indexed_datasets_are_one_line(tmp_path, kw, message):
 
 def test_a_lone_bin_is_skipped_and_bad_token_ids_are_refused(tmp_path):
     (tmp_path / "lone").mkdir()
-    (tmp_path / "lone" / "pytorch_model.bin").write_bytes(b"\0\0")  # someone else's .bin: skipped, not data
-    with pytest.raises(DataError, match=r"no token shards \(\.npy/\.npz, or \.bin/\.idx pairs\) found"):
+    # someone else's .bin: skipped, not data
+    (tmp_path / "lone" / "pytorch_model.bin").write_bytes(b"\0\0")
+    with pytest.raises(DataError,
+                       match=r"no token shards \(\.npy/\.npz, or \.bin/\.idx pairs\) found"):
         discover_shards(tmp_path / "lone")
-    for name, docs, vocab, message in (("big", ([1, 2], [300]), 256, r"big\.bin: token id 300 >= vocab size 256 "
-                                                                     r"at position 2"),
-                                       ("neg", ([4], [-5]), 1000, r"neg\.bin: negative token id -5 at position 1")):
+    for name, docs, vocab, message in (("big", ([1, 2], [300]), 256,
+                                        r"big\.bin: token id 300 >= vocab size 256 "
+                                        r"at position 2"),
+                                       ("neg", ([4], [-5]), 1000,
+                                        r"neg\.bin: negative token id -5 at position 1")):
         writer = indexed.IndexedWriter(tmp_path / name, np.int32)
         for doc in docs:
             writer.add_document(np.array(doc))
@@ -131,7 +141,7 @@ def test_a_lone_bin_is_skipped_and_bad_token_ids_are_refused(tmp_path):
             validate_shards(discover_shards(tmp_path / name), vocab)
 
 
-# -- prepare inputs -----------------------------------------------------------------------------------------------
+# -- prepare inputs --------------------------------------------------------------------------------
 DOCS = [f"document {i}: " + " ".join(["tokens"] * (i % 7 + 1)) for i in range(50)]
 
 
@@ -145,19 +155,23 @@ def test_compressed_json_lines_parquet_and_hf_datasets_give_the_same_documents(t
     with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
         f.write(lines)
     (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
-    pq.write_table(pa.table({"body": DOCS, "id": list(range(len(DOCS)))}), tmp_path / "a.parquet", row_group_size=7)
+    pq.write_table(pa.table({"body": DOCS, "id": list(range(len(DOCS)))}), tmp_path / "a.parquet",
+                   row_group_size=7)
     Dataset.from_dict({"body": DOCS}).save_to_disk(str(tmp_path / "hf"))
     for spec in ("a.jsonl.gz", "a.jsonl.zst", "a.parquet", "hf"):
         assert list(iter_documents([str(tmp_path / spec)], text_key="body")) == DOCS, spec
-    with pytest.raises(DataError, match=r"a\.parquet: no column 'text' \(columns: body, id\); give the text column "
-                                        r"with --text-key"):
+    with pytest.raises(DataError, match=r"a\.parquet: no column 'text' \(columns: body, id\); give "
+                                        r"the text column with --text-key"):
         list(iter_documents([str(tmp_path / "a.parquet")]))
     with pytest.raises(DataError, match=r"no column 'text' \(columns: body\)"):
         list(iter_documents([str(tmp_path / "hf")]))
-    with pytest.raises(DataError, match=r"a\.jsonl\.gz:1: expected a JSON object with a string 'text' field"):
+    with pytest.raises(DataError,
+                       match=r"a\.jsonl\.gz:1: expected a JSON object with a string 'text' field"):
         list(iter_documents([str(tmp_path / "a.jsonl.gz")]))
-    Dataset.from_dict({"text": DOCS}).train_test_split(test_size=0.2, seed=0).save_to_disk(str(tmp_path / "dd"))
-    with pytest.raises(DataError, match=r"a saved DatasetDict; give one split's folder \(valid: .*dd/test, .*dd/train"):
+    Dataset.from_dict({"text": DOCS}).train_test_split(test_size=0.2, seed=0).save_to_disk(
+        str(tmp_path / "dd"))
+    with pytest.raises(DataError, match=r"a saved DatasetDict; give one split's folder \(valid: "
+                                        r".*dd/test, .*dd/train"):
         list(iter_documents([str(tmp_path / "dd")]))
     (tmp_path / "broken.jsonl.zst").write_bytes(b"not zstd at all")
     with pytest.raises(DataError, match=r"broken\.jsonl\.zst:1: cannot"):
@@ -165,35 +179,39 @@ def test_compressed_json_lines_parquet_and_hf_datasets_give_the_same_documents(t
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != "meta.json"}
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+            if p.is_file() and p.name != "meta.json"}
 
 
 @pytest.mark.parametrize("fmt", ["shards", "indexed"])
 def test_the_worker_count_changes_no_byte(tmp_path, pydoc_both, fmt):
     tok = pydoc_both[0].tokenizer_path
-    one = prepare(["builtin:pydoc"], tmp_path / "one", tokenizer_path=tok, shard_tokens=30_000, progress=False,
-                  format=fmt, workers=1)
-    two = prepare(["builtin:pydoc"], tmp_path / "two", tokenizer_path=tok, shard_tokens=30_000, progress=False,
-                  format=fmt, workers=2)
+    one = prepare(["builtin:pydoc"], tmp_path / "one", tokenizer_path=tok, shard_tokens=30_000,
+                  progress=False, format=fmt, workers=1)
+    two = prepare(["builtin:pydoc"], tmp_path / "two", tokenizer_path=tok, shard_tokens=30_000,
+                  progress=False, format=fmt, workers=2)
     assert _files(one.output_dir) == _files(two.output_dir) and one.num_tokens == two.num_tokens
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["shards", "indexed"])
 def test_a_killed_prepare_continues_where_it_stopped(tmp_path, pydoc_both, fmt, monkeypatch):
-    """kill -9 of a real `neox-data prepare` after its first checkpoint; the second run says it continues and
-    writes exactly what an uninterrupted run writes."""
+    """kill -9 of a real `neox-data prepare` after its first checkpoint; the second run says it
+    continues and writes exactly what an uninterrupted run writes."""
     corpus = tmp_path / "corpus.jsonl"
-    docs = [p for d in BUILTIN_CORPORA["pydoc"]() for p in d.split("\n\n") if p.strip()]  # ~7000 documents
+    # ~7000 documents
+    docs = [p for d in BUILTIN_CORPORA["pydoc"]() for p in d.split("\n\n") if p.strip()]
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     tok = pydoc_both[0].tokenizer_path
-    reference = prepare([str(corpus)], tmp_path / "ref", tokenizer_path=tok, shard_tokens=20_000, progress=False,
-                        format=fmt)
+    reference = prepare([str(corpus)], tmp_path / "ref", tokenizer_path=tok, shard_tokens=20_000,
+                        progress=False, format=fmt)
     env = {**train_env(), "NEOX_PREPARE_CHECKPOINT_TOKENS": "20000"}
-    cmd = [str(BIN / "neox-data"), "prepare", "--input", str(corpus), "--output", str(tmp_path / "out"),
-           "--tokenizer", str(tok), "--shard-tokens", "20000", "--format", fmt, "--workers", "1"]
+    cmd = [str(BIN / "neox-data"), "prepare", "--input", str(corpus), "--output",
+           str(tmp_path / "out"), "--tokenizer", str(tok), "--shard-tokens", "20000", "--format",
+           fmt, "--workers", "1"]
     progress = tmp_path / "out" / ".prepare-staging" / "progress.json"
-    proc = subprocess.Popen(cmd, env={**env, "NEOX_PREPARE_SLOW_S": "3"}, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env={**env, "NEOX_PREPARE_SLOW_S": "3"}, stderr=subprocess.PIPE,
+                            text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if progress.is_file() and json.loads(progress.read_text())["documents"] > 0:
@@ -209,15 +227,17 @@ def test_a_killed_prepare_continues_where_it_stopped(tmp_path, pydoc_both, fmt, 
     assert "continuing an interrupted prepare" in again.stderr
     assert _files(tmp_path / "out") == _files(reference.output_dir)
     assert not (tmp_path / "out" / ".prepare-staging").exists()
-    print(f"\n{fmt}: killed after {done} of {len(docs)} documents; the second run continued from there")
+    print(f"\n{fmt}: killed after {done} of {len(docs)} documents; the second run continued from "
+          "there")
 
 
 def test_prepare_cli_formats_and_text_key(tmp_path, pydoc_both):
     lines = "".join(json.dumps({"body": d}) + "\n" for d in DOCS)
     (tmp_path / "in.jsonl").write_text(lines)
-    proc = subprocess.run([str(BIN / "neox-data"), "prepare", "--input", str(tmp_path / "in.jsonl"), "--output",
-                           str(tmp_path / "out"), "--tokenizer", str(pydoc_both[0].tokenizer_path), "--format",
-                           "indexed", "--text-key", "body", "--json"], capture_output=True, text=True,
+    proc = subprocess.run([str(BIN / "neox-data"), "prepare", "--input", str(tmp_path / "in.jsonl"),
+                           "--output", str(tmp_path / "out"), "--tokenizer",
+                           str(pydoc_both[0].tokenizer_path), "--format", "indexed", "--text-key",
+                           "body", "--json"], capture_output=True, text=True,
                           env=train_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
@@ -242,11 +262,13 @@ def test_a_prefix_with_dots_and_megatron_caches_beside_it(tmp_path):
     assert np.array_equal(open_shard(Path(f"{prefix}.bin")), np.arange(50))
 
 
-def test_a_kill_while_moving_the_output_in_is_finished_by_the_next_run(tmp_path, pydoc_both, monkeypatch):
+def test_a_kill_while_moving_the_output_in_is_finished_by_the_next_run(
+        tmp_path, pydoc_both, monkeypatch):
     from neox_train.data import prepare as prep
 
     tok = pydoc_both[0].tokenizer_path
-    reference = prepare(["builtin:pydoc"], tmp_path / "ref", tokenizer_path=tok, shard_tokens=30_000, progress=False)
+    reference = prepare(["builtin:pydoc"], tmp_path / "ref", tokenizer_path=tok,
+                        shard_tokens=30_000, progress=False)
     real, calls = os.replace, []
 
     def dying_replace(src, dst):
@@ -257,8 +279,10 @@ def test_a_kill_while_moving_the_output_in_is_finished_by_the_next_run(tmp_path,
 
     monkeypatch.setattr(prep.os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
-        prepare(["builtin:pydoc"], tmp_path / "out", tokenizer_path=tok, shard_tokens=30_000, progress=False)
+        prepare(["builtin:pydoc"], tmp_path / "out", tokenizer_path=tok, shard_tokens=30_000,
+                progress=False)
     monkeypatch.setattr(prep.os, "replace", real)
-    again = prepare(["builtin:pydoc"], tmp_path / "out", tokenizer_path=tok, shard_tokens=30_000, progress=False)
+    again = prepare(["builtin:pydoc"], tmp_path / "out", tokenizer_path=tok, shard_tokens=30_000,
+                    progress=False)
     assert _files(again.output_dir) == _files(reference.output_dir)
     assert not (tmp_path / "out" / ".prepare-staging").exists()

@@ -1,4 +1,5 @@
-"""Model presets: the flagship's parameter count (built on the meta device) and the FLOPs formula."""
+"""Model presets: the flagship's parameter count (built on the meta device) and the FLOPs
+formula."""
 
 import json
 
@@ -60,7 +61,8 @@ def test_flops_per_token_is_megatron_formula():
     assert flops_per_token(cfg, s) == pytest.approx(megatron, rel=1e-12)
     # Megatron's count with recompute: the layers' forward runs again, the logits layer does not.
     recompute = 96 * L * h * h * (1 + s / (6 * h) + v / (16 * L * h))
-    assert flops_per_token(cfg, s, activation_checkpointing=True) == pytest.approx(recompute, rel=1e-12)
+    assert (flops_per_token(cfg, s, activation_checkpointing=True)
+            == pytest.approx(recompute, rel=1e-12))
     # 6N is the usual shorthand; the exact count exceeds it by the attention-score term.
     n = parameter_counts(cfg).non_embedding
     assert 6 * n < flops_per_token(cfg, s) < 8 * n
@@ -71,7 +73,8 @@ def test_weight_decay_groups_use_real_shapes_under_zero3():
 
     model = build_model(hf_config("neox-tiny", 256))
     groups = param_groups(model, 0.1)
-    assert all(p.ndim >= 2 for p in groups[0]["params"]) and all(p.ndim == 1 for p in groups[1]["params"])
+    assert (all(p.ndim >= 2 for p in groups[0]["params"])
+            and all(p.ndim == 1 for p in groups[1]["params"]))
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
     # ZeRO-3 placeholders are empty 1-D tensors carrying the real shape in ds_shape.
     placeholder = torch.nn.Parameter(torch.empty(0))
@@ -82,8 +85,9 @@ def test_weight_decay_groups_use_real_shapes_under_zero3():
 
 
 def test_attention_switch_and_sdpa_takes_the_flash_eligible_call(monkeypatch):
-    """FlashAttention in torch's SDPA needs is_causal=True and no explicit mask (a materialised causal mask
-    sends SDPA to the slower memory-efficient or math kernel). The real call is observed, not replaced."""
+    """FlashAttention in torch's SDPA needs is_causal=True and no explicit mask (a materialised
+    causal mask sends SDPA to the slower memory-efficient or math kernel). The real call is
+    observed, not replaced."""
     import torch.nn.functional as F
 
     calls = []
@@ -109,9 +113,9 @@ def test_attention_switch_and_sdpa_takes_the_flash_eligible_call(monkeypatch):
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "torch.compile"])
 def test_training_attention_calls_sdpa_causal_without_a_mask_even_compiled(monkeypatch, compiled):
-    """Under torch.compile transformers' own "sdpa" name materialises a (batch, 1, seq, seq) mask, which costs
-    the flash kernel; the name training uses must reach SDPA with is_causal=True and no mask both ways, and
-    compute the same logits as the plain model."""
+    """Under torch.compile transformers' own "sdpa" name materialises a (batch, 1, seq, seq) mask,
+    which costs the flash kernel; the name training uses must reach SDPA with is_causal=True and no
+    mask both ways, and compute the same logits as the plain model."""
     import torch.nn.functional as F
 
     from neox_train.model import TRAINING_SDPA, use_training_attention
@@ -130,7 +134,8 @@ def test_training_attention_calls_sdpa_causal_without_a_mask_even_compiled(monke
         expected = model(ids).logits
     use_training_attention(model)
     assert model.config._attn_implementation == TRAINING_SDPA
-    assert "neox_sdpa" not in json.dumps(model.config.to_dict())  # saved configs and exports stay plain HF
+    # saved configs and exports stay plain HF
+    assert "neox_sdpa" not in json.dumps(model.config.to_dict())
     monkeypatch.setattr(F, "scaled_dot_product_attention", observe)
     if compiled:
         torch._dynamo.reset()

@@ -1,8 +1,8 @@
-"""Ranks started by Open MPI's mpirun, as `neox-launch --launcher openmpi` starts them through DeepSpeed's OpenMPI
-runner (which sets no RANK/WORLD_SIZE and leaves discovery to mpi4py, not installed here): neox-train takes its
-rank from mpirun's own variables and MASTER_ADDR from the environment, so the processes train one job together
-instead of each training alone into the same folder. Open MPI comes from Debian (the shared system-tools fixture
-installs it
+"""Ranks started by Open MPI's mpirun, as `neox-launch --launcher openmpi` starts them through
+DeepSpeed's OpenMPI runner (which sets no RANK/WORLD_SIZE and leaves discovery to mpi4py, not
+installed here): neox-train takes its rank from mpirun's own variables and MASTER_ADDR from the
+environment, so the processes train one job together instead of each training alone into the same
+folder. Open MPI comes from Debian (the shared system-tools fixture installs it
 where missing)."""
 
 from __future__ import annotations
@@ -11,7 +11,15 @@ import shutil
 
 import pytest
 
-from conftest import BIN, _free_port, read_metrics, run_in_own_group, test_ds_config, tiny_run_config, train_env
+from conftest import (
+    BIN,
+    _free_port,
+    read_metrics,
+    run_in_own_group,
+    test_ds_config,
+    tiny_run_config,
+    train_env,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -33,11 +41,11 @@ def _mpirun_env(**extra: str) -> dict[str, str]:
 
 
 def test_mpirun_ranks_train_one_job(mpirun, tmp_path, token_dir):
-    run = tiny_run_config(tmp_path, token_dir, ds_config=str(test_ds_config(tmp_path, 2)), mixed_precision="bf16",
-                          max_steps=STEPS, save_steps=STEPS, eval_steps=0)
+    run = tiny_run_config(tmp_path, token_dir, ds_config=str(test_ds_config(tmp_path, 2)),
+                          mixed_precision="bf16", max_steps=STEPS, save_steps=STEPS, eval_steps=0)
     env = _mpirun_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    cmd = [mpirun, "--oversubscribe", "-n", "2", "-x", "MASTER_ADDR", "-x", "MASTER_PORT", "-x", "PATH",
-           "-x", "OMP_NUM_THREADS", str(BIN / "neox-train"), "--config", str(run)]
+    cmd = [mpirun, "--oversubscribe", "-n", "2", "-x", "MASTER_ADDR", "-x", "MASTER_PORT", "-x",
+           "PATH", "-x", "OMP_NUM_THREADS", str(BIN / "neox-train"), "--config", str(run)]
     proc = run_in_own_group(cmd, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     train = read_metrics(tmp_path / "logs")
@@ -52,9 +60,11 @@ def test_mpirun_ranks_train_one_job(mpirun, tmp_path, token_dir):
 
 def test_mpirun_without_master_addr_isone_line(mpirun, tmp_path, token_dir):
     run = tiny_run_config(tmp_path, token_dir)
-    cmd = [mpirun, "--oversubscribe", "-n", "2", "-x", "PATH", str(BIN / "neox-train"), "--config", str(run)]
+    cmd = [mpirun, "--oversubscribe", "-n", "2", "-x", "PATH", str(BIN / "neox-train"), "--config",
+           str(run)]
     proc = run_in_own_group(cmd, env=_mpirun_env(), timeout=120)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("neox-train: error: ")]
-    assert lines and all("but MASTER_ADDR is not set" in line for line in lines), proc.stderr[-3000:]
+    assert (lines
+            and all("but MASTER_ADDR is not set" in line for line in lines)), proc.stderr[-3000:]
     assert not (tmp_path / "ckpt").exists()

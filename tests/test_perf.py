@@ -1,7 +1,7 @@
-"""Performance accounting and the GPU fast path's CPU-testable parts: Megatron FLOPs against hand-computed
-values, the peak table, MFU/HFU arithmetic, the step timer and breakdown, the prefetching loader (order, resume
-position, failures, shutdown). The CUDA paths (pinned buffers, side-stream copies, CUDA-event timing) have
-`gpu`-marked tests that run where a GPU is present."""
+"""Performance accounting and the GPU fast path's CPU-testable parts: Megatron FLOPs against
+hand-computed values, the peak table, MFU/HFU arithmetic, the step timer and breakdown, the
+prefetching loader (order, resume position, failures, shutdown). The CUDA paths (pinned buffers,
+side-stream copies, CUDA-event timing) have `gpu`-marked tests that run where a GPU is present."""
 
 from __future__ import annotations
 
@@ -30,12 +30,13 @@ from neox_train.train.perf import (
 
 CPU = torch.device("cpu")
 
-# --- FLOPs per token -----------------------------------------------------------------------------------------
+# --- FLOPs per token ------------------------------------------------------------------------------
 
 
 def test_neox_1_2b_flops_per_token_by_hand():
     """l=24, h=2048, f=4h=8192, s=2048, V=50304, per token:
-    one layer forward  = 2*4h^2 + 2*2*h*f + 2*2*s*h = 33,554,432 + 67,108,864 + 16,777,216 = 117,440,512
+    one layer forward  = 2*4h^2 + 2*2*h*f + 2*2*s*h = 33,554,432 + 67,108,864 + 16,777,216
+                       = 117,440,512
     24 layers          = 2,818,572,288;  logits 2*h*V = 206,045,184;  forward = 3,024,617,472
     training (3x)      = 9,073,852,416 (the issue's "about 8.9 GFLOP" is this number, 2% low)
     with recompute     = + 2,818,572,288 (the layers' forward again) = 11,892,424,704"""
@@ -45,14 +46,15 @@ def test_neox_1_2b_flops_per_token_by_hand():
 
 
 def test_neox_tiny_flops_per_token_by_hand():
-    # h=64, f=256, l=2, s=32, V=256: layer 8*4096 + 4*64*256 + 4*32*64 = 32768 + 65536 + 8192 = 106,496;
-    # 2 layers 212,992; logits 2*64*256 = 32,768; forward 245,760; x3 = 737,280; recompute +212,992 = 950,272.
+    # h=64, f=256, l=2, s=32, V=256: layer 8*4096 + 4*64*256 + 4*32*64 = 32768 + 65536 + 8192 =
+    # 106,496; 2 layers 212,992; logits 2*64*256 = 32,768; forward 245,760; x3 = 737,280; recompute
+    # +212,992 = 950,272.
     cfg = hf_config("neox-tiny", 256)
     assert flops_per_token(cfg, 32) == 737_280
     assert flops_per_token(cfg, 32, activation_checkpointing=True) == 950_272
 
 
-# --- peak table and MFU ----------------------------------------------------------------------------------------
+# --- peak table and MFU ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -95,8 +97,9 @@ def test_resolve_peak():
 
 
 def test_mfu_by_hand():
-    """neox-1.2b on 8 H100s at 600,000 tokens/s: 75,000 tokens/s per GPU x 9,073,852,416 FLOP = 680.54 TFLOP/s,
-    MFU 680.54 / 989 = 0.6881; with recompute counted (HFU) 75,000 x 11,892,424,704 = 891.93 TFLOP/s = 0.9019."""
+    """neox-1.2b on 8 H100s at 600,000 tokens/s: 75,000 tokens/s per GPU x 9,073,852,416 FLOP =
+    680.54 TFLOP/s, MFU 680.54 / 989 = 0.6881; with recompute counted (HFU) 75,000 x 11,892,424,704
+    = 891.93 TFLOP/s = 0.9019."""
     cfg = hf_config("neox-1.2b", 50304)
     acc = FlopsAccounting(
         model_flops_per_token=flops_per_token(cfg, 2048),
@@ -110,13 +113,14 @@ def test_mfu_by_hand():
     assert r["mfu"] == pytest.approx(680.5389312 / 989)
     assert r["hfu_tflops_per_gpu"] == pytest.approx(891.9318528)
     assert r["hfu"] == pytest.approx(891.9318528 / 989)
-    # A claim of 5x that rate on the same 8 GPUs would need more than 3x their peak: MFU makes it visible.
+    # A claim of 5x that rate on the same 8 GPUs would need more than 3x their peak: MFU makes it
+    # visible.
     assert acc.rates(3_000_000)["mfu"] > 3
     no_peak = FlopsAccounting(1, 1, 1, Peak(None, "cpu")).rates(1000.0)
     assert no_peak["mfu"] is None and no_peak["hfu"] is None and no_peak["tflops_per_gpu"] == 1e-9
 
 
-# --- step timer, breakdown, throughput ---------------------------------------------------------------------------
+# --- step timer, breakdown, throughput ------------------------------------------------------------
 
 
 def test_step_timer_on_cpu_sums_host_time():
@@ -138,8 +142,8 @@ def test_step_timer_on_cpu_sums_host_time():
 
 def test_breakdown_per_step_and_other():
     out = breakdown({"data_wait": 0.2, "fwd_bwd": 6.0, "optimizer": 1.0}, steps=4, step_time_s=2.0)
-    assert out == pytest.approx({"data_wait_s": 0.05, "fwd_bwd_s": 1.5, "optimizer_s": 0.25, "other_s": 0.2,
-                                 "data_wait_frac": 0.025})
+    assert out == pytest.approx({"data_wait_s": 0.05, "fwd_bwd_s": 1.5, "optimizer_s": 0.25,
+                                 "other_s": 0.2, "data_wait_frac": 0.025})
 
 
 def test_throughput_reports_phases_and_stalls_and_restart_drops_both():
@@ -163,17 +167,20 @@ def test_throughput_reports_phases_and_stalls_and_restart_drops_both():
 
 
 def _proc_status_gib(key: str) -> float:
-    """A figure of /proc/self/status (VmHWM: the kernel's peak resident set; VmRSS: the current one), in GiB."""
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(f"{key}:"))
+    """A figure of /proc/self/status (VmHWM: the kernel's peak resident set; VmRSS: the current
+    one), in GiB."""
+    line = next(
+        x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(f"{key}:"))
     return int(line.split()[1]) * 1024 / 2**30
 
 
 def test_memory_high_water_on_cpu():
-    """The peak is this process's, in GiB: after touching enough memory to set a new peak whatever earlier tests
-    left, it has risen by about that much and agrees with the kernel's VmHWM."""
+    """The peak is this process's, in GiB: after touching enough memory to set a new peak whatever
+    earlier tests left, it has risen by about that much and agrees with the kernel's VmHWM."""
     before = memory_high_water(CPU)
     assert set(before) == {"host_rss_peak_gib"}
-    assert before["host_rss_peak_gib"] >= _proc_status_gib("VmRSS") - 0.01  # a peak is never below the present
+    # a peak is never below the present
+    assert before["host_rss_peak_gib"] >= _proc_status_gib("VmRSS") - 0.01
     extra = max(0.0, _proc_status_gib("VmHWM") - _proc_status_gib("VmRSS")) + 0.25
     block = bytearray(os.urandom(16)) * int(extra * 2**30 // 16)  # every page written
     after = memory_high_water(CPU)["host_rss_peak_gib"]
@@ -183,7 +190,7 @@ def test_memory_high_water_on_cpu():
     assert after - before["host_rss_peak_gib"] >= 0.2, (before, after)
 
 
-# --- the prefetching loader ---------------------------------------------------------------------------------------
+# --- the prefetching loader -----------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -197,18 +204,21 @@ def windows(tmp_path: Path) -> PackedWindows:
     return PackedWindows([open_shard(p) for p in paths], seq_len=16)
 
 
-def _stream(windows: PackedWindows, *, rank: int = 0, dp: int = 1, consumed: int = 0, micro: int = 5) -> SampleStream:
+def _stream(windows: PackedWindows, *, rank: int = 0, dp: int = 1, consumed: int = 0,
+            micro: int = 5) -> SampleStream:
     return SampleStream(range(len(windows)), seed=3, micro_batch=micro, dp_rank=rank, dp_size=dp,
                         consumed_samples=consumed)
 
 
 @pytest.mark.parametrize("prefetch", [1, 3])
 def test_prefetching_loader_yields_the_streams_batches_in_order(windows, prefetch):
-    """Two epochs (epochs roll over inside a micro-batch), rank 1 of 2: prefetching changes nothing."""
+    """Two epochs (epochs roll over inside a micro-batch), rank 1 of 2: prefetching changes
+    nothing."""
     n = 2 * len(windows) // 10 + 3
     expected_stream = _stream(windows, rank=1, dp=2)
     expected = [windows.batch(expected_stream.next_micro_batch()) for _ in range(n)]
-    loader = MicroBatchLoader(windows, _stream(windows, rank=1, dp=2), device=CPU, prefetch=prefetch)
+    loader = MicroBatchLoader(windows, _stream(windows, rank=1, dp=2), device=CPU,
+                              prefetch=prefetch)
     try:
         for i in range(n):
             batch = loader.next()
@@ -250,9 +260,11 @@ def test_synchronous_loader_matches(windows):
 
 
 def test_loader_thread_failure_is_raised_in_the_loop(windows):
-    """A window index past the data (here: a sampler over more indices than exist) fails in the thread; the loop
-    gets the same IndexError when it reaches that batch, after the good batches before it."""
-    stream = SampleStream(range(len(windows) - 2, len(windows) + 2), seed=0, micro_batch=1, dp_rank=0, dp_size=1)
+    """A window index past the data (here: a sampler over more indices than exist) fails in the
+    thread; the loop gets the same IndexError when it reaches that batch, after the good batches
+    before it."""
+    stream = SampleStream(range(len(windows) - 2, len(windows) + 2), seed=0, micro_batch=1,
+                          dp_rank=0, dp_size=1)
     loader = MicroBatchLoader(windows, stream, device=CPU, prefetch=2)
     good = 0
     try:
@@ -275,7 +287,7 @@ def test_loader_close_stops_the_thread(windows):
     loader.close()  # idempotent
 
 
-# --- CUDA paths (skipped without a GPU) ---------------------------------------------------------------------------
+# --- CUDA paths (skipped without a GPU) -----------------------------------------------------------
 
 
 @pytest.mark.gpu
@@ -285,11 +297,13 @@ def test_cuda_loader_pinned_copies_match_the_cpu_batches(windows, prefetch):
     loader = MicroBatchLoader(windows, _stream(windows), device=device, prefetch=prefetch)
     stream = _stream(windows)
     try:
-        batches = [loader.next() for _ in range(3 * (prefetch + 2))]  # more than the pinned pool holds
+        # more than the pinned pool holds
+        batches = [loader.next() for _ in range(3 * (prefetch + 2))]
         for batch in batches:
             # Use on the compute stream, as the model does: the copy must have landed.
             assert batch.device == device
-            np.testing.assert_array_equal((batch * 1).cpu().numpy(), windows.batch(stream.next_micro_batch()))
+            np.testing.assert_array_equal((batch * 1).cpu().numpy(),
+                                          windows.batch(stream.next_micro_batch()))
     finally:
         loader.close()
 

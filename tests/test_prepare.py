@@ -1,4 +1,5 @@
-"""`neox-data prepare` end to end on small real corpora: BPE training, sharding, meta.json, re-runs, the CLI."""
+"""`neox-data prepare` end to end on small real corpora: BPE training, sharding, meta.json, re-runs,
+the CLI."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def _write_jsonl(path: Path, records: list[object]) -> Path:
 
 @pytest.fixture(scope="module")
 def pydoc_prepared(tmp_path_factory: pytest.TempPathFactory):
-    """One prepare of the whole builtin corpus (~0.5 s), shared by the tests that only read its output."""
+    """One prepare of the whole builtin corpus (~0.5 s), shared by the tests that only read its
+    output."""
     out = tmp_path_factory.mktemp("pydoc")
     return prepare(["builtin:pydoc"], out, vocab_size=512, shard_tokens=50_000, progress=False)
 
@@ -36,7 +38,8 @@ def test_prepare_builtin_pydoc(pydoc_prepared) -> None:
     assert result.vocab_size == 512
     assert result.tokenizer_path == out / "tokenizer.json"
     assert len(result.shards) >= 3
-    assert [p.name for p in result.shards] == [f"shard_{i:05d}.npy" for i in range(len(result.shards))]
+    assert [p.name for p in result.shards] == [
+        f"shard_{i:05d}.npy" for i in range(len(result.shards))]
 
     meta = read_meta(out)
     assert meta == {
@@ -90,8 +93,10 @@ def test_iter_documents_txt_jsonl_and_directory(tmp_path: Path) -> None:
     (corpus / "b").mkdir(parents=True)
     (corpus / "a.txt").write_text("alpha document\nsecond line\n", encoding="utf-8")
     (corpus / "empty.txt").write_text("  \n", encoding="utf-8")
-    _write_jsonl(corpus / "b" / "c.jsonl", [{"text": "gamma", "id": 1}, {"text": ""}, {"text": "delta"}])
-    (corpus / "b" / "c.jsonl").write_text((corpus / "b" / "c.jsonl").read_text() + "\n   \n", encoding="utf-8")
+    _write_jsonl(corpus / "b" / "c.jsonl",
+                 [{"text": "gamma", "id": 1}, {"text": ""}, {"text": "delta"}])
+    (corpus / "b" / "c.jsonl").write_text((corpus / "b" / "c.jsonl").read_text() + "\n   \n",
+                                          encoding="utf-8")
     (corpus / "b" / "ignored.csv").write_text("x,y\n")
     (corpus / "B.txt").write_text("beta")
     single = _write_jsonl(tmp_path / "one.jsonl", [{"text": "epsilon"}])
@@ -126,7 +131,8 @@ def test_bad_inputs(tmp_path: Path) -> None:
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     cases = {
-        str(tmp_path / "missing.txt"): r"missing\.txt does not exist \(accepted: builtin:NAME, a \.txt, \.jsonl",
+        str(tmp_path / "missing.txt"): r"missing\.txt does not exist \(accepted: builtin:NAME, a "
+                                       r"\.txt, \.jsonl",
         str(tmp_path / "data.csv"): r"data\.csv: unsupported kind '\.csv' \(accepted:",
         str(tmp_path / "empty_dir"): r"empty_dir: folder holds no \.txt, \.jsonl, .* files",
         "builtin:nope": r"builtin:nope: unknown builtin corpus \(valid: builtin:pydoc\)",
@@ -145,7 +151,8 @@ def test_prepare_error_in_inputs_propagates_through_tokenizer_training(tmp_path:
 
 
 def test_rerun_removes_stale_shards_only(tmp_path: Path) -> None:
-    docs = _write_jsonl(tmp_path / "docs.jsonl", [{"text": f"document number {i} " * 20} for i in range(40)])
+    docs = _write_jsonl(tmp_path / "docs.jsonl",
+                        [{"text": f"document number {i} " * 20} for i in range(40)])
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
@@ -160,26 +167,31 @@ def test_rerun_removes_stale_shards_only(tmp_path: Path) -> None:
         "meta.json", "notes.txt", "other.npy", "shard_00000.npy", "tokenizer.json"
     ]
     assert second.num_tokens == first.num_tokens
-    np.testing.assert_array_equal(np.load(out / "shard_00000.npy"), first_tokens)  # same tokenizer, same tokens
+    # same tokenizer, same tokens
+    np.testing.assert_array_equal(np.load(out / "shard_00000.npy"), first_tokens)
     assert read_meta(out)["shards"] == ["shard_00000.npy"]
 
 
 def test_given_tokenizer_is_used_and_copied(tmp_path: Path) -> None:
-    docs = _write_jsonl(tmp_path / "docs.jsonl", [{"text": "hello world, hello tokens"}, {"text": "second doc"}])
+    docs = _write_jsonl(tmp_path / "docs.jsonl",
+                        [{"text": "hello world, hello tokens"}, {"text": "second doc"}])
     tokenizer = train_tokenizer(iter(["hello world " * 50, "tokens and more tokens " * 30]), 300)
     tok_file = tmp_path / "my_tokenizer.json"
     tokenizer.save(str(tok_file))
 
-    result = prepare([str(docs)], tmp_path / "out", tokenizer_path=tok_file, vocab_size=8192, progress=False)
+    result = prepare([str(docs)], tmp_path / "out", tokenizer_path=tok_file, vocab_size=8192,
+                     progress=False)
     # the vocab_size argument is ignored; this tiny corpus stops BPE below its 300 target
     assert result.vocab_size == tokenizer.get_vocab_size(with_added_tokens=True) < 300
     assert (tmp_path / "out" / "tokenizer.json").read_text() == tok_file.read_text()
-    expected = tokenizer.encode("hello world, hello tokens").ids + [0] + tokenizer.encode("second doc").ids + [0]
+    expected = (tokenizer.encode("hello world, hello tokens").ids + [0]
+                + tokenizer.encode("second doc").ids + [0])
     assert np.load(result.shards[0]).tolist() == expected
     assert read_meta(tmp_path / "out")["vocab_size"] == result.vocab_size
 
     # re-using the output folder's own tokenizer.json works (no copy onto itself)
-    again = prepare([str(docs)], tmp_path / "out", tokenizer_path=tmp_path / "out" / "tokenizer.json", progress=False)
+    again = prepare([str(docs)], tmp_path / "out",
+                    tokenizer_path=tmp_path / "out" / "tokenizer.json", progress=False)
     assert again.num_tokens == result.num_tokens
 
 
@@ -206,7 +218,8 @@ def test_tokenizer_errors(tmp_path: Path) -> None:
     docs = tmp_path / "doc.txt"
     docs.write_text("a b", encoding="utf-8")
     no_eos = _word_level_tokenizer(tmp_path / "no_eos.json", ["<unk>", "a", "b"])
-    no_eos_message = r"no_eos\.json: tokenizer has no end-of-text token \(looked for <\|endoftext\|>, </s>, <eos>\)"
+    no_eos_message = (r"no_eos\.json: tokenizer has no end-of-text token \(looked for "
+                      r"<\|endoftext\|>, </s>, <eos>\)")
     with pytest.raises(DataError, match=no_eos_message):
         prepare([str(docs)], tmp_path / "out", tokenizer_path=no_eos, progress=False)
     broken = tmp_path / "broken.json"
@@ -214,7 +227,8 @@ def test_tokenizer_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"broken\.json: cannot load tokenizer"):
         prepare([str(docs)], tmp_path / "out", tokenizer_path=broken, progress=False)
     with pytest.raises(DataError, match=r"missing\.json: cannot load tokenizer"):
-        prepare([str(docs)], tmp_path / "out", tokenizer_path=tmp_path / "missing.json", progress=False)
+        prepare([str(docs)], tmp_path / "out", tokenizer_path=tmp_path / "missing.json",
+                progress=False)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -230,12 +244,14 @@ def test_cli_arguments_and_json_summary(tmp_path: Path, capsys: pytest.CaptureFi
         ["--input", str(docs), str(docs), "--output", str(out),
          "--vocab-size", "300", "--shard-tokens", "1_000", "--json"]
     )
-    assert args.input == [str(docs), str(docs)] and args.shard_tokens == 1000 and args.tokenizer is None
+    assert (args.input == [str(docs), str(docs)] and args.shard_tokens == 1000
+            and args.tokenizer is None)
     assert main_prepare(args) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
     assert summary["num_documents"] == 6
-    assert summary["vocab_size"] == read_meta(out)["vocab_size"] <= 300  # tiny corpus: BPE runs out of merges
+    # tiny corpus: BPE runs out of merges
+    assert summary["vocab_size"] == read_meta(out)["vocab_size"] <= 300
     assert summary["output_dir"] == str(out)
     assert summary["shards"] == [str(out / "shard_00000.npy")]
     assert "prepared 6 documents" in captured.err and "\n" not in captured.err.strip()
@@ -249,7 +265,8 @@ def test_cli_arguments_and_json_summary(tmp_path: Path, capsys: pytest.CaptureFi
     [
         ["--output", "x"],  # --input is required
         ["--input", "a.txt"],  # --output is required
-        ["--input", "a.txt", "--output", "x", "--vocab-size", "256"],  # below 256 bytes + <|endoftext|>
+        # below 256 bytes + <|endoftext|>
+        ["--input", "a.txt", "--output", "x", "--vocab-size", "256"],
         ["--input", "a.txt", "--output", "x", "--shard-tokens", "0"],
         ["--input", "a.txt", "--output", "x", "--vocab-size", "lots"],
     ],
@@ -262,13 +279,17 @@ def test_cli_rejects_bad_arguments(argv: list[str], capsys: pytest.CaptureFixtur
 
 
 def test_failed_rerun_keeps_previous_output(tmp_path: Path) -> None:
-    """Bad input halfway through a re-run (given tokenizer: no first pass to catch it) loses nothing saved."""
-    docs = _write_jsonl(tmp_path / "docs.jsonl", [{"text": f"document number {i} " * 20} for i in range(40)])
+    """Bad input halfway through a re-run (given tokenizer: no first pass to catch it) loses nothing
+    saved."""
+    docs = _write_jsonl(tmp_path / "docs.jsonl",
+                        [{"text": f"document number {i} " * 20} for i in range(40)])
     out = tmp_path / "out"
     first = prepare([str(docs)], out, vocab_size=300, shard_tokens=500, progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     bad = tmp_path / "bad.jsonl"
-    bad.write_text("".join(f'{{"text": "doc {i}"}}\n' for i in range(300)) + "not json\n", encoding="utf-8")
+    bad.write_text("".join(f'{{"text": "doc {i}"}}\n' for i in range(300)) + "not json\n",
+                   encoding="utf-8")
     with pytest.raises(DataError, match=r"bad\.jsonl:301"):
-        prepare([str(bad)], out, tokenizer_path=first.tokenizer_path, shard_tokens=50, progress=False)
+        prepare([str(bad)], out, tokenizer_path=first.tokenizer_path, shard_tokens=50,
+                progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -1,6 +1,6 @@
-"""Storage backends: URL parsing, crc32c as GCS reports it, the crc32c cache, the Backend contract on the real
-client against the real emulator and on a local folder, conditional writes (generations, 412), transient vs permanent
-errors, and probe's one-line errors."""
+"""Storage backends: URL parsing, crc32c as GCS reports it, the crc32c cache, the Backend contract
+on the real client against the real emulator and on a local folder, conditional writes (generations,
+412), transient vs permanent errors, and probe's one-line errors."""
 
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def test_parse_url_errors_areone_line(url: str, needle: str) -> None:
 
 def test_crc32c_is_what_gcs_reports(gcs_bucket: str, gcs_emulator, tmp_path: Path) -> None:
     bucket = direct_client(gcs_emulator.url).bucket(gcs_bucket)
-    for i, data in enumerate([b"", b"hello world", os.urandom(3 * 1024 * 1024 + 7)]):  # > one 1 MiB read
+    # > one 1 MiB read
+    for i, data in enumerate([b"", b"hello world", os.urandom(3 * 1024 * 1024 + 7)]):
         path = tmp_path / f"f{i}"
         path.write_bytes(data)
         blob = bucket.blob(f"f{i}")
@@ -65,7 +66,8 @@ def test_crc32c_is_what_gcs_reports(gcs_bucket: str, gcs_emulator, tmp_path: Pat
     assert crc32c_of_file(tmp_path / "f0") == "AAAAAA=="
 
 
-def test_crc32c_cache_reads_each_unchanged_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crc32c_cache_reads_each_unchanged_file_once(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     reads: list[Path] = []
     real = storage.crc32c_of_file
     monkeypatch.setattr(storage, "crc32c_of_file", lambda p: reads.append(Path(p)) or real(p))
@@ -98,7 +100,8 @@ def test_crc32c_cache_survives_a_damaged_file(tmp_path: Path) -> None:
 
 
 def test_backend_contract(backend, tmp_path: Path) -> None:
-    assert backend.read_bytes("absent") is None and backend.read("absent") is None and backend.stat("absent") is None
+    assert (backend.read_bytes("absent") is None and backend.read("absent") is None
+            and backend.stat("absent") is None)
     written = backend.write_bytes("a/x.json", b"{}", generation=0)
     assert written.generation > 0 and backend.stat("a/x.json") == written
     assert backend.read("a/x.json") == (b"{}", written.generation)
@@ -109,9 +112,11 @@ def test_backend_contract(backend, tmp_path: Path) -> None:
 
     listing = backend.list("")
     assert set(listing) == {"a/x.json", "a1/y", "a/deep/z.bin"}
-    assert listing["a/deep/z.bin"].size == 10 and listing["a/deep/z.bin"].crc32c == crc32c_of_file(src)
+    assert (listing["a/deep/z.bin"].size == 10
+            and listing["a/deep/z.bin"].crc32c == crc32c_of_file(src))
     assert set(backend.list("a/")) == {"a/x.json", "a/deep/z.bin"}  # a folder prefix, not a1/
-    assert set(backend.list("a")) == {"a/x.json", "a/deep/z.bin", "a1/y"}  # a string prefix, as in GCS
+    # a string prefix, as in GCS
+    assert set(backend.list("a")) == {"a/x.json", "a/deep/z.bin", "a1/y"}
 
     dest = tmp_path / "out" / "nested" / "z.bin"
     backend.download_file("a/deep/z.bin", dest)
@@ -135,22 +140,29 @@ def test_gcs_names_stay_under_the_prefix(gcs_bucket: str, gcs_emulator) -> None:
 
 
 @pytest.mark.parametrize("size", [100, 600 * 1024], ids=["multipart", "resumable"])
-def test_writes_are_conditional_on_the_generation(strict_backend, tmp_path: Path, size: int) -> None:
-    """generation=0 creates only; generation=G replaces only G; a refused write that finds exactly its own content
-    there counts as written (an earlier attempt landed); anything else is RemoteChanged and changes nothing."""
+def test_writes_are_conditional_on_the_generation(strict_backend, tmp_path: Path,
+                                                  size: int) -> None:
+    """generation=0 creates only; generation=G replaces only G; a refused write that finds exactly
+    its own content there counts as written (an earlier attempt landed); anything else is
+    RemoteChanged and changes nothing."""
     backend, proxy = strict_backend
     a, b, c = tmp_path / "a.bin", tmp_path / "b.bin", tmp_path / "c.bin"
     for f in (a, b, c):
         f.write_bytes(os.urandom(size))
     first = backend.upload_file(a, "obj", crc32c=crc32c_of_file(a), generation=0)
-    assert backend.upload_file(a, "obj", crc32c=crc32c_of_file(a), generation=0) == first  # landed already
-    with pytest.raises(RemoteChanged, match="already exists with different content.*refusing to overwrite") as err:
+    # landed already
+    assert backend.upload_file(a, "obj", crc32c=crc32c_of_file(a), generation=0) == first
+    with pytest.raises(RemoteChanged, match="already exists with different content.*refusing to "
+                                            "overwrite") as err:
         backend.upload_file(b, "obj", crc32c=crc32c_of_file(b), generation=0)
     assert "\n" not in str(err.value) and err.value.transient
     assert backend.list("")["obj"].crc32c == crc32c_of_file(a)
-    second = backend.upload_file(b, "obj", crc32c=crc32c_of_file(b), generation=first.generation)  # a replacement
-    assert second.generation != first.generation and backend.list("")["obj"].crc32c == crc32c_of_file(b)
-    with pytest.raises(RemoteChanged, match="changed remotely"):  # someone else's write came in between
+    # a replacement
+    second = backend.upload_file(b, "obj", crc32c=crc32c_of_file(b), generation=first.generation)
+    assert (second.generation != first.generation
+            and backend.list("")["obj"].crc32c == crc32c_of_file(b))
+    # someone else's write came in between
+    with pytest.raises(RemoteChanged, match="changed remotely"):
         backend.upload_file(c, "obj", crc32c=crc32c_of_file(c), generation=first.generation)
     assert backend.stat("obj") == second
     with pytest.raises(RemoteChanged, match="not deleted"):
@@ -166,12 +178,15 @@ def test_writes_are_conditional_on_the_generation(strict_backend, tmp_path: Path
     if proxy is not None:
         assert proxy.counts["412"] == 6
         resumable = [t for m, t, _a in proxy.log if m == "POST" and "uploadType=resumable" in t]
-        assert len(resumable) == (5 if size > 256 * 1024 else 0)  # the 412 arrives when the session is opened
+        # the 412 arrives when the session is opened
+        assert len(resumable) == (5 if size > 256 * 1024 else 0)
 
 
-def test_errors_say_whether_a_retry_can_help(gcs_bucket: str, gcs_emulator, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_errors_say_whether_a_retry_can_help(gcs_bucket: str, gcs_emulator,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The upload worker retries transient errors and gives a checkpoint up on permanent ones."""
-    with FaultProxy(gcs_emulator.url, rules={"^POST /upload/": ["403"], "^GET /storage/v1/b/[^/]+/o\\?": ["503"] * 50}
+    with FaultProxy(gcs_emulator.url,
+                    rules={"^POST /upload/": ["403"], "^GET /storage/v1/b/[^/]+/o\\?": ["503"] * 50}
                     ) as proxy:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
         backend = fast_retry(open_backend(f"gs://{gcs_bucket}/x"), deadline_s=0.5)
@@ -189,18 +204,20 @@ def test_errors_say_whether_a_retry_can_help(gcs_bucket: str, gcs_emulator, monk
 
 
 @pytest.mark.parametrize("size", [100, 600 * 1024], ids=["multipart", "resumable"])
-def test_content_other_than_the_hashed_file_is_never_accepted(gcs_bucket: str, tmp_path: Path, size: int,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """The hash taken before the upload is binding: if the bytes sent differ from it (the file changed after it was
-    hashed), the upload fails, whether the client hashed while sending (multipart) or not (resumable: the crc32c is
-    declared to GCS up front and the stored object's crc32c is compared after)."""
+def test_content_other_than_the_hashed_file_is_never_accepted(
+        gcs_bucket: str, tmp_path: Path, size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hash taken before the upload is binding: if the bytes sent differ from it (the file
+    changed after it was hashed), the upload fails, whether the client hashed while
+    sending (multipart) or not (resumable: the crc32c is declared to GCS up front and the stored
+    object's crc32c is compared after)."""
     backend = fast_retry(open_backend(f"gs://{gcs_bucket}/changed"))
     force_resumable(monkeypatch, backend)
     f = tmp_path / "f.bin"
     f.write_bytes(os.urandom(size))
     hashed = crc32c_of_file(f)
     f.write_bytes(os.urandom(size))  # rewritten between hashing and uploading
-    # multipart: the client compares the stored crc32c; resumable: GCS answers 400 "Provided CRC32C ... doesn't match"
+    # multipart: the client compares the stored crc32c; resumable: GCS answers 400 "Provided CRC32C
+    # ... doesn't match"
     with pytest.raises(StorageError, match=r"(?i)crc32c") as err:
         backend.upload_file(f, "f.bin", crc32c=hashed, generation=0)
     assert "\n" not in str(err.value)
@@ -208,15 +225,18 @@ def test_content_other_than_the_hashed_file_is_never_accepted(gcs_bucket: str, t
 
 def test_lost_response_then_412_counts_as_uploaded(gcs_bucket: str, gcs_emulator, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """The case if_absent exists for: the upload lands, its response is lost, the client's retry gets 412."""
-    with FaultProxy(gcs_emulator.url, rules={"^POST /upload/": ["lost"]}, enforce_preconditions=True) as proxy:
+    """The case if_absent exists for: the upload lands, its response is lost, the client's retry
+    gets 412."""
+    with FaultProxy(gcs_emulator.url, rules={"^POST /upload/": ["lost"]},
+                    enforce_preconditions=True) as proxy:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
         backend = fast_retry(open_backend(f"gs://{gcs_bucket}"))
         f = tmp_path / "w.bin"
         f.write_bytes(b"weights" * 100)
         backend.upload_file(f, "w.bin", crc32c=crc32c_of_file(f), generation=0)
         assert (proxy.counts["lost"], proxy.counts["412"]) == (1, 1) and backend.retries == 1
-    assert direct_client(gcs_emulator.url).bucket(gcs_bucket).get_blob("w.bin").crc32c == crc32c_of_file(f)
+    assert (direct_client(gcs_emulator.url).bucket(gcs_bucket).get_blob("w.bin").crc32c
+            == crc32c_of_file(f))
 
 
 def test_local_backend_refuses_names_outside_its_folder(tmp_path: Path) -> None:
@@ -234,10 +254,12 @@ def test_probe_nonexistent_bucket(gcs_bucket: str) -> None:
     assert "\n" not in str(err.value) and "gs://neox-no-such-bucket/ckpt" in str(err.value)
 
 
-def test_probe_permission_denied(gcs_bucket: str, gcs_emulator, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_probe_permission_denied(gcs_bucket: str, gcs_emulator,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
     with FaultProxy(gcs_emulator.url, rules={"^POST /upload/": ["403"]}) as proxy:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
-        with pytest.raises(StorageError, match=rf"no permission to write gs://{gcs_bucket}/ckpt \(.*403"):
+        with pytest.raises(StorageError,
+                           match=rf"no permission to write gs://{gcs_bucket}/ckpt \(.*403"):
             fast_retry(open_backend(f"gs://{gcs_bucket}/ckpt")).probe()
 
 
@@ -245,11 +267,13 @@ def test_probe_unreachable_host_names_it(monkeypatch: pytest.MonkeyPatch) -> Non
     port = free_port()  # nothing listens there
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
     backend = fast_retry(open_backend("gs://some-bucket"), probe_deadline_s=0.5)
-    with pytest.raises(StorageError, match=rf"cannot reach 127\.0\.0\.1:{port} to write gs://some-bucket .*gave up"):
+    with pytest.raises(StorageError, match=rf"cannot reach 127\.0\.0\.1:{port} to write "
+                                           r"gs://some-bucket .*gave up"):
         backend.probe()
 
 
-def test_credentials_file_errors_name_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_credentials_file_errors_name_the_file(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
     missing = tmp_path / "nope.json"
     with pytest.raises(StorageError, match=rf"credentials file {missing} does not exist"):
@@ -260,17 +284,21 @@ def test_credentials_file_errors_name_the_file(tmp_path: Path, monkeypatch: pyte
         open_backend("gs://some-bucket", credentials=str(bad))
     wrong = tmp_path / "wrong.json"
     wrong.write_text('{"type": "service_account"}')
-    with pytest.raises(StorageError, match=rf"credentials file {wrong} is not a usable service_account key"):
+    with pytest.raises(StorageError,
+                       match=rf"credentials file {wrong} is not a usable service_account key"):
         open_backend("gs://some-bucket", credentials=str(wrong))
     wrong.write_text('{"type": "nonsense"}')
-    with pytest.raises(StorageError, match=rf"credentials file {wrong} has type 'nonsense' \(valid: service_account"):
+    with pytest.raises(StorageError, match=rf"credentials file {wrong} has type 'nonsense' "
+                                           r"\(valid: service_account"):
         open_backend("gs://some-bucket", credentials=str(wrong))
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(missing))
-    with pytest.raises(StorageError, match=rf"file {missing} \(from GOOGLE_APPLICATION_CREDENTIALS\) does not exist"):
+    with pytest.raises(StorageError, match=rf"file {missing} \(from "
+                                           r"GOOGLE_APPLICATION_CREDENTIALS\) does not exist"):
         open_backend("gs://some-bucket")
 
 
-def test_missing_default_credentials_say_how_to_provide_them(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_default_credentials_say_how_to_provide_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     import google.auth
     from google.auth.exceptions import DefaultCredentialsError
 
@@ -280,8 +308,9 @@ def test_missing_default_credentials_say_how_to_provide_them(monkeypatch: pytest
     monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
     monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
     monkeypatch.setattr(google.auth, "default", no_adc)
-    with pytest.raises(StorageError, match=r"no Google Cloud credentials for gs://b-1/x: pass --credentials FILE.*"
-                                           r"GOOGLE_APPLICATION_CREDENTIALS.*gcloud auth application-default login"):
+    with pytest.raises(StorageError, match=r"no Google Cloud credentials for gs://b-1/x: pass "
+                                           r"--credentials FILE.*GOOGLE_APPLICATION_CREDENTIALS.*"
+                                           r"gcloud auth application-default login"):
         open_backend("gs://b-1/x")
 
 

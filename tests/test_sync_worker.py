@@ -1,5 +1,5 @@
-"""The upload worker process on its own (real spawn, local-folder bucket): backlog policy, journal, permanent
-failures that never block the queue, and what earlier processes published."""
+"""The upload worker process on its own (real spawn, local-folder bucket): backlog policy, journal,
+permanent failures that never block the queue, and what earlier processes published."""
 
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ def make_tags(save_dir: Path, steps: list[int], *, committed: bool = True) -> li
 
 
 def settings(save_dir: Path, bucket: Path, **kw) -> PublishSettings:
-    """The worker's settings, with the bucket claimed for RUN first (the trainer does that before it starts)."""
+    """The worker's settings, with the bucket claimed for RUN first (the trainer does that before it
+    starts)."""
     claim(open_backend(str(bucket)), RUN, takeover=True, save_dir=str(save_dir))
-    return PublishSettings(url=str(bucket), save_dir=str(save_dir), run_id=RUN.run_id, session=RUN.session, **kw)
+    return PublishSettings(url=str(bucket), save_dir=str(save_dir), run_id=RUN.run_id,
+                           session=RUN.session, **kw)
 
 
 def test_backlog_skips_superseded_and_keeps_them_locally(tmp_path):
@@ -43,10 +45,12 @@ def test_backlog_skips_superseded_and_keeps_them_locally(tmp_path):
         worker.committed(tag)
     worker.start()
     status = worker.close(timeout_s=120, progress=False)
-    # The oldest (possibly mid-upload) and the newest are published; what lies between is skipped, not lost.
+    # The oldest (possibly mid-upload) and the newest are published; what lies between is skipped,
+    # not lost.
     assert status.published == ["global_step1", "global_step4"]
     assert status.skipped == ["global_step2", "global_step3"] and status.pending == []
-    assert sorted(p.parent.name for p in bucket.glob("*/COMPLETE")) == ["global_step1", "global_step4"]
+    assert (sorted(p.parent.name for p in bucket.glob("*/COMPLETE"))
+            == ["global_step1", "global_step4"])
     assert (bucket / "latest").read_text().strip() == "global_step4"
     assert all((save_dir / t).is_dir() for t in tags)
     assert journal_leftovers(save_dir, 0) == []  # skipped tags are not retried by the next run
@@ -57,7 +61,8 @@ def test_journal_hands_unfinished_tags_to_the_next_worker(tmp_path):
     tags = make_tags(save_dir, [5, 6])
     first = Publisher(settings(save_dir, bucket))
     for tag in tags:
-        first.committed(tag)  # journaled, but the process is never started (as if the trainer died right here)
+        # journaled, but the process is never started (as if the trainer died right here)
+        first.committed(tag)
     assert journal_leftovers(save_dir, 0) == tags
     second = Publisher(settings(save_dir, bucket))
     assert second.start() == tags
@@ -67,14 +72,16 @@ def test_journal_hands_unfinished_tags_to_the_next_worker(tmp_path):
 
 
 def test_uploads_wait_while_a_checkpoint_is_being_written(tmp_path):
-    """The trainer flags its saves; the worker reads no checkpoint file while the flag is up (bounded wait)."""
+    """The trainer flags its saves; the worker reads no checkpoint file while the flag is up
+    (bounded wait)."""
     import time
 
     save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
     tags = make_tags(save_dir, [7, 8])
     worker = Publisher(settings(save_dir, bucket))
     worker.start(resume_journal=False)
-    worker.committed(tags[0])  # first prove the process is up and uploading (spawn + imports take seconds)
+    # first prove the process is up and uploading (spawn + imports take seconds)
+    worker.committed(tags[0])
     deadline = time.monotonic() + 120
     while worker.poll().published != tags[:1]:
         assert time.monotonic() < deadline, "the worker never published the first tag"
@@ -105,20 +112,24 @@ def test_save_gate_gives_up_after_its_bound():
 
 
 def test_a_permanent_failure_gives_that_checkpoint_up_and_the_queue_goes_on(tmp_path):
-    """Defect: a CheckpointConflict was retried with backoff forever while every later checkpoint waited."""
+    """Defect: a CheckpointConflict was retried with backoff forever while every later checkpoint
+    waited."""
     from neox_train.checkpoint.publish.protocol import finalize_checkpoint, upload_checkpoint_part
 
     save_dir, bucket, other = tmp_path / "ckpt", tmp_path / "bucket", tmp_path / "other"
     make_tags(other, [2])
-    (other / "global_step2" / "mp_rank_00_model_states.pt").write_bytes(b"Z" * 1000)  # same size, other bytes
+    # same size, other bytes
+    (other / "global_step2" / "mp_rank_00_model_states.pt").write_bytes(b"Z" * 1000)
     (other / "global_step2" / commit.MARKER).unlink()
     commit.commit(other, "global_step2", run_id=RUN.run_id)
     backend = open_backend(str(bucket))
     claim(backend, RUN, takeover=True, save_dir=str(other))
     upload_checkpoint_part(other, "global_step2", backend, identity=RUN)
-    assert finalize_checkpoint(backend, "global_step2", identity=RUN)  # published with other content
+    # published with other content
+    assert finalize_checkpoint(backend, "global_step2", identity=RUN)
     tags = make_tags(save_dir, [2, 4])
-    worker = Publisher(settings(save_dir, bucket, retry_initial_s=60))  # a retry would outlast the test
+    # a retry would outlast the test
+    worker = Publisher(settings(save_dir, bucket, retry_initial_s=60))
     worker.start(resume_journal=False)
     for tag in tags:
         worker.committed(tag)
@@ -126,14 +137,16 @@ def test_a_permanent_failure_gives_that_checkpoint_up_and_the_queue_goes_on(tmp_
     assert status.published == ["global_step4"] and list(status.failed) == ["global_step2"]
     assert "already published (COMPLETE) with different content" in status.failed["global_step2"]
     assert status.failures == 0, "a permanent failure was retried"
-    assert (save_dir / "global_step2").is_dir(), "a checkpoint that could not be published must stay local"
+    assert (save_dir / "global_step2").is_dir(), \
+        "a checkpoint that could not be published must stay local"
     assert status.unpublished == ["global_step2"] and status.metrics(retries=0)["failed"] == 1
     # The next run tries it again (the cause may be fixed by then).
     assert journal_leftovers(save_dir, 0) == ["global_step2"]
 
 
 def test_what_earlier_processes_published_is_reported_as_verified(tmp_path):
-    """Retention may delete a tag published by an earlier process: the worker checks the bucket at start."""
+    """Retention may delete a tag published by an earlier process: the worker checks the bucket at
+    start."""
     save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
     tags = make_tags(save_dir, [1, 2, 3])
     first = Publisher(settings(save_dir, bucket))
@@ -141,7 +154,8 @@ def test_what_earlier_processes_published_is_reported_as_verified(tmp_path):
     for tag in tags[:2]:
         first.committed(tag)
     assert first.close(timeout_s=60, progress=False).published == tags[:2]
-    # global_step2 then changes locally (a new save of that step): it is not what the bucket holds any more.
+    # global_step2 then changes locally (a new save of that step): it is not what the bucket holds
+    # any more.
     (save_dir / "global_step2" / "sub" / "extra.bin").write_bytes(b"y" * 2)
     (save_dir / "global_step2" / commit.MARKER).unlink()
     commit.commit(save_dir, "global_step2", run_id=RUN.run_id)
@@ -171,14 +185,16 @@ def test_step_0_is_a_published_step():
     from neox_train.checkpoint.publish.status import PublishStatus
 
     status = PublishStatus(pending=["global_step0"])
-    status.record_published("global_step0", lag_s=0.1, bytes_uploaded=1, files_uploaded=1, files_skipped=0)
+    status.record_published("global_step0", lag_s=0.1, bytes_uploaded=1, files_uploaded=1,
+                            files_skipped=0)
     assert status.last_published_step == 0 and status.pending == []
 
 
 def test_a_sigterm_to_the_job_while_the_worker_starts_does_not_stop_it(tmp_path):
-    """Defect (CI, the SIGTERM-at-a-random-step test): the scheduler signals the whole process group. The worker
-    ignored SIGTERM only once its own code ran, seconds after spawn on a busy machine; a SIGTERM before that killed
-    it, and the trainer's next submit died with BrokenPipeError, so the preemption save was never published."""
+    """Defect (CI, the SIGTERM-at-a-random-step test): the scheduler signals the whole process
+    group. The worker ignored SIGTERM only once its own code ran, seconds after spawn on a busy
+    machine; a SIGTERM before that killed it, and the trainer's next submit died with
+    BrokenPipeError, so the preemption save was never published."""
     import os
     import signal
 
@@ -195,8 +211,8 @@ def test_a_sigterm_to_the_job_while_the_worker_starts_does_not_stop_it(tmp_path)
 
 
 def test_a_worker_killed_from_outside_is_restarted_with_what_was_pending(tmp_path, caplog):
-    """The OOM killer (or a person) kills the upload process: the trainer's calls never raise, the worker is
-    started again, and every checkpoint it had not published is published, in order."""
+    """The OOM killer (or a person) kills the upload process: the trainer's calls never raise, the
+    worker is started again, and every checkpoint it had not published is published, in order."""
     import logging
     import os
     import signal
@@ -206,7 +222,8 @@ def test_a_worker_killed_from_outside_is_restarted_with_what_was_pending(tmp_pat
     tags = make_tags(save_dir, [1, 2, 3])
     worker = Publisher(settings(save_dir, bucket))
     worker.start(resume_journal=False)
-    worker.hold_uploads(True)  # hold uploads: tags 1 and 2 are queued, unpublished, when the kill comes
+    # hold uploads: tags 1 and 2 are queued, unpublished, when the kill comes
+    worker.hold_uploads(True)
     worker.committed(tags[0])
     worker.committed(tags[1])
     dead = worker.pid
@@ -222,19 +239,22 @@ def test_a_worker_killed_from_outside_is_restarted_with_what_was_pending(tmp_pat
     assert status.published == tags and status.pending == [] and status.worker_restarts == 1
     assert sorted(p.parent.name for p in bucket.glob("*/COMPLETE")) == tags
     assert journal_leftovers(save_dir, 0) == []
-    assert any("upload worker died (killed by SIGKILL)" in r.getMessage() for r in caplog.records), caplog.text
+    assert any("upload worker died (killed by SIGKILL)" in r.getMessage()
+               for r in caplog.records), caplog.text
 
 
-def test_a_worker_that_keeps_dying_is_restarted_with_backoff_and_never_blocks(tmp_path, monkeypatch):
-    """A worker that dies again at once is not respawned in a loop: the next start waits (doubling), and the
-    trainer's calls return at once meanwhile."""
+def test_a_worker_that_keeps_dying_is_restarted_with_backoff_and_never_blocks(
+        tmp_path, monkeypatch):
+    """A worker that dies again at once is not respawned in a loop: the next start waits (doubling),
+    and the trainer's calls return at once meanwhile."""
     import os
     import signal
     import time
 
     from neox_train.checkpoint.publish import publisher
 
-    monkeypatch.setattr(publisher, "WORKER_RESTART_WAIT_S", 120.0)  # however slow this machine is today
+    # however slow this machine is today
+    monkeypatch.setattr(publisher, "WORKER_RESTART_WAIT_S", 120.0)
     save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
     tags = make_tags(save_dir, [1])
     worker = Publisher(settings(save_dir, bucket))
@@ -250,16 +270,18 @@ def test_a_worker_that_keeps_dying_is_restarted_with_backoff_and_never_blocks(tm
         assert time.monotonic() - started < 60.0 and worker.status.published == []
         if expected == 1:
             assert worker.status.worker_restarts == 1 and worker.alive
-    assert worker.status.worker_restarts == 1 and not worker.alive, "restarted again without waiting"
+    assert (worker.status.worker_restarts == 1
+            and not worker.alive), "restarted again without waiting"
     worker.committed(tags[0])  # queued while the worker is down: not lost
     assert worker.status.pending == tags
     worker.abort()
 
 
 def test_a_second_node_at_exit_hands_its_uploaded_parts_to_node_0_without_waiting(tmp_path):
-    """With node-local storage, a node other than 0 uploads its part; node 0 publishes the checkpoint. At exit that
-    node is done once its parts are up: it never waits for a COMPLETE that node 0 may have given up on (it sat out
-    the whole upload timeout, and the launcher with it), and it does not call the checkpoint unpublished."""
+    """With node-local storage, a node other than 0 uploads its part; node 0 publishes the
+    checkpoint. At exit that node is done once its parts are up: it never waits for a COMPLETE that
+    node 0 may have given up on (it sat out the whole upload timeout, and the launcher with it), and
+    it does not call the checkpoint unpublished."""
     save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
     tags = make_tags(save_dir, [2, 4])
     worker = Publisher(settings(save_dir, bucket, node_rank=1, num_nodes=2, publisher=False))
@@ -271,6 +293,8 @@ def test_a_second_node_at_exit_hands_its_uploaded_parts_to_node_0_without_waitin
     assert time.monotonic() - started < 15
     assert status.handed == tags and status.unpublished == [] and status.published == []
     for tag in tags:
-        assert (bucket / tag / ".parts" / "node-1.json").is_file() and not (bucket / tag / "COMPLETE").exists()
-    # Still in the journal: the next start sees node 0's verdict (COMPLETE remote, or uploads the part again).
+        assert ((bucket / tag / ".parts" / "node-1.json").is_file()
+                and not (bucket / tag / "COMPLETE").exists())
+    # Still in the journal: the next start sees node 0's verdict (COMPLETE remote, or uploads the
+    # part again).
     assert journal_leftovers(save_dir, 1) == tags

@@ -1,5 +1,6 @@
-"""End-to-end training through the real entry point: every ZeRO stage at 1 and 2 processes (the second through
-the real `deepspeed` launcher on gloo), loss falling, checkpoints written, and exact resume."""
+"""End-to-end training through the real entry point: every ZeRO stage at 1 and 2 processes (the
+second through the real `deepspeed` launcher on gloo), loss falling, checkpoints written, and exact
+resume."""
 
 from __future__ import annotations
 
@@ -19,23 +20,27 @@ from conftest import (
     tiny_run_config,
 )
 
-pytestmark = pytest.mark.slow  # each case starts real processes (~5-15 s on 2 cores); kept in the default run
+# each case starts real processes (~5-15 s on 2 cores); kept in the default run
+pytestmark = pytest.mark.slow
 
 MAX_STEPS = TRAINED_STEPS
 SAVE_AT = TRAINED_SAVE_AT
 
-# (stage, processes, precision): the session's shared runs (conftest.trained_run; test_convert exports the same
-# ones). fp32 where exactness is checked bit-for-bit, bf16 (the product default) elsewhere.
+# (stage, processes, precision): the session's shared runs (conftest.trained_run; test_convert
+# exports the same ones). fp32 where exactness is checked bit-for-bit, bf16 (the product default)
+# elsewhere.
 CASES = TRAINED_CASES
 
 
 def straight_run(trained_run, stage: int, nprocs: int, precision: str) -> tuple[Path, Path]:
-    """The shared run of MAX_STEPS steps, saved at SAVE_AT and at the end: (run folder, its run.json)."""
+    """The shared run of MAX_STEPS steps, saved at SAVE_AT and at the end: (run folder, its
+    run.json)."""
     tmp = trained_run(stage, nprocs, precision)
     return tmp, tmp / "run.json"
 
 
-@pytest.mark.parametrize("stage,nprocs,precision", CASES, ids=[f"zero{s}-{n}proc-{p}" for s, n, p in CASES])
+@pytest.mark.parametrize("stage,nprocs,precision", CASES,
+                         ids=[f"zero{s}-{n}proc-{p}" for s, n, p in CASES])
 def test_stage_trains_and_checkpoints(trained_run, stage, nprocs, precision):
     tmp, _ = straight_run(trained_run, stage, nprocs, precision)
     train = read_metrics(tmp / "logs")
@@ -46,7 +51,8 @@ def test_stage_trains_and_checkpoints(trained_run, stage, nprocs, precision):
     # Global batch: 4 sequences x 2 micro-steps x nprocs per step.
     assert train[MAX_STEPS]["consumed_samples"] == MAX_STEPS * 4 * 2 * nprocs
     evals = read_metrics(tmp / "logs", "eval")
-    assert sorted(evals) == [SAVE_AT, MAX_STEPS] and evals[MAX_STEPS]["loss"] < evals[SAVE_AT]["loss"] + 0.5
+    assert (sorted(evals) == [SAVE_AT, MAX_STEPS]
+            and evals[MAX_STEPS]["loss"] < evals[SAVE_AT]["loss"] + 0.5)
 
     ckpt = tmp / "ckpt"
     assert (ckpt / "latest").read_text().strip() == f"global_step{MAX_STEPS}"
@@ -66,16 +72,18 @@ def test_stage_trains_and_checkpoints(trained_run, stage, nprocs, precision):
     if stage > 0:
         shards = sorted(p.name for p in (ckpt / f"global_step{MAX_STEPS}").glob("*optim_states.pt"))
         assert len(shards) == nprocs, shards
-    # Weights start from HF's init (std 0.02) at every stage: ZeRO-3 builds the model partitioned, which must not
-    # skip the init (a bare zero.Init left std 1.0 embeddings).
-    embed = consolidated_weights(ckpt, f"global_step{SAVE_AT}", stage)["gpt_neox.embed_in.weight"].float()
+    # Weights start from HF's init (std 0.02) at every stage: ZeRO-3 builds the model partitioned,
+    # which must not skip the init (a bare zero.Init left std 1.0 embeddings).
+    embed = consolidated_weights(
+        ckpt, f"global_step{SAVE_AT}", stage)["gpt_neox.embed_in.weight"].float()
     assert 0.015 < embed.std().item() < 0.03
     # TensorBoard events are real files that TensorBoard itself reads back.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp / "logs" / "tensorboard"))
     events.Reload()
-    for name in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/step_time_s"):
+    for name in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
+                 "train/step_time_s"):
         assert [e.step for e in events.Scalars(name)] == list(range(1, MAX_STEPS + 1)), name
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(losses, rel=1e-6)
     assert [e.step for e in events.Scalars("eval/loss")] == [SAVE_AT, MAX_STEPS]
@@ -88,21 +96,25 @@ def consolidated_weights(save_dir: Path, tag: str, stage: int) -> dict:
     import torch
 
     if stage == 0:  # zero_to_fp32 does not handle ZeRO-0 (DEEPSPEED_NOTES)
-        return torch.load(save_dir / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        return torch.load(save_dir / tag / "mp_rank_00_model_states.pt",
+                          weights_only=False)["module"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag)
 
 
-# CPU kernels and gloo reductions are deterministic: a resumed run reproduces the losses to the last bit.
+# CPU kernels and gloo reductions are deterministic: a resumed run reproduces the losses to the last
+# bit.
 RESUME_CASES = [(0, 1, "no", 1e-6), (0, 2, "bf16", 1e-6), (2, 1, "no", 1e-6), (2, 2, "bf16", 1e-6)]
 
 
 @pytest.mark.parametrize(
-    "stage,nprocs,precision,tol", RESUME_CASES, ids=[f"zero{s}-{n}proc-{p}" for s, n, p, _ in RESUME_CASES]
+    "stage,nprocs,precision,tol", RESUME_CASES,
+    ids=[f"zero{s}-{n}proc-{p}" for s, n, p, _ in RESUME_CASES]
 )
 def test_resume_is_exact(trained_run, tmp_path, stage, nprocs, precision, tol):
-    """N steps straight == k steps, then a new process resuming from the step-k checkpoint for N-k steps."""
+    """N steps straight == k steps, then a new process resuming from the step-k checkpoint for N-k
+    steps."""
     tmp, run = straight_run(trained_run, stage, nprocs, precision)
     straight = read_metrics(tmp / "logs")
     resumed_dir = tmp_path / "resumed"
@@ -120,15 +132,18 @@ def test_resume_is_exact(trained_run, tmp_path, stage, nprocs, precision, tol):
         assert resumed[step]["lr"] == pytest.approx(straight[step]["lr"], rel=1e-9)
         assert resumed[step]["loss"] == pytest.approx(straight[step]["loss"], abs=tol), step
     eval_straight = read_metrics(tmp / "logs", "eval")[MAX_STEPS]["loss"]
-    assert read_metrics(tmp_path / "logs", "eval")[MAX_STEPS]["loss"] == pytest.approx(eval_straight, abs=tol)
+    assert (read_metrics(tmp_path / "logs", "eval")[MAX_STEPS]["loss"]
+            == pytest.approx(eval_straight, abs=tol))
 
 
 def test_zero3_eval_with_tiny_validation_split_does_not_hang(tmp_path, token_dir):
-    """3 validation windows for 2 ranks x micro-batch 4: rank 1 has nothing to evaluate but must still take part
-    in ZeRO-3's collective parameter gathers."""
+    """3 validation windows for 2 ranks x micro-batch 4: rank 1 has nothing to evaluate but must
+    still take part in ZeRO-3's collective parameter gathers."""
     run = tiny_run_config(
-        # Threshold 0: every parameter is partitioned (the tiny model's would otherwise all stay whole).
-        tmp_path, token_dir, ds_config=str(test_ds_config(tmp_path, 3, stage3_param_persistence_threshold=0)),
+        # Threshold 0: every parameter is partitioned (the tiny model's would otherwise all stay
+        # whole).
+        tmp_path, token_dir,
+        ds_config=str(test_ds_config(tmp_path, 3, stage3_param_persistence_threshold=0)),
         mixed_precision="bf16", max_steps=2, save_steps=2, eval_steps=1, val_fraction=0.002,
     )
     run_train(["--config", str(run)], nprocs=2, timeout=180)
@@ -136,7 +151,8 @@ def test_zero3_eval_with_tiny_validation_split_does_not_hang(tmp_path, token_dir
     assert sorted(evals) == [1, 2] and all(e["sequences"] == 3 for e in evals.values())
 
 
-# neox-tiny at seq 32 with vocab 256 (hand-computed in test_perf): model and hardware (recompute) FLOPs per token.
+# neox-tiny at seq 32 with vocab 256 (hand-computed in test_perf): model and hardware (recompute)
+# FLOPs per token.
 TINY_FLOPS, TINY_FLOPS_RECOMPUTE = 737_280, 950_272
 
 
@@ -153,33 +169,40 @@ def test_performance_accounting_reaches_metrics_tensorboard_and_log(trained_run,
         parts = r["data_wait_s"] + r["fwd_bwd_s"] + r["optimizer_s"] + r["other_s"]
         assert parts == pytest.approx(r["step_time_s"]) and r["other_s"] > -1e-6
         assert r["fwd_bwd_s"] > 0 and r["optimizer_s"] > 0 and 0 <= r["data_wait_frac"] < 0.5
-        # A process that imported torch and DeepSpeed holds a few hundred MiB; a tiny model adds little.
+        # A process that imported torch and DeepSpeed holds a few hundred MiB; a tiny model adds
+        # little.
         assert 0.2 < r["host_rss_peak_gib"] < 4
     peaks = [train[s]["host_rss_peak_gib"] for s in sorted(train)]
     assert peaks == sorted(peaks), "a high-water mark never falls (the current RSS would)"
-    # The save at SAVE_AT stalls the loop after that step's record: the next record reports the snapshot, a later
-    # one the asynchronous commit; together they are the save's checkpoint/stall_s, counted once.
-    assert train[SAVE_AT]["checkpoint_stall_s"] == 0 and train[SAVE_AT + 1]["checkpoint_stall_s"] > 0
+    # The save at SAVE_AT stalls the loop after that step's record: the next record reports the
+    # snapshot, a later one the asynchronous commit; together they are the save's
+    # checkpoint/stall_s, counted once.
+    assert (train[SAVE_AT]["checkpoint_stall_s"] == 0
+            and train[SAVE_AT + 1]["checkpoint_stall_s"] > 0)
     reported = sum(train[s]["checkpoint_stall_s"] for s in range(SAVE_AT + 1, MAX_STEPS))
-    assert reported == pytest.approx(read_metrics(tmp / "logs", "checkpoint")[SAVE_AT]["stall_s"], abs=0.05)
+    assert reported == pytest.approx(read_metrics(tmp / "logs", "checkpoint")[SAVE_AT]["stall_s"],
+                                     abs=0.05)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp / "logs" / "tensorboard"))
     events.Reload()
-    for name in ("train/tflops_per_gpu", "train/tokens_per_s_per_gpu", "train/data_wait_s", "train/fwd_bwd_s",
-                 "train/optimizer_s", "train/data_wait_frac", "train/host_rss_peak_gib"):
+    for name in ("train/tflops_per_gpu", "train/tokens_per_s_per_gpu", "train/data_wait_s",
+                 "train/fwd_bwd_s", "train/optimizer_s", "train/data_wait_frac",
+                 "train/host_rss_peak_gib"):
         assert [e.step for e in events.Scalars(name)] == list(range(1, MAX_STEPS + 1)), name
     assert "train/mfu" not in events.Tags()["scalars"]  # null is not a number to plot
     log_text = (tmp / "logs" / "training.log").read_text()
-    assert "MFU not reported: CPU" in log_text and "TFLOP/s/GPU" in log_text and "fwd+bwd" in log_text
+    assert ("MFU not reported: CPU" in log_text and "TFLOP/s/GPU" in log_text
+            and "fwd+bwd" in log_text)
 
 
 def test_prefetch_off_gives_identical_training_and_peak_gives_mfu(trained_run, tmp_path):
-    """The prefetching loader (default) and assembly in the loop feed the same batches: bit-identical losses.
+    """The prefetching loader (default) and assembly in the loop feed the same batches:
+    bit-identical losses.
     --peak-tflops turns MFU on, on CPU too."""
     tmp, run = straight_run(trained_run, 0, 1, "no")
-    run_train(["--config", str(run), "--save-dir", str(tmp_path / "ckpt"), "--log-dir", str(tmp_path / "logs"),
-               "--prefetch", "0", "--peak-tflops", "0.5"])
+    run_train(["--config", str(run), "--save-dir", str(tmp_path / "ckpt"), "--log-dir",
+               str(tmp_path / "logs"), "--prefetch", "0", "--peak-tflops", "0.5"])
     straight, got = read_metrics(tmp / "logs"), read_metrics(tmp_path / "logs")
     assert [got[s]["loss"] for s in sorted(got)] == [straight[s]["loss"] for s in sorted(straight)]
     assert [got[s]["consumed_samples"] for s in sorted(got)] == [straight[s]["consumed_samples"]
@@ -190,21 +213,24 @@ def test_prefetch_off_gives_identical_training_and_peak_gives_mfu(trained_run, t
 
 
 def test_fast_path_switches_train_on_cpu(trained_run, tmp_path):
-    """torch.compile through engine.compile() (backend aot_eager: TorchDynamo + AOTAutograd without C++ codegen,
-    so it runs in seconds), activation checkpointing and torch's unfused AdamW (the default is fused), together:
-    same losses as the plain run up to rounding, checkpoints still plain parameter names, HFU counting the
-    recompute."""
+    """torch.compile through engine.compile() (backend aot_eager: TorchDynamo + AOTAutograd without
+    C++ codegen, so it runs in seconds), activation checkpointing and torch's unfused AdamW (the
+    default is fused), together: same losses as the plain run up to rounding, checkpoints still
+    plain parameter names, HFU counting the recompute."""
     tmp, run = straight_run(trained_run, 0, 1, "no")
-    proc = run_train(["--config", str(run), "--save-dir", str(tmp_path / "ckpt"), "--log-dir", str(tmp_path / "logs"),
-                      "--compile", "aot_eager", "--activation-checkpointing", "--optimizer-impl", "torch",
-                      "--peak-tflops", "1"])
+    proc = run_train(["--config", str(run), "--save-dir", str(tmp_path / "ckpt"), "--log-dir",
+                      str(tmp_path / "logs"), "--compile", "aot_eager",
+                      "--activation-checkpointing", "--optimizer-impl", "torch", "--peak-tflops",
+                      "1"])
     assert "model compiled with torch.compile backend 'aot_eager'" in proc.stderr
-    effective = json.loads((tmp_path / "ckpt" / "ds_config.json").read_text())["optimizer"]["params"]
+    effective = json.loads(
+        (tmp_path / "ckpt" / "ds_config.json").read_text())["optimizer"]["params"]
     assert effective["torch_adam"] is True and "fused" not in effective
     straight, got = read_metrics(tmp / "logs"), read_metrics(tmp_path / "logs")
     for step in straight:
         assert got[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-5), step
-        assert got[step]["hfu"] / got[step]["mfu"] == pytest.approx(TINY_FLOPS_RECOMPUTE / TINY_FLOPS)
+        assert (got[step]["hfu"] / got[step]["mfu"]
+                == pytest.approx(TINY_FLOPS_RECOMPUTE / TINY_FLOPS))
     weights = consolidated_weights(tmp_path / "ckpt", f"global_step{MAX_STEPS}", 0)
     assert "gpt_neox.embed_in.weight" in weights and not any("_orig_mod" in k for k in weights)
 
@@ -213,5 +239,6 @@ def test_unknown_compile_backend_is_refused_before_training(tmp_path, token_dir)
     run = tiny_run_config(tmp_path, token_dir)
     proc = run_train(["--config", str(run), "--compile", "inductr"], check=False, timeout=120)
     assert proc.returncode == 2
-    assert "compile='inductr' is not a torch.compile backend (valid:" in proc.stderr and "inductor" in proc.stderr
+    assert ("compile='inductr' is not a torch.compile backend (valid:" in proc.stderr
+            and "inductor" in proc.stderr)
     assert not (tmp_path / "ckpt").exists()

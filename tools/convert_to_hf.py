@@ -7,7 +7,8 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+# Run from a checkout without installing.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from neox_train.cli.convert import main  # noqa: E402
 
