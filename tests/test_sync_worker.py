@@ -284,7 +284,7 @@ def test_a_second_node_at_exit_hands_its_uploaded_parts_to_node_0_without_waitin
     it does not call the checkpoint unpublished."""
     save_dir, bucket = tmp_path / "ckpt", tmp_path / "bucket"
     tags = make_tags(save_dir, [2, 4])
-    worker = Publisher(settings(save_dir, bucket, node_rank=1, num_nodes=2, publisher=False))
+    worker = Publisher(settings(save_dir, bucket, node_rank=1, num_nodes=2, finalizes=False))
     worker.start()
     for tag in tags:
         worker.committed(tag)

@@ -41,7 +41,7 @@ from neox_train.checkpoint.local import commit, train_state
 from neox_train.checkpoint.local.tags import step_of_tag, tag_for_step
 from neox_train.checkpoint.publish.fetch import fetch_checkpoint, remote_latest, remote_manifest
 from neox_train.checkpoint.publish.owner import Identity, new_id, valid_id
-from neox_train.checkpoint.publish.settings import is_uploader
+from neox_train.checkpoint.publish.settings import is_publishing_rank
 from neox_train.config import RESUME_AUTO, RunConfig
 from neox_train.distributed import collective_ints
 from neox_train.errors import CheckpointError, ConfigError, StorageError
@@ -289,7 +289,7 @@ def finish_resume(plan, point: ResumePoint, data_tokens: int, *, topo, node_loca
     run = plan.run
     save_dir = Path(run.save_dir)
     # the rank that holds (and downloads, converts) this node's copy
-    owner = is_uploader(topo, node_local)
+    owner = is_publishing_rank(topo, node_local)
     rank0 = topo.rank == 0
     step, said = _agree_local(save_dir, point, owner) if point.candidates else (_NONE, "")
     if step == _REFUSED:
@@ -385,7 +385,7 @@ def after_resume_load(plan, tag: str | None, *, topo, node_local: bool) -> None:
         return
 
     dist.barrier()
-    if is_uploader(topo, node_local):
+    if is_publishing_rank(topo, node_local):
         save_dir = Path(plan.run.save_dir)
         shutil.rmtree(save_dir / tag, ignore_errors=True)
         (save_dir / "latest_universal").unlink(missing_ok=True)

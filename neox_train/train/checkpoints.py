@@ -22,7 +22,11 @@ from neox_train.checkpoint.local.checkpoint_engine import install
 from neox_train.checkpoint.local.saver import Saver, SaveResult, choose_async
 from neox_train.checkpoint.local.tags import step_of_tag, tag_for_step
 from neox_train.checkpoint.publish.publisher import Publisher
-from neox_train.checkpoint.publish.settings import folder_node, is_uploader, node_local_storage
+from neox_train.checkpoint.publish.settings import (
+    folder_node,
+    is_publishing_rank,
+    node_local_storage,
+)
 from neox_train.distributed import Control, Topology
 from neox_train.ds_config import checkpoint_bytes, precision, snapshot_bytes_per_node, zero_stage
 from neox_train.log import log
@@ -51,7 +55,7 @@ class Checkpoints:
         # deletes old ones (each node's own files with node-local storage), so deletion can wait
         # until it has seen them verified remote.
         node_local = node_local_storage(plan.ds_config)
-        self.folder_owner = is_uploader(topo, node_local)
+        self.folder_owner = is_publishing_rank(topo, node_local)
         params = parameter_counts(plan.model_config).total
         ds = plan.ds_config
         # Until the first save has a real size: DeepSpeed's layout by parameter count, precision and
@@ -194,7 +198,7 @@ class Checkpoints:
 
     def too_many_unpublished(self) -> bool:
         """After a save, on every rank: are more than max_unpublished_checkpoints checkpoints kept
-        locally because publishing fails? Only the uploader ranks know; one sum over the control
+        locally because publishing fails? Only the publishing ranks know; one sum over the control
         group makes every rank stop at the same step."""
         limit = self.plan.run.max_unpublished_checkpoints
         if not limit or self.plan.run.sync_to is None:

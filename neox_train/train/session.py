@@ -33,7 +33,7 @@ from neox_train.checkpoint.publish.publisher import (
     check_prefix_owner,
     check_storage_access,
 )
-from neox_train.checkpoint.publish.settings import is_uploader, node_local_storage
+from neox_train.checkpoint.publish.settings import is_publishing_rank, node_local_storage
 from neox_train.checkpoint.resume import (
     after_resume_load,
     check_resume_point,
@@ -90,7 +90,7 @@ def start_session(run: RunConfig, *, resume: str | None = None, takeover: bool =
     quiet_deepspeed()
     # Everything that can reject the input runs before process groups, model and engine exist.
     point = locate_resume(run, resume)
-    owns_folder = is_uploader(topo, node_local)
+    owns_folder = is_publishing_rank(topo, node_local)
     if owns_folder:
         # a second launch: refused before the data and the bucket
         check_free(run.save_dir, why=SECOND_RUN)

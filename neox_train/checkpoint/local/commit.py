@@ -12,7 +12,7 @@ So `latest` only ever names a tag whose files are durable, and a tag without a r
 incomplete, whatever else is in it (a save killed half-way, a disk that filled): resume never uses
 it, publication never uploads it, and the next save of that step replaces it. The marker doubles as
 the tag's local manifest: a resume verifies every file against it before DeepSpeed reads a byte, and
-the uploader takes its crc32cs instead of reading the files again.
+the upload process takes its crc32cs instead of reading the files again.
 
 Tags written before markers existed (their run.json has no run id) count as complete when their side
 files parse: that version wrote run.json only after every rank's files were written.
@@ -43,7 +43,7 @@ HASH_WORKERS = 8
 class FileRecord:
     size: int
     crc32c: str
-    # when it was hashed: lets the uploader trust the crc32c without reading the file again
+    # when it was hashed: lets the upload process trust the crc32c without reading the file again
     mtime_ns: int = 0
 
 

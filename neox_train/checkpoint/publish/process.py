@@ -103,7 +103,7 @@ def _detach_from_the_loop() -> None:
     # flushes this queue with a bounded wait and stops us itself.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # SyncWorker started this process with both blocked (a signal before this line must not kill it
+    # Publisher started this process with both blocked (a signal before this line must not kill it
     # either): what is pending is now discarded, as ignored.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     # tqdm's default lock is a multiprocessing RLock (a named semaphore); if this process is
@@ -198,7 +198,7 @@ class _Uploads:
         while True:
             self.take_tasks()
             if self.stopping and not self.pending:
-                if not self.settings.publisher:
+                if not self.settings.finalizes:
                     self.hand_over()
                 if not self.awaiting:
                     return

@@ -377,7 +377,7 @@ class Publication:
         """The publisher finalizes once every node's part is remote; other nodes see whether
         COMPLETE exists. True once the tag is published."""
 
-        if self.settings.publisher:
+        if self.settings.finalizes:
             return finalize_checkpoint(self.backend, tag, identity=self.identity,
                                        num_nodes=self.settings.num_nodes)
         return self.backend.read_bytes(f"{tag}/{COMPLETE}") is not None

@@ -1,7 +1,7 @@
 """The trainer's one handle on publishing: `Publisher`.
 
 The trainer calls `committed(tag)` right after a tag's local commit (every rank's files durable, the
-marker and `latest` written), on every rank; only uploader ranks act (settings.py). Global rank 0
+marker and `latest` written), on every rank; only publishing ranks act (settings.py). Global rank 0
 has claimed the prefix for this run before (`claim`, owner.py). A committed tag is journaled
 ({"queued": tag}, journal.py) and handed to this node's upload process (process.py), which publishes
 it through the protocol (protocol.py) and reports each outcome back; with background uploads off the
@@ -46,7 +46,7 @@ from neox_train.checkpoint.publish.journal import (
 from neox_train.checkpoint.publish.owner import Identity, check_start, claim
 from neox_train.checkpoint.publish.process import STOP, run_upload_process
 from neox_train.checkpoint.publish.protocol import Publication
-from neox_train.checkpoint.publish.settings import PublishSettings, is_uploader
+from neox_train.checkpoint.publish.settings import PublishSettings, is_publishing_rank
 from neox_train.checkpoint.publish.status import PublishStatus
 from neox_train.config import RunConfig
 from neox_train.distributed import Topology
@@ -65,7 +65,7 @@ WORKER_RESTART_WAIT_MAX_S = 300.0
 def check_storage_access(run: RunConfig, topo: Topology, node_local: bool) -> None:
     """Prove credentials, bucket and write permission now (probe object written and deleted), not
     after hours of training. Raises StorageError with one line."""
-    if run.sync_to is None or not is_uploader(topo, node_local):
+    if run.sync_to is None or not is_publishing_rank(topo, node_local):
         return
 
     open_backend(run.sync_to, credentials=run.credentials).probe()
@@ -122,7 +122,7 @@ class Publisher:
                 identity: Identity) -> Publisher:
         settings = PublishSettings.for_run(run, topo, node_local=node_local, run_id=identity.run_id,
                                            session=identity.session)
-        return cls(settings, enabled=is_uploader(topo, node_local))
+        return cls(settings, enabled=is_publishing_rank(topo, node_local))
 
     @property
     def identity(self) -> Identity:
@@ -133,7 +133,7 @@ class Publisher:
     def claim(self, *, takeover: bool) -> None:
         """Global rank 0 makes this run the prefix's owner (before any upload). PrefixOwned if
         another run owns it and `takeover` is off."""
-        if not self.settings.url or not self.settings.publisher:
+        if not self.settings.url or not self.settings.finalizes:
             return
 
         backend = open_backend(self.settings.url, credentials=self.settings.credentials,
@@ -329,7 +329,7 @@ class Publisher:
         if not self.settings.url:
             return True
         if not self.enabled:
-            return False  # this rank cannot know; uploader ranks do the deleting
+            return False  # this rank cannot know; publishing ranks do the deleting
         return tag in self.poll().published
 
     def verified_now(self) -> list[str]:

@@ -20,7 +20,7 @@ def node_local_storage(ds_config: dict[str, Any]) -> bool:
     return isinstance(ckpt, dict) and bool(ckpt.get("use_node_local_storage", False))
 
 
-def is_uploader(topo: Topology, node_local: bool) -> bool:
+def is_publishing_rank(topo: Topology, node_local: bool) -> bool:
     """The rank that owns this node's copy of a checkpoint: it commits, uploads and deletes it."""
     return topo.local_rank == 0 if node_local else topo.rank == 0
 
@@ -45,7 +45,7 @@ class PublishSettings:
     credentials: str | None = None
     node_rank: int = 0
     num_nodes: int = 1  # nodes whose parts make one checkpoint (node-local storage), else 1
-    publisher: bool = True  # finalizes (manifest, COMPLETE, latest): global rank 0's worker
+    finalizes: bool = True  # writes manifest, COMPLETE, latest: global rank 0's upload process
     workers: int = 8
     # >0: when more are waiting, superseded pending tags are skipped (kept locally)
     max_pending: int = 0
@@ -80,7 +80,7 @@ class PublishSettings:
             credentials=run.credentials,
             node_rank=folder_node(topo, node_local),
             num_nodes=topo.num_nodes if node_local else 1,
-            publisher=topo.rank == 0,
+            finalizes=topo.rank == 0,
             max_pending=run.max_pending_uploads,
             unreachable_warning_s=run.unreachable_warning_s,
             background=run.background_upload,
