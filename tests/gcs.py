@@ -335,12 +335,16 @@ class FaultProxy:
     Bounded: it stops itself after lifetime_s or max_requests (None: no such bound). keep_log=False:
     no `log`. Location headers that name the upstream (a resumable upload's session URL) are pointed
     back at the Host the client used, so every chunk comes back through the proxy.
+    cap_bytes_per_s: every connection moves at most this many bytes per second in each direction
+    (the request body in, the response out), as one TCP stream from a VM to GCS does; connections
+    are not capped together, so N parallel streams get N times the bandwidth. None: no cap.
     """
 
     def __init__(self, upstream: str, *, rules: dict[str, Sequence[str]] | None = None,
                  stall_s: float = 0.3, enforce_preconditions: bool = False,
                  inject_list: Sequence[dict] = (), lifetime_s: float | None = 60.0,
-                 max_requests: int | None = 2000, keep_log: bool = True):
+                 max_requests: int | None = 2000, keep_log: bool = True,
+                 cap_bytes_per_s: float | None = None):
         rules = rules or {}
         bad = [a for actions in rules.values() for a in actions if a not in ACTIONS]
         if bad:
@@ -354,6 +358,9 @@ class FaultProxy:
         self.inject_list = list(inject_list)
         self.max_requests = max_requests
         self.keep_log = keep_log
+        if cap_bytes_per_s is not None and cap_bytes_per_s <= 0:
+            raise ValueError(f"cap_bytes_per_s={cap_bytes_per_s}: a positive number or None")
+        self.cap_bytes_per_s = cap_bytes_per_s
         self.counts: Counter[str] = Counter()
         self.log: list[tuple[str, str, str]] = []  # (method, target, action)
         # (bucket, name, generation) of every object written through
@@ -531,7 +538,51 @@ class FaultProxy:
         return json.dumps(listing).encode()
 
 
+_PACE_CHUNK = 64 * 1024  # bytes moved between two looks at the clock of a capped connection
+
+
+class _Pace:
+    """One connection's clock under FaultProxy.cap_bytes_per_s: after each chunk, sleep until the
+    bytes moved so far took at least bytes / cap seconds (both directions share it: a request is
+    read before its response is written)."""
+
+    def __init__(self, cap_bytes_per_s: float | None):
+        self.cap = cap_bytes_per_s
+        self.started = time.monotonic()
+        self.moved = 0
+
+    def account(self, n: int) -> None:
+        if self.cap is None:
+            return
+        self.moved += n
+        ahead = self.moved / self.cap - (time.monotonic() - self.started)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
 class _ProxyHandler(socketserver.StreamRequestHandler):
+    def _read_body(self, length: int) -> bytes:
+        if self.pace.cap is None:
+            return self.rfile.read(length)
+        parts, left = [], length
+        while left > 0:
+            part = self.rfile.read(min(_PACE_CHUNK, left))
+            if not part:
+                break
+            parts.append(part)
+            left -= len(part)
+            self.pace.account(len(part))
+        return b"".join(parts)
+
+    def _write(self, data: bytes) -> None:
+        if self.pace.cap is None:
+            self.wfile.write(data)
+            return
+        for start in range(0, len(data), _PACE_CHUNK):
+            self.wfile.write(data[start:start + _PACE_CHUNK])
+            self.wfile.flush()
+            self.pace.account(min(_PACE_CHUNK, len(data) - start))
+
     def _reset(self) -> None:
         # SO_LINGER 0: close() sends RST, as a dropped connection or a crashed load balancer does.
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -542,7 +593,7 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
         lines = [f"HTTP/1.1 {status} {reason}"]
         lines += [f"{k}: {v}" for k, v in headers if k.lower() not in _HOP_HEADERS]
         lines += [f"Content-Length: {len(body)}", "Connection: close", "", ""]
-        self.wfile.write("\r\n".join(lines).encode("latin-1") + body)
+        self._write("\r\n".join(lines).encode("latin-1") + body)
         self.wfile.flush()
 
     def _error(self, status: int, reason: str, message: str | None = None) -> None:
@@ -555,6 +606,7 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
 
     def handle(self) -> None:
         proxy: FaultProxy = self.server.proxy  # type: ignore[attr-defined]
+        self.pace = _Pace(proxy.cap_bytes_per_s)
         try:
             line = self.rfile.readline(65537).decode("latin-1")
             if not line.strip():
@@ -574,7 +626,7 @@ class _ProxyHandler(socketserver.StreamRequestHandler):
                 time.sleep(proxy.stall_s)
                 self._reset()
                 return
-            body = self.rfile.read(length) if length else b""
+            body = self._read_body(length) if length else b""
             if action == "503":
                 self._error(503, "Service Unavailable")
                 return

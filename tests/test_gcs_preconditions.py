@@ -366,3 +366,50 @@ def test_two_neox_sync_checkpoints_at_once_write_each_marker_once(
                     and blob.crc32c == meta["crc32c"] == crc32c_of_file(local[rel])), (tag, rel)
             assert int(blob.size) == meta["size"]
     assert bucket.blob("P/latest").download_as_bytes() == tags[-1].encode()
+
+
+def test_a_capped_proxy_paces_each_connection_and_keeps_chunks_on_it(
+        tmp_path: Path, gcs_emulator: Emulator, gcs_bucket: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """cap_bytes_per_s, the bucket the transfer benches and tests measure against: one connection
+    moves no faster than the cap, in both directions; a resumable upload's chunks all come through
+    the proxy (its Location is rewritten); two connections at once each get the whole cap."""
+    cap = 1 << 20  # 1 MiB/s
+    data = os.urandom(3 << 19)  # 1.5 MiB: at least 1.5 s through one capped connection
+    local = tmp_path / "big.bin"
+    local.write_bytes(data)
+    with FaultProxy(gcs_emulator.url, cap_bytes_per_s=cap) as proxy:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+        backend = fast_retry(open_backend(f"gs://{gcs_bucket}/capped"))
+        force_resumable(monkeypatch, backend)  # 6 chunks of 256 KiB, one connection each
+        started = time.monotonic()
+        backend.upload_file(local, "big.bin", crc32c=None, generation=0)
+        up_s = time.monotonic() - started
+        chunks = [t for m, t, _ in proxy.log if m == "PUT" and "upload_id=" in t]
+        assert len(chunks) == 6, proxy.log  # every chunk went through the proxy, none around it
+        assert up_s >= 0.9 * len(data) / cap, up_s  # 256 KiB at 1 MiB/s each: 1.5 s in all
+
+        started = time.monotonic()
+        assert backend.read_bytes("big.bin") == data
+        down_s = time.monotonic() - started
+        assert down_s >= 0.9 * len(data) / cap, down_s
+
+        # Two downloads at once: the cap is per connection, so they overlap instead of taking turns.
+        spans: list[tuple[float, float]] = []
+
+        def fetch() -> None:
+            began = time.monotonic()
+            assert direct_client(proxy.url).bucket(gcs_bucket).blob(
+                "capped/big.bin").download_as_bytes() == data
+            spans.append((began, time.monotonic()))
+
+        threads = [threading.Thread(target=fetch) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert len(spans) == 2
+        (a0, a1), (b0, b1) = spans
+        overlap = min(a1, b1) - max(a0, b0)
+        assert overlap >= 0.5 * min(a1 - a0, b1 - b0), spans
+    assert not proxy.errors, proxy.errors
