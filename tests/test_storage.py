@@ -119,7 +119,8 @@ def test_backend_contract(backend, tmp_path: Path) -> None:
     assert set(backend.list("a")) == {"a/x.json", "a/deep/z.bin", "a1/y"}
 
     dest = tmp_path / "out" / "nested" / "z.bin"
-    backend.download_file("a/deep/z.bin", dest)
+    # the crc32c of the bytes as they arrived
+    assert backend.download_file("a/deep/z.bin", dest) == crc32c_of_file(src)
     assert dest.read_bytes() == b"0123456789"
     assert [p.name for p in dest.parent.iterdir()] == ["z.bin"]  # no temporary file left behind
     assert backend.read_bytes("a/x.json") == b"{}"

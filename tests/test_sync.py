@@ -85,7 +85,7 @@ class Recorder:
 
     def download_file(self, name, local):
         self.downloads.append(name)
-        self.inner.download_file(name, local)
+        return self.inner.download_file(name, local)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -493,14 +493,47 @@ def test_fetch_verifies_the_downloaded_bytes(tmp_path: Path) -> None:
 
     class Flaky(Recorder):
         def download_file(self, name, local):
-            super().download_file(name, local)
-            if name.endswith("optim_states.pt"):
+            crc = super().download_file(name, local)
+            if name.endswith("optim_states.pt"):  # other bytes arrived (and were hashed)
                 Path(local).write_bytes(b"flipped bits" + b"o" * 38)
+                crc = crc32c_of_file(Path(local))
+            return crc
 
     with pytest.raises(StorageError,
                        match=r"global_step3/zero/optim_states.pt downloaded with size 50 crc32c"):
         fetch_checkpoint(Flaky(backend), "global_step3", tmp_path / "resume")
     assert list((tmp_path / "resume").iterdir()) == []
+
+
+def test_a_fetch_checks_the_bytes_as_they_arrived_and_reads_no_file_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resume download is checked against the manifest with the crc32c taken as its bytes arrived
+    (issue 22: it used to fsync and read every file back for a second crc32c)."""
+    import neox_train.checkpoint.publish.fetch as fetch_module
+
+    save = tmp_path / "save"
+    save_checkpoint(save, "global_step3")
+    backend = LocalBackend(tmp_path / "remote")
+    assert publish(save, "global_step3", backend)
+    reads: list[Path] = []
+    for module in (storage, fetch_module):
+        real = module.crc32c_of_file
+        monkeypatch.setattr(module, "crc32c_of_file",
+                            lambda p, real=real: reads.append(Path(p)) or real(p))
+    installed = fetch_checkpoint(backend, "global_step3", tmp_path / "resume")
+    assert reads == [] and commit.verify(tmp_path / "resume", commit.inspect(
+        tmp_path / "resume", "global_step3")) == ""
+    assert installed == tmp_path / "resume" / "global_step3"
+
+    class Misreported(Recorder):
+        """Intact files, but the bytes that arrived hashed to something else: refused."""
+
+        def download_file(self, name, local):
+            super().download_file(name, local)
+            return "AAAAAA=="
+
+    with pytest.raises(StorageError, match=r"downloaded with size \d+ crc32c AAAAAA=="):
+        fetch_checkpoint(Misreported(backend), "global_step3", tmp_path / "again")
 
 
 def test_fetch_refuses_incomplete_tags(backend, tmp_path: Path) -> None:

@@ -81,9 +81,10 @@ class Backend(Protocol):
         if the file changed meanwhile)."""
         ...
 
-    def download_file(self, name: str, local: Path) -> None:
+    def download_file(self, name: str, local: Path) -> str:
         """Copy `name` to `local` atomically (temporary file + os.replace), creating parent
-        folders."""
+        folders; the file is durable (fsynced) when this returns. Returns the crc32c of the bytes
+        written, hashed as they arrived (no second read of the file)."""
         ...
 
     def read_bytes(self, name: str) -> bytes | None:

@@ -10,6 +10,7 @@ import shutil
 import threading
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 
 import google_crc32c
 
@@ -33,6 +34,27 @@ def crc32c_of_file(path: Path) -> str:
         while chunk := f.read(READ_CHUNK):
             checksum.update(chunk)
     return crc32c_text(checksum.digest())
+
+
+class HashingWriter:
+    """A binary file that hashes what is written to it: a download's crc32c, taken from the bytes
+    as they arrive instead of reading the file back. A writer that went back (seek) would make the
+    hash disagree with the file, and the caller's check then refuses it: it fails closed."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self._checksum = google_crc32c.Checksum()
+
+    def write(self, data: bytes) -> int:
+        self._checksum.update(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    @property
+    def crc32c(self) -> str:
+        return crc32c_text(self._checksum.digest())
 
 
 def stat_key(path: Path) -> tuple[int, int]:

@@ -26,6 +26,7 @@ from neox_train.errors import StorageError, one_line
 from neox_train.remote.base import PROBE_PREFIX, RemoteChanged, RemoteFile, note_retry
 from neox_train.remote.files import (
     TMP_MARK,
+    HashingWriter,
     changed_since,
     crc32c_of_bytes,
     crc32c_of_file,
@@ -287,15 +288,21 @@ class GcsBackend:
             f"{self._where(name)} changed remotely (generation {existing.generation}, expected "
             f"{generation}); refusing to overwrite it")
 
-    def download_file(self, name: str, local: Path) -> None:
+    def download_file(self, name: str, local: Path) -> str:
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(f"{local.name}{TMP_MARK}{uuid.uuid4().hex}")
         try:
-            with self._errors("read", name, missing="object"):
-                self.bucket.blob(self._name(name)).download_to_filename(
-                    str(tmp), checksum="crc32c", retry=self.retry, timeout=self.timeout)
+            with self._errors("read", name, missing="object"), open(tmp, "wb") as f:
+                # The client checks the object's crc32c as it reads (and resumes an interrupted
+                # read where it stopped); the writer hashes the same bytes for the caller.
+                out = HashingWriter(f)
+                self.bucket.blob(self._name(name)).download_to_file(
+                    out, checksum="crc32c", retry=self.retry, timeout=self.timeout)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, local)
+            return out.crc32c
         finally:
             tmp.unlink(missing_ok=True)
 

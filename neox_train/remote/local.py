@@ -159,15 +159,16 @@ class LocalBackend:
         except OSError as e:
             raise StorageError(f"cannot copy {local} to {self.url}/{name}: {one_line(e)}") from e
 
-    def download_file(self, name: str, local: Path) -> None:
+    def download_file(self, name: str, local: Path) -> str:
         src = self._path(name)
         local = Path(local)
         try:
-            tmp, _ = self._copy_in(src, local, None)
+            tmp, crc32c = self._copy_in(src, local, None)
             try:
                 os.replace(tmp, local)
             finally:
                 tmp.unlink(missing_ok=True)
+            return crc32c
         except FileNotFoundError as e:
             if not src.is_file():
                 raise StorageError(

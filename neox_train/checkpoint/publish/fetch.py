@@ -160,12 +160,10 @@ def fetch_checkpoint(backend: Backend, tag: str, save_dir: Path, *, workers: int
         with progress_bar(progress, sum(files[rel][0] for rel in todo), f"fetch {tag}") as bar:
             def fetch(rel: str) -> None:
                 dest = partial.joinpath(*rel.split("/"))
-                backend.download_file(f"{tag}/{rel}", dest)
+                # durable, and hashed as the bytes arrived: the file is not read back
+                got_crc = backend.download_file(f"{tag}/{rel}", dest)
                 size, crc = files[rel]
-                with open(dest, "rb") as f:
-                    os.fsync(f.fileno())  # durable before the local marker says the tag is complete
                 got_size = dest.stat().st_size
-                got_crc = crc32c_of_file(dest)
                 if (got_size, got_crc) != (size, crc):
                     raise StorageError(
                         f"{where}/{rel} downloaded with size {got_size} crc32c {got_crc}, but the "
