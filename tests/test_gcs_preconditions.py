@@ -28,8 +28,9 @@ from test_sync import save_checkpoint
 
 from neox_train.checkpoint.local import commit
 from neox_train.checkpoint.publish.protocol import COMPLETE, MANIFEST
+from neox_train.errors import StorageError
 from neox_train.remote import open_backend
-from neox_train.remote.base import RemoteChanged
+from neox_train.remote.base import RemoteChanged, RemoteFile
 from neox_train.remote.files import crc32c_of_file
 
 from gcs import (  # noqa: F401
@@ -412,4 +413,34 @@ def test_a_capped_proxy_paces_each_connection_and_keeps_chunks_on_it(
         (a0, a1), (b0, b1) = spans
         overlap = min(a1, b1) - max(a0, b0)
         assert overlap >= 0.5 * min(a1 - a0, b1 - b0), spans
+    assert not proxy.errors, proxy.errors
+
+
+def test_a_large_object_comes_down_in_slices_checked_by_its_crc32c(
+        tmp_path: Path, gcs_emulator: Emulator, gcs_bucket: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 22 item 2: above sliced_min_bytes an object comes down as concurrent ranged reads of
+    that generation, each hashed as it arrives; the combined crc32c must be the object's. A slice
+    whose request is reset is retried."""
+    data = os.urandom(3 << 19)  # 1.5 MiB: 6 slices of 256 KiB
+    with FaultProxy(gcs_emulator.url, cap_bytes_per_s=4 << 20,
+                    rules={r"GET .*alt=media": ["pass", "pass", "reset"]}) as proxy:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", proxy.url)
+        backend = fast_retry(open_backend(f"gs://{gcs_bucket}/sliced"))
+        backend.slice_bytes, backend.sliced_min_bytes = 256 * 1024, 512 * 1024
+        written = backend.write_bytes("big.bin", data, generation=0)
+        dest = tmp_path / "out" / "big.bin"
+        assert backend.download_file("big.bin", dest) == written.crc32c == crc32c_of_file(dest)
+        assert dest.read_bytes() == data
+        media = [t for m, t, a in proxy.log if m == "GET" and "alt=media" in t]
+        assert len(media) == 6 + 1, proxy.log  # one slice each, and the reset one again
+        assert ("GET", media[2], "reset") in proxy.log
+        assert [p.name for p in dest.parent.iterdir()] == ["big.bin"]
+        # What came down must hash to what GCS reports: a mismatch is refused.
+        with pytest.raises(StorageError, match="came down with crc32c"):
+            backend._download_sliced("big.bin", RemoteFile("big.bin", len(data), "AAAAAA==",
+                                                           written.generation),
+                                     tmp_path / "bad.bin")
+        small = backend.write_bytes("small.bin", b"x" * 1000, generation=0)
+        assert backend.download_file("small.bin", tmp_path / "small.bin") == small.crc32c
     assert not proxy.errors, proxy.errors

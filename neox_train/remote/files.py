@@ -36,6 +36,48 @@ def crc32c_of_file(path: Path) -> str:
     return crc32c_text(checksum.digest())
 
 
+_CRC32C_POLY = 0x82F63B78  # Castagnoli, reflected
+
+
+def _gf2_times(matrix: list[int], vector: int) -> int:
+    out, i = 0, 0
+    while vector:
+        if vector & 1:
+            out ^= matrix[i]
+        vector >>= 1
+        i += 1
+    return out
+
+
+def _gf2_square(matrix: list[int]) -> list[int]:
+    return [_gf2_times(matrix, row) for row in matrix]
+
+
+def crc32c_combine(crc_a: int, crc_b: int, len_b: int) -> int:
+    """The crc32c of A+B from crc32c(A), crc32c(B) and len(B), without the bytes (zlib's
+    crc32_combine, for the Castagnoli polynomial): the slices of a download, hashed as each arrives,
+    give the whole object's crc32c in O(log len) steps."""
+    if len_b <= 0:
+        return crc_a
+    odd = [_CRC32C_POLY] + [1 << i for i in range(31)]  # the operator for one zero bit
+    even = _gf2_square(odd)  # two zero bits
+    odd = _gf2_square(even)  # four zero bits
+    while True:  # apply len_b zero bytes to crc_a, one bit of len_b at a time
+        even = _gf2_square(odd)
+        if len_b & 1:
+            crc_a = _gf2_times(even, crc_a)
+        len_b >>= 1
+        if not len_b:
+            break
+        odd = _gf2_square(even)
+        if len_b & 1:
+            crc_a = _gf2_times(odd, crc_a)
+        len_b >>= 1
+        if not len_b:
+            break
+    return crc_a ^ crc_b
+
+
 class HashingWriter:
     """A binary file that hashes what is written to it: a download's crc32c, taken from the bytes
     as they arrive instead of reading the file back. A writer that went back (seek) would make the
@@ -44,9 +86,11 @@ class HashingWriter:
     def __init__(self, f: BinaryIO):
         self._f = f
         self._checksum = google_crc32c.Checksum()
+        self.written = 0
 
     def write(self, data: bytes) -> int:
         self._checksum.update(data)
+        self.written += len(data)
         return self._f.write(data)
 
     def flush(self) -> None:
@@ -55,6 +99,10 @@ class HashingWriter:
     @property
     def crc32c(self) -> str:
         return crc32c_text(self._checksum.digest())
+
+    @property
+    def crc32c_int(self) -> int:
+        return int.from_bytes(self._checksum.digest(), "big")
 
 
 def stat_key(path: Path) -> tuple[int, int]:
