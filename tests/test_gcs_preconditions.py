@@ -32,6 +32,7 @@ from neox_train.errors import StorageError
 from neox_train.remote import open_backend
 from neox_train.remote.base import RemoteChanged, RemoteFile
 from neox_train.remote.files import crc32c_of_file
+from neox_train.remote.sliced import download_sliced
 
 from gcs import (  # noqa: F401
     Emulator,
@@ -438,9 +439,10 @@ def test_a_large_object_comes_down_in_slices_checked_by_its_crc32c(
         assert [p.name for p in dest.parent.iterdir()] == ["big.bin"]
         # What came down must hash to what GCS reports: a mismatch is refused.
         with pytest.raises(StorageError, match="came down with crc32c"):
-            backend._download_sliced("big.bin", RemoteFile("big.bin", len(data), "AAAAAA==",
-                                                           written.generation),
-                                     tmp_path / "bad.bin")
+            download_sliced(backend._read_range,
+                            RemoteFile("big.bin", len(data), "AAAAAA==", written.generation),
+                            tmp_path / "bad.bin", where="big.bin", slice_bytes=256 * 1024,
+                            streams=4)
         small = backend.write_bytes("small.bin", b"x" * 1000, generation=0)
         assert backend.download_file("small.bin", tmp_path / "small.bin") == small.crc32c
     assert not proxy.errors, proxy.errors

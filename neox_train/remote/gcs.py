@@ -9,7 +9,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
@@ -29,13 +28,12 @@ from neox_train.remote.files import (
     TMP_MARK,
     HashingWriter,
     changed_since,
-    crc32c_combine,
     crc32c_of_bytes,
     crc32c_of_file,
-    crc32c_text,
     stat_key,
 )
 from neox_train.remote.gcs_auth import make_client
+from neox_train.remote.sliced import download_sliced
 
 # Files over 8 MiB (the client's multipart limit) go as resumable uploads in chunks of this size (a
 # multiple of 256 KiB, as GCS requires); each chunk is retried on its own, so a failure late in a
@@ -308,7 +306,9 @@ class GcsBackend:
             if self.max_streams > 1:
                 current = self.stat(name)
                 if current is not None and current.size >= self.sliced_min_bytes:
-                    crc32c = self._download_sliced(name, current, tmp)
+                    crc32c = download_sliced(
+                        self._read_range, current, tmp, where=self._where(name),
+                        slice_bytes=self.slice_bytes, streams=self.max_streams)
                     os.replace(tmp, local)
                     return crc32c
             with (self._streams, self._errors("read", name, missing="object"),
@@ -325,43 +325,13 @@ class GcsBackend:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _download_sliced(self, name: str, current: RemoteFile, tmp: Path) -> str:
-        """`current` (that generation, whatever is written meanwhile) into `tmp` as concurrent
-        ranged reads, each hashed as its bytes arrive; the slices' crc32cs combine into the
-        object's, which must equal what GCS reports for it. Durable when this returns."""
-        size = current.size
-        spans = [(start, min(start + self.slice_bytes, size) - 1)
-                 for start in range(0, size, self.slice_bytes)]
-        with open(tmp, "wb") as f:
-            f.truncate(size)
-
-        def fetch(span: tuple[int, int]) -> tuple[int, int]:
-            start, end = span
-            blob = self.bucket.blob(self._name(name), generation=current.generation)
-            with (self._streams, self._errors("read", name, missing="object"),
-                  open(tmp, "r+b") as f):
-                f.seek(start)
-                out = HashingWriter(f)
-                blob.download_to_file(out, start=start, end=end, checksum=None,
-                                      retry=self.retry, timeout=self.timeout)
-                if out.written != end - start + 1:
-                    raise StorageError(f"{self._where(name)}: bytes {start}-{end} came back as "
-                                       f"{out.written} bytes", transient=True)
-                return out.crc32c_int, out.written
-
-        with ThreadPoolExecutor(max_workers=min(self.max_streams, len(spans)),
-                                thread_name_prefix="neox-slice") as pool:
-            parts = list(pool.map(fetch, spans))
-        crc = 0
-        for part_crc, length in parts:
-            crc = crc32c_combine(crc, part_crc, length)
-        got = crc32c_text(crc.to_bytes(4, "big"))
-        if got != current.crc32c:
-            raise StorageError(f"{self._where(name)} came down with crc32c {got}, but GCS reports "
-                               f"{current.crc32c} for it", transient=True)
-        with open(tmp, "r+b") as f:
-            os.fsync(f.fileno())
-        return got
+    def _read_range(self, name: str, generation: int, start: int, end: int,
+                    out: HashingWriter) -> None:
+        """Bytes start..end of that generation of `name` into `out`: one slice, one stream."""
+        blob = self.bucket.blob(self._name(name), generation=generation)
+        with self._streams, self._errors("read", name, missing="object"):
+            blob.download_to_file(out, start=start, end=end, checksum=None, retry=self.retry,
+                                  timeout=self.timeout)
 
     def read_bytes(self, name: str) -> bytes | None:
         try:
