@@ -50,10 +50,18 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pa
     folder = root / f"shared-{name}"
     with open(root / f"shared-{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when a build fails
+        failed = root / f"shared-{name}.failed"
+        if failed.is_file():  # another worker's build failed: fail at once, not build it again
+            raise RuntimeError(f"building the shared {name} failed in another test: "
+                               f"{failed.read_text()[-3000:]}")
         if not (folder / ".built").is_file():
             shutil.rmtree(folder, ignore_errors=True)  # a build that failed half-way
             folder.mkdir()
-            build(folder)
+            try:
+                build(folder)
+            except BaseException as e:
+                failed.write_text(f"{type(e).__name__}: {e}")
+                raise
             (folder / ".built").touch()
     return folder
 

@@ -83,9 +83,9 @@ class Recorder:
         self.writes.append(name)
         return self.inner.write_bytes(name, data, generation=generation)
 
-    def download_file(self, name, local):
+    def download_file(self, name, local, *, size=None):
         self.downloads.append(name)
-        return self.inner.download_file(name, local)
+        return self.inner.download_file(name, local, size=size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,8 +492,8 @@ def test_fetch_verifies_the_downloaded_bytes(tmp_path: Path) -> None:
     assert publish(save, "global_step3", backend)
 
     class Flaky(Recorder):
-        def download_file(self, name, local):
-            crc = super().download_file(name, local)
+        def download_file(self, name, local, *, size=None):
+            crc = super().download_file(name, local, size=size)
             if name.endswith("optim_states.pt"):  # other bytes arrived (and were hashed)
                 Path(local).write_bytes(b"flipped bits" + b"o" * 38)
                 crc = crc32c_of_file(Path(local))
@@ -528,8 +528,8 @@ def test_a_fetch_checks_the_bytes_as_they_arrived_and_reads_no_file_back(
     class Misreported(Recorder):
         """Intact files, but the bytes that arrived hashed to something else: refused."""
 
-        def download_file(self, name, local):
-            super().download_file(name, local)
+        def download_file(self, name, local, *, size=None):
+            super().download_file(name, local, size=size)
             return "AAAAAA=="
 
     with pytest.raises(StorageError, match=r"downloaded with size \d+ crc32c AAAAAA=="):

@@ -57,8 +57,11 @@ def entry() -> NoReturn:
         # What interpreter exit runs first (a CPython function since 3.0, though undocumented).
         atexit._run_exitfuncs()
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass  # a reader gone (a closed pipe): nothing left to say to it
         os._exit(code)
 
 

@@ -81,10 +81,12 @@ class Backend(Protocol):
         if the file changed meanwhile)."""
         ...
 
-    def download_file(self, name: str, local: Path) -> str:
+    def download_file(self, name: str, local: Path, *, size: int | None = None) -> str:
         """Copy `name` to `local` atomically (temporary file + os.replace), creating parent
         folders; the file is durable (fsynced) when this returns. Returns the crc32c of the bytes
-        written, hashed as they arrived (no second read of the file)."""
+        written, hashed as they arrived (no second read of the file). `size`: the object's size
+        where the caller knows it (a listing, a manifest), so a small file costs no metadata
+        request."""
         ...
 
     def read_bytes(self, name: str) -> bytes | None:

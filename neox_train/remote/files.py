@@ -4,6 +4,7 @@ cache, atomic and durable writes, folders swapped into place."""
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import shutil
@@ -53,29 +54,34 @@ def _gf2_square(matrix: list[int]) -> list[int]:
     return [_gf2_times(matrix, row) for row in matrix]
 
 
+@functools.lru_cache(maxsize=64)
+def _zeros_operator(length: int) -> tuple[int, ...]:
+    """The GF(2) operator that appends `length` zero bytes to a crc (one per slice size: cached)."""
+    op = [1 << i for i in range(32)]  # identity
+    odd = [_CRC32C_POLY] + [1 << i for i in range(31)]  # one zero bit
+    even = _gf2_square(odd)  # two zero bits
+    odd = _gf2_square(even)  # four zero bits
+    while length:  # one zero byte is 8 bits: the squares below are 1, 2, 4, ... zero bytes
+        even = _gf2_square(odd)
+        if length & 1:
+            op = [_gf2_times(even, column) for column in op]
+        length >>= 1
+        if not length:
+            break
+        odd = _gf2_square(even)
+        if length & 1:
+            op = [_gf2_times(odd, column) for column in op]
+        length >>= 1
+    return tuple(op)
+
+
 def crc32c_combine(crc_a: int, crc_b: int, len_b: int) -> int:
     """The crc32c of A+B from crc32c(A), crc32c(B) and len(B), without the bytes (zlib's
     crc32_combine, for the Castagnoli polynomial): the slices of a download, hashed as each arrives,
-    give the whole object's crc32c in O(log len) steps."""
+    give the whole object's crc32c."""
     if len_b <= 0:
         return crc_a
-    odd = [_CRC32C_POLY] + [1 << i for i in range(31)]  # the operator for one zero bit
-    even = _gf2_square(odd)  # two zero bits
-    odd = _gf2_square(even)  # four zero bits
-    while True:  # apply len_b zero bytes to crc_a, one bit of len_b at a time
-        even = _gf2_square(odd)
-        if len_b & 1:
-            crc_a = _gf2_times(even, crc_a)
-        len_b >>= 1
-        if not len_b:
-            break
-        odd = _gf2_square(even)
-        if len_b & 1:
-            crc_a = _gf2_times(odd, crc_a)
-        len_b >>= 1
-        if not len_b:
-            break
-    return crc_a ^ crc_b
+    return _gf2_times(list(_zeros_operator(len_b)), crc_a) ^ crc_b
 
 
 class HashingWriter:

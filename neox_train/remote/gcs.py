@@ -33,7 +33,7 @@ from neox_train.remote.files import (
     stat_key,
 )
 from neox_train.remote.gcs_auth import make_client
-from neox_train.remote.sliced import download_sliced
+from neox_train.remote.sliced import SLICE_BYTES, SLICED_MIN_BYTES, download_sliced, sliceable
 
 # Files over 8 MiB (the client's multipart limit) go as resumable uploads in chunks of this size (a
 # multiple of 256 KiB, as GCS requires); each chunk is retried on its own, so a failure late in a
@@ -58,11 +58,7 @@ PROBE_DEADLINE_S = 30.0
 
 # (connect, read) per HTTP request, before the retry policy decides
 REQUEST_TIMEOUT_S = (30.0, 120.0)
-# Objects of at least SLICED_MIN_BYTES come down as concurrent ranged reads of SLICE_BYTES each
-# (gsutil's sliced downloads): one stream from a VM tops out far below what the bucket serves.
-SLICE_BYTES = 32 << 20
-SLICED_MIN_BYTES = 64 << 20
-# Concurrent streams of one backend (one process), across files and slices.
+# Concurrent download streams of one backend (one process), across files and slices.
 MAX_STREAMS = 16
 
 
@@ -298,19 +294,19 @@ class GcsBackend:
             f"{self._where(name)} changed remotely (generation {existing.generation}, expected "
             f"{generation}); refusing to overwrite it")
 
-    def download_file(self, name: str, local: Path) -> str:
+    def download_file(self, name: str, local: Path, *, size: int | None = None) -> str:
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(f"{local.name}{TMP_MARK}{uuid.uuid4().hex}")
         try:
-            if self.max_streams > 1:
-                current = self.stat(name)
-                if current is not None and current.size >= self.sliced_min_bytes:
-                    crc32c = download_sliced(
-                        self._read_range, current, tmp, where=self._where(name),
-                        slice_bytes=self.slice_bytes, streams=self.max_streams)
-                    os.replace(tmp, local)
-                    return crc32c
+            current = self._sliceable(name) if self.max_streams > 1 and (
+                size is None or size >= self.sliced_min_bytes) else None
+            if current is not None:
+                crc32c = download_sliced(
+                    self._read_range, current, tmp, where=self._where(name),
+                    slice_bytes=self.slice_bytes, streams=self.max_streams)
+                os.replace(tmp, local)
+                return crc32c
             with (self._streams, self._errors("read", name, missing="object"),
                   open(tmp, "wb") as f):
                 # The client checks the object's crc32c as it reads (and resumes an interrupted
@@ -324,6 +320,15 @@ class GcsBackend:
             return out.crc32c
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _sliceable(self, name: str) -> RemoteFile | None:
+        """The object, when it comes down in slices (sliced.py says which)."""
+        with self._errors("read", name):
+            blob = self.bucket.get_blob(self._name(name), retry=self.retry, timeout=self.timeout)
+        if blob is None or not sliceable(int(blob.size or 0), blob.crc32c, blob.content_encoding,
+                                         self.sliced_min_bytes):
+            return None
+        return self._remote(name, blob)
 
     def _read_range(self, name: str, generation: int, start: int, end: int,
                     out: HashingWriter) -> None:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import google.auth
+import requests.adapters
 from google.auth.credentials import AnonymousCredentials
 from google.auth.exceptions import DefaultCredentialsError
 from google.cloud import storage
@@ -57,6 +58,19 @@ def _load_credentials(path: str):
     )
 
 
+# Connections kept per host: requests keeps 10 by default, and more concurrent streams than that
+# (gcs.MAX_STREAMS slices plus rsync's file workers) would open and drop connections, a WARNING and
+# a new handshake each time.
+POOL_CONNECTIONS = 32
+
+
+def _pooled(client: storage.Client) -> storage.Client:
+    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=POOL_CONNECTIONS)
+    for scheme in ("https://", "http://"):
+        client._http.mount(scheme, adapter)
+    return client
+
+
 def make_client(url: str, credentials: str | None):
     """The storage client for `url`: the key file `credentials`, else the emulator's anonymous
     access, else Application Default Credentials; a StorageError that says what to fix when none
@@ -67,9 +81,9 @@ def make_client(url: str, credentials: str | None):
         creds = project = None
     if os.environ.get("STORAGE_EMULATOR_HOST"):
         # The emulator wants no token; real credentials would try to reach oauth2.googleapis.com.
-        return storage.Client(
+        return _pooled(storage.Client(
             project=project or os.environ.get("GOOGLE_CLOUD_PROJECT", "neox-emulator"),
-            credentials=AnonymousCredentials())
+            credentials=AnonymousCredentials()))
     if creds is None:
         env = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
         if env and not Path(env).expanduser().is_file():
@@ -87,4 +101,4 @@ def make_client(url: str, credentials: str | None):
                 "`gcloud auth application-default login`"
             ) from e
     # project=None: object operations need none, and the client then skips looking one up.
-    return storage.Client(project=project, credentials=creds)
+    return _pooled(storage.Client(project=project, credentials=creds))

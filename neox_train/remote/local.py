@@ -159,7 +159,7 @@ class LocalBackend:
         except OSError as e:
             raise StorageError(f"cannot copy {local} to {self.url}/{name}: {one_line(e)}") from e
 
-    def download_file(self, name: str, local: Path) -> str:
+    def download_file(self, name: str, local: Path, *, size: int | None = None) -> str:
         src = self._path(name)
         local = Path(local)
         try:

@@ -274,7 +274,7 @@ def sync_down(backend: Backend, remote_prefix: str, local_dir: Path, *, workers:
 
     with progress_bar(progress, sum(t[2] for t in todo), f"download {backend.url}") as bar:
         def fetch(item: tuple[str, Path, int]) -> int:
-            backend.download_file(item[0], item[1])
+            backend.download_file(item[0], item[1], size=item[2])
             return item[2]
 
         def done(_item: Any, size: int) -> None:

@@ -19,6 +19,15 @@ from neox_train.remote.files import HashingWriter, crc32c_combine, crc32c_text
 
 # (name, generation, first byte, last byte, where to write) -> None
 ReadRange = Callable[[str, int, int, int, HashingWriter], None]
+# Objects of at least SLICED_MIN_BYTES come down in slices of SLICE_BYTES.
+SLICE_BYTES = 32 << 20
+SLICED_MIN_BYTES = 64 << 20
+
+
+def sliceable(size: int, crc32c: str | None, content_encoding: str | None, min_bytes: int) -> bool:
+    """Large enough, with a crc32c to check the slices against, and stored as it is served (a
+    gzip-encoded object is served decompressed: byte ranges of it cannot be put together)."""
+    return size >= min_bytes and bool(crc32c) and (content_encoding or "").lower() != "gzip"
 
 
 def download_sliced(read_range: ReadRange, current: RemoteFile, tmp: Path, *, where: str,

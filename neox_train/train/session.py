@@ -72,11 +72,22 @@ class Session:
             if failed:
                 self.publisher.abort()
             else:
-                self.trainer.close()
-                self.publisher.close()
+                try:
+                    self.trainer.close()
+                finally:
+                    self._close_publisher()
         finally:
             if self.lock is not None:
                 self.lock.release(failed_start=failed)
+
+    def _close_publisher(self) -> None:
+        # The upload process ignores SIGTERM: one left running would hold the exit (multiprocessing
+        # joins its children without a timeout), so a flush that fails stops it at once.
+        try:
+            self.publisher.close()
+        except BaseException:
+            self.publisher.abort()
+            raise
 
 
 def start_session(run: RunConfig, *, resume: str | None = None, takeover: bool = False,
@@ -107,7 +118,7 @@ def start_session(run: RunConfig, *, resume: str | None = None, takeover: bool =
     lock = (lock_save_dir(run.save_dir, why=SECOND_RUN,
                           wait_s=RESTART_WAIT_S if restarted else WAIT_S)
             if owns_folder else None)
-    publisher = None
+    publisher = trainer = None
     try:
         init_distributed(timeout_s=watchdog.limits.collective_s if watchdog else None)
         if topo.rank == 0 and watchdog:
@@ -137,6 +148,8 @@ def start_session(run: RunConfig, *, resume: str | None = None, takeover: bool =
             dist.barrier()
         publisher.start()
     except BaseException:
+        if trainer is not None:
+            trainer.close()  # its loader thread and metrics files (queued TensorBoard events)
         if publisher is not None:
             publisher.abort()
         if lock is not None:

@@ -161,8 +161,8 @@ def fetch_checkpoint(backend: Backend, tag: str, save_dir: Path, *, workers: int
             def fetch(rel: str) -> None:
                 dest = partial.joinpath(*rel.split("/"))
                 # durable, and hashed as the bytes arrived: the file is not read back
-                got_crc = backend.download_file(f"{tag}/{rel}", dest)
                 size, crc = files[rel]
+                got_crc = backend.download_file(f"{tag}/{rel}", dest, size=size)
                 got_size = dest.stat().st_size
                 if (got_size, got_crc) != (size, crc):
                     raise StorageError(
