@@ -209,16 +209,19 @@ def copy_checkpoint(src: Path, dst: Path, tag: str) -> None:
 
 
 # after pytest-randomly's shuffle: the order within each group stays random
-@pytest.hookimpl(trylast=True)
+# A wrapper, outermost (conftest registers after the plugins): it sorts after pytest-randomly's
+# shuffle, which is a tryfirst wrapper too, so the order within each group stays random.
+@pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """The slow tests first: with pytest-xdist, a minute-long test handed out last keeps one worker
     busy while the others have finished. GPU tests are skipped without CUDA."""
     import torch
 
+    result = yield
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+    return result
