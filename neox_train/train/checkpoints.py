@@ -88,6 +88,9 @@ class Checkpoints:
         started = time.perf_counter()
         tag = tag_for_step(step)
         if self.folder_owner:
+            # The room left is what the save in flight leaves: wait for its files first (a check
+            # while they are being written sees space they are about to take).
+            self.saver.wait_written()
             warning = train_state.space_warning(self.save_dir, tag, self.checkpoint_bytes)
             if warning:
                 warning = self.make_room(tag)

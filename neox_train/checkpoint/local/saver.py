@@ -98,6 +98,7 @@ class Saver:
         self.disk = disk
         # the save being written: tag, batch, side-file inputs, timings
         self._flight: dict[str, Any] | None = None
+        self._waited_early = 0.0  # wait_written() before begin(): part of in_flight_wait_s
 
     @property
     def in_flight(self) -> bool:
@@ -108,17 +109,26 @@ class Saver:
         agreement)."""
         return int(self._flight is not None and not self._flight["batch"].done.is_set())
 
+    def wait_written(self) -> None:
+        """Wait until this rank's files of the save in flight are on disk (begin() waits for them
+        anyway): what the disk holds is then what that save leaves. The wait counts as the next
+        save's in_flight_wait_s."""
+        if self._flight is not None:
+            started = time.perf_counter()
+            self._flight["batch"].done.wait()
+            self._waited_early += time.perf_counter() - started
+
     def begin(self, step: int, extra: dict[str, Any], *, losses: dict[str, Any],
               expected_bytes: int | None, asynchronous: bool | None = None) -> SaveResult | None:
         """Start saving `step` on every rank. Returns the previous save's result when this call had
         to finish it first (its in_flight_wait_s says how long that took); a synchronous save is
         finished by `finish()` at once by the caller."""
         previous = None
-        waited = 0.0
+        waited, self._waited_early = self._waited_early, 0.0
         if self._flight is not None:
             started = time.perf_counter()
             self._flight["batch"].done.wait()
-            waited = time.perf_counter() - started
+            waited += time.perf_counter() - started
             previous = self.finish()
         started = time.perf_counter()
         tag = tag_for_step(step)
