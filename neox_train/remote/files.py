@@ -10,6 +10,7 @@ import os
 import shutil
 import threading
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -40,7 +41,7 @@ def crc32c_of_file(path: Path) -> str:
 _CRC32C_POLY = 0x82F63B78  # Castagnoli, reflected
 
 
-def _gf2_times(matrix: list[int], vector: int) -> int:
+def _gf2_times(matrix: Sequence[int], vector: int) -> int:
     out, i = 0, 0
     while vector:
         if vector & 1:
@@ -81,7 +82,7 @@ def crc32c_combine(crc_a: int, crc_b: int, len_b: int) -> int:
     give the whole object's crc32c."""
     if len_b <= 0:
         return crc_a
-    return _gf2_times(list(_zeros_operator(len_b)), crc_a) ^ crc_b
+    return _gf2_times(_zeros_operator(len_b), crc_a) ^ crc_b
 
 
 class HashingWriter:

@@ -11,17 +11,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import google_crc32c
-
 from neox_train.errors import StorageError, one_line
 from neox_train.remote.base import PROBE_PREFIX, RemoteChanged, RemoteFile
 from neox_train.remote.files import (
     READ_CHUNK,
     TMP_MARK,
     Crc32cCache,
+    HashingWriter,
     changed_since,
     crc32c_of_bytes,
-    crc32c_text,
     stat_key,
 )
 
@@ -100,14 +98,13 @@ class LocalBackend:
         and its crc32c."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f"{dest.name}{TMP_MARK}{uuid.uuid4().hex}")
-        checksum = google_crc32c.Checksum()
         with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            out = HashingWriter(fout)
             while chunk := fin.read(READ_CHUNK):
-                checksum.update(chunk)
-                fout.write(chunk)
+                out.write(chunk)
             fout.flush()
             os.fsync(fout.fileno())
-        got = crc32c_text(checksum.digest())
+        got = out.crc32c
         if expect_crc32c is not None and got != expect_crc32c:
             tmp.unlink(missing_ok=True)
             raise StorageError(
