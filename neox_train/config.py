@@ -25,6 +25,10 @@ RESUME_AUTO = "auto"
 # kernel (CUDA and CPU, no build); deepspeed_fused: DeepSpeed's FusedAdam, JIT-compiled at start
 # (nvcc on a GPU machine).
 OPTIMIZER_IMPLS = ("torch", "torch_fused", "deepspeed_fused")
+# The stream budget of one process's transfers to and from a bucket (files, their parts and slices
+# together): a cloud VM's NIC needs 16-32 streams before it is full (docs/checkpoints.md).
+DEFAULT_TRANSFER_STREAMS = 16
+MAX_TRANSFER_STREAMS = 256
 
 
 def _f(default: Any, doc: str, **flag: Any) -> Any:
@@ -127,6 +131,14 @@ class RunConfig:
         30.0, "Seconds the storage endpoint may fail every request (refused, timed out, 5xx) "
         "before one WARNING names it and the unpublished checkpoints; from then on those count "
         "toward max_unpublished_checkpoints.")
+    transfer_streams: int = _f(
+        DEFAULT_TRANSFER_STREAMS, "Concurrent streams to and from the bucket, across files and "
+        "the parts of large files (parallel uploads, sliced downloads), per process; 1 = one "
+        f"stream at a time. At most {MAX_TRANSFER_STREAMS}.", metavar="N")
+    parallel_uploads: bool = _f(
+        True, "Send files of 32 MiB and more to gs:// in parts on parallel streams, composed in "
+        "the bucket (false: one stream per file; parts with soft delete on are billed for its "
+        "window, see docs/checkpoints.md).", both=True)
     async_save: bool = _f(
         True, "Save checkpoints asynchronously: the loop waits only while the state is copied to "
         "host memory, a background writer per rank writes the files; falls back to synchronous "
@@ -219,7 +231,7 @@ _OPTIONAL_INTS = [(("micro_batch", "grad_accum", "max_shards", "warmup_steps"), 
 _CHOICES = {f.name: (f.metadata["choices"], f.default is None) for f in fields(RunConfig)
             if "choices" in f.metadata}
 _BOOLS = ("activation_checkpointing", "background_upload", "async_save", "loss_guard",
-          "allow_data_change")
+          "allow_data_change", "parallel_uploads")
 _OPTIONAL_STRINGS = ("sync_to", "credentials", "init_from_hf", "compile")
 _STRINGS = ("name", "ds_config", "data_dir", "save_dir", "log_dir")
 
@@ -245,6 +257,10 @@ def _int_problems(values: dict[str, Any]) -> list[str]:
                                + (" or null" if optional else ""))
                 elif v < lo:
                     out.append(f"{name}={v} is out of range: must be >= {lo}")
+    streams = values.get("transfer_streams")
+    if not (_is_int(streams) and 1 <= streams <= MAX_TRANSFER_STREAMS):
+        out.append(f"transfer_streams={streams!r} must be an integer from 1 to "
+                   f"{MAX_TRANSFER_STREAMS} (default {DEFAULT_TRANSFER_STREAMS})")
     return out
 
 

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from sshd import ssh_cluster  # noqa: F401  (session fixture: one sshd shared by
 from syspkgs import system_tools  # noqa: F401  (session fixture: system tools a test needs, installed once)
 
 REPO = Path(__file__).resolve().parent.parent
+# The parts journal of gs:// uploads that name none (neox-sync, the storage tests): one per test
+# process tree, never the user's ~/.cache (remote/composite.py default_journal_path).
+os.environ.setdefault("NEOX_CACHE_DIR", tempfile.mkdtemp(prefix="neox-test-cache-"))
 BIN = Path(sys.executable).parent
 VOCAB = 256
 

@@ -62,6 +62,10 @@ def test_json_file_with_base(tmp_path):
         ({"prefetch_micro_batches": -1},
          ["prefetch_micro_batches=-1 is out of range: must be >= 0"]),
         ({"compile": ""}, ["compile='' must be a non-empty string or null"]),
+        ({"transfer_streams": 0}, ["transfer_streams=0 must be an integer from 1 to 256"]),
+        ({"transfer_streams": 257}, ["transfer_streams=257 must be an integer from 1 to 256"]),
+        ({"transfer_streams": "16"}, ["transfer_streams='16' must be an integer from 1 to 256"]),
+        ({"parallel_uploads": 1}, ["parallel_uploads=1 must be true or false"]),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, values, needles):

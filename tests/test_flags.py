@@ -84,6 +84,8 @@ NEW_FLAGS = [
     (["--loss-spike-window", "10"], "loss_spike_window", 10),
     (["--max-rollbacks", "0"], "max_rollbacks", 0),
     (["--max-pending-uploads", "2"], "max_pending_uploads", 2),
+    (["--transfer-streams", "4"], "transfer_streams", 4),
+    (["--no-parallel-uploads"], "parallel_uploads", False),
 ]
 
 

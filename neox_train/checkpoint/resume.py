@@ -198,8 +198,8 @@ def fetch_remote_checkpoint(url: str, run: RunConfig, tag: str) -> str:
     """Download COMPLETE checkpoint `tag` at `url` into save_dir (verified against its manifest)."""
 
     log.info("resume: downloading %s from %s", tag, url)
-    fetch_checkpoint(open_backend(url, credentials=run.credentials), tag, Path(run.save_dir),
-                     progress=True)
+    fetch_checkpoint(open_backend(url, credentials=run.credentials, streams=run.transfer_streams),
+                     tag, Path(run.save_dir), workers=run.transfer_streams, progress=True)
     return tag
 
 

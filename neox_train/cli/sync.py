@@ -11,20 +11,22 @@ from pathlib import Path
 from neox_train.checkpoint.local.lock import lock_save_dir
 from neox_train.checkpoint.publish.backlog import publish_checkpoints
 from neox_train.checkpoint.publish.copy_rules import check_plain_copy, protect_published
+from neox_train.checkpoint.publish.journal import journal_path
 from neox_train.checkpoint.publish.owner import owner_at_or_above
+from neox_train.config import DEFAULT_TRANSFER_STREAMS, MAX_TRANSFER_STREAMS
 from neox_train.errors import run_guarded
 from neox_train.remote import open_backend
 from neox_train.remote.rsync import SyncResult, sync, sync_down
 
 
-def _workers_arg(text: str) -> int:
+def _streams_arg(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if not 1 <= value <= 256:
+    if not 1 <= value <= MAX_TRANSFER_STREAMS:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a worker count (valid: an integer from 1 to 256)")
+            f"{text!r} is not a stream count (valid: an integer from 1 to {MAX_TRANSFER_STREAMS})")
     return value
 
 
@@ -69,13 +71,19 @@ def sync_parser() -> argparse.ArgumentParser:
 
 
 def _add_transfer_options(parser: argparse.ArgumentParser, what: str) -> None:
-    """--credentials, --workers, --json: the same for neox-sync and neox-data download."""
+    """--credentials, --streams, --json: the same for neox-sync and neox-data download."""
     parser.add_argument("--credentials", metavar="FILE",
                         help="service-account JSON key for gs:// (default: "
                              "GOOGLE_APPLICATION_CREDENTIALS, then gcloud's application-default "
                              "login)")
-    parser.add_argument("--workers", type=_workers_arg, default=8, metavar="N",
-                        help=f"parallel {what} (default 8)")
+    parser.add_argument("--streams", "--workers", dest="streams", type=_streams_arg,
+                        default=DEFAULT_TRANSFER_STREAMS, metavar="N",
+                        help=f"concurrent streams for the {what}, across files and the parts of "
+                             f"large files (default {DEFAULT_TRANSFER_STREAMS}; --workers is the "
+                             "old name)")
+    parser.add_argument("--no-parallel-uploads", dest="parallel_uploads", action="store_false",
+                        help="send every file to gs:// in one stream (no parts composed in the "
+                             "bucket: e.g. with soft delete on, see docs/checkpoints.md)")
     parser.add_argument("--json", action="store_true",
                         help="print the summary as one JSON object on stdout")
 
@@ -95,9 +103,11 @@ def _sync(args: argparse.Namespace) -> int:
                              read_only_ok=True) \
             if Path(args.src).is_dir() else None
         try:
-            result = publish_checkpoints(Path(args.src),
-                                         open_backend(args.dst, credentials=args.credentials),
-                                         workers=args.workers, progress=progress)
+            backend = open_backend(args.dst, credentials=args.credentials, streams=args.streams,
+                                   parallel_uploads=args.parallel_uploads,
+                                   parts_journal=journal_path(Path(args.src), 0))
+            result = publish_checkpoints(Path(args.src), backend, workers=args.streams,
+                                         progress=progress)
         finally:
             if lock is not None:
                 lock.release()
@@ -109,8 +119,9 @@ def _sync(args: argparse.Namespace) -> int:
                              owner_at_or_above(args.dst, credentials=args.credentials))
 
         # A plain copy never writes into a published checkpoint (those change only by publication).
-        result = sync(args.src, args.dst, credentials=args.credentials, workers=args.workers,
-                      progress=progress, guard=protect_published, check=check)
+        result = sync(args.src, args.dst, credentials=args.credentials, workers=args.streams,
+                      parallel_uploads=args.parallel_uploads, progress=progress,
+                      guard=protect_published, check=check)
     code = _report("neox-sync", result, args.json)
     left = [why for why in result.not_published.values()
             if not why.startswith("not complete locally")]
@@ -133,8 +144,9 @@ def main_download(args: argparse.Namespace) -> int:
     """Bucket -> DIR; files already there with the remote size are skipped, so a rerun resumes."""
 
     def go() -> int:
-        result = sync_down(open_backend(args.url, credentials=args.credentials), "", Path(args.dir),
-                           workers=args.workers, skip_existing=True, verify=True,
+        result = sync_down(open_backend(args.url, credentials=args.credentials,
+                                        streams=args.streams), "", Path(args.dir),
+                           workers=args.streams, skip_existing=True, verify=True,
                            progress=sys.stderr.isatty())
         return _report("neox-data download", result, args.json)
 

@@ -113,6 +113,24 @@ class Backend(Protocol):
         ...
 
 
+def settle(existing: RemoteFile | None, where: str, size: int, crc32c: str,
+           generation: int | None, what: str) -> RemoteFile:
+    """412 on a conditional write: the object was not at `generation`, and `existing` is what is
+    there now. Success only if it holds exactly this content (an earlier attempt of this very write
+    landed and its response was lost); anything else is RemoteChanged."""
+    if existing is not None and (existing.size, existing.crc32c) == (size, crc32c):
+        return existing
+    if existing is None:
+        raise RemoteChanged(f"{where}: conditional write refused (412) and the object is gone; "
+                            "retry")
+    if generation == 0:
+        raise RemoteChanged(
+            f"{where} already exists with different content (size {existing.size}, crc32c "
+            f"{existing.crc32c}; {what}: size {size}, crc32c {crc32c}); refusing to overwrite it")
+    raise RemoteChanged(f"{where} changed remotely (generation {existing.generation}, expected "
+                        f"{generation}); refusing to overwrite it")
+
+
 # Every retried request in this process, whichever backend made it: the sync/retries metric adds the
 # upload worker's count to this one (start-up probe, ownership checks).
 _RETRIES_LOCK = threading.Lock()

@@ -1,12 +1,14 @@
 """A gs://bucket/prefix through google-cloud-storage: its transfers, retries and checksums are the
-library's; this module chooses their settings and turns its many exception types into one-line
-StorageErrors."""
+library's; this module chooses their settings, holds the stream budget (one semaphore that every
+request moving an object's bytes takes), and supplies the primitives of parallel uploads
+(composite.py) and sliced downloads (sliced.py)."""
 
 from __future__ import annotations
 
+import base64
 import os
+import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,16 +16,21 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import google.cloud.storage.blob as blob_module
-import requests
-from google.api_core import exceptions as api
 from google.api_core.exceptions import NotFound, PreconditionFailed
-from google.api_core.retry import Retry
-from google.auth import exceptions as auth
-from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
-from google.cloud.storage.retry import DEFAULT_RETRY
+from google.cloud.storage.exceptions import DataCorruption
 
+from neox_train.config import DEFAULT_TRANSFER_STREAMS
 from neox_train.errors import StorageError, one_line
-from neox_train.remote.base import PROBE_PREFIX, RemoteChanged, RemoteFile, note_retry
+from neox_train.remote.base import PROBE_PREFIX, RemoteChanged, RemoteFile, settle
+from neox_train.remote.composite import (
+    PART_CHUNK_BYTES,
+    FileRange,
+    ParallelUploads,
+    PartsJournal,
+    default_journal_path,
+    is_part,
+    refuses_parts,
+)
 from neox_train.remote.files import (
     TMP_MARK,
     HashingWriter,
@@ -33,6 +40,7 @@ from neox_train.remote.files import (
     stat_key,
 )
 from neox_train.remote.gcs_auth import make_client
+from neox_train.remote.gcs_errors import Failures, is_refusal, mapped_errors, retry_policy
 from neox_train.remote.sliced import SLICE_BYTES, SLICED_MIN_BYTES, download_sliced, sliceable
 
 # Files over 8 MiB (the client's multipart limit) go as resumable uploads in chunks of this size (a
@@ -58,8 +66,6 @@ PROBE_DEADLINE_S = 30.0
 
 # (connect, read) per HTTP request, before the retry policy decides
 REQUEST_TIMEOUT_S = (30.0, 120.0)
-# Concurrent download streams of one backend (one process), across files and slices.
-MAX_STREAMS = 16
 
 
 def _join(*parts: str) -> str:
@@ -74,7 +80,8 @@ class GcsBackend:
     result)."""
 
     def __init__(self, bucket: str, prefix: str = "", *, credentials: str | None = None,
-                 client=None):
+                 client=None, streams: int = DEFAULT_TRANSFER_STREAMS, parallel: bool = True,
+                 parts_journal: Path | None = None):
         self.bucket_name = bucket
         self.prefix = prefix.strip("/")
         self.url = f"gs://{bucket}/{self.prefix}" if self.prefix else f"gs://{bucket}"
@@ -82,46 +89,36 @@ class GcsBackend:
         self.bucket = self.client.bucket(bucket)
         self.chunk_size = CHUNK_SIZE
         self.timeout = REQUEST_TIMEOUT_S
-        self.retries = 0
-        # monotonic time of the first retried failure since the last success
-        self.failing_since: float | None = None
-        self.last_failure = ""
-        self._retries_lock = threading.Lock()
+        self.failures = Failures()
         self.slice_bytes, self.sliced_min_bytes = SLICE_BYTES, SLICED_MIN_BYTES
-        self.max_streams = MAX_STREAMS
-        self._streams = threading.BoundedSemaphore(MAX_STREAMS)
+        # every request that moves an object's bytes holds one of these: the stream budget
+        self.streams = streams
+        self._streams = threading.BoundedSemaphore(streams)
+        # one line for the user: stderr here; the upload process sends it to the trainer's log
+        self.warn = lambda message: print(f"WARNING: {message}", file=sys.stderr, flush=True)
+        self.parallel = ParallelUploads(
+            self, PartsJournal(parts_journal or default_journal_path()),
+            lambda message: self.warn(message))
+        if not parallel:
+            self.parallel.disabled = "parallel uploads are off (parallel_uploads: false)"
         self.configure_retry()
 
     def configure_retry(self, *, deadline_s: float = RETRY_DEADLINE_S,
                         probe_deadline_s: float = PROBE_DEADLINE_S, initial_s: float = 1.0,
                         maximum_s: float = 60.0) -> None:
-        """The retry policy: DEFAULT_RETRY's predicate (429, 5xx, resets, timeouts) with exponential
-        backoff from initial_s to maximum_s, until deadline_s. Tests shorten it; production keeps
-        the library's backoff."""
-
-        def policy(deadline: float) -> Retry:
-            return Retry(predicate=DEFAULT_RETRY._predicate, initial=initial_s, maximum=maximum_s,
-                         multiplier=2.0, timeout=deadline, on_error=self._count_retry)
-
+        """The retry policy (gcs_errors.retry_policy) until deadline_s, and until probe_deadline_s
+        for the start-up probe. Tests shorten it; production keeps the library's backoff."""
         self.deadline_s, self.probe_deadline_s = deadline_s, probe_deadline_s
-        self.retry = policy(deadline_s)
-        self.probe_retry = policy(probe_deadline_s)
+        self.retry, self.probe_retry = (
+            retry_policy(d, initial_s=initial_s, maximum_s=maximum_s,
+                         on_error=self.failures.retried) for d in (deadline_s, probe_deadline_s))
 
-    def _count_retry(self, exc: BaseException) -> None:
-        with self._retries_lock:
-            self.retries += 1
-            if self.failing_since is None:
-                self.failing_since = time.monotonic()
-            self.last_failure = one_line(exc)
-        note_retry()
+    @property
+    def retries(self) -> int:
+        return self.failures.count
 
     def failing_for(self) -> tuple[float, str]:
-        """(seconds since requests began failing with no success since, the last failure); (0, "")
-        while they get through. The upload worker warns from this when an endpoint is down, long
-        before a retry deadline ends."""
-        with self._retries_lock:
-            since, last = self.failing_since, self.last_failure
-        return (0.0, "") if since is None else (time.monotonic() - since, last)
+        return self.failures.failing_for()
 
     @property
     def host(self) -> str:
@@ -141,71 +138,31 @@ class GcsBackend:
     @contextmanager
     def _errors(self, action: str, name: str | None = None, *, missing: str = "bucket",
                 deadline_s: float | None = None) -> Iterator[None]:
-        """Map the client's exceptions to one-line StorageErrors, transient or permanent. `missing`:
-        what a 404 means for this call."""
-
-        where = self._where(name)
-        try:
+        """gcs_errors.mapped_errors for this backend, and the note that a request got through."""
+        with mapped_errors(action, self._where(name), host=self.host, bucket=self.bucket_name,
+                           deadline_s=deadline_s or self.deadline_s, missing=missing):
             yield
-            with self._retries_lock:
-                self.failing_since = None  # a request got through
-        except (StorageError, api.PreconditionFailed):
-            raise  # 412 is an answer for the caller of a conditional write, not an error
-        except api.RetryError as e:
-            cause = e.cause if e.cause is not None else e
-            seconds = f"{deadline_s or self.deadline_s:.0f} s"
-            if isinstance(cause, (requests.ConnectionError, requests.Timeout, ConnectionError)):
-                raise StorageError(
-                    f"cannot reach {self.host} to {action} {where} (gave up after {seconds}): "
-                    f"{one_line(cause)}",
-                    transient=True) from e
-            raise StorageError(
-                f"cannot {action} {where}: still failing after retrying for {seconds}: "
-                f"{one_line(cause)}",
-                transient=True) from e
-        except api.NotFound as e:
-            if missing == "bucket":
-                raise StorageError(
-                    f"cannot {action} {where}: bucket {self.bucket_name} does not exist (create "
-                    "it, or fix the URL)"
-                ) from e
-            raise StorageError(f"cannot {action} {where}: the object does not exist") from e
-        except api.Forbidden as e:
-            raise StorageError(
-                f"no permission to {action} {where} ({' '.join(str(e.message).split())}): the "
-                f"credentials need e.g. roles/storage.objectAdmin on bucket {self.bucket_name}"
-            ) from e
-        except (api.Unauthorized, auth.RefreshError, auth.DefaultCredentialsError) as e:
-            raise StorageError(
-                f"credentials rejected while trying to {action} {where}: {one_line(e)}") from e
-        except DataCorruption as e:
-            raise StorageError(f"checksum mismatch while trying to {action} {where}: {one_line(e)}",
-                               transient=True) from e
-        except (requests.ConnectionError, requests.Timeout, ConnectionError,
-                auth.TransportError) as e:
-            raise StorageError(f"cannot reach {self.host} to {action} {where}: {one_line(e)}",
-                               transient=True) from e
-        except api.GoogleAPICallError as e:
-            code = int(e.code or 0)
-            raise StorageError(f"cannot {action} {where}: HTTP {e.code} "
-                               f"{' '.join(str(e.message).split())}",
-                               transient=code >= 500 or code in (408, 429)) from e
-        except InvalidResponse as e:
-            raise StorageError(f"cannot {action} {where}: {one_line(e)}", transient=True) from e
+        self.failures.got_through()
 
     def _remote(self, name: str, blob) -> RemoteFile:
         return RemoteFile(name, int(blob.size or 0), blob.crc32c or "", int(blob.generation or 0))
 
-    def list(self, prefix: str = "") -> dict[str, RemoteFile]:
+    def _listing(self, prefix: str, fields: str) -> Iterator[tuple[str, object]]:
         root = f"{self.prefix}/" if self.prefix else ""
-        out: dict[str, RemoteFile] = {}
         with self._errors("list", prefix or None):
-            for blob in self.client.list_blobs(
-                    self.bucket_name, prefix=root + prefix, retry=self.retry, timeout=self.timeout,
-                    fields="items(name,size,crc32c,generation),nextPageToken"):
-                rel = blob.name[len(root):]
-                out[rel] = self._remote(rel, blob)
-        return out
+            for blob in self.client.list_blobs(self.bucket_name, prefix=root + prefix,
+                                               retry=self.retry, timeout=self.timeout,
+                                               fields=f"items({fields}),nextPageToken"):
+                yield blob.name[len(root):], blob
+
+    def list(self, prefix: str = "") -> dict[str, RemoteFile]:
+        # parts of an upload in progress (composite.PARTS_DIR) are nobody's files
+        return {rel: self._remote(rel, blob) for rel, blob in
+                self._listing(prefix, "name,size,crc32c,generation") if not is_part(rel)}
+
+    def list_parts(self, prefix: str) -> list[str]:
+        """Names under `prefix` (inside composite.PARTS_DIR), which list() leaves out."""
+        return [rel for rel, _blob in self._listing(prefix, "name")]
 
     def stat(self, name: str) -> RemoteFile | None:
         with self._errors("read", name):
@@ -220,13 +177,26 @@ class GcsBackend:
         except OSError as e:
             raise StorageError(
                 f"cannot upload {local} to {self._where(name)}: {one_line(e)}") from e
+        self.parallel.sweep()  # parts an earlier process left behind go first
+        try:
+            stored = self.parallel.upload(
+                local, name, size=before[0], crc32c=crc32c, generation=generation,
+                unchanged=lambda: not changed_since(local, before)) if self.parallel.wanted(
+                    before[0]) else None
+            return stored or self._upload_one_stream(local, name, crc32c, generation, before)
+        except OSError as e:  # the local file vanished or is unreadable
+            raise StorageError(
+                f"cannot upload {local} to {self._where(name)}: {one_line(e)}") from e
+
+    def _upload_one_stream(self, local: Path, name: str, crc32c: str | None,
+                           generation: int | None, before: tuple[int, int]) -> RemoteFile:
         size = before[0]
         blob = self.bucket.blob(self._name(name))
         # Above 8 MiB the library switches to a resumable upload, sent in chunks of this size.
         blob.chunk_size = self.chunk_size
         resumable = size > _multipart_limit()
         try:
-            with self._errors("write", name):
+            with self._streams, self._errors("write", name):
                 blob.upload_from_filename(
                     str(local), if_generation_match=generation, retry=self.retry,
                     timeout=self.timeout,
@@ -242,9 +212,6 @@ class GcsBackend:
             if crc32c is None:
                 crc32c = crc32c_of_file(local)
             return self._settle(name, size, crc32c, generation, str(local))
-        except OSError as e:  # the local file vanished or is unreadable
-            raise StorageError(
-                f"cannot upload {local} to {self._where(name)}: {one_line(e)}") from e
         except StorageError as e:
             if isinstance(e.__cause__, DataCorruption):
                 # The object landed with bytes other than those read: remove that generation (ours),
@@ -264,6 +231,54 @@ class GcsBackend:
                 "the upload", transient=True)
         return self._remote(name, blob)
 
+    # -- the composite path's primitives (composite.ParallelUploads drives them)
+
+    def put_part(self, part: str, local: Path, offset: int, length: int) -> int:
+        """Bytes offset..offset+length of `local` as the object `part`, on one stream; the client
+        hashes what it sends and fails unless the stored crc32c is the same. Returns that crc32c.
+        Unconditional: the name is this upload's own (a retry that finds its earlier attempt landed
+        rewrites the same bytes)."""
+        blob = self.bucket.blob(self._name(part))
+        blob.chunk_size = PART_CHUNK_BYTES
+        with (self._streams, self._errors("write", part), FileRange(local, offset, length) as f):
+            blob.upload_from_file(f, size=None, checksum="crc32c", retry=self.retry,
+                                  timeout=self.timeout)
+        return int.from_bytes(base64.b64decode(blob.crc32c), "big")
+
+    def compose_parts(self, parts: list[str], name: str, *, generation: int | None, size: int,
+                      crc32c: str) -> RemoteFile:
+        """The parts, in order, as `name` under the write condition `generation`; refused unless
+        the bucket's crc32c of the result is `crc32c` (the file's, combined from the parts')."""
+        blob = self.bucket.blob(self._name(name))
+        try:
+            with self._errors("write", name):
+                blob.compose([self.bucket.blob(self._name(p)) for p in parts],
+                             if_generation_match=generation, retry=self.retry,
+                             timeout=self.timeout)
+        except PreconditionFailed:
+            return self._settle(name, size, crc32c, generation, "the composed parts")
+        if blob.crc32c != crc32c or int(blob.size or 0) != size:
+            self._delete_quietly(name, blob.generation)
+            raise StorageError(
+                f"{self._where(name)} was composed with size {blob.size} crc32c {blob.crc32c}, "
+                f"but its parts add up to size {size} crc32c {crc32c}; discarded", transient=True)
+        return self._remote(name, blob)
+
+    def bucket_refusal(self) -> str:
+        """Why this bucket should get no parts (composite.refuses_parts), or "" (also when its
+        settings cannot be read: objectAdmin alone may not read bucket metadata)."""
+        try:
+            with self._errors("read the settings of", None):
+                self.bucket.reload(retry=self.retry, timeout=self.timeout)
+        except StorageError:
+            return ""
+        return refuses_parts(self.bucket.retention_period, self.bucket.default_event_based_hold,
+                             self.bucket.storage_class)
+
+    @staticmethod
+    def refused(error: StorageError) -> bool:
+        return is_refusal(error)
+
     def _delete_quietly(self, name: str, generation) -> None:
         """Remove the object generation this process just wrote (and only that one: a later writer's
         object stays)."""
@@ -276,35 +291,19 @@ class GcsBackend:
 
     def _settle(self, name: str, size: int, crc32c: str, generation: int | None,
                 what: str) -> RemoteFile:
-        """412 on a conditional write: the object is not at `generation`. Success only if it now
-        holds exactly this content (an earlier attempt of this very write landed and its response
-        was lost)."""
-        existing = self.stat(name)
-        if existing is not None and (existing.size, existing.crc32c) == (size, crc32c):
-            return existing
-        if existing is None:
-            raise RemoteChanged(f"{self._where(name)}: conditional write refused (412) and the "
-                                "object is gone; retry")
-        if generation == 0:
-            raise RemoteChanged(
-                f"{self._where(name)} already exists with different content (size {existing.size}, "
-                f"crc32c {existing.crc32c}; {what}: size {size}, crc32c {crc32c}); refusing to "
-                "overwrite it")
-        raise RemoteChanged(
-            f"{self._where(name)} changed remotely (generation {existing.generation}, expected "
-            f"{generation}); refusing to overwrite it")
+        return settle(self.stat(name), self._where(name), size, crc32c, generation, what)
 
     def download_file(self, name: str, local: Path, *, size: int | None = None) -> str:
         local = Path(local)
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(f"{local.name}{TMP_MARK}{uuid.uuid4().hex}")
         try:
-            current = self._sliceable(name) if self.max_streams > 1 and (
+            current = self._sliceable(name) if self.streams > 1 and (
                 size is None or size >= self.sliced_min_bytes) else None
             if current is not None:
                 crc32c = download_sliced(
                     self._read_range, current, tmp, where=self._where(name),
-                    slice_bytes=self.slice_bytes, streams=self.max_streams)
+                    slice_bytes=self.slice_bytes, streams=self.streams)
                 os.replace(tmp, local)
                 return crc32c
             with (self._streams, self._errors("read", name, missing="object"),

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
+from neox_train.config import DEFAULT_TRANSFER_STREAMS
 from neox_train.errors import StorageError
 from neox_train.remote import open_backend
 from neox_train.remote.base import Backend, RemoteFile, parse_url
@@ -288,7 +289,8 @@ def sync_down(backend: Backend, remote_prefix: str, local_dir: Path, *, workers:
     return result
 
 
-def sync(src: str, dst: str, *, credentials: str | None = None, workers: int = 8,
+def sync(src: str, dst: str, *, credentials: str | None = None,
+         workers: int = DEFAULT_TRANSFER_STREAMS, parallel_uploads: bool = True,
          progress: bool = False, guard: Callable[[Backend, str], Guard] | None = None,
          check: Callable[[Path, Backend], None] | None = None) -> SyncResult:
     """`neox-sync SRC DST`: local -> gs://, gs:// -> local, or local -> local. Downloads skip local
@@ -301,7 +303,8 @@ def sync(src: str, dst: str, *, credentials: str | None = None, workers: int = 8
         raise StorageError(
             f"{src} -> {dst}: both sides are gs:// URLs; one side must be a local folder")
     if skind == "gs":
-        return sync_down(open_backend(src, credentials=credentials), "", Path(dwhere),
+        return sync_down(open_backend(src, credentials=credentials, streams=workers), "",
+                         Path(dwhere),
                          workers=workers, skip_existing=True, verify=True, progress=progress)
     src_dir = Path(swhere)
     if not src_dir.is_dir():
@@ -309,7 +312,8 @@ def sync(src: str, dst: str, *, credentials: str | None = None, workers: int = 8
             f"{src}: no such folder (the source must be a local folder or a gs:// URL)")
     if dkind == "file" and (Path(dwhere) == src_dir or src_dir in Path(dwhere).parents):
         raise StorageError(f"{dst} is inside {src}: copying a folder into itself would never end")
-    backend = open_backend(dst, credentials=credentials)
+    backend = open_backend(dst, credentials=credentials, streams=workers,
+                           parallel_uploads=parallel_uploads)
     if check is not None:
         check(src_dir, backend)
     return sync_up(src_dir, backend, "", workers=workers, progress=progress, guard=guard)

@@ -43,7 +43,6 @@ from neox_train.checkpoint.publish.journal import (
 from neox_train.checkpoint.publish.protocol import Publication
 from neox_train.checkpoint.publish.settings import PublishSettings
 from neox_train.errors import is_transient, one_line
-from neox_train.remote import open_backend
 from neox_train.remote.files import Crc32cCache
 
 STOP = "__stop__"
@@ -84,7 +83,7 @@ def _work(settings: PublishSettings, tasks, status_q, saving, parent: int | None
         # the trainer died while this process started (too early for the death signal): do nothing
         return
     try:
-        backend = open_backend(settings.url, credentials=settings.credentials)
+        backend = settings.open_backend()
     # reported to the trainer, which checked access at start-up already
     except Exception as e:  # noqa: BLE001
         try:
@@ -135,6 +134,8 @@ class _Uploads:
         self.settings, self.backend, self.tasks = settings, backend, tasks
         self.status_q, self.parent = status_q, parent
         self.send_lock = threading.Lock()
+        # the backend's one-line warnings (a bucket that refuses parallel uploads) reach the log
+        backend.warn = lambda message: self.send({"kind": "warning", "message": message})
         save_dir = Path(settings.save_dir)
         self.jpath = journal_path(save_dir, settings.node_rank)
         gate = save_gate(saving, settings.yield_to_save_max_s) if saving is not None else None

@@ -351,7 +351,7 @@ class Publication:
             result = upload_checkpoint_part(Path(self.settings.save_dir), tag, self.backend,
                                             identity=self.identity,
                                             node_rank=self.settings.node_rank,
-                                            workers=self.settings.workers, cache=self.cache,
+                                            workers=self.settings.streams, cache=self.cache,
                                             gate=self.gate)
         except Exception:
             # Deleted locally (before or while it was read) because it is verified in the bucket:

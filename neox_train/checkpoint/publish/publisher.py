@@ -136,8 +136,7 @@ class Publisher:
         if not self.settings.url or not self.settings.finalizes:
             return
 
-        backend = open_backend(self.settings.url, credentials=self.settings.credentials,
-                               start_up=True)
+        backend = self.settings.open_backend(start_up=True)
         warning = claim(backend, self.identity, takeover=takeover, save_dir=self.settings.save_dir)
         if warning:
             log.warning("sync: %s", warning)
@@ -152,7 +151,8 @@ class Publisher:
         leftover = (journal_leftovers(self._save_dir, self.settings.node_rank) if resume_journal
                     else [])
         if not self.settings.background:
-            backend = open_backend(self.settings.url, credentials=self.settings.credentials)
+            backend = self.settings.open_backend()
+            backend.warn = lambda message: log.warning("sync: %s", message)
             cache = Crc32cCache(crc_cache_path(self._save_dir, self.settings.node_rank))
             self._inline = Publication(backend, self.settings, cache)
             self.status.published.extend(verified_local_tags(backend, self.settings))
@@ -341,8 +341,7 @@ class Publisher:
             return []
         known = list(self.poll().published)
         try:
-            backend = open_backend(self.settings.url, credentials=self.settings.credentials,
-                                   start_up=True)
+            backend = self.settings.open_backend(start_up=True)
             known += verified_local_tags(backend, self.settings)
         # a bucket that cannot answer: nothing more is deleted
         except Exception as e:  # noqa: BLE001

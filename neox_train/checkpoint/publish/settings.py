@@ -9,10 +9,14 @@ on shared storage only global rank 0 uploads.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from neox_train.config import RunConfig
+from neox_train.checkpoint.publish.journal import journal_path
+from neox_train.config import DEFAULT_TRANSFER_STREAMS, RunConfig
 from neox_train.distributed import Topology
+from neox_train.remote import open_backend
+from neox_train.remote.base import Backend
 
 
 def node_local_storage(ds_config: dict[str, Any]) -> bool:
@@ -46,7 +50,9 @@ class PublishSettings:
     node_rank: int = 0
     num_nodes: int = 1  # nodes whose parts make one checkpoint (node-local storage), else 1
     finalizes: bool = True  # writes manifest, COMPLETE, latest: global rank 0's upload process
-    workers: int = 8
+    # the stream budget of the upload process (files and their parts), RunConfig.transfer_streams
+    streams: int = DEFAULT_TRANSFER_STREAMS
+    parallel_uploads: bool = True
     # >0: when more are waiting, superseded pending tags are skipped (kept locally)
     max_pending: int = 0
     retry_initial_s: float = 2.0
@@ -82,7 +88,16 @@ class PublishSettings:
             num_nodes=topo.num_nodes if node_local else 1,
             finalizes=topo.rank == 0,
             max_pending=run.max_pending_uploads,
+            streams=run.transfer_streams,
+            parallel_uploads=run.parallel_uploads,
             unreachable_warning_s=run.unreachable_warning_s,
             background=run.background_upload,
             upload_timeout_s=run.upload_timeout_s,
         )
+
+    def open_backend(self, *, start_up: bool = False) -> Backend:
+        """The bucket, with this run's stream budget; parallel uploads record their parts in this
+        node's journal, so the next run of this save dir deletes what a killed one left."""
+        return open_backend(self.url, credentials=self.credentials, start_up=start_up,
+                            streams=self.streams, parallel_uploads=self.parallel_uploads,
+                            parts_journal=journal_path(Path(self.save_dir), self.node_rank))

@@ -134,6 +134,8 @@ class PublishStatus:
                         "retrying; training stops once more than max_unpublished_checkpoints are "
                         "stuck", msg["endpoint"], msg["seconds"], msg["error"],
                         len(st.unpublished), ", ".join(st.unpublished) or "none yet")
+        elif kind == "warning":
+            log.warning("sync: %s", msg["message"])
         elif kind == "reachable":
             st.failing = False
             log.info("sync: %s answers again; uploads continue", url)
