@@ -4,8 +4,9 @@ retention, compatibility checks."""
 import json
 
 import pytest
+import torch
 
-from neox_train.checkpoint.local import commit
+from neox_train.checkpoint.local import commit, train_state
 from neox_train.checkpoint.local.tags import local_tags, step_of_tag
 from neox_train.checkpoint.local.train_state import (
     apply_retention,
@@ -200,3 +201,39 @@ def test_side_files_carry_tokenizer_and_losses(tmp_path):
     assert ((tag_dir / "tokenizer.json").read_text() == '{"model": {}}'
             and (tag_dir / "meta.json").is_file())
     assert json.loads((tag_dir / "config.json").read_text()) == MODEL
+
+
+def test_deepspeeds_loader_reads_the_model_states_once(tmp_path):
+    """Issue 22 item 2: DeepSpeed's SDLoader reads the model-states file twice per load (a whole
+    torch.load only to check mp_world_size, then the load itself); inside each_file_read_once
+    (train_state.load) the file is read once, and the checkpoint engine is left as it was."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.state_dict_factory import SDLoaderFactory
+
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.arange(4.0)}, "mp_world_size": 1}, path)
+    reads = []
+
+    class Counting(TorchCheckpointEngine):
+        def load(self, p, map_location=None):
+            reads.append(p)
+            return super().load(p, map_location=map_location)
+
+    engine = SimpleNamespace(checkpoint_engine=Counting())
+
+    def load_as_deepspeed_does():  # DeepSpeedEngine._load_checkpoint's two steps
+        loader = SDLoaderFactory.get_sd_loader([str(path)],
+                                               checkpoint_engine=engine.checkpoint_engine)
+        return loader.load(1, 0)[1]
+
+    load_as_deepspeed_does()
+    assert len(reads) == 2  # DeepSpeed's own behaviour: the reason for the memo
+    reads.clear()
+    with train_state.each_file_read_once(engine):
+        state = load_as_deepspeed_does()
+        assert len(reads) == 1 and torch.equal(state["module"]["w"], torch.arange(4.0))
+        load_as_deepspeed_does()  # the memo serves one second read, not a third
+        assert len(reads) == 2
+    assert "load" not in vars(engine.checkpoint_engine)

@@ -4,6 +4,7 @@ compiled if asked, and the LR schedule aligned with the optimizer steps."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import deepspeed
@@ -13,6 +14,7 @@ import torch
 # transformers' model code (which imports torch._dynamo) under that patch fails.
 import transformers.models.gpt_neox.modeling_gpt_neox  # noqa: F401
 from transformers import GPTNeoXForCausalLM
+from transformers.initialization import no_init_weights
 from transformers.integrations import HfDeepSpeedConfig
 
 from neox_train.ds_config import zero_stage
@@ -44,10 +46,14 @@ def build_engine(plan: RunPlan, *, resume_tag: str | None) -> tuple[Any, HfDeepS
         # alive).
         model = load_hf_model(run.init_from_hf, attention=plan.model_config._attn_implementation)
         log.info("initialised the model from the HuggingFace folder %s", run.init_from_hf)
-    elif zero_stage(plan.ds_config) == 3:
-        model = GPTNeoXForCausalLM._from_config(plan.model_config)
     else:
-        model = build_model(plan.model_config)
+        # A resume overwrites every parameter from the checkpoint (and restores the RNG after it):
+        # the random init would be thrown away. Skipping it saves ~8 ns per parameter (1.4 s at
+        # 160M on CPU, measured; ~10 s at 1.2B). Buffers that are computed, not initialised (RoPE's
+        # inv_freq), are still computed.
+        with no_init_weights() if resume_tag else contextlib.nullcontext():
+            model = (GPTNeoXForCausalLM._from_config(plan.model_config)
+                     if zero_stage(plan.ds_config) == 3 else build_model(plan.model_config))
     use_training_attention(model)
     if run.activation_checkpointing:
         # Every layer (the all-or-nothing recompute that flops_per_token counts for HFU).
