@@ -78,6 +78,12 @@ def test_resume_from_bucket_folder_matches_local_resume(tmp_path, token_dir):
     assert sorted(resumed) == [4, 5, 6]
     for step in resumed:
         assert resumed[step]["loss"] == pytest.approx(straight[step]["loss"], abs=1e-6)
+    # The download is published already (it came from sync_to, checked against its manifest): the
+    # journal says so first, and the upload process never takes it for an unfinished upload.
+    journal = [json.loads(line) for line in
+               (fresh / ".neox-sync" / "journal-node0.jsonl").read_text().splitlines()]
+    assert journal[0]["published"] == "global_step3"
+    assert not any(r.get("queued") == "global_step3" for r in journal), journal
 
 
 def test_unreachable_bucket_fails_before_training(tmp_path, token_dir):

@@ -40,8 +40,9 @@ import deepspeed.comm as dist
 from neox_train.checkpoint.local import commit, train_state
 from neox_train.checkpoint.local.tags import step_of_tag, tag_for_step
 from neox_train.checkpoint.publish.fetch import fetch_checkpoint, remote_latest, remote_manifest
+from neox_train.checkpoint.publish.journal import journal_published
 from neox_train.checkpoint.publish.owner import Identity, new_id, valid_id
-from neox_train.checkpoint.publish.settings import is_publishing_rank
+from neox_train.checkpoint.publish.settings import folder_node, is_publishing_rank
 from neox_train.config import RESUME_AUTO, RunConfig
 from neox_train.distributed import collective_ints
 from neox_train.errors import CheckpointError, ConfigError, StorageError
@@ -323,6 +324,11 @@ def finish_resume(plan, point: ResumePoint, data_tokens: int, *, topo, node_loca
                 "--resume latest, or give another --save-dir")
         if owner:
             fetch_remote_checkpoint(point.remote, run, tag)
+            if point.remote == run.sync_to:
+                # COMPLETE at the prefix this run publishes to, every byte checked against its
+                # manifest: nothing to upload. Without this record the upload process would take
+                # it for an unfinished upload and check it against the bucket again.
+                journal_published(save_dir, folder_node(topo, node_local), tag)
         dist.barrier()
     else:
         tag = tag_for_step(step) if step >= 0 else None

@@ -49,6 +49,11 @@ def journal_queued(save_dir: Path, node_rank: int, tag: str) -> None:
     append_journal(journal_path(save_dir, node_rank), {"queued": tag, "time": time.time()})
 
 
+def journal_published(save_dir: Path, node_rank: int, tag: str) -> None:
+    """`tag` is published (its files are verified in the bucket): nothing to hand over."""
+    append_journal(journal_path(save_dir, node_rank), {"published": tag, "time": time.time()})
+
+
 JOURNAL_KINDS = ("queued", "published", "skipped", "failed")
 
 

@@ -37,7 +37,7 @@ from neox_train.checkpoint.local.tags import (
     sort_key,
     step_of_tag,
 )
-from neox_train.checkpoint.publish.journal import append_journal, journal_path
+from neox_train.checkpoint.publish.journal import journal_published
 from neox_train.checkpoint.publish.owner import Identity, fence
 from neox_train.checkpoint.publish.settings import PublishSettings
 from neox_train.errors import StorageError
@@ -392,6 +392,5 @@ class Publication:
                 raise StorageError(
                     f"{tag}: the other nodes' parts did not arrive within {timeout_s:.0f} s")
             time.sleep(self.settings.finalize_poll_s)
-        append_journal(journal_path(Path(self.settings.save_dir), self.settings.node_rank),
-                       {"published": tag, "time": time.time()})
+        journal_published(Path(self.settings.save_dir), self.settings.node_rank, tag)
         return result
