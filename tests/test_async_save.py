@@ -11,6 +11,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -369,6 +370,11 @@ def test_sigterm_at_a_random_step_saves_that_step_within_the_budget(tmp_path, to
     assert (bucket / tag / "COMPLETE").is_file(), err[-3000:]
     line = next(x for x in err.splitlines() if "preemption:" in x)
     assert f"{tag} saved locally: yes, published: yes" in line, line
+    # where the grace period went, phase by phase, in order (issue 22 item 4)
+    phases = re.search(r"\(stop ([\d.]+) s, local_save ([\d.]+) s, upload ([\d.]+) s, "
+                       r"publish ([\d.]+) s\)", line)
+    assert phases, line
+    assert sum(float(x) for x in phases.groups()) <= elapsed
     assert elapsed < 30, f"the stop took {elapsed:.1f} s, over the 30 s budget"
 
 

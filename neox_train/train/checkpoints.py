@@ -77,6 +77,7 @@ class Checkpoints:
                            disk=folder_node(topo, node_local))
         self.last_tag: str | None = None
         self.committed_at = 0.0  # time.monotonic() of the newest local commit
+        self.save_started_at = 0.0  # time.monotonic() when the newest save began
 
     # -- saves -------------------------------------------------------------------------------------
     def save(self, step: int, consumed_samples: int, losses: dict[str, Any], *,
@@ -86,6 +87,7 @@ class Checkpoints:
         (or `asynchronous=False`) is committed before this returns; an asynchronous one at a later
         step (`poll`)."""
         started = time.perf_counter()
+        self.save_started_at = time.monotonic()
         tag = tag_for_step(step)
         if self.folder_owner:
             # The room left is what the save in flight leaves: wait for its files first (a check
@@ -257,16 +259,34 @@ class Checkpoints:
         out = {"tag": tag, "saved_locally": saved, "published": published,
                "seconds_used": round(used, 2),
                "saved_after_s": round(self.committed_at - signal_at, 2) if saved else None,
-               "budget_s": self.plan.run.preemption_grace_s}
+               "budget_s": self.plan.run.preemption_grace_s,
+               "phases_s": self.preemption_phases(signal_at, tag if saved else None)}
 
         def yes(v: bool | None) -> str:
             return "n/a (no --sync-to)" if v is None else ("yes" if v else "no")
 
+        phases = ", ".join(f"{k} {v:.1f} s" for k, v in out["phases_s"].items())
         log.warning("preemption: %s saved locally: %s, published: %s, %.1f s of the %.0f s grace "
-                    "period used",
+                    "period used%s",
                     tag or "nothing", yes(saved), yes(published), used,
-                    self.plan.run.preemption_grace_s)
+                    self.plan.run.preemption_grace_s, f" ({phases})" if phases else "")
         return out
+
+    def preemption_phases(self, signal_at: float, tag: str | None) -> dict[str, float]:
+        """Where the grace period went, in order: stop (signal to the save's start: the step in
+        progress ends), local_save (to the local commit), upload (this node's files, as the upload
+        process timed them), publish (manifest, COMPLETE, latest). Phases that did not happen are
+        left out."""
+        if tag is None:
+            return {}
+        phases = {}
+        if self.save_started_at >= signal_at:  # else the tag is a save from before the signal
+            phases.update(stop=self.save_started_at - signal_at,
+                          local_save=self.committed_at - self.save_started_at)
+        timings = self.publisher.poll().timings.get(tag) if self.publisher.enabled else None
+        if timings:
+            phases.update(upload=timings["upload_s"], publish=timings["publish_s"])
+        return {k: round(v, 2) for k, v in phases.items()}
 
     def upload_budget(self, signal_at: float) -> float:
         """Seconds left for uploading after a preemption save."""

@@ -190,6 +190,9 @@ class _Uploads:
         append_journal(self.jpath, {"published": task["tag"], "time": time.time()})
         self.send({"kind": "published", "tag": task["tag"],
                    "lag_s": time.time() - task["committed_at"],
+                   "timings": {"upload_s": round(task.get("upload_s", 0.0), 3),
+                               "publish_s": round(time.monotonic()
+                                                  - task.get("uploaded_at", time.monotonic()), 3)},
                    "bytes_uploaded": result.bytes_uploaded, "files_uploaded": result.files_uploaded,
                    "files_skipped": result.files_skipped})
 
@@ -295,7 +298,9 @@ class _Uploads:
         task = self.pending[0]
         tag = task["tag"]
         try:
+            started = time.monotonic()
             result = self.publication.upload(tag)
+            task.update(upload_s=time.monotonic() - started, uploaded_at=time.monotonic())
             done = self.publication.try_complete(tag)
         except Exception as e:  # noqa: BLE001 - one failure must never kill the worker
             self.failed_attempt(task, e)

@@ -34,6 +34,9 @@ class PublishStatus:
     failing: bool = False
     worker_restarts: int = 0  # times the upload process died and was started again
     last_error: str = ""
+    # tag -> {"upload_s": this node's files, "publish_s": manifest, COMPLETE, latest (or the wait
+    # for the other nodes' parts)}, as the upload process timed them
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def settle(self, tag: str) -> None:
         """The worker is done with `tag` (published, failed, skipped or handed): no longer
@@ -42,8 +45,10 @@ class PublishStatus:
             self.pending.remove(tag)
 
     def record_published(self, tag: str, *, lag_s: float, bytes_uploaded: int, files_uploaded: int,
-                         files_skipped: int) -> None:
+                         files_skipped: int, timings: dict[str, float] | None = None) -> None:
         self.settle(tag)
+        if timings:
+            self.timings[tag] = timings
         self.failed.pop(tag, None)
         self.failing = False
         if tag not in self.published:
@@ -94,7 +99,7 @@ class PublishStatus:
             tag = msg["tag"]
             st.record_published(tag, lag_s=msg["lag_s"], bytes_uploaded=msg["bytes_uploaded"],
                                 files_uploaded=msg["files_uploaded"],
-                                files_skipped=msg["files_skipped"])
+                                files_skipped=msg["files_skipped"], timings=msg.get("timings"))
             log.info("sync: published %s to %s (%d files, %d bytes uploaded, lag %.1f s)", tag, url,
                      msg["files_uploaded"], msg["bytes_uploaded"], msg["lag_s"])
         elif kind == "verified":
