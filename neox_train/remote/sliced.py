@@ -19,9 +19,19 @@ from neox_train.remote.files import HashingWriter, crc32c_combine, crc32c_text
 
 # (name, generation, first byte, last byte, where to write) -> None
 ReadRange = Callable[[str, int, int, int, HashingWriter], None]
-# Objects of at least SLICED_MIN_BYTES come down in slices of SLICE_BYTES.
+# Objects of at least SLICED_MIN_BYTES come down in slices of at most SLICE_BYTES (a failed slice
+# is read again whole: this bounds what a failure costs), smaller when that gives every stream one
+# (a 256 MiB object on 16 streams: 16 slices of 16 MiB), never under MIN_SLICE_BYTES (each slice is
+# a request: its latency must stay small next to its transfer).
 SLICE_BYTES = 32 << 20
-SLICED_MIN_BYTES = 64 << 20
+SLICED_MIN_BYTES = 32 << 20
+MIN_SLICE_BYTES = 4 << 20
+
+
+def slice_length(size: int, streams: int, max_bytes: int = SLICE_BYTES,
+                 min_bytes: int = MIN_SLICE_BYTES) -> int:
+    """The length of each slice of a `size`-byte object read on `streams` streams."""
+    return max(1, min(max_bytes, max(min(min_bytes, max_bytes), -(-size // max(1, streams)))))
 
 
 def sliceable(size: int, crc32c: str | None, content_encoding: str | None, min_bytes: int) -> bool:
@@ -32,12 +42,13 @@ def sliceable(size: int, crc32c: str | None, content_encoding: str | None, min_b
 
 def download_sliced(read_range: ReadRange, current: RemoteFile, tmp: Path, *, where: str,
                     slice_bytes: int, streams: int) -> str:
-    """`current` (that generation, whatever is written meanwhile) into `tmp` in slices of
-    slice_bytes, at most `streams` at once. Returns the crc32c; durable when this returns. A slice
-    that comes back short, or a whole whose crc32c is not the object's, is a transient StorageError
-    (nothing is installed: the caller's temporary file is removed)."""
+    """`current` (that generation, whatever is written meanwhile) into `tmp` in slices of at most
+    slice_bytes (slice_length), at most `streams` at once. Returns the crc32c; durable when this
+    returns. A slice that comes back short, or a whole whose crc32c is not the object's, is a
+    transient StorageError (nothing is installed: the caller's temporary file is removed)."""
     size = current.size
-    spans = [(start, min(start + slice_bytes, size) - 1) for start in range(0, size, slice_bytes)]
+    length = slice_length(size, streams, slice_bytes)
+    spans = [(start, min(start + length, size) - 1) for start in range(0, size, length)]
     with open(tmp, "wb") as f:
         f.truncate(size)
 
