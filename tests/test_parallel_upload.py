@@ -274,3 +274,22 @@ def test_parts_a_killed_upload_left_are_removed_by_the_next_upload(proxied, gcs_
     backend.upload_file(random_file(tmp_path / "small", 100), "small", crc32c=None, generation=0)
     assert stored_names(gcs_emulator.emulator_url, bucket) == ["run/small", "run/unrelated"]
     assert "ended" in journal.read_text()
+
+
+def test_a_bucket_refusing_to_delete_parts_gets_no_more_and_the_next_run_retries(
+        proxied, gcs_emulator, tmp_path, capsys):
+    bucket, make = proxied
+    make({r"DELETE /storage/v1/b/[^/]+/o/[^?]*neox-parts": ["403"] * 8})
+    backend = gs(bucket, tmp_path)
+    first, second = (random_file(tmp_path / f"f{i}", 2 * MiB + i) for i in range(2))
+    for i, src in enumerate((first, second)):
+        assert backend.upload_file(src, f"t/f{i}", crc32c=None,
+                                   generation=0).crc32c == crc32c_of_file(src)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "parts cannot be deleted" in warnings[0], warnings
+    names = stored_names(gcs_emulator.emulator_url, bucket)
+    assert len([n for n in names if PARTS_DIR in n]) == 4  # the first file's; the second had none
+    make()  # permission back: the next process through the same journal deletes them
+    gs(bucket, tmp_path).upload_file(random_file(tmp_path / "small", 10), "small", crc32c=None,
+                                     generation=0)
+    assert stored_names(gcs_emulator.emulator_url, bucket) == ["run/small", "run/t/f0", "run/t/f1"]

@@ -327,22 +327,25 @@ class ParallelUploads:
 
     def remove(self, upload_id: str, names: list[str]) -> int:
         """Delete an upload's parts, on the streams (absent ones are fine); the journal forgets the
-        upload once all are gone. Returns how many were deleted."""
-        if not names:
-            if self.journal is not None:
-                self.journal.ended(upload_id)
-            return 0
-        with ThreadPoolExecutor(max_workers=max(1, min(self.ops.streams, len(names))),
-                                thread_name_prefix="neox-part-delete") as pool:
-            outcomes = list(pool.map(self._delete_part, names))
-        if all(outcomes) and self.journal is not None:
+        upload once all are gone. Returns how many were deleted. A bucket that refuses to delete
+        them gets no more parts (one WARNING)."""
+        failures: list[StorageError] = []
+        if names:
+            with ThreadPoolExecutor(max_workers=max(1, min(self.ops.streams, len(names))),
+                                    thread_name_prefix="neox-part-delete") as pool:
+                failures = [e for e in pool.map(self._delete_part, names) if e is not None]
+        if not failures and self.journal is not None:
             self.journal.ended(upload_id)
         # else the journal still names the upload: the next process deletes what is left
-        return sum(outcomes)
+        refused = next((e for e in failures if self.ops.refused(e)), None)
+        if refused is not None:
+            self._fall_back(f"parts cannot be deleted ({refused}; "
+                            f"{len(failures)} left under {PARTS_DIR}/{upload_id}/)")
+        return len(names) - len(failures)
 
-    def _delete_part(self, part: str) -> bool:
+    def _delete_part(self, part: str) -> StorageError | None:
         try:
             self.ops.delete(part, generation=None)
-        except StorageError:
-            return False
-        return True
+        except StorageError as e:
+            return e
+        return None
