@@ -132,3 +132,15 @@ def test_data_startup_bench_on_a_small_dataset():
         for phase in ("cold", "warm"):
             assert 0 < r[kind][phase]["first_step_s"] < 120 and r[kind][phase]["peak_rss_gib"] > 0
         assert r[kind]["page_cache_dropped"] is False
+
+
+def test_transfer_bench_compares_ours_one_stream_and_transfer_manager():
+    r = bench("transfer_bench.py", "--mb", "33", "--streams", "1,2", "--rounds", "1",
+              "--cap-mb-s", "100")
+    assert r["bench"] == "transfer_bench" and r["streams"] == [1, 2]
+    assert r["server_ceiling"]["up_mb_s"] > 0 and r["server_ceiling"]["down_mb_s"] > 0
+    assert set(r["big_file"]) == {"up x1", "down x1", "up x2", "down x2"}
+    for row in r["big_file"].values():
+        assert row["ours_mb_s"] > 0 and row["one_stream_mb_s"] > 0
+        assert row["transfer_manager_mb_s"] > 0 and row["ours_cpu_s_per_gb"] > 0
+        assert 0 < row["ours_over_one_stream"]["min"] <= row["ours_over_one_stream"]["max"]
