@@ -103,7 +103,8 @@ def _client(args: list[str]) -> None:
     seconds = time.monotonic() - started
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-    sys.__stdout__.write(json.dumps({"seconds": seconds, "bytes": moved, "cpu_s": cpu}) + "\n")
+    sys.__stdout__.write(json.dumps({"seconds": seconds, "bytes": moved, "cpu_s": cpu,
+                                     "peak_rss_mb": cpu1.ru_maxrss / 1024}) + "\n")
 
 
 def transfer(env: dict, direction: str, method: str, streams: int, bucket: str, name: str,
@@ -175,6 +176,7 @@ def big_file(env: dict, tmp: Path, big: Path, bucket: str, streams: list[int],
                     [a["mb_s"] / b["mb_s"] for a, b in zip(ours, tm)]),
                 "ours_cpu_s_per_gb": round(statistics.median(
                     x["cpu_s"] / (x["bytes"] / 1e9) for x in ours), 2),
+                "ours_peak_rss_mb": round(max(x["peak_rss_mb"] for x in ours)),
             }
     return table
 
