@@ -29,6 +29,9 @@ Every transfer runs in a client process of its own (this script with --client), 
    MB/s: one stream needs ~63 s for the checkpoint), SIGTERM after a few steps, preemption_grace_s
    15: was the checkpoint published in time, and where the seconds went (the exit summary's
    phases), with --transfer-streams 16 and 1.
+4. faults: the demo publishes and a fresh save dir resumes from the bucket while parts, composes
+   and ranged reads get 503s, resets and stalls: objects that differ from their file, parts left,
+   tags COMPLETE that are not (all must be 0).
 """
 
 from __future__ import annotations
@@ -255,6 +258,63 @@ def preemption(env: dict, tmp: Path, data: Path, emulator, cap: float, streams: 
             "tag": pre.get("tag")}
 
 
+# what the fault mix hits: parts (their resumable starts and chunks), composes, ranged reads
+FAULTY = (r"POST /upload/storage/v1/b/[^/]+/o\?.*uploadType=resumable",
+          r"PUT /upload/storage/v1/b/[^/]+/o\?.*upload_id=",
+          r"POST /storage/v1/b/[^/]+/o/.+/compose",
+          r"GET /download/storage/v1/b/[^/]+/o/.+generation=")
+
+
+def faults(env: dict, tmp: Path, data: Path, emulator) -> dict:
+    """Section 4: the demo publishes two checkpoints through a proxy that answers 503, resets or
+    stalls one in two of the requests above, then a fresh save dir resumes from the bucket (sliced
+    downloads under the same mix) and publishes one more. Then, asked of the server itself: every
+    COMPLETE tag's objects have the manifest's crc32c, every local file too, and no part is left."""
+    from neox_train.remote.files import crc32c_of_file
+
+    from gcs import FaultProxy, create_bucket, direct_client
+
+    mix = ["503", "pass", "reset", "pass", "stall", "pass"] * 40
+    with FaultProxy(emulator.emulator_url, enforce_preconditions=True, stall_s=1.0,
+                    rules={pattern: mix for pattern in FAULTY}, lifetime_s=None,
+                    max_requests=None, keep_log=False) as proxy:
+        env = {**env, "STORAGE_EMULATOR_HOST": proxy.url}
+        bucket = create_bucket(emulator.emulator_url)
+        url = f"gs://{bucket}/demo"
+        seconds = {}
+        for name, steps in (("faults", 4), ("faults-resumed", 6)):
+            started = time.monotonic()
+            config = demo_run(tmp, name, data, max_steps=steps, save_steps=2, keep_last_n=0,
+                              sync_to=url)
+            proc = subprocess.run([str(BIN / "neox-train"), "--config", str(config), "--resume",
+                                   "auto"], env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"bench: the run under faults failed:\n{proc.stderr[-3000:]}")
+            seconds[name] = round(time.monotonic() - started, 1)
+        injected = {k: proxy.counts[k] for k in ("503", "reset", "stall")}
+    client = direct_client(emulator.emulator_url)
+    objects = {b.name: b for b in client.list_blobs(bucket, prefix="demo/")}
+    complete = sorted(n.split("/")[1] for n in objects if n.endswith("/COMPLETE"))
+    bad, checked = [], 0
+    for tag in complete:
+        # a fresh blob: a listed one downloads from its stored mediaLink, the proxy's address
+        manifest = json.loads(client.bucket(bucket).blob(f"demo/{tag}/manifest.json")
+                              .download_as_bytes())
+        for rel, meta in manifest["files"].items():
+            checked += 1
+            blob = objects.get(f"demo/{tag}/{rel}")
+            local = next((f for f in (tmp / "ckpt-faults" / tag / rel,
+                                      tmp / "ckpt-faults-resumed" / tag / rel) if f.is_file()),
+                         None)
+            if (blob is None or blob.crc32c != meta["crc32c"]
+                    or (local is not None and crc32c_of_file(local) != meta["crc32c"])):
+                bad.append(f"{tag}/{rel}")
+    return {"faults_injected": injected, "run_seconds": seconds, "complete_tags": complete,
+            "files_checked": checked,
+            "objects_differing_from_their_file": len(bad), "differing": bad[:5],
+            "parts_left": sum(1 for n in objects if "/.neox-parts/" in n)}
+
+
 def measure(args: argparse.Namespace, tmp: Path) -> dict:
     from gcs import Emulator, FaultProxy, create_bucket, direct_client
 
@@ -272,7 +332,7 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
                         "streams": streams, "rounds": args.rounds}
         if "big" in sections:
             result["server_ceiling"] = server_ceiling(emulator, tmp, big, bucket)
-        if sections & {"checkpoint", "preemption"}:
+        if sections & {"checkpoint", "preemption", "faults"}:
             data = synthetic_shards(tmp / "data", vocab_size=4096, num_tokens=400_000)
         with FaultProxy(emulator.emulator_url, enforce_preconditions=True,
                         cap_bytes_per_s=args.cap_mb_s * MB, lifetime_s=None, max_requests=None,
@@ -287,6 +347,9 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
             if "checkpoint" in sections:
                 result["checkpoint"] = checkpoint_folder(env, tmp, data, bucket, max(streams),
                                                          args.rounds)
+        if "faults" in sections:
+            result["faults"] = faults({**os.environ, "PYTHONPATH": str(REPO)}, tmp, data,
+                                      emulator)
         if "preemption" in sections:
             env = {**os.environ, "PYTHONPATH": str(REPO)}
             result["preemption"] = [
@@ -310,7 +373,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--sections", default="big",
                    help="comma-separated: big (one big file), checkpoint (a real checkpoint "
-                        "folder), preemption (SIGTERM while publishing the demo's checkpoint)")
+                        "folder), preemption (SIGTERM while publishing the demo's checkpoint), "
+                        "faults (publish and resume under a 503/reset/stall mix)")
     p.add_argument("--preemption-cap-mb-s", type=float, default=1.0)
     args = p.parse_args()
     import tempfile
