@@ -153,6 +153,8 @@ def big_file(env: dict, tmp: Path, big: Path, bucket: str, streams: list[int],
                 if method == "one" and n != streams[0]:
                     continue  # one stream is one stream: measured once per round
                 for direction in ("up", "down"):
+                    if method == "tm" and direction == "up" and n != streams[0]:
+                        continue  # upload_many sends one file in one stream whatever N: once
                     out = tmp / "down.bin"
                     if direction == "up":
                         result = transfer(env, "up", method, n, bucket, "up.bin", big)
@@ -168,7 +170,7 @@ def big_file(env: dict, tmp: Path, big: Path, bucket: str, streams: list[int],
         for direction in ("up", "down"):
             ours = runs[f"ours {direction} {n}"]
             one = runs[f"one {direction} {streams[0]}"]
-            tm = runs[f"tm {direction} {n}"]
+            tm = runs[f"tm {direction} {n if direction == 'down' else streams[0]}"]
             table[f"{direction} x{n}"] = {
                 "ours_mb_s": round(statistics.median(x["mb_s"] for x in ours), 1),
                 "one_stream_mb_s": round(statistics.median(x["mb_s"] for x in one), 1),

@@ -96,6 +96,44 @@ def test_direct_file_writes_what_torch_save_writes_with_its_crc32c(tmp_path, dir
         path.unlink(missing_ok=True)
 
 
+def test_torch_save_leaves_out_the_zip_crc32_and_torch_load_reads_it(tmp_path):
+    """writer.torch_save: torch.save's bytes with the records' crc32 left out (what made the disk
+    wait), the file's crc32c still right, torch's switch restored after the call and after a
+    failure."""
+    from neox_train.checkpoint.local.writer import torch_save
+
+    path = tmp_path / "file.pt"
+    state = {**_state(), "big": torch.randn(3 * (1 << 20) + 77)}
+    out = DirectFile(path, ChunkBuffers(chunk_bytes=1 << 20))
+    torch_save(state, out)
+    record = out.close()
+    assert torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        without_crc = _buffer_save(state)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert path.read_bytes() == without_crc != _buffer_save(state)
+    assert record.size == path.stat().st_size and record.crc32c == crc32c_of_file(path)
+    # the same records as a plain torch.save (each save draws its own serialization id)
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes(_buffer_save(state))
+    ours, theirs = _stored_members(path), _stored_members(plain)
+    assert theirs == {n: zipfile.ZipFile(plain).read(n) for n in theirs}
+    assert ours.keys() == theirs.keys()
+    assert [n for n in ours if ours[n] != theirs[n] and not n.endswith("serialization_id")] == []
+    loaded = torch.load(path, weights_only=False)
+    assert torch.equal(loaded["big"], state["big"]) and loaded["step"] == 7
+
+    class Refuses:
+        def write(self, data):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        torch_save(state, Refuses())
+    assert torch.serialization.get_crc32_options()
+
+
 def test_a_filesystem_that_refuses_o_direct_writes_gets_the_buffered_path(tmp_path, monkeypatch):
     """Some filesystems accept O_DIRECT at open and fail the first write with EINVAL: the file is
     started over buffered, and its bytes and crc32c are still right."""
@@ -209,10 +247,10 @@ def test_async_and_sync_saves_write_identical_checkpoints(trained_run, tmp_path,
             if "model_states" not in name:
                 assert path.read_bytes() == theirs[name].read_bytes(), name
                 continue
-            a, b = zipfile.ZipFile(path), zipfile.ZipFile(theirs[name])
-            assert a.namelist() == b.namelist()
-            assert [n for n in a.namelist() if not n.endswith(("data.pkl", "serialization_id"))
-                    and a.read(n) != b.read(n)] == [], name
+            a, b = _stored_members(path), _stored_members(theirs[name])
+            assert list(a) == list(b)
+            assert [n for n in a if not n.endswith(("data.pkl", "serialization_id"))
+                    and a[n] != b[n]] == [], name
             x, y = (torch.load(path, weights_only=False),
                     torch.load(theirs[name], weights_only=False))
             for state in (x, y):
@@ -229,6 +267,22 @@ def test_async_and_sync_saves_write_identical_checkpoints(trained_run, tmp_path,
     assert all(synchronous[s]["loss"] == straight[s]["loss"] for s in straight)
     assert {r["async"] for r in read_metrics(shared / "logs", "checkpoint").values()} == {1.0}
     assert {r["async"] for r in read_metrics(tmp_path / "logs", "checkpoint").values()} == {0.0}
+
+
+def _stored_members(path: Path) -> dict[str, bytes]:
+    """A torch.save file's records by name, read raw from the zip (zipfile's `read` checks each
+    record's crc32, which the writer leaves out: writer.torch_save)."""
+    raw = path.read_bytes()
+    out = {}
+    for info in zipfile.ZipFile(path).infolist():
+        assert info.compress_type == zipfile.ZIP_STORED
+        # the local header: 30 bytes, then its own name and extra field
+        name_len, extra_len = int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28],
+                                             "little"), \
+            int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], "little")
+        start = info.header_offset + 30 + name_len + extra_len
+        out[info.filename] = raw[start:start + info.file_size]
+    return out
 
 
 def _write_delay_env(seconds: float) -> dict[str, str]:

@@ -40,7 +40,7 @@ from deepspeed.runtime.checkpoint_engine.checkpoint_engine import (
 
 from neox_train.checkpoint.local.commit import FileRecord
 from neox_train.checkpoint.local.snapshot import SnapshotPool, snapshot
-from neox_train.checkpoint.local.writer import ChunkBuffers, DirectFile
+from neox_train.checkpoint.local.writer import ChunkBuffers, DirectFile, torch_save
 from neox_train.errors import one_line
 
 ENGINE_NAME = "NeoxCheckpointEngine"
@@ -143,7 +143,7 @@ class NeoxCheckpointEngine(CheckpointEngine):
         out = None
         try:
             out = DirectFile(path, self.buffers)
-            torch.save(state, out, _use_new_zipfile_serialization=self.zipfile_serialization)
+            torch_save(state, out, zipfile_serialization=self.zipfile_serialization)
             batch.records[rel] = out.close()
         # reported to every rank by the Saver, which raises one line
         except Exception as e:  # noqa: BLE001

@@ -11,6 +11,13 @@ from the same buffers, so the commit never reads the file back.
 
 Filesystems that refuse O_DIRECT (tmpfs, some network mounts) get plain buffered writes of the same
 chunks. Either way the file is fsynced before `close` returns.
+
+`torch_save` is torch.save with its zip writer's per-record crc32 turned off. That crc (about 4 GB/s
+on one core) is computed over each whole tensor before the first of its bytes reaches `write`, so
+the disk waits: with ZeRO's flat 1.6 GB partitions it cost a third of the save (6.5 GB at ZeRO-2:
+0.68 of dd with it, 1.09 without). torch.load never checks it; the file's crc32c in the completeness
+marker is what the commit and the publication check. Python's `zipfile` does check it (Bad CRC-32):
+read such a file with torch.load.
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ import mmap
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import google_crc32c
 import google_crc32c._crc32c
 import numpy as np
+import torch
 
 from neox_train.checkpoint.local.commit import FileRecord
 from neox_train.remote.files import crc32c_text
@@ -200,3 +209,19 @@ class DirectFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+_ZIP_CRC32_LOCK = threading.Lock()
+
+
+def torch_save(obj: Any, out: DirectFile, *, zipfile_serialization: bool = True) -> None:
+    """torch.save(obj, out) without the zip records' crc32 (see the module docstring); the same
+    bytes otherwise. The switch is torch's, process-wide and read when the zip writer is created:
+    it is set under a lock for this call only and restored after."""
+    with _ZIP_CRC32_LOCK:
+        before = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)
+        try:
+            torch.save(obj, out, _use_new_zipfile_serialization=zipfile_serialization)
+        finally:
+            torch.serialization.set_crc32_options(before)
