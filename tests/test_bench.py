@@ -143,4 +143,5 @@ def test_transfer_bench_compares_ours_one_stream_and_transfer_manager():
     for row in r["big_file"].values():
         assert row["ours_mb_s"] > 0 and row["one_stream_mb_s"] > 0
         assert row["transfer_manager_mb_s"] > 0 and row["ours_cpu_s_per_gb"] > 0
+        assert row["ours_added_rss_mb"] >= 0
         assert 0 < row["ours_over_one_stream"]["min"] <= row["ours_over_one_stream"]["max"]
