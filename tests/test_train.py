@@ -242,3 +242,19 @@ def test_unknown_compile_backend_is_refused_before_training(tmp_path, token_dir)
     assert ("compile='inductr' is not a torch.compile backend (valid:" in proc.stderr
             and "inductor" in proc.stderr)
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_the_summary_rate_is_the_whole_runs_and_the_window_says_window(tmp_path, token_dir):
+    """Issue 23 item 5: the `done:` summary's tokens_per_s was the last logging window's rate, which
+    leaves out evaluations and saves (1.48x the run's average on a run whose load changed). Now it
+    is every step over the loop's wall time, and the window's rate is tokens_per_s_window. Long
+    evaluations between the windows make the two differ."""
+    run = tiny_run_config(tmp_path, token_dir, max_steps=6, log_steps=2, eval_steps=2,
+                          eval_batches=40, save_steps=100, val_fraction=0.3)
+    proc = run_train(["--config", str(run)])
+    done = next(line for line in proc.stderr.splitlines() if " done: {" in line)
+    summary = json.loads(done.split(" done: ", 1)[1])
+    windows = [r["tokens_per_s"] for r in read_metrics(tmp_path / "logs").values()]
+    assert summary["tokens_per_s_window"] == pytest.approx(windows[-1])
+    # the evaluations (40 batches every 2 steps) count in the run's rate, not in a window's
+    assert 0 < summary["tokens_per_s"] < 0.8 * min(windows)

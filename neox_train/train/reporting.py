@@ -93,7 +93,12 @@ def logged_step(step: int, values: dict[str, Any], *, metrics: Metrics, bar: tqd
     summary.setdefault("first_loss", values["loss"])
     summary["last_loss"] = values["loss"]
     last_losses["train_loss"] = values["loss"]
-    summary["tokens_per_s"] = values["tokens_per_s"]
+    summary["tokens_per_s_window"] = values["tokens_per_s"]
+
+
+def run_rate(steps: int, tokens_per_step: int, seconds: float) -> float | None:
+    """Tokens per second over a whole run (None before its first step)."""
+    return steps * tokens_per_step / seconds if steps and seconds > 0 else None
 
 
 def evaluation(step: int, ev: dict[str, float], *, metrics: Metrics, summary: dict[str, Any],

@@ -253,6 +253,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.engine.device)
         loss_count = 0
         summary: dict[str, Any] = {"start_step": self.step}
+        loop_started, steps_run = time.perf_counter(), 0
         # log lines above the bar, not glued onto it
         redirect = logging_redirect_tqdm(loggers=[log])
         redirect.__enter__()
@@ -263,6 +264,7 @@ class Trainer:
                 lr = float(self.engine.get_lr()[0])
                 loss, grad_norm = self.train_step(want_grad_norm=log_now)
                 self.step += 1
+                steps_run += 1
                 self.watchdog.beat(self.step)
                 throughput.step()
                 bar.update(1)
@@ -305,6 +307,10 @@ class Trainer:
                                 else "a signal on another rank", self.step)
                     summary["stopped_by_signal"] = self.stop_signal
                     break
+            # The run's own rate: every step this process trained over the loop's wall time, saves
+            # and evaluations included (the log lines' rate is the last window's, without them).
+            summary["tokens_per_s"] = reporting.run_rate(
+                steps_run, self.tokens_per_step, time.perf_counter() - loop_started)
             if final:
                 self._final_save(summary)
         except BaseException:
