@@ -16,6 +16,7 @@ from typing import Any
 
 from neox_train.errors import ConfigError, read_json_object
 from neox_train.model import ATTENTION_IMPLS, MODEL_PRESETS
+from neox_train.run_presets import RUN_PRESETS
 
 PRECISIONS = ("bf16", "fp16", "no")
 # --resume auto: latest where a complete checkpoint exists (here or at sync_to), else step 0 (the
@@ -94,6 +95,14 @@ class RunConfig:
     peak_tflops: float | None = _f(
         None, "Peak TFLOP/s per device that MFU divides by; null = the built-in table for known "
         "GPUs in bf16/fp16 (MFU is null on CPU and unknown devices).", metavar="TFLOPS", **_PERF)
+    profile_steps: str | None = _f(
+        None, "Record a torch.profiler trace of steps A to B (e.g. 5-7) on every rank, into "
+        "LOG_DIR/profile/: a Chrome trace and the TensorBoard profiler plugin's files.",
+        metavar="A-B", **_PERF)
+    memory_snapshot: int | None = _f(
+        None, "CUDA: record the allocator's history from the start and write a snapshot for "
+        "pytorch.org/memory_viz at this step, and on an out-of-memory error before exiting, into "
+        "LOG_DIR/profile/.", metavar="STEP", **_PERF)
     init_from_hf: str | None = _f(
         None, "Start from the weights of a HuggingFace GPTNeoX folder (continued pretraining); its "
         "shape must match `model` and the padded vocabulary. Ignored when resuming (the checkpoint "
@@ -184,29 +193,6 @@ class RunConfig:
         return from_dict({**self.to_dict(), **changes})
 
 
-# The seed system's config names, kept so users' habits carry over.
-RUN_PRESETS: dict[str, dict[str, Any]] = {
-    # Quick validation of the real pipeline on a GPU: small model, few shards, frequent saves.
-    "test": dict(
-        name="test", model="neox-160m", seq_len=512, ds_config="zero2", micro_batch=2, grad_accum=2,
-        mixed_precision="bf16", max_steps=1000, save_steps=200, log_steps=25, eval_steps=200,
-        max_shards=5,
-    ),
-    # The flagship run: neox-1.2b, effective batch 16 sequences per GPU (4 x 4).
-    "production": dict(
-        name="production", model="neox-1.2b", seq_len=2048, ds_config="zero2", micro_batch=4,
-        grad_accum=4, mixed_precision="bf16", max_steps=10000, save_steps=500, log_steps=100,
-        eval_steps=500,
-    ),
-    # The README demo: trains on 2 CPU cores in a few minutes on the Python docs corpus.
-    "demo": dict(
-        name="demo", model="neox-demo", seq_len=128, ds_config="zero0", micro_batch=8, grad_accum=2,
-        mixed_precision="no", max_steps=300, warmup_steps=30, save_steps=100, log_steps=10,
-        eval_steps=50, eval_batches=8, keep_last_n=2, val_fraction=0.05, data_dir="data/demo",
-        save_dir="checkpoints/demo", log_dir="logs/demo", sync_to="bucket/demo",
-    ),
-}
-
 _FIELD_NAMES = [f.name for f in fields(RunConfig)]
 
 
@@ -225,15 +211,25 @@ _INTS = [(("seq_len", "max_steps", "save_steps", "log_steps", "eval_batches", "v
            "max_unpublished_checkpoints", "prefetch_micro_batches", "max_bad_steps",
            "max_rollbacks"), 0)]
 # DeepSpeed needs warmup >= 1
-_OPTIONAL_INTS = [(("micro_batch", "grad_accum", "max_shards", "warmup_steps"), 1),
+_OPTIONAL_INTS = [(("micro_batch", "grad_accum", "max_shards", "warmup_steps",
+                    "memory_snapshot"), 1),
                   (("vocab_size",), 2)]
 # field -> (valid values, null allowed), from the fields' `choices` (their flags offer the same)
 _CHOICES = {f.name: (f.metadata["choices"], f.default is None) for f in fields(RunConfig)
             if "choices" in f.metadata}
 _BOOLS = ("activation_checkpointing", "background_upload", "async_save", "loss_guard",
           "allow_data_change", "parallel_uploads")
-_OPTIONAL_STRINGS = ("sync_to", "credentials", "init_from_hf", "compile")
+_OPTIONAL_STRINGS = ("sync_to", "credentials", "init_from_hf", "compile", "profile_steps")
 _STRINGS = ("name", "ds_config", "data_dir", "save_dir", "log_dir")
+
+
+def profile_span(text: str | None) -> tuple[int, int] | None:
+    """profile_steps "A-B" as (A, B); None when absent or not a valid span."""
+    first, dash, last = (text or "").partition("-")
+    if not (dash and first.isdigit() and last.isdigit()):
+        return None
+    a, b = int(first), int(last)
+    return (a, b) if 1 <= a <= b else None
 
 
 def _is_int(v: Any) -> bool:
@@ -257,6 +253,10 @@ def _int_problems(values: dict[str, Any]) -> list[str]:
                                + (" or null" if optional else ""))
                 elif v < lo:
                     out.append(f"{name}={v} is out of range: must be >= {lo}")
+    span = values.get("profile_steps")
+    if isinstance(span, str) and span and profile_span(span) is None:
+        out.append(f"profile_steps={span!r} is not a span of steps (valid: A-B with 1 <= A <= B, "
+                   "e.g. 5-7)")
     streams = values.get("transfer_streams")
     if not (_is_int(streams) and 1 <= streams <= MAX_TRANSFER_STREAMS):
         out.append(f"transfer_streams={streams!r} must be an integer from 1 to "

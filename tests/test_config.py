@@ -66,6 +66,10 @@ def test_json_file_with_base(tmp_path):
         ({"transfer_streams": 257}, ["transfer_streams=257 must be an integer from 1 to 256"]),
         ({"transfer_streams": "16"}, ["transfer_streams='16' must be an integer from 1 to 256"]),
         ({"parallel_uploads": 1}, ["parallel_uploads=1 must be true or false"]),
+        ({"profile_steps": "7-5"}, ["profile_steps='7-5' is not a span of steps (valid: A-B"]),
+        ({"profile_steps": "5"}, ["profile_steps='5' is not a span of steps"]),
+        ({"profile_steps": "0-2"}, ["profile_steps='0-2' is not a span of steps"]),
+        ({"memory_snapshot": 0}, ["memory_snapshot=0 is out of range: must be >= 1"]),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, values, needles):

@@ -86,6 +86,8 @@ NEW_FLAGS = [
     (["--max-pending-uploads", "2"], "max_pending_uploads", 2),
     (["--transfer-streams", "4"], "transfer_streams", 4),
     (["--no-parallel-uploads"], "parallel_uploads", False),
+    (["--profile-steps", "3-4"], "profile_steps", "3-4"),
+    (["--memory-snapshot", "5"], "memory_snapshot", 5),
 ]
 
 

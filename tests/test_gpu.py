@@ -92,3 +92,18 @@ def test_two_gpus_train(tmp_path, token_dir):
     train = read_metrics(tmp_path / "logs")
     _check_gpu_records(train)
     assert train[STEPS]["consumed_samples"] == STEPS * 4 * 2 * 2
+
+
+def test_gpu_profile_and_memory_snapshot(tmp_path, token_dir):
+    """Issue 23 item 2 on CUDA: the profile of steps 2-3 holds CUDA kernels, and the memory
+    snapshot at step 2 is the allocator's history (what pytorch.org/memory_viz reads)."""
+    import json
+    import pickle
+
+    run = _gpu_run(tmp_path, token_dir, 0, max_steps=4, save_steps=100, eval_steps=0)
+    run_train(["--config", str(run), "--profile-steps", "2-3", "--memory-snapshot", "2"])
+    profile = tmp_path / "logs" / "profile"
+    snapshot = pickle.loads((profile / "memory-rank0-step2.pickle").read_bytes())
+    assert snapshot["segments"] and snapshot["device_traces"][0]
+    trace = json.loads((profile / "trace-rank0-steps2-3.json").read_text())
+    assert any(e.get("cat") == "kernel" for e in trace["traceEvents"])

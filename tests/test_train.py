@@ -258,3 +258,24 @@ def test_the_summary_rate_is_the_whole_runs_and_the_window_says_window(tmp_path,
     assert summary["tokens_per_s_window"] == pytest.approx(windows[-1])
     # the evaluations (40 batches every 2 steps) count in the run's rate, not in a window's
     assert 0 < summary["tokens_per_s"] < 0.8 * min(windows)
+
+
+def test_profile_steps_write_a_chrome_trace_and_tensorboard_files_per_rank(tmp_path, token_dir):
+    """Issue 23 item 2: --profile-steps A-B records those steps on every rank (2 gloo ranks here)
+    as a Chrome trace and as the TensorBoard profiler plugin's files; --memory-snapshot on a machine
+    without CUDA is one WARNING, and the run goes on."""
+    run = tiny_run_config(tmp_path, token_dir, ds_config=str(test_ds_config(tmp_path, 0)),
+                          max_steps=5, save_steps=100, eval_steps=0)
+    proc = run_train(["--config", str(run), "--profile-steps", "2-3", "--memory-snapshot", "2"],
+                     nprocs=2)
+    assert "--memory-snapshot records the CUDA caching allocator's history" in proc.stderr
+    profile = tmp_path / "logs" / "profile"
+    for rank in (0, 1):
+        trace = json.loads((profile / f"trace-rank{rank}-steps2-3.json").read_text())
+        names = {e.get("name", "") for e in trace["traceEvents"]}
+        # both profiled steps, and the model's own work inside them
+        assert {"ProfilerStep#0", "ProfilerStep#1"} <= names, sorted(names)[:20]
+        assert any(n.startswith("aten::") for n in names)
+        tensorboard = list((profile / "tensorboard").glob(f"rank{rank}.*.pt.trace.json"))
+        assert len(tensorboard) == 1 and json.loads(tensorboard[0].read_text())["traceEvents"]
+    assert not list(profile.glob("memory-*"))

@@ -33,6 +33,7 @@ from neox_train.train.guard import LossGuard, StepOutcome, UpdateSwitch, roll_ba
 from neox_train.train.metrics import Metrics, Throughput
 from neox_train.train.perf import StepTimer, as_float
 from neox_train.train.plan import RunPlan
+from neox_train.train.profiling import Profiling
 from neox_train.train.training_engine import build_engine
 from neox_train.train.watchdog import HangLimits, Watchdog
 
@@ -54,6 +55,8 @@ class Trainer:
         self.is_rank0 = self.rank == 0
         self.save_dir = Path(run.save_dir)
         self.windows, self.split = data
+        # before the engine: a memory snapshot's history starts with the model's allocations
+        self.profiling = Profiling(run, rank=self.rank, cuda=torch.cuda.is_available())
 
         self.engine, self._hf_ds_config = build_engine(plan, resume_tag=resume_tag)
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
@@ -262,8 +265,9 @@ class Trainer:
                 log_now = (self.step + 1) % run.log_steps == 0 or self.step + 1 == run.max_steps
                 # the rate this step uses (the scheduler moves in step())
                 lr = float(self.engine.get_lr()[0])
-                loss, grad_norm = self.train_step(want_grad_norm=log_now)
+                loss, grad_norm = self._profiled_step(want_grad_norm=log_now)
                 self.step += 1
+                self.profiling.after_step(self.step)
                 steps_run += 1
                 self.watchdog.beat(self.step)
                 throughput.step()
@@ -333,6 +337,15 @@ class Trainer:
         summary["end_step"] = self.step
         return summary
 
+    def _profiled_step(self, *, want_grad_norm: bool) -> tuple[torch.Tensor, float | None]:
+        """train_step, with --profile-steps and --memory-snapshot around it."""
+        self.profiling.before_step(self.step + 1)
+        try:
+            return self.train_step(want_grad_norm=want_grad_norm)
+        except torch.OutOfMemoryError:
+            self.profiling.out_of_memory(self.step + 1)
+            raise
+
     def _after_update(self, throughput: Throughput) -> bool:
         """The guard's bookkeeping of the step just taken (a rollback when a streak calls for it);
         True when the step's loss counts in the logged mean (its update was applied)."""
@@ -372,5 +385,6 @@ class Trainer:
             self.save(asynchronous=False, first=summary.get("stopped_by_signal", False))
 
     def close(self) -> None:
+        self.profiling.close(self.step)
         self.loader.close()
         self.metrics.close()
