@@ -9,13 +9,19 @@ exactly one place each value comes from and the effective result is printed and 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from neox_train.config_rules import (
+    is_int,
+    mixture_problems,
+    model_problems,
+    number_problems,
+    profile_span,
+)
 from neox_train.errors import ConfigError, read_json_object
-from neox_train.model import ATTENTION_IMPLS, MODEL_PRESETS
+from neox_train.model import ATTENTION_IMPLS
 from neox_train.run_presets import RUN_PRESETS
 
 PRECISIONS = ("bf16", "fp16", "no")
@@ -223,23 +229,6 @@ _OPTIONAL_STRINGS = ("sync_to", "credentials", "init_from_hf", "compile", "profi
 _STRINGS = ("name", "ds_config", "data_dir", "save_dir", "log_dir")
 
 
-def profile_span(text: str | None) -> tuple[int, int] | None:
-    """profile_steps "A-B" as (A, B); None when absent or not a valid span."""
-    first, dash, last = (text or "").partition("-")
-    if not (dash and first.isdigit() and last.isdigit()):
-        return None
-    a, b = int(first), int(last)
-    return (a, b) if 1 <= a <= b else None
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _int_problems(values: dict[str, Any]) -> list[str]:
     out = []
     for optional, rules in ((False, _INTS), (True, _OPTIONAL_INTS)):
@@ -248,7 +237,7 @@ def _int_problems(values: dict[str, Any]) -> list[str]:
                 v = values.get(name)
                 if v is None and optional:
                     continue
-                if not _is_int(v):
+                if not is_int(v):
                     out.append(f"{name}={v!r} must be an integer >= {lo}"
                                + (" or null" if optional else ""))
                 elif v < lo:
@@ -258,44 +247,9 @@ def _int_problems(values: dict[str, Any]) -> list[str]:
         out.append(f"profile_steps={span!r} is not a span of steps (valid: A-B with 1 <= A <= B, "
                    "e.g. 5-7)")
     streams = values.get("transfer_streams")
-    if not (_is_int(streams) and 1 <= streams <= MAX_TRANSFER_STREAMS):
+    if not (is_int(streams) and 1 <= streams <= MAX_TRANSFER_STREAMS):
         out.append(f"transfer_streams={streams!r} must be an integer from 1 to "
                    f"{MAX_TRANSFER_STREAMS} (default {DEFAULT_TRANSFER_STREAMS})")
-    return out
-
-
-def _model_problems(values: dict[str, Any]) -> list[str]:
-    model, seq = values.get("model"), values.get("seq_len")
-    if model not in MODEL_PRESETS:
-        return [f"model={model!r} is not a preset (valid: {', '.join(MODEL_PRESETS)})"]
-    max_seq = MODEL_PRESETS[model].max_seq_len
-    return ([f"seq_len={seq} exceeds {model}'s max_seq_len {max_seq}"]
-            if _is_int(seq) and seq > max_seq else [])
-
-
-def _number_problems(values: dict[str, Any]) -> list[str]:
-    out = []
-    peak, vf, ut = (values.get("peak_tflops"), values.get("val_fraction"),
-                    values.get("upload_timeout_s"))
-    if peak is not None and not (_is_number(peak) and peak > 0):
-        out.append(f"peak_tflops={peak!r} must be a number of TFLOP/s > 0 or null")
-    if not (_is_number(vf) and 0.0 <= vf <= 0.5):
-        out.append(f"val_fraction={vf!r} is out of range: must be a number in [0, 0.5]")
-    if not (_is_number(ut) and ut >= 0):
-        out.append(f"upload_timeout_s={ut!r} must be a number of seconds >= 0")
-    hang = values.get("hang_timeout_s")
-    if hang is not None and not (_is_number(hang) and hang > 0):
-        out.append(f"hang_timeout_s={hang!r} must be a number of seconds > 0 or null (automatic)")
-    factor = values.get("loss_spike_factor")
-    if not (_is_number(factor) and (factor == 0 or factor > 1)):
-        out.append(f"loss_spike_factor={factor!r} must be a number > 1, or 0 (no spike check)")
-    grace = values.get("preemption_grace_s")
-    if not (_is_number(grace) and grace > 0):
-        out.append(
-            f"preemption_grace_s={grace!r} must be a number of seconds > 0 (GCE Spot gives 30)")
-    quiet = values.get("unreachable_warning_s")
-    if not (_is_number(quiet) and quiet > 0):
-        out.append(f"unreachable_warning_s={quiet!r} must be a number of seconds > 0 (default 30)")
     return out
 
 
@@ -316,46 +270,13 @@ def _kind_problems(values: dict[str, Any]) -> list[str]:
     return out
 
 
-def _mixture_problems(values: dict[str, Any]) -> list[str]:
-    data = values.get("data")
-    if data is None:
-        return []
-    valid = 'a non-empty list of {"path": "...", "weight": number > 0, "name": optional string}'
-    if not isinstance(data, list) or not data:
-        return [f"data={data!r} must be {valid}, or null (use data_dir)"]
-    out, names = [], []
-    for i, entry in enumerate(data):
-        if not isinstance(entry, dict):
-            out.append(f"data[{i}]={entry!r} must be an object ({valid})")
-            continue
-        unknown = sorted(set(entry) - {"path", "weight", "name"})
-        path, weight = entry.get("path"), entry.get("weight")
-        if unknown:
-            out.append(
-                f"data[{i}] has unknown key(s) {', '.join(unknown)} (valid: path, weight, name)")
-        if not isinstance(path, str) or not path:
-            out.append(f"data[{i}].path={path!r} must be a non-empty string")
-        if not (_is_number(weight) and weight > 0 and math.isfinite(weight)):
-            out.append(f"data[{i}].weight={weight!r} must be a number > 0 (the share of samples "
-                       "drawn from it)")
-        name = entry.get("name", Path(path).name if isinstance(path, str) else None)
-        if not isinstance(name, str) or not name:
-            out.append(f"data[{i}].name={name!r} must be a non-empty string")
-        names.append(name)
-    duplicates = sorted({n for n in names if names.count(n) > 1 and isinstance(n, str)})
-    if duplicates:
-        out.append(f"data: the names {', '.join(duplicates)} appear twice; give each dataset its "
-                   "own \"name\"")
-    return out
-
-
 def validate(values: dict[str, Any]) -> list[str]:
     """Every problem with `values`, each naming the field, the value and what is valid (empty list:
     fine)."""
     unknown = [f"unknown field '{key}' (valid fields: {', '.join(_FIELD_NAMES)})"
                for key in sorted(set(values) - set(_FIELD_NAMES))]
-    return unknown + _int_problems(values) + _model_problems(values) + _number_problems(values) + \
-        _kind_problems(values) + _mixture_problems(values)
+    return unknown + _int_problems(values) + model_problems(values) + number_problems(values) + \
+        _kind_problems(values) + mixture_problems(values)
 
 
 def from_dict(values: dict[str, Any], *, source: str = "run config") -> RunConfig:

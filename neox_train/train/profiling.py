@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
-from neox_train.config import RunConfig, profile_span
+from neox_train.config import RunConfig
+from neox_train.config_rules import profile_span
 from neox_train.log import log
 
 # allocation events the memory history keeps (the newest; torch's own example uses 100,000)
