@@ -32,6 +32,7 @@ RESUME_AUTO = "auto"
 # kernel (CUDA and CPU, no build); deepspeed_fused: DeepSpeed's FusedAdam, JIT-compiled at start
 # (nvcc on a GPU machine).
 OPTIMIZER_IMPLS = ("torch", "torch_fused", "deepspeed_fused")
+LR_SCHEDULES = ("cosine", "wsd")
 # The stream budget of one process's transfers to and from a bucket (files, their parts and slices
 # together): a cloud VM's NIC needs 16-32 streams before it is full (docs/checkpoints.md).
 DEFAULT_TRANSFER_STREAMS = 16
@@ -69,6 +70,13 @@ class RunConfig:
         None, "bf16, fp16 or no; null = DeepSpeed JSON.", choices=PRECISIONS)
     max_steps: int = _f(10000, "Optimizer steps to train (also the cosine schedule length).")
     warmup_steps: int | None = _f(None, "LR warmup steps; null = DeepSpeed JSON.")
+    lr_schedule: str = _f(
+        "cosine", "After the warmup: cosine (the DeepSpeed JSON's WarmupCosineLR, down to its "
+        "floor at max_steps) or wsd (warmup-stable-decay: the peak LR until the last decay_steps, "
+        "then linear to the same floor).", choices=LR_SCHEDULES)
+    decay_steps: int | None = _f(
+        None, "wsd: steps of the final decay; null = 20% of max_steps. To decay a branch from a "
+        "stable-phase checkpoint at step S: --resume it with --max-steps S+N --decay-steps N.")
     save_steps: int = _f(500, "Save a checkpoint every this many optimizer steps (and at the end).")
     log_steps: int = _f(100, "Log loss, lr, grad norm and throughput every this many steps.")
     eval_steps: int = _f(500, "Evaluate on the held-out split every this many steps; 0 = never.")
@@ -218,7 +226,7 @@ _INTS = [(("seq_len", "max_steps", "save_steps", "log_steps", "eval_batches", "v
            "max_rollbacks"), 0)]
 # DeepSpeed needs warmup >= 1
 _OPTIONAL_INTS = [(("micro_batch", "grad_accum", "max_shards", "warmup_steps",
-                    "memory_snapshot"), 1),
+                    "memory_snapshot", "decay_steps"), 1),
                   (("vocab_size",), 2)]
 # field -> (valid values, null allowed), from the fields' `choices` (their flags offer the same)
 _CHOICES = {f.name: (f.metadata["choices"], f.default is None) for f in fields(RunConfig)

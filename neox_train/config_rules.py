@@ -57,6 +57,10 @@ def number_problems(values: dict[str, Any]) -> list[str]:
     if not (is_number(grace) and grace > 0):
         out.append(
             f"preemption_grace_s={grace!r} must be a number of seconds > 0 (GCE Spot gives 30)")
+    decay, steps = values.get("decay_steps"), values.get("max_steps")
+    if is_int(decay) and is_int(steps) and decay > steps:
+        out.append(f"decay_steps={decay} is more than max_steps={steps} (the decay is the last "
+                   "decay_steps of the run)")
     quiet = values.get("unreachable_warning_s")
     if not (is_number(quiet) and quiet > 0):
         out.append(f"unreachable_warning_s={quiet!r} must be a number of seconds > 0 (default 30)")

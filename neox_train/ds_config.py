@@ -198,9 +198,30 @@ def effective_ds_config(
                 notes.append(f"scheduler warmup_num_steps {params['warmup_num_steps']} -> "
                              f"{run.warmup_steps}")
             params["warmup_num_steps"] = run.warmup_steps
+    if run.lr_schedule == "wsd":
+        cfg["scheduler"] = wsd_scheduler(cfg.get("scheduler"), run)
+        notes.append(f"scheduler -> {WSD} (warmup {cfg['scheduler']['params']['warmup_num_steps']},"
+                     f" decay {cfg['scheduler']['params']['decay_num_steps']} steps)")
 
     _choose_optimizer_impl(cfg, run.optimizer_impl, on_gpu=on_gpu, notes=notes)
     return cfg, notes
+
+
+# The scheduler type of lr_schedule: wsd in the effective DeepSpeed config. DeepSpeed has no such
+# type: build_engine takes it out and hands DeepSpeed the scheduler itself (train/schedule.py).
+WSD = "WarmupStableDecay"
+
+
+def wsd_scheduler(cosine: dict[str, Any] | None, run: RunConfig) -> dict[str, Any]:
+    """Warmup-stable-decay with the JSON's warmup and floor (WarmupCosineLR's warmup_num_steps,
+    warmup_min_ratio, cos_min_ratio), decaying over the last decay_steps (default 20%)."""
+    params = cosine.get("params", {}) if isinstance(cosine, dict) else {}
+    decay = run.decay_steps if run.decay_steps is not None else max(1, run.max_steps // 5)
+    return {"type": WSD, "params": {
+        "warmup_num_steps": int(params.get("warmup_num_steps", run.warmup_steps or 0)),
+        "warmup_min_ratio": float(params.get("warmup_min_ratio", 0.0)),
+        "min_ratio": float(params.get("cos_min_ratio", 0.0)),
+        "total_num_steps": run.max_steps, "decay_num_steps": decay}}
 
 
 def _choose_optimizer_impl(cfg: dict[str, Any], impl: str | None, *, on_gpu: bool,

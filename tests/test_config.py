@@ -70,6 +70,8 @@ def test_json_file_with_base(tmp_path):
         ({"profile_steps": "5"}, ["profile_steps='5' is not a span of steps"]),
         ({"profile_steps": "0-2"}, ["profile_steps='0-2' is not a span of steps"]),
         ({"memory_snapshot": 0}, ["memory_snapshot=0 is out of range: must be >= 1"]),
+        ({"lr_schedule": "linear"}, ["lr_schedule='linear' is not valid (valid: cosine, wsd)"]),
+        ({"decay_steps": 20000}, ["decay_steps=20000 is more than max_steps=10000"]),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, values, needles):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from neox_train.config import RUN_PRESETS, load_run_config
+from neox_train.config import RUN_PRESETS, RunConfig, load_run_config
 from neox_train.ds_config import (
     DS_CONFIG_DIR,
     check_batch,
@@ -202,3 +202,27 @@ def test_optimizer_impl_cannot_apply_to_offload_or_other_optimizers(tmp_path):
     sgd = {**base, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}
     with pytest.raises(ConfigError, match="not Adam/AdamW"):
         effective_ds_config(sgd, run, dp_size=1, on_gpu=True)
+
+
+def test_wsd_schedule_warms_up_holds_and_decays_to_the_floor():
+    from neox_train.train.schedule import wsd_factor
+
+    settings = dict(warmup_num_steps=10, warmup_min_ratio=0.0, min_ratio=0.1,
+                    total_num_steps=100, decay_num_steps=20)
+    f = [wsd_factor(s, **settings) for s in range(101)]
+    assert f[0] == 0.0 and f[5] == pytest.approx(0.5)
+    assert all(x == 1.0 for x in f[10:81])  # stable until the decay's first step
+    assert f[90] == pytest.approx(0.55) and f[100] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(f[80:], f[81:]))
+
+
+def test_wsd_replaces_the_cosine_with_the_jsons_warmup_and_floor():
+    run = RunConfig(ds_config="zero0", max_steps=1000, lr_schedule="wsd", warmup_steps=50)
+    cfg, notes = effective_ds_config(load_ds_config("zero0")[1], run, dp_size=1, on_gpu=False)
+    assert cfg["scheduler"] == {"type": "WarmupStableDecay", "params": {
+        "warmup_num_steps": 50, "warmup_min_ratio": 0.0, "min_ratio": 0.1,
+        "total_num_steps": 1000, "decay_num_steps": 200}}
+    assert any("WarmupStableDecay" in n for n in notes)
+    run = run.replace(decay_steps=300)
+    cfg, _ = effective_ds_config(load_ds_config("zero0")[1], run, dp_size=1, on_gpu=False)
+    assert cfg["scheduler"]["params"]["decay_num_steps"] == 300

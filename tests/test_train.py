@@ -279,3 +279,35 @@ def test_profile_steps_write_a_chrome_trace_and_tensorboard_files_per_rank(tmp_p
         tensorboard = list((profile / "tensorboard").glob(f"rank{rank}.*.pt.trace.json"))
         assert len(tensorboard) == 1 and json.loads(tensorboard[0].read_text())["traceEvents"]
     assert not list(profile.glob("memory-*"))
+
+
+def test_wsd_schedule_resumes_exactly_and_a_branch_decays_from_the_stable_phase(tmp_path,
+                                                                                 token_dir):
+    """Issue 23 item 4: lr_schedule wsd holds the peak, then decays linearly over the last
+    decay_steps to the floor (0.1 of the peak in the shipped JSONs); a resume is exact; resuming a
+    stable-phase checkpoint with --max-steps S+N --decay-steps N decays a branch from step S."""
+    run = tiny_run_config(tmp_path, token_dir, max_steps=8, save_steps=4, eval_steps=0,
+                          lr_schedule="wsd", decay_steps=2)
+    run_train(["--config", str(run)])
+    straight = read_metrics(tmp_path / "logs")
+    peak = straight[1]["lr"]
+    assert [straight[s]["lr"] / peak for s in range(1, 9)] == pytest.approx(
+        [1, 1, 1, 1, 1, 1, 0.55, 0.1])
+
+    resumed = tmp_path / "resumed"
+    copy_checkpoint(tmp_path / "ckpt", resumed, "global_step4")
+    run_train(["--config", str(run), "--save-dir", str(resumed), "--log-dir",
+               str(tmp_path / "logs-resumed"), "--resume", "latest"])
+    again = read_metrics(tmp_path / "logs-resumed")
+    assert sorted(again) == [5, 6, 7, 8]
+    for s in again:
+        assert again[s]["lr"] == straight[s]["lr"]
+        assert again[s]["loss"] == pytest.approx(straight[s]["loss"], abs=1e-6)
+
+    branch = tmp_path / "branch"
+    copy_checkpoint(tmp_path / "ckpt", branch, "global_step4")
+    run_train(["--config", str(run), "--save-dir", str(branch), "--log-dir",
+               str(tmp_path / "logs-branch"), "--resume", "latest", "--max-steps", "6",
+               "--decay-steps", "2"])
+    decayed = read_metrics(tmp_path / "logs-branch")
+    assert [decayed[s]["lr"] / peak for s in (5, 6)] == pytest.approx([0.55, 0.1])

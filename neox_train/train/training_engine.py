@@ -5,6 +5,7 @@ compiled if asked, and the LR schedule aligned with the optimizer steps."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import deepspeed
@@ -17,10 +18,11 @@ from transformers import GPTNeoXForCausalLM
 from transformers.initialization import no_init_weights
 from transformers.integrations import HfDeepSpeedConfig
 
-from neox_train.ds_config import zero_stage
+from neox_train.ds_config import WSD, zero_stage
 from neox_train.log import log
 from neox_train.model import build_model, load_hf_model, param_groups, use_training_attention
 from neox_train.train.plan import RunPlan
+from neox_train.train.schedule import wsd_scheduler
 
 
 def build_engine(plan: RunPlan, *, resume_tag: str | None) -> tuple[Any, HfDeepSpeedConfig | None]:
@@ -59,9 +61,14 @@ def build_engine(plan: RunPlan, *, resume_tag: str | None) -> tuple[Any, HfDeepS
         # Every layer (the all-or-nothing recompute that flops_per_token counts for HFU).
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False})
+    ds_config, lr_scheduler = plan.ds_config, None
+    if ds_config.get("scheduler", {}).get("type") == WSD:
+        # not a DeepSpeed type: DeepSpeed gets the scheduler itself (train/schedule.py)
+        ds_config = {k: v for k, v in ds_config.items() if k != "scheduler"}
+        lr_scheduler = wsd_scheduler(plan.ds_config["scheduler"]["params"])
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, weight_decay), config=plan.ds_config
-    )
+        model=model, model_parameters=param_groups(model, weight_decay), config=ds_config,
+        lr_scheduler=lr_scheduler)
     if run.compile:
         # In place (nn.Module.compile): parameter names, and so checkpoints, stay those of the eager
         # model.
@@ -72,6 +79,9 @@ def build_engine(plan: RunPlan, *, resume_tag: str | None) -> tuple[Any, HfDeepS
         # DeepSpeed creates the scheduler at iteration -1 and steps it after each optimizer step, so
         # step 1 and step 2 would both run at the warmup start and the last step would miss the
         # floor. One step now aligns optimizer step s with scheduler iteration s-1. A resume
-        # restores the iteration from the checkpoint.
-        engine.lr_scheduler.step()
+        # restores the iteration from the checkpoint. (torch warns of a scheduler step before the
+        # first optimizer step: here that is the point.)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            engine.lr_scheduler.step()
     return engine, keepalive

@@ -282,6 +282,9 @@ def load(engine, save_dir: Path, tag: str) -> TrainState:
         raise ConfigError(
             f"checkpoint {save_dir / tag} was not written by neox-train (no data position in it)")
     set_rng_state(saved["rng"])
+    refresh = getattr(engine.lr_scheduler, "refresh", None)
+    if refresh is not None:  # a schedule of this run's settings (wsd: train/schedule.py)
+        refresh()
     return TrainState(step=int(saved["step"]), consumed_samples=int(saved["consumed_samples"]),
                       guard=saved.get("guard"))
 
