@@ -277,19 +277,52 @@ def test_parts_a_killed_upload_left_are_removed_by_the_next_upload(proxied, gcs_
 
 
 def test_a_bucket_refusing_to_delete_parts_gets_no_more_and_the_next_run_retries(
-        proxied, gcs_emulator, tmp_path, capsys):
+        proxied, gcs_emulator, tmp_path):
     bucket, make = proxied
     make({r"DELETE /storage/v1/b/[^/]+/o/[^?]*neox-parts": ["403"] * 8})
-    backend = gs(bucket, tmp_path)
     first, second = (random_file(tmp_path / f"f{i}", 2 * MiB + i) for i in range(2))
-    for i, src in enumerate((first, second)):
-        assert backend.upload_file(src, f"t/f{i}", crc32c=None,
-                                   generation=0).crc32c == crc32c_of_file(src)
-    warnings = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
-    assert len(warnings) == 1 and "parts cannot be deleted" in warnings[0], warnings
+    journal = tmp_path / "journal.jsonl"
+    run = subprocess.run([sys.executable, "-c", TWO_UPLOADS, f"gs://{bucket}/run", str(journal),
+                          str(first), str(second)], env=dict(os.environ), capture_output=True,
+                         text=True, check=True)
+    warnings = [line for line in run.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "parts cannot be deleted" in warnings[0], run.stderr[-2000:]
     names = stored_names(gcs_emulator.emulator_url, bucket)
     assert len([n for n in names if PARTS_DIR in n]) == 4  # the first file's; the second had none
+    assert {"run/t/f0", "run/t/f1"} <= set(names)
     make()  # permission back: the next process through the same journal deletes them
-    gs(bucket, tmp_path).upload_file(random_file(tmp_path / "small", 10), "small", crc32c=None,
-                                     generation=0)
+    subprocess.run([sys.executable, "-c", NEXT_UPLOAD, f"gs://{bucket}/run", str(journal),
+                    str(random_file(tmp_path / "small", 10))], env=dict(os.environ), check=True)
     assert stored_names(gcs_emulator.emulator_url, bucket) == ["run/small", "run/t/f0", "run/t/f1"]
+
+
+TWO_UPLOADS = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from neox_train.remote import open_backend
+    backend = open_backend(sys.argv[1], streams=4, parts_journal=Path(sys.argv[2]))
+    backend.parallel.min_bytes, backend.parallel.min_part = 1 << 20, 256 * 1024
+    for i, src in enumerate(sys.argv[3:]):
+        backend.upload_file(Path(src), f"t/f{i}", crc32c=None, generation=0)
+""")
+
+
+# another process's first upload through the journal: it deletes what earlier processes left
+NEXT_UPLOAD = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from neox_train.remote import open_backend
+    backend = open_backend(sys.argv[1], parts_journal=Path(sys.argv[2]))
+    backend.upload_file(Path(sys.argv[3]), "small", crc32c=None, generation=0)
+""")
+
+
+def test_the_sweep_never_takes_this_processs_own_uploads_in_flight(tmp_path):
+    """One thread's first upload sweeps the journal while another thread of the same process is
+    sending parts: those are not leftovers. A dead process whose pid this one reuses left some."""
+    journal = PartsJournal(tmp_path / "j.jsonl")
+    journal.begun("gs://b/p", "mine-in-flight")
+    with open(journal.path, "a") as f:
+        f.write(json.dumps({"begun": "reused-pid", "url": "gs://b/p", "pid": os.getpid(),
+                            "process": "another", "host": os.uname().nodename}) + "\n")
+    assert journal.leftovers("gs://b/p") == ["reused-pid"]

@@ -144,15 +144,16 @@ class PartsJournal:
             os.close(fd)
 
     def begun(self, url: str, upload_id: str) -> None:
-        self._append({"begun": upload_id, "url": url, "pid": os.getpid(),
+        self._append({"begun": upload_id, "url": url, "pid": os.getpid(), "process": _PROCESS,
                       "host": socket.gethostname(), "time": time.time()})
 
     def ended(self, upload_id: str) -> None:
         self._append({"ended": upload_id})
 
     def leftovers(self, url: str) -> list[str]:
-        """Upload ids to `url` begun and never ended by a process that is gone (a live one on this
-        host, e.g. a second `neox-sync` running now, is still sending its parts)."""
+        """Upload ids to `url` begun and never ended by a process that is gone. Not this process's
+        own (another thread may be sending them now), nor a live one's on this host (a second
+        `neox-sync` running now); a process whose pid this one now has is gone."""
         if not self.path.is_file():
             return []
         begun: dict[str, dict[str, Any]] = {}
@@ -166,9 +167,13 @@ class PartsJournal:
             elif isinstance(rec.get("ended"), str):
                 begun.pop(rec["ended"], None)
         host = socket.gethostname()
-        return [uid for uid, rec in begun.items()
-                if rec.get("host") != host or rec.get("pid") == os.getpid()
-                or not _alive(rec.get("pid"))]
+        return [uid for uid, rec in begun.items() if rec.get("process") != _PROCESS and (
+            rec.get("host") != host or rec.get("pid") == os.getpid()
+            or not _alive(rec.get("pid")))]
+
+
+# this process, in the journal: its pid alone could be a dead process's, reused
+_PROCESS = uuid.uuid4().hex
 
 
 def _alive(pid: Any) -> bool:
