@@ -199,7 +199,7 @@ def effective_ds_config(
                              f"{run.warmup_steps}")
             params["warmup_num_steps"] = run.warmup_steps
     if run.lr_schedule == "wsd":
-        cfg["scheduler"] = wsd_scheduler(cfg.get("scheduler"), run)
+        cfg["scheduler"] = wsd_config(cfg.get("scheduler"), run)
         notes.append(f"scheduler -> {WSD} (warmup {cfg['scheduler']['params']['warmup_num_steps']},"
                      f" decay {cfg['scheduler']['params']['decay_num_steps']} steps)")
 
@@ -212,9 +212,10 @@ def effective_ds_config(
 WSD = "WarmupStableDecay"
 
 
-def wsd_scheduler(cosine: dict[str, Any] | None, run: RunConfig) -> dict[str, Any]:
-    """Warmup-stable-decay with the JSON's warmup and floor (WarmupCosineLR's warmup_num_steps,
-    warmup_min_ratio, cos_min_ratio), decaying over the last decay_steps (default 20%)."""
+def wsd_config(cosine: dict[str, Any] | None, run: RunConfig) -> dict[str, Any]:
+    """The scheduler entry of warmup-stable-decay, with the JSON's warmup and floor
+    (WarmupCosineLR's warmup_num_steps, warmup_min_ratio, cos_min_ratio), decaying over the last
+    decay_steps (default 20%). train/schedule.py builds the scheduler from it."""
     params = cosine.get("params", {}) if isinstance(cosine, dict) else {}
     decay = run.decay_steps if run.decay_steps is not None else max(1, run.max_steps // 5)
     return {"type": WSD, "params": {

@@ -39,11 +39,10 @@ COMPOSE = r"POST /storage/v1/b/[^/]+/o/.+/compose"
 SLICE_READ = r"GET /download/storage/v1/b/[^/]+/o/.+generation="
 
 
-def small_parts(backend, *, streams: int = 4):
+def small_parts(backend):
     """Parts from 1 MiB files up, no smaller than 256 KiB: a 2-4 MiB test file takes the path a
     multi-GB checkpoint file takes."""
     backend.parallel.min_bytes, backend.parallel.min_part = MiB, 256 * 1024
-    backend.streams = streams
     return backend
 
 
@@ -76,8 +75,7 @@ def proxied(gcs_emulator, gcs_bucket, monkeypatch):
 
 def gs(bucket: str, tmp_path: Path, *, streams: int = 4, **kw):
     return small_parts(fast_retry(open_backend(f"gs://{bucket}/run", streams=streams,
-                                               parts_journal=tmp_path / "journal.jsonl", **kw)),
-                       streams=streams)
+                                               parts_journal=tmp_path / "journal.jsonl", **kw)))
 
 
 def requests_matching(proxy: FaultProxy, pattern: str) -> int:
@@ -241,7 +239,6 @@ CHILD = textwrap.dedent("""
     from neox_train.remote import open_backend
     backend = open_backend(sys.argv[1], streams=2, parts_journal=Path(sys.argv[2]))
     backend.parallel.min_bytes, backend.parallel.min_part = 1 << 20, 256 * 1024
-    backend.streams = 2
     backend.upload_file(Path(sys.argv[3]), "global_step2/optim.pt", crc32c=None, generation=0)
 """)
 

@@ -121,8 +121,7 @@ def settle(existing: RemoteFile | None, where: str, size: int, crc32c: str,
     if existing is not None and (existing.size, existing.crc32c) == (size, crc32c):
         return existing
     if existing is None:
-        raise RemoteChanged(f"{where}: conditional write refused (412) and the object is gone; "
-                            "retry")
+        raise RemoteChanged(f"{where}: conditional write refused and the object is gone; retry")
     if generation == 0:
         raise RemoteChanged(
             f"{where} already exists with different content (size {existing.size}, crc32c "

@@ -190,41 +190,27 @@ def _alive(pid: Any) -> bool:
 
 # (part name, local file, offset, length) -> the stored part's crc32c as an int
 PutPart = Callable[[str, Path, int, int], int]
-# (part names in order) -> None: compose them into the final name (the backend's conditions apply)
-Compose = Callable[[list[str]], None]
 
 
-def send_parts(put_part: PutPart, local: Path, upload_id: str, spans: list[tuple[int, int]],
-               streams: int, *, where: str) -> tuple[list[str], int]:
-    """Every part on its own stream (at most `streams` at once). Returns the part names and the
-    whole file's crc32c, combined from the parts' (each checked by the client as it was sent). The
-    first failure cancels the parts not started and is raised."""
-    names = [part_name(upload_id, i) for i in range(len(spans))]
-    lock = threading.Lock()
-    crcs: dict[int, int] = {}
-
-    def one(i: int) -> None:
-        offset, length = spans[i]
-        crc = put_part(names[i], local, offset, length)
-        with lock:
-            crcs[i] = crc
-
+def send_parts(put_part: PutPart, local: Path, names: list[str], spans: list[tuple[int, int]],
+               streams: int) -> int:
+    """Every part on its own stream (at most `streams` at once). Returns the whole file's crc32c,
+    combined from the parts' (each checked by the client as it was sent). The first failure cancels
+    the parts not started and is raised."""
     with ThreadPoolExecutor(max_workers=max(1, min(streams, len(spans))),
                             thread_name_prefix="neox-part") as pool:
-        futures = [pool.submit(one, i) for i in range(len(spans))]
+        futures = [pool.submit(put_part, name, local, offset, length)
+                   for name, (offset, length) in zip(names, spans)]
         try:
-            for fut in futures:
-                fut.result()
+            crcs = [fut.result() for fut in futures]
         except BaseException:
             for fut in futures:
                 fut.cancel()
             raise
     crc = 0
-    for i, (_offset, length) in enumerate(spans):
-        crc = crc32c_combine(crc, crcs[i], length)
-    if len(crcs) != len(spans):
-        raise StorageError(f"{where}: {len(spans) - len(crcs)} part(s) missing", transient=True)
-    return names, crc
+    for part_crc, (_offset, length) in zip(crcs, spans):
+        crc = crc32c_combine(crc, part_crc, length)
+    return crc
 
 
 def crc_text(crc: int) -> str:
@@ -253,10 +239,10 @@ class ParallelUploads:
     """The composite path of one backend: when a file goes in parts, sending them, composing, and
     cleaning up (now, or in the next process when this one dies). `ops` is the backend: it supplies
     put_part, compose_parts, delete, list_parts, bucket_refusal() and refused(exc) (a 403: the
-    bucket or the object does not allow what parts need), and its url and streams."""
+    bucket or the object does not allow what parts need), warn(line), and its url and streams."""
 
-    def __init__(self, ops, journal: PartsJournal | None, warn: Callable[[str], None]):
-        self.ops, self.journal, self.warn = ops, journal, warn
+    def __init__(self, ops, journal: PartsJournal):
+        self.ops, self.journal = ops, journal
         self.min_bytes = PARALLEL_MIN_BYTES
         self.min_part = PART_MIN_BYTES
         self.disabled = ""  # why this backend sends one stream per file from now on
@@ -264,30 +250,23 @@ class ParallelUploads:
         self._swept = False
         self._lock = threading.Lock()
 
-    def sweep(self) -> int:
+    def sweep(self) -> None:
         """Once per backend, before its first upload: delete the parts of uploads to this URL that
-        the journal says began and never ended. Returns how many parts were deleted."""
+        the journal says began and never ended."""
         with self._lock:
-            if self._swept or self.journal is None:
-                return 0
+            if self._swept:
+                return
             self._swept = True
-        deleted = 0
         for upload_id in self.journal.leftovers(self.ops.url):
-            names = list(self.ops.list_parts(f"{PARTS_DIR}/{upload_id}/"))
-            deleted += self.remove(upload_id, names)
-        return deleted
-
-    def wanted(self, size: int) -> bool:
-        return (not self.disabled and self.journal is not None and self.ops.streams > 1
-                and size >= self.min_bytes)
+            self.remove(upload_id, self.ops.list_parts(f"{PARTS_DIR}/{upload_id}/"))
 
     def _fall_back(self, why: str) -> None:
         with self._lock:
             first = not self.disabled
             self.disabled = why
         if first:
-            self.warn(f"{self.ops.url}: {why}; large files go up in one stream each from now on "
-                      "(slower; nothing else changes)")
+            self.ops.warn(f"{self.ops.url}: {why}; large files go up in one stream each from "
+                          "now on (slower; nothing else changes)")
 
     def _allowed(self) -> bool:
         with self._lock:
@@ -301,9 +280,10 @@ class ParallelUploads:
     def upload(self, local: Path, name: str, *, size: int, crc32c: str | None,
                generation: int | None, unchanged: Callable[[], bool]):
         """Send `local` in parts and compose them into `name` (the write condition `generation`
-        applies to the compose). Returns the stored object, or None when this bucket refuses the
-        parallel path (one WARNING; the caller sends one stream instead)."""
-        if not self._allowed():
+        applies to the compose). Returns the stored object, or None when the file goes in one
+        stream: too small, one stream in the budget, parts off, or a bucket that refuses them (one
+        WARNING)."""
+        if self.disabled or self.ops.streams < 2 or size < self.min_bytes or not self._allowed():
             return None
         spans = plan_parts(size, self.ops.streams, min_part=self.min_part)
         if len(spans) < 2:
@@ -313,9 +293,7 @@ class ParallelUploads:
         where = f"{self.ops.url}/{name}"
         self.journal.begun(self.ops.url, upload_id)
         try:
-            names, crc = send_parts(self.ops.put_part, local, upload_id, spans, self.ops.streams,
-                                    where=where)
-            whole = crc_text(crc)
+            whole = crc_text(send_parts(self.ops.put_part, local, names, spans, self.ops.streams))
             if (crc32c is not None and whole != crc32c) or not unchanged():
                 raise StorageError(f"{local} changed while it was uploaded to {where} (its parts "
                                    f"hash to crc32c {whole}, the file was {crc32c}); the upload "
@@ -330,23 +308,22 @@ class ParallelUploads:
         finally:
             self.remove(upload_id, names)
 
-    def remove(self, upload_id: str, names: list[str]) -> int:
+    def remove(self, upload_id: str, names: list[str]) -> None:
         """Delete an upload's parts, on the streams (absent ones are fine); the journal forgets the
-        upload once all are gone. Returns how many were deleted. A bucket that refuses to delete
-        them gets no more parts (one WARNING)."""
+        upload once all are gone. A bucket that refuses to delete them gets no more parts (one
+        WARNING)."""
         failures: list[StorageError] = []
         if names:
             with ThreadPoolExecutor(max_workers=max(1, min(self.ops.streams, len(names))),
                                     thread_name_prefix="neox-part-delete") as pool:
                 failures = [e for e in pool.map(self._delete_part, names) if e is not None]
-        if not failures and self.journal is not None:
+        if not failures:
             self.journal.ended(upload_id)
         # else the journal still names the upload: the next process deletes what is left
         refused = next((e for e in failures if self.ops.refused(e)), None)
         if refused is not None:
             self._fall_back(f"parts cannot be deleted ({refused}; "
                             f"{len(failures)} left under {PARTS_DIR}/{upload_id}/)")
-        return len(names) - len(failures)
 
     def _delete_part(self, part: str) -> StorageError | None:
         try:

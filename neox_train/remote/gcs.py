@@ -96,9 +96,7 @@ class GcsBackend:
         self._streams = threading.BoundedSemaphore(streams)
         # one line for the user: stderr here; the upload process sends it to the trainer's log
         self.warn = lambda message: print(f"WARNING: {message}", file=sys.stderr, flush=True)
-        self.parallel = ParallelUploads(
-            self, PartsJournal(parts_journal or default_journal_path()),
-            lambda message: self.warn(message))
+        self.parallel = ParallelUploads(self, PartsJournal(parts_journal or default_journal_path()))
         if not parallel:
             self.parallel.disabled = "parallel uploads are off (parallel_uploads: false)"
         self.configure_retry()
@@ -179,11 +177,10 @@ class GcsBackend:
                 f"cannot upload {local} to {self._where(name)}: {one_line(e)}") from e
         self.parallel.sweep()  # parts an earlier process left behind go first
         try:
-            stored = self.parallel.upload(
+            return self.parallel.upload(
                 local, name, size=before[0], crc32c=crc32c, generation=generation,
-                unchanged=lambda: not changed_since(local, before)) if self.parallel.wanted(
-                    before[0]) else None
-            return stored or self._upload_one_stream(local, name, crc32c, generation, before)
+                unchanged=lambda: not changed_since(local, before)
+            ) or self._upload_one_stream(local, name, crc32c, generation, before)
         except OSError as e:  # the local file vanished or is unreadable
             raise StorageError(
                 f"cannot upload {local} to {self._where(name)}: {one_line(e)}") from e

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from neox_train.errors import StorageError, one_line
-from neox_train.remote.base import PROBE_PREFIX, RemoteChanged, RemoteFile
+from neox_train.remote.base import PROBE_PREFIX, RemoteChanged, RemoteFile, settle
 from neox_train.remote.files import (
     READ_CHUNK,
     TMP_MARK,
@@ -122,20 +122,8 @@ class LocalBackend:
                 if generation is not None:
                     current = self.stat(name)
                     if (0 if current is None else current.generation) != generation:
-                        size = tmp.stat().st_size
-                        if current is not None and (current.size, current.crc32c) == (size, crc32c):
-                            return current
-                        if current is None:
-                            raise RemoteChanged(f"{self.url}/{name}: conditional write refused and "
-                                                f"the object is gone; retry")
-                        if generation == 0:
-                            raise RemoteChanged(
-                                f"{self.url}/{name} already exists with different content (size "
-                                f"{current.size}, crc32c {current.crc32c}; {what}: size {size}, "
-                                f"crc32c {crc32c}); refusing to overwrite it")
-                        raise RemoteChanged(f"{self.url}/{name} changed remotely (generation "
-                                            f"{current.generation}, expected {generation}); "
-                                            "refusing to overwrite it")
+                        return settle(current, f"{self.url}/{name}", tmp.stat().st_size, crc32c,
+                                      generation, what)
                 os.replace(tmp, dest)
                 return self._remote(name, dest)
         finally:

@@ -39,6 +39,7 @@ from neox_train.checkpoint.publish.journal import (
     append_journal,
     crc_cache_path,
     journal_path,
+    journal_published,
 )
 from neox_train.checkpoint.publish.protocol import Publication
 from neox_train.checkpoint.publish.settings import PublishSettings
@@ -187,7 +188,7 @@ class _Uploads:
         self.send({"kind": "failed", "tag": task["tag"], "error": error})
 
     def published(self, task: dict[str, Any], result) -> None:
-        append_journal(self.jpath, {"published": task["tag"], "time": time.time()})
+        journal_published(Path(self.settings.save_dir), self.settings.node_rank, task["tag"])
         self.send({"kind": "published", "tag": task["tag"],
                    "lag_s": time.time() - task["committed_at"],
                    "timings": {"upload_s": round(task.get("upload_s", 0.0), 3),
