@@ -36,11 +36,11 @@ class Profiling:
     def __init__(self, run: RunConfig, *, rank: int, cuda: bool):
         self.span = profile_span(run.profile_steps)
         self.folder = Path(run.log_dir) / "profile"
-        self.rank = rank
+        self.rank, self.cuda = rank, cuda
         self._prof: profile | None = None
         self._first = 0
+        # the step to write the allocator's history at; None while it is not being recorded
         self.snapshot_step = run.memory_snapshot
-        self.recording_memory = False
         if self.snapshot_step is not None and not cuda:
             if rank == 0:
                 log.warning("--memory-snapshot records the CUDA caching allocator's history: "
@@ -48,14 +48,11 @@ class Profiling:
             self.snapshot_step = None
         if self.snapshot_step is not None:
             torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
-            self.recording_memory = True
 
     def before_step(self, step: int) -> None:
         if self.span is None or self._prof is not None or not self.span[0] <= step <= self.span[1]:
             return
-        activities = [ProfilerActivity.CPU]
-        if torch.cuda.is_available():
-            activities.append(ProfilerActivity.CUDA)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
         self._first = step
         # a schedule that records every step of the span: it marks each as ProfilerStep#i, which the
         # TensorBoard plugin's step view needs
@@ -69,21 +66,21 @@ class Profiling:
             self._prof.step()
             if self.span is not None and step >= self.span[1]:
                 self._finish(step)
-        if self.recording_memory and step == self.snapshot_step:
+        if step == self.snapshot_step:
             self._snapshot(f"step{step}")
 
     def out_of_memory(self, step: int) -> None:
         """Step `step` ran out of device memory: write what the allocator saw (the caller exits)."""
-        if self.recording_memory:
+        if self.snapshot_step is not None:
             self._snapshot(f"oom-step{step}")
 
     def close(self, step: int) -> None:
         """The run ended inside the span (max_steps, a stop signal): write what was recorded."""
         if self._prof is not None:
             self._finish(step)
-        if self.recording_memory:
+        if self.snapshot_step is not None:
             torch.cuda.memory._record_memory_history(enabled=None)
-            self.recording_memory = False
+            self.snapshot_step = None
 
     def _finish(self, last: int) -> None:
         prof, self._prof = self._prof, None
