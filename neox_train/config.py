@@ -19,6 +19,8 @@ from neox_train.config_rules import (
     model_problems,
     number_problems,
     profile_span,
+    tracker_names,
+    tracker_problems,
 )
 from neox_train.errors import ConfigError, read_json_object
 from neox_train.model import ATTENTION_IMPLS
@@ -134,6 +136,14 @@ class RunConfig:
         "checkpoint's: the data position then continues in the new mixture.")
     save_dir: str = _f("checkpoints", "Folder for DeepSpeed checkpoints (tags global_stepN).")
     log_dir: str = _f("logs", "Folder for training.log, metrics.jsonl and TensorBoard events.")
+    report_to: str = _f(
+        "tensorboard", "Where rank 0 reports metrics and the run's configs besides metrics.jsonl: "
+        "a comma-separated list of tensorboard, wandb, mlflow, or none. W&B follows its WANDB_* "
+        "variables (WANDB_MODE=offline, WANDB_ENTITY); MLflow MLFLOW_TRACKING_URI (default "
+        "sqlite:///LOG_DIR/mlflow.db). A resume continues the same tracker run (docs/tracking.md).",
+        metavar="LIST")
+    tracker_project: str = _f(
+        "neox-train", "The W&B project and MLflow experiment runs are logged to.", metavar="NAME")
     sync_to: str | None = _f(
         None, "Where checkpoints are published: gs://bucket/prefix, file:///path or a local "
         "folder; null = nowhere.", metavar="URL")
@@ -196,6 +206,10 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def trackers(self) -> tuple[str, ...]:
+        """report_to as names: ("tensorboard", "wandb"); () for none."""
+        return tracker_names(self.report_to) or ()
 
     def data_paths(self) -> list[str]:
         """Where the training data lives: the mixture's paths, else data_dir."""
@@ -284,7 +298,7 @@ def validate(values: dict[str, Any]) -> list[str]:
     unknown = [f"unknown field '{key}' (valid fields: {', '.join(_FIELD_NAMES)})"
                for key in sorted(set(values) - set(_FIELD_NAMES))]
     return unknown + _int_problems(values) + model_problems(values) + number_problems(values) + \
-        _kind_problems(values) + mixture_problems(values)
+        _kind_problems(values) + mixture_problems(values) + tracker_problems(values)
 
 
 def from_dict(values: dict[str, Any], *, source: str = "run config") -> RunConfig:

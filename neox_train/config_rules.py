@@ -20,6 +20,33 @@ def profile_span(text: str | None) -> tuple[int, int] | None:
     return (a, b) if 1 <= a <= b else None
 
 
+# Where a run's metrics can go (--report-to); "none" alone turns all of them off.
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def tracker_names(text: Any) -> tuple[str, ...] | None:
+    """report_to "tensorboard,wandb" as ("tensorboard", "wandb"); "none" as (); None when it names
+    something else."""
+    if not isinstance(text, str):
+        return None
+    names = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
+    if names == ("none",):
+        return ()
+    return names if names and all(n in TRACKERS for n in names) else None
+
+
+def tracker_problems(values: dict[str, Any]) -> list[str]:
+    text = values.get("report_to")
+    if tracker_names(text) is None:
+        return [f"report_to={text!r} is not valid (valid: a comma-separated list of "
+                f"{', '.join(TRACKERS)}, or none)"]
+    project = values.get("tracker_project")
+    if not isinstance(project, str) or not project.strip():
+        return [f"tracker_project={project!r} must be a non-empty string (the W&B project and "
+                "MLflow experiment)"]
+    return []
+
+
 def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 

@@ -23,12 +23,13 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("config_rules",),
     ("config",),
     ("ds_config", "flags"),
-    ("remote", "data"),
+    ("remote", "data", "track"),
     ("checkpoint.local",),  # tags, save/load, the local commit: knows nothing of buckets
     # the prefix's owner, the journal, the protocol, the upload process, the Publisher
     ("checkpoint.publish",),
     ("checkpoint",),  # resume, which reads both
     ("train", "convert", "launch"),
+    ("eval",),  # downstream evaluations: a converted checkpoint, lm-eval, the run's trackers
     ("cli",),
 )
 MAX_LINES = 400

@@ -1,5 +1,5 @@
 """Where numbers go: logs/training.log, metrics.jsonl (one record per log/eval step), TensorBoard
-events.
+events and the trackers of report_to (W&B, MLflow: neox_train.track), all under the same names.
 
 Only rank 0 writes; other ranks get a Metrics whose methods do nothing, so the loop never branches
 on rank.
@@ -15,39 +15,73 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
+from neox_train.track.sinks import Target
+from neox_train.track.trackers import Trackers
 from neox_train.train.perf import StepTimer, breakdown
+from neox_train.train.plan import RunPlan
+
+
+def run_trackers(plan: RunPlan, run_id: str) -> Trackers:
+    """The run's W&B / MLflow runs (those report_to names), keyed by its run id, which the
+    checkpoint carries: every start of the run continues them. Their config: what --describe
+    prints (run config, effective DeepSpeed config, the plan) and the run id."""
+    run = plan.run
+    target = Target(run_id=run_id, name=f"{run.name}-{run_id}", project=run.tracker_project,
+                    log_dir=Path(run.log_dir))
+    return Trackers(run.trackers(), target, {**plan.describe(), "run_id": run_id})
 
 
 class Metrics:
-    """TensorBoard scalars + a JSON-lines record per call; a no-op on ranks other than 0."""
+    """A JSON-lines record per call, TensorBoard scalars and the trackers' points; a no-op on ranks
+    other than 0."""
 
-    def __init__(self, log_dir: Path, *, enabled: bool, start_step: int = 0):
+    def __init__(self, log_dir: Path, *, enabled: bool, start_step: int = 0,
+                 tensorboard: bool = True, trackers: Trackers | None = None):
         self.enabled = enabled
         self._writer = None
         self._jsonl = None
+        self.trackers = trackers if enabled and trackers else None
         if enabled:
             log_dir.mkdir(parents=True, exist_ok=True)
-            # purge_step: after a resume, TensorBoard drops the events a crashed run wrote past the
-            # checkpoint, so the curve has no doubled steps.
-            self._writer = SummaryWriter(log_dir=str(log_dir / "tensorboard"),
-                                         purge_step=start_step + 1 if start_step else None)
+            if tensorboard:
+                # purge_step: after a resume, TensorBoard drops the events a crashed run wrote past
+                # the checkpoint, so the curve has no doubled steps.
+                self._writer = SummaryWriter(log_dir=str(log_dir / "tensorboard"),
+                                             purge_step=start_step + 1 if start_step else None)
             self._jsonl = open(log_dir / "metrics.jsonl", "a", buffering=1)
 
     def record(self, step: int, kind: str, values: dict[str, Any]) -> None:
-        """Write `values` as TensorBoard scalars `kind/name` and one metrics.jsonl line."""
+        """Write `values` as one metrics.jsonl line, and its finite numbers as TensorBoard scalars
+        and tracker points `kind/name`."""
         if not self.enabled:
             return
-        for name, value in values.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self._writer.add_scalar(f"{kind}/{name}", value, step)
-        self._jsonl.write(
-            json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
+        now = time.time()
+        scalars = {f"{kind}/{name}": float(value) for name, value in values.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)
+                   and math.isfinite(value)}
+        if self._writer is not None:
+            for name, value in scalars.items():
+                self._writer.add_scalar(name, value, step)
+        if self.trackers is not None and scalars:
+            self.trackers.log(step, scalars, at=now)
+        self._jsonl.write(json.dumps({"kind": kind, "step": step, "time": now, **values}) + "\n")
 
-    def close(self) -> None:
-        if self.enabled:
+    def rolled_back(self, reached: int) -> None:
+        """A rollback from step `reached`: the steps trained again up to it are not sent to the
+        trackers twice (TensorBoard and metrics.jsonl record them again, as trained)."""
+        if self.trackers is not None:
+            self.trackers.hold(reached)
+
+    def close(self, *, failed: bool = False) -> dict[str, dict]:
+        """Close the files; send what the trackers have queued (bounded) and end their runs. The
+        trackers' counts (sent, dropped, skipped), for the run's summary."""
+        if not self.enabled:
+            return {}
+        self.enabled = False
+        if self._writer is not None:
             self._writer.close()
-            self._jsonl.close()
-            self.enabled = False
+        self._jsonl.close()
+        return self.trackers.close(failed=failed) if self.trackers is not None else {}
 
 
 class Throughput:

@@ -44,6 +44,7 @@ from neox_train.checkpoint.resume import (
 from neox_train.config import RunConfig
 from neox_train.distributed import Topology, init_distributed, world_size_from_env
 from neox_train.log import log, setup_logging
+from neox_train.track.trackers import check_installed
 from neox_train.train.plan import RunPlan, load_data, prepare_run
 from neox_train.train.trainer import Trainer
 from neox_train.train.watchdog import Watchdog
@@ -94,6 +95,7 @@ def start_session(run: RunConfig, *, resume: str | None = None, takeover: bool =
                   watchdog: Watchdog | None = None) -> Session:
     """Check, build and start a run; every rank calls it. Raises NeoxError subclasses with one line
     for bad input; what it started is stopped again when it fails."""
+    check_installed(run.trackers())
     plan = prepare_run(run, dp_size=world_size_from_env(), on_gpu=torch.cuda.is_available())
     topo = Topology.from_env()
     node_local = node_local_storage(plan.ds_config)

@@ -30,7 +30,7 @@ from neox_train.train.checkpoints import Checkpoints
 from neox_train.train.evaluation import evaluate_split
 from neox_train.train.faults import Faults
 from neox_train.train.guard import LossGuard, StepOutcome, UpdateSwitch, roll_back
-from neox_train.train.metrics import Metrics, Throughput
+from neox_train.train.metrics import Metrics, Throughput, run_trackers
 from neox_train.train.perf import StepTimer, as_float
 from neox_train.train.plan import RunPlan
 from neox_train.train.profiling import Profiling
@@ -85,7 +85,10 @@ class Trainer:
                                        prefetch=run.prefetch_micro_batches)
         self.timer = StepTimer(self.device)
         self.flops = reporting.flops_accounting(plan, self.device)
-        self.metrics = Metrics(Path(run.log_dir), enabled=self.is_rank0, start_step=state.step)
+        self.metrics = Metrics(
+            Path(run.log_dir), enabled=self.is_rank0, start_step=state.step,
+            tensorboard="tensorboard" in run.trackers(),
+            trackers=run_trackers(plan, publisher.identity.run_id) if self.is_rank0 else None)
         self.tokens_per_step = plan.ds_config["train_batch_size"] * run.seq_len
         self.last_saved_step = state.step if resume_tag else -1
         self.topo = topo
@@ -104,6 +107,7 @@ class Trainer:
         self.stop_signal = "SIGTERM"
         # the newest logged train / validation loss, for run.json
         self.last_losses: dict[str, float | int] = {}
+        self.tracker_counts: dict[str, dict] = {}  # per tracker: points sent, dropped, skipped
         self._announced = False  # the "training ..." line, once even when train() runs in slices
         # this step's agreement: (stop, ranks still writing a save)
         self._agreed: tuple[bool, int] = (False, 0)
@@ -231,6 +235,7 @@ class Trainer:
     def _roll_back(self) -> None:
         """After max_bad_steps bad steps in a row (see train.guard.roll_back); then that state is
         saved, so a resume sees what this run sees."""
+        self.metrics.rolled_back(self.step)
         with self.watchdog.phase("rollback"):
             roll_back(self.guard, step=self.step, reason=self.outcome.reason,
                       checkpoints=self.checkpoints, consumed_samples=self.loader.consumed_samples,
@@ -319,7 +324,7 @@ class Trainer:
                 self._final_save(summary)
         except BaseException:
             if final:
-                self.close()
+                self.close(failed=True)
             raise
         finally:
             bar.close()
@@ -335,6 +340,7 @@ class Trainer:
             finally:
                 self.close()
         summary["end_step"] = self.step
+        summary["trackers"] = self.tracker_counts
         return summary
 
     def _profiled_step(self, *, want_grad_norm: bool) -> tuple[torch.Tensor, float | None]:
@@ -384,7 +390,7 @@ class Trainer:
             # first in line.
             self.save(asynchronous=False, first=summary.get("stopped_by_signal", False))
 
-    def close(self) -> None:
+    def close(self, *, failed: bool = False) -> None:
         self.profiling.close(self.step)
         self.loader.close()
-        self.metrics.close()
+        self.tracker_counts.update(self.metrics.close(failed=failed))
