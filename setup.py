@@ -37,9 +37,16 @@ setup(
     # sits idle without it). megatron-core reads back the indexed datasets prepare writes; datasets
     # makes the save_to_disk folders the tests read and is what bench/prepare_bench.py compares
     # against.
-    extras_require={"test": ["pytest>=8", "pytest-xdist==3.8.0", "gcp-storage-emulator>=2024.8",
-                             "pyyaml>=6", "ruff==0.17.6", "megatron-core==0.16.1",
-                             "datasets==5.2.0"]},
+    # The trackers and lm-evaluation-harness are optional (report_to, neox-eval name the extra
+    # when it is missing); the test extra pins them, so CI tests the versions named here.
+    extras_require={
+        "wandb": ["wandb>=0.19.10"],  # reinit="create_new"
+        "mlflow": ["mlflow>=3.0"],  # the full package: `mlflow server` and its SQLite store
+        "eval": ["lm-eval>=0.4.13,<0.5"],
+        "test": ["pytest>=8", "pytest-xdist==3.8.0", "gcp-storage-emulator>=2024.8",
+                 "pyyaml>=6", "ruff==0.17.6", "megatron-core==0.16.1", "datasets==5.2.0",
+                 "wandb==0.30.0", "mlflow==3.17.2", "lm-eval==0.4.13"],
+    },
     entry_points={
         "console_scripts": [
             "neox-train=neox_train.cli.train:entry",
@@ -47,6 +54,7 @@ setup(
             "neox-sync=neox_train.cli.sync:main",
             "neox-launch=neox_train.cli.launch:main",
             "neox-convert-hf=neox_train.cli.convert:main",
+            "neox-eval=neox_train.cli.eval:main",
         ]
     },
 )

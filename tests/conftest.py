@@ -84,6 +84,23 @@ def token_dir(tmp_path_factory) -> Path:
     return built_once(tmp_path_factory, "tokens", build)
 
 
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory) -> Path:
+    """Shards + tokenizer.json + meta.json from the real `neox-data prepare` (a 300-token BPE:
+    padded to 384): a run trained on it records a tokenizer, so its exports load in lm-eval."""
+    from pydoc_data.topics import topics
+
+    from neox_train.data.prepare import prepare
+
+    def build(root: Path) -> None:
+        docs = root / "docs.jsonl"
+        docs.write_text(
+            "".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)[:30]))
+        prepare([str(docs)], root / "data", tokenizer_path=None, vocab_size=300)
+
+    return built_once(tmp_path_factory, "prepared", build) / "data"
+
+
 def test_ds_config(tmp_path: Path, stage: int, *, lr: float = 3e-3, **zero_overrides) -> Path:
     """The shipped zero<stage>.json with a learning rate a 2-layer model moves on in a few steps."""
     cfg = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())

@@ -53,23 +53,6 @@ _runs: dict[tuple, Path] = {}
 
 
 @pytest.fixture(scope="module")
-def prepared_dir(tmp_path_factory) -> Path:
-    """Shards + tokenizer.json + meta.json from the real `neox-data prepare` (a 300-token BPE:
-    padded to 384)."""
-    from pydoc_data.topics import topics
-
-    from neox_train.data.prepare import prepare
-
-    def build(root: Path) -> None:
-        docs = root / "docs.jsonl"
-        docs.write_text(
-            "".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)[:30]))
-        prepare([str(docs)], root / "data", tokenizer_path=None, vocab_size=300)
-
-    return built_once(tmp_path_factory, "prepared", build) / "data"
-
-
-@pytest.fixture(scope="module")
 def trained(trained_run, tmp_path_factory, prepared_dir):
     """get(stage, nprocs, precision) -> a run folder: the shared run, or with prepared=True one
     trained here on the prepared data (tokenizer included) with the same steps and saves."""

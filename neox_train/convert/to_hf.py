@@ -38,7 +38,7 @@ from neox_train.convert.hf_export import (
     write_tokenizer,
     write_weights,
 )
-from neox_train.convert.locate import locate
+from neox_train.convert.locate import Located, locate
 from neox_train.convert.source import inspect_checkpoint
 from neox_train.convert.weights import WeightSource
 from neox_train.errors import ConvertError, VerifyFailed
@@ -64,27 +64,46 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise ConvertError(f"--out {out}: cannot write in {parent}")
 
 
+def options(checkpoint: str, out: Path, **given: Any) -> argparse.Namespace:
+    """convert()'s arguments for a caller other than neox-convert-hf (neox-eval), with that
+    command's defaults."""
+    values = dict(checkpoint=checkpoint, out=str(out), tag="latest", dtype=None, verify=False,
+                  max_shard_size="2GB", unpad_vocab=False, tokenizer=None, overwrite=False,
+                  credentials=None)
+    unknown = set(given) - set(values)
+    if unknown:
+        raise TypeError(f"unknown conversion option(s): {', '.join(sorted(unknown))}")
+    return argparse.Namespace(**{**values, **given})
+
+
 def convert(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out).expanduser().absolute()
+    _check_out(out, args.overwrite)
+    located = locate(args.checkpoint, args.tag, credentials=args.credentials,
+                     scratch_parent=out.parent)
+    try:
+        return convert_located(args, located)
+    finally:
+        located.cleanup()
+
+
+def convert_located(args: argparse.Namespace, located: Located) -> dict[str, Any]:
+    """Export a checkpoint already on local disk (locate's result) to args.out."""
     started = time.perf_counter()
     out = Path(args.out).expanduser().absolute()
     _check_out(out, args.overwrite)
     max_shard = parse_shard_size(args.max_shard_size)
-    located = locate(args.checkpoint, args.tag, credentials=args.credentials,
-                     scratch_parent=out.parent)
-    try:
-        tag_dir = located.tag_dir.resolve()
-        if out == tag_dir or out in tag_dir.parents:
-            raise ConvertError(
-                f"--out {out} would replace the checkpoint {tag_dir} itself; choose another folder")
-        info = inspect_checkpoint(located.tag_dir)
-        dtype_name = args.dtype or info.precision
-        print_step(f"{located.source} tag {info.tag}: ZeRO-{info.stage}, {info.dp_size} rank(s), "
-                   f"trained in {info.precision}, step {info.step} -> {out} ({dtype_name})")
-        local_save_dir = None if located.remote else located.tag_dir.parent
-        summary = _export(args, info, DTYPES[dtype_name], dtype_name, out, max_shard,
-                          source=located.source, local_save_dir=local_save_dir)
-    finally:
-        located.cleanup()
+    tag_dir = located.tag_dir.resolve()
+    if out == tag_dir or out in tag_dir.parents:
+        raise ConvertError(
+            f"--out {out} would replace the checkpoint {tag_dir} itself; choose another folder")
+    info = inspect_checkpoint(located.tag_dir)
+    dtype_name = args.dtype or info.precision
+    print_step(f"{located.source} tag {info.tag}: ZeRO-{info.stage}, {info.dp_size} rank(s), "
+               f"trained in {info.precision}, step {info.step} -> {out} ({dtype_name})")
+    local_save_dir = None if located.remote else located.tag_dir.parent
+    summary = _export(args, info, DTYPES[dtype_name], dtype_name, out, max_shard,
+                      source=located.source, local_save_dir=local_save_dir)
     summary["seconds"] = round(time.perf_counter() - started, 3)
     print_step(f"wrote {out} in {summary['seconds']:.1f} s")
     return summary
