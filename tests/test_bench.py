@@ -145,3 +145,12 @@ def test_transfer_bench_compares_ours_one_stream_and_transfer_manager():
         assert row["transfer_manager_mb_s"] > 0 and row["ours_cpu_s_per_gb"] > 0
         assert row["ours_added_rss_mb"] >= 0
         assert 0 < row["ours_over_one_stream"]["min"] <= row["ours_over_one_stream"]["max"]
+
+
+def test_tracker_bench_alternates_trackers_on_and_off():
+    r = bench("tracker_bench.py", *TINY, "--block", "2", "--rounds", "2")
+    assert r["bench"] == "trackers" and len(r["ratios"]) == 2 and r["log_steps"] == 1
+    assert 0.2 < r["ratio_median"] < 5 and r["on_step_s_median"] > 0
+    # every logged step of the "on" blocks (and the readiness point) reached both trackers
+    for name in ("wandb", "mlflow"):
+        assert r["trackers"][name]["dropped"] == 0 and r["trackers"][name]["sent"] >= 7

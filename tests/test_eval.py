@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import BIN, REPO, communicate_or_kill, run_train, test_ds_config, tiny_run_config
 from gcs import direct_client, gcs_bucket, gcs_emulator  # noqa: F401
 from trackers import experiment_name, mlflow_server, wandb_runs  # noqa: F401

@@ -88,6 +88,8 @@ NEW_FLAGS = [
     (["--no-parallel-uploads"], "parallel_uploads", False),
     (["--profile-steps", "3-4"], "profile_steps", "3-4"),
     (["--memory-snapshot", "5"], "memory_snapshot", 5),
+    (["--report-to", "wandb,mlflow"], "report_to", "wandb,mlflow"),
+    (["--tracker-project", "pythia"], "tracker_project", "pythia"),
     (["--lr-schedule", "wsd"], "lr_schedule", "wsd"),
     (["--decay-steps", "2"], "decay_steps", 2),
 ]

@@ -10,7 +10,6 @@ import logging
 import time
 
 import pytest
-from trackers import experiment_name, free_port, mlflow_server, wandb_runs  # noqa: F401
 
 from neox_train.config import from_dict
 from neox_train.errors import ConfigError
@@ -20,6 +19,7 @@ from neox_train.track.sinks import Target
 from neox_train.track.trackers import Trackers, check_installed
 
 from conftest import run_train, test_ds_config, tiny_run_config
+from trackers import experiment_name, free_port, mlflow_server, wandb_runs  # noqa: F401
 
 
 def done_summary(stderr: str) -> dict:
