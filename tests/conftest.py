@@ -25,6 +25,10 @@ REPO = Path(__file__).resolve().parent.parent
 # The parts journal of gs:// uploads that name none (neox-sync, the storage tests): one per test
 # process tree, never the user's ~/.cache (remote/composite.py default_journal_path).
 os.environ.setdefault("NEOX_CACHE_DIR", tempfile.mkdtemp(prefix="neox-test-cache-"))
+# W&B's service writes a debug log per process under its cache dir, and settings under its config
+# dir: the test run's, never the user's ~/.cache/wandb and ~/.config/wandb.
+for _name in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+    os.environ.setdefault(_name, os.path.join(os.environ["NEOX_CACHE_DIR"], _name.lower()))
 BIN = Path(sys.executable).parent
 VOCAB = 256
 

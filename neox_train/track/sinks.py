@@ -69,8 +69,11 @@ class WandbSink:
             project=target.project, id=run_id, group=target.run_id,
             resume=None if offline else "allow",
             name=f"{target.name}-eval" if eval_run else target.name,
-            job_type="eval" if eval_run else "train", dir=str(target.log_dir), config=config,
+            job_type="eval" if eval_run else "train", dir=str(target.log_dir),
             settings=wandb.Settings(console="off", silent=True), reinit="create_new")
+        # A resume on another world size changes some values (data_parallel_size): allowed here,
+        # where passing config= to init would refuse a changed key of a resumed run.
+        self.run.config.update(config, allow_val_change=True)
         self.eval_run = eval_run
         self._step = -1
         if eval_run:
