@@ -10,6 +10,8 @@ A, "on": every logged step's values also go to the trackers' queues, and their t
    (W&B in offline mode: its wandb-core service writes the run file; MLflow to a SQLite store in the
    log dir, in this process: the heavier of its two paths, a server being mostly network waits);
 B, "off": the same Trainer with the trackers detached (TensorBoard and metrics.jsonl as always).
+An "on" block ends when the trackers have sent all its points (an upper bound: in a run the last
+sends overlap the next steps), so an "off" block never pays for them.
 --log-steps 1 logs every step (the worst case; the default run config logs every 100). The result
 is the median of the per-round A/B time ratios. Prints one JSON line, with what each tracker was
 sent and dropped.
@@ -67,10 +69,21 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         time.sleep(0.1)
     times: dict[str, list[float]] = {"on": [], "off": []}
 
+    def drained() -> None:
+        settle = time.monotonic() + 60
+        while any(t.pending for t in trackers.threads) and time.monotonic() < settle:
+            time.sleep(0.005)
+
     def block(side: str) -> float:
-        trainer.metrics.trackers = trackers if side == "on" else None
-        return timed_block(lambda: trainer.train(until_step=trainer.step + args.block,
-                                                 final=False))
+        on = side == "on"
+        trainer.metrics.trackers = trackers if on else None
+
+        def steps() -> None:
+            trainer.train(until_step=trainer.step + args.block, final=False)
+            if on:
+                drained()
+
+        return timed_block(steps)
 
     try:
         block("on")

@@ -36,15 +36,16 @@ def tracker_names(text: Any) -> tuple[str, ...] | None:
 
 
 def tracker_problems(values: dict[str, Any]) -> list[str]:
+    out = []
     text = values.get("report_to")
     if tracker_names(text) is None:
-        return [f"report_to={text!r} is not valid (valid: a comma-separated list of "
-                f"{', '.join(TRACKERS)}, or none)"]
+        out.append(f"report_to={text!r} is not valid (valid: a comma-separated list of "
+                   f"{', '.join(TRACKERS)}, or none)")
     project = values.get("tracker_project")
     if not isinstance(project, str) or not project.strip():
-        return [f"tracker_project={project!r} must be a non-empty string (the W&B project and "
-                "MLflow experiment)"]
-    return []
+        out.append(f"tracker_project={project!r} must be a non-empty string (the W&B project and "
+                   "MLflow experiment)")
+    return out
 
 
 def is_int(v: Any) -> bool:

@@ -27,6 +27,10 @@ class ConfigError(NeoxError, ValueError):
     """A bad run or DeepSpeed config (or flag). str(err) names every bad field and what is valid."""
 
 
+class MissingExtra(ConfigError):
+    """An optional package (a tracker's, lm-eval) is not installed: the line names the extra."""
+
+
 class DataError(NeoxError, ValueError):
     """Bad or missing token shards, corpora or tokenizers."""
 

@@ -53,7 +53,7 @@ def test_watch_evaluates_each_published_checkpoint_beside_a_running_training(
     out, err = communicate_or_kill(watcher, timeout=300)
     assert watcher.returncode == 0, err[-4000:]
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["evaluated"] == ["global_step4", "global_step8"]
+    assert summary["evaluated"] == ["global_step4", "global_step8"] and summary["failed"] == {}
     assert "global_step8 is the run's final checkpoint (its max_steps): stopping" in err
 
     # Results beside the tags, never inside one: each tag holds what its manifest lists.
@@ -104,6 +104,50 @@ def test_watch_evaluates_each_published_checkpoint_beside_a_running_training(
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout.strip().splitlines()[-1])["evaluated"] == []
     assert time.perf_counter() - started < 60
+
+
+def test_a_tag_names_its_member_tasks():
+    from neox_train.eval import harness
+
+    manager = harness.task_manager(["neox_tiny_tasks", TASK], str(TASKS))
+    assert harness.expand_tags(["neox_tiny_tasks", TASK, "neox_tiny_lambada"], manager) == [
+        TASK, "neox_tiny_lambada"]
+    # lm_eval answers for the members of a tag, not for the tag: a record of nothing is refused
+    with pytest.raises(RuntimeError, match="no result for neox_tiny_tasks"):
+        harness.per_task({"results": {TASK: {"acc,none": 0.5}}}, ["neox_tiny_tasks"])
+
+
+@pytest.mark.slow
+def test_a_failing_checkpoint_is_one_line_and_the_watch_goes_on(trained_run, tmp_path):
+    """The shared runs record no tokenizer (synthetic tokens): each checkpoint fails, with one
+    line, nothing is stored, and --once ends with status 1 after trying every one."""
+    run_dir = trained_run(0, 1, "no")
+    proc = neox_eval(["--watch", run_dir / "ckpt", "--once", "--tasks", TASK, "--include-path",
+                      TASKS, "--json"], eval_env(tmp_path))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    failed = [x for x in proc.stderr.splitlines() if ": failed (" in x]
+    assert [x.split(":")[1].strip() for x in failed] == ["global_step4", "global_step8"]
+    assert "the run recorded no tokenizer, which lm-eval needs: pass --tokenizer FILE" in failed[0]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["evaluated"] == [] and sorted(summary["failed"]) == ["global_step4",
+                                                                        "global_step8"]
+    assert not (run_dir / "ckpt" / "eval").exists()
+
+
+def test_a_missing_tracker_package_is_one_line_before_any_work(tmp_path, capfd, monkeypatch):
+    from neox_train.cli import eval as cli_eval
+    from neox_train.track import trackers
+
+    real = trackers.importlib.util.find_spec
+    monkeypatch.setattr(trackers.importlib.util, "find_spec",
+                        lambda name: None if name == "mlflow" else real(name))
+    code = cli_eval.main([str(tmp_path), "--report-to", "tensorboard,mlflow", "--tasks", TASK,
+                          "--include-path", str(TASKS)])
+    err = capfd.readouterr().err
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
+        "neox-eval: error: --report-to names mlflow, but the mlflow package is not installed: "
+        "pip install 'neox-train[mlflow]' (or drop mlflow from --report-to)")
 
 
 @pytest.mark.slow

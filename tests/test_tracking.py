@@ -77,48 +77,81 @@ def _sent(sink: Recorder) -> list[tuple[int, tuple[str, ...]]]:
     return [(p.step, tuple(sorted(p.values))) for p in sink.points]
 
 
-def test_no_step_is_sent_twice_after_a_resume_or_a_rollback(tmp_path):
+def test_no_step_is_sent_twice_after_a_resume(tmp_path):
     ledger = Ledger(tmp_path / "trackers" / "t.json", "run1")
     ledger.write(5)  # the previous process handed steps up to 5 to the tracker
-    sink = Recorder(held=4)  # the tracker itself knows up to 4: the ledger's 5 wins
+    sink = Recorder(held=None)  # and the tracker cannot tell (W&B offline): the ledger stands in
     thread = TrackerThread("t", lambda: sink, ledger)
+    thread.put(Point(3, 0.0, {"run/restarts": 1.0}, catch_up=True))  # about this start
     for step in (4, 5, 6, 7):  # a resume from step 3 trains 4 and 5 again
         thread.put(Point(step, 0.0, {"train/loss": 1.0}))
     thread.put(Point(6, 0.0, {"checkpoint/bytes": 9.0}))  # an async save's report, late
     thread.put(Point(7, 0.0, {"sync/pending": 0.0}))
     thread.put(Point(7, 0.0, {"sync/pending": 1.0}))  # the same step again: an update
-    thread.hold(7)  # a rollback at step 7 to a checkpoint at 5
-    thread.put(Point(6, 0.0, {"train/loss": 2.0}))
-    thread.put(Point(7, 0.0, {"train/loss": 2.0}))
+    thread.put(Point(6, 0.0, {"train/loss": 2.0, "eval/loss": 1.0}))  # train/loss: behind
+    thread.put(Point(6, 0.0, {"train/loss": 2.0}))  # behind its own newest step
     thread.put(Point(8, 0.0, {"train/loss": 2.0}))
-    thread.put(Point(9, 0.0, {"train/loss": 2.0}))
     deadline = time.monotonic() + 10
-    while thread.sent < 7 and time.monotonic() < deadline:
+    while thread.sent < 8 and time.monotonic() < deadline:
         time.sleep(0.01)
-    thread.put(Point(8, 0.0, {"checkpoint/bytes": 9.0}))  # late, alone in its send
+    thread.put(Point(7, 0.0, {"checkpoint/bytes": 9.0}))  # late, alone in its send
     thread.finish()
     counts = thread.join(10)
-    assert _sent(sink) == [(6, ("train/loss",)), (7, ("train/loss",)), (6, ("checkpoint/bytes",)),
-                           (7, ("sync/pending",)), (7, ("sync/pending",)), (8, ("train/loss",)),
-                           (9, ("train/loss",)), (8, ("checkpoint/bytes",))]
-    assert counts == {"sent": 8, "dropped": 0, "skipped": 4}
-    assert sink.closed == "finished"
-    assert ledger.read() == 9  # a late point never lowers it
+    assert _sent(sink) == [(6, ("run/restarts",)), (6, ("train/loss",)), (7, ("train/loss",)),
+                           (6, ("checkpoint/bytes",)), (7, ("sync/pending",)),
+                           (7, ("sync/pending",)), (6, ("eval/loss",)),
+                           (8, ("train/loss",)), (7, ("checkpoint/bytes",))]
+    assert counts == {"sent": 9, "dropped": 0, "skipped": 3}
+    assert sink.closed == "finished" and thread.pending == 0
+    assert ledger.read() == 8  # a late point never lowers it
     assert Ledger(ledger.path, "another-run").read() is None  # a ledger is one run's
 
+    # A tracker that can tell is believed over the ledger: step 5's send was cut off by a kill.
+    ledger.write(5)
+    exact = Recorder(held=4)
+    thread = TrackerThread("t", lambda: exact, ledger)
+    for step in (4, 5, 6):
+        thread.put(Point(step, 0.0, {"train/loss": 1.0}))
+    thread.finish()
+    assert thread.join(10) == {"sent": 2, "dropped": 0, "skipped": 1}
+    assert [p.step for p in exact.points] == [5, 6]
 
-def test_a_slow_tracker_drops_points_and_never_blocks(tmp_path, caplog):
-    sink = Recorder(delay_s=0.2)
-    thread = TrackerThread("slow", lambda: sink, Ledger(tmp_path / "l.json", "r"), capacity=10)
+
+class Stuck(Recorder):
+    """A tracker whose first send hangs until released."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+
+        self.inside, self.release = threading.Event(), threading.Event()
+
+    def log(self, points):
+        self.inside.set()
+        self.release.wait(30)
+        super().log(points)
+
+
+def test_a_stuck_tracker_drops_points_and_never_blocks(tmp_path, caplog):
+    sink = Stuck()
+    thread = TrackerThread("stuck", lambda: sink, Ledger(tmp_path / "l.json", "r"), capacity=10)
+    thread.put(Point(1, 0.0, {"train/loss": 1.0}))
+    assert sink.inside.wait(10)  # its send of step 1 hangs
     started = time.perf_counter()
     with caplog.at_level(logging.WARNING):
-        for step in range(1, 201):
+        for step in range(2, 202):
             thread.put(Point(step, 0.0, {"train/loss": 1.0}))
-    assert time.perf_counter() - started < 0.1  # 200 puts while the tracker takes 0.2 s a send
+    assert time.perf_counter() - started < 0.5  # 200 puts against a tracker that takes nothing
     thread.finish()
-    counts = thread.join(0.05)  # the run ends; the tracker is still busy
-    assert counts["dropped"] >= 180 and counts["sent"] + counts["dropped"] <= 200
-    warnings = [r.message for r in caplog.records if "tracker slow: dropping" in r.message]
+    counts = thread.join(0.2)  # the run ends; the tracker is still stuck
+    # 10 queued (the capacity, step 1 among them), 191 dropped at once; at the end all but the
+    # ones sent count as dropped
+    assert counts == {"sent": 0, "dropped": 201, "skipped": 0}
+    sink.release.set()
+    time.sleep(0.2)
+    assert sink.points == [] or [p.step for p in sink.points] == [1]  # nothing after abandonment
+    assert thread.sent == 0 and thread.dropped == 201
+    warnings = [r.message for r in caplog.records if "tracker stuck: dropping" in r.message]
     assert len(warnings) == 1 and "its queue is full" in warnings[0]
 
 
@@ -177,16 +210,17 @@ def test_kill_9_and_a_resume_on_two_ranks_continue_the_same_tracker_runs(
     first = run_train(["--config", str(run)], check=False, extra_env={
         **env, "NEOX_FAULT": "slow@step=1,count=5,seconds=2;kill@step=6"})
     assert first.returncode == -9, first.stderr[-3000:]
-    ledger = json.loads((tmp_path / "logs" / "trackers" / "mlflow.json").read_text())
-    held, run_id = ledger["step"], ledger["run_id"]
-    assert held in (4, 5)
+    ledgers = {n: json.loads((tmp_path / "logs" / "trackers" / f"{n}.json").read_text())
+               for n in ("mlflow", "wandb")}
+    held, run_id = ledgers["mlflow"]["step"], ledgers["mlflow"]["run_id"]
+    assert held in (4, 5) and ledgers["wandb"]["step"] in (4, 5)
     # From global_step3 on two ranks: steps 4 and 5 are trained again, those held not sent again.
     second = run_train(["--config", str(run), "--resume", "latest"], nprocs=2, extra_env=env)
     summary = done_summary(second.stderr)
     assert summary["start_step"] == 3 and summary["end_step"] == 9
     for name in ("wandb", "mlflow"):
         assert summary["trackers"][name]["dropped"] == 0
-        assert summary["trackers"][name]["skipped"] >= held - 3
+        assert summary["trackers"][name]["skipped"] >= 1  # step 4 at least, held by both
 
     runs = mlflow_server.runs(project)
     assert len(runs) == 1, [r.info.run_name for r in runs]  # the same MLflow run
@@ -197,7 +231,11 @@ def test_kill_9_and_a_resume_on_two_ranks_continue_the_same_tracker_runs(
     jsonl = [json.loads(x) for x in (tmp_path / "logs" / "metrics.jsonl").open()]
     killed = [r for r in jsonl if r["kind"] == "train"][:5]  # the killed process's lines
     assert [r["step"] for r in killed] == [1, 2, 3, 4, 5]
-    assert dict(loss[:held]) == pytest.approx({r["step"]: r["loss"] for r in killed[:held]})
+    # steps 1-3 the first pass's; 4 and 5 from either pass (their send may have been cut off by
+    # the kill): the same numbers, but for the order two ranks sum gradients in (a 0.1% change seen)
+    first = {r["step"]: r["loss"] for r in killed}
+    assert dict(loss[:3]) == {s: first[s] for s in (1, 2, 3)}
+    assert dict(loss[:5]) == pytest.approx(first, rel=1e-2)
     params = mlrun.data.params
     assert params["run_config.max_steps"] == "9" and params["data_parallel_size"] == "1"
     assert params["run_id"] == run_id
@@ -209,7 +247,8 @@ def test_kill_9_and_a_resume_on_two_ranks_continue_the_same_tracker_runs(
     # reached the files goes forward: no step twice, none going back
     steps = [row["_step"] for f in files for row in f.rows]
     assert steps == sorted(set(steps))
-    assert [row["_step"] for row in files[-1].rows] == list(range(held + 1, 10))
+    assert [row["_step"] for row in files[-1].rows] == list(range(ledgers["wandb"]["step"] + 1,
+                                                                  10))
     config = files[-1].config
     assert config["run_config"]["max_steps"] == 9 and config["data_parallel_size"] == 2
     assert config["ds_config"]["zero_optimization"]["stage"] == 1 and config["run_id"] == run_id

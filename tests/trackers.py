@@ -95,13 +95,18 @@ class MlflowServer:
         return [(m.step, m.value) for m in sorted(points, key=lambda m: (m.timestamp, m.step))]
 
 
+_shared: MlflowServer | None = None
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    server = MlflowServer.start(tmp_path_factory.mktemp("mlflow"))
-    try:
-        yield server
-    finally:
-        server.stop()
+    """One server per test process: every module that imports this fixture gets its own copy of
+    it from pytest, so the server itself is shared here."""
+    global _shared
+    if _shared is None or _shared.process.poll() is not None:
+        _shared = MlflowServer.start(tmp_path_factory.mktemp("mlflow"))
+    yield _shared
+    _shared.stop()
 
 
 def experiment_name() -> str:

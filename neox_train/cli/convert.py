@@ -8,6 +8,7 @@ import json
 import os
 import sys
 
+from neox_train.convert import DEFAULT_MAX_SHARD_SIZE, DEFAULT_TAG
 from neox_train.errors import run_guarded
 
 
@@ -23,14 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "against their manifest)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--tag", default="latest", metavar="TAG|latest",
+    p.add_argument("--tag", default=DEFAULT_TAG, metavar="TAG|latest",
                    help="checkpoint tag (default: latest)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
                    help="dtype of the saved weights (default: the run's training precision)")
     p.add_argument("--verify", action="store_true",
                    help="run the same tokens through the checkpoint's model and the export; fail "
                         "unless logits agree")
-    p.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
+    p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
                    help="split safetensors above this size, with an index (default 2GB)")
     p.add_argument("--unpad-vocab", action="store_true",
                    help="cut the embedding rows padded beyond the tokenizer's vocabulary (default: "

@@ -9,7 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
-from neox_train.errors import ConfigError, run_guarded
+from neox_train.config_rules import TRACKERS
+from neox_train.errors import ConfigError, one_line, run_guarded
 from neox_train.eval.harness import DEFAULT_TASKS
 
 
@@ -44,11 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the first N examples of each task (a quick look, not a result)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
                    help="dtype of the converted model (default: the run's training precision)")
+    p.add_argument("--tokenizer", metavar="FILE",
+                   help="tokenizer.json for a run that recorded none (default: the checkpoint's "
+                        "or its run's data_dir's)")
     p.add_argument("--keep-hf", metavar="DIR",
                    help="keep each converted HuggingFace folder as DIR/TAG (default: scratch, "
                         "removed after its evaluation)")
     p.add_argument("--report-to", metavar="LIST",
-                   help="trackers to log results to: tensorboard, wandb, mlflow or none (default: "
+                   help=f"trackers to log results to: {', '.join(TRACKERS)} or none (default: "
                         "the run's own report_to)")
     p.add_argument("--log-dir", metavar="DIR",
                    help="where TensorBoard events, W&B files and the default MLflow store are "
@@ -66,6 +70,7 @@ def _settings(args: argparse.Namespace):
 
     from neox_train.config_rules import tracker_names
     from neox_train.eval.evaluate import EvalSettings
+    from neox_train.track.trackers import check_installed
 
     tasks = list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
     if not tasks:
@@ -73,7 +78,7 @@ def _settings(args: argparse.Namespace):
                           "task names)")
     if args.report_to is not None and tracker_names(args.report_to) is None:
         raise ConfigError(f"--report-to {args.report_to!r} is not valid (valid: a comma-separated "
-                          "list of tensorboard, wandb, mlflow, or none)")
+                          f"list of {', '.join(TRACKERS)}, or none)")
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit {args.limit} must be >= 1")
     if args.interval <= 0:
@@ -83,9 +88,11 @@ def _settings(args: argparse.Namespace):
     batch = args.batch_size or ("auto" if device.startswith("cuda") else "8")
     if batch != "auto" and not (batch.isdigit() and int(batch) > 0):
         raise ConfigError(f"--batch-size {batch!r} must be a number > 0 or auto")
+    if args.report_to is not None:
+        check_installed(tracker_names(args.report_to), what="--report-to")
     return EvalSettings(tasks=tasks, include_path=args.include_path, device=device,
                         batch_size=batch, limit=args.limit, dtype=args.dtype,
-                        credentials=args.credentials,
+                        tokenizer=args.tokenizer, credentials=args.credentials,
                         keep_hf=Path(args.keep_hf).absolute() if args.keep_hf else None,
                         report_to=args.report_to, log_dir=args.log_dir)
 
@@ -110,30 +117,36 @@ def main(argv: list[str] | None = None) -> int:
 
     def go() -> int:
         # deferred: torch, transformers and the storage clients load once the flags parsed
+        from neox_train.eval import harness
         from neox_train.eval.evaluate import Evaluator, watch
         from neox_train.eval.results import Location
 
         settings = _settings(args)
+        # both before any checkpoint is read: where they are (a folder's existence, a gs://
+        # client), then the task names
         location = Location.open(args.watch or args.checkpoint, credentials=args.credentials)
-        evaluator = Evaluator(location, settings)
+        manager = harness.task_manager(settings.tasks, settings.include_path)
+        settings.tasks = harness.expand_tags(settings.tasks, manager)
+        evaluator = Evaluator(location, settings, manager)
+        errors: dict[str, str] = {}
         try:
             if args.watch:
                 for number in (signal.SIGINT, signal.SIGTERM):
                     signal.signal(number, on_signal)
-                tags = watch(evaluator, once=args.once, interval_s=args.interval,
-                             stopping=lambda: stop["asked"])
+                tags, errors = watch(evaluator, once=args.once, interval_s=args.interval,
+                                     stopping=lambda: stop["asked"])
             else:
+                # SIGTERM as Ctrl-C: the fetched checkpoint and scratch folder are removed
+                signal.signal(signal.SIGTERM, signal.default_int_handler)
                 tag = args.tag or _latest(location)
-                tags = [tag] if evaluator.evaluate(tag) is not None else []
-                if not tags:
-                    print(f"neox-eval: {tag} already has results for every task (eval/{tag}/)",
-                          file=sys.stderr)
+                tags = _one(evaluator, tag, errors)
         finally:
             trackers = evaluator.close()
         if args.json:
-            print(json.dumps({"evaluated": tags, "tasks": settings.tasks,
-                              "results": f"{location.source}/eval", "trackers": trackers}))
-        return 0
+            print(json.dumps({"evaluated": tags, "failed": errors, "tasks": settings.tasks,
+                              "results": f"{location.source.rstrip('/')}/eval",
+                              "trackers": trackers}))
+        return 1 if errors else 0
 
     try:
         return run_guarded("neox-eval", go)
@@ -141,6 +154,25 @@ def main(argv: list[str] | None = None) -> int:
         print("neox-eval: stopped; stored results stay (the same command continues)",
               file=sys.stderr)
         return 130
+
+
+def _one(evaluator, tag: str, errors: dict[str, str]) -> list[str]:
+    """Evaluate one checkpoint; a failure of lm-eval or the model is one line (bad input is a
+    NeoxError, with its own line and status)."""
+    from neox_train.errors import NeoxError  # deferred with the rest of the work
+
+    try:
+        if evaluator.evaluate(tag) is None:
+            print(f"neox-eval: {tag} already has results for every task (eval/{tag}/)",
+                  file=sys.stderr)
+            return []
+        return [tag]
+    except NeoxError:
+        raise
+    except Exception as e:  # noqa: BLE001 - lm-eval's and transformers' own failures
+        errors[tag] = one_line(e)
+        print(f"neox-eval: {tag}: failed: {errors[tag]}", file=sys.stderr)
+        return []
 
 
 def _latest(location) -> str:

@@ -24,6 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 from transformers.initialization import no_init_weights
 
+from neox_train.convert import DEFAULT_MAX_SHARD_SIZE, DEFAULT_TAG
 from neox_train.convert.hf_export import (
     DTYPES,
     check_tokenizer,
@@ -67,9 +68,9 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def options(checkpoint: str, out: Path, **given: Any) -> argparse.Namespace:
     """convert()'s arguments for a caller other than neox-convert-hf (neox-eval), with that
     command's defaults."""
-    values = dict(checkpoint=checkpoint, out=str(out), tag="latest", dtype=None, verify=False,
-                  max_shard_size="2GB", unpad_vocab=False, tokenizer=None, overwrite=False,
-                  credentials=None)
+    values = dict(checkpoint=checkpoint, out=str(out), tag=DEFAULT_TAG, dtype=None, verify=False,
+                  max_shard_size=DEFAULT_MAX_SHARD_SIZE, unpad_vocab=False, tokenizer=None,
+                  overwrite=False, credentials=None)
     unknown = set(given) - set(values)
     if unknown:
         raise TypeError(f"unknown conversion option(s): {', '.join(sorted(unknown))}")

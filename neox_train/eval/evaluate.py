@@ -12,25 +12,28 @@ machine.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from neox_train.checkpoint.local.tags import RUN_JSON, read_tag_json, step_of_tag
+from neox_train.checkpoint.local.tags import step_of_tag
+from neox_train.config import RunConfig, from_dict
 from neox_train.config_rules import tracker_names
 from neox_train.convert.locate import locate
 from neox_train.convert.to_hf import convert_located, options
-from neox_train.errors import ConvertError
+from neox_train.errors import ConfigError, MissingExtra, one_line
 from neox_train.eval import harness
 from neox_train.eval.results import Location
-from neox_train.track.sinks import Target
-from neox_train.track.trackers import Trackers, check_installed
+from neox_train.track.trackers import Trackers, check_installed, run_target
+
+# A checkpoint whose evaluation failed this many times is left alone by this watch (a restart tries
+# again).
+MAX_FAILURES = 3
 
 
 @dataclass
@@ -41,6 +44,7 @@ class EvalSettings:
     batch_size: str = "8"
     limit: int | None = None
     dtype: str | None = None  # the export's dtype; None: the run's training precision
+    tokenizer: str | None = None  # tokenizer.json for runs that recorded none
     credentials: str | None = None
     keep_hf: Path | None = None  # where converted folders are kept (one per tag)
     report_to: str | None = None  # None: the run's own report_to
@@ -55,19 +59,21 @@ def say(message: str) -> None:
 class Evaluator:
     """Evaluates checkpoints of one location; logs to the trackers of the run they belong to."""
 
-    def __init__(self, location: Location, settings: EvalSettings):
+    def __init__(self, location: Location, settings: EvalSettings, manager):
         self.location = location
         self.settings = settings
-        self.manager = harness.task_manager(settings.tasks, settings.include_path)
+        self.manager = manager
         self._trackers: dict[str, Trackers] = {}  # per run id
         self._tensorboard: dict[str, Any] = {}  # per run id: a SummaryWriter
 
     def evaluate(self, tag: str) -> dict[str, dict] | None:
-        """Evaluate `tag` on the tasks it has no result for; their records (None: nothing was
-        missing)."""
+        """Evaluate `tag` on the tasks it has no result for; the records this process stored (None:
+        nothing was missing)."""
         todo = self.location.missing(tag, self.settings.tasks)
         if not todo:
             return None
+        run = self.location.run_json(tag)
+        names, config = self._tracking(run)  # a missing tracker package fails before the work
         started = time.perf_counter()
         s = self.settings
         located = locate(self.location.source, tag, credentials=s.credentials,
@@ -75,9 +81,12 @@ class Evaluator:
         hf_dir = (s.keep_hf / tag if s.keep_hf else
                   Path(tempfile.mkdtemp(prefix=".neox-eval-", dir=s.scratch)) / "hf")
         try:
-            run = read_tag_json(located.tag_dir, RUN_JSON, error=ConvertError) or {}
-            convert_located(options(self.location.source, hf_dir, tag=tag, dtype=s.dtype,
-                                    overwrite=True), located)
+            exported = convert_located(options(self.location.source, hf_dir, tag=tag,
+                                               dtype=s.dtype, tokenizer=s.tokenizer,
+                                               overwrite=True), located)
+            if not exported["tokenizer"]:
+                raise ConfigError(f"{tag}: the run recorded no tokenizer, which lm-eval needs: "
+                                  "pass --tokenizer FILE (the tokenizer.json it was trained with)")
             say(f"{tag}: evaluating {', '.join(todo)} on {s.device}")
             output = harness.run(hf_dir, todo, self.manager, device=s.device,
                                  batch_size=s.batch_size, limit=s.limit)
@@ -86,38 +95,48 @@ class Evaluator:
             if s.keep_hf is None:
                 shutil.rmtree(hf_dir.parent, ignore_errors=True)
         step = run.get("step", step_of_tag(tag))
-        records = harness.per_task(output, todo)
         seconds = round(time.perf_counter() - started, 3)
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        for task, record in records.items():
+        stored = {}
+        for task, record in harness.per_task(output, todo).items():
             record.update(tag=tag, step=step, run_id=run.get("run_id"), source=self.location.source,
                           model_args=harness.model_args(hf_dir), batch_size=s.batch_size,
                           limit=s.limit, evaluated_at=stamp, seconds=seconds)
-            if not self.location.write(tag, task, record):
+            if self.location.write(tag, task, record):
+                stored[task] = record
+            else:  # logged by the process that stored it, not twice
                 say(f"{tag}: {task} was stored by another process meanwhile; kept theirs")
-        self._log(run, step, records)
+        self._log(run.get("run_id"), names, config, step, stored)
         say(f"{tag}: done in {seconds:.1f} s: " + "; ".join(
-            f"{k.removeprefix('downstream/')}={v:.4g}" for r in records.values()
-            for k, v in harness.scalars(r).items() if "stderr" not in k))
-        return records
+            f"{k.removeprefix('downstream/')}={v:.4g}" for r in stored.values()
+            for k, v in harness.scalars(r).items() if not k.endswith("_stderr")))
+        return stored
 
     # -- the run's trackers ------------------------------------------------------------------------
-    def _log(self, run: dict[str, Any], step: int, records: dict[str, dict]) -> None:
-        run_id = run.get("run_id")
-        config = run.get("run_config") or {}
-        names = tracker_names(self.settings.report_to or config.get("report_to", "tensorboard"))
-        if not run_id or not names:
-            return
+    def _tracking(self, run: dict[str, Any]):
+        """The trackers to log this run's results to, and its run config (checked: a tracker whose
+        package is missing is one line before anything is evaluated)."""
+        # a run config of another version: the fields this one knows
+        known = {f.name for f in fields(RunConfig)}
+        config = from_dict({k: v for k, v in (run.get("run_config") or {}).items() if k in known},
+                           source="the checkpoint's run config")
+        names = tracker_names(self.settings.report_to) if self.settings.report_to else \
+            config.trackers()
+        check_installed(names, what="--report-to" if self.settings.report_to else
+                        "the run's report_to")
+        return names, config
+
+    def _log(self, run_id: str | None, names: tuple[str, ...], config, step: int,
+             records: dict[str, dict]) -> None:
         values = {k: v for r in records.values() for k, v in harness.scalars(r).items()}
-        log_dir = Path(self.settings.log_dir or config.get("log_dir", "logs"))
+        if not run_id or not names or not values:
+            return
+        target = run_target(config, run_id, log_dir=self.settings.log_dir)
         if "tensorboard" in names:
-            self._board(run_id, log_dir, step, values)
+            self._board(run_id, target.log_dir, step, values)
         if run_id not in self._trackers:
-            check_installed(names, what="the run's report_to")
-            target = Target(run_id=run_id, name=f"{config.get('name', 'run')}-{run_id}",
-                            project=config.get("tracker_project", "neox-train"), log_dir=log_dir)
             self._trackers[run_id] = Trackers(names, target, {"run_id": run_id}, eval_run=True)
-        self._trackers[run_id].log(step, values)
+        self._trackers[run_id].renewed().log(step, values)
 
     def _board(self, run_id: str, log_dir: Path, step: int, values: dict[str, float]) -> None:
         if run_id not in self._tensorboard:
@@ -139,24 +158,44 @@ class Evaluator:
 
 
 def watch(evaluator: Evaluator, *, once: bool, interval_s: float,
-          stopping: Callable[[], bool]) -> list[str]:
+          stopping: Callable[[], bool]) -> tuple[list[str], dict[str, str]]:
     """Evaluate every complete checkpoint without all results, oldest first, then (unless `once`)
     wait for new ones until the run's final checkpoint (its max_steps) is done or `stopping()`.
-    Returns the tags evaluated."""
+
+    A checkpoint that fails (a download, the conversion, lm-eval itself) is one line and is tried
+    again at the next look, up to MAX_FAILURES times; the others go on. Returns the tags evaluated
+    and the last error of each tag that failed."""
     done: list[str] = []
+    failures: dict[str, int] = {}
+    errors: dict[str, str] = {}
     waiting_said = False
     while not stopping():
         tags = evaluator.location.complete_tags()
         for tag in tags:
             if stopping():
-                return done
-            if evaluator.evaluate(tag) is not None:
-                done.append(tag)
-                waiting_said = False
-        if once or (tags and _is_final(evaluator, tags[-1])):
-            if not once:
+                return done, errors
+            if failures.get(tag, 0) >= MAX_FAILURES:
+                continue
+            try:
+                if evaluator.evaluate(tag) is not None:
+                    done.append(tag)
+                    waiting_said = False
+                errors.pop(tag, None)
+            except MissingExtra:
+                raise  # the same for every checkpoint: the install lacks a tracker's package
+            except Exception as e:  # noqa: BLE001 - one checkpoint's failure, whatever it is
+                failures[tag] = failures.get(tag, 0) + 1
+                errors[tag] = one_line(e)
+                left = MAX_FAILURES - failures[tag]
+                say(f"{tag}: failed ({errors[tag]}); "
+                    + (f"trying again at the next look ({left} more)" if left and not once
+                       else "left alone by this watch"))
+        final = bool(tags) and _is_final(evaluator.location, tags[-1])
+        retrying = bool(tags) and 0 < failures.get(tags[-1], 0) < MAX_FAILURES
+        if once or (final and not retrying):
+            if final and not once:
                 say(f"{tags[-1]} is the run's final checkpoint (its max_steps): stopping")
-            return done
+            return done, errors
         if not waiting_said:
             say(f"waiting for new complete checkpoints at {evaluator.location.source} (every "
                 f"{interval_s:g} s; Ctrl-C stops)")
@@ -164,15 +203,10 @@ def watch(evaluator: Evaluator, *, once: bool, interval_s: float,
         deadline = time.monotonic() + interval_s
         while time.monotonic() < deadline and not stopping():
             time.sleep(min(1.0, interval_s))
-    return done
+    return done, errors
 
 
-def _is_final(evaluator: Evaluator, tag: str) -> bool:
+def _is_final(location: Location, tag: str) -> bool:
     """The tag at its run's max_steps (read from the tag's run.json)."""
-    raw = evaluator.location.backend.read_bytes(f"{tag}/{RUN_JSON}")
-    try:
-        run = json.loads(raw) if raw else {}
-    except ValueError:
-        return False
-    max_steps = (run.get("run_config") or {}).get("max_steps")
+    max_steps = (location.run_json(tag).get("run_config") or {}).get("max_steps")
     return isinstance(max_steps, int) and step_of_tag(tag) == max_steps

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from neox_train.errors import ConfigError
+from neox_train.errors import ConfigError, MissingExtra
 
 # The Pythia paper's zero-shot set (Biderman et al. 2023, Table 4 and appendix).
 DEFAULT_TASKS = ("lambada_openai", "piqa", "winogrande", "arc_easy", "arc_challenge", "sciq",
@@ -30,12 +30,14 @@ def _lm_eval():
         import lm_eval  # deferred: an optional extra (neox-train[eval]), and 0.8 s to import
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise ConfigError(f"neox-eval needs lm-evaluation-harness: pip install '{EXTRA}'") from None
+        raise MissingExtra(
+            f"neox-eval needs lm-evaluation-harness: pip install '{EXTRA}'") from None
     return lm_eval, TaskManager
 
 
 def task_manager(tasks: list[str], include_path: str | None):
-    """A TaskManager that knows every name in `tasks`, or ConfigError naming the unknown ones.
+    """A TaskManager that knows every name in `tasks`, or ConfigError naming the unknown ones
+    (before any checkpoint is touched).
 
     lm_eval's own index of ~15k task files takes seconds to build: when --include-path holds every
     task asked for, it is not built."""
@@ -56,6 +58,19 @@ def task_manager(tasks: list[str], include_path: str | None):
             f"lm-evaluation-harness {_version()} such as {', '.join(DEFAULT_TASKS[:3])}, or one "
             "defined by a YAML in --include-path; `lm_eval ls tasks` lists them)")
     return manager
+
+
+def expand_tags(tasks: list[str], manager) -> list[str]:
+    """A tag (ai2_arc) names its member tasks; lm_eval reports their results only, not the tag's,
+    so each member is a task of its own here (its own result file and tracker points). Tasks and
+    groups stay as named (a group's result holds its subtasks')."""
+    out: list[str] = []
+    for name in tasks:
+        if name in manager.all_tags:
+            out += sorted(n for n, entry in manager.task_index.items() if name in entry.tags)
+        else:
+            out.append(name)
+    return list(dict.fromkeys(out))
 
 
 def _version() -> str:
@@ -88,6 +103,9 @@ def per_task(output: dict[str, Any], tasks: list[str]) -> dict[str, dict[str, An
     groups = output.get("group_subtasks") or {}
     for task in tasks:
         names = [task, *groups.get(task, [])]
+        if not any(n in output["results"] for n in names):
+            raise RuntimeError(f"lm_eval returned no result for {task} (results for: "
+                               f"{', '.join(output['results']) or 'nothing'})")
         pick = {k: {n: v[n] for n in names if n in v}
                 for k, v in output.items() if k in ("versions", "n-shot", "n-samples",
                                                     "higher_is_better")}

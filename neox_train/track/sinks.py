@@ -81,10 +81,11 @@ class WandbSink:
             self.run.define_metric("*", step_metric="checkpoint/step")
 
     def last_step(self) -> int | None:
-        # Online, a resumed run starts at the step after its newest row; offline runs know nothing.
-        if self.eval_run or not self.run.resumed or self.run.offline:
+        # Online, a resumed run starts at the step after its newest row, a new one at 0; an offline
+        # run knows nothing of the files of earlier processes.
+        if self.run.offline:
             return None
-        return self.run.step - 1 if self.run.step > 0 else None
+        return self.run.step - 1 if self.run.resumed else -1
 
     def log(self, points: list[Point]) -> None:
         for p in points:
@@ -162,7 +163,7 @@ class MlflowSink:
 
     def last_step(self) -> int | None:
         if not self.resumed:
-            return None
+            return -1
         data = self.client.get_run(self.run_id).data
         # get_run returns each key's newest point, the one at its highest step (RunData keeps them
         # as Metric objects; its public dict has the values only). The full history is the
@@ -171,7 +172,7 @@ class MlflowSink:
         if latest is None:
             latest = [m for key in data.metrics
                       for m in self.client.get_metric_history(self.run_id, key)]
-        return max((m.step for m in latest), default=None)
+        return max((m.step for m in latest), default=-1)
 
     def log(self, points: list[Point]) -> None:
         from mlflow.entities import Metric  # deferred: the optional extra

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from neox_train.errors import ConfigError
+from neox_train.config import RunConfig
+from neox_train.errors import MissingExtra
 from neox_train.log import log
 from neox_train.track.sender import Ledger, Point, Sink, TrackerThread
 from neox_train.track.sinks import MlflowSink, Target, WandbSink
@@ -24,8 +25,15 @@ def check_installed(names: tuple[str, ...], *, what: str = "report_to") -> None:
     for name in names:
         if name in PACKAGES and importlib.util.find_spec(PACKAGES[name][0]) is None:
             module, extra = PACKAGES[name]
-            raise ConfigError(f"{what} names {name}, but the {module} package is not installed: "
+            raise MissingExtra(f"{what} names {name}, but the {module} package is not installed: "
                               f"pip install '{extra}' (or drop {name} from {what})")
+
+
+def run_target(run: RunConfig, run_id: str, *, log_dir: str | None = None) -> Target:
+    """The tracker runs of a neox-train run: keyed by its run id, shown as CONFIG-RUNID, in the
+    project tracker_project, files (W&B's, the default MLflow store) in its log dir."""
+    return Target(run_id=run_id, name=f"{run.name}-{run_id}", project=run.tracker_project,
+                  log_dir=Path(log_dir or run.log_dir))
 
 
 def starter(name: str, target: Target, config: dict[str, Any], *,
@@ -51,15 +59,20 @@ class Trackers:
     def __bool__(self) -> bool:
         return bool(self.threads)
 
-    def log(self, step: int, values: dict[str, float], *, at: float | None = None) -> None:
-        point = Point(step, time.time() if at is None else at, values)
+    def log(self, step: int, values: dict[str, float], *, at: float | None = None,
+            catch_up: bool = False) -> None:
+        """Queue `values` at `step` for every tracker (catch_up: see sender.Point)."""
+        point = Point(step, time.time() if at is None else at, values, catch_up)
         for thread in self.threads:
             thread.put(point)
 
-    def hold(self, step: int) -> None:
-        """Steps up to `step` are held: a rollback trains them again; they are not sent twice."""
-        for thread in self.threads:
-            thread.hold(step)
+    def renewed(self) -> "Trackers":
+        """neox-eval keeps one Trackers per run for hours: a tracker that could not start (a
+        server down, the run not created yet) is started again for the next points."""
+        for i, thread in enumerate(self.threads):
+            if thread.dead:
+                self.threads[i] = TrackerThread(thread.name, thread.start, thread.ledger)
+        return self
 
     def close(self, *, failed: bool = False, timeout_s: float = CLOSE_S) -> dict[str, dict]:
         """Send what is queued, end the tracker runs; per tracker: sent, dropped, skipped."""

@@ -15,20 +15,9 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
-from neox_train.track.sinks import Target
-from neox_train.track.trackers import Trackers
+from neox_train.track.trackers import CLOSE_S, Trackers, run_target
 from neox_train.train.perf import StepTimer, breakdown
 from neox_train.train.plan import RunPlan
-
-
-def run_trackers(plan: RunPlan, run_id: str) -> Trackers:
-    """The run's W&B / MLflow runs (those report_to names), keyed by its run id, which the
-    checkpoint carries: every start of the run continues them. Their config: what --describe
-    prints (run config, effective DeepSpeed config, the plan) and the run id."""
-    run = plan.run
-    target = Target(run_id=run_id, name=f"{run.name}-{run_id}", project=run.tracker_project,
-                    log_dir=Path(run.log_dir))
-    return Trackers(run.trackers(), target, {**plan.describe(), "run_id": run_id})
 
 
 class Metrics:
@@ -50,9 +39,23 @@ class Metrics:
                                              purge_step=start_step + 1 if start_step else None)
             self._jsonl = open(log_dir / "metrics.jsonl", "a", buffering=1)
 
-    def record(self, step: int, kind: str, values: dict[str, Any]) -> None:
+    @classmethod
+    def for_run(cls, plan: RunPlan, run_id: str, *, enabled: bool, start_step: int) -> "Metrics":
+        """A run's metrics: its log dir, TensorBoard and the W&B / MLflow runs its report_to names,
+        keyed by its run id, which the checkpoint carries (every start of the run continues them).
+        Their config: what --describe prints (run config, effective DeepSpeed config, the plan) and
+        the run id."""
+        run = plan.run
+        trackers = (Trackers(run.trackers(), run_target(run, run_id),
+                             {**plan.describe(), "run_id": run_id}) if enabled else None)
+        return cls(Path(run.log_dir), enabled=enabled, start_step=start_step,
+                   tensorboard="tensorboard" in run.trackers(), trackers=trackers)
+
+    def record(self, step: int, kind: str, values: dict[str, Any], *,
+               catch_up: bool = False) -> None:
         """Write `values` as one metrics.jsonl line, and its finite numbers as TensorBoard scalars
-        and tracker points `kind/name`."""
+        and tracker points `kind/name` (catch_up: a point about this start, see
+        track.sender.Point)."""
         if not self.enabled:
             return
         now = time.time()
@@ -63,25 +66,23 @@ class Metrics:
             for name, value in scalars.items():
                 self._writer.add_scalar(name, value, step)
         if self.trackers is not None and scalars:
-            self.trackers.log(step, scalars, at=now)
+            self.trackers.log(step, scalars, at=now, catch_up=catch_up)
         self._jsonl.write(json.dumps({"kind": kind, "step": step, "time": now, **values}) + "\n")
 
-    def rolled_back(self, reached: int) -> None:
-        """A rollback from step `reached`: the steps trained again up to it are not sent to the
-        trackers twice (TensorBoard and metrics.jsonl record them again, as trained)."""
-        if self.trackers is not None:
-            self.trackers.hold(reached)
-
-    def close(self, *, failed: bool = False) -> dict[str, dict]:
-        """Close the files; send what the trackers have queued (bounded) and end their runs. The
-        trackers' counts (sent, dropped, skipped), for the run's summary."""
+    def close(self, *, failed: bool = False, timeout_s: float | None = None) -> dict[str, dict]:
+        """Close the files; send what the trackers have queued (within trackers.CLOSE_S, or
+        `timeout_s` when less) and end their runs. The trackers' counts (sent, dropped, skipped),
+        for the run's summary."""
         if not self.enabled:
             return {}
         self.enabled = False
         if self._writer is not None:
             self._writer.close()
         self._jsonl.close()
-        return self.trackers.close(failed=failed) if self.trackers is not None else {}
+        if self.trackers is None:
+            return {}
+        limit = CLOSE_S if timeout_s is None else min(CLOSE_S, timeout_s)
+        return self.trackers.close(failed=failed, timeout_s=limit)
 
 
 class Throughput:

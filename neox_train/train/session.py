@@ -151,7 +151,7 @@ def start_session(run: RunConfig, *, resume: str | None = None, takeover: bool =
         publisher.start()
     except BaseException:
         if trainer is not None:
-            trainer.close()  # its loader thread and metrics files (queued TensorBoard events)
+            trainer.close(failed=True)  # its loader thread, metrics files and tracker runs
         if publisher is not None:
             publisher.abort()
         if lock is not None:
@@ -177,7 +177,7 @@ def record_restart(metrics, start_step: int) -> None:
     reached = int(os.environ.get(health.PREVIOUS_STEP_ENV, "0") or 0)
     lost = max(0, reached - start_step)
     total = int(os.environ.get(health.STEPS_LOST_ENV, "0") or 0) + lost
-    metrics.record(start_step, "run", {"restarts": restarts, "steps_lost": total})
+    metrics.record(start_step, "run", {"restarts": restarts, "steps_lost": total}, catch_up=True)
     log.warning("restart %d: resumed at step %d; the previous start reached step %d, so %d step(s) "
                 "are trained again (%d over all restarts)", restarts, start_step, reached, lost,
                 total)

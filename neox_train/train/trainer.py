@@ -30,7 +30,7 @@ from neox_train.train.checkpoints import Checkpoints
 from neox_train.train.evaluation import evaluate_split
 from neox_train.train.faults import Faults
 from neox_train.train.guard import LossGuard, StepOutcome, UpdateSwitch, roll_back
-from neox_train.train.metrics import Metrics, Throughput, run_trackers
+from neox_train.train.metrics import Metrics, Throughput
 from neox_train.train.perf import StepTimer, as_float
 from neox_train.train.plan import RunPlan
 from neox_train.train.profiling import Profiling
@@ -85,21 +85,23 @@ class Trainer:
                                        prefetch=run.prefetch_micro_batches)
         self.timer = StepTimer(self.device)
         self.flops = reporting.flops_accounting(plan, self.device)
-        self.metrics = Metrics(
-            Path(run.log_dir), enabled=self.is_rank0, start_step=state.step,
-            tensorboard="tensorboard" in run.trackers(),
-            trackers=run_trackers(plan, publisher.identity.run_id) if self.is_rank0 else None)
+        self.metrics = Metrics.for_run(plan, publisher.identity.run_id, enabled=self.is_rank0,
+                                       start_step=state.step)
         self.tokens_per_step = plan.ds_config["train_batch_size"] * run.seq_len
         self.last_saved_step = state.step if resume_tag else -1
         self.topo = topo
         self.publisher = publisher
         # Once a step, before its update, the ranks agree on a CPU group (no device tensor in the
         # collective).
-        self.control = Control(plan.dp_size, timeout_s=self.watchdog.limits.collective_s)
-        self.checkpoints = Checkpoints(self.engine, plan, topo=topo, publisher=publisher,
-                                       metrics=self.metrics, control=self.control,
-                                       on_gpu=self.device.type == "cuda",
-                                       data_tokens=self.windows.num_tokens)
+        try:
+            self.control = Control(plan.dp_size, timeout_s=self.watchdog.limits.collective_s)
+            self.checkpoints = Checkpoints(self.engine, plan, topo=topo, publisher=publisher,
+                                           metrics=self.metrics, control=self.control,
+                                           on_gpu=self.device.type == "cuda",
+                                           data_tokens=self.windows.num_tokens)
+        except BaseException:
+            self.metrics.close(failed=True)  # its tracker runs: no close() follows a failed init
+            raise
         self.stop_requested = False
         # when the first SIGTERM arrived (the preemption budget starts)
         self.stop_signal_at: float | None = None
@@ -235,7 +237,6 @@ class Trainer:
     def _roll_back(self) -> None:
         """After max_bad_steps bad steps in a row (see train.guard.roll_back); then that state is
         saved, so a resume sees what this run sees."""
-        self.metrics.rolled_back(self.step)
         with self.watchdog.phase("rollback"):
             roll_back(self.guard, step=self.step, reason=self.outcome.reason,
                       checkpoints=self.checkpoints, consumed_samples=self.loader.consumed_samples,
@@ -393,4 +394,7 @@ class Trainer:
     def close(self, *, failed: bool = False) -> None:
         self.profiling.close(self.step)
         self.loader.close()
-        self.tracker_counts.update(self.metrics.close(failed=failed))
+        # after a stop signal the trackers get what is left of the preemption budget
+        left = (None if self.stop_signal_at is None
+                else self.checkpoints.upload_budget(self.stop_signal_at))
+        self.tracker_counts.update(self.metrics.close(failed=failed, timeout_s=left))
