@@ -106,6 +106,16 @@ def test_watch_evaluates_each_published_checkpoint_beside_a_running_training(
     assert time.perf_counter() - started < 60
 
 
+def test_the_default_tasks_are_lm_evals_own():
+    """The Pythia set is known to the installed lm-eval by these names (their data is on the hub;
+    nothing is downloaded here)."""
+    from neox_train.eval import harness
+
+    manager = harness.task_manager(list(harness.DEFAULT_TASKS), None)
+    assert set(harness.expand_tags(list(harness.DEFAULT_TASKS), manager)) == set(
+        harness.DEFAULT_TASKS)
+
+
 def test_a_tag_names_its_member_tasks():
     from neox_train.eval import harness
 
