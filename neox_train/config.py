@@ -119,6 +119,16 @@ class RunConfig:
         None, "CUDA: record the allocator's history from the start and write a snapshot for "
         "pytorch.org/memory_viz at this step, and on an out-of-memory error before exiting, into "
         "LOG_DIR/profile/.", metavar="STEP", **_PERF)
+    document_masking: bool = _f(
+        False, "Attend only within each document of a packed window (block-causal, by the EOS "
+        "between documents), with positions restarting at each document, and do not score the "
+        "token after an EOS. Off by default: GPT-NeoX and Pythia trained across documents, and the "
+        "mask costs SDPA's flash kernel on GPU (docs/training.md).", both=True, **_PERF)
+    loss_chunk: int = _f(
+        1024, "Tokens per chunk of the loss: the output layer and the cross-entropy run a chunk "
+        "at a time, in forward and again in backward, so the [tokens, vocab] logits are never "
+        "held whole (5 GB at micro-batch 4, seq 2048, vocab 50304); 0 = the whole logits, then the "
+        "cross-entropy.", metavar="N", **_PERF)
     init_from_hf: str | None = _f(
         None, "Start from the weights of a HuggingFace GPTNeoX folder (continued pretraining); its "
         "shape must match `model` and the padded vocabulary. Ignored when resuming (the checkpoint "
@@ -235,7 +245,7 @@ def _type_name(value: Any) -> str:
 # The rules, by kind: (fields, lower bound) for integers; the allowed values of each choice field.
 _INTS = [(("seq_len", "max_steps", "save_steps", "log_steps", "eval_batches", "vocab_pad_multiple",
            "loss_spike_window"), 1),
-         (("eval_steps", "keep_last_n", "seed", "max_pending_uploads",
+         (("eval_steps", "keep_last_n", "seed", "max_pending_uploads", "loss_chunk",
            "max_unpublished_checkpoints", "prefetch_micro_batches", "max_bad_steps",
            "max_rollbacks"), 0)]
 # DeepSpeed needs warmup >= 1
@@ -246,7 +256,7 @@ _OPTIONAL_INTS = [(("micro_batch", "grad_accum", "max_shards", "warmup_steps",
 _CHOICES = {f.name: (f.metadata["choices"], f.default is None) for f in fields(RunConfig)
             if "choices" in f.metadata}
 _BOOLS = ("activation_checkpointing", "background_upload", "async_save", "loss_guard",
-          "allow_data_change", "parallel_uploads")
+          "allow_data_change", "parallel_uploads", "document_masking")
 _OPTIONAL_STRINGS = ("sync_to", "credentials", "init_from_hf", "compile", "profile_steps")
 _STRINGS = ("name", "ds_config", "data_dir", "save_dir", "log_dir")
 

@@ -130,14 +130,16 @@ def hf_config(
 
 def build_model(config: GPTNeoXConfig, *,
                 device: str | torch.device | None = None) -> GPTNeoXForCausalLM:
-    """Instantiate the model (on `device`; "meta" gives a shape-only model for counting)."""
+    """Instantiate the model (on `device`; "meta" gives a shape-only model for counting): GPTNeoX
+    with the lean loss path (lm_loss.NeoxForCausalLM)."""
     import torch  # deferred: see the module docstring
-    from transformers import GPTNeoXForCausalLM
+
+    from neox_train.lm_loss import NeoxForCausalLM
 
     if device is None:
-        return GPTNeoXForCausalLM(config)
+        return NeoxForCausalLM(config)
     with torch.device(device):
-        return GPTNeoXForCausalLM(config)
+        return NeoxForCausalLM(config)
 
 
 @dataclass(frozen=True)
@@ -262,7 +264,8 @@ def load_hf_model(hf_dir: str, *, attention: str | None = None):
     says), with the run's attention kernel (the run config's `attention`), not whatever the folder
     was exported with."""
     import torch  # deferred: see the module docstring
-    from transformers import GPTNeoXForCausalLM
+
+    from neox_train.lm_loss import NeoxForCausalLM
 
     kwargs = {"attn_implementation": attention} if attention else {}
-    return GPTNeoXForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, **kwargs)
+    return NeoxForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, **kwargs)

@@ -154,3 +154,12 @@ def test_tracker_bench_alternates_trackers_on_and_off():
     # every logged step of the "on" blocks (and the readiness point) reached both trackers
     for name in ("wandb", "mlflow"):
         assert r["trackers"][name]["dropped"] == 0 and r["trackers"][name]["sent"] >= 7
+
+
+def test_loss_memory_bench_compares_whole_and_chunked_in_processes_of_their_own():
+    r = bench("loss_memory.py", "--micro-batch", "2", "--seq-len", "256", "--vocab", "8192",
+              "--hidden", "64", "--chunk", "64")
+    assert r["bench"] == "loss_memory" and r["goal"] == 0.3 and r["chunk"] == 64
+    assert r["whole_extra_gib"] > 0 and r["chunked_extra_gib"] > 0 and r["ratio"] < 1
+    assert r["loss_chunked"] == pytest.approx(r["loss_whole"], rel=1e-5)
+    assert r["grad_weight_norm_chunked"] == pytest.approx(r["grad_weight_norm_whole"], rel=1e-5)

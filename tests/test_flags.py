@@ -90,6 +90,8 @@ NEW_FLAGS = [
     (["--memory-snapshot", "5"], "memory_snapshot", 5),
     (["--report-to", "wandb,mlflow"], "report_to", "wandb,mlflow"),
     (["--tracker-project", "pythia"], "tracker_project", "pythia"),
+    (["--loss-chunk", "0"], "loss_chunk", 0),
+    (["--document-masking"], "document_masking", True),
     (["--lr-schedule", "wsd"], "lr_schedule", "wsd"),
     (["--decay-steps", "2"], "decay_steps", 2),
 ]

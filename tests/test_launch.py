@@ -157,7 +157,7 @@ def test_unknown_flag_is_argparse_usage(capsys, run_json):
 def test_plan_that_cannot_fit(capsys):
     code, _, err = launch(capsys, "--plan", "--gpus", "1", "--gpu-mem-gb", "4", "--config",
                           "production")
-    assert_one_line_error(code, err, "does not fit 1 GPU of 4 GiB", "needs 3.83 GiB per GPU")
+    assert_one_line_error(code, err, "does not fit 1 GPU of 4 GiB", "needs 3.54 GiB per GPU")
 
 
 def test_plan_without_memory_on_cpu(capsys):

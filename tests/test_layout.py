@@ -18,7 +18,7 @@ PACKAGE = REPO / "neox_train"
 # and its own modules; two units of one layer never import each other. This is the order the
 # README's layout tour gives.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "log", "units", "health", "run_presets"),
+    ("errors", "log", "units", "health", "run_presets", "lm_loss"),
     ("model", "distributed"),
     ("config_rules",),
     ("config",),

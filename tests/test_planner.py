@@ -127,21 +127,26 @@ def test_comm_buffers_follow_the_json(production):
 
 
 # What the planner chooses for the production config (neox-1.2b, seq 2048, micro 4 x accumulation 4,
-# bf16): (zero stage, offload, activation checkpointing, micro-batch). 24 GB cards cannot hold the
-# 17 GiB of activations and logits of micro-batch 4 next to the model states without offload; from
-# 40 GB ZeRO-1 fits.
+# bf16, the chunked loss): (zero stage, offload, activation checkpointing, micro-batch). On 24 GB
+# cards the 13 GiB of activations of micro-batch 4 leave room for ZeRO-2 with the optimizer on the
+# host up to 4 GPUs, no offload from 8; from 40 GB ZeRO-1 fits. No plan needs activation
+# checkpointing.
 EXPECTED = {
-    (1, 24): (3, OFFLOAD_ALL, False, 4), (1, 40): (2, OFFLOAD_OPTIMIZER, False, 4),
+    (1, 24): (2, OFFLOAD_OPTIMIZER, False, 4), (1, 40): (2, OFFLOAD_OPTIMIZER, False, 4),
     (1, 80): (1, OFFLOAD_NONE, False, 4),
-    (2, 24): (3, OFFLOAD_ALL, False, 4), (2, 40): (1, OFFLOAD_NONE, False, 4),
-    (2, 80): (1, OFFLOAD_NONE, False, 4), (4, 24): (3, OFFLOAD_ALL, False, 4),
+    (2, 24): (2, OFFLOAD_OPTIMIZER, False, 4), (2, 40): (1, OFFLOAD_NONE, False, 4),
+    (2, 80): (1, OFFLOAD_NONE, False, 4), (4, 24): (2, OFFLOAD_OPTIMIZER, False, 4),
     (4, 40): (1, OFFLOAD_NONE, False, 4), (4, 80): (1, OFFLOAD_NONE, False, 4),
-    (8, 24): (3, OFFLOAD_ALL, False, 4), (8, 40): (1, OFFLOAD_NONE, False, 4),
-    (8, 80): (1, OFFLOAD_NONE, False, 4), (16, 24): (3, OFFLOAD_ALL, False, 4),
+    (8, 24): (3, OFFLOAD_NONE, False, 4), (8, 40): (1, OFFLOAD_NONE, False, 4),
+    (8, 80): (1, OFFLOAD_NONE, False, 4), (16, 24): (2, OFFLOAD_NONE, False, 4),
     (16, 40): (1, OFFLOAD_NONE, False, 4), (16, 80): (1, OFFLOAD_NONE, False, 4),
-    (64, 24): (3, OFFLOAD_NONE, False, 4), (64, 40): (1, OFFLOAD_NONE, False, 4),
+    (64, 24): (1, OFFLOAD_NONE, False, 4), (64, 40): (1, OFFLOAD_NONE, False, 4),
     (64, 80): (1, OFFLOAD_NONE, False, 4),
 }
+# The same with the whole logits (loss_chunk 0): 4.6 GiB more per GPU, and on 24 GB cards the
+# parameters go to the host too.
+WHOLE_LOGITS_24GB = {1: (3, OFFLOAD_ALL), 2: (3, OFFLOAD_ALL), 4: (3, OFFLOAD_ALL),
+                     8: (3, OFFLOAD_ALL), 16: (3, OFFLOAD_ALL), 64: (3, OFFLOAD_NONE)}
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +162,24 @@ def test_plan_table_choices(table):
            (r["zero_stage"], r["offload"], r["activation_checkpointing"], r["micro_batch"])
            for r in table}
     assert got == EXPECTED
+
+
+def test_the_chunked_loss_is_counted_and_the_whole_logits_cost_offload(production):
+    chunked = planner.request_from_run(production, gpus=1, nodes=1, gpu_mem_gib=24,
+                                       gpu_mem_source="test")
+    whole = planner.request_from_run(production.replace(loss_chunk=0), gpus=1, nodes=1,
+                                     gpu_mem_gib=24, gpu_mem_source="test")
+    lean = memory.logits_bytes(chunked.shape, seq_len=2048, micro_batch=4)
+    full = memory.logits_bytes(whole.shape, seq_len=2048, micro_batch=4)
+    assert full == 12 * 4 * 2048 * 50304 and lean == 10 * 1024 * 50304 + 4 * 50304 * 2048
+    assert lean / full < 0.2
+    assert "loss 0.86 GiB (chunks of 1024 tokens)" in planner.choose(chunked).reason
+    for gpus, (stage, offload) in WHOLE_LOGITS_24GB.items():
+        plan = planner.choose(planner.request_from_run(
+            production.replace(loss_chunk=0), gpus=gpus, nodes=1, gpu_mem_gib=24,
+            gpu_mem_source="test"))
+        assert (plan.variant.stage, plan.variant.offload) == (stage, offload)
+        assert not plan.activation_checkpointing and "logits 4.61 GiB" in plan.reason
 
 
 def test_every_plan_is_consistent(table):
@@ -188,12 +211,12 @@ def test_format_table(table):
     text = planner.format_table(table)
     lines = text.splitlines()
     assert len(lines) == 2 + len(table)
-    assert lines[2].startswith("| 1 | 24 GB | 3 | optimizer+parameters | no | 4 x 4 | 16 |")
+    assert lines[2].startswith("| 1 | 24 GB | 2 | optimizer | no | 4 x 4 | 16 |")
     assert "| 64 | 80 GB | 1 | none | no | 4 x 4 | 1024 |" in text
 
 
 def test_micro_batch_lowered_when_nothing_else_fits(production):
-    req = planner.request_from_run(production, gpus=1, nodes=1, gpu_mem_gib=8,
+    req = planner.request_from_run(production, gpus=1, nodes=1, gpu_mem_gib=6,
                                    gpu_mem_source="test")
     plan = planner.choose(req)
     assert (plan.micro_batch, plan.grad_accum, plan.train_batch) == (2, 8, 16)
@@ -210,7 +233,7 @@ def test_nothing_fits_is_one_line_with_the_numbers(production):
     assert "\n" not in text
     assert ("neox-1.2b (1,414,647,808 parameters" in text
             and "1 GPU of 4 GiB (usable 2.6 GiB each)" in text)
-    assert ("activation checkpointing at micro-batch 1, needs 3.83 GiB per GPU" in text
+    assert ("activation checkpointing at micro-batch 1, needs 3.54 GiB per GPU" in text
             and "use more GPUs" in text)
 
 
@@ -274,7 +297,7 @@ def test_neox_launch_plan_json(capsys):
     for key in ("zero_stage", "offload", "micro_batch", "grad_accum", "train_batch",
                 "est_gb_per_gpu", "reason"):
         assert key in plan
-    assert (plan["zero_stage"], plan["offload"], plan["train_batch"]) == (3, OFFLOAD_ALL, 32)
+    assert (plan["zero_stage"], plan["offload"], plan["train_batch"]) == (2, OFFLOAD_OPTIMIZER, 32)
 
 
 def test_neox_launch_plan_table(capsys):

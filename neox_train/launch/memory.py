@@ -9,7 +9,7 @@ The estimate has four parts, each with its own source:
 - gradient-reduction buffers that DeepSpeed allocates from the JSON's bucket sizes
   (`comm_buffer_bytes`);
 - activations, Korthikanti et al.'s per-layer formula (`activation_bytes`);
-- the fp32 loss over the vocabulary (`logits_bytes`).
+- the fp32 loss over the vocabulary, whole or a chunk at a time (`logits_bytes`).
 
 Units: "GB" in names and output means GiB (2**30 bytes), the unit torch and nvidia-smi report GPU
 memory in.
@@ -64,10 +64,12 @@ class ModelShape:
     num_heads: int
     vocab_size: int  # the padded embedding size: the width of the logits
     attention: str = "sdpa"  # "eager" materialises the s x s scores (see activation_bytes)
+    loss_chunk: int = 0  # tokens per chunk of the loss (run config loss_chunk); 0: whole logits
 
 
 @functools.lru_cache(maxsize=16)
-def model_shape(preset: str, padded_vocab: int, attention: str = "sdpa") -> ModelShape:
+def model_shape(preset: str, padded_vocab: int, attention: str = "sdpa",
+                loss_chunk: int = 0) -> ModelShape:
     """Counts from the real transformers model built on the meta device (no weights allocated)."""
 
     cfg = hf_config(preset, padded_vocab)
@@ -78,7 +80,7 @@ def model_shape(preset: str, padded_vocab: int, attention: str = "sdpa") -> Mode
     # every meta tensor.)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return ModelShape(preset, counts.total, largest, cfg.hidden_size, cfg.num_hidden_layers,
-                      cfg.num_attention_heads, cfg.vocab_size, attention)
+                      cfg.num_attention_heads, cfg.vocab_size, attention, loss_chunk)
 
 
 @dataclass(frozen=True, order=True)
@@ -234,15 +236,22 @@ def activation_bytes(shape: ModelShape, *, seq_len: int, micro_batch: int, preci
 
 
 def logits_bytes(shape: ModelShape, *, seq_len: int, micro_batch: int) -> int:
-    """The loss over the vocabulary: neox-train computes it in fp32 (`logits.float()`, then
-    cross_entropy).
+    """The loss over the vocabulary, in fp32.
 
-    The peak is the start of backward: the fp32 log-softmax output saved by forward, the incoming
-    gradient and the gradient it produces are live at once, 3 x 4 bytes per logit. (Forward's peak,
-    16-bit logits + fp32 copy
-    + log-softmax output = 10 bytes, is lower.)
+    Whole logits (loss_chunk 0: `logits.float()`, then cross_entropy): the peak is the start of
+    backward, where the fp32 log-softmax output saved by forward, the incoming gradient and the
+    gradient it produces are live at once, 3 x 4 bytes per logit. (Forward's peak, 16-bit logits +
+    fp32 copy + log-softmax output = 10 bytes, is lower.)
+
+    Chunked (lm_loss.py): one chunk of logits at a time, in forward and again in backward, where its
+    16-bit logits, fp32 softmax and the 16-bit gradient are live (10 bytes per logit of the chunk),
+    with the output weight's gradient summed in fp32 (4 bytes per weight).
     """
-    return 12 * micro_batch * seq_len * shape.vocab_size
+    tokens = micro_batch * seq_len
+    if not shape.loss_chunk:
+        return 12 * tokens * shape.vocab_size
+    return (10 * min(shape.loss_chunk, tokens) * shape.vocab_size
+            + 4 * shape.vocab_size * shape.hidden_size)
 
 
 def usable_bytes(gpu_mem_gib: float) -> float:
@@ -262,6 +271,7 @@ class Estimate:
     # model states on the host (DeepSpeed's estimate) + the asynchronous save's snapshot
     cpu_per_node: int
     snapshot_per_node: int = 0
+    loss_chunk: int = 0  # the loss's chunk (ModelShape.loss_chunk), for the breakdown's wording
 
     @property
     def total(self) -> int:
@@ -295,6 +305,7 @@ def estimate(variant: Variant, shape: ModelShape, *, zero_section: dict[str, Any
         logits=logits_bytes(shape, seq_len=seq_len, micro_batch=micro_batch),
         cpu_per_node=cpu + snapshot,
         snapshot_per_node=snapshot,
+        loss_chunk=shape.loss_chunk,
     )
 
 

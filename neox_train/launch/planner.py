@@ -200,8 +200,10 @@ def choose(req: PlanRequest) -> Plan:
 
 def _breakdown(e: Estimate) -> str:
     b = e.breakdown_gb()
+    loss = (f"loss {b['logits']} GiB (chunks of {e.loss_chunk} tokens)" if e.loss_chunk
+            else f"logits {b['logits']} GiB")
     return (f"model states {b['model_states']}, buffers {b['comm_buffers']}, activations "
-            f"{b['activations']}, logits {b['logits']} GiB")
+            f"{b['activations']}, {loss}")
 
 
 def _fit_reason(chosen: Estimate, considered: list[Estimate], req: PlanRequest,
@@ -240,7 +242,7 @@ def plan_table(make_request, gpu_counts: list[int], mem_sizes: list[float]) -> l
 def format_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one line per (GPUs, memory) with the choice and its estimate."""
     head = ("| GPUs | GPU memory | ZeRO | offload | act. ckpt | micro x accum | global batch | "
-            "est. GiB/GPU (states + buffers + activations + logits) | usable GiB |")
+            "est. GiB/GPU (states + buffers + activations + loss) | usable GiB |")
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         if "error" in r:
@@ -290,7 +292,8 @@ def request_from_run(run, *, gpus: int, nodes: int, gpu_mem_gib: float | None, g
     return PlanRequest(
         shape=model_shape(run.model,
                           padded_vocab_size(resolve_vocab(run.vocab_size, run.data_paths()[0])[0],
-                                            run.vocab_pad_multiple), run.attention),
+                                            run.vocab_pad_multiple), run.attention,
+                          run.loss_chunk),
         seq_len=run.seq_len,
         micro_batch=micro, grad_accum=accum, precision=run_precision(ds_cfg, run), gpus=gpus,
         nodes=nodes, gpu_mem_gib=gpu_mem_gib, gpu_mem_source=gpu_mem_source, configured=configured,

@@ -94,6 +94,11 @@ def prepare_run(run: RunConfig, *, dp_size: int, on_gpu: bool) -> RunPlan:
         run.model, padded_vocab_size(vocab, run.vocab_pad_multiple), eos_token_id=eos,
         attention=run.attention
     )
+    if run.document_masking and eos is None:
+        raise ConfigError(
+            f"document_masking needs the EOS id between the packed documents, and "
+            f"{run.data_paths()[0]} has no meta.json with eos_token_id (neox-data prepare writes "
+            "one); turn document_masking off for this data")
     if run.compile:
         check_compile_backend(run.compile)
     if run.init_from_hf:

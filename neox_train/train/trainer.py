@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -24,6 +23,7 @@ from neox_train.data.mixture import MixtureSplit, MixtureWindows, make_stream
 from neox_train.data.windows import PackedWindows, Split
 from neox_train.distributed import Control, Topology
 from neox_train.ds_config import precision, zero_stage
+from neox_train.lm_loss import documents, window_loss
 from neox_train.log import log
 from neox_train.train import reporting
 from neox_train.train.checkpoints import Checkpoints
@@ -59,6 +59,7 @@ class Trainer:
         self.profiling = Profiling(run, rank=self.rank, cuda=torch.cuda.is_available())
 
         self.engine, self._hf_ds_config = build_engine(plan, resume_tag=resume_tag)
+        self._documents = documents(plan, self.engine.module)  # document masking's inputs
         self.micro_batch = self.engine.train_micro_batch_size_per_gpu()
         self.grad_accum = self.engine.gradient_accumulation_steps()
 
@@ -123,11 +124,7 @@ class Trainer:
             self.engine.device, non_blocking=True)
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
-        logits = self.engine(input_ids=batch[:, :-1]).logits
-        # fp32 cross-entropy: bf16 log-softmax over 50k classes loses the small differences that
-        # make the loss.
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
-                               batch[:, 1:].reshape(-1))
+        return window_loss(self.engine, batch, chunk=self.plan.run.loss_chunk, **self._documents)
 
     def train_step(self, *, want_grad_norm: bool = False) -> tuple[torch.Tensor, float | None]:
         """grad_accum micro-steps; DeepSpeed steps the optimizer on the last.

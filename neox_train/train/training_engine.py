@@ -14,11 +14,11 @@ import torch
 # Imported here, not lazily inside build_model: zero.Init patches tensor constructors, and importing
 # transformers' model code (which imports torch._dynamo) under that patch fails.
 import transformers.models.gpt_neox.modeling_gpt_neox  # noqa: F401
-from transformers import GPTNeoXForCausalLM
 from transformers.initialization import no_init_weights
 from transformers.integrations import HfDeepSpeedConfig
 
 from neox_train.ds_config import WSD, zero_stage
+from neox_train.lm_loss import NeoxForCausalLM
 from neox_train.log import log
 from neox_train.model import build_model, load_hf_model, param_groups, use_training_attention
 from neox_train.train.plan import RunPlan
@@ -54,9 +54,10 @@ def build_engine(plan: RunPlan, *, resume_tag: str | None) -> tuple[Any, HfDeepS
         # 160M on CPU, measured; ~10 s at 1.2B). Buffers that are computed, not initialised (RoPE's
         # inv_freq), are still computed.
         with no_init_weights() if resume_tag else contextlib.nullcontext():
-            model = (GPTNeoXForCausalLM._from_config(plan.model_config)
+            model = (NeoxForCausalLM._from_config(plan.model_config)
                      if zero_stage(plan.ds_config) == 3 else build_model(plan.model_config))
     use_training_attention(model)
+    model.lm_head.chunk = run.loss_chunk or model.lm_head.chunk
     if run.activation_checkpointing:
         # Every layer (the all-or-nothing recompute that flops_per_token counts for HFU).
         model.activation_checkpointing_enable(
