@@ -163,3 +163,21 @@ def test_loss_memory_bench_compares_whole_and_chunked_in_processes_of_their_own(
     assert r["whole_extra_gib"] > 0 and r["chunked_extra_gib"] > 0 and r["ratio"] < 1
     assert r["loss_chunked"] == pytest.approx(r["loss_whole"], rel=1e-5)
     assert r["grad_weight_norm_chunked"] == pytest.approx(r["grad_weight_norm_whole"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_walks_every_step_on_the_cpu(tmp_path):
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run", "--out",
+                           str(tmp_path)], capture_output=True, text=True, env=train_env(),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["dry_run"] and report["micro_batch"] == 2
+    steps = {s["step"]: s for s in report["steps"]}
+    assert list(steps) == ["gpu_tests", "eager", "compiled", "document_masking", "save_stall"]
+    assert all(s["status"] == "ok" for s in steps.values()), steps
+    for name in ("eager", "compiled", "document_masking"):
+        assert steps[name]["result"]["tokens_per_s"] > 0
+    assert "skipped" in steps["gpu_tests"]["summary"]  # no CUDA here: the gpu tests skip
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert table.count("| ok |") == 5 and "CPU (dry run)" in table

@@ -67,6 +67,8 @@ def test_neox_tiny_flops_per_token_by_hand():
         ("NVIDIA A100 80GB PCIe", 312.0),
         ("NVIDIA A100-SXM4-40GB", 312.0),
         ("NVIDIA GeForce RTX 4090", 165.0),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA L40S", None),
         # Not in the table: no MFU rather than one against the wrong peak.
         ("NVIDIA H100 NVL", None),
         ("NVIDIA H200 NVL", None),

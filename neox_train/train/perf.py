@@ -24,15 +24,18 @@ import torch
 
 from neox_train.units import GIB
 
-# (label, pattern over torch.cuda.get_device_name(), dense bf16 TFLOP/s). First match wins, so
-# variants with a different peak come before the generic name. Unlisted variants (H100 NVL, H200
-# NVL, GH200) match nothing and report no MFU rather than a wrong one.
+# (label, pattern over torch.cuda.get_device_name(), dense bf16 TFLOP/s: NVIDIA's datasheet figure
+# without sparsity, i.e. half the "with sparsity" one, the mistake MFU tables keep making). First
+# match wins, so variants with a different peak come before the generic name. Unlisted variants
+# match nothing and report no MFU rather than a wrong one: H100 NVL and H200 NVL (the datasheet
+# editions disagree: 1,979 and 1,671 TFLOP/s with sparsity), GH200, MIG slices.
 PEAK_BF16_TFLOPS: tuple[tuple[str, str, float], ...] = (
     ("H200 SXM", r"\bH200\b(?!.*\bNVL\b)", 989.0),
     ("H100 PCIe", r"\bH100\b.*\bPCIe\b", 756.0),
     ("H100 SXM", r"\bH100\b(?!.*\b(PCIe|NVL)\b)", 989.0),
     ("A100", r"\bA100\b", 312.0),
-    ("RTX 4090", r"\bRTX 4090\b", 165.0),
+    ("RTX 4090", r"\bRTX 4090\b", 165.0),  # fp32 accumulation (330 is fp16 accumulation)
+    ("L4", r"\bL4\b", 121.0),  # 242 with sparsity
 )
 
 
