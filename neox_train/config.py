@@ -90,7 +90,8 @@ class RunConfig:
         False, "Recompute activations in backward: less memory, ~33% more compute.")
     attention: str = _f(
         "sdpa", "Attention kernel: sdpa (torch scaled_dot_product_attention, FlashAttention on "
-        "CUDA in bf16/fp16) or eager (transformers' matmul-softmax-matmul, for comparison).",
+        "CUDA in bf16/fp16), eager (transformers' matmul-softmax-matmul, for comparison) or "
+        "flex_attention (CUDA only: with document_masking, block-causal without a dense mask).",
         choices=ATTENTION_IMPLS, **_PERF)
     vocab_pad_multiple: int = _f(
         128, "Pad the embedding and output layer to a multiple of this many tokens (tensor-core "

@@ -64,14 +64,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight.to(weight.dtype), None, None
 
 
-def document_inputs(batch: torch.Tensor, eos: int, *,
-                    additive: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def document_inputs(batch: torch.Tensor, eos: int, *, additive: torch.dtype | None = None,
+                    block: bool = False) -> dict[str, torch.Tensor]:
     """Document masking for windows [B, T+1] of documents packed with `eos` after each: the inputs'
     position ids restarting at 0 after every EOS, the block-causal attention mask [B, 1, T, T] (a
     token sees the earlier tokens of its own document only; True = attend, or with `additive` a
     float mask of that dtype, 0 / min, as eager attention adds it), and the targets with the one
     after each EOS (the next document's first token, which nothing in its own document predicts)
-    set to IGNORE."""
+    set to IGNORE. `block`: the mask as FlexAttention's BlockMask instead (attention
+    flex_attention, CUDA: block-causal without a [T, T] tensor, fully masked blocks skipped)."""
     inputs, targets = batch[:, :-1], batch[:, 1:].clone()
     is_eos = inputs == eos
     length = inputs.shape[1]
@@ -81,9 +82,19 @@ def document_inputs(batch: torch.Tensor, eos: int, *,
     # where the position's document starts: one past the last EOS before it (0 for the first)
     after_eos = torch.where(is_eos, index + 1, torch.zeros_like(index))
     start = torch.cat([torch.zeros_like(index[:, :1]), after_eos[:, :-1]], 1).cummax(1).values
-    mask = ((document[:, :, None] == document[:, None, :])
-            & (index[:, :, None] >= index[:, None, :]))[:, None]
-    if additive is not None:
+    if block:
+        # deferred: FlexAttention (and its compile) only for attention=flex_attention
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_document_causal(b, h, q, kv):
+            return (document[b, q] == document[b, kv]) & (q >= kv)
+
+        mask = create_block_mask(same_document_causal, inputs.shape[0], None, length, length,
+                                 device=batch.device)
+    else:
+        mask = ((document[:, :, None] == document[:, None, :])
+                & (index[:, :, None] >= index[:, None, :]))[:, None]
+    if additive is not None and not block:
         mask = torch.zeros(mask.shape, dtype=additive, device=batch.device).masked_fill_(
             ~mask, torch.finfo(additive).min)
     targets[is_eos] = IGNORE
@@ -96,13 +107,14 @@ def documents(plan, model) -> dict:
     and for eager attention the float mask's dtype (the model's); {} when it is off."""
     if not plan.run.document_masking:
         return {}
-    eager = plan.model_config._attn_implementation == "eager"
+    attention = plan.model_config._attn_implementation
     return {"eos": plan.model_config.eos_token_id,
-            "additive": next(model.parameters()).dtype if eager else None}
+            "additive": next(model.parameters()).dtype if attention == "eager" else None,
+            "block": attention == "flex_attention"}
 
 
 def window_loss(model, batch: torch.Tensor, *, chunk: int, eos: int | None = None,
-                additive: torch.dtype | None = None) -> torch.Tensor:
+                additive: torch.dtype | None = None, block: bool = False) -> torch.Tensor:
     """The mean next-token loss of token windows [B, T+1] through `model` (a NeoxForCausalLM, or
     the DeepSpeed engine around one): chunked (LMHead), or with chunk 0 the whole logits, then the
     cross-entropy in fp32 (a bf16 log-softmax over 50k classes loses the small differences that
@@ -110,7 +122,7 @@ def window_loss(model, batch: torch.Tensor, *, chunk: int, eos: int | None = Non
     if eos is None:
         inputs = {"input_ids": batch[:, :-1], "targets": batch[:, 1:]}
     else:
-        inputs = document_inputs(batch, eos, additive=additive)
+        inputs = document_inputs(batch, eos, additive=additive, block=block)
     if chunk:
         return model(**inputs)
     targets = inputs.pop("targets")

@@ -71,7 +71,9 @@ def padded_vocab_size(vocab_size: int, multiple: int = VOCAB_PAD_MULTIPLE) -> in
 # "sdpa" is torch's scaled_dot_product_attention, which takes the FlashAttention kernel on CUDA for
 # bf16/fp16 when called with is_causal=True and no mask; "eager" is transformers' plain
 # matmul-softmax-matmul, kept to measure what SDPA buys.
-ATTENTION_IMPLS = ("sdpa", "eager")
+# flex_attention: transformers' FlexAttention path, CUDA only (its backward has no CPU kernel); with
+# document masking it gets a BlockMask, block-causal without a dense mask (lm_loss.document_inputs)
+ATTENTION_IMPLS = ("sdpa", "eager", "flex_attention")
 
 # Training runs transformers' own SDPA attention function under a name of ours. For the name "sdpa",
 # transformers builds the causal mask itself and checks position_ids for packed sequences first: in

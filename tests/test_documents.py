@@ -113,3 +113,17 @@ def test_masked_training_resumes_exactly(prepared_dir, tmp_path):
         assert resumed[step]["loss"] == pytest.approx(straight[step]["loss"], abs=1e-6)
     assert (read_metrics(tmp_path / "logs2", "eval")[6]["loss"]
             == pytest.approx(read_metrics(tmp_path / "logs", "eval")[6]["loss"], abs=1e-6))
+
+
+def test_flex_attention_and_masking_without_eos_are_refused_at_start(token_dir, prepared_dir):
+    from neox_train.config import from_dict
+    from neox_train.errors import ConfigError
+    from neox_train.train.plan import prepare_run
+
+    with pytest.raises(ConfigError, match="attention=flex_attention needs CUDA"):
+        prepare_run(from_dict({"attention": "flex_attention", "data_dir": str(prepared_dir),
+                               "vocab_size": None}), dp_size=1, on_gpu=False)
+    # synthetic shards with no meta.json: no EOS id to tell the documents apart
+    with pytest.raises(ConfigError, match="document_masking needs the EOS id"):
+        prepare_run(from_dict({"document_masking": True, "data_dir": str(token_dir),
+                               "vocab_size": 256}), dp_size=1, on_gpu=False)

@@ -107,3 +107,26 @@ def test_gpu_profile_and_memory_snapshot(tmp_path, token_dir):
     assert snapshot["segments"] and snapshot["device_traces"][0]
     trace = json.loads((profile / "trace-rank0-steps2-3.json").read_text())
     assert any(e.get("cat") == "kernel" for e in trace["traceEvents"])
+
+
+def test_gpu_flex_attention_masks_documents_without_a_dense_mask():
+    """attention=flex_attention with document masking: a BlockMask, and the packed window equals
+    its documents run alone, forward and backward (fp32 on CUDA)."""
+    import torch
+    from test_documents import EOS, TOL, _documents, _model
+
+    from neox_train.lm_loss import document_inputs, window_loss
+
+    model = _model("flex_attention").cuda()
+    docs = [d.cuda() for d in _documents([5, 10, 9])]
+    window = torch.cat(docs)[:16][None]
+    inputs = document_inputs(window, EOS, block=True)
+    assert type(inputs["attention_mask"]).__name__ == "BlockMask"
+    packed = model(**{k: v for k, v in inputs.items() if k != "targets"}).logits[0]
+    alone = torch.cat([model(input_ids=docs[0][None]).logits[0],
+                       model(input_ids=docs[1][None]).logits[0]])
+    torch.testing.assert_close(packed[:15], alone, **TOL)
+    loss = window_loss(model, window, chunk=4, eos=EOS, block=True)
+    loss.backward()
+    assert torch.isfinite(loss) and all(
+        p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -94,6 +94,9 @@ def prepare_run(run: RunConfig, *, dp_size: int, on_gpu: bool) -> RunPlan:
         run.model, padded_vocab_size(vocab, run.vocab_pad_multiple), eos_token_id=eos,
         attention=run.attention
     )
+    if run.attention == "flex_attention" and not on_gpu:
+        raise ConfigError("attention=flex_attention needs CUDA (FlexAttention has no backward on "
+                          "the CPU); use attention=sdpa here")
     if run.document_masking and eos is None:
         raise ConfigError(
             f"document_masking needs the EOS id between the packed documents, and "
