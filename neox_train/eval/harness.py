@@ -89,6 +89,12 @@ def run(hf_dir: Path, tasks: list[str], manager, *, device: str, batch_size: str
     """One simple_evaluate over `tasks`; lm_eval's result dict (samples not kept)."""
     lm_eval, _ = _lm_eval()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # lm_eval builds an accelerate Accelerator per run; an evaluation that failed part-way leaves
+    # accelerate's process-wide state half made, and every later one in this process (the watch's
+    # retries) then fails on it ("AcceleratorState has no attribute num_processes", seen in CI).
+    from accelerate.state import AcceleratorState  # deferred with lm_eval
+
+    AcceleratorState._reset_state(reset_partial_state=True)
     # lm_eval print()s its bootstrap notes: stdout is for --json only.
     with contextlib.redirect_stdout(sys.stderr):
         return lm_eval.simple_evaluate(
