@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from neox_train.config_rules import TRACKERS
-from neox_train.errors import ConfigError, one_line, run_guarded
+from neox_train.errors import ConfigError, NeoxError, one_line, run_guarded
 from neox_train.eval.harness import DEFAULT_TASKS
 
 
@@ -159,8 +159,6 @@ def main(argv: list[str] | None = None) -> int:
 def _one(evaluator, tag: str, errors: dict[str, str]) -> list[str]:
     """Evaluate one checkpoint; a failure of lm-eval or the model is one line (bad input is a
     NeoxError, with its own line and status)."""
-    from neox_train.errors import NeoxError  # deferred with the rest of the work
-
     try:
         if evaluator.evaluate(tag) is None:
             print(f"neox-eval: {tag} already has results for every task (eval/{tag}/)",
